@@ -1,0 +1,521 @@
+"""One typed config tree for freetf, loaded from YAML, with dotted overrides.
+
+The schema accepts the training guide's YAML as printed (``model``, ``training``,
+``optimizer``, ``scheduler``, ``data``) plus the sections freetf adds (annealing,
+curriculum, checkpointing, tracking, Ray scaling, diagnostics).
+
+Every error names the key's full dotted path and the offending value.  Configs are
+frozen after loading: derived values are properties, never mutations.
+
+Units: ``training.free_bits`` is in **nats per token** (the guide's unit);
+``training.free_bits_bits`` is the same threshold in bits and, when set, wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LN2 = math.log(2.0)
+# Largest H for which the exact (eq. 8) mapper is allowed: its post-sampler holds a
+# (2^H, D) weight, 2^20 x 512 fp32 is already 2 GiB.
+MAX_EXACT_LATENT_BITS = 20
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key and the value."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    hidden_dim: int = 256
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int | None = None  # grouped-query attention; None = num_heads
+    ffn_hidden_dim: int | None = None  # None = SwiGLU default (8/3 d, multiple of 64)
+    latent_dim: int = 16  # H, number of latent bits; 0 = baseline decoder
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    injection_layer: int | None = None  # blocks before the encoder; None = num_layers // 2
+    mapper: Literal["exact", "factored"] = "exact"
+    mapper_impl: Literal["chunked", "dense"] = "chunked"  # both exact (eq. 8)
+    mapper_chunk_size: int = 4096  # codes per chunk in the chunked backward
+    init_std: float = 0.02
+
+    @property
+    def latent_bits(self) -> int:
+        return self.latent_dim
+
+    @property
+    def has_latent(self) -> bool:
+        return self.latent_dim > 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden_dim:
+            return self.ffn_hidden_dim
+        return 64 * math.ceil(8 * self.hidden_dim / 3 / 64)
+
+    @property
+    def encoder_after(self) -> int:
+        """Number of decoder blocks run before the encoder reads the stream (B/2)."""
+        return self.num_layers // 2 if self.injection_layer is None else self.injection_layer
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "vocab_size", "hidden_dim", "num_layers", "num_heads",
+                  "max_seq_len", "mapper_chunk_size")
+        if self.hidden_dim % self.num_heads:
+            _fail(f"{path}.num_heads", self.num_heads,
+                  f"must divide {path}.hidden_dim={self.hidden_dim}")
+        if self.head_dim % 2:
+            _fail(f"{path}.num_heads", self.num_heads,
+                  f"gives an odd head dim {self.head_dim}; RoPE needs it even")
+        if self.num_kv_heads is not None and (
+                self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+            _fail(f"{path}.num_kv_heads", self.num_kv_heads,
+                  f"must be positive and divide {path}.num_heads={self.num_heads}")
+        if self.latent_dim < 0:
+            _fail(f"{path}.latent_dim", self.latent_dim, "must be >= 0 (0 = baseline)")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail(f"{path}.dropout", self.dropout, "must be in [0, 1)")
+        if self.injection_layer is not None and not 0 <= self.injection_layer < self.num_layers:
+            _fail(f"{path}.injection_layer", self.injection_layer,
+                  f"must be in [0, num_layers={self.num_layers})")
+        if self.mapper == "exact" and self.latent_dim > MAX_EXACT_LATENT_BITS:
+            _fail(f"{path}.latent_dim", self.latent_dim,
+                  f"is too large for the exact binary mapper (its post-sampler has "
+                  f"2^{self.latent_dim} rows); use {path}.mapper=factored, or "
+                  f"latent_dim <= {MAX_EXACT_LATENT_BITS}")
+
+
+@dataclass(frozen=True)
+class KLAnnealingConfig:
+    type: Literal["constant", "linear", "cosine", "cyclical"] = "constant"
+    initial_weight: float = 0.0  # linear/cosine start; cyclical low end
+    warmup_steps: int = 0  # linear/cosine: steps to reach training.kl_weight
+    cycles: int = 4  # cyclical: number of cycles over the run
+    ratio: float = 0.5  # cyclical: fraction of each cycle spent increasing
+
+    def validate(self, path: str) -> None:
+        _non_negative(self, path, "initial_weight", "warmup_steps")
+        _positive(self, path, "cycles")
+        if not 0.0 < self.ratio <= 1.0:
+            _fail(f"{path}.ratio", self.ratio, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class FreeBitsScheduleConfig:
+    type: Literal["constant", "linear", "cosine"] = "constant"
+    initial_nats: float | None = None  # start value; None = same as training.free_bits
+    steps: int = 0  # steps to reach training.free_bits (0 = whole run)
+
+    def validate(self, path: str) -> None:
+        _non_negative(self, path, "initial_nats", "steps")
+
+
+@dataclass(frozen=True)
+class CurriculumPhase:
+    until_step: int
+    max_seq_len: int | None = None
+    kl_weight: float | None = None
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "until_step", "max_seq_len")
+        _non_negative(self, path, "kl_weight")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 8  # per data-parallel worker
+    learning_rate: float = 3e-4
+    num_epochs: int = 1
+    max_steps: int | None = None  # overrides num_epochs when set
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    kl_weight: float = 1.0
+    free_bits: float = LN2 / 2  # nats per token (the guide's unit)
+    free_bits_bits: float | None = None  # same threshold in bits; wins when set
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum_steps: int = 1
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    max_consecutive_nonfinite: int = 5
+    kl_annealing: KLAnnealingConfig = field(default_factory=KLAnnealingConfig)
+    free_bits_schedule: FreeBitsScheduleConfig = field(default_factory=FreeBitsScheduleConfig)
+    curriculum: list[CurriculumPhase] = field(default_factory=list)
+    fail_at_step: int | None = None  # testing aid: raise once at this step (fault injection)
+
+    @property
+    def free_bits_nats(self) -> float:
+        if self.free_bits_bits is not None:
+            return self.free_bits_bits * LN2
+        return self.free_bits
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "batch_size", "learning_rate", "num_epochs", "max_steps",
+                  "grad_accum_steps", "log_every", "eval_batches",
+                  "max_consecutive_nonfinite")
+        _non_negative(self, path, "warmup_steps", "weight_decay", "kl_weight", "free_bits",
+                      "free_bits_bits", "grad_clip", "eval_every")
+        self.kl_annealing.validate(f"{path}.kl_annealing")
+        self.free_bits_schedule.validate(f"{path}.free_bits_schedule")
+        last = 0
+        for i, phase in enumerate(self.curriculum):
+            phase.validate(f"{path}.curriculum[{i}]")
+            if phase.until_step <= last:
+                _fail(f"{path}.curriculum[{i}].until_step", phase.until_step,
+                      "phases must end at increasing steps")
+            last = phase.until_step
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    type: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    fused: Literal["auto", "fused", "foreach", "off"] = "auto"
+
+    def validate(self, path: str) -> None:
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                _fail(f"{path}.betas[{i}]", beta, "must be in [0, 1)")
+        _positive(self, path, "eps")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    type: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = 1e-6
+
+    def validate(self, path: str) -> None:
+        _non_negative(self, path, "min_lr")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset_name: Literal["synthetic", "text", "tokens"] = "synthetic"
+    path: str | None = None  # text: file or folder; tokens: a .bin token file
+    max_seq_len: int = 66
+    num_workers: int = 0  # DataLoader workers per training worker
+    num_samples: int = 20000  # synthetic: training sequences
+    val_samples: int = 512  # synthetic: validation sequences
+    val_fraction: float = 0.05  # text/tokens: held-out fraction
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "max_seq_len", "num_samples", "val_samples")
+        _non_negative(self, path, "num_workers")
+        if not 0.0 < self.val_fraction < 1.0:
+            _fail(f"{path}.val_fraction", self.val_fraction, "must be in (0, 1)")
+        if self.dataset_name in ("text", "tokens") and not self.path:
+            _fail(f"{path}.path", self.path,
+                  f"is required when {path}.dataset_name={self.dataset_name!r}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: int = 0  # 0 = only at the end
+    keep: int = 3
+    metric: str = "eval/ce_prior"  # Ray CheckpointConfig: keep the best by this
+    mode: Literal["min", "max"] = "min"
+
+    def validate(self, path: str) -> None:
+        _non_negative(self, path, "every_steps")
+        _positive(self, path, "keep")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    experiment: str = "freetf"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorBoardConfig:
+    enabled: bool = False
+    log_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = False
+    project: str = "free-transformer"
+    mode: Literal["online", "offline", "disabled"] = "offline"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    use_ray: bool = True  # False: in-process loop (debugging, tests)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    max_failures: int = 0
+    storage_path: str = "ray_results"  # shared storage on multi-node clusters
+    run_name: str | None = None
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "num_workers", "cpus_per_worker")
+        _non_negative(self, path, "gpus_per_worker", "max_failures")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    active_bit_threshold_nats: float = 0.01  # KL_h above this counts as an active bit
+    collapsed_kl_nats: float = 0.01  # raw KL per token under this ...
+    collapsed_gap_nats: float = 0.01  # ... and prior-posterior CE gap under this
+    leak_kl_factor: float = 2.0  # raw KL above factor * free_bits ...
+    leak_gap_nats: float = 0.5  # ... or CE gap above this = leaking
+
+    def validate(self, path: str) -> None:
+        _non_negative(self, path, "active_bit_threshold_nats", "collapsed_kl_nats",
+                      "collapsed_gap_nats", "leak_kl_factor", "leak_gap_nats")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        if self.data.max_seq_len > self.model.max_seq_len:
+            _fail("data.max_seq_len", self.data.max_seq_len,
+                  f"exceeds model.max_seq_len={self.model.max_seq_len}")
+        for i, phase in enumerate(self.training.curriculum):
+            if phase.max_seq_len and phase.max_seq_len > self.data.max_seq_len:
+                _fail(f"training.curriculum[{i}].max_seq_len", phase.max_seq_len,
+                      f"exceeds data.max_seq_len={self.data.max_seq_len}")
+        if self.data.dataset_name != "synthetic" and self.model.vocab_size < 256:
+            _fail("model.vocab_size", self.model.vocab_size,
+                  "must be >= 256 for byte-level text data")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, overrides: list[str] | dict[str, Any]) -> Config:
+        """A new validated config with dotted overrides applied."""
+        return from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (None = defaults) and apply ``dotted.key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping at top level, got "
+                              f"{type(loaded).__name__}")
+        data = loaded or {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    config = _build(Config, data, "")
+    config.validate()
+    return config
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict:
+    """Apply ``["a.b=1", ...]`` or ``{"a.b": 1}`` to a nested dict (values parsed as YAML)."""
+    data = _deep_copy(data)
+    items = overrides.items() if isinstance(overrides, dict) else (
+        _split_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"unknown config key {where} (value {data[unknown[0]]!r}); "
+                          f"known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value not in args:
+            _fail(path, value, f"must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(path, value, "must be a list")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(path, value, f"must be a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, value, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(path, value, "must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(path, value, "must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, value, "must be a number")
+        if not math.isfinite(value):
+            _fail(path, value, "must be finite")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, value, "must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _fail(path: str, value: Any, why: str) -> typing.NoReturn:
+    raise ConfigError(f"{path}={value!r} {why}")
+
+
+def _positive(section: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            _fail(f"{path}.{name}", value, "must be > 0")
+
+
+def _non_negative(section: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < 0:
+            _fail(f"{path}.{name}", value, "must be >= 0")
