@@ -1,0 +1,164 @@
+"""The binary mapper and post-sampler of the Free Transformer (§3.4, eqs. 6-8).
+
+The encoder emits H bit logits L_{t,h} per token.  Bits B_{t,h} ~ Bernoulli(sigmoid(L)),
+the code is d = sum_h 2^h B_{t,h}, Y_t = one_hot(d) in R^{2^H}, and
+
+    G_{t,d} = prod_h P(B_{t,h} = U_h(d))                                        (eq. 7)
+    r_t = post_sampler(Y_t + G_t - sg(G_t)) = W[d] + b + (G_t - sg(G_t)) W      (eq. 8)
+
+The forward value is the row W[d]; the gradient reaches the logits through the full
+distribution G over all 2^H codes.  Three implementations:
+
+- ``dense``: the reference, materialising G: O(N 2^H) activations.
+- ``chunked`` (default): a custom autograd function that gathers W[d] forward and
+  recomputes G chunk by chunk in backward: O(N D) activations, same gradients.
+- ``factored`` (an explicit deviation for large H): the post-sampler is linear in the
+  bits, r = W_f B + b.  Eq. 8 applied to such a post-sampler reduces exactly to
+  r = W_f (B + p - sg(p)) + b with p = sigmoid(L), so the estimator stays the paper's, but
+  the post-sampler is a restricted (H x D instead of 2^H x D) family.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def code_bits(num_bits: int, device: torch.device | None = None,
+              start: int = 0, end: int | None = None) -> torch.Tensor:
+    """U(d) for d in [start, end): binary digits, least significant first.  (C, H) float."""
+    end = 2 ** num_bits if end is None else end
+    codes = torch.arange(start, end, device=device)
+    shifts = torch.arange(num_bits, device=device)
+    return ((codes[:, None] >> shifts) & 1).float()
+
+
+def bits_to_codes(bits: torch.Tensor) -> torch.Tensor:
+    """(..., H) {0,1} -> (...) int64 code index d = sum_h 2^h bits_h."""
+    weights = 2 ** torch.arange(bits.shape[-1], device=bits.device, dtype=torch.int64)
+    return (bits.to(torch.int64) * weights).sum(-1)
+
+
+def codes_to_bits(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """(...) int64 -> (..., H) float bits, least significant first."""
+    shifts = torch.arange(num_bits, device=codes.device)
+    return ((codes[..., None] >> shifts) & 1).float()
+
+
+def sample_bits(logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """B_h ~ Bernoulli(sigmoid(L_h)) (eq. 6).  (..., H) -> (..., H) float {0, 1}."""
+    if noise is None:
+        noise = torch.rand_like(logits, dtype=torch.float32)
+    return (noise < torch.sigmoid(logits.float())).float()
+
+
+def code_log_probs(logits: torch.Tensor, bits_table: torch.Tensor) -> torch.Tensor:
+    """log G_{n,d} for the codes in ``bits_table`` (eq. 7).  (N, H), (C, H) -> (N, C)."""
+    log_p1 = F.logsigmoid(logits)  # (N, H) log P(B=1)
+    log_p0 = F.logsigmoid(-logits)  # (N, H) log P(B=0)
+    return log_p1 @ bits_table.T + log_p0 @ (1.0 - bits_table).T
+
+
+def dense_mapper(logits: torch.Tensor, bits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Reference eq. 8: (Y + G - sg(G)) W with G materialised.  (N, H), (N, H), (2^H, D)."""
+    num_bits = logits.shape[-1]
+    dtype = _compute_dtype(logits)
+    table = code_bits(num_bits, logits.device).to(dtype)  # (2^H, H)
+    g = code_log_probs(logits.to(dtype), table).exp()  # (N, 2^H)
+    y = F.one_hot(bits_to_codes(bits), 2 ** num_bits).to(dtype)  # (N, 2^H)
+    return (y + g - g.detach()) @ weight.to(dtype)  # (N, D)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """At least fp32 (low-precision logits would make G underflow), fp64 kept."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class _ChunkedMapper(torch.autograd.Function):
+    """Eq. 8 in O(N D) memory: gather forward, chunk-wise recomputed G backward.
+
+    With s = dL/dr @ W^T (N, 2^H), dL/dL_h = sum_d s_d G_d (U_h(d) - p_h), and the weight
+    gradient is the one-hot part only (the G - sg(G) coefficient is zero in value).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, codes, weight, chunk_size):  # noqa: D102
+        ctx.save_for_backward(logits, codes, weight)
+        ctx.chunk_size = chunk_size
+        return weight[codes]  # (N, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        logits, codes, weight = ctx.saved_tensors
+        dtype = _compute_dtype(logits)
+        grad_out = grad_out.to(dtype)
+        grad_logits = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            num_bits = logits.shape[-1]
+            logits32 = logits.to(dtype)
+            acc_bits = torch.zeros_like(logits32)  # (N, H): sum_d s_d G_d U_h(d)
+            acc_sum = torch.zeros_like(logits32[:, :1])  # (N, 1): sum_d s_d G_d
+            for start in range(0, 2 ** num_bits, ctx.chunk_size):
+                end = min(start + ctx.chunk_size, 2 ** num_bits)
+                table = code_bits(num_bits, logits.device, start, end).to(dtype)  # (C, H)
+                g = code_log_probs(logits32, table).exp_()  # (N, C)
+                g.mul_(grad_out @ weight[start:end].to(dtype).T)  # s_d G_d
+                acc_bits.addmm_(g, table)
+                acc_sum.add_(g.sum(-1, keepdim=True))
+            grad_logits = (acc_bits - torch.sigmoid(logits32) * acc_sum).to(logits.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.zeros_like(weight, dtype=dtype)
+            grad_weight.index_add_(0, codes, grad_out)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_logits, None, grad_weight, None
+
+
+def chunked_mapper(logits: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor,
+                   chunk_size: int = 4096) -> torch.Tensor:
+    """Memory-efficient exact eq. 8.  (N, H), (N,), (2^H, D) -> (N, D)."""
+    return _ChunkedMapper.apply(logits, codes, weight, chunk_size)
+
+
+class BinaryMapper(nn.Module):
+    """Binary mapper + post-sampler: bit logits -> code -> D-dim injection r (§3.4)."""
+
+    def __init__(self, num_bits: int, dim: int, kind: str = "exact", impl: str = "chunked",
+                 chunk_size: int = 4096) -> None:
+        super().__init__()
+        self.num_bits, self.kind, self.impl, self.chunk_size = num_bits, kind, impl, chunk_size
+        rows = 2 ** num_bits if kind == "exact" else num_bits
+        self.weight = nn.Parameter(torch.empty(rows, dim))  # (2^H or H, D)
+        self.bias = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.weight, std=0.02 if kind == "exact" else 0.02 / math.sqrt(num_bits))
+
+    def forward(self, logits: torch.Tensor, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample Z from the posterior.  (B, T, H) -> r (B, T, D), codes (B, T)."""
+        bits = sample_bits(logits, noise)  # (B, T, H)
+        codes = bits_to_codes(bits)  # (B, T)
+        flat = logits.reshape(-1, self.num_bits)  # (N, H)
+        if self.kind == "factored":
+            p = torch.sigmoid(flat.float())
+            r = (bits.reshape(-1, self.num_bits) + p - p.detach()) @ self.weight.float()
+        elif self.impl == "dense":
+            r = dense_mapper(flat, bits.reshape(-1, self.num_bits), self.weight)
+        else:
+            r = chunked_mapper(flat, codes.reshape(-1), self.weight, self.chunk_size)
+        r = r.to(self.bias.dtype) + self.bias
+        return r.reshape(*logits.shape[:-1], -1), codes
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Post-sampler of given codes (no gradient path to logits).  (B, T) -> (B, T, D)."""
+        if self.kind == "factored":
+            bits = codes_to_bits(codes, self.num_bits).to(self.weight.dtype)  # (B, T, H)
+            return bits @ self.weight + self.bias
+        return self.weight[codes] + self.bias
+
+    def sample_prior(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Codes from the uniform prior over 2^H values.  -> (shape) int64."""
+        if self.num_bits >= 63:
+            raise ValueError("latent_dim must be < 63 to index codes as int64")
+        return torch.randint(0, 2 ** self.num_bits, shape, device=device)

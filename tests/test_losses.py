@@ -1,0 +1,97 @@
+"""Objective (eqs. 4-5): KL against a brute-force sum, free-bits hinge, components."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from freetf.losses import compute_loss, free_bits_kl, kl_per_bit, kl_per_token
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def brute_force_kl(logits: torch.Tensor) -> torch.Tensor:
+    """sum_z Q(z) log(Q(z) / 2^-H) over all 2^H codes, one token.  (H,) -> scalar."""
+    h = logits.shape[0]
+    p = torch.sigmoid(logits.double())
+    total = torch.zeros((), dtype=torch.float64)
+    for bits in itertools.product([0, 1], repeat=h):
+        b = torch.tensor(bits, dtype=torch.float64)
+        q = torch.prod(torch.where(b.bool(), p, 1 - p))
+        total = total + q * (torch.log(q) + h * math.log(2))
+    return total
+
+
+@pytest.mark.parametrize("h", [1, 3, 6])
+def test_kl_equals_brute_force(h):
+    torch.manual_seed(h)
+    logits = torch.randn(2, 3, h) * 3
+    kl = kl_per_token(logits)
+    assert kl.shape == (2, 3)
+    for i in range(2):
+        for t in range(3):
+            assert kl[i, t].item() == pytest.approx(brute_force_kl(logits[i, t]).item(), abs=1e-5)
+
+
+def test_kl_zero_for_zero_logits_and_max_for_saturated():
+    assert torch.allclose(kl_per_token(torch.zeros(2, 5, 16)), torch.zeros(2, 5), atol=1e-7)
+    sat = kl_per_token(torch.full((1, 1, 4), 50.0))
+    assert sat.item() == pytest.approx(4 * math.log(2), abs=1e-5)
+    assert (kl_per_bit(torch.randn(3, 4, 5)) >= -1e-7).all()
+
+
+def test_hinge_is_per_token_then_mean():
+    kl = torch.tensor([[0.1, 0.9, 2.0]])
+    assert free_bits_kl(kl, 0.5).item() == pytest.approx((0.0 + 0.4 + 1.5) / 3)
+    # mean-then-hinge would give max(0, 1.0 - 0.5) = 0.5; the paper hinges per token
+    assert free_bits_kl(kl, 0.5).item() != pytest.approx(0.5)
+
+
+def test_hinge_gradient_zero_below_kappa():
+    logits = (torch.randn(2, 4, 3) * 0.05).requires_grad_()
+    kappa = kl_per_token(logits).max().item() + 0.1
+    free_bits_kl(kl_per_token(logits), kappa).backward()
+    assert torch.count_nonzero(logits.grad) == 0
+    logits.grad = None
+    free_bits_kl(kl_per_token(logits), 0.0).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_compute_loss_components_and_raw_kl():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    z_logits = torch.randn(2, 5, 4) * 2
+    total, parts = compute_loss(logits, z_logits, targets, kl_weight=0.3, free_bits_nats=100.0)
+    raw = kl_per_token(z_logits).mean()
+    assert parts["kl"].item() == 0.0  # hinged away ...
+    assert parts["kl_raw_nats"].item() == pytest.approx(raw.item(), rel=1e-5)  # ... raw is not
+    assert parts["kl_raw_bits"].item() == pytest.approx(raw.item() / math.log(2), rel=1e-5)
+    assert parts["kl_per_bit_nats"].shape == (4,)
+    assert parts["kl_per_bit_nats"].sum().item() == pytest.approx(raw.item(), rel=1e-5)
+    assert total.item() == pytest.approx(parts["reconstruction"].item(), rel=1e-6)
+    total2, parts2 = compute_loss(logits, z_logits, targets, kl_weight=0.3, free_bits_nats=0.0)
+    assert total2.item() == pytest.approx(parts2["reconstruction"].item() + 0.3 * raw.item(),
+                                          rel=1e-5)
+
+
+def test_ignore_index_excluded_from_ce_and_kl():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 4, 7)
+    targets = torch.tensor([[1, 2, -100, -100]])
+    z_logits = torch.zeros(1, 4, 3)
+    z_logits[0, 2:] = 20.0  # huge KL only on ignored positions
+    _, parts = compute_loss(logits, z_logits, targets, free_bits_nats=0.0)
+    assert parts["kl_raw_nats"].item() == pytest.approx(0.0, abs=1e-6)
+    ref = torch.nn.functional.cross_entropy(logits[0, :2], targets[0, :2])
+    assert parts["reconstruction"].item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_baseline_loss_has_no_kl():
+    logits = torch.randn(1, 3, 5)
+    total, parts = compute_loss(logits, None, torch.tensor([[0, 1, 2]]))
+    assert set(parts) == {"reconstruction", "total"}
+    assert total.item() == parts["reconstruction"].item()

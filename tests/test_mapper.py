@@ -1,0 +1,150 @@
+"""Binary mapper (eqs. 6-8): value, exact gradient, memory-efficient gradient, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freetf.mapper import (
+    BinaryMapper,
+    bits_to_codes,
+    chunked_mapper,
+    code_bits,
+    codes_to_bits,
+    dense_mapper,
+    sample_bits,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_code_bits_roundtrip():
+    table = code_bits(5)
+    assert table.shape == (32, 5)
+    assert torch.equal(bits_to_codes(table), torch.arange(32))
+    assert torch.equal(codes_to_bits(torch.arange(32), 5), table)
+
+
+def test_forward_value_is_exactly_one_hot_row():
+    torch.manual_seed(0)
+    mapper = BinaryMapper(num_bits=6, dim=8)
+    logits = torch.randn(3, 5, 6)
+    noise = torch.rand(3, 5, 6)
+    r, codes = mapper(logits, noise)
+    bits = (noise < torch.sigmoid(logits)).float()
+    assert torch.equal(codes, bits_to_codes(bits))
+    assert torch.equal(r, mapper.weight[codes] + mapper.bias)
+    dense = dense_mapper(logits.reshape(-1, 6), bits.reshape(-1, 6), mapper.weight)
+    # the dense reference adds G - sg(G): one-hot up to float rounding of 1 + g - g
+    assert torch.allclose(dense, mapper.weight[codes.reshape(-1)], atol=1e-7)
+
+
+def _eq8_gradient_by_hand(logits, bits, weight, grad_out):
+    """dL/dL_h = sum_d s_d G_d (U_h(d) - p_h) with s = grad_out W^T: the paper's estimator."""
+    table = code_bits(logits.shape[-1]).to(logits.dtype)
+    p = torch.sigmoid(logits)
+    g = torch.prod(torch.where(table.bool()[None], p[:, None], 1 - p[:, None]), -1)  # (N, C)
+    s = grad_out @ weight.T
+    return (s * g) @ table - p * (s * g).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("num_bits,chunk", [(3, 2), (6, 16), (8, 256), (8, 1000)])
+def test_chunked_gradient_equals_dense_eq8(num_bits, chunk):
+    torch.manual_seed(num_bits)
+    n, d = 17, 12
+    logits = torch.randn(n, num_bits, dtype=torch.float64) * 2
+    weight = torch.randn(2 ** num_bits, d, dtype=torch.float64)
+    bits = sample_bits(logits)
+    codes = bits_to_codes(bits)
+    grad_out = torch.randn(n, d, dtype=torch.float64)
+
+    l_dense, w_dense = logits.clone().requires_grad_(), weight.clone().requires_grad_()
+    (dense_mapper(l_dense, bits, w_dense) * grad_out).sum().backward()
+    l_chunk, w_chunk = logits.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = chunked_mapper(l_chunk, codes, w_chunk, chunk)
+    (out * grad_out).sum().backward()
+
+    assert torch.allclose(l_chunk.grad, l_dense.grad, atol=1e-10)
+    assert torch.allclose(w_chunk.grad, w_dense.grad, atol=1e-10)
+    assert torch.allclose(l_dense.grad, _eq8_gradient_by_hand(logits, bits, weight, grad_out),
+                          atol=1e-10)
+    # not the straight-through-on-the-sampled-slot estimator
+    assert l_dense.grad.abs().sum() > 0
+
+
+def test_chunked_mapper_float32_matches_dense():
+    torch.manual_seed(1)
+    logits = torch.randn(64, 10, requires_grad=True)
+    weight = torch.randn(1024, 16, requires_grad=True)
+    bits = sample_bits(logits.detach())
+    grad_out = torch.randn(64, 16)
+    (dense_mapper(logits, bits, weight) * grad_out).sum().backward()
+    gl, gw = logits.grad.clone(), weight.grad.clone()
+    logits.grad = weight.grad = None
+    (chunked_mapper(logits, bits_to_codes(bits), weight, 128) * grad_out).sum().backward()
+    assert torch.allclose(logits.grad, gl, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(weight.grad, gw, atol=1e-6)
+
+
+def test_factored_is_eq8_for_a_bit_linear_post_sampler():
+    """Eq. 8 with W_d = sum_h U_h(d) w_h reduces to W_f (B + p - sg(p))."""
+    torch.manual_seed(2)
+    h, d = 5, 7
+    logits = torch.randn(9, h, dtype=torch.float64)
+    w_f = torch.randn(h, d, dtype=torch.float64)
+    noise = torch.rand(9, h, dtype=torch.float64)
+    mapper = BinaryMapper(h, d, kind="factored").double()
+    with torch.no_grad():
+        mapper.weight.copy_(w_f)
+    l1 = logits.clone().requires_grad_()
+    r, codes = mapper(l1, noise)
+    grad_out = torch.randn_like(r)
+    (r * grad_out).sum().backward()
+    full_w = code_bits(h).double() @ w_f  # (2^h, d)
+    l2 = logits.clone().requires_grad_()
+    bits = (noise < torch.sigmoid(logits)).double()
+    ref = dense_mapper(l2, bits, full_w) + mapper.bias
+    (ref * grad_out).sum().backward()
+    assert torch.allclose(r, ref.detach())
+    assert torch.allclose(l1.grad, l2.grad, atol=1e-10)
+
+
+def test_code_frequencies_match_bit_probabilities():
+    torch.manual_seed(3)
+    probs = torch.tensor([0.1, 0.5, 0.8])
+    logits = torch.logit(probs).expand(200_000, 3)
+    codes = bits_to_codes(sample_bits(logits))
+    freq = torch.bincount(codes, minlength=8).float() / codes.numel()
+    table = code_bits(3)
+    expected = torch.prod(torch.where(table.bool(), probs, 1 - probs), -1)
+    assert torch.allclose(freq, expected, atol=0.005)
+
+
+def test_prior_codes_are_uniform():
+    torch.manual_seed(4)
+    mapper = BinaryMapper(3, 4)
+    codes = mapper.sample_prior((100_000,), torch.device("cpu"))
+    freq = torch.bincount(codes, minlength=8).float() / codes.numel()
+    assert torch.allclose(freq, torch.full((8,), 1 / 8), atol=0.01)
+
+
+def test_chunked_mapper_uses_less_memory_than_dense():
+    """The chunked backward never holds an (N, 2^H) tensor across forward and backward."""
+    logits = torch.randn(256, 12, requires_grad=True)
+    weight = torch.randn(4096, 8, requires_grad=True)
+    bits = sample_bits(logits.detach())
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_mapper(logits, bits_to_codes(bits), weight, 512).sum()
+    chunk_saved = sum(saved) - weight.numel()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dense_mapper(logits, bits, weight).sum()
+    dense_saved = sum(saved)
+    assert chunk_saved < 256 * 64
+    assert dense_saved > 256 * 4096
