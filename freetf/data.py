@@ -1,0 +1,382 @@
+"""Data: the paper's synthetic task (§4.1), byte-level text, memmap token files, and a
+rank-sharded, resumable batch stream.
+
+Every dataset is a ``torch.utils.data.Dataset`` of fixed-length LongTensor rows
+(``T = data.max_seq_len``); ``build_data(cfg)`` returns them with their tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from freetf.config import Config
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+SYNTHETIC_ALPHABET = "_!>" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class CharTokenizer:
+    """One id per character of a fixed alphabet (default: the synthetic task's 29)."""
+
+    def __init__(self, alphabet: str = SYNTHETIC_ALPHABET) -> None:
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"alphabet {alphabet!r} has repeated characters")
+        self.alphabet = alphabet
+        self.vocab_size = len(alphabet)
+        self._ids = {ch: i for i, ch in enumerate(alphabet)}
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[ch] for ch in text]
+        except KeyError:
+            bad = sorted({ch for ch in text if ch not in self._ids})
+            raise ValueError(f"characters {bad!r} are not in the vocabulary "
+                             f"{self.alphabet!r}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = sorted({i for i in ids if not 0 <= i < self.vocab_size})
+        if bad:
+            raise ValueError(f"token ids {bad} are outside [0, {self.vocab_size})")
+        return "".join(self.alphabet[i] for i in ids)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocab 256); invalid byte sequences decode to U+FFFD."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- synthetic task
+
+SYNTHETIC_BODY_LEN = 64
+SYNTHETIC_TARGET_LEN = 8
+SYNTHETIC_NOISE_PROB = 1.0 / 16.0
+SYNTHETIC_SEQ_LEN = SYNTHETIC_BODY_LEN + 2  # "<letter>>" prompt + body
+_CHARS = CharTokenizer()
+_BLANK, _NOISE, _ARROW = (_CHARS.encode(c)[0] for c in "_!>")
+_FIRST_LETTER = _CHARS.encode("A")[0]
+
+
+def synthetic_sequences(num: int, seed: int) -> np.ndarray:
+    """``num`` rows of the synthetic task (§4.1) as CharTokenizer ids, shape (num, 66).
+
+    64 "_"; a letter A-Z and a start in [0, 56] drawn uniformly; the letter written 8 times
+    from the start; every one of the 64 characters independently replaced by "!" with
+    probability 1/16; the prompt "<letter>>" prepended.  Deterministic in ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    letters = rng.integers(0, 26, size=num) + _FIRST_LETTER  # (N,)
+    starts = rng.integers(0, SYNTHETIC_BODY_LEN - SYNTHETIC_TARGET_LEN + 1, size=num)  # (N,)
+    pos = np.arange(SYNTHETIC_BODY_LEN)  # (64,)
+    in_target = (pos >= starts[:, None]) & (pos < starts[:, None] + SYNTHETIC_TARGET_LEN)
+    body = np.where(in_target, letters[:, None], _BLANK)  # (N, 64)
+    noise = rng.random((num, SYNTHETIC_BODY_LEN)) < SYNTHETIC_NOISE_PROB  # (N, 64)
+    body[noise] = _NOISE
+    prompt = np.stack([letters, np.full(num, _ARROW)], axis=1)  # (N, 2)
+    return np.concatenate([prompt, body], axis=1).astype(np.int64)  # (N, 66)
+
+
+@dataclass(frozen=True)
+class SyntheticParse:
+    """A decoded synthetic sequence, read back for evaluation."""
+
+    letter: str | None  # the prompt's letter; None if the prompt is not "<A-Z>>"
+    target_start: int | None  # body index of the 8-in-a-row run; None if there is none
+    valid: bool  # length 66, the prompt letter exactly 8 times in a row, no other letter
+    noise_positions: tuple[int, ...]  # body indices holding "!"
+
+
+def parse_synthetic(text: str) -> SyntheticParse:
+    """Parse a decoded sequence; ``valid`` is the paper's check (right letter, 8 in a row)."""
+    head, body = text[:2], text[2:]
+    letter = head[0] if len(head) == 2 and head[0].isupper() and head[1] == ">" else None
+    noise = tuple(i for i, ch in enumerate(body) if ch == "!")
+    run = letter * SYNTHETIC_TARGET_LEN if letter else None
+    start = body.find(run) if run else -1
+    target_start = start if start >= 0 else None
+    valid = (len(text) == SYNTHETIC_SEQ_LEN and target_start is not None
+             and sum(ch.isalpha() for ch in body) == SYNTHETIC_TARGET_LEN
+             and set(body) <= {"_", "!", letter})
+    return SyntheticParse(letter, target_start, valid, noise)
+
+
+class RowsDataset(Dataset):
+    """Rows of a (N, T) LongTensor held in memory."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows  # (N, T)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.rows[index]  # (T,)
+
+
+# ----------------------------------------------------------------------------- text / tokens
+
+
+class BlockDataset(Dataset):
+    """Consecutive non-overlapping blocks of ``block_len`` tokens of a 1-D token array.
+
+    ``source`` is an in-memory array or the path of a raw little-endian uint16 token file,
+    which is memory-mapped lazily in each process (so it is never loaded whole, and the
+    dataset pickles cheaply into DataLoader workers).
+    """
+
+    def __init__(self, source: np.ndarray | str | Path, block_len: int, first_block: int,
+                 num_blocks: int) -> None:
+        self.path = None if isinstance(source, np.ndarray) else str(source)
+        self._tokens = source if isinstance(source, np.ndarray) else None
+        self.block_len, self.first_block, self.num_blocks = block_len, first_block, num_blocks
+
+    def _array(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype="<u2", mode="r")
+        return self._tokens
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["_tokens"] = None  # reopen the memmap in the worker
+        return state
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(f"block {index} out of range [0, {self.num_blocks})")
+        begin = (self.first_block + index) * self.block_len
+        block = self._array()[begin:begin + self.block_len]
+        return torch.from_numpy(block.astype(np.int64))  # (T,)
+
+
+def read_text_bytes(path: str | Path) -> np.ndarray:
+    """A UTF-8 file, or a folder's sorted ``*.txt`` files joined by "\\n", as uint8 bytes."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path {path} does not exist")
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise ValueError(f"data.path {path} is a folder with no *.txt files")
+        data = b"\n".join(f.read_bytes() for f in files)
+    else:
+        data = path.read_bytes()
+    if not data:
+        raise ValueError(f"data.path {path}: the corpus is empty")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def write_token_file(path: str | Path, tokens: Sequence[int] | np.ndarray) -> Path:
+    """Write token ids as a raw little-endian uint16 ``.bin`` file (atomically)."""
+    arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.uint16).max):
+        raise ValueError(f"token ids must be in [0, 65535], got [{arr.min()}, {arr.max()}]")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    arr.astype("<u2").tofile(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _split_blocks(source: np.ndarray | str | Path, num_tokens: int, block_len: int,
+                  val_fraction: float, where: str) -> tuple[BlockDataset, BlockDataset]:
+    """Pack into blocks; the last ``ceil(val_fraction * blocks)`` blocks are validation."""
+    num_blocks = num_tokens // block_len
+    if num_blocks < 2:
+        raise ValueError(f"{where} holds {num_tokens} tokens: too short for one training and "
+                         f"one validation block of data.max_seq_len={block_len}")
+    num_val = min(max(1, math.ceil(val_fraction * num_blocks)), num_blocks - 1)
+    num_train = num_blocks - num_val
+    if num_tokens % block_len:
+        logger.info("%s: dropping the last %d tokens (not a full block)", where,
+                    num_tokens % block_len)
+    return (BlockDataset(source, block_len, 0, num_train),
+            BlockDataset(source, block_len, num_train, num_val))
+
+
+# ----------------------------------------------------------------------------- build_data
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    tokenizer: Tokenizer
+
+
+def build_data(cfg: Config) -> DataBundle:
+    """The train/val datasets and tokenizer described by ``cfg.data``."""
+    data = cfg.data
+    if data.dataset_name == "synthetic":
+        if data.max_seq_len != SYNTHETIC_SEQ_LEN:
+            raise ValueError(f"data.max_seq_len={data.max_seq_len}: synthetic sequences have "
+                             f"length {SYNTHETIC_SEQ_LEN}")
+        # The validation seed is derived from, and distinct from, data.seed.
+        val_seed = int(np.random.SeedSequence([data.seed, 1]).generate_state(1)[0])
+        train = RowsDataset(torch.from_numpy(synthetic_sequences(data.num_samples, data.seed)))
+        val = RowsDataset(torch.from_numpy(synthetic_sequences(data.val_samples, val_seed)))
+        tokenizer: Tokenizer = CharTokenizer()
+    elif data.dataset_name == "text":
+        tokens = read_text_bytes(data.path)
+        train, val = _split_blocks(tokens, tokens.size, data.max_seq_len, data.val_fraction,
+                                   f"data.path {data.path}")
+        tokenizer = ByteTokenizer()
+    elif data.dataset_name == "tokens":
+        path = Path(data.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.path {path} does not exist (expected a uint16 .bin "
+                                    f"token file)")
+        num_tokens = path.stat().st_size // 2
+        if num_tokens == 0:
+            raise ValueError(f"data.path {path}: the token file is empty")
+        train, val = _split_blocks(path, num_tokens, data.max_seq_len, data.val_fraction,
+                                   f"data.path {path}")
+        tokenizer = ByteTokenizer()
+    else:
+        raise ValueError(f"data.dataset_name={data.dataset_name!r} is not supported")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                         f"{data.dataset_name} tokenizer's {tokenizer.vocab_size}")
+    logger.info("data %s: %d train rows, %d val rows of length %d", data.dataset_name,
+                len(train), len(val), data.max_seq_len)
+    return DataBundle(train, val, tokenizer)
+
+
+# ----------------------------------------------------------------------------- batch stream
+
+
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """torch.randperm(num_rows) from a generator seeded by (seed, epoch)."""
+    state = np.random.SeedSequence([seed % 2**63, epoch]).generate_state(2)
+    generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return torch.randperm(num_rows, generator=generator)  # (N,)
+
+
+class BatchStream(Iterator[torch.Tensor]):
+    """Infinite (b, T) LongTensor batches over epochs, sharded by rank.
+
+    Epoch e permutes the rows with ``epoch_permutation(N, seed, e)``, truncates it to a
+    multiple of ``world_size * batch_size`` (``drop_last=False`` wraps around instead, so
+    every row is seen), and rank r takes ``perm[r::world_size]`` in consecutive slices of
+    ``batch_size``: w ranks of batch b see at step s exactly the rows one rank of batch
+    w*b sees.  ``state_dict()`` holds (epoch, batch_in_epoch); a stream loaded from it
+    yields exactly the next batch.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0, drop_last: bool = True) -> None:
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size > 0 and 0 <= rank < world_size, got "
+                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        self.num_rows = len(dataset)
+        self.global_batch_size = world_size * batch_size
+        if self.num_rows < self.global_batch_size:
+            raise ValueError(f"the dataset has {self.num_rows} rows, fewer than one global "
+                             f"batch of world_size*batch_size = {world_size}*{batch_size} = "
+                             f"{self.global_batch_size}")
+        self.dataset, self.batch_size, self.rank, self.world_size = (
+            dataset, batch_size, rank, world_size)
+        self.seed, self.num_workers, self.drop_last = seed, num_workers, drop_last
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._loader_iter: Iterator[torch.Tensor] | None = None
+        self._cached: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return (self.num_rows // self.global_batch_size if self.drop_last
+                else math.ceil(self.num_rows / self.global_batch_size))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of row indices for ``epoch``."""
+        perm = epoch_permutation(self.num_rows, self.seed, epoch)  # (N,)
+        used = self.steps_per_epoch * self.global_batch_size
+        if used > self.num_rows:
+            perm = torch.cat([perm, perm[:used - self.num_rows]])
+        mine = perm[:used][self.rank::self.world_size].tolist()
+        return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def _batches(self) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self.epoch_batches(self.epoch))
+        return self._cached[1]
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._loader_iter = None
+        if self.num_workers > 0:
+            if self._loader_iter is None:
+                self._loader_iter = self._start_loader()
+            batch = next(self._loader_iter)
+        else:
+            rows = self._batches()[self.batch_in_epoch]
+            batch = torch.stack([self.dataset[i] for i in rows])  # (b, T)
+        self.batch_in_epoch += 1
+        return batch
+
+    def _start_loader(self) -> Iterator[torch.Tensor]:
+        """A non-persistent DataLoader over the rest of the current epoch."""
+        batches = self._batches()[self.batch_in_epoch:]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                            persistent_workers=False)
+        return iter(loader)
+
+    def close(self) -> None:
+        """Shut down DataLoader workers (they restart on the next batch)."""
+        self._loader_iter = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "num_rows": self.num_rows}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``; a changed global batch maps by rows already consumed."""
+        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        saved_global = int(state.get("global_batch_size", self.global_batch_size))
+        if saved_global != self.global_batch_size:
+            batch = min(batch * saved_global // self.global_batch_size, self.steps_per_epoch)
+            logger.warning("resuming a stream saved with global batch %d at %d: continuing at "
+                           "batch %d of epoch %d", saved_global, self.global_batch_size,
+                           batch, epoch)
+        for key in ("seed", "num_rows"):
+            if key in state and state[key] != getattr(self, key):
+                logger.warning("resuming a stream saved with %s=%s, now %s: the order differs",
+                               key, state[key], getattr(self, key))
+        self.epoch, self.batch_in_epoch = epoch, batch
+        self._loader_iter = None

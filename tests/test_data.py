@@ -1,0 +1,242 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from freetf.config import Config, load_config
+from freetf.data import (
+    SYNTHETIC_SEQ_LEN,
+    BatchStream,
+    BlockDataset,
+    ByteTokenizer,
+    CharTokenizer,
+    RowsDataset,
+    build_data,
+    epoch_permutation,
+    parse_synthetic,
+    synthetic_sequences,
+    write_token_file,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+CHARS = CharTokenizer()
+
+
+def _decode_rows(rows: np.ndarray) -> list[str]:
+    return [CHARS.decode(row) for row in rows]
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_shape_prompt_and_target_letter():
+    rows = synthetic_sequences(2000, seed=3)
+    assert rows.shape == (2000, SYNTHETIC_SEQ_LEN) == (2000, 66)
+    for text in _decode_rows(rows):
+        letter, body = text[0], text[2:]
+        assert letter.isupper() and text[1] == ">"
+        assert set(body) <= {"_", "!", letter}  # the only letter is the prompt's
+        first = next(i for i, ch in enumerate(body) if ch == letter)
+        last = max(i for i, ch in enumerate(body) if ch == letter)
+        assert last - first < 8
+        assert last < 64
+
+
+def test_synthetic_statistics():
+    rows = synthetic_sequences(20000, seed=0)
+    body = rows[:, 2:]
+    noise_rate = (body == CHARS.encode("!")[0]).mean()
+    assert abs(noise_rate - 1 / 16) < 0.002
+    letters = rows[:, 0] - CHARS.encode("A")[0]
+    counts = np.bincount(letters, minlength=26)
+    assert counts.min() > 0.8 * 20000 / 26 and counts.max() < 1.2 * 20000 / 26
+    parses = [parse_synthetic(t) for t in _decode_rows(rows[:4000])]
+    starts = [p.target_start for p in parses if p.target_start is not None]
+    assert min(starts) == 0 and max(starts) == 56
+    valid_rate = np.mean([p.valid for p in parses])
+    assert abs(valid_rate - (15 / 16) ** 8) < 0.03  # valid iff no "!" fell on the target
+
+
+def test_synthetic_determinism_and_speed():
+    start = time.perf_counter()
+    a = synthetic_sequences(20000, seed=7)
+    assert time.perf_counter() - start < 1.0
+    assert np.array_equal(a, synthetic_sequences(20000, seed=7))
+    assert not np.array_equal(a, synthetic_sequences(20000, seed=8))
+
+
+def test_parse_synthetic():
+    clean = "K>" + "_" * 10 + "K" * 8 + "_" * 46
+    parsed = parse_synthetic(clean)
+    assert (parsed.letter, parsed.target_start, parsed.valid) == ("K", 10, True)
+    assert parsed.noise_positions == ()
+    noisy = "K>!" + "_" * 9 + "K" * 8 + "_" * 45 + "!"
+    parsed = parse_synthetic(noisy)
+    assert parsed.valid and parsed.target_start == 10 and parsed.noise_positions == (0, 63)
+    assert not parse_synthetic(clean[:-1]).valid  # length 65
+    assert not parse_synthetic(clean.replace("_", "J", 1)).valid  # another letter
+    assert not parse_synthetic("K>" + "_" * 10 + "K" * 9 + "_" * 45).valid  # 9 in a row
+    wrong = parse_synthetic("J>" + "_" * 10 + "K" * 8 + "_" * 46)
+    assert not wrong.valid and wrong.target_start is None
+    assert parse_synthetic("__" + "_" * 64).letter is None
+
+
+def test_build_data_synthetic_seeds():
+    bundle = build_data(Config())
+    assert len(bundle.train) == 20000 and len(bundle.val) == 512
+    assert bundle.train[0].dtype == torch.long and bundle.train[0].shape == (66,)
+    assert not torch.equal(bundle.train.rows[:512], bundle.val.rows)
+    again = build_data(Config())
+    assert torch.equal(bundle.train.rows, again.train.rows)
+    other = build_data(load_config(overrides=["data.seed=1"]))
+    assert not torch.equal(bundle.train.rows, other.train.rows)
+    assert not torch.equal(bundle.val.rows, other.val.rows)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_char_tokenizer_round_trip_and_error():
+    text = "K>!__KKKKKKKK_"
+    assert CHARS.decode(CHARS.encode(text)) == text
+    assert CHARS.vocab_size == 29
+    with pytest.raises(ValueError, match=r"'a'.*'z'|'z'.*'a'"):
+        CHARS.encode("K>za")
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "héllo, wörld ✓"
+    ids = tok.encode(text)
+    assert tok.vocab_size == 256 and max(ids) < 256 and len(ids) > len(text)
+    assert tok.decode(ids) == text
+    assert tok.decode([0xFF, ord("a")]) == "\ufffda"
+
+
+# ----------------------------------------------------------------------------- text / tokens
+
+
+def _text_cfg(path, **extra) -> Config:
+    overrides = {"data.dataset_name": "text", "data.path": str(path), "data.max_seq_len": 8,
+                 "model.max_seq_len": 8, **extra}
+    return load_config(overrides=overrides)
+
+
+def test_text_folder_packing(tmp_path):
+    (tmp_path / "b.txt").write_text("BBBBBBBBBBBBBBBBBBBB")  # 20 bytes
+    (tmp_path / "a.txt").write_text("aaaaaaaaaaaaaaaaaaa")  # 19 bytes
+    (tmp_path / "skip.md").write_text("not read")
+    bundle = build_data(_text_cfg(tmp_path, **{"data.val_fraction": 0.2}))
+    corpus = "a" * 19 + "\n" + "B" * 20  # sorted, "\n"-joined: 40 bytes = 5 blocks
+    assert len(bundle.train) == 4 and len(bundle.val) == 1
+    rows = [bundle.train[i] for i in range(4)] + [bundle.val[0]]
+    assert all(r.dtype == torch.long and r.shape == (8,) for r in rows)
+    assert bundle.tokenizer.decode(torch.cat(rows).tolist()) == corpus
+    assert bundle.tokenizer.decode(bundle.val[0].tolist()) == "B" * 8  # last block is val
+
+
+def test_text_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        build_data(_text_cfg(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        build_data(_text_cfg(tmp_path / "empty.txt"))
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(ValueError, match="too short"):
+        build_data(_text_cfg(tmp_path / "short.txt"))
+
+
+def test_token_file_memmap_round_trip(tmp_path):
+    tokens = np.arange(1000) * 61 % 65536
+    path = write_token_file(tmp_path / "toks.bin", tokens)
+    assert path.stat().st_size == 2000
+    assert np.array_equal(np.fromfile(path, dtype="<u2"), tokens)
+    cfg = _text_cfg(path, **{"data.dataset_name": "tokens", "data.val_fraction": 0.1})
+    bundle = build_data(cfg)
+    assert len(bundle.train) + len(bundle.val) == 125 and len(bundle.val) == 13
+    assert isinstance(bundle.train._array(), np.memmap)  # read lazily from disk
+    assert torch.equal(bundle.train[3], torch.from_numpy(tokens[24:32]))
+    assert torch.equal(bundle.val[0], torch.from_numpy(tokens[112 * 8:113 * 8]))
+    with pytest.raises(IndexError):
+        bundle.val[13]
+    with pytest.raises(ValueError, match="65535"):
+        write_token_file(tmp_path / "bad.bin", [70000])
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        build_data(_text_cfg(tmp_path / "nope.bin", **{"data.dataset_name": "tokens"}))
+
+
+# ----------------------------------------------------------------------------- batch stream
+
+
+def _indexed_dataset(n: int) -> RowsDataset:
+    return RowsDataset(torch.arange(n).repeat_interleave(4).view(n, 4))  # row i = [i]*4
+
+
+def test_epoch_permutation_seeded():
+    assert torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 0))
+    assert not torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 1))
+    assert not torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 2, 0))
+
+
+def test_sharding_union_matches_one_big_worker():
+    data = _indexed_dataset(103)
+    big = BatchStream(data, batch_size=8, seed=5)
+    shards = [BatchStream(data, batch_size=4, rank=r, world_size=2, seed=5) for r in range(2)]
+    assert big.steps_per_epoch == shards[0].steps_per_epoch == 12
+    seen_epoch0 = set()
+    for _ in range(30):  # crosses two epoch boundaries
+        rows_big = next(big)[:, 0].tolist()
+        rows_split = [next(s)[:, 0].tolist() for s in shards]
+        assert all(len(r) == 4 for r in rows_split)
+        assert not set(rows_split[0]) & set(rows_split[1])
+        assert sorted(rows_big) == sorted(rows_split[0] + rows_split[1])
+        if big.epoch == 0:
+            seen_epoch0.update(rows_big)
+    assert len(seen_epoch0) == 96  # no repeats within an epoch, 7 rows dropped
+
+
+def test_stream_epochs_differ_and_drop_last_false_covers_all():
+    data = _indexed_dataset(10)
+    stream = BatchStream(data, batch_size=4, seed=0, drop_last=False)
+    assert stream.steps_per_epoch == 3
+    epoch0 = torch.cat([next(stream) for _ in range(3)])[:, 0]
+    epoch1 = torch.cat([next(stream) for _ in range(3)])[:, 0]
+    assert set(epoch0.tolist()) == set(range(10)) and stream.epoch == 1
+    assert not torch.equal(epoch0, epoch1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_with_next_batch(num_workers):
+    data = _indexed_dataset(40)
+    reference = BatchStream(data, batch_size=4, rank=1, world_size=2, seed=3)
+    expected = [next(reference) for _ in range(12)]  # 5 steps per epoch
+    stream = BatchStream(data, batch_size=4, rank=1, world_size=2, seed=3,
+                         num_workers=num_workers)
+    for i in range(7):
+        assert torch.equal(next(stream), expected[i])
+    state = stream.state_dict()
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+    resumed = BatchStream(data, batch_size=4, rank=1, world_size=2, seed=3,
+                          num_workers=num_workers)
+    resumed.load_state_dict(state)
+    for i in range(7, 12):
+        assert torch.equal(next(resumed), expected[i])
+    resumed.close()
+    stream.close()
+
+
+def test_stream_too_small_dataset():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BatchStream(_indexed_dataset(7), batch_size=4, world_size=2)
+
+
+def test_block_dataset_pickles_without_data(tmp_path):
+    import pickle
+
+    path = write_token_file(tmp_path / "t.bin", np.arange(64))
+    ds = BlockDataset(path, 8, 0, 8)
+    assert ds[1].tolist() == list(range(8, 16))
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._tokens is None and torch.equal(clone[7], ds[7])

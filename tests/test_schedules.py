@@ -1,0 +1,144 @@
+import math
+from itertools import pairwise
+
+import pytest
+import torch
+
+from freetf.config import (
+    CurriculumPhase,
+    FreeBitsScheduleConfig,
+    KLAnnealingConfig,
+    load_config,
+)
+from freetf.schedules import (
+    build_lr_scheduler,
+    curriculum_at,
+    free_bits_at,
+    kl_weight_at,
+    lr_at,
+    schedule_values,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+def test_lr_warmup_cosine_endpoints_and_monotonic():
+    lrs = [lr_at(s, 1e-3, 10, 100, 1e-5) for s in range(120)]
+    assert lrs[0] < 1e-4  # starts near zero
+    assert all(a < b for a, b in pairwise(lrs[:11]))  # warmup rises
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in pairwise(lrs[10:101]))  # cosine falls
+    assert lrs[55] == pytest.approx((1e-3 + 1e-5) / 2)  # half way down
+    assert lrs[100:] == [1e-5] * 20  # flat at min_lr
+
+
+def test_lr_constant_and_bad_kind():
+    assert lr_at(0, 1.0, 4, 10, 0.0, "constant") == pytest.approx(0.2)
+    assert [lr_at(s, 1.0, 4, 10, 0.0, "constant") for s in (4, 9, 50)] == [1.0] * 3
+    with pytest.raises(ValueError, match="linear"):
+        lr_at(0, 1.0, 4, 10, 0.0, "linear")
+
+
+def test_build_lr_scheduler_follows_lr_at():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD([{"params": [params[0]], "lr": 0.1},
+                                 {"params": [params[1]], "lr": 0.01}])
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=3, total_steps=20, min_lr=1e-4)
+    for step in range(25):
+        for group, base in zip(optimizer.param_groups, (0.1, 0.01), strict=True):
+            assert group["lr"] == pytest.approx(lr_at(step, base, 3, 20, 1e-4))
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+# ----------------------------------------------------------------------------- KL weight
+
+
+def test_kl_constant_and_linear():
+    assert kl_weight_at(5, 100, 0.3, KLAnnealingConfig()) == 0.3
+    linear = KLAnnealingConfig(type="linear", initial_weight=1.0, warmup_steps=0)
+    # the guide's get_kl_weight(step, total, 1.0, 0.1)
+    assert kl_weight_at(0, 100, 0.1, linear) == pytest.approx(1.0)
+    assert kl_weight_at(25, 100, 0.1, linear) == pytest.approx(1.0 * 0.75 + 0.1 * 0.25)
+    assert kl_weight_at(100, 100, 0.1, linear) == pytest.approx(0.1)
+    assert kl_weight_at(500, 100, 0.1, linear) == pytest.approx(0.1)
+    warm = KLAnnealingConfig(type="linear", initial_weight=0.0, warmup_steps=10)
+    assert kl_weight_at(5, 100, 2.0, warm) == pytest.approx(1.0)
+    assert kl_weight_at(10, 100, 2.0, warm) == kl_weight_at(90, 100, 2.0, warm) == 2.0
+
+
+def test_kl_cosine_monotonic_with_flat_ends():
+    cfg = KLAnnealingConfig(type="cosine", initial_weight=0.0, warmup_steps=40)
+    values = [kl_weight_at(s, 100, 1.0, cfg) for s in range(60)]
+    assert values[0] == 0.0 and values[40] == pytest.approx(1.0) and values[59] == 1.0
+    assert values[20] == pytest.approx(0.5)
+    assert all(a <= b for a, b in pairwise(values))
+    assert values[1] - values[0] < values[21] - values[20]  # slow start (half cosine)
+    linear = KLAnnealingConfig(type="linear", initial_weight=0.0, warmup_steps=40)
+    assert values[5] < kl_weight_at(5, 100, 1.0, linear)
+
+
+def test_kl_cyclical_period_and_shape():
+    cfg = KLAnnealingConfig(type="cyclical", initial_weight=0.0, cycles=4, ratio=0.5)
+    total = 100  # period 25, ramp over the first 12.5 steps
+    values = [kl_weight_at(s, total, 1.0, cfg) for s in range(total)]
+    assert values[0] == 0.0 and values[25] == 0.0 and values[75] == 0.0
+    for s in range(75):
+        assert values[s] == pytest.approx(values[s + 25])
+    assert all(a < b for a, b in pairwise(values[:13]))  # ramp up
+    assert values[13:25] == [1.0] * 12  # hold
+    assert values[6] == pytest.approx(6 / 12.5)
+    assert kl_weight_at(total, total, 1.0, cfg) == 1.0
+
+
+# ----------------------------------------------------------------------------- free bits
+
+
+def test_free_bits_schedules():
+    final = math.log(2) / 2
+    assert free_bits_at(3, 10, final, FreeBitsScheduleConfig()) == final
+    none_start = FreeBitsScheduleConfig(type="linear", initial_nats=None)
+    assert free_bits_at(3, 10, final, none_start) == final
+    linear = FreeBitsScheduleConfig(type="linear", initial_nats=2.0, steps=0)
+    # the guide's get_free_bits(step, total, 2.0, 0.5)
+    assert free_bits_at(0, 100, 0.5, linear) == 2.0
+    assert free_bits_at(40, 100, 0.5, linear) == pytest.approx(2.0 * 0.6 + 0.5 * 0.4)
+    assert free_bits_at(100, 100, 0.5, linear) == free_bits_at(300, 100, 0.5, linear) == 0.5
+    cosine = FreeBitsScheduleConfig(type="cosine", initial_nats=2.0, steps=20)
+    values = [free_bits_at(s, 100, 0.5, cosine) for s in range(30)]
+    assert all(a >= b for a, b in pairwise(values))
+    assert values[10] == pytest.approx(1.25) and values[20:] == [0.5] * 10
+
+
+# ----------------------------------------------------------------------------- curriculum
+
+
+def test_curriculum_phase_lookup():
+    phases = [CurriculumPhase(until_step=10, max_seq_len=16, kl_weight=1.0),
+              CurriculumPhase(until_step=30, kl_weight=0.5)]
+    assert curriculum_at(0, phases) is phases[0]
+    assert curriculum_at(9, phases) is phases[0]
+    assert curriculum_at(10, phases) is phases[1]
+    assert curriculum_at(29, phases) is phases[1]
+    assert curriculum_at(30, phases) is None
+    assert curriculum_at(0, []) is None
+
+
+def test_schedule_values_combines():
+    cfg = load_config(overrides={
+        "training.kl_weight": 0.1,
+        "training.free_bits": 0.4,
+        "training.kl_annealing": {"type": "linear", "initial_weight": 0.0,
+                                  "warmup_steps": 20},
+        "training.curriculum": [{"until_step": 10, "max_seq_len": 33, "kl_weight": 1.0},
+                                {"until_step": 40, "kl_weight": 0.5}],
+    })
+    assert schedule_values(cfg, 5, 100) == {
+        "kl_weight": pytest.approx(0.25), "free_bits_nats": 0.4, "max_seq_len": 33}
+    at_20 = schedule_values(cfg, 20, 100)
+    assert at_20["kl_weight"] == pytest.approx(0.5) and at_20["max_seq_len"] == 66
+    assert schedule_values(cfg, 60, 100)["kl_weight"] == pytest.approx(0.1)
