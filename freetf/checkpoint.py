@@ -1,0 +1,113 @@
+"""Atomic, self-describing checkpoints.
+
+A checkpoint is a directory::
+
+    step_000100/
+      state.pt      model, optimizer, scheduler, data position, RNG states, step
+      config.yaml   the resolved config: generate/eval rebuild the model from it alone
+      meta.json     step and metrics, readable without torch
+
+It is written into a temporary sibling and renamed into place, so a crash mid-save
+never leaves a broken checkpoint; the ``latest`` pointer file of a checkpoint root is
+replaced atomically too.  Loading uses ``torch.load(..., weights_only=True)``: data,
+never code.  The same directory is what Ray Train uploads as a ``ray.train.Checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freetf.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE, CONFIG_FILE, META_FILE, LATEST_FILE = "state.pt", "config.yaml", "meta.json", "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unreadable."""
+
+
+def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Config,
+                     meta: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` + resolved ``config`` into ``directory`` atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(config.to_yaml())
+        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=float))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_to_root(root: str | Path, step: int, state: dict[str, Any], config: Config,
+                 meta: dict[str, Any] | None = None, keep: int = 3) -> Path:
+    """Save ``root/step_NNNNNN``, point ``root/latest`` at it, keep the newest ``keep``."""
+    root = Path(root)
+    path = write_checkpoint(root / f"step_{step:06d}", state, config, meta)
+    _atomic_write_text(root / LATEST_FILE, path.name)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a root holding ``latest``, -> the checkpoint directory."""
+    path = Path(path)
+    if (path / LATEST_FILE).is_file():
+        path = path / (path / LATEST_FILE).read_text().strip()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not (path / STATE_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path} is not a freetf checkpoint (needs {STATE_FILE} "
+                              f"and {CONFIG_FILE})")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, Any], Config]:
+    """Load ``(state, config)`` from a checkpoint directory or root."""
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {err}") from None
+    try:
+        config = load_config(path / CONFIG_FILE)
+    except ConfigError as err:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {err}") from None
+    return state, config
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model of a checkpoint from its own config.  -> (model, config, state)."""
+    from freetf.model import FreeTransformer
+
+    state, config = load_checkpoint(path)
+    model = FreeTransformer(config.model)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: model weights do not match its config: {err}") from None
+    return model.to(device).eval(), config, state
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

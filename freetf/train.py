@@ -1,0 +1,308 @@
+"""The training loop: one function for the baseline and the Free Transformer.
+
+``train_loop(cfg, context)`` runs in-process (tests, debugging) or inside Ray Train
+workers; Ray touches it only through a :class:`TrainContext` (prepare the model, report
+metrics and checkpoints, find the checkpoint to resume from).  Nothing here imports Ray.
+
+Determinism across world sizes: the bits of Z are sampled from uniform noise drawn per
+optimizer step for the *global* batch and sliced by rank, and the data stream gives rank
+``r`` the rows ``r::world_size`` of the global batch, so 2 workers of batch b follow the
+same trajectory as 1 worker of batch 2b (to float tolerance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freetf.checkpoint import load_checkpoint, save_to_root
+from freetf.config import Config
+from freetf.data import BatchStream, DataBundle, build_data
+from freetf.diagnostics import latent_diagnostics, verdict
+from freetf.evaluation import sample_texts
+from freetf.losses import compute_loss
+from freetf.model import FreeTransformer
+from freetf.schedules import build_lr_scheduler, schedule_values
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once at ``training.fail_at_step`` to exercise fault tolerance."""
+
+
+@dataclass
+class TrainContext:
+    """How the loop talks to its runner.  The default runs in-process, one worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+    resume_from: str | Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resolve_device(self, cfg: Config) -> torch.device:
+        if self.device is not None:
+            return self.device
+        if cfg.training.device == "cuda" or (cfg.training.device == "auto"
+                                             and torch.cuda.is_available()):
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def latest_checkpoint(self) -> Path | None:
+        return Path(self.resume_from) if self.resume_from else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        self.history.append(dict(metrics))
+
+    def checkpoint_root(self, cfg: Config) -> Path:
+        return Path(cfg.checkpoint.dir).resolve()
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    nonfinite_steps: int
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA by default, off on CPU (no native bf16 there); fp16 on request."""
+    amp = cfg.training.amp
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """AdamW with the guide's betas/eps; no weight decay on norms, biases and zeta."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.training.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    impl = cfg.optimizer.fused
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(groups, lr=cfg.training.learning_rate, betas=cfg.optimizer.betas,
+                             eps=cfg.optimizer.eps, **kwargs)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    if cfg.training.max_steps:
+        return cfg.training.max_steps
+    return max(1, cfg.training.num_epochs * steps_per_epoch // cfg.training.grad_accum_steps)
+
+
+def step_noise(cfg: Config, step: int, micro: int, global_batch: int, seq_len: int,
+               rank: int, world_size: int) -> torch.Tensor | None:
+    """Uniform noise for the bits of Z of this rank's rows, drawn for the global batch."""
+    if not cfg.model.has_latent:
+        return None
+    gen = torch.Generator().manual_seed((cfg.training.seed * 1_000_003 + step) * 64 + micro)
+    noise = torch.rand(global_batch, seq_len, cfg.model.latent_dim, generator=gen)
+    return noise[rank::world_size]  # (b, T, H)
+
+
+def train_loop(cfg: Config, context: TrainContext | None = None,
+               tracker: Any | None = None, data: DataBundle | None = None) -> TrainResult:
+    """Train ``cfg`` to ``training.max_steps`` (or ``num_epochs``), resuming if asked."""
+    ctx = context or TrainContext()
+    tcfg = cfg.training
+    device = ctx.resolve_device(cfg)
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    data = data or build_data(cfg)
+    stream = BatchStream(data.train, tcfg.batch_size, ctx.rank, ctx.world_size,
+                         seed=cfg.data.seed, num_workers=cfg.data.num_workers)
+    steps = total_steps(cfg, stream.steps_per_epoch)
+
+    raw_model = FreeTransformer(cfg.model).to(device)
+    if tcfg.gradient_checkpointing:
+        raw_model.gradient_checkpointing_enable()
+    optimizer = build_optimizer(raw_model, cfg, device)
+    scheduler = build_lr_scheduler(optimizer, tcfg.warmup_steps, steps, cfg.scheduler.min_lr,
+                                   cfg.scheduler.type)
+    torch.manual_seed(tcfg.seed * 1000 + ctx.rank)  # dropout and prior samples, per rank
+    start_step = _maybe_resume(ctx, raw_model, optimizer, scheduler, stream)
+    model = ctx.prepare_model(torch.compile(raw_model) if tcfg.compile else raw_model)
+    ddp = hasattr(model, "no_sync")
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if ctx.is_main:
+        counts = raw_model.num_parameters()
+        log.info("model: %s, %d parameters (%s), %d steps of %d x %d tokens on %s",
+                 "free transformer" if cfg.model.has_latent else "baseline", counts["total"],
+                 ", ".join(f"{k}={v}" for k, v in counts.items() if k != "total"), steps,
+                 tcfg.batch_size * ctx.world_size * tcfg.grad_accum_steps,
+                 cfg.data.max_seq_len, device)
+        if tracker is not None:
+            tracker.log_params({"model.num_parameters": counts["total"]})
+
+    nonfinite_total = nonfinite_run = 0
+    metrics: dict[str, float] = {}
+    checkpoint: Path | None = None
+    tokens_since, t_since = 0, time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}
+    n_sums = 0
+    model.train()
+    for step in range(start_step, steps):
+        if tcfg.fail_at_step is not None and step == tcfg.fail_at_step and start_step == 0:
+            raise InjectedFailure(f"injected failure at step {step} (training.fail_at_step)")
+        sched = schedule_values(cfg, step, steps)
+        seq_len = int(sched["max_seq_len"])
+        for micro in range(tcfg.grad_accum_steps):
+            ids = next(stream)[:, :seq_len].to(device, non_blocking=True)  # (b, T)
+            noise = step_noise(cfg, step, micro, tcfg.batch_size * ctx.world_size, seq_len,
+                               ctx.rank, ctx.world_size)
+            sync = (not ddp or micro == tcfg.grad_accum_steps - 1)
+            with (contextlib.nullcontext() if sync else model.no_sync()), \
+                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits, z_logits = model(ids, mode="training",
+                                         bit_noise=None if noise is None else noise.to(device))
+                loss, parts = compute_loss(
+                    logits[:, :-1], None if z_logits is None else z_logits[:, :-1], ids[:, 1:],
+                    sched["kl_weight"], sched["free_bits_nats"])
+                scaler.scale(loss / tcfg.grad_accum_steps).backward()
+            for key, value in parts.items():
+                if value.dim() == 0:
+                    sums[key] = sums.get(key, 0.0) + value / tcfg.grad_accum_steps
+            tokens_since += ids.numel() * ctx.world_size
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            raw_model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
+        # One host sync per step: grad norms are all-reduced, so every rank agrees.
+        if not math.isfinite(grad_norm.item()) or not math.isfinite(loss.item()):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            nonfinite_total += 1
+            nonfinite_run += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                        step, nonfinite_run)
+            if nonfinite_run >= tcfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{nonfinite_run} consecutive non-finite steps at step {step}; stopping. "
+                    f"Lower training.learning_rate, enable training.grad_clip or use bf16; "
+                    f"the last good checkpoint is kept in {ctx.checkpoint_root(cfg)}")
+            scheduler.step()
+            sums.clear()
+            continue
+        nonfinite_run = 0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()
+        n_sums += 1
+        done = step + 1
+        last = done == steps
+        if done % tcfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - t_since
+            metrics = _train_metrics(sums, n_sums, sched, optimizer, tokens_since / elapsed,
+                                     nonfinite_total, done, stream.epoch)
+            sums, n_sums, tokens_since, t_since = {}, 0, 0, time.perf_counter()
+        want_eval = last or (tcfg.eval_every and done % tcfg.eval_every == 0)
+        want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+        if want_eval:
+            metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
+                                    samples=last and ctx.is_main))
+            model.train()
+        if done % tcfg.log_every == 0 or want_eval or want_ckpt:
+            report = {k: v for k, v in metrics.items() if not isinstance(v, str | list)}
+            report["step"] = done
+            if ctx.is_main and tracker is not None:
+                tracker.log_metrics(report, step=done)
+            if want_ckpt:
+                checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream, done,
+                                   report)
+            ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None)
+            if ctx.is_main and done % tcfg.log_every == 0:
+                log.info("step %d/%d loss %.4f recon %.4f kl %.3f nats %.0f tok/s", done, steps,
+                         metrics.get("train/loss", float("nan")),
+                         metrics.get("train/reconstruction", float("nan")),
+                         metrics.get("train/kl_nats", 0.0),
+                         metrics.get("train/tokens_per_s", 0.0))
+    stream.close()
+    return TrainResult(steps, metrics, ctx.history, checkpoint, nonfinite_total)
+
+
+def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torch.device,
+             free_bits_nats: float, samples: bool = False) -> dict[str, Any]:
+    """Validation diagnostics (CE with prior / posterior Z, KL, MI ...) and a verdict."""
+    val = BatchStream(data.val, min(cfg.training.batch_size, len(data.val)), seed=cfg.data.seed,
+                      drop_last=True)
+    batches = [next(val) for _ in range(min(cfg.training.eval_batches, val.steps_per_epoch))]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.training.seed + 17)  # same eval noise each time
+        result: dict[str, Any] = latent_diagnostics(model, batches, cfg, device)
+        result["eval/verdict"] = verdict(result, cfg, free_bits_nats)
+        if samples:
+            result["eval/samples"] = sample_texts(model, data, cfg, device)
+    return result
+
+
+def _train_metrics(sums, n, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
+    means = {k: (v / max(n, 1)).item() for k, v in sums.items()}  # the log step's sync
+    metrics = {
+        "train/loss": means.get("total", float("nan")),
+        "train/reconstruction": means.get("reconstruction", float("nan")),
+        "train/grad_norm": means.get("grad_norm", float("nan")),
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/tokens_per_s": tokens_per_s,
+        "train/nonfinite_steps": float(nonfinite),
+        "train/epoch": float(epoch),
+    }
+    if "kl" in means:
+        metrics.update({
+            "train/kl": means["kl"], "train/kl_nats": means["kl_raw_nats"],
+            "train/kl_bits": means["kl_raw_bits"], "train/kl_weight": sched["kl_weight"],
+            "train/free_bits_nats": sched["free_bits_nats"],
+        })
+    return metrics
+
+
+def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics) -> Path | None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "step": step, "data": stream.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    if not ctx.is_main:
+        return None
+    path = save_to_root(ctx.checkpoint_root(cfg), step, state, cfg, {"step": step, **metrics},
+                        keep=cfg.checkpoint.keep)
+    log.info("checkpoint: %s", path)
+    return path
+
+
+def _maybe_resume(ctx, model, optimizer, scheduler, stream) -> int:
+    path = ctx.latest_checkpoint()
+    if path is None:
+        return 0
+    state, _ = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
