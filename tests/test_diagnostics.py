@@ -1,0 +1,283 @@
+"""Latent diagnostics on constructed models, and the verdict on hand-made metrics."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_MODEL
+
+import freetf.diagnostics as diagnostics
+from freetf import FreeTransformer, load_config
+from freetf.diagnostics import MIN_FREE_BITS_NATS, latent_diagnostics, verdict
+from freetf.losses import LN2
+from freetf.mapper import bits_to_codes, code_bits, sample_bits
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make(*overrides: str):
+    cfg = load_config(overrides=[*TINY_MODEL, *overrides])
+    return cfg, FreeTransformer(cfg.model)
+
+
+def rows(n_batches: int = 2, b: int = 4, t: int = 16, vocab: int = 32) -> list[torch.Tensor]:
+    return [torch.randint(0, vocab, (b, t)) for _ in range(n_batches)]
+
+
+def set_readout(model, bias: list[float] | None = None, weight_scale: float = 0.0) -> None:
+    with torch.no_grad():
+        model.encoder_readout.weight.mul_(weight_scale)
+        model.encoder_readout.bias.copy_(torch.tensor(bias or [0.0] * model.config.latent_dim))
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed CE of logits[:, :-1] against ids[:, 1:]."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           ids[:, 1:].reshape(-1), reduction="sum")
+
+
+# ----------------------------------------------------------------------------- (a) collapse
+
+
+def test_zero_readout_gives_zero_kl_and_zero_mapper_gives_collapse():
+    cfg, model = make()
+    set_readout(model)  # z_logits = 0: every bit's posterior is exactly 1/2
+    with torch.no_grad():
+        model.mapper.weight.zero_()  # r = 0 whatever the code: Z is ignored
+        model.mapper.bias.zero_()
+    model.train()
+    m = latent_diagnostics(model, rows(), cfg)
+    assert model.training and model.encoder.training  # train mode restored
+    assert m["eval/kl_nats"] == pytest.approx(0.0, abs=1e-6)
+    assert m["eval/kl_bits"] == pytest.approx(0.0, abs=1e-6)
+    for h in range(4):
+        assert m[f"eval/kl_bit_{h}_nats"] == pytest.approx(0.0, abs=1e-6)
+    assert m["eval/active_bits"] == 0
+    assert m["eval/mutual_info_nats"] == pytest.approx(0.0, abs=1e-6)
+    assert m["eval/ce_prior"] == pytest.approx(m["eval/ce_posterior"], abs=1e-6)
+    assert m["eval/ce_shuffled"] == pytest.approx(m["eval/ce_posterior"], abs=1e-6)
+    assert abs(m["eval/ce_gap"]) < 1e-6
+    assert m["eval/ppl_prior"] == pytest.approx(math.exp(m["eval/ce_prior"]))
+    assert verdict(m, cfg) == "collapsed"
+
+
+def test_eval_mode_is_kept_when_the_model_was_in_eval():
+    cfg, model = make()
+    model.eval()
+    latent_diagnostics(model, rows(1), cfg)
+    assert not any(mod.training for mod in model.modules())
+
+
+# ----------------------------------------------------------------------------- (b) KL, no MI
+
+
+def test_confident_posterior_independent_of_x_has_kl_but_no_mutual_information():
+    cfg, model = make()
+    set_readout(model, bias=[12.0, -12.0, 0.0, 0.0])  # bits 0, 1 fixed; 2, 3 fair coins
+    m = latent_diagnostics(model, rows(), cfg)
+    assert m["eval/kl_bit_0_nats"] == pytest.approx(LN2, abs=1e-3)
+    assert m["eval/kl_bit_1_nats"] == pytest.approx(LN2, abs=1e-3)
+    assert m["eval/kl_bit_2_nats"] == pytest.approx(0.0, abs=1e-6)
+    assert m["eval/kl_nats"] == pytest.approx(2 * LN2, abs=2e-3)
+    assert m["eval/kl_bits"] == pytest.approx(2.0, abs=3e-3)
+    assert m["eval/active_bits"] == 2
+    assert m["eval/mutual_info_nats"] == pytest.approx(0.0, abs=1e-6)
+    # codes: bit0 = 1, bit1 = 0, bits 2-3 uniform -> 4 codes in use
+    assert m["eval/code_usage"] == 4
+    assert m["eval/code_perplexity"] == pytest.approx(4.0, rel=0.05)
+
+
+def test_mutual_information_is_per_bit_sum_and_bounds_the_joint_estimate():
+    """x-dependent posterior: MI > 0, equal to sum_h I(X; B_h), >= the joint-q_bar value."""
+    cfg, model = make()
+    set_readout(model, weight_scale=100.0)
+    with torch.no_grad():  # at init the encoder output is ~ zeta, the same for every x
+        for name in ("wq", "wk", "wv", "wo"):
+            getattr(model.encoder.attn, name).weight.mul_(10.0)
+    batches = rows(2, b=4, t=12)
+    m = latent_diagnostics(model, batches, cfg)
+    with torch.no_grad():
+        z = torch.cat([model.eval()(ids)[1][:, :-1].reshape(-1, 4) for ids in batches])
+    z = z.double()  # (N, H)
+    p = torch.sigmoid(z)
+    table = code_bits(4).double()  # (16, H)
+    q = torch.exp(F.logsigmoid(z) @ table.T + F.logsigmoid(-z) @ (1 - table).T)  # (N, 16)
+    kl_tokens = (torch.special.xlogy(q, q) + q * 4 * LN2).sum(-1)  # (N,) eq. 4, brute force
+    q_bar = q.mean(0)  # (16,) joint aggregate posterior
+    mi_joint = kl_tokens.mean() - (torch.special.xlogy(q_bar, q_bar) + q_bar * 4 * LN2).sum()
+    p_bar = p.mean(0)  # (H,)
+    per_bit_kl = torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p) + LN2
+    kl_bar = torch.special.xlogy(p_bar, p_bar) + torch.special.xlogy(1 - p_bar, 1 - p_bar) + LN2
+    mi_factorised = (per_bit_kl.mean(0) - kl_bar).sum()
+    assert m["eval/kl_nats"] == pytest.approx(kl_tokens.mean().item(), abs=1e-4)
+    assert m["eval/mutual_info_nats"] == pytest.approx(mi_factorised.item(), abs=1e-4)
+    assert mi_joint.item() > 0.5
+    assert m["eval/mutual_info_nats"] >= mi_joint.item() - 1e-6
+    assert m["eval/mutual_info_nats"] <= m["eval/kl_nats"] + 1e-6
+
+
+# ----------------------------------------------------------------------------- CE values
+
+
+def test_ce_values_match_a_replay_of_the_sampling():
+    """Prior, posterior and shuffled CE against a manual pass with the same draws."""
+    cfg, model = make()
+    set_readout(model, weight_scale=50.0)  # codes that differ between rows
+    ids = torch.randint(0, 32, (3, 10))
+    torch.manual_seed(7)
+    m = latent_diagnostics(model, [ids], cfg)
+    torch.manual_seed(7)  # replay: prior draw first, then the bit noise
+    model.eval()
+    with torch.no_grad():
+        prior_logits, _ = model(ids, mode="inference")
+        noise = torch.rand(3, 10, 4)
+        post_logits, z_logits = model(ids, mode="training", bit_noise=noise)
+        codes = bits_to_codes(sample_bits(z_logits, noise))  # (B, T)
+        shuf_logits, _ = model(ids, z=codes[[2, 0, 1]])
+    n = 3 * 9
+    assert m["eval/ce_prior"] == pytest.approx(next_token_ce(prior_logits, ids).item() / n)
+    assert m["eval/ce_posterior"] == pytest.approx(next_token_ce(post_logits, ids).item() / n)
+    assert m["eval/ce_shuffled"] == pytest.approx(next_token_ce(shuf_logits, ids).item() / n)
+    assert m["eval/ce_shuffled"] != pytest.approx(m["eval/ce_posterior"])
+    assert m["eval/ce_gap"] == pytest.approx(m["eval/ce_prior"] - m["eval/ce_posterior"])
+    assert m["eval/ppl_posterior"] == pytest.approx(math.exp(m["eval/ce_posterior"]))
+    used = codes[:, :-1].unique().numel()
+    assert m["eval/code_usage"] == used
+
+
+def test_single_row_batches_leave_ce_shuffled_nan():
+    cfg, model = make()
+    m = latent_diagnostics(model, rows(2, b=1), cfg)
+    assert math.isnan(m["eval/ce_shuffled"])
+    assert math.isfinite(m["eval/ce_posterior"])
+
+
+def test_rejects_bad_input():
+    cfg, model = make()
+    with pytest.raises(ValueError, match="no batches"):
+        latent_diagnostics(model, [], cfg)
+    with pytest.raises(ValueError, match="T >= 2"):
+        latent_diagnostics(model, [torch.zeros(2, 1, dtype=torch.long)], cfg)
+    assert model.training  # restored after the error too
+
+
+# ----------------------------------------------------------------------------- (d) codes
+
+
+def test_code_perplexity_is_two_to_the_h_for_fair_bits():
+    cfg, model = make("model.latent_dim=3")
+    set_readout(model)  # p = 1/2 for every bit: codes uniform over 8
+    m = latent_diagnostics(model, rows(4, b=8, t=64), cfg)  # 2016 tokens
+    assert m["eval/code_usage"] == 8
+    assert m["eval/code_perplexity"] == pytest.approx(8.0, rel=0.02)
+    assert m["eval/code_perplexity"] <= 8.0
+
+
+def test_dictionary_code_count_agrees_with_bincount(monkeypatch):
+    cfg, model = make()
+    set_readout(model, weight_scale=30.0)
+    batches = rows(3)
+    torch.manual_seed(3)
+    dense = latent_diagnostics(model, batches, cfg)
+    monkeypatch.setattr(diagnostics, "MAX_BINCOUNT_BITS", 2)
+    torch.manual_seed(3)
+    sparse = latent_diagnostics(model, batches, cfg)
+    assert sparse["eval/code_usage"] == dense["eval/code_usage"] > 1
+    assert sparse["eval/code_perplexity"] == pytest.approx(dense["eval/code_perplexity"])
+
+
+def test_many_bits_use_the_dictionary_path():
+    cfg, model = make("model.latent_dim=24", "model.mapper=factored")
+    set_readout(model)
+    m = latent_diagnostics(model, rows(2, b=4, t=33), cfg)  # 256 tokens, 2^24 codes
+    assert 250 <= m["eval/code_usage"] <= 256  # almost all distinct
+    assert m["eval/code_perplexity"] == pytest.approx(m["eval/code_usage"], rel=0.02)
+    assert m["eval/active_bits"] == 0
+    assert len([k for k in m if k.startswith("eval/kl_bit_")]) == 24
+
+
+# ----------------------------------------------------------------------------- (e) baseline
+
+
+def test_baseline_reports_plain_ce_and_verdict_baseline():
+    cfg, model = make("model.latent_dim=0")
+    batches = [torch.randint(0, 32, (3, 9)), torch.randint(0, 32, (5, 17))]
+    m = latent_diagnostics(model, batches, cfg)
+    assert set(m) == {"eval/ce_prior", "eval/ppl_prior", "eval/kl_nats", "eval/kl_bits"}
+    assert m["eval/kl_nats"] == 0.0 and m["eval/kl_bits"] == 0.0
+    model.eval()
+    with torch.no_grad():
+        total = sum(next_token_ce(model(ids)[0], ids).item() for ids in batches)
+    assert m["eval/ce_prior"] == pytest.approx(total / (3 * 8 + 5 * 16))  # token-weighted
+    assert m["eval/ppl_prior"] == pytest.approx(math.exp(m["eval/ce_prior"]))
+    assert verdict(m, cfg) == "baseline"
+
+
+# ----------------------------------------------------------------------------- (c) verdict
+
+CFG = load_config(overrides=TINY_MODEL)
+KAPPA = CFG.training.free_bits_nats  # log(2) / 2
+LEAK_KL = CFG.diagnostics.leak_kl_factor * KAPPA
+
+
+def metrics(kl: float, gap: float) -> dict[str, float]:
+    return {"eval/kl_nats": kl, "eval/ce_gap": gap, "eval/ce_posterior": 2.0}
+
+
+@pytest.mark.parametrize(("kl", "gap", "expected"), [
+    (0.0, 0.0, "collapsed"),
+    (0.009, -0.009, "collapsed"),
+    (0.01, 0.0, "active"),  # kl on the collapse threshold: not collapsed
+    (0.0, 0.01, "active"),  # gap on the collapse threshold
+    (0.0, -0.01, "active"),
+    (0.3, 0.1, "active"),
+    (LEAK_KL, 0.1, "active"),  # kl on the leak threshold: not leaking
+    (math.nextafter(LEAK_KL, math.inf), 0.1, "leaking"),
+    (5.0, 0.0, "leaking"),
+    (0.3, 0.5, "active"),  # gap on the leak threshold
+    (0.3, math.nextafter(0.5, math.inf), "leaking"),
+    (0.005, 2.0, "leaking"),  # tiny KL but the posterior buys a large CE gain
+    (0.3, -3.0, "active"),  # prior Z better than posterior Z is not a leak
+])
+def test_verdict_branches_and_boundaries(kl, gap, expected):
+    assert verdict(metrics(kl, gap), CFG) == expected
+
+
+def test_verdict_uses_the_free_bits_passed_in():
+    m = metrics(1.0, 0.1)
+    assert verdict(m, CFG) == "leaking"  # 1.0 > 2 * log(2) / 2
+    assert verdict(m, CFG, free_bits_nats=1.0) == "active"  # scheduled kappa = 1 nat
+    assert verdict(m, CFG.replace(["training.free_bits=0.6"])) == "active"
+    # kappa = 0 is floored, so the KL threshold is tiny but positive
+    assert verdict(metrics(0.02, 0.0), CFG, free_bits_nats=0.0) == "leaking"
+    floor = CFG.diagnostics.leak_kl_factor * MIN_FREE_BITS_NATS
+    with_floor = CFG.replace(["diagnostics.collapsed_kl_nats=0.0"])
+    assert verdict(metrics(floor, 0.1), with_floor, free_bits_nats=0.0) == "active"
+
+
+def test_verdict_uses_the_configured_thresholds():
+    loose = CFG.replace(["diagnostics.collapsed_kl_nats=0.5", "diagnostics.collapsed_gap_nats=0.2"])
+    assert verdict(metrics(0.3, 0.1), CFG) == "active"
+    assert verdict(metrics(0.3, 0.1), loose) == "collapsed"
+    strict = CFG.replace(["diagnostics.leak_gap_nats=0.05"])
+    assert verdict(metrics(0.3, 0.1), strict) == "leaking"
+
+
+def test_verdict_rejects_missing_or_non_finite_metrics():
+    assert verdict({"eval/ce_prior": 3.0, "eval/kl_nats": 0.0}, CFG) == "baseline"
+    with pytest.raises(ValueError, match="eval/ce_gap"):
+        verdict({"eval/ce_posterior": 1.0, "eval/kl_nats": 0.1}, CFG)
+    with pytest.raises(ValueError, match="finite"):
+        verdict(metrics(math.nan, 0.0), CFG)
+    with pytest.raises(ValueError, match="finite"):
+        verdict(metrics(0.1, math.inf), CFG)
+
+
+def test_verdict_set_is_closed():
+    seen = {verdict(metrics(kl, gap), CFG)
+            for kl, gap in itertools.product([0.0, 0.3, 9.0], [-1.0, 0.0, 0.2, 1.0])}
+    assert seen <= set(diagnostics.VERDICTS)
