@@ -284,7 +284,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class ScalingConfig:
     use_ray: bool = True  # False: in-process loop (debugging, tests)
-    num_workers: int = 1
+    num_workers: int = 1  # 0 = Ray Train's local mode (the loop in the driver process)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -294,8 +294,8 @@ class ScalingConfig:
     run_name: str | None = None
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "num_workers", "cpus_per_worker")
-        _non_negative(self, path, "gpus_per_worker", "max_failures")
+        _positive(self, path, "cpus_per_worker")
+        _non_negative(self, path, "num_workers", "gpus_per_worker", "max_failures")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from freetf.config import Config
+from freetf.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -236,23 +236,28 @@ class DataBundle:
     tokenizer: Tokenizer
 
 
+def build_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer of ``cfg.data``: characters for synthetic, bytes otherwise."""
+    return CharTokenizer() if cfg.data.dataset_name == "synthetic" else ByteTokenizer()
+
+
 def build_data(cfg: Config) -> DataBundle:
     """The train/val datasets and tokenizer described by ``cfg.data``."""
     data = cfg.data
     if data.dataset_name == "synthetic":
         if data.max_seq_len != SYNTHETIC_SEQ_LEN:
-            raise ValueError(f"data.max_seq_len={data.max_seq_len}: synthetic sequences have "
+            raise ConfigError(f"data.max_seq_len={data.max_seq_len}: synthetic sequences have "
                              f"length {SYNTHETIC_SEQ_LEN}")
         # The validation seed is derived from, and distinct from, data.seed.
         val_seed = int(np.random.SeedSequence([data.seed, 1]).generate_state(1)[0])
         train = RowsDataset(torch.from_numpy(synthetic_sequences(data.num_samples, data.seed)))
         val = RowsDataset(torch.from_numpy(synthetic_sequences(data.val_samples, val_seed)))
-        tokenizer: Tokenizer = CharTokenizer()
+        tokenizer = build_tokenizer(cfg)
     elif data.dataset_name == "text":
         tokens = read_text_bytes(data.path)
         train, val = _split_blocks(tokens, tokens.size, data.max_seq_len, data.val_fraction,
                                    f"data.path {data.path}")
-        tokenizer = ByteTokenizer()
+        tokenizer = build_tokenizer(cfg)
     elif data.dataset_name == "tokens":
         path = Path(data.path)
         if not path.is_file():
@@ -263,11 +268,11 @@ def build_data(cfg: Config) -> DataBundle:
             raise ValueError(f"data.path {path}: the token file is empty")
         train, val = _split_blocks(path, num_tokens, data.max_seq_len, data.val_fraction,
                                    f"data.path {path}")
-        tokenizer = ByteTokenizer()
+        tokenizer = build_tokenizer(cfg)
     else:
-        raise ValueError(f"data.dataset_name={data.dataset_name!r} is not supported")
+        raise ConfigError(f"data.dataset_name={data.dataset_name!r} is not supported")
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"{data.dataset_name} tokenizer's {tokenizer.vocab_size}")
     logger.info("data %s: %d train rows, %d val rows of length %d", data.dataset_name,
                 len(train), len(val), data.max_seq_len)

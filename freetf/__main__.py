@@ -1,0 +1,5 @@
+import sys
+
+from freetf.cli import main
+
+sys.exit(main())

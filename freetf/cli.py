@@ -1,0 +1,191 @@
+"""``freetf`` command line: train, generate, eval, report.
+
+User mistakes (missing file, bad YAML, unknown key, corrupt checkpoint, a prompt outside
+the vocabulary, an unreachable tracking server) end with a one-paragraph message and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from freetf.config import ConfigError, load_config
+from freetf.logs import setup_logging
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    for flag, key in (("batch_size", "training.batch_size"),
+                      ("learning_rate", "training.learning_rate"),
+                      ("num_epochs", "training.num_epochs"),
+                      ("max_steps", "training.max_steps"),
+                      ("num_workers", "scaling.num_workers")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.gpu:
+        overrides += ["scaling.use_gpu=true", "training.device=cuda"]
+    if args.no_ray:
+        overrides.append("scaling.use_ray=false")
+    cfg = load_config(args.config, overrides)
+    from freetf.ray_train import run_training
+
+    summary = run_training(cfg, resume=args.resume)
+    if summary.error is not None:
+        raise summary.error
+    _print_summary(cfg, summary)
+    return 0
+
+
+def _print_summary(cfg, summary) -> None:
+    metrics = summary.metrics
+    keys = ["train/loss", "train/reconstruction", "train/kl_nats", "train/kl_bits",
+            "eval/ce_prior", "eval/ce_posterior", "eval/ce_gap", "eval/ppl_prior",
+            "eval/active_bits", "train/tokens_per_s"]
+    print(f"\nfinished {metrics.get('step', '?')} steps in {summary.wall_s:.0f} s")
+    for key in keys:
+        if key in metrics:
+            print(f"  {key:<24} {metrics[key]:.4f}")
+    if "eval/verdict" in metrics:
+        print(f"  {'latent verdict':<24} {metrics['eval/verdict']}")
+    for text in metrics.get("eval/samples", [])[:4]:
+        print(f"  sample: {text}")
+    if summary.checkpoint:
+        print(f"checkpoint: {summary.checkpoint}")
+    if summary.run_id:
+        from freetf.tracking import resolve_tracking_uri
+
+        print(f"MLflow run {summary.run_id} in experiment '{cfg.tracking.mlflow.experiment}'; "
+              f"compare runs with: mlflow ui --backend-store-uri {resolve_tracking_uri(cfg)}")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from freetf.checkpoint import load_model
+    from freetf.data import build_tokenizer
+
+    model, cfg, _ = load_model(args.checkpoint)
+    tokenizer = build_tokenizer(cfg)
+    try:
+        ids = tokenizer.encode(args.prompt)
+    except ValueError as err:
+        raise UserError(f"--prompt: {err}") from None
+    if not ids:
+        raise UserError("--prompt is empty")
+    torch.manual_seed(args.seed)
+    max_new = args.max_new_tokens or cfg.data.max_seq_len - len(ids)
+    prompt = torch.tensor([ids] * args.num_samples)
+    try:
+        out = model.generate(prompt, max_new, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, z=args.z)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for row in out.tolist():
+        print(tokenizer.decode(row))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from freetf.checkpoint import load_model
+    from freetf.data import build_data
+    from freetf.train import evaluate
+
+    model, cfg, state = load_model(args.checkpoint)
+    if args.set:
+        cfg = cfg.replace(args.set)
+    data = build_data(cfg)
+    result = evaluate(model, data, cfg, next(model.parameters()).device,
+                      cfg.training.free_bits_nats, samples=args.samples)
+    result["step"] = state.get("step")
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+        return 0
+    for key, value in result.items():
+        if isinstance(value, list):
+            for text in value:
+                print(f"  sample: {text}")
+        elif isinstance(value, float):
+            print(f"{key:<28} {value:.4f}")
+        else:
+            print(f"{key:<28} {value}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from freetf.report import report_command
+
+    return report_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freetf", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (through Ray Train by default)")
+    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
+    p.add_argument("--batch-size", type=int, help="per-worker batch size")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--num-epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--num-workers", type=int, help="Ray Train data-parallel workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 AMP")
+    p.add_argument("--no-ray", action="store_true", help="run the loop in-process")
+    p.add_argument("--resume", help="checkpoint (or checkpoint root) of a stopped run")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="dotted config override, e.g. training.kl_weight=0.2 (repeatable)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--z", type=int, help="one latent code shared by every sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="latent diagnostics and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--samples", action="store_true", help="also print generations")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="collapse map of a sweep, from MLflow alone")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from freetf.checkpoint import CheckpointError
+    from freetf.tracking import TrackingError
+
+    try:
+        return args.func(args)
+    except (UserError, ConfigError, CheckpointError, TrackingError, FileNotFoundError) as err:
+        print(f"freetf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"freetf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
