@@ -474,7 +474,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             _fail(path, value, f"must be a list of {len(args)} values")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in pairs)
     if tp is bool:
         if not isinstance(value, bool):
             _fail(path, value, "must be true or false")
