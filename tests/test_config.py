@@ -1,0 +1,82 @@
+"""Config: every shipped file loads, overrides, and errors that name the key and value."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from freetf import ConfigError, load_config
+from freetf.config import flatten
+
+pytestmark = pytest.mark.timeout(60)
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    if path.name.startswith("search_kl"):
+        from freetf.sweep import load_sweep_config
+
+        load_sweep_config(path)
+        return
+    cfg = load_config(path)
+    assert cfg.model.hidden_dim % cfg.model.num_heads == 0
+
+
+def test_guide_config_is_the_guides_schema():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "free_transformer.yaml")
+    assert cfg.model.vocab_size == 50000 and cfg.model.latent_dim == 32
+    assert cfg.training.learning_rate == 1e-4  # YAML reads "1e-4" as a string: coerced
+    assert cfg.training.free_bits_nats == 0.5
+    assert cfg.optimizer.betas == (0.9, 0.95) and cfg.optimizer.eps == 1e-8
+
+
+def test_dotted_overrides_and_bits_unit():
+    cfg = load_config(overrides=["training.kl_weight=0.2", "training.free_bits_bits=1",
+                                 "model.latent_dim=0"])
+    assert cfg.training.kl_weight == 0.2
+    assert cfg.training.free_bits_nats == pytest.approx(math.log(2))
+    assert not cfg.model.has_latent
+    again = cfg.replace({"training.kl_weight": 0.5})
+    assert again.training.kl_weight == 0.5 and cfg.training.kl_weight == 0.2
+    assert flatten(cfg.to_dict())["training.kl_weight"] == 0.2
+
+
+@pytest.mark.parametrize("override,message", [
+    (["model.hidden_dimm=3"], "unknown config key model.hidden_dimm"),
+    (["training.kl_weight=-1"], "training.kl_weight=-1.0 must be >= 0"),
+    (["model.num_heads=7"], "model.num_heads=7 must divide model.hidden_dim=256"),
+    (["training.batch_size=abc"], "training.batch_size='abc' must be an integer"),
+    (["data.max_seq_len=512"], "data.max_seq_len=512 exceeds model.max_seq_len=256"),
+    (["training.amp=fp8"], "training.amp='fp8' must be one of"),
+    (["model.latent_dim=32"], "model.mapper=factored"),
+    (["training.curriculum=[{until_step: 5}, {until_step: 3}]"],
+     "training.curriculum[1].until_step=3"),
+    (["nokeyvalue"], "must look like dotted.key=value"),
+    (["data.dataset_name=text"], "data.path=None is required"),
+])
+def test_errors_name_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=override)
+    assert message in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at top level"):
+        load_config(listy)
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(AttributeError):
+        cfg.training.kl_weight = 3.0  # type: ignore[misc]

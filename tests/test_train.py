@@ -1,0 +1,105 @@
+"""The training loop in-process: learning, resume == uninterrupted, non-finite handling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from freetf import load_config
+from freetf.checkpoint import load_checkpoint
+from freetf.train import NonFiniteLossError, TrainContext, amp_dtype, train_loop
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def tiny(tmp_path, *extra):
+    return load_config("configs/tiny.yaml", [
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "tracking.mlflow.enabled=false",
+        "training.log_every=1", "scaling.use_ray=false", *extra])
+
+
+def losses(history):
+    return {h["step"]: h["train/loss"] for h in history if "train/loss" in h}
+
+
+def test_synthetic_reconstruction_drops(tmp_path):
+    cfg = tiny(tmp_path, "training.max_steps=80",
+               "training.learning_rate=1e-2", "model.hidden_dim=64")
+    result = train_loop(cfg)
+    recon = [h["train/reconstruction"] for h in result.history if "train/reconstruction" in h]
+    assert recon[0] > 2.0  # ~ log(29) at the start
+    assert recon[-1] < 0.5 * recon[0]
+    assert result.metrics["eval/ce_prior"] < 0.5 * math.log(29)
+    assert "train/kl_nats" in result.metrics and "train/tokens_per_s" in result.metrics
+    assert result.checkpoint is not None and result.checkpoint.name == "step_000080"
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train_loop(tiny(tmp_path / "a", "training.max_steps=8", "checkpoint.every_steps=4",
+                           "checkpoint.keep=5"))
+    ckpt = tmp_path / "a" / "ckpt" / "step_000004"
+    assert ckpt.is_dir()
+    resumed = train_loop(tiny(tmp_path / "b", "training.max_steps=8"),
+                         TrainContext(resume_from=ckpt))
+    a, b = losses(full.history), losses(resumed.history)
+    assert sorted(b) == [5, 6, 7, 8]  # the step counter continues from the checkpoint
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    sa, _ = load_checkpoint(full.checkpoint)
+    sb, _ = load_checkpoint(resumed.checkpoint)
+    for key in sa["model"]:
+        assert torch.allclose(sa["model"][key], sb["model"][key], atol=1e-6), key
+
+
+def test_baseline_through_the_same_loop(tmp_path):
+    result = train_loop(tiny(tmp_path, "model.latent_dim=0", "training.max_steps=5"))
+    assert "train/kl_nats" not in result.metrics
+    assert result.metrics["eval/verdict"] == "baseline"
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    import freetf.train as train_mod
+
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        total, parts = real(*args, **kwargs)
+        if calls["n"] == 3 or calls["n"] >= 6:  # one isolated NaN, then NaN for good
+            total = total * float("nan")
+        return total, parts
+
+    monkeypatch.setattr(train_mod, "compute_loss", flaky)
+    cfg = tiny(tmp_path, "training.max_steps=20", "checkpoint.every_steps=4",
+               "training.max_consecutive_nonfinite=3")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
+        train_loop(cfg)
+    # the last good checkpoint is kept and loads
+    state, _ = load_checkpoint(tmp_path / "ckpt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_amp_defaults():
+    cfg = load_config()
+    assert amp_dtype(cfg, torch.device("cpu")) is None
+    assert amp_dtype(cfg, torch.device("cuda")) == torch.bfloat16
+    assert amp_dtype(cfg.replace(["training.amp=fp16"]), torch.device("cuda")) == torch.float16
+
+
+def test_curriculum_and_annealing_reach_the_loop(tmp_path):
+    cfg = tiny(tmp_path, "training.max_steps=6",
+               "training.curriculum=[{until_step: 3, max_seq_len: 34, kl_weight: 0.5}]",
+               "training.kl_annealing.type=linear", "training.kl_annealing.warmup_steps=4")
+    result = train_loop(cfg)
+    weights = [h["train/kl_weight"] for h in result.history if "train/kl_weight" in h]
+    assert weights[0] < weights[-1] == pytest.approx(1.0)
+
+
+def test_gradient_accumulation_and_checkpointing_run(tmp_path):
+    result = train_loop(tiny(tmp_path, "training.max_steps=3", "training.grad_accum_steps=2",
+                             "training.gradient_checkpointing=true"))
+    assert math.isfinite(result.metrics["train/loss"])
