@@ -1,0 +1,56 @@
+"""`ray start --head` + `ray job submit -- freetf train` on 127.0.0.1, end to end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from freetf.tracking import mlflow_client
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--num-cpus=2", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                    "--object-store-memory=300000000", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
+    address, env = ray_head
+    db = tmp_path / "mlflow.db"
+    start = time.time()
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+         "freetf", "train", "--config", "configs/tiny.yaml",
+         "--set", "training.max_steps=4", "--set", f"tracking.mlflow.tracking_uri=sqlite:///{db}",
+         "--set", f"scaling.storage_path={tmp_path}/ray_results",
+         "--set", "tracking.mlflow.experiment=job-e2e"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    client = mlflow_client(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("job-e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["step"] == 4
+    assert time.time() - start < 400
