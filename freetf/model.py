@@ -266,8 +266,9 @@ class FreeTransformer(nn.Module):
         """Sample a continuation.  prompt (B, T0) or (T0,) -> (B, T0 + max_new_tokens).
 
         The prompt's Z comes from the encoder (prefill), each new token's Z from the
-        uniform prior, unless ``z`` is given: a code (or (B,) codes) used at every
-        position, e.g. one code shared by a group of sequences (paper, Figure 4).
+        uniform prior, unless ``z`` is given: a code, (B,) codes used at every position,
+        or per-position codes of shape (T0 + max_new_tokens,) or (B, T0 + max_new_tokens)
+        (one Z sequence shared by a group of samples: the paper's Figure 4).
         ``temperature = 0`` is greedy.  ``use_cache=False`` recomputes the whole prefix
         each step with the same Z per position; with the same seed both paths agree.
         """
@@ -277,10 +278,10 @@ class FreeTransformer(nn.Module):
         if t0 + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt ({t0}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_seq_len {self.config.max_seq_len}")
-        fixed = None if z is None else torch.as_tensor(z, device=ids.device).long().reshape(-1, 1)
-        fixed = None if fixed is None else fixed.expand(b, 1)
+        z_all = None if z is None else _codes_per_position(z, b, t0 + max_new_tokens, ids.device)
         caches = [KVCache() for _ in self.blocks] if use_cache else None
-        logits, _, codes = self.forward_codes(ids, fixed, "posterior", None, caches)
+        prompt_z = None if z_all is None else z_all[:, :t0]
+        logits, _, codes = self.forward_codes(ids, prompt_z, "posterior", None, caches)
         out = [ids]
         for step in range(max_new_tokens):
             nxt = _sample_next(logits[:, -1], temperature, top_k, top_p)  # (B, 1)
@@ -289,14 +290,27 @@ class FreeTransformer(nn.Module):
                 break
             new_code = None
             if self.config.has_latent:
-                new_code = fixed if fixed is not None else self.mapper.sample_prior(
-                    (b, 1), ids.device)
+                pos = t0 + step + 1
+                new_code = z_all[:, pos:pos + 1] if z_all is not None else \
+                    self.mapper.sample_prior((b, 1), ids.device)
                 codes = torch.cat([codes, new_code], dim=1)
             if use_cache:
                 logits, _, _ = self.forward_codes(nxt, new_code, caches=caches)
             else:
                 logits, _, _ = self.forward_codes(torch.cat(out, dim=1), codes)
         return torch.cat(out, dim=1)
+
+
+def _codes_per_position(z: torch.Tensor | int, batch: int, length: int,
+                        device: torch.device) -> torch.Tensor:
+    """A code, (B,) codes, (T,) or (B, T) per-position codes -> (B, T) int64."""
+    z = torch.as_tensor(z, device=device).long()
+    if z.dim() == 0 or (z.dim() == 1 and z.shape[0] == batch and length != batch):
+        return z.reshape(-1, 1).expand(batch, length)
+    if z.shape[-1] != length:
+        raise ValueError(f"z has {z.shape[-1]} positions; expected {length} "
+                         f"(prompt + max_new_tokens) or a single code per sequence")
+    return z.expand(batch, length)
 
 
 def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,

@@ -213,3 +213,19 @@ def test_dense_and_chunked_mapper_models_agree(tiny_model_cfg):
         logits, _ = m(ids, bit_noise=noise)
         logits.square().mean().backward()
     assert torch.allclose(chunked.zeta.grad, dense.zeta.grad, atol=1e-6)
+
+
+def test_per_position_shared_z_sequence(tiny_model_cfg):
+    model = FreeTransformer(tiny_model_cfg).eval()
+    prompt = torch.randint(0, 32, (3, 2))
+    z_seq = torch.randint(0, 16, (12,))
+    torch.manual_seed(0)
+    a = model.generate(prompt, 10, temperature=0, z=z_seq)
+    torch.manual_seed(0)
+    b = model.generate(prompt, 10, temperature=0, z=z_seq, use_cache=False)
+    with torch.no_grad():
+        logits, _ = model(a[:, :-1], z=z_seq[None, :11].expand(3, 11))
+    assert torch.equal(a, b)
+    assert torch.equal(logits[:, 1:].argmax(-1), a[:, 2:])  # each token saw its own code
+    with pytest.raises(ValueError, match="positions"):
+        model.generate(prompt, 10, z=torch.zeros(5, dtype=torch.long))
