@@ -105,8 +105,13 @@ def init_ray(num_cpus: float | None = None) -> None:
 
 
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
-                  callbacks: list | None = None, storage_path: str | None = None):
-    """A ``TorchTrainer`` for ``cfg`` (scaling, checkpoints and failures from config)."""
+                  callbacks: list | None = None, storage_path: str | None = None,
+                  controller_failure_limit: int = -1):
+    """A ``TorchTrainer`` for ``cfg`` (scaling, checkpoints and failures from config).
+
+    ``controller_failure_limit``: worker-group start-ups that may fail (e.g. time out for
+    lack of CPUs) before the run fails; -1 (Ray's default) retries forever.
+    """
     sc = cfg.scaling
     use_gpu = sc.use_gpu
     backend = sc.backend if sc.backend != "auto" else ("nccl" if use_gpu else "gloo")
@@ -121,7 +126,8 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         name=sc.run_name or cfg.tracking.mlflow.run_name or "freetf",
         storage_path=storage_path or _absolute_storage(sc.storage_path),
         checkpoint_config=checkpoint_config,
-        failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+        failure_config=ray.train.FailureConfig(
+            max_failures=sc.max_failures, controller_failure_limit=controller_failure_limit),
         callbacks=callbacks)
     return ray.train.torch.TorchTrainer(
         _worker_loop,

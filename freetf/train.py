@@ -251,7 +251,7 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
     val = BatchStream(data.val, min(cfg.training.batch_size, len(data.val)), seed=cfg.data.seed,
                       drop_last=True)
     batches = [next(val) for _ in range(min(cfg.training.eval_batches, val.steps_per_epoch))]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(cfg.training.seed + 17)  # same eval noise each time
         result: dict[str, Any] = latent_diagnostics(model, batches, cfg, device)
         result["eval/verdict"] = verdict(result, cfg, free_bits_nats)
