@@ -93,6 +93,11 @@ class _ChunkedMapper(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         logits, codes, weight = ctx.saved_tensors
+        with torch.autocast(logits.device.type, enabled=False):  # backward may run under it
+            return _ChunkedMapper._backward(ctx, logits, codes, weight, grad_out)
+
+    @staticmethod
+    def _backward(ctx, logits, codes, weight, grad_out):
         dtype = _compute_dtype(logits)
         grad_out = grad_out.to(dtype)
         grad_logits = grad_weight = None
@@ -140,14 +145,16 @@ class BinaryMapper(nn.Module):
         bits = sample_bits(logits, noise)  # (B, T, H)
         codes = bits_to_codes(bits)  # (B, T)
         flat = logits.reshape(-1, self.num_bits)  # (N, H)
-        if self.kind == "factored":
-            p = torch.sigmoid(flat.float())
-            r = (bits.reshape(-1, self.num_bits) + p - p.detach()) @ self.weight.float()
-        elif self.impl == "dense":
-            r = dense_mapper(flat, bits.reshape(-1, self.num_bits), self.weight)
-        else:
-            r = chunked_mapper(flat, codes.reshape(-1), self.weight, self.chunk_size)
-        r = r.to(self.bias.dtype) + self.bias
+        # G is a product of H probabilities: computed in fp32 even under autocast.
+        with torch.autocast(logits.device.type, enabled=False):
+            if self.kind == "factored":
+                p = torch.sigmoid(flat.float())
+                r = (bits.reshape(-1, self.num_bits) + p - p.detach()) @ self.weight.float()
+            elif self.impl == "dense":
+                r = dense_mapper(flat, bits.reshape(-1, self.num_bits), self.weight)
+            else:
+                r = chunked_mapper(flat, codes.reshape(-1), self.weight, self.chunk_size)
+            r = r.to(self.bias.dtype) + self.bias
         return r.reshape(*logits.shape[:-1], -1), codes
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -175,14 +175,14 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             noise = step_noise(cfg, step, micro, tcfg.batch_size * ctx.world_size, seq_len,
                                ctx.rank, ctx.world_size)
             sync = (not ddp or micro == tcfg.grad_accum_steps - 1)
-            with (contextlib.nullcontext() if sync else model.no_sync()), \
-                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits, z_logits = model(ids, mode="training",
-                                         bit_noise=None if noise is None else noise.to(device))
-                loss, parts = compute_loss(
-                    logits[:, :-1], None if z_logits is None else z_logits[:, :-1], ids[:, 1:],
-                    sched["kl_weight"], sched["free_bits_nats"])
-                scaler.scale(loss / tcfg.grad_accum_steps).backward()
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits, z_logits = model(
+                        ids, mode="training", bit_noise=None if noise is None else noise.to(device))
+                    loss, parts = compute_loss(
+                        logits[:, :-1], None if z_logits is None else z_logits[:, :-1],
+                        ids[:, 1:], sched["kl_weight"], sched["free_bits_nats"])
+                scaler.scale(loss / tcfg.grad_accum_steps).backward()  # outside autocast
             for key, value in parts.items():
                 if value.dim() == 0:
                     sums[key] = sums.get(key, 0.0) + value / tcfg.grad_accum_steps

@@ -148,3 +148,24 @@ def test_chunked_mapper_uses_less_memory_than_dense():
     dense_saved = sum(saved)
     assert chunk_saved < 256 * 64
     assert dense_saved > 256 * 4096
+
+
+@pytest.mark.parametrize("kind,impl", [("exact", "chunked"), ("exact", "dense"),
+                                       ("factored", "chunked")])
+def test_mapper_under_bf16_autocast_matches_fp32(kind, impl):
+    """Under autocast (even with backward inside it) the mapper computes G in fp32."""
+    torch.manual_seed(5)
+    mapper = BinaryMapper(6, 8, kind=kind, impl=impl)
+    logits = torch.randn(2, 5, 6)
+    noise = torch.rand(2, 5, 6)
+    grad_out = torch.randn(2, 5, 8)
+    l32 = logits.clone().requires_grad_()
+    r32, _ = mapper(l32, noise)
+    (r32 * grad_out).sum().backward()
+    lbf = logits.clone().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rbf, _ = mapper(lbf, noise)
+        (rbf.float() * grad_out).sum().backward()
+    assert rbf.dtype == torch.float32
+    assert torch.allclose(rbf, r32, atol=1e-6)
+    assert torch.allclose(lbf.grad.float(), l32.grad, rtol=0.05, atol=0.02)

@@ -103,3 +103,9 @@ def test_gradient_accumulation_and_checkpointing_run(tmp_path):
     result = train_loop(tiny(tmp_path, "training.max_steps=3", "training.grad_accum_steps=2",
                              "training.gradient_checkpointing=true"))
     assert math.isfinite(result.metrics["train/loss"])
+
+
+def test_bf16_autocast_loop_runs_on_cpu(tmp_path):
+    """The CUDA default (bf16 autocast) exercised on CPU at tiny size."""
+    result = train_loop(tiny(tmp_path, "training.max_steps=2", "training.amp=bf16"))
+    assert math.isfinite(result.metrics["train/loss"])
