@@ -464,6 +464,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if not value else "on") in args:
+            value = "off" if not value else "on"  # YAML 1.1 reads off/on as booleans
         if value not in args:
             _fail(path, value, f"must be one of {', '.join(map(repr, args))}")
         return value

@@ -63,6 +63,12 @@ def test_errors_name_key_and_value(override, message):
     assert message in str(err.value)
 
 
+def test_yaml_off_is_the_string_off():
+    assert load_config(overrides=["training.amp=off"]).training.amp == "off"
+    with pytest.raises(ConfigError, match="training.amp=True must be one of"):
+        load_config(overrides=["training.amp=on"])
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
