@@ -7,14 +7,16 @@ OUT="${OUT:-device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch; print('torch', torch.__version__)" >> "$OUT/gpu.txt"
-timeout 120 python3 bench/cuda_ddp_check.py --steps 300 --json "$OUT/cuda_ddp.json" \
+timeout 100 python3 bench/cuda_ddp_check.py --steps ${DDP_STEPS:-300} --json "$OUT/cuda_ddp.json" \
   > "$OUT/cuda_ddp.log" 2>&1; echo "cuda_ddp rc=$?"
-timeout 200 python3 bench/gpu.py --repeats 8 --json "$OUT/gpu_bench.json" \
-  > "$OUT/gpu_bench.log" 2>&1; echo "gpu_bench rc=$?"
-timeout 240 python3 tune/reproduce_synthetic.py --in-process --device cuda \
+if [ "${RUN_GPU_BENCH:-1}" = 1 ]; then
+  timeout 200 python3 bench/gpu.py --repeats 8 --json "$OUT/gpu_bench.json" \
+    > "$OUT/gpu_bench.log" 2>&1; echo "gpu_bench rc=$?"
+fi
+timeout ${REPRO_TIMEOUT:-240} python3 tune/reproduce_synthetic.py --in-process --device cuda \
   --config configs/synthetic.yaml --groups 16 --per-group 16 --out "$OUT" --name repro_gpu \
   --set model.hidden_dim=256 --set model.num_layers=6 --set model.latent_dim=16 \
-  --set training.batch_size=64 --set training.max_steps=1500 --set training.eval_every=0 \
+  --set training.batch_size=64 --set training.max_steps=${REPRO_STEPS:-1500} --set training.eval_every=0 \
   --set training.log_every=250 --set checkpoint.every_steps=0 --set checkpoint.dir=/tmp/repro \
   > "$OUT/repro_gpu.log" 2>&1; echo "repro rc=$?"
-tail -3 "$OUT"/*.log
+tail -n 3 "$OUT"/*.log
