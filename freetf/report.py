@@ -1,0 +1,304 @@
+"""The collapse map of a sweep, from MLflow alone.
+
+A sweep over ``kl_weight``, the free bits kappa and the annealing schedules
+(:mod:`freetf.sweep`) leaves one MLflow child run per trial, tagged with the latent
+verdict of :func:`freetf.diagnostics.verdict` (collapsed / active / leaking, §3.3 of
+arXiv:2510.17558).  This module reads those runs back (``MlflowClient.search_runs``
+into pandas) and draws where Z collapses, is used, or leaks:
+
+- :func:`collect_runs`: one row per trial: its sampled values, final metrics, verdict;
+- :func:`collapse_table`: that table as markdown;
+- :func:`plot_collapse_map`: verdicts over (free bits, kl_weight), one panel per
+  KL-annealing schedule;
+- :func:`plot_kl_traces`: the raw KL per token against step of one run per verdict;
+- :func:`write_report`: all of it on disk; :func:`report_command`: ``freetf report``.
+
+MLflow is reached only through :func:`freetf.tracking.mlflow_client`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+LN2 = math.log(2.0)
+# Final metrics kept per trial (MLflow's latest value of each).
+METRICS = ("step", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior", "eval/ce_posterior",
+           "eval/ce_gap", "eval/active_bits", "eval/mutual_info_nats", "train/kl_nats",
+           "train/loss")
+VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "leaking": "tab:red",
+                  "diverged": "black", "failed": "tab:gray", "unknown": "tab:gray",
+                  "baseline": "tab:purple"}
+VERDICT_ORDER = ("collapsed", "active", "leaking", "diverged", "failed", "unknown", "baseline")
+# The axes and panels of the map: (column, config param it is read from).
+KL_WEIGHT, FREE_BITS, ANNEALING = "kl_weight", "free_bits_bits", "kl_annealing"
+
+
+class ReportError(LookupError):
+    """Nothing to report: unknown experiment, or no sweep runs in it."""
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def collect_runs(client, experiment: str, sweep: str | None = None) -> pd.DataFrame:
+    """One row per trial run of ``experiment`` (of sweep ``sweep``, or of every sweep).
+
+    Columns: ``run_id``, ``run_name``, ``sweep``, ``trial_key``, ``status``, ``verdict``,
+    ``stopped_early``, ``stop_reason``, ``stopped_at_step``, ``kl_weight``,
+    ``free_bits_bits`` (kappa in bits, from ``training.free_bits_bits`` or
+    ``training.free_bits`` / log 2), ``kl_annealing`` and ``free_bits_schedule`` (types),
+    one ``sampled.<key>`` column per searched key, and the final value of each of
+    :data:`METRICS` (NaN when never logged).
+    """
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ReportError(f"no MLflow experiment named {experiment!r}")
+    query = "tags.`freetf.role` = 'trial'"
+    if sweep is not None:
+        query += f" and tags.`freetf.sweep` = '{sweep}'"
+    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=10_000)
+    return runs_frame(runs)
+
+
+def runs_frame(runs: list) -> pd.DataFrame:
+    """The :func:`collect_runs` table of MLflow ``Run`` objects."""
+    rows = []
+    for run in runs:
+        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id, "run_name": run.info.run_name,
+            "sweep": tags.get("freetf.sweep", ""), "trial_key": tags.get("freetf.trial_key", ""),
+            "status": run.info.status, "verdict": tags.get("freetf.verdict", "unknown"),
+            "stopped_early": tags.get("freetf.stopped_early") == "true",
+            "stop_reason": tags.get("freetf.stop_reason", "")
+            if tags.get("freetf.stopped_early") == "true" else "",
+            "stopped_at_step": _number(tags.get("freetf.stopped_at_step")),
+            KL_WEIGHT: _number(params.get("training.kl_weight")),
+            FREE_BITS: _free_bits_bits(params),
+            ANNEALING: params.get("training.kl_annealing.type", "constant"),
+            "free_bits_schedule": params.get("training.free_bits_schedule.type", "constant"),
+        }
+        for key, value in json.loads(tags.get("freetf.sampled", "{}")).items():
+            row[f"sampled.{key}"] = value
+        for key in METRICS:
+            row[key] = metrics.get(key, math.nan)
+        rows.append(row)
+    columns = ["run_id", "run_name", "sweep", "trial_key", "status", "verdict", "stopped_early",
+               "stop_reason", "stopped_at_step", KL_WEIGHT, FREE_BITS, ANNEALING,
+               "free_bits_schedule", *METRICS]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    sampled = sorted(c for c in frame.columns if c.startswith("sampled."))
+    frame = frame[[*columns, *sampled]]
+    return frame.sort_values([ANNEALING, FREE_BITS, KL_WEIGHT, "run_name"],
+                             ignore_index=True)
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _free_bits_bits(params: dict[str, str]) -> float:
+    bits = _number(params.get("training.free_bits_bits"))
+    return bits if not math.isnan(bits) else _number(params.get("training.free_bits")) / LN2
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def collapse_table(df: pd.DataFrame) -> str:
+    """The trials as a markdown table: schedule, kappa, weight, verdict, KL, CE gap."""
+    if df.empty:
+        return "(no trial runs)"
+    extra = [c for c in df.columns if c.startswith("sampled.")
+             and c[len("sampled."):] not in ("training.kl_weight", "training.free_bits_bits",
+                                            "training.free_bits", "training.kl_annealing.type")]
+    header = ["trial", "annealing", "free bits (bits)", "kl_weight",
+              *[c[len("sampled."):].rsplit(".", 1)[-1] for c in extra], "verdict",
+              "KL (bits/token)", "CE gap (nats)", "CE prior (nats)", "active bits", "ended"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for values in df.to_dict("records"):
+        cells = [values["run_name"].split("/", 1)[-1], values[ANNEALING],
+                 _fmt(values[FREE_BITS]), _fmt(values[KL_WEIGHT]),
+                 *[_fmt(values[c]) for c in extra], values["verdict"],
+                 _fmt(values["eval/kl_bits"]), _fmt(values["eval/ce_gap"]),
+                 _fmt(values["eval/ce_prior"]), _fmt(values["eval/active_bits"], "g"),
+                 _ended(values)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _ended(values: dict[str, Any]) -> str:
+    if values["stopped_early"]:
+        step = values["stopped_at_step"]
+        step = values["step"] if isinstance(step, float) and math.isnan(step) else step
+        return f"stopped at step {_fmt(step, 'g')} ({values['stop_reason']})"
+    return {"FINISHED": "finished", "RUNNING": "running"}.get(values["status"],
+                                                               values["status"].lower())
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False, sharey=True)[0]
+    return fig, list(axes)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_collapse_map(df: pd.DataFrame, path: str | Path) -> Path:
+    """Verdicts over (free bits in bits, kl_weight), log axes, one panel per annealing.
+
+    Filled squares are trials that ran to the end, hollow ones were stopped early; the
+    label under each is the final raw KL in bits per token.  Several trials at one point
+    (other searched keys, seeds) are spread side by side.
+    """
+    points = df.dropna(subset=[FREE_BITS, KL_WEIGHT]) if not df.empty else df
+    panels = sorted(points[ANNEALING].unique()) if not points.empty else ["-"]
+    fig, axes = _figure(1.8 + 4.2 * len(panels), 4.8, len(panels))
+    for ax, panel in zip(axes, panels, strict=True):
+        ax.set(xlabel="free bits kappa (bits per token)", title=f"KL annealing: {panel}")
+        ax.grid(alpha=0.3, which="both")
+        if points.empty:
+            ax.text(0.5, 0.5, "no trial runs with kl_weight and free bits", ha="center",
+                    transform=ax.transAxes)
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        for (x, y), group in points[points[ANNEALING] == panel].groupby([FREE_BITS, KL_WEIGHT]):
+            for i, row in enumerate(group.to_dict("records")):
+                shift = 2 ** (0.18 * (i - (len(group) - 1) / 2))
+                color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
+                ax.scatter([x * shift], [y], s=260, marker="s", edgecolors=color, linewidths=2,
+                           facecolors="none" if row["stopped_early"] else color)
+                ax.annotate(_fmt(row["eval/kl_bits"], ".2g"), (x * shift, y),
+                            textcoords="offset points", xytext=(0, -17), ha="center",
+                            fontsize=7)
+        ax.margins(0.25)
+    axes[0].set_ylabel("kl_weight (beta)")
+    present = [v for v in VERDICT_ORDER if v in set(points.get("verdict", []))]
+    handles = [axes[0].scatter([], [], s=80, marker="s", color=VERDICT_COLORS[v], label=v)
+               for v in present]
+    if handles:
+        fig.legend(handles=handles, loc="outside right center", title="verdict")
+    fig.suptitle("Collapse map\nfilled: ran to the end, hollow: stopped early; "
+                 "label: final raw KL (bits/token)", fontsize=10)
+    return _save(fig, path)
+
+
+def representative_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One run per verdict: the one whose final raw KL is the verdict's median."""
+    picks = []
+    for verdict in [v for v in VERDICT_ORDER if v in set(df["verdict"])]:
+        group = df[df["verdict"] == verdict]
+        kl = group["eval/kl_nats"].fillna(group["train/kl_nats"])
+        picks.append(group.loc[(kl - kl.median()).abs().fillna(math.inf).idxmin()])
+    return pd.DataFrame(picks)
+
+
+def plot_kl_traces(client, df: pd.DataFrame, path: str | Path) -> Path:
+    """Raw train KL (nats per token) against step of one run per verdict, with kappa."""
+    fig, (ax,) = _figure(8.0, 4.4)
+    ax.set(xlabel="step", ylabel="raw KL (nats per token)",
+           title="KL(Q(Z|S) || P(Z)) of one run per verdict (dashed: free-bits kappa)")
+    ax.grid(alpha=0.3)
+    for row in representative_runs(df).to_dict("records") if not df.empty else []:
+        color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
+        label = f"{row['verdict']}: {row['run_name'].split('/', 1)[-1]}"
+        for key, style, name in (("train/kl_nats", "-", label),
+                                 ("train/free_bits_nats", "--", None)):
+            history = sorted(client.get_metric_history(row["run_id"], key),
+                             key=lambda m: m.step)
+            if history:
+                ax.plot([m.step for m in history], [m.value for m in history], style,
+                        color=color, label=name)
+    if ax.get_legend_handles_labels()[0]:
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no KL history", ha="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(client, df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """Write the table (markdown, CSV), the collapse map and the KL traces to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / "collapse_table.md", "csv": out / "trials.csv"}
+    paths["table"].write_text(collapse_table(df) + "\n")
+    df.to_csv(paths["csv"], index=False)
+    paths["map"] = plot_collapse_map(df, out / "collapse_map.png")
+    paths["kl_traces"] = plot_kl_traces(client, df, out / "kl_traces.png")
+    log.info("collapse map of %d trials in %s", len(df), out)
+    return paths
+
+
+def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
+                 experiment: str) -> str:
+    """The console summary: table, verdict counts, file paths, the ``mlflow ui`` line."""
+    counts = df["verdict"].value_counts() if not df.empty else pd.Series(dtype=int)
+    lines = [collapse_table(df), "",
+             f"{len(df)} trials: " + (", ".join(f"{n} {v}" for v, n in counts.items())
+                                      or "none"),
+             f"collapse map:  {paths['map']}", f"KL traces:     {paths['kl_traces']}",
+             f"table:         {paths['table']} (and {paths['csv'].name})",
+             f"compare runs:  mlflow ui --backend-store-uri {tracking_uri}",
+             f"               then open experiment '{experiment}' at http://127.0.0.1:5000"]
+    return "\n".join(lines)
+
+
+def report_command(args) -> int:
+    """``freetf report --experiment NAME [--tracking-uri URI] [--out DIR] [--sweep NAME]``."""
+    from freetf.config import load_config
+    from freetf.tracking import mlflow_client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(load_config(
+        overrides={"tracking.mlflow.tracking_uri": args.tracking_uri}))
+    sweep = getattr(args, "sweep", None)
+    try:
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            raise ReportError(f"no MLflow store at {uri}; pass --tracking-uri")
+        client = mlflow_client(uri)
+        df = collect_runs(client, args.experiment, sweep=sweep)
+        if df.empty:
+            raise ReportError(f"experiment {args.experiment!r} at {uri} has no sweep trial "
+                              f"runs (tag freetf.role=trial)")
+    except ReportError as err:
+        print(f"freetf report: error: {err}", file=sys.stderr)
+        return 2
+    paths = write_report(client, df, Path(args.out) / (sweep or args.experiment))
+    print(summary_text(df, paths, uri, args.experiment))
+    return 0

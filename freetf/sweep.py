@@ -1,0 +1,819 @@
+"""Ray Tune sweeps over the KL weight, free bits and their schedules (arXiv:2510.17558 §3.3).
+
+The free-bits KL term (eqs. 4-5) has two failure regimes, posterior collapse and leak;
+a sweep over ``training.kl_weight``, ``training.free_bits[_bits]`` and the annealing
+schedules locates the boundary between them.  One sweep is:
+
+- a YAML spec (:class:`SweepConfig`): a base freetf config plus overrides, a search
+  space over any dotted config key, the search method (grid, random, Optuna TPE), ASHA,
+  the collapse / divergence stopper, per-trial resources and the MLflow names;
+- one Tune trial per point, each running the Ray Train loop (``TorchTrainer`` inside a
+  function trainable, reporting through ``TuneReportCallback``: Ray 2.60's pattern,
+  since ``Tuner(trainer)`` is not supported by Train V2);
+- one MLflow parent run per sweep and one child run per trial, found again by its tags
+  (``freetf.sweep``, ``freetf.trial_key``) so a resumed sweep (``resume=True``,
+  ``Tuner.restore``) reuses its runs and never duplicates a finished trial;
+- at the end, the collapse map of :mod:`freetf.report`, logged to the parent run.
+
+Tune kills a trial stopped by ASHA or by the stopper without running the code after
+``trainer.fit()``: the driver closes its child run instead (KILLED,
+``freetf.stopped_early=true``), from a Tune callback as soon as the trial stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from ray import tune
+
+from freetf.config import Config, ConfigError, _build, apply_overrides, flatten, from_dict
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "freetf_sweep.yaml"  # the spec as run, beside Tune's state; used on resume
+STOP_REASON = "freetf/stop_reason"  # written into the Tune result by the stopper
+# Sections of the sweep spec; any other top-level --set key goes to the base config.
+SWEEP_SECTIONS = ("base_config", "overrides", "space", "search", "asha", "stopper",
+                  "resources", "mlflow", "storage_path", "report_dir")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+TAG_SWEEP, TAG_ROLE, TAG_KEY = "freetf.sweep", "freetf.role", "freetf.trial_key"
+
+
+class SweepError(ConfigError):
+    """A sweep that cannot run as asked (bad spec, nothing to resume, name taken)."""
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    method: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = 1  # random/optuna: trials; grid: must stay 1 (seeds go in the space)
+    metric: str = "eval/ce_prior"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AshaSpec:
+    enabled: bool = False
+    metric: str | None = None  # None: search.metric (must be in the eval reports)
+    grace_period: int = 50  # steps
+    reduction_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class StopperSpec:
+    enabled: bool = True
+    collapse_after_steps: int = 100  # no collapse verdict before this step
+    collapse_kl_nats: float = 0.002  # raw train KL per token under this ...
+    collapse_patience: int = 2  # ... in this many consecutive reports = collapsed
+    diverge_loss: float = 20.0  # train loss above this (or non-finite) = diverged
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    trial_cpu: float = 0.01  # the trial process only waits on its TorchTrainer
+    worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
+    num_workers: int | None = None  # None: the base scaling.num_workers
+    controller_failure_limit: int = 2  # a run whose workers cannot start fails, not hangs
+
+
+@dataclass(frozen=True)
+class MlflowSweepSpec:
+    sweep_name: str = "search_kl"  # parent run name; stable across restarts
+    experiment: str | None = None  # None: the base tracking.mlflow.experiment
+    tracking_uri: str | None = None  # None: the base config, $MLFLOW_TRACKING_URI, ./mlflow.db
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: ``grid``/``choice`` values or a ``[low, high]`` range."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    def domain(self, method: str) -> Any:
+        if self.kind == "grid":
+            return tune.choice(list(self.values)) if method == "optuna" else \
+                tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        low, high = self.values
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform,
+                "randint": tune.randint}[self.kind](low, high)
+
+    def to_dict(self) -> dict[str, list]:
+        return {self.kind: list(self.values)}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    base_config: str | None = None  # a freetf YAML (relative to the sweep file), or None
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys on the base
+    space: tuple[Dimension, ...] = ()
+    search: SearchSpec = field(default_factory=SearchSpec)
+    asha: AshaSpec = field(default_factory=AshaSpec)
+    stopper: StopperSpec = field(default_factory=StopperSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    mlflow: MlflowSweepSpec = field(default_factory=MlflowSweepSpec)
+    storage_path: str = "ray_results"  # Tune state in <storage_path>/<sweep_name>
+    report_dir: str = "reports"  # the collapse map in <report_dir>/<sweep_name>
+
+    @property
+    def name(self) -> str:
+        return self.mlflow.sweep_name
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+    @property
+    def train_dir(self) -> Path:
+        """Ray Train runs of the trials (their checkpoints), one folder per trial key."""
+        return Path(self.storage_path) / f"{self.name}.train"
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report_dir) / self.name
+
+    @property
+    def expected_trials(self) -> int:
+        if self.search.method == "optuna":
+            return self.search.num_samples
+        return self.search.num_samples * math.prod(
+            len(d.values) for d in self.space if d.kind == "grid")
+
+    def base(self) -> Config:
+        """The resolved base config every trial starts from (absolute paths)."""
+        from freetf.config import load_config
+        from freetf.ray_train import absolute_paths
+
+        overrides = dict(self.overrides)
+        overrides.update({"scaling.use_ray": True, "tracking.mlflow.enabled": True})
+        if self.mlflow.experiment:
+            overrides["tracking.mlflow.experiment"] = self.mlflow.experiment
+        if self.mlflow.tracking_uri:
+            overrides["tracking.mlflow.tracking_uri"] = self.mlflow.tracking_uri
+        if self.resources.worker_cpu is not None:
+            overrides["scaling.cpus_per_worker"] = self.resources.worker_cpu
+        if self.resources.num_workers is not None:
+            overrides["scaling.num_workers"] = self.resources.num_workers
+        return absolute_paths(load_config(self.base_config, overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["space"] = {d.key: d.to_dict() for d in self.space}
+        for name in ("search", "asha", "stopper", "resources", "mlflow"):
+            data[name] = dataclasses.asdict(data[name])
+        data["overrides"] = dict(self.overrides)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_sweep(path: str | Path | None = None,
+               overrides: list[str] | None = None) -> SweepConfig:
+    """Load a sweep YAML (None: defaults) and apply ``--set`` style overrides.
+
+    ``space.<dotted key>=...`` and the keys of :data:`SWEEP_SECTIONS` change the sweep;
+    any other key (``training.max_steps=50``) is a base-config override.  Every key of
+    the space is checked against the base config; errors name the key.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SweepError(f"sweep file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SweepError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise SweepError(f"{path} must hold a mapping at top level")
+    raw = _with_overrides(raw, overrides or [])
+    unknown = sorted(set(raw) - set(SWEEP_SECTIONS))
+    if unknown:
+        raise SweepError(f"unknown sweep key {unknown[0]}; known keys: "
+                         f"{', '.join(SWEEP_SECTIONS)}")
+    base_config = raw.get("base_config")
+    if base_config is not None and path is not None and not Path(base_config).is_absolute():
+        base_config = str((path.parent / base_config).resolve())
+    try:  # the config tree's own schema checks: errors name the dotted key
+        sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in (
+            ("search", SearchSpec), ("asha", AshaSpec), ("stopper", StopperSpec),
+            ("resources", ResourcesSpec), ("mlflow", MlflowSweepSpec))}
+    except ConfigError as err:
+        raise SweepError(str(err).replace("config key", "sweep key")) from None
+    sweep = SweepConfig(
+        base_config=base_config, overrides=_override_dict(raw.get("overrides")),
+        space=tuple(_dimension(k, v) for k, v in (raw.get("space") or {}).items()),
+        storage_path=str(Path(raw.get("storage_path", "ray_results")).expanduser().resolve()),
+        report_dir=str(Path(raw.get("report_dir", "reports")).expanduser().resolve()),
+        **sections)
+    return _validated(sweep)
+
+
+def _with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = {**raw, "space": dict(raw.get("space") or {}),
+           "overrides": _override_dict(raw.get("overrides"))}
+    for text in overrides:
+        key, value = _split_setting(text)
+        section, _, rest = key.partition(".")
+        if section in ("space", "overrides") and rest:
+            raw[section][rest] = value  # their keys are dotted config keys: kept whole
+        elif section in SWEEP_SECTIONS:
+            raw = apply_overrides(raw, {key: value})
+        else:
+            raw["overrides"][key] = value
+    return raw
+
+
+def _split_setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SweepError(f"--set {text!r} must look like dotted.key=value")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def _override_dict(value: Any) -> dict[str, Any]:
+    """``overrides`` as ``{dotted: value}``, from a mapping or a list of ``key=value``."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return flatten(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return dict(_split_setting(v) for v in value)
+    raise SweepError(f"overrides={value!r} must be a mapping of dotted keys or a list of "
+                     f"'key=value' strings")
+
+
+def _dimension(key: str, spec: Any) -> Dimension:
+    where = f"space.{key}"
+    if isinstance(spec, list):
+        spec = {"grid": spec}
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise SweepError(f"{where}={spec!r} must be one of {{grid: [...]}}, {{choice: [...]}}, "
+                         f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
+                         f"{{randint: [lo, hi]}} (or a bare list, a grid)")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise SweepError(f"{where}.{kind}={values!r} must be a non-empty list")
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(_is_number(v) for v in values) or values[0] >= values[1]:
+            raise SweepError(f"{where}.{kind}={values!r} must be [low, high] with low < high")
+        if kind == "loguniform" and values[0] <= 0:
+            raise SweepError(f"{where}.loguniform={values!r} needs low > 0")
+        values = [float(v) if isinstance(v, str) else v for v in values]
+    return Dimension(key, kind, tuple(values))
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _validated(sweep: SweepConfig) -> SweepConfig:
+    """Check the spec against the base config; errors name the offending key."""
+    try:
+        base = sweep.base()
+    except ConfigError as err:
+        raise SweepError(f"base config: {err}") from None
+    known = flatten(base.to_dict())
+    keys = [d.key for d in sweep.space]
+    if not sweep.space:
+        raise SweepError("space is empty: give at least one key, e.g. "
+                         "space: {training.kl_weight: {grid: [0.1, 1.0]}}")
+    for dim in sweep.space:
+        if dim.key not in known:
+            close = [k for k in known if k.endswith(dim.key.rsplit(".", 1)[-1])]
+            hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+            raise SweepError(f"space.{dim.key} is not a config key{hint}")
+        probes = dim.values if dim.kind in ("grid", "choice") else dim.values[:2]
+        for value in probes:
+            try:
+                base.replace({dim.key: value})
+            except ConfigError as err:
+                raise SweepError(f"space.{dim.key}: {err}") from None
+        if dim.kind != "grid" and sweep.search.method == "grid":
+            raise SweepError(f"space.{dim.key} is a {dim.kind} distribution but "
+                             f"search.method=grid; use search.method=random or optuna")
+    if "training.free_bits" in keys and "training.free_bits_bits" in keys:
+        raise SweepError("space has both training.free_bits (nats) and "
+                         "training.free_bits_bits (bits); search one of them")
+    if base.training.max_steps is None:
+        raise SweepError("the base config needs training.max_steps: ASHA and the stopper "
+                         "count optimizer steps")
+    search = sweep.search
+    if search.num_samples < 1:
+        raise SweepError(f"search.num_samples={search.num_samples} must be >= 1")
+    if search.method == "grid" and search.num_samples != 1:
+        raise SweepError(f"search.num_samples={search.num_samples} would repeat identical "
+                         f"grid points; put seeds in the space instead "
+                         f"(space: {{training.seed: {{grid: [0, 1, 2]}}}})")
+    if search.method == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise SweepError("search.method=optuna needs Optuna, which is not installed: "
+                         "pip install 'freetf[optuna]' (grid and random need no extras)")
+    if sweep.asha.enabled and not 0 < sweep.asha.grace_period < base.training.max_steps:
+        raise SweepError(f"asha.grace_period={sweep.asha.grace_period} must be in "
+                         f"(0, training.max_steps={base.training.max_steps})")
+    if sweep.asha.enabled and sweep.asha.reduction_factor <= 1:
+        raise SweepError(f"asha.reduction_factor={sweep.asha.reduction_factor} must be > 1")
+    if sweep.resources.trial_cpu < 0:
+        raise SweepError(f"resources.trial_cpu={sweep.resources.trial_cpu} must be >= 0")
+    if not sweep.name or "/" in sweep.name:
+        raise SweepError(f"mlflow.sweep_name={sweep.name!r} must be a non-empty name "
+                         f"without '/'")
+    if "training.free_bits" in keys and base.training.free_bits_bits is not None:
+        # free_bits_bits wins over free_bits: clear it, or the searched value is ignored.
+        log.info("space searches training.free_bits (nats): clearing the base's "
+                 "training.free_bits_bits=%s", base.training.free_bits_bits)
+        sweep = dataclasses.replace(
+            sweep, overrides={**sweep.overrides, "training.free_bits_bits": None})
+    return sweep
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def trial_key(sampled: dict[str, Any]) -> str:
+    """A stable id of a trial's sampled values (the same point always gets the same key)."""
+    text = json.dumps({k: _plain(v) for k, v in sorted(sampled.items())}, sort_keys=True,
+                      default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def trial_run_name(sweep_name: str, sampled: dict[str, Any]) -> str:
+    """``<sweep>/<key>=<value>,...``, with the shortest unambiguous key names."""
+    labels = {k: k.rsplit(".", 1)[-1] for k in sampled}
+    if len(set(labels.values())) < len(labels):
+        labels = {k: k for k in sampled}
+    parts = [f"{labels[k]}={_short(v)}" for k, v in sorted(sampled.items())]
+    return f"{sweep_name}/{','.join(parts)}"
+
+
+def _short(value: Any) -> str:
+    value = _plain(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (Tune's samplers) to Python ones."""
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs from the driver (pickled into Tune's state)."""
+
+    sweep_name: str
+    parent_run_id: str
+    tracking_uri: str
+    base: dict[str, Any]  # the resolved base config
+    keys: tuple[str, ...]  # the searched keys
+    train_storage: str
+    controller_failure_limit: int
+
+    def trial_config(self, sampled: dict[str, Any]) -> Config:
+        key = trial_key(sampled)
+        return from_dict(apply_overrides(self.base, {
+            **sampled, "tracking.mlflow.run_name": trial_run_name(self.sweep_name, sampled),
+            "scaling.run_name": f"trial-{key}"}))
+
+    def max_steps(self, sampled: dict[str, Any]) -> int:
+        return int(sampled.get("training.max_steps") or self.base["training"]["max_steps"])
+
+
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Tune function trainable: one Ray Train run in its own MLflow child run.
+
+    A child run of the same trial key that already FINISHED (a resumed sweep whose
+    driver died after the trial ended) is not trained again: its metrics are reported.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from freetf.logs import setup_logging
+    from freetf.ray_train import build_trainer
+    from freetf.tracking import make_tracker, mlflow_client
+
+    setup_logging()
+    sampled = {k: _plain(config[k]) for k in context.keys}
+    key = trial_key(sampled)
+    cfg = context.trial_config(sampled)
+    client = mlflow_client(context.tracking_uri)
+    existing = find_trial_run(client, context.parent_run_id, key)
+    if existing is not None and existing.info.status == "FINISHED":
+        log.info("trial %s already finished in MLflow run %s; not rerun", key,
+                 existing.info.run_id)
+        tune.report({**existing.data.metrics,
+                     "eval/verdict": existing.data.tags.get("freetf.verdict", "")})
+        return
+    tracker = make_tracker(
+        cfg, run_id=existing.info.run_id if existing else None,
+        parent_run_id=context.parent_run_id, run_name=cfg.tracking.mlflow.run_name,
+        tags={TAG_SWEEP: context.sweep_name, TAG_ROLE: "trial", TAG_KEY: key,
+              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false"})
+    tracker.log_params({f"sampled.{k}": v for k, v in sampled.items()})
+    trainer = build_trainer(cfg, run_id=tracker.run_id, callbacks=[TuneReportCallback()],
+                            storage_path=context.train_storage,
+                            controller_failure_limit=context.controller_failure_limit)
+    try:
+        result = trainer.fit()
+        if result.error is not None:  # local mode (num_workers=0) returns errors
+            raise result.error
+    except BaseException as err:
+        # Tune stopping the trial (ASHA, stopper) also lands here when it removes the
+        # trial's resources: the driver has then already closed the run as stopped early.
+        if client.get_run(tracker.run_id).data.tags.get("freetf.stopped_early") != "true":
+            tracker.set_tags({"freetf.verdict": "failed",
+                              "freetf.error": f"{type(err).__name__}: {err}"})
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    _finish_trial_run(tracker, client, dict(result.metrics or {}), result.checkpoint)
+
+
+def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint) -> None:
+    from freetf.ray_train import _log_run_artifacts
+    from freetf.tracking import plot_training_curves
+
+    history = metric_history(client, tracker.run_id, ("train/loss", "train/reconstruction",
+                                                      "train/kl_nats", "train/free_bits_nats"))
+    path = Path(checkpoint.path) if checkpoint is not None else None
+    _log_run_artifacts(tracker, metrics, path, history, plot_training_curves)
+    tracker.finish("FINISHED")
+
+
+def metric_history(client, run_id: str, keys: tuple[str, ...]) -> list[dict[str, float]]:
+    """One dict per logged step (with ``step``) of the metrics ``keys`` of a run."""
+    rows: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for metric in client.get_metric_history(run_id, key):
+            rows.setdefault(metric.step, {"step": metric.step})[key] = metric.value
+    return [rows[s] for s in sorted(rows)]
+
+
+def find_trial_run(client, parent_run_id: str, key: str):
+    """The child run of ``parent_run_id`` for trial ``key``, or None (oldest if several)."""
+    runs = _search(client, parent_run_id,
+                   f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                   f"and tags.`{TAG_KEY}` = '{key}'")
+    if len(runs) > 1:
+        log.warning("%d MLflow runs for trial %s; using the oldest", len(runs), key)
+    return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def child_runs(client, parent_run_id: str) -> list:
+    return _search(client, parent_run_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def _search(client, parent_run_id: str, filter_string: str) -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return list(client.search_runs([experiment_id], filter_string=filter_string,
+                                   max_results=10_000))
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+class CollapseStopper(tune.Stopper):
+    """Stop a trial once it is clearly collapsed or diverged (before ASHA would).
+
+    Collapsed: raw train KL (``train/kl_nats``) below ``collapse_kl_nats`` in
+    ``collapse_patience`` consecutive reports from step ``collapse_after_steps`` on.
+    Diverged: a train loss that is not finite or above ``diverge_loss``.  The reason is
+    written into the result (``freetf/stop_reason``) for :class:`EarlyStopRecorder`.
+    A trial's final report is never stopped: that would only keep it from closing its run.
+    """
+
+    def __init__(self, spec: StopperSpec, context: TrialContext) -> None:
+        self.spec = spec
+        self.context = context
+        self._low_reports: dict[str, int] = {}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        config = result.get("config") or {}
+        sampled = {k: config.get(k) for k in self.context.keys if k in config}
+        if "step" not in result or result["step"] >= self.context.max_steps(sampled):
+            return False
+        loss = result.get("train/loss")
+        if loss is not None and not (math.isfinite(loss) and loss <= self.spec.diverge_loss):
+            result[STOP_REASON] = "diverged"
+            return True
+        kl = result.get("train/kl_nats")
+        if kl is None or result["step"] < self.spec.collapse_after_steps:
+            return False
+        low = self._low_reports.get(trial_id, 0) + 1 if kl < self.spec.collapse_kl_nats else 0
+        self._low_reports[trial_id] = low
+        if low >= self.spec.collapse_patience:
+            result[STOP_REASON] = "collapsed"
+            return True
+        return False
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class EarlyStopRecorder(tune.Callback):
+    """Close the MLflow child run of a trial that Tune stopped early (ASHA, stopper).
+
+    Such a trial is killed inside ``trainer.fit()``; its run is marked KILLED with tags
+    ``freetf.stopped_early=true``, ``freetf.stop_reason``, ``freetf.stopped_at_step`` and
+    ``freetf.verdict`` (the last evaluation's, or the stopper's reason).  Its worker may
+    log a few more steps before Ray has torn it down.
+    """
+
+    def __init__(self, context: TrialContext) -> None:
+        self.context = context
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict,
+                        **info: Any) -> None:
+        sampled = {k: _plain(trial.config[k]) for k in self.context.keys}
+        if not result.get("done") or result.get("step", 0) >= self.context.max_steps(sampled):
+            return
+        reason = result.get(STOP_REASON, "asha")
+        verdict = result.get("eval/verdict") if reason == "asha" else reason
+        try:
+            if self._client is None:
+                from freetf.tracking import mlflow_client
+
+                self._client = mlflow_client(self.context.tracking_uri)
+            run = find_trial_run(self._client, self.context.parent_run_id, trial_key(sampled))
+            if run is None:
+                return
+            for tag, value in (("freetf.stopped_early", "true"), ("freetf.stop_reason", reason),
+                               ("freetf.stopped_at_step", str(result.get("step"))),
+                               ("freetf.verdict", verdict or "unknown")):
+                self._client.set_tag(run.info.run_id, tag, value)
+            self._client.set_terminated(run.info.run_id, "KILLED")
+            log.info("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
+                     result.get("step"), reason, verdict)
+        except Exception as err:  # never break the sweep over bookkeeping
+            log.warning("could not close the MLflow run of stopped trial %s: %s", trial, err)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class SweepResult:
+    """What a sweep left behind: its MLflow runs, the collapse map, and whether it ended."""
+
+    sweep: SweepConfig
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    runs: Any  # pandas DataFrame, one row per trial (freetf.report.collect_runs)
+    report: dict[str, Path]
+    interrupted: bool
+
+
+def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
+    """Run (or, with ``resume``, continue) ``sweep`` on the local or joined Ray cluster.
+
+    A fresh sweep refuses a name that already has Tune state or an MLflow parent run;
+    ``resume`` restores Tune's state (``Tuner.restore``) with the spec saved by the first
+    run and reattaches the parent and unfinished child runs.  Returns after the report
+    is written, also when the sweep was interrupted (Ctrl-C): ``interrupted`` is then set.
+    """
+    from freetf import report
+    from freetf.tracking import make_tracker, mlflow_client
+
+    # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    restorable = tune.Tuner.can_restore(str(sweep.sweep_dir))
+    if resume and not restorable:
+        raise SweepError(f"nothing to resume: no Tune state of sweep {sweep.name!r} in "
+                         f"{sweep.sweep_dir}; run it without --resume")
+    if not resume and restorable:
+        raise SweepError(f"sweep {sweep.name!r} already ran in {sweep.sweep_dir}: continue "
+                         f"it with --resume, or start another with "
+                         f"--set mlflow.sweep_name=NEW_NAME")
+    if resume:
+        sweep = _saved_spec(sweep)
+    base = sweep.base()
+    uri, experiment = base.tracking.mlflow.tracking_uri, base.tracking.mlflow.experiment
+    client = mlflow_client(uri)
+    parent = _find_parent(client, experiment, sweep.name)
+    if parent is not None and not resume:
+        raise SweepError(f"MLflow experiment {experiment!r} at {uri} already has a sweep "
+                         f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
+                         f"with --set mlflow.sweep_name=NEW_NAME")
+    _init_ray()
+    tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
+                           run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"})
+    tracker.log_params({"sweep.method": sweep.search.method, "sweep.metric": sweep.search.metric,
+                        "sweep.keys": ",".join(d.key for d in sweep.space)})
+    tracker.log_text(sweep.to_yaml(), "search_space.yaml")
+    sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep.sweep_dir / SPEC_FILE).write_text(sweep.to_yaml())
+    context = TrialContext(
+        sweep_name=sweep.name, parent_run_id=tracker.run_id, tracking_uri=uri,
+        base=base.to_dict(), keys=tuple(d.key for d in sweep.space),
+        train_storage=str(sweep.train_dir),
+        controller_failure_limit=sweep.resources.controller_failure_limit)
+    try:
+        results = _tuner(sweep, base, context, resume).fit()
+    except BaseException as err:  # a second Ctrl-C, or Tune itself failed
+        _close_open_runs(client, context, None, interrupted=True)
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    # Tune marks the trials it stops on Ctrl-C TERMINATED too; only trials that ended
+    # on their own (or were stopped by ASHA / the stopper) carry done=True.
+    done = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    interrupted = done < sweep.expected_trials
+    log.info("sweep %s: %d of %d trials ended (%d errors)%s", sweep.name, done,
+             sweep.expected_trials, results.num_errors,
+             "; interrupted, continue it with --resume" if interrupted else "")
+    _close_open_runs(client, context, results, interrupted)
+    runs = report.collect_runs(client, experiment, sweep=sweep.name)
+    paths = report.write_report(client, runs, sweep.report_path)
+    for path in paths.values():
+        tracker.log_artifact(path, "report")
+    tracker.finish("KILLED" if interrupted else "FINISHED")
+    return SweepResult(sweep, context.parent_run_id, uri, experiment, runs, paths, interrupted)
+
+
+def _init_ray() -> None:
+    """``RAY_ADDRESS`` if set, else a new local Ray (``ray.init()`` alone would join any
+    Ray that another process runs on this machine)."""
+    import ray
+
+    from freetf.ray_train import OBJECT_STORE_BYTES, init_ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        ray.init(address="local", object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True)
+    init_ray()
+
+
+def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool):
+    trial_cpu = sweep.resources.trial_cpu
+    if base.scaling.num_workers == 0:  # Ray Train local mode: the loop runs in the trial
+        trial_cpu = max(trial_cpu, base.scaling.cpus_per_worker)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"cpu": trial_cpu})
+    if resume:
+        log.info("resuming sweep %s from %s", sweep.name, sweep.sweep_dir)
+        return tune.Tuner.restore(str(sweep.sweep_dir), trainable=trainable)
+    search = sweep.search
+    scheduler = None
+    if sweep.asha.enabled:
+        # max_t just below max_steps, stop_last_trials off: ASHA never stops a trial at its
+        # final report, which would kill it before it closes its MLflow run.
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="step", metric=sweep.asha.metric or search.metric, mode=search.mode,
+            max_t=base.training.max_steps - 1, grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+    concurrency = search.max_concurrent_trials or max_concurrent_trials(base, trial_cpu)
+    log.info("sweep %s: %d trials, at most %d at a time, Tune state in %s", sweep.name,
+             sweep.expected_trials, concurrency, sweep.sweep_dir)
+    return tune.Tuner(
+        trainable,
+        param_space={d.key: d.domain(search.method) for d in sweep.space},
+        tune_config=tune.TuneConfig(
+            search_alg=_search_alg(sweep, concurrency), scheduler=scheduler,
+            num_samples=search.num_samples, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=sweep.name, storage_path=str(Path(sweep.storage_path)),
+            stop=CollapseStopper(sweep.stopper, context) if sweep.stopper.enabled else None,
+            callbacks=[EarlyStopRecorder(context)], verbose=1))
+
+
+def _search_alg(sweep: SweepConfig, concurrency: int):
+    """Grid/random: Tune's variant generator (seeded); optuna: TPE.  Both hold the
+    concurrency limit (Tune ignores ``max_concurrent_trials`` with a given search_alg)."""
+    search = sweep.search
+    if search.method == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(metric=search.metric, mode=search.mode,
+                                               seed=search.seed), max_concurrent=concurrency)
+    return tune.search.BasicVariantGenerator(random_state=search.seed,
+                                             max_concurrent=concurrency)
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial-{trial_key(trial.config)}"
+
+
+def max_concurrent_trials(base: Config, trial_cpu: float) -> int:
+    """As many trials as the cluster's CPUs (and GPUs) hold at once, at least 1."""
+    import ray
+
+    sc = base.scaling
+    available = ray.cluster_resources()
+    counts = [available.get("CPU", 1.0) / (trial_cpu + sc.num_workers * sc.cpus_per_worker)]
+    if sc.use_gpu and sc.num_workers:
+        counts.append(available.get("GPU", 0.0) / (sc.num_workers * sc.gpus_per_worker))
+    return max(1, math.floor(min(counts) + 1e-9))
+
+
+def _saved_spec(sweep: SweepConfig) -> SweepConfig:
+    path = sweep.sweep_dir / SPEC_FILE
+    if not path.is_file():
+        return sweep
+    saved = load_sweep(path)
+    if saved.to_dict() != sweep.to_dict():
+        log.warning("--resume continues sweep %s with the spec it started with (%s), not "
+                    "the one given now", sweep.name, path)
+    return saved
+
+
+def _find_parent(client, experiment: str, name: str):
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], max_results=10,
+                              filter_string=f"tags.`{TAG_SWEEP}` = '{name}' "
+                                            f"and tags.`{TAG_ROLE}` = 'sweep'")
+    return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def _close_open_runs(client, context: TrialContext, results, interrupted: bool) -> None:
+    """End child runs that Tune left RUNNING (stopped or interrupted trials)."""
+    last = {}
+    for result in results or []:
+        if result.config:
+            last[trial_key({k: result.config.get(k) for k in context.keys})] = result
+    for run in child_runs(client, context.parent_run_id):
+        if run.info.status != "RUNNING":
+            continue
+        result = last.get(run.data.tags.get(TAG_KEY))
+        metrics = dict(result.metrics or {}) if result is not None else {}
+        sampled = json.loads(run.data.tags.get("freetf.sampled", "{}"))
+        step = metrics.get("step", run.data.metrics.get("step", 0))
+        run_id = run.info.run_id
+        if step >= context.max_steps(sampled):  # trained; stopped before closing its run
+            if "freetf.verdict" not in run.data.tags and metrics.get("eval/verdict"):
+                client.set_tag(run_id, "freetf.verdict", metrics["eval/verdict"])
+            client.set_terminated(run_id, "FINISHED")
+        elif result is not None and result.error is not None and not interrupted:
+            client.set_tag(run_id, "freetf.verdict", "failed")
+            client.set_terminated(run_id, "FAILED")
+        else:  # interrupted: --resume reattaches it
+            client.set_terminated(run_id, "KILLED")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None, default_config: str | Path | None = None,
+         smoke_config: str | Path | None = None) -> int:
+    """``search_kl.py [--config YAML | --smoke] [--set KEY=VALUE ...] [--resume]``."""
+    from freetf import report
+    from freetf.logs import setup_logging
+    from freetf.tracking import TrackingError
+
+    parser = argparse.ArgumentParser(description="Ray Tune sweep over KL weight, free bits "
+                                     "and their schedules, with a collapse map in MLflow")
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"sweep YAML (default: {default_config})")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the one-minute smoke sweep ({smoke_config})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override: space.<key>={grid: [...]}, search.num_samples=4, "
+                             "or a base-config key such as training.max_steps=50")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted sweep of the same name")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    path = args.config or (smoke_config if args.smoke else default_config)
+    try:
+        result = run_sweep(load_sweep(path, args.set), resume=args.resume)
+    except (ConfigError, TrackingError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary_text(result.runs, result.report, result.tracking_uri,
+                              result.experiment))
+    if result.interrupted:
+        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        print(f"\nThe sweep was interrupted; continue it with: "
+              f"{' '.join([parser.prog, *again, '--resume'])}")
+        return 130
+    return 0

@@ -1,0 +1,178 @@
+"""Tests for freetf.report: the collapse table and plots from fake runs, and
+``freetf report`` against a real (sqlite) MLflow store.  No Ray."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from freetf import report
+from freetf.cli import main as cli_main
+
+pytestmark = pytest.mark.timeout(120)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(run_id: str, *, kl_weight: float, verdict: str, free_bits_bits: float | None = None,
+         free_bits_nats: float = 0.3, annealing: str = "constant", kl_nats: float = 0.1,
+         stopped: str | None = None, status: str = "FINISHED", sampled: dict | None = None):
+    params = {"training.kl_weight": str(kl_weight), "training.free_bits": str(free_bits_nats),
+              "training.free_bits_bits": str(free_bits_bits),
+              "training.kl_annealing.type": annealing}
+    tags = {"freetf.role": "trial", "freetf.sweep": "s", "freetf.trial_key": run_id,
+            "freetf.verdict": verdict, "freetf.sampled": json.dumps(sampled or {}),
+            "freetf.stopped_early": "true" if stopped else "false"}
+    if stopped:
+        tags.update({"freetf.stop_reason": stopped, "freetf.stopped_at_step": "10"})
+    metrics = {"step": 12.0 if stopped else 40.0, "eval/kl_nats": kl_nats,
+               "eval/kl_bits": kl_nats / math.log(2), "eval/ce_gap": 0.01,
+               "eval/ce_prior": 1.5, "eval/active_bits": 3.0, "train/kl_nats": kl_nats}
+    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=f"s/{run_id}",
+                                                status=status),
+                           data=SimpleNamespace(params=params, tags=tags, metrics=metrics))
+
+
+@pytest.fixture
+def runs():
+    return [
+        _run("a", kl_weight=1.0, free_bits_bits=0.015625, verdict="collapsed", kl_nats=0.001,
+             sampled={"training.kl_weight": 1.0, "training.seed": 0}),
+        _run("b", kl_weight=0.1, free_bits_bits=4.0, verdict="leaking", kl_nats=5.0,
+             sampled={"training.kl_weight": 0.1, "training.seed": 1}),
+        _run("c", kl_weight=1.0, free_bits_bits=None, free_bits_nats=math.log(2),
+             verdict="active", kl_nats=0.6, annealing="linear", stopped="asha",
+             status="KILLED"),
+        _run("d", kl_weight=1.0, free_bits_bits=4.0, verdict="active", kl_nats=2.0),
+        _run("e", kl_weight=1.0, free_bits_bits=4.0, verdict="active", kl_nats=0.9),
+    ]
+
+
+def test_runs_frame_reads_params_tags_and_metrics(runs):
+    df = report.runs_frame(runs)
+    assert len(df) == 5
+    row = df.set_index("run_id").loc["c"]
+    assert row["free_bits_bits"] == pytest.approx(1.0)  # from nats: log 2 nats = 1 bit
+    assert row["kl_annealing"] == "linear"
+    assert row["stopped_early"] and row["stop_reason"] == "asha"
+    assert df.set_index("run_id").loc["a", "stop_reason"] == ""
+    assert df.set_index("run_id").loc["b", "sampled.training.seed"] == 1
+    assert list(df["kl_annealing"]) == ["constant"] * 4 + ["linear"]  # sorted by panel
+    assert {"eval/kl_nats", "eval/ce_gap", "eval/ce_prior", "eval/active_bits",
+            "verdict", "status"} <= set(df.columns)
+
+
+def test_runs_frame_of_no_runs_has_the_columns():
+    df = report.runs_frame([])
+    assert df.empty and "verdict" in df.columns and "eval/kl_nats" in df.columns
+
+
+def test_collapse_table_has_a_row_per_trial(runs):
+    table = report.collapse_table(report.runs_frame(runs))
+    lines = table.splitlines()
+    assert lines[0].startswith("| trial | annealing | free bits (bits) | kl_weight | seed |")
+    assert len(lines) == 2 + 5
+    assert "stopped at step 10 (asha)" in table
+    assert "| collapsed |" in table and "| leaking |" in table
+    assert report.collapse_table(report.runs_frame([])) == "(no trial runs)"
+
+
+def test_representative_run_is_the_median_kl_of_its_verdict(runs):
+    picks = report.representative_runs(report.runs_frame(runs))
+    assert list(picks["verdict"]) == ["collapsed", "active", "leaking"]
+    assert picks.set_index("verdict").loc["active", "run_id"] == "e"  # KL 0.6 / 0.9 / 2.0
+
+
+class FakeClient:
+    def __init__(self):
+        self.asked: list[tuple[str, str]] = []
+
+    def get_metric_history(self, run_id, key):
+        self.asked.append((run_id, key))
+        return [SimpleNamespace(step=s, value=0.1 * s) for s in (5, 10, 15)]
+
+
+def _png_width(path: Path) -> int:
+    data = path.read_bytes()
+    assert data.startswith(PNG)
+    return int.from_bytes(data[16:20], "big")
+
+
+def test_collapse_map_has_one_panel_per_schedule(runs, tmp_path):
+    df = report.runs_frame(runs)
+    two = report.plot_collapse_map(df, tmp_path / "two.png")
+    one = report.plot_collapse_map(df[df["kl_annealing"] == "constant"], tmp_path / "one.png")
+    assert _png_width(two) > _png_width(one) + 300
+    empty = report.plot_collapse_map(report.runs_frame([]), tmp_path / "empty.png")
+    assert empty.read_bytes().startswith(PNG)
+
+
+def test_kl_traces_read_one_run_per_verdict(runs, tmp_path):
+    client = FakeClient()
+    path = report.plot_kl_traces(client, report.runs_frame(runs), tmp_path / "kl.png")
+    assert path.read_bytes().startswith(PNG)
+    assert sorted({run_id for run_id, _ in client.asked}) == ["a", "b", "e"]
+    assert {key for _, key in client.asked} == {"train/kl_nats", "train/free_bits_nats"}
+
+
+def test_write_report_writes_every_file(runs, tmp_path):
+    paths = report.write_report(FakeClient(), report.runs_frame(runs), tmp_path / "out")
+    assert set(paths) == {"table", "csv", "map", "kl_traces"}
+    assert all(p.is_file() for p in paths.values())
+    assert len(pd.read_csv(paths["csv"])) == 5
+    text = report.summary_text(report.runs_frame(runs), paths, "sqlite:///x.db", "exp")
+    assert "mlflow ui --backend-store-uri sqlite:///x.db" in text
+    assert str(paths["map"]) in text and "3 active" in text
+
+
+def _store(tmp_path: Path) -> str:
+    """A sqlite MLflow store with a sweep parent, two trial runs and an unrelated run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("sweeps", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="s").info.run_id
+    client.set_tag(parent, "freetf.role", "sweep")
+    for name, weight, verdict in (("s/kl_weight=0.1", 0.1, "leaking"),
+                                  ("s/kl_weight=1", 1.0, "collapsed")):
+        run_id = client.create_run(exp, run_name=name).info.run_id
+        tags = {"freetf.role": "trial", "freetf.sweep": "s", "freetf.verdict": verdict,
+                "mlflow.parentRunId": parent, "freetf.trial_key": name}
+        client.log_batch(run_id, params=[Param("training.kl_weight", str(weight)),
+                                         Param("training.free_bits_bits", "1.0")],
+                         tags=[RunTag(k, v) for k, v in tags.items()],
+                         metrics=[Metric("train/kl_nats", 0.5 * s, 0, s) for s in (5, 10)]
+                         + [Metric("eval/kl_nats", 0.4, 0, 10)])
+        client.set_terminated(run_id, "FINISHED")
+    client.create_run(exp, run_name="plain training run")
+    return uri
+
+
+def test_report_command_reads_mlflow_alone(tmp_path, capsys):
+    uri = _store(tmp_path)
+    code = report.report_command(argparse.Namespace(
+        experiment="sweeps", tracking_uri=uri, out=tmp_path / "reports"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "kl_weight=0.1" in out and "| leaking |" in out and "| collapsed |" in out
+    assert "2 trials" in out
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+    for name in ("collapse_map.png", "kl_traces.png", "collapse_table.md", "trials.csv"):
+        assert (tmp_path / "reports" / "sweeps" / name).is_file()
+
+
+def test_report_cli_errors_name_the_problem(tmp_path, capsys):
+    uri = _store(tmp_path)
+    assert cli_main(["report", "--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    assert cli_main(["report", "--experiment", "sweeps", "--tracking-uri", missing]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "missing.db").exists()

@@ -1,0 +1,316 @@
+"""Tests for freetf.sweep: the spec, the stopper, and real sweeps (Ray Tune + Ray Train +
+a sqlite MLflow store): the smoke sweep end to end, and resume after a Ctrl-C."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from freetf import report
+from freetf import sweep as sweep_mod
+from freetf.diagnostics import VERDICTS
+from freetf.ray_train import OBJECT_STORE_BYTES
+from freetf.sweep import (
+    CollapseStopper,
+    StopperSpec,
+    SweepError,
+    TrialContext,
+    load_sweep,
+    run_sweep,
+    trial_key,
+    trial_run_name,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT, SMOKE = CONFIGS / "search_kl.yaml", CONFIGS / "search_kl_smoke.yaml"
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def test_shipped_sweeps_load():
+    default = load_sweep(DEFAULT)
+    assert default.expected_trials >= 8
+    keys = {d.key for d in default.space}
+    assert {"training.kl_weight", "training.free_bits_bits"} <= keys
+    smoke = load_sweep(SMOKE)
+    assert 2 <= smoke.expected_trials <= 4
+    assert smoke.base().training.max_steps <= 20
+
+
+def test_set_routes_to_space_sweep_and_base():
+    sweep = load_sweep(SMOKE, ["space.training.seed={grid: [0, 1]}", "search.seed=3",
+                               "training.max_steps=12", "asha.grace_period=5"])
+    assert {d.key: d.values for d in sweep.space}["training.seed"] == (0, 1)
+    assert sweep.search.seed == 3 and sweep.asha.grace_period == 5
+    assert sweep.base().training.max_steps == 12
+    assert sweep.expected_trials == 2 * load_sweep(SMOKE).expected_trials
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("space.training.kl_wieght=[1.0]", "space.training.kl_wieght is not a config key"),
+    ("space.training.kl_annealing.type=[none]", "training.kl_annealing.type='none'"),
+    ("space.training.kl_weight={loguniform: [0, 1]}", "space.training.kl_weight"),
+    ("space.training.kl_weight={normal: [0, 1]}", "space.training.kl_weight"),
+    ("search.methd=random", "search.methd"),
+    ("asha.grace_period=500", "asha.grace_period=500"),
+    ("reports=x", "base config: unknown config key reports"),
+    ("space.model.hidden_dim=[33]", "space.model.hidden_dim"),
+])
+def test_spec_errors_name_the_key(setting, message):
+    with pytest.raises(SweepError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_sweep(SMOKE, [setting])
+
+
+def test_unknown_top_level_key_in_the_file(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SMOKE.read_text().replace("base_config: tiny.yaml",
+                                              f"base_config: {CONFIGS / 'tiny.yaml'}")
+                    + "\nreports: x\n")
+    with pytest.raises(SweepError, match="unknown sweep key reports"):
+        load_sweep(path)
+
+
+def test_grid_repeats_and_distributions_need_random_search():
+    with pytest.raises(SweepError, match="put seeds in the space"):
+        load_sweep(SMOKE, ["search.num_samples=2"])
+    with pytest.raises(SweepError, match="search.method=grid"):
+        load_sweep(SMOKE, ["space.training.kl_weight={loguniform: [0.01, 1]}"])
+    sweep = load_sweep(SMOKE, ["search.method=random", "search.num_samples=5",
+                               "space.training.kl_weight={loguniform: [0.01, 1]}"])
+    assert sweep.expected_trials == 5 * 3  # num_samples per free-bits grid point
+
+
+def test_optuna_without_optuna_is_a_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(SweepError, match=r"pip install 'freetf\[optuna\]'"):
+        load_sweep(SMOKE, ["search.method=optuna", "search.num_samples=4"])
+
+
+def test_searching_free_bits_in_nats_clears_the_bits_setting(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"base_config: {CONFIGS / 'tiny.yaml'}\n"  # sets free_bits_bits: 0.5
+                    "space:\n  training.free_bits: {grid: [0.1, 0.7]}\n")
+    sweep = load_sweep(path)
+    assert sweep.overrides["training.free_bits_bits"] is None
+    cfg = sweep.base().replace({"training.free_bits": 0.1})
+    assert cfg.training.free_bits_nats == pytest.approx(0.1)
+    with pytest.raises(SweepError, match="both training.free_bits"):
+        load_sweep(SMOKE, ["space.training.free_bits=[0.1, 0.7]"])
+
+
+def test_trial_keys_and_names_are_stable():
+    a = {"training.kl_weight": np.float64(0.1), "training.free_bits_bits": 0.25}
+    b = {"training.free_bits_bits": 0.25, "training.kl_weight": 0.1}
+    assert trial_key(a) == trial_key(b)
+    assert trial_key(a) != trial_key({**b, "training.kl_weight": 1.0})
+    assert trial_run_name("s", a) == "s/free_bits_bits=0.25,kl_weight=0.1"
+    both = {"training.kl_annealing.type": "linear", "training.free_bits_schedule.type": "cosine"}
+    assert trial_run_name("s", both) == \
+        "s/training.free_bits_schedule.type=cosine,training.kl_annealing.type=linear"
+
+
+def _context(max_steps: int = 100) -> TrialContext:
+    return TrialContext(sweep_name="s", parent_run_id="p", tracking_uri="sqlite:///x",
+                        base={"training": {"max_steps": max_steps}},
+                        keys=("training.kl_weight",), train_storage="/tmp",
+                        controller_failure_limit=1)
+
+
+def test_stopper_stops_collapse_after_patience_and_divergence():
+    spec = StopperSpec(collapse_after_steps=20, collapse_kl_nats=0.01, collapse_patience=2,
+                       diverge_loss=10.0)
+    stopper = CollapseStopper(spec, _context())
+    config = {"training.kl_weight": 1.0}
+
+    def report(trial, step, kl, loss=2.0):
+        result = {"step": step, "train/kl_nats": kl, "train/loss": loss, "config": config}
+        return stopper(trial, result), result.get(sweep_mod.STOP_REASON)
+
+    assert report("a", 10, 0.0) == (False, None)  # too early
+    assert report("a", 20, 0.001) == (False, None)  # 1 of 2
+    assert report("a", 30, 0.5) == (False, None)  # resets
+    assert report("a", 40, 0.001) == (False, None)
+    assert report("a", 50, 0.001) == (True, "collapsed")
+    assert report("b", 5, 0.5, loss=math.nan) == (True, "diverged")
+    assert report("c", 5, 0.5, loss=11.0) == (True, "diverged")
+    assert report("d", 100, 0.001, loss=math.inf) == (False, None)  # the final report
+    assert not stopper.stop_all()
+
+
+def test_concurrency_follows_the_cluster(monkeypatch):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    base = load_sweep(SMOKE).base()
+    for workers, cpus, expected in ((1, 0.49, 4), (1, 0.99, 2), (2, 0.99, 1), (1, 1.0, 1)):
+        cfg = base.replace({"scaling.num_workers": workers, "scaling.cpus_per_worker": cpus})
+        assert sweep_mod.max_concurrent_trials(cfg, trial_cpu=0.01) == expected
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # address="local": a fresh Ray for these tests, never one another process runs.
+    ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE_BYTES,
+             include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _smoke(tmp: Path, *extra: str):
+    return load_sweep(SMOKE, [f"storage_path={tmp / 'ray_results'}",
+                              f"report_dir={tmp / 'reports'}",
+                              f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
+
+
+def _runs(sweep) -> tuple[MlflowClient, object, list]:
+    uri = sweep.mlflow.tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(sweep.base().tracking.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("freetf.role") == "sweep"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("freetf.role") == "trial"]
+    return client, parents[0], children
+
+
+def _interrupt_after_first_finished_trial(sweep, stop: threading.Event) -> None:
+    """Ctrl-C (SIGINT to this process) once one trial run has FINISHED in MLflow."""
+    client = MlflowClient(tracking_uri=sweep.mlflow.tracking_uri)
+    experiment_name = sweep.base().tracking.mlflow.experiment
+    while not stop.is_set():
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is not None and client.search_runs(
+                [experiment.experiment_id],
+                "tags.`freetf.role` = 'trial' and attributes.status = 'FINISHED'"):
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(local_ray, tmp_path_factory):
+    sweep = _smoke(tmp_path_factory.mktemp("smoke"))
+    start = time.perf_counter()
+    result = run_sweep(sweep)
+    return sweep, result, time.perf_counter() - start
+
+
+@pytest.mark.ray
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    sweep, result, wall_s = smoke_sweep
+    print(f"smoke sweep: {wall_s:.0f} s\n{report.collapse_table(result.runs)}")
+    assert not result.interrupted
+    client, parent, children = _runs(sweep)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == sweep.name
+    assert parent.info.run_id == result.parent_run_id
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"search_space.yaml", "config.yaml", "report"} <= artifacts
+    assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")} == \
+        {"collapse_map.png", "kl_traces.png", "collapse_table.md", "trials.csv"}
+
+    assert len(children) == sweep.expected_trials
+    keys = {d.key for d in sweep.space}
+    for child in children:
+        tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["freetf.sweep"] == sweep.name
+        assert tags["freetf.verdict"] in VERDICTS
+        assert child.info.run_name.startswith(f"{sweep.name}/")
+        assert {f"sampled.{k}" for k in keys} <= set(params)  # the sampled keys ...
+        assert {"training.kl_weight", "model.latent_dim", "training.max_steps"} <= set(params)
+        assert {"train/loss", "train/kl_nats", "train/kl_weight", "eval/ce_prior",
+                "eval/ce_gap", "eval/kl_nats", "eval/active_bits"} <= set(metrics)
+        assert len(client.get_metric_history(child.info.run_id, "train/loss")) >= 2
+        if tags["freetf.stopped_early"] == "true":
+            assert child.info.status == "KILLED"
+            assert tags["freetf.stop_reason"] in ("collapsed", "diverged", "asha")
+            assert int(tags["freetf.stopped_at_step"]) < sweep.base().training.max_steps
+        else:
+            assert child.info.status == "FINISHED", tags.get("freetf.error")
+            assert metrics["step"] == sweep.base().training.max_steps
+            assert "samples.txt" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    # The smoke grid holds kappa = 1/64 bit: the stopper ends it as collapsed at step 15,
+    # before ASHA's rung; ASHA may stop others there.
+    tiny = [c for c in children if c.data.params["sampled.training.free_bits_bits"] == "0.015625"]
+    assert len(tiny) == 1
+    assert tiny[0].data.tags["freetf.stopped_early"] == "true"
+    assert tiny[0].data.tags["freetf.stop_reason"] == "collapsed"
+    assert tiny[0].data.tags["freetf.verdict"] == "collapsed"
+
+    assert len(result.runs) == len(children)
+    assert set(result.runs["verdict"]) <= set(VERDICTS)
+    for name in ("map", "kl_traces", "table", "csv"):
+        assert result.report[name].is_file()
+    assert result.report["map"].parent == sweep.report_path
+
+
+@pytest.mark.ray
+def test_a_finished_sweep_name_is_not_reused(smoke_sweep):
+    sweep, _, _ = smoke_sweep
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(sweep)
+    with pytest.raises(SweepError, match="nothing to resume"):
+        run_sweep(dataclasses.replace(sweep, storage_path=str(Path(sweep.storage_path) / "x")),
+                  resume=True)
+
+
+@pytest.mark.ray
+@pytest.mark.heavy  # a second sweep, run twice: about 2 minutes on 2 cores
+def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
+    sweep = _smoke(tmp_path)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_interrupt_after_first_finished_trial,
+                               args=(sweep, stop), daemon=True)
+    watcher.start()
+    try:
+        first = run_sweep(sweep)
+    finally:
+        stop.set()
+    assert first.interrupted, "the sweep ended before the Ctrl-C landed"
+    _, parent, children = _runs(sweep)
+    assert parent.info.status == "KILLED"
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    before = {c.data.tags["freetf.trial_key"]: c.info.run_id for c in children}
+    finished = {c.data.tags["freetf.trial_key"] for c in children
+                if c.info.status == "FINISHED"}
+    assert 1 <= len(finished) < sweep.expected_trials
+
+    second = run_sweep(sweep, resume=True)
+    assert not second.interrupted
+    client, parent, children = _runs(sweep)
+    assert parent.info.run_id == first.parent_run_id == second.parent_run_id
+    assert parent.info.status == "FINISHED"
+    keys = [c.data.tags["freetf.trial_key"] for c in children]
+    assert len(keys) == len(set(keys)) == sweep.expected_trials
+    for key, run_id in before.items():  # interrupted runs were reattached, not duplicated
+        assert [c.info.run_id for c in children if c.data.tags["freetf.trial_key"] == key] \
+            == [run_id]
+    log_every, max_steps = sweep.base().training.log_every, sweep.base().training.max_steps
+    for child in children:
+        assert child.data.tags["freetf.verdict"] in VERDICTS
+        assert child.info.status == ("KILLED" if child.data.tags["freetf.stopped_early"] == "true"
+                                     else "FINISHED")
+        if child.data.tags["freetf.trial_key"] in finished:  # not rerun, nothing relogged
+            history = client.get_metric_history(child.info.run_id, "train/loss")
+            assert sorted(m.step for m in history) == list(
+                range(log_every, max_steps + 1, log_every))
+    assert len(second.runs) == sweep.expected_trials
