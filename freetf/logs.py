@@ -15,4 +15,3 @@ def setup_logging(level: int = logging.INFO) -> None:
                                                datefmt="%H:%M:%S"))
         handler._freetf = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        logger.propagate = False

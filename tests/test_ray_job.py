@@ -39,13 +39,17 @@ def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
     address, env = ray_head
     db = tmp_path / "mlflow.db"
     start = time.time()
-    proc = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-         "freetf", "train", "--config", "configs/tiny.yaml",
-         "--set", "training.max_steps=4", "--set", f"tracking.mlflow.tracking_uri=sqlite:///{db}",
-         "--set", f"scaling.storage_path={tmp_path}/ray_results",
-         "--set", "tracking.mlflow.experiment=job-e2e"],
-        env=env, capture_output=True, text=True, timeout=400)
+    command = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+               "freetf", "train", "--config", "configs/tiny.yaml",
+               "--set", "training.max_steps=4",
+               "--set", f"tracking.mlflow.tracking_uri=sqlite:///{db}",
+               "--set", f"scaling.storage_path={tmp_path}/ray_results",
+               "--set", "tracking.mlflow.experiment=job-e2e"]
+    for _ in range(12):  # the head's job agent comes up a little after `ray start` returns
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     client = mlflow_client(f"sqlite:///{db}")
