@@ -35,9 +35,11 @@ METRICS = ("step", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior", "eval/ce_pos
            "eval/ce_gap", "eval/active_bits", "eval/mutual_info_nats", "train/kl_nats",
            "train/loss")
 VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "leaking": "tab:red",
-                  "diverged": "black", "failed": "tab:gray", "unknown": "tab:gray",
-                  "baseline": "tab:purple"}
-VERDICT_ORDER = ("collapsed", "active", "leaking", "diverged", "failed", "unknown", "baseline")
+                  "diverged": "black", "failed": "tab:gray", "interrupted": "tab:olive",
+                  "unknown": "tab:gray", "baseline": "tab:purple"}
+# freetf.diagnostics.VERDICTS, then the sweep's own: stopper, crash, Ctrl-C, no evaluation.
+VERDICT_ORDER = ("collapsed", "active", "leaking", "baseline", "diverged", "failed",
+                 "interrupted", "unknown")
 # The axes and panels of the map: (column, config param it is read from).
 KL_WEIGHT, FREE_BITS, ANNEALING = "kl_weight", "free_bits_bits", "kl_annealing"
 

@@ -91,6 +91,10 @@ class ResourcesSpec:
     worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
     num_workers: int | None = None  # None: the base scaling.num_workers
     controller_failure_limit: int = 2  # a run whose workers cannot start fails, not hangs
+    # Tune restarts a failed trial this often: its Train run resumes from its last
+    # checkpoint and its MLflow run is reattached.  Under load Ray 2.60's placement-group
+    # cleaner can take a live Train controller for dead and remove its workers.
+    max_trial_failures: int = 1
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         tags={TAG_SWEEP: context.sweep_name, TAG_ROLE: "trial", TAG_KEY: key,
               "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false"})
     tracker.log_params({f"sampled.{k}": v for k, v in sampled.items()})
+    if existing is not None and "freetf.error" in existing.data.tags:  # from a cut-off try
+        client.delete_tag(tracker.run_id, "freetf.error")
     trainer = build_trainer(cfg, run_id=tracker.run_id, callbacks=[TuneReportCallback()],
                             storage_path=context.train_storage,
                             controller_failure_limit=context.controller_failure_limit)
@@ -658,15 +664,41 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
     return SweepResult(sweep, context.parent_run_id, uri, experiment, runs, paths, interrupted)
 
 
-def _init_ray() -> None:
-    """``RAY_ADDRESS`` if set, else a new local Ray (``ray.init()`` alone would join any
-    Ray that another process runs on this machine)."""
+def start_local_ray(num_cpus: float | None = None) -> None:
+    """Start a new local Ray whose workers can only find *this* Ray's dashboard.
+
+    ``ray.init()`` alone would join any Ray that another process runs on this machine.
+    And Ray Train's placement-group cleaner asks the dashboard of the most recently
+    started Ray on the machine whether its controller is alive: with another Ray
+    running, it asks the wrong one, hears "dead", and removes the live trial's workers.
+    Pinning the dashboard port and exporting ``RAY_API_SERVER_ADDRESS`` to the Ray
+    processes (they inherit this environment) points it at the right one.
+    """
+    import socket
+
     import ray
 
-    from freetf.ray_train import OBJECT_STORE_BYTES, init_ray
+    from freetf.ray_train import OBJECT_STORE_BYTES
+
+    kwargs: dict[str, Any] = {}
+    if not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs = {"include_dashboard": True, "dashboard_port": port}
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
+             log_to_driver=True, **kwargs)
+
+
+def _init_ray() -> None:
+    """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray."""
+    import ray
+
+    from freetf.ray_train import init_ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        ray.init(address="local", object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True)
+        start_local_ray()
     init_ray()
 
 
@@ -700,7 +732,9 @@ def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(Path(sweep.storage_path)),
             stop=CollapseStopper(sweep.stopper, context) if sweep.stopper.enabled else None,
-            callbacks=[EarlyStopRecorder(context)], verbose=1))
+            callbacks=[EarlyStopRecorder(context)], verbose=1,
+            failure_config=tune.FailureConfig(
+                max_failures=sweep.resources.max_trial_failures)))
 
 
 def _search_alg(sweep: SweepConfig, concurrency: int):
@@ -755,27 +789,33 @@ def _find_parent(client, experiment: str, name: str):
 
 
 def _close_open_runs(client, context: TrialContext, results, interrupted: bool) -> None:
-    """End child runs that Tune left RUNNING (stopped or interrupted trials)."""
+    """End the child runs that Tune left open: trials stopped before closing their run,
+    and trials that Ctrl-C cut off (KILLED, verdict ``interrupted``: --resume reattaches
+    them).  A trial's own except-clause may have marked a cut-off run FAILED: Tune
+    knows better, so only a trial that Tune saw fail stays FAILED."""
     last = {}
     for result in results or []:
         if result.config:
             last[trial_key({k: result.config.get(k) for k in context.keys})] = result
     for run in child_runs(client, context.parent_run_id):
-        if run.info.status != "RUNNING":
+        tags = run.data.tags
+        if run.info.status == "FINISHED" or tags.get("freetf.stopped_early") == "true":
             continue
-        result = last.get(run.data.tags.get(TAG_KEY))
+        result = last.get(tags.get(TAG_KEY))
         metrics = dict(result.metrics or {}) if result is not None else {}
-        sampled = json.loads(run.data.tags.get("freetf.sampled", "{}"))
+        sampled = json.loads(tags.get("freetf.sampled", "{}"))
         step = metrics.get("step", run.data.metrics.get("step", 0))
         run_id = run.info.run_id
         if step >= context.max_steps(sampled):  # trained; stopped before closing its run
-            if "freetf.verdict" not in run.data.tags and metrics.get("eval/verdict"):
+            if tags.get("freetf.verdict") in (None, "failed") and metrics.get("eval/verdict"):
                 client.set_tag(run_id, "freetf.verdict", metrics["eval/verdict"])
             client.set_terminated(run_id, "FINISHED")
-        elif result is not None and result.error is not None and not interrupted:
-            client.set_tag(run_id, "freetf.verdict", "failed")
-            client.set_terminated(run_id, "FAILED")
-        else:  # interrupted: --resume reattaches it
+        elif result is not None and result.error is not None:
+            if run.info.status == "RUNNING":
+                client.set_tag(run_id, "freetf.verdict", "failed")
+                client.set_terminated(run_id, "FAILED")
+        else:
+            client.set_tag(run_id, "freetf.verdict", "interrupted" if interrupted else "unknown")
             client.set_terminated(run_id, "KILLED")
 
 

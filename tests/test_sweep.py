@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 from freetf import report
 from freetf import sweep as sweep_mod
 from freetf.diagnostics import VERDICTS
-from freetf.ray_train import OBJECT_STORE_BYTES
 from freetf.sweep import (
     CollapseStopper,
     StopperSpec,
@@ -166,13 +165,17 @@ def test_concurrency_follows_the_cluster(monkeypatch):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    # address="local": a fresh Ray for these tests, never one another process runs.
-    ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE_BYTES,
-             include_dashboard=False, log_to_driver=False)
+    """A fresh Ray for these tests (never one that another process runs here)."""
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    sweep_mod.start_local_ray(num_cpus=2)
     try:
         yield
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def _smoke(tmp: Path, *extra: str):
