@@ -344,6 +344,11 @@ def _validated(sweep: SweepConfig) -> SweepConfig:
                          f"(0, training.max_steps={base.training.max_steps})")
     if sweep.asha.enabled and sweep.asha.reduction_factor <= 1:
         raise SweepError(f"asha.reduction_factor={sweep.asha.reduction_factor} must be > 1")
+    if base.scaling.num_workers < 1:
+        # Ray 2.60 refuses ray.train.get_context() in a Tune function, where local mode
+        # would run the loop; local mode would also report nothing to Tune.
+        raise SweepError("a sweep needs scaling.num_workers >= 1 (resources.num_workers): "
+                         "Ray Train's local mode (0) does not run inside a Tune trial")
     if sweep.resources.trial_cpu < 0:
         raise SweepError(f"resources.trial_cpu={sweep.resources.trial_cpu} must be >= 0")
     if not sweep.name or "/" in sweep.name:
@@ -446,8 +451,6 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                             controller_failure_limit=context.controller_failure_limit)
     try:
         result = trainer.fit()
-        if result.error is not None:  # local mode (num_workers=0) returns errors
-            raise result.error
     except BaseException as err:
         # Tune stopping the trial (ASHA, stopper) also lands here when it removes the
         # trial's resources: the driver has then already closed the run as stopped early.
@@ -704,8 +707,6 @@ def _init_ray() -> None:
 
 def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool):
     trial_cpu = sweep.resources.trial_cpu
-    if base.scaling.num_workers == 0:  # Ray Train local mode: the loop runs in the trial
-        trial_cpu = max(trial_cpu, base.scaling.cpus_per_worker)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": trial_cpu})
     if resume:

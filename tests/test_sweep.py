@@ -68,6 +68,7 @@ def test_set_routes_to_space_sweep_and_base():
     ("asha.grace_period=500", "asha.grace_period=500"),
     ("reports=x", "base config: unknown config key reports"),
     ("space.model.hidden_dim=[33]", "space.model.hidden_dim"),
+    ("resources.num_workers=0", "num_workers >= 1"),
 ])
 def test_spec_errors_name_the_key(setting, message):
     with pytest.raises(SweepError, match=message.replace("[", r"\[").replace("(", r"\(")):
