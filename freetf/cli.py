@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="collapse map of a sweep, from MLflow alone")
     p.add_argument("--experiment", required=True)
+    p.add_argument("--sweep", help="one sweep of the experiment (default: all its trials)")
     p.add_argument("--tracking-uri")
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)

@@ -373,7 +373,7 @@ def load_config(path: str | Path | None = None,
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    config = _build(Config, data, "")
+    config = build_section(Config, data, "")
     config.validate()
     return config
 
@@ -437,7 +437,8 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
+def build_section(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, with errors naming ``path`` keys."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -462,7 +463,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return build_section(tp, value, path)
     if origin is Literal:
         if isinstance(value, bool) and ("off" if not value else "on") in args:
             value = "off" if not value else "on"  # YAML 1.1 reads off/on as booleans

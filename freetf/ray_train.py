@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -94,14 +95,27 @@ class RunSummary:
 
 
 def init_ray(num_cpus: float | None = None) -> None:
-    """Join ``RAY_ADDRESS`` (or the job's cluster) if set, else start a small local Ray."""
+    """Join ``RAY_ADDRESS`` (or the job's cluster) if set, else start a new local Ray.
+
+    ``ray.init()`` alone would join any Ray that another process runs on this machine.
+    And Ray Train's placement-group cleaner asks the dashboard of the most recently
+    started Ray on the machine whether its controller is alive: with another Ray
+    running, it asks the wrong one, hears "dead", and removes live workers.  Pinning
+    the dashboard port and exporting ``RAY_API_SERVER_ADDRESS`` to the Ray processes
+    (they inherit this environment) points it at the right one.  The dashboard
+    (ray[default]) also lets Ray clean up the placement groups of stopped runs.
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        # The dashboard (ray[default]) lets Ray clean up the placement groups of stopped runs.
-        ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
+             include_dashboard=True, dashboard_port=port, log_to_driver=True)
 
 
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
@@ -171,12 +185,12 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
         error = err
     finally:
         if tracker is not None:
-            _log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
+            log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
             tracker.finish("FAILED" if error is not None else "FINISHED")
     return RunSummary(metrics, checkpoint, run_id, error, time.perf_counter() - start)
 
 
-def _log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
+def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
     samples = metrics.get("eval/samples")
     if samples:
         tracker.log_text("\n".join(samples) + "\n", "samples.txt")

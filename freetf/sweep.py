@@ -38,7 +38,14 @@ from typing import Any, Literal
 import yaml
 from ray import tune
 
-from freetf.config import Config, ConfigError, _build, apply_overrides, flatten, from_dict
+from freetf.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_section,
+    flatten,
+    from_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +227,7 @@ def load_sweep(path: str | Path | None = None,
     if base_config is not None and path is not None and not Path(base_config).is_absolute():
         base_config = str((path.parent / base_config).resolve())
     try:  # the config tree's own schema checks: errors name the dotted key
-        sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in (
+        sections = {name: build_section(cls, raw.get(name) or {}, name) for name, cls in (
             ("search", SearchSpec), ("asha", AshaSpec), ("stopper", StopperSpec),
             ("resources", ResourcesSpec), ("mlflow", MlflowSweepSpec))}
     except ConfigError as err:
@@ -463,13 +470,13 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 
 def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint) -> None:
-    from freetf.ray_train import _log_run_artifacts
+    from freetf.ray_train import log_run_artifacts
     from freetf.tracking import plot_training_curves
 
     history = metric_history(client, tracker.run_id, ("train/loss", "train/reconstruction",
                                                       "train/kl_nats", "train/free_bits_nats"))
     path = Path(checkpoint.path) if checkpoint is not None else None
-    _log_run_artifacts(tracker, metrics, path, history, plot_training_curves)
+    log_run_artifacts(tracker, metrics, path, history, plot_training_curves)
     tracker.finish("FINISHED")
 
 
@@ -667,41 +674,10 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
     return SweepResult(sweep, context.parent_run_id, uri, experiment, runs, paths, interrupted)
 
 
-def start_local_ray(num_cpus: float | None = None) -> None:
-    """Start a new local Ray whose workers can only find *this* Ray's dashboard.
-
-    ``ray.init()`` alone would join any Ray that another process runs on this machine.
-    And Ray Train's placement-group cleaner asks the dashboard of the most recently
-    started Ray on the machine whether its controller is alive: with another Ray
-    running, it asks the wrong one, hears "dead", and removes the live trial's workers.
-    Pinning the dashboard port and exporting ``RAY_API_SERVER_ADDRESS`` to the Ray
-    processes (they inherit this environment) points it at the right one.
-    """
-    import socket
-
-    import ray
-
-    from freetf.ray_train import OBJECT_STORE_BYTES
-
-    kwargs: dict[str, Any] = {}
-    if not os.environ.get("RAY_API_SERVER_ADDRESS"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        kwargs = {"include_dashboard": True, "dashboard_port": port}
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
-             log_to_driver=True, **kwargs)
-
-
 def _init_ray() -> None:
     """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray."""
-    import ray
-
     from freetf.ray_train import init_ray
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        start_local_ray()
     init_ray()
 
 

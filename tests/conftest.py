@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,3 +25,22 @@ def _seed_and_threads():
 @pytest.fixture
 def tiny_model_cfg():
     return load_config(overrides=TINY_MODEL).model
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray for one test module (never one another process runs here)."""
+    import ray
+
+    from freetf.ray_train import init_ray
+
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    init_ray(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved

@@ -7,7 +7,11 @@ import torch
 
 from freetf import FreeTransformer, load_config
 from freetf.checkpoint import (
-    CheckpointError, load_checkpoint, load_model, save_to_root, write_checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    save_to_root,
+    write_checkpoint,
 )
 
 pytestmark = pytest.mark.timeout(60)

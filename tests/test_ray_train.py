@@ -7,12 +7,11 @@ Ray instance for all its tests and shuts it down at the end.
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from freetf import load_config
 from freetf.checkpoint import load_checkpoint, load_model
-from freetf.ray_train import OBJECT_STORE_BYTES, run_training
+from freetf.ray_train import run_training
 from freetf.tracking import mlflow_client
 from freetf.train import train_loop
 
@@ -20,10 +19,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True)
+def _ray(local_ray):
     yield
-    ray.shutdown()
 
 
 def cfg_for(tmp_path, *extra):

@@ -164,19 +164,6 @@ def test_concurrency_follows_the_cluster(monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A fresh Ray for these tests (never one that another process runs here)."""
-    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
-    sweep_mod.start_local_ray(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def _smoke(tmp: Path, *extra: str):
