@@ -1,0 +1,350 @@
+"""The sweep spec: a YAML around a base freetf config, parsed into frozen dataclasses.
+
+Sections: ``base_config`` + ``overrides`` (the trials' config), ``space`` (any dotted
+config key: ``grid``, ``choice``, ``uniform``, ``loguniform``, ``randint``), ``search``,
+``asha``, ``stopper``, ``resources``, ``mlflow``.  Every searched key and grid value is
+checked against the base config at load; errors name the key.  Used by
+:mod:`freetf.sweep`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from ray import tune
+
+from freetf.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_section,
+    flatten,
+)
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "freetf_sweep.yaml"  # the spec as run, beside Tune's state; used on resume
+STOP_REASON = "freetf/stop_reason"  # written into the Tune result by the stopper
+# Sections of the sweep spec; any other top-level --set key goes to the base config.
+SWEEP_SECTIONS = ("base_config", "overrides", "space", "search", "asha", "stopper",
+                  "resources", "mlflow", "storage_path", "report_dir")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SweepError(ConfigError):
+    """A sweep that cannot run as asked (bad spec, nothing to resume, name taken)."""
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    method: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = 1  # random/optuna: trials; grid: must stay 1 (seeds go in the space)
+    metric: str = "eval/ce_prior"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AshaSpec:
+    enabled: bool = False
+    metric: str | None = None  # None: search.metric (must be in the eval reports)
+    grace_period: int = 50  # steps
+    reduction_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class StopperSpec:
+    enabled: bool = True
+    collapse_after_steps: int = 100  # no collapse verdict before this step
+    collapse_kl_nats: float = 0.002  # raw train KL per token under this ...
+    collapse_patience: int = 2  # ... in this many consecutive reports = collapsed
+    diverge_loss: float = 20.0  # train loss above this (or non-finite) = diverged
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    trial_cpu: float = 0.01  # the trial process only waits on its TorchTrainer
+    worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
+    num_workers: int | None = None  # None: the base scaling.num_workers
+    controller_failure_limit: int = 2  # a run whose workers cannot start fails, not hangs
+    # Tune restarts a failed trial this often: its Train run resumes from its last
+    # checkpoint and its MLflow run is reattached.  Under load Ray 2.60's placement-group
+    # cleaner can take a live Train controller for dead and remove its workers.
+    max_trial_failures: int = 1
+
+
+@dataclass(frozen=True)
+class MlflowSweepSpec:
+    sweep_name: str = "search_kl"  # parent run name; stable across restarts
+    experiment: str | None = None  # None: the base tracking.mlflow.experiment
+    tracking_uri: str | None = None  # None: the base config, $MLFLOW_TRACKING_URI, ./mlflow.db
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: ``grid``/``choice`` values or a ``[low, high]`` range."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    def domain(self, method: str) -> Any:
+        if self.kind == "grid":
+            return tune.choice(list(self.values)) if method == "optuna" else \
+                tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        low, high = self.values
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform,
+                "randint": tune.randint}[self.kind](low, high)
+
+    def to_dict(self) -> dict[str, list]:
+        return {self.kind: list(self.values)}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    base_config: str | None = None  # a freetf YAML (relative to the sweep file), or None
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys on the base
+    space: tuple[Dimension, ...] = ()
+    search: SearchSpec = field(default_factory=SearchSpec)
+    asha: AshaSpec = field(default_factory=AshaSpec)
+    stopper: StopperSpec = field(default_factory=StopperSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    mlflow: MlflowSweepSpec = field(default_factory=MlflowSweepSpec)
+    storage_path: str = "ray_results"  # Tune state in <storage_path>/<sweep_name>
+    report_dir: str = "reports"  # the collapse map in <report_dir>/<sweep_name>
+
+    @property
+    def name(self) -> str:
+        return self.mlflow.sweep_name
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+    @property
+    def train_dir(self) -> Path:
+        """Ray Train runs of the trials (their checkpoints), one folder per trial key."""
+        return Path(self.storage_path) / f"{self.name}.train"
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report_dir) / self.name
+
+    @property
+    def expected_trials(self) -> int:
+        if self.search.method == "optuna":
+            return self.search.num_samples
+        return self.search.num_samples * math.prod(
+            len(d.values) for d in self.space if d.kind == "grid")
+
+    def base(self) -> Config:
+        """The resolved base config every trial starts from (absolute paths)."""
+        from freetf.config import load_config
+        from freetf.ray_train import absolute_paths
+
+        overrides = dict(self.overrides)
+        overrides.update({"scaling.use_ray": True, "tracking.mlflow.enabled": True})
+        if self.mlflow.experiment:
+            overrides["tracking.mlflow.experiment"] = self.mlflow.experiment
+        if self.mlflow.tracking_uri:
+            overrides["tracking.mlflow.tracking_uri"] = self.mlflow.tracking_uri
+        if self.resources.worker_cpu is not None:
+            overrides["scaling.cpus_per_worker"] = self.resources.worker_cpu
+        if self.resources.num_workers is not None:
+            overrides["scaling.num_workers"] = self.resources.num_workers
+        return absolute_paths(load_config(self.base_config, overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["space"] = {d.key: d.to_dict() for d in self.space}
+        for name in ("search", "asha", "stopper", "resources", "mlflow"):
+            data[name] = dataclasses.asdict(data[name])
+        data["overrides"] = dict(self.overrides)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_sweep(path: str | Path | None = None,
+               overrides: list[str] | None = None) -> SweepConfig:
+    """Load a sweep YAML (None: defaults) and apply ``--set`` style overrides.
+
+    ``space.<dotted key>=...`` and the keys of :data:`SWEEP_SECTIONS` change the sweep;
+    any other key (``training.max_steps=50``) is a base-config override.  Every key of
+    the space is checked against the base config; errors name the key.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SweepError(f"sweep file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SweepError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise SweepError(f"{path} must hold a mapping at top level")
+    raw = _with_overrides(raw, overrides or [])
+    unknown = sorted(set(raw) - set(SWEEP_SECTIONS))
+    if unknown:
+        raise SweepError(f"unknown sweep key {unknown[0]}; known keys: "
+                         f"{', '.join(SWEEP_SECTIONS)}")
+    base_config = raw.get("base_config")
+    if base_config is not None and path is not None and not Path(base_config).is_absolute():
+        base_config = str((path.parent / base_config).resolve())
+    try:  # the config tree's own schema checks: errors name the dotted key
+        sections = {name: build_section(cls, raw.get(name) or {}, name) for name, cls in (
+            ("search", SearchSpec), ("asha", AshaSpec), ("stopper", StopperSpec),
+            ("resources", ResourcesSpec), ("mlflow", MlflowSweepSpec))}
+    except ConfigError as err:
+        raise SweepError(str(err).replace("config key", "sweep key")) from None
+    sweep = SweepConfig(
+        base_config=base_config, overrides=_override_dict(raw.get("overrides")),
+        space=tuple(_dimension(k, v) for k, v in (raw.get("space") or {}).items()),
+        storage_path=str(Path(raw.get("storage_path", "ray_results")).expanduser().resolve()),
+        report_dir=str(Path(raw.get("report_dir", "reports")).expanduser().resolve()),
+        **sections)
+    return _validated(sweep)
+
+
+def _with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = {**raw, "space": dict(raw.get("space") or {}),
+           "overrides": _override_dict(raw.get("overrides"))}
+    for text in overrides:
+        key, value = _split_setting(text)
+        section, _, rest = key.partition(".")
+        if section in ("space", "overrides") and rest:
+            raw[section][rest] = value  # their keys are dotted config keys: kept whole
+        elif section in SWEEP_SECTIONS:
+            raw = apply_overrides(raw, {key: value})
+        else:
+            raw["overrides"][key] = value
+    return raw
+
+
+def _split_setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SweepError(f"--set {text!r} must look like dotted.key=value")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def _override_dict(value: Any) -> dict[str, Any]:
+    """``overrides`` as ``{dotted: value}``, from a mapping or a list of ``key=value``."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return flatten(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return dict(_split_setting(v) for v in value)
+    raise SweepError(f"overrides={value!r} must be a mapping of dotted keys or a list of "
+                     f"'key=value' strings")
+
+
+def _dimension(key: str, spec: Any) -> Dimension:
+    where = f"space.{key}"
+    if isinstance(spec, list):
+        spec = {"grid": spec}
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise SweepError(f"{where}={spec!r} must be one of {{grid: [...]}}, {{choice: [...]}}, "
+                         f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
+                         f"{{randint: [lo, hi]}} (or a bare list, a grid)")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise SweepError(f"{where}.{kind}={values!r} must be a non-empty list")
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(_is_number(v) for v in values) or values[0] >= values[1]:
+            raise SweepError(f"{where}.{kind}={values!r} must be [low, high] with low < high")
+        if kind == "loguniform" and values[0] <= 0:
+            raise SweepError(f"{where}.loguniform={values!r} needs low > 0")
+        values = [float(v) if isinstance(v, str) else v for v in values]
+    return Dimension(key, kind, tuple(values))
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _validated(sweep: SweepConfig) -> SweepConfig:
+    """Check the spec against the base config; errors name the offending key."""
+    try:
+        base = sweep.base()
+    except ConfigError as err:
+        raise SweepError(f"base config: {err}") from None
+    known = flatten(base.to_dict())
+    keys = [d.key for d in sweep.space]
+    if not sweep.space:
+        raise SweepError("space is empty: give at least one key, e.g. "
+                         "space: {training.kl_weight: {grid: [0.1, 1.0]}}")
+    for dim in sweep.space:
+        if dim.key not in known:
+            close = [k for k in known if k.endswith(dim.key.rsplit(".", 1)[-1])]
+            hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+            raise SweepError(f"space.{dim.key} is not a config key{hint}")
+        probes = dim.values if dim.kind in ("grid", "choice") else dim.values[:2]
+        for value in probes:
+            try:
+                base.replace({dim.key: value})
+            except ConfigError as err:
+                raise SweepError(f"space.{dim.key}: {err}") from None
+        if dim.kind != "grid" and sweep.search.method == "grid":
+            raise SweepError(f"space.{dim.key} is a {dim.kind} distribution but "
+                             f"search.method=grid; use search.method=random or optuna")
+    if "training.free_bits" in keys and "training.free_bits_bits" in keys:
+        raise SweepError("space has both training.free_bits (nats) and "
+                         "training.free_bits_bits (bits); search one of them")
+    if base.training.max_steps is None:
+        raise SweepError("the base config needs training.max_steps: ASHA and the stopper "
+                         "count optimizer steps")
+    search = sweep.search
+    if search.num_samples < 1:
+        raise SweepError(f"search.num_samples={search.num_samples} must be >= 1")
+    if search.method == "grid" and search.num_samples != 1:
+        raise SweepError(f"search.num_samples={search.num_samples} would repeat identical "
+                         f"grid points; put seeds in the space instead "
+                         f"(space: {{training.seed: {{grid: [0, 1, 2]}}}})")
+    if search.method == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise SweepError("search.method=optuna needs Optuna, which is not installed: "
+                         "pip install 'freetf[optuna]' (grid and random need no extras)")
+    if sweep.asha.enabled and not 0 < sweep.asha.grace_period < base.training.max_steps:
+        raise SweepError(f"asha.grace_period={sweep.asha.grace_period} must be in "
+                         f"(0, training.max_steps={base.training.max_steps})")
+    if sweep.asha.enabled and sweep.asha.reduction_factor <= 1:
+        raise SweepError(f"asha.reduction_factor={sweep.asha.reduction_factor} must be > 1")
+    if base.scaling.num_workers < 1:
+        # Ray 2.60 refuses ray.train.get_context() in a Tune function, where local mode
+        # would run the loop; local mode would also report nothing to Tune.
+        raise SweepError("a sweep needs scaling.num_workers >= 1 (resources.num_workers): "
+                         "Ray Train's local mode (0) does not run inside a Tune trial")
+    if sweep.resources.trial_cpu < 0:
+        raise SweepError(f"resources.trial_cpu={sweep.resources.trial_cpu} must be >= 0")
+    if not sweep.name or "/" in sweep.name:
+        raise SweepError(f"mlflow.sweep_name={sweep.name!r} must be a non-empty name "
+                         f"without '/'")
+    if "training.free_bits" in keys and base.training.free_bits_bits is not None:
+        # free_bits_bits wins over free_bits: clear it, or the searched value is ignored.
+        log.info("space searches training.free_bits (nats): clearing the base's "
+                 "training.free_bits_bits=%s", base.training.free_bits_bits)
+        sweep = dataclasses.replace(
+            sweep, overrides={**sweep.overrides, "training.free_bits_bits": None})
+    return sweep
