@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from freetf import load_config
+from freetf.logs import setup_logging
 from freetf.train import TrainContext, train_loop
 
 
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
+    setup_logging()
     if not torch.cuda.is_available():
         sys.exit("bench/cuda_ddp_check.py needs a CUDA GPU")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
