@@ -1,0 +1,107 @@
+"""The bench/ scripts run at --tiny size and write the JSON they promise.
+
+Benchmarks are not tests: nothing here asserts a timing, only that each script runs,
+exits 0 and writes its keys with finite, positive numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(300)
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT_TIMEOUT_S = 120
+
+
+def run_script(name: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    # One thread: a tiny run gains nothing from more, and OpenMP threads spinning on a
+    # loaded machine slow it by orders of magnitude.
+    cmd = [sys.executable, str(BENCH / name), "--tiny", "--repeats", "2", "--threads", "1",
+           "--json", str(tmp_path / "out.json"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                          cwd=BENCH.parent, check=False)
+
+
+def run_json(name: str, tmp_path: Path, *extra: str) -> dict:
+    proc = run_script(name, tmp_path, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["benchmark"] == Path(name).stem
+    assert data["tiny"] is True
+    assert "config" in proc.stdout  # the table's header
+    return data
+
+
+def assert_positive(record: dict, *keys: str) -> None:
+    for key in keys:
+        value = record[key]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, \
+            f"{key}={value!r}"
+
+
+def test_step_throughput(tmp_path):
+    res = run_json("step_throughput.py", tmp_path)["results"]
+    assert set(res["configs"]) == {"baseline", "ft_h8", "ft_h16"}
+    assert_positive(res, "matmul_peak_gflops")
+    for cfg in res["configs"].values():
+        assert_positive(cfg, "step_s", "tokens_per_s", "achieved_gflops", "mfu",
+                        "counted_mflop_per_token", "parameters")
+        assert_positive(cfg["model_mflop_per_token"], "dense", "attention", "total")
+    assert res["configs"]["baseline"]["model_mflop_per_token"]["mapper"] == 0
+    assert_positive(res["configs"]["ft_h16"]["model_mflop_per_token"], "mapper")
+    assert set(res["target_overhead_h8"]) == {"max", "measured", "holds"}
+
+
+def test_mapper_memory(tmp_path):
+    res = run_json("mapper_memory.py", tmp_path, "--mem-repeats", "1")["results"]
+    assert set(res["configs"]) == {"ft_h8", "ft_h16", "ft_h16_dense"}
+    for cfg in res["configs"].values():
+        assert_positive(cfg, "step_s", "step_vs_h8", "bound_step_s", "saved_tensor_bytes",
+                        "params_bytes", "grads_bytes", "optimizer_bytes")
+        assert math.isfinite(cfg["activation_bytes"])  # ~0 at --tiny, within RSS noise
+    # Deterministic, not a timing: dense eq. 8 saves the (N, 2^H) distribution G.
+    configs = res["configs"]
+    assert configs["ft_h16_dense"]["saved_tensor_bytes"] > configs["ft_h16"]["saved_tensor_bytes"]
+    alone = res["mapper_alone"]
+    for impl in ("chunked", "dense"):
+        assert_positive(alone[impl], "forward_s", "backward_s", "backward_mflop_per_token")
+    assert alone["chunked"]["forward_mflop_per_token"] == 0  # a gather
+    assert_positive(alone["dense"], "forward_mflop_per_token")
+    assert "holds" in res["target_activation_h16_vs_h8"]
+
+
+def test_generation(tmp_path):
+    res = run_json("generation.py", tmp_path)["results"]
+    assert set(res["configs"]) == {"baseline", "ft_h16"}
+    for cfg in res["configs"].values():
+        assert_positive(cfg, "cached_tokens_per_s", "uncached_tokens_per_s", "speedup")
+
+
+def test_checkpointing(tmp_path):
+    res = run_json("checkpointing.py", tmp_path, "--mem-repeats", "1")["results"]
+    assert set(res["configs"]) == {"baseline", "ft_h8", "ft_h16"}
+    for cfg in res["configs"].values():
+        assert_positive(cfg, "plain_step_s", "ckpt_step_s", "step_time_ratio",
+                        "plain_saved_tensor_mib")
+        # ~0 at --tiny: the kernel's RSS counters are exact only to a few hundred KiB.
+        assert math.isfinite(cfg["plain_activation_mib"] + cfg["ckpt_activation_mib"])
+
+
+def test_gpu_script(tmp_path):
+    if torch.cuda.is_available():
+        res = run_json("gpu.py", tmp_path)["results"]
+        for cfg in res["configs"].values():
+            assert_positive(cfg, "step_s", "tokens_per_s", "mfu_measured_peak")
+    else:
+        proc = run_script("gpu.py", tmp_path)
+        assert proc.returncode != 0
+        assert "needs a CUDA GPU" in proc.stderr
+        assert not (tmp_path / "out.json").exists()
