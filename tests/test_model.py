@@ -229,3 +229,22 @@ def test_per_position_shared_z_sequence(tiny_model_cfg):
     assert torch.equal(logits[:, 1:].argmax(-1), a[:, 2:])  # each token saw its own code
     with pytest.raises(ValueError, match="positions"):
         model.generate(prompt, 10, z=torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.timeout(300)
+def test_torch_compile_matches_eager_under_bf16_autocast(tiny_model_cfg):
+    """`training.compile`: the compiled model equals eager (the chunked mapper included)."""
+    model = FreeTransformer(tiny_model_cfg)
+    compiled = torch.compile(model)
+    ids = torch.randint(0, 32, (2, 12))
+    noise = torch.rand(2, 12, 4)
+    outs = []
+    for m in (model, compiled):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, z = m(ids, bit_noise=noise)
+            loss = logits.float().square().mean() + z.float().square().mean()
+        loss.backward()
+        outs.append((logits.float(), model.zeta.grad.clone()))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=3e-2)
+    assert torch.allclose(outs[0][1], outs[1][1], rtol=0.1, atol=1e-4)
