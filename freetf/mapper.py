@@ -56,10 +56,13 @@ def sample_bits(logits: torch.Tensor, noise: torch.Tensor | None = None) -> torc
 
 
 def code_log_probs(logits: torch.Tensor, bits_table: torch.Tensor) -> torch.Tensor:
-    """log G_{n,d} for the codes in ``bits_table`` (eq. 7).  (N, H), (C, H) -> (N, C)."""
-    log_p1 = F.logsigmoid(logits)  # (N, H) log P(B=1)
-    log_p0 = F.logsigmoid(-logits)  # (N, H) log P(B=0)
-    return log_p1 @ bits_table.T + log_p0 @ (1.0 - bits_table).T
+    """log G_{n,d} for the codes in ``bits_table`` (eq. 7).  (N, H), (C, H) -> (N, C).
+
+    log G_d = sum_h [U_h log p_h + (1 - U_h) log(1 - p_h)] = sum_h log(1 - p_h) + L . U(d),
+    since log p - log(1 - p) = L: one matmul instead of two.
+    """
+    log_p0 = F.logsigmoid(-logits).sum(-1, keepdim=True)  # (N, 1) log P(all bits 0)
+    return torch.addmm(log_p0, logits, bits_table.T)
 
 
 def dense_mapper(logits: torch.Tensor, bits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
