@@ -3,9 +3,9 @@
 Runs the same config (``configs/synthetic.yaml`` shape unless ``--tiny``) twice per round,
 in-process and through ``TorchTrainer`` (1 worker, the whole machine's CPUs), alternating
 the order between rounds.  Steady-state tokens/s is the median of the loop's own
-``train/tokens_per_s`` log points after the first (warm-up) one.  Also timed: a local
-``ray.init`` and one ``TorchTrainer.fit`` end to end minus its training time (start-up,
-worker placement, teardown).  Target: Ray/in-process >= 0.9.
+``train/tokens_per_s`` log points after the first (warm-up) one.  Also timed: starting a
+local Ray (``init_ray``) and one ``TorchTrainer.fit`` end to end minus its training time
+(start-up, worker placement, teardown).  Target: Ray/in-process >= 0.9.
 
     python bench/ray_overhead.py --json bench/results/ray_overhead.json [--tiny]
 """
@@ -38,7 +38,7 @@ def main() -> None:
     env = environment()
     import ray
 
-    from freetf.ray_train import build_trainer
+    from freetf.ray_train import build_trainer, init_ray
 
     steps = 12 if args.tiny else 150
     config = "configs/tiny.yaml" if args.tiny else "configs/synthetic.yaml"
@@ -51,7 +51,7 @@ def main() -> None:
         f"scaling.cpus_per_worker={cpus}"])
 
     start = time.perf_counter()
-    ray.init(num_cpus=cpus, object_store_memory=256 * 1024 ** 2)
+    init_ray(num_cpus=cpus)  # a new local Ray, as `freetf train` starts
     ray_init_s = time.perf_counter() - start
     rows: dict[str, list[float]] = {"in_process": [], "ray_1_worker": [], "fit_overhead_s": []}
     try:
