@@ -356,20 +356,23 @@ class Config:
 def load_config(path: str | Path | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load a YAML config (None = defaults) and apply ``dotted.key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping at top level, got "
-                              f"{type(loaded).__name__}")
-        data = loaded or {}
+    data = read_yaml_mapping(path) if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config",
+                      error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: ``{}``); ``error`` names the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise error(f"{path} must hold a mapping at top level, got {type(loaded).__name__}")
+    return loaded or {}
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -382,7 +385,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     """Apply ``["a.b=1", ...]`` or ``{"a.b": 1}`` to a nested dict (values parsed as YAML)."""
     data = _deep_copy(data)
     items = overrides.items() if isinstance(overrides, dict) else (
-        _split_override(o) for o in overrides)
+        split_override(o) for o in overrides)
     for key, value in items:
         parts = key.split(".")
         node = data
@@ -407,7 +410,8 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _split_override(text: str) -> tuple[str, Any]:
+def split_override(text: str) -> tuple[str, Any]:
+    """``"a.b=1"`` -> ``("a.b", 1)``: the value parsed as YAML (kept as text if it is not)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like dotted.key=value")
     key, raw = text.split("=", 1)

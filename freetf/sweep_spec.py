@@ -26,6 +26,8 @@ from freetf.config import (
     apply_overrides,
     build_section,
     flatten,
+    read_yaml_mapping,
+    split_override,
 )
 
 log = logging.getLogger(__name__)
@@ -190,14 +192,7 @@ def load_sweep(path: str | Path | None = None,
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise SweepError(f"sweep file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SweepError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise SweepError(f"{path} must hold a mapping at top level")
+        raw = read_yaml_mapping(path, "sweep", SweepError)
     raw = _with_overrides(raw, overrides or [])
     unknown = sorted(set(raw) - set(SWEEP_SECTIONS))
     if unknown:
@@ -237,13 +232,10 @@ def _with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _split_setting(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise SweepError(f"--set {text!r} must look like dotted.key=value")
     try:
-        return key.strip(), yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        return key.strip(), value
+        return split_override(text)
+    except ConfigError:
+        raise SweepError(f"--set {text!r} must look like dotted.key=value") from None
 
 
 def _override_dict(value: Any) -> dict[str, Any]:
