@@ -292,10 +292,14 @@ class ScalingConfig:
     max_failures: int = 0
     storage_path: str = "ray_results"  # shared storage on multi-node clusters
     run_name: str | None = None
+    # Least seconds between two metric-only ray.train.report calls (see ray_train.py);
+    # eval, checkpoint and final results always go through.  0: every log step.
+    report_interval_s: float = 2.5
 
     def validate(self, path: str) -> None:
         _positive(self, path, "cpus_per_worker")
-        _non_negative(self, path, "num_workers", "gpus_per_worker", "max_failures")
+        _non_negative(self, path, "num_workers", "gpus_per_worker", "max_failures",
+                      "report_interval_s")
 
 
 @dataclass(frozen=True)

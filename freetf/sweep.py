@@ -151,22 +151,12 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint) -> None:
     from freetf.ray_train import log_run_artifacts
-    from freetf.tracking import plot_training_curves
+    from freetf.tracking import CURVE_METRICS, metric_history, plot_training_curves
 
-    history = metric_history(client, tracker.run_id, ("train/loss", "train/reconstruction",
-                                                      "train/kl_nats", "train/free_bits_nats"))
+    history = metric_history(client, tracker.run_id, CURVE_METRICS)
     path = Path(checkpoint.path) if checkpoint is not None else None
     log_run_artifacts(tracker, metrics, path, history, plot_training_curves)
     tracker.finish("FINISHED")
-
-
-def metric_history(client, run_id: str, keys: tuple[str, ...]) -> list[dict[str, float]]:
-    """One dict per logged step (with ``step``) of the metrics ``keys`` of a run."""
-    rows: dict[int, dict[str, float]] = {}
-    for key in keys:
-        for metric in client.get_metric_history(run_id, key):
-            rows.setdefault(metric.step, {"step": metric.step})[key] = metric.value
-    return [rows[s] for s in sorted(rows)]
 
 
 def find_trial_run(client, parent_run_id: str, key: str):

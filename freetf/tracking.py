@@ -509,6 +509,18 @@ def make_tracker(cfg: Config, *, rank: int = 0, run_id: str | None = None,
 # ----------------------------------------------------------------------------- plots
 
 
+CURVE_METRICS = ("train/loss", "train/reconstruction", "train/kl_nats", "train/free_bits_nats")
+
+
+def metric_history(client, run_id: str, keys: tuple[str, ...]) -> list[dict[str, float]]:
+    """One dict per logged step (with ``step``) of the metrics ``keys`` of a run."""
+    rows: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for metric in client.get_metric_history(run_id, key):
+            rows.setdefault(metric.step, {"step": metric.step})[key] = metric.value
+    return [rows[s] for s in sorted(rows)]
+
+
 def plot_training_curves(history: list[dict[str, float]], path: str | Path) -> Path:
     """Save loss / reconstruction and raw KL (nats per token) against step as a PNG.
 

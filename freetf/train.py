@@ -70,7 +70,10 @@ class TrainContext:
     def latest_checkpoint(self) -> Path | None:
         return Path(self.resume_from) if self.resume_from else None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
+               essential: bool = True) -> None:
+        """Hand a result to the runner.  ``essential``: eval, checkpoint or final results,
+        which a runner must not drop (plain log points it may thin out)."""
         self.history.append(dict(metrics))
 
     def checkpoint_root(self, cfg: Config) -> Path:
@@ -234,7 +237,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             if want_ckpt:
                 checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream, done,
                                    report)
-            ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None)
+            ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None,
+                       essential=bool(want_eval or want_ckpt))
             if ctx.is_main and done % tcfg.log_every == 0:
                 log.info("step %d/%d loss %.4f recon %.4f kl %.3f nats %.0f tok/s", done, steps,
                          metrics.get("train/loss", float("nan")),

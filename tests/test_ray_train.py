@@ -89,3 +89,34 @@ def test_failure_without_retries_marks_the_run_failed(tmp_path):
     assert summary.error is not None
     client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(summary.run_id).info.status == "FAILED"
+
+
+def test_metric_only_reports_are_thinned_but_essential_ones_always_go(monkeypatch, tmp_path):
+    import ray.train
+    import ray.train.torch
+
+    from freetf import ray_train
+
+    class FakeContext:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    sent, clock = [], [0.0]
+    monkeypatch.setattr(ray.train, "get_context", lambda: FakeContext())
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: sent.append(metrics["step"]))
+    monkeypatch.setattr(ray_train.time, "monotonic", lambda: clock[0])
+    ctx = ray_train.RayTrainContext(report_interval_s=2.5)
+    for step in range(1, 11):  # a log step every second, an eval at step 4
+        clock[0] = float(step)
+        ctx.report({"step": step}, essential=step == 4)
+    assert sent == [1, 4, 7, 10]
+    assert [h["step"] for h in ctx.history] == list(range(1, 11))
+    every = ray_train.RayTrainContext(report_interval_s=0.0)
+    sent.clear()
+    for step in range(1, 4):
+        every.report({"step": step}, essential=False)
+    assert sent == [1, 2, 3]
