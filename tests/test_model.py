@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from freetf import FreeTransformer
-from freetf.model import Block
+from freetf.model import Block, RotaryEmbedding
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -248,3 +248,17 @@ def test_torch_compile_matches_eager_under_bf16_autocast(tiny_model_cfg):
         outs.append((logits.float(), model.zeta.grad.clone()))
     assert torch.allclose(outs[0][0], outs[1][0], atol=3e-2)
     assert torch.allclose(outs[0][1], outs[1][1], rtol=0.1, atol=1e-4)
+
+
+def test_rope_rotates_each_pair_by_its_position_angle():
+    rope = RotaryEmbedding(head_dim=8, max_seq_len=32, theta=10000.0)
+    x = torch.randn(2, 3, 5, 8)  # (B, h, T, hd) at positions 7..11
+    out = rope(x, start=7)
+    pos = torch.arange(7, 12).float()[:, None]
+    ang = pos / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)  # (T, hd/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    assert torch.allclose(out[..., 0::2], x1 * ang.cos() - x2 * ang.sin(), atol=1e-6)
+    assert torch.allclose(out[..., 1::2], x1 * ang.sin() + x2 * ang.cos(), atol=1e-6)
+    assert rope(x.bfloat16(), start=7).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="max_seq_len"):
+        rope(x, start=30)
