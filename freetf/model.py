@@ -12,8 +12,6 @@ This module imports only torch: no Ray, MLflow or torch.distributed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,21 +47,34 @@ class RotaryEmbedding(nn.Module):
         return rotated.flatten(-2).to(x.dtype)
 
 
-@dataclass
 class KVCache:
-    """Per-block key/value cache for incremental decoding.  (B, kv_heads, T, hd) each."""
+    """Per-block key/value cache for incremental decoding, preallocated.
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    The buffers (B, kv_heads, capacity, hd) are allocated on the first append and
+    written in place; ``append`` returns views of the filled part.  (Growing the cache
+    with ``torch.cat`` re-copies it at every token: O(T^2) traffic, ~20% of cached
+    generation time at 256 tokens on CPU.)
+    """
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
-        return self.k, self.v
+        """Write (B, kv_h, T, hd) at positions length.. ; -> keys, values so far."""
+        end = self.length + k.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions > capacity {self.capacity}")
+        if self.k is None:
+            shape = (*k.shape[:-2], self.capacity, k.shape[-1])
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        self.k[..., self.length:end, :] = k
+        self.v[..., self.length:end, :] = v
+        self.length = end
+        return self.k[..., :end, :], self.v[..., :end, :]  # (B, kv_h, end, hd)
 
 
 class Attention(nn.Module):
@@ -283,7 +294,8 @@ class FreeTransformer(nn.Module):
             raise ValueError(f"prompt ({t0}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_seq_len {self.config.max_seq_len}")
         z_all = None if z is None else _codes_per_position(z, b, t0 + max_new_tokens, ids.device)
-        caches = [KVCache() for _ in self.blocks] if use_cache else None
+        caches = ([KVCache(t0 + max_new_tokens) for _ in self.blocks] if use_cache
+                  else None)
         prompt_z = None if z_all is None else z_all[:, :t0]
         logits, _, codes = self.forward_codes(ids, prompt_z, "posterior", None, caches)
         out = [ids]
