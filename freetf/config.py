@@ -53,7 +53,7 @@ class ModelConfig:
     injection_layer: int | None = None  # blocks before the encoder; None = num_layers // 2
     mapper: Literal["exact", "factored"] = "exact"
     mapper_impl: Literal["chunked", "dense"] = "chunked"  # both exact (eq. 8)
-    mapper_chunk_size: int = 4096  # codes per chunk in the chunked backward
+    mapper_chunk_size: int = 0  # codes per chunk in the chunked backward; 0 = auto
     init_std: float = 0.02
 
     @property
@@ -85,7 +85,8 @@ class ModelConfig:
 
     def validate(self, path: str) -> None:
         _positive(self, path, "vocab_size", "hidden_dim", "num_layers", "num_heads",
-                  "max_seq_len", "mapper_chunk_size")
+                  "max_seq_len")
+        _non_negative(self, path, "mapper_chunk_size")
         if self.hidden_dim % self.num_heads:
             _fail(f"{path}.num_heads", self.num_heads,
                   f"must divide {path}.hidden_dim={self.hidden_dim}")

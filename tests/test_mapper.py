@@ -8,6 +8,7 @@ import torch
 from freetf.mapper import (
     BinaryMapper,
     bits_to_codes,
+    chunk_codes,
     chunked_mapper,
     code_bits,
     codes_to_bits,
@@ -48,7 +49,7 @@ def _eq8_gradient_by_hand(logits, bits, weight, grad_out):
     return (s * g) @ table - p * (s * g).sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("num_bits,chunk", [(3, 2), (6, 16), (8, 256), (8, 1000)])
+@pytest.mark.parametrize("num_bits,chunk", [(3, 2), (6, 16), (8, 256), (8, 1000), (10, 0)])
 def test_chunked_gradient_equals_dense_eq8(num_bits, chunk):
     torch.manual_seed(num_bits)
     n, d = 17, 12
@@ -169,3 +170,16 @@ def test_mapper_under_bf16_autocast_matches_fp32(kind, impl):
     assert rbf.dtype == torch.float32
     assert torch.allclose(rbf, r32, atol=1e-6)
     assert torch.allclose(lbf.grad.float(), l32.grad, rtol=0.05, atol=0.02)
+
+
+def test_chunk_codes_tile_the_codes_in_powers_of_two():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert chunk_codes(1000, 2048, 2 ** 16, cpu) == 512  # rounded down to 2^k
+    assert chunk_codes(4096, 2048, 2 ** 8, cpu) == 256  # at most 2^H
+    assert chunk_codes(0, 2048, 2 ** 16, cpu) == 512  # auto: CPU's cap
+    assert chunk_codes(0, 8192, 2 ** 16, cpu) == 128  # auto: 4 MiB per (N, C) buffer
+    assert chunk_codes(0, 10 ** 6, 2 ** 16, cpu) == 64  # auto: never below 64
+    assert chunk_codes(0, 16384, 2 ** 16, cuda) == 4096  # auto: 256 MiB on CUDA
+    for n in (1, 7, 300, 5000):
+        size = chunk_codes(0, n, 2 ** 12, cpu)
+        assert 2 ** 12 % size == 0
