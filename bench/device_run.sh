@@ -12,6 +12,9 @@ timeout 100 python3 bench/cuda_ddp_check.py --steps ${DDP_STEPS:-300} --json "$O
 if [ "${RUN_GPU_BENCH:-1}" = 1 ]; then
   timeout 200 python3 bench/gpu.py --repeats 8 --json "$OUT/gpu_bench.json" \
     > "$OUT/gpu_bench.log" 2>&1; echo "gpu_bench rc=$?"
+  timeout 200 python3 bench/gpu.py --repeats 8 --compile --mapper-score-precision autocast \
+    --json "$OUT/gpu_bench_compile_bf16scores.json" > "$OUT/gpu_bench_compile.log" 2>&1
+  echo "gpu_bench_compile rc=$?"
 fi
 timeout ${REPRO_TIMEOUT:-240} python3 tune/reproduce_synthetic.py --in-process --device cuda \
   --config configs/synthetic.yaml --groups 16 --per-group 16 --out "$OUT" --name repro_gpu \

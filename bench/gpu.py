@@ -15,9 +15,11 @@ in a rotating order; figures are medians over rounds of per-round values:
 - overhead = step time / baseline step time of the same round - 1.  Target: <= 1/L + 5%.
 
 TF32 is off unless ``--tf32`` (PyTorch's and the training loop's default): the binary
-mapper computes in fp32 by design.
+mapper computes in fp32 by design; ``--mapper-score-precision autocast`` runs its
+backward's s = dL/dr W^T products in bf16 (``model.mapper_score_precision``).
 
     python bench/gpu.py --json bench/results/gpu.json [--compile [blocks]] [--tf32]
+        [--mapper-score-precision autocast]
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def main() -> None:
                    default=None, help="torch.compile the whole model (as training.compile "
                    "does) or, with 'blocks', each block apart (the mapper stays eager)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls")
+    p.add_argument("--mapper-score-precision", choices=("fp32", "autocast"), default="fp32",
+                   help="model.mapper_score_precision of the Free Transformers")
     p.add_argument("--datasheet-tflops", type=float, default=989.4,
                    help="the GPU's datasheet dense bf16 peak, TFLOP/s")
     p.add_argument("--batch-size", type=int, default=None)
@@ -86,7 +90,8 @@ def main() -> None:
 
     steps, failed = {}, {}
     for h in (0, *args.latent_bits):
-        step = TrainStep(step_config(shape, h, optimizer=optimizer), device=device,
+        extra = (f"model.mapper_score_precision={args.mapper_score_precision}",) if h else ()
+        step = TrainStep(step_config(shape, h, *extra, optimizer=optimizer), device=device,
                          amp_dtype=torch.bfloat16)
         if args.compile == "model":
             step.module = torch.compile(step.model)
@@ -112,6 +117,7 @@ def main() -> None:
     datasheet = args.datasheet_tflops * 1e12
     results = {"rounds_s": rounds, "shape": shape.describe(),
                "compile": args.compile, "tf32": args.tf32,
+               "mapper_score_precision": args.mapper_score_precision,
                "matmul_peak_tflops": peak / 1e12, "datasheet_tflops": args.datasheet_tflops,
                "configs": {}, "failed": failed}
     rows = []
@@ -156,7 +162,8 @@ def main() -> None:
                   "TFLOP/s", "MFU meas %", "MFU sheet %", "overhead %", "mem GiB"], rows)
     text += (f"\n{env.get('gpu')}: measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s "
              f"(median, same rounds), datasheet {args.datasheet_tflops:.0f}; "
-             f"compile={args.compile}, tf32={args.tf32}, B={shape.batch_size}, "
+             f"compile={args.compile}, tf32={args.tf32}, "
+             f"mapper_score_precision={args.mapper_score_precision}, B={shape.batch_size}, "
              f"T={shape.seq_len}, {args.repeats} rounds\n"
              f"* FlopCounterMode count of one eager step; mem = peak allocated during a step "
              f"beyond the memory held before it\n")

@@ -54,6 +54,10 @@ class ModelConfig:
     mapper: Literal["exact", "factored"] = "exact"
     mapper_impl: Literal["chunked", "dense"] = "chunked"  # both exact (eq. 8)
     mapper_chunk_size: int = 0  # codes per chunk in the chunked backward; 0 = auto
+    # Precision of the chunked backward's s = dL/dr W^T products over the 2^H codes:
+    # fp32 (exact), or the autocast dtype when training under AMP (bf16 tensor cores on
+    # GPU; G and every sum stay fp32).  An opt-in speed/precision trade.
+    mapper_score_precision: Literal["fp32", "autocast"] = "fp32"
     init_std: float = 0.02
 
     @property

@@ -88,9 +88,9 @@ class _ChunkedMapper(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, codes, weight, chunk_size):  # noqa: D102
+    def forward(ctx, logits, codes, weight, chunk_size, score_dtype):  # noqa: D102
         ctx.save_for_backward(logits, codes, weight)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.score_dtype = chunk_size, score_dtype
         return weight[codes]  # (N, D)
 
     @staticmethod
@@ -112,15 +112,18 @@ class _ChunkedMapper(torch.autograd.Function):
             log_p0 = F.logsigmoid(-logits32).sum(-1, keepdim=True)  # (N, 1), as in eq. 7
             acc_bits = torch.zeros_like(logits32)  # (N, H): sum_d s_d G_d U_h(d)
             acc_sum = torch.zeros_like(log_p0)  # (N, 1): sum_d s_d G_d
+            # s = dL/dr W^T in fp32, or in the autocast dtype if asked (G stays fp32).
+            score_dtype = ctx.score_dtype or dtype
+            grad_scores = grad_out.to(score_dtype)
             # Two (N, C) buffers reused by every chunk: no allocation (and, on CPU, no
             # fresh page faults) per chunk.
             g = logits32.new_empty(n, size)
-            s = logits32.new_empty(n, size)
+            s = logits32.new_empty(n, size, dtype=score_dtype)
             for start in range(0, num_codes, size):  # size divides 2^H
                 end = start + size
                 table = code_bits(num_bits, logits.device, start, end).to(dtype)  # (C, H)
                 torch.addmm(log_p0, logits32, table.T, out=g).exp_()  # G_d, eq. 7
-                torch.mm(grad_out, weight[start:end].to(dtype).T, out=s)  # s_d
+                torch.mm(grad_scores, weight[start:end].to(score_dtype).T, out=s)  # s_d
                 g.mul_(s)  # s_d G_d
                 acc_bits.addmm_(g, table)
                 acc_sum.add_(g.sum(-1, keepdim=True))
@@ -129,7 +132,7 @@ class _ChunkedMapper(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight, dtype=dtype)
             grad_weight.index_add_(0, codes, grad_out)
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_logits, None, grad_weight, None
+        return grad_logits, None, grad_weight, None, None
 
 
 # Automatic chunk size: (bytes of one (N, C) fp32 temporary, most codes per chunk).  CPU:
@@ -153,22 +156,25 @@ def chunk_codes(chunk_size: int, num_tokens: int, num_codes: int,
 
 
 def chunked_mapper(logits: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor,
-                   chunk_size: int = 0) -> torch.Tensor:
+                   chunk_size: int = 0, score_dtype: torch.dtype | None = None
+                   ) -> torch.Tensor:
     """Memory-efficient exact eq. 8.  (N, H), (N,), (2^H, D) -> (N, D).
 
     ``chunk_size``: codes per backward chunk (rounded down to a power of two); 0 sizes
-    chunks by bytes (:func:`chunk_codes`).
+    chunks by bytes (:func:`chunk_codes`).  ``score_dtype``: dtype of the backward's
+    s = dL/dr W^T products (None: fp32, exact); G and the sums are always fp32.
     """
-    return _ChunkedMapper.apply(logits, codes, weight, chunk_size)
+    return _ChunkedMapper.apply(logits, codes, weight, chunk_size, score_dtype)
 
 
 class BinaryMapper(nn.Module):
     """Binary mapper + post-sampler: bit logits -> code -> D-dim injection r (§3.4)."""
 
     def __init__(self, num_bits: int, dim: int, kind: str = "exact", impl: str = "chunked",
-                 chunk_size: int = 0) -> None:
+                 chunk_size: int = 0, score_precision: str = "fp32") -> None:
         super().__init__()
         self.num_bits, self.kind, self.impl, self.chunk_size = num_bits, kind, impl, chunk_size
+        self.score_precision = score_precision  # "fp32" or "autocast" (chunked backward)
         rows = 2 ** num_bits if kind == "exact" else num_bits
         self.weight = nn.Parameter(torch.empty(rows, dim))  # (2^H or H, D)
         self.bias = nn.Parameter(torch.zeros(dim))
@@ -180,15 +186,20 @@ class BinaryMapper(nn.Module):
         bits = sample_bits(logits, noise)  # (B, T, H)
         codes = bits_to_codes(bits)  # (B, T)
         flat = logits.reshape(-1, self.num_bits)  # (N, H)
+        device_type = logits.device.type
+        score_dtype = (torch.get_autocast_dtype(device_type)
+                       if self.score_precision == "autocast"
+                       and torch.is_autocast_enabled(device_type) else None)
         # G is a product of H probabilities: computed in fp32 even under autocast.
-        with torch.autocast(logits.device.type, enabled=False):
+        with torch.autocast(device_type, enabled=False):
             if self.kind == "factored":
                 p = torch.sigmoid(flat.float())
                 r = (bits.reshape(-1, self.num_bits) + p - p.detach()) @ self.weight.float()
             elif self.impl == "dense":
                 r = dense_mapper(flat, bits.reshape(-1, self.num_bits), self.weight)
             else:
-                r = chunked_mapper(flat, codes.reshape(-1), self.weight, self.chunk_size)
+                r = chunked_mapper(flat, codes.reshape(-1), self.weight, self.chunk_size,
+                                   score_dtype)
             r = r.to(self.bias.dtype) + self.bias
         return r.reshape(*logits.shape[:-1], -1), codes
 

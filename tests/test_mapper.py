@@ -183,3 +183,26 @@ def test_chunk_codes_tile_the_codes_in_powers_of_two():
     for n in (1, 7, 300, 5000):
         size = chunk_codes(0, n, 2 ** 12, cpu)
         assert 2 ** 12 % size == 0
+
+
+def test_autocast_score_precision_is_close_to_fp32_and_only_acts_under_amp():
+    """`mapper_score_precision: autocast` runs s = dL/dr W^T in bf16 under AMP only."""
+    torch.manual_seed(6)
+    exact = BinaryMapper(8, 32)
+    fast = BinaryMapper(8, 32, score_precision="autocast")
+    fast.load_state_dict(exact.state_dict())
+    logits, noise = torch.randn(4, 16, 8), torch.rand(4, 16, 8)
+    grad_out = torch.randn(4, 16, 32)
+
+    def logit_grad(mapper, amp):
+        x = logits.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            r, _ = mapper(x, noise)
+        (r * grad_out).sum().backward()
+        return x.grad
+
+    reference = logit_grad(exact, amp=True)  # fp32 scores even under autocast
+    assert torch.equal(logit_grad(fast, amp=False), logit_grad(exact, amp=False))
+    approx = logit_grad(fast, amp=True)
+    assert not torch.equal(approx, reference)  # the bf16 products did run
+    assert torch.allclose(approx, reference, rtol=0.02, atol=2e-3 * reference.abs().max())

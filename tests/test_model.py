@@ -262,3 +262,12 @@ def test_rope_rotates_each_pair_by_its_position_angle():
     assert rope(x.bfloat16(), start=7).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="max_seq_len"):
         rope(x, start=30)
+
+
+def test_generated_ids_are_ordinary_tensors(tiny_model_cfg):
+    """Decoding runs in inference mode; its output must still feed a training forward."""
+    model = FreeTransformer(tiny_model_cfg)
+    ids = model.generate(torch.randint(0, 32, (1, 3)), 4, temperature=0)
+    assert not ids.is_inference()
+    logits, _ = model(ids, mode="training")
+    logits.sum().backward()
