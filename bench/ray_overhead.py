@@ -7,6 +7,13 @@ the order between rounds.  Steady-state tokens/s is the median of the loop's own
 local Ray (``init_ray``) and one ``TorchTrainer.fit`` end to end minus its training time
 (start-up, worker placement, teardown).  Target: Ray/in-process >= 0.9.
 
+Per-trial overhead of a Tune sweep: two sweeps through ``freetf.sweep.run_sweep`` (the
+smoke spec, trials of 2 training steps run one at a time, ASHA and the stopper off), one
+of 1 trial and one of ``1 + --tune-trials``; the difference of their wall times over the
+extra trials is what a trial costs beyond its training: the trial actor, the Train
+controller and worker start-up, its MLflow child run, teardown (the sweep's fixed costs,
+its parent run and report, cancel out).
+
     python bench/ray_overhead.py --json bench/results/ray_overhead.json [--tiny]
 """
 
@@ -34,6 +41,8 @@ def steady_rate(history: list[dict]) -> float:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], repeats=2)
+    p.add_argument("--tune-trials", type=int, default=3,
+                   help="extra trials of the per-trial overhead sweep (0: skip it)")
     args = p.parse_args()
     env = environment()
     import ray
@@ -69,6 +78,7 @@ def main() -> None:
                 rows["ray_1_worker"].append(steady_rate(history))
                 tokens = steps * cfg.training.batch_size * cfg.data.max_seq_len
                 rows["fit_overhead_s"].append(fit_s - tokens / rows["ray_1_worker"][-1])
+        trial_s = tune_trial_overhead(tmp, args.tune_trials) if args.tune_trials > 0 else None
     finally:
         ray.shutdown()
     inproc = statistics.median(rows["in_process"])
@@ -78,7 +88,7 @@ def main() -> None:
         "in_process_tokens_per_s": inproc, "ray_tokens_per_s": via_ray,
         "ray_over_in_process": via_ray / inproc, "target": 0.9,
         "ray_init_s": ray_init_s, "fit_overhead_s": statistics.median(rows["fit_overhead_s"]),
-        "raw": rows,
+        "tune_trial_overhead_s": trial_s, "tune_trials": args.tune_trials, "raw": rows,
     }
     text = table(["measure", "value"], [
         ["in-process tokens/s (median)", f"{inproc:,.0f}"],
@@ -86,8 +96,36 @@ def main() -> None:
         ["ratio Ray / in-process (target >= 0.9)", f"{via_ray / inproc:.3f}"],
         ["ray.init (local) s", f"{ray_init_s:.1f}"],
         ["TorchTrainer.fit start-up + teardown s", f"{result['fit_overhead_s']:.1f}"],
+        *([["Tune sweep: s per trial beyond training", f"{trial_s:.1f}"]]
+          if trial_s is not None else []),
     ])
     finish("ray_overhead", args, result, text, env)
+
+
+def tune_trial_overhead(tmp: Path, extra_trials: int) -> float:
+    """Seconds a sweep trial costs beyond its training (see the module docstring)."""
+    from freetf.sweep import run_sweep
+    from freetf.sweep_spec import load_sweep
+
+    def sweep_s(trials: int) -> float:
+        weights = ", ".join(str(0.1 * (i + 1)) for i in range(trials))
+        name = f"bench-trials-{trials}"
+        sweep = load_sweep("configs/search_kl_smoke.yaml", [
+            "training.max_steps=2", "training.log_every=1", "training.eval_batches=1",
+            f"tracking.mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            f"storage_path={tmp}/tune", f"report_dir={tmp}/reports",
+            f"mlflow.sweep_name={name}", "asha.enabled=false", "stopper.enabled=false",
+            "search.max_concurrent_trials=1", "space.training.free_bits_bits={grid: [1.0]}",
+            f"space.training.kl_weight={{grid: [{weights}]}}"])
+        start = time.perf_counter()
+        result = run_sweep(sweep)
+        elapsed = time.perf_counter() - start
+        if result.interrupted or len(result.runs) != trials:
+            raise RuntimeError(f"sweep {name} did not run its {trials} trials")
+        return elapsed
+
+    one = sweep_s(1)
+    return (sweep_s(1 + extra_trials) - one) / extra_trials
 
 
 if __name__ == "__main__":
