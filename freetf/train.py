@@ -42,6 +42,43 @@ class InjectedFailure(RuntimeError):
     """Raised once at ``training.fail_at_step`` to exercise fault tolerance."""
 
 
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps on the device; the host looks only when asked.
+
+    ``observe`` takes one step's flag (a 0-dim bool tensor) without a host sync;
+    ``check`` (at log, eval and checkpoint steps, which sync anyway, or right after a
+    skip the host already saw) warns about new skips and raises
+    :class:`NonFiniteLossError` once ``limit`` steps in a row were non-finite.
+    """
+
+    def __init__(self, limit: int, device: torch.device) -> None:
+        self.limit = limit
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self.run = torch.zeros_like(self.total)  # current run of non-finite steps
+        self.longest = torch.zeros_like(self.total)  # longest run since the last check
+        self.reported = 0
+
+    def observe(self, bad: torch.Tensor) -> None:
+        self.total += bad
+        self.run = (self.run + 1) * bad
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def check(self, step: int, checkpoint_root: Path | None) -> int:
+        """-> total skipped steps so far."""
+        total, longest, run = torch.stack([self.total, self.longest, self.run]).tolist()
+        if total > self.reported:
+            log.warning("step %d: %d non-finite step(s) skipped since the last check "
+                        "(loss or gradient; %d in a row now)", step, total - self.reported, run)
+            self.reported = total
+        if longest >= self.limit:
+            raise NonFiniteLossError(
+                f"{longest} consecutive non-finite steps by step {step}; stopping. "
+                f"Lower training.learning_rate, enable training.grad_clip or use bf16; "
+                f"the last good checkpoint is kept in {checkpoint_root}")
+        self.longest = self.run.clone()
+        return total
+
+
 @dataclass
 class TrainContext:
     """How the loop talks to its runner.  The default runs in-process, one worker."""
@@ -161,18 +198,24 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         if tracker is not None:
             tracker.log_params({"model.num_parameters": counts["total"]})
 
-    nonfinite_total = nonfinite_run = 0
+    guard = NonFiniteGuard(tcfg.max_consecutive_nonfinite, device)
+    # Fused AdamW skips a non-finite update on the device (found_inf), so the loop never
+    # waits for the GPU between log steps.  Otherwise the step decides on the host: free
+    # on CPU, and fp16's GradScaler syncs every step anyway.
+    sync_free = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled()
     metrics: dict[str, float] = {}
     checkpoint: Path | None = None
     tokens_since, t_since = 0, time.perf_counter()
     sums: dict[str, torch.Tensor] = {}
-    n_sums = 0
+    n_sums = torch.zeros((), device=device)  # good steps in the current log window
+    nonfinite_total = 0
     model.train()
     for step in range(start_step, steps):
         if tcfg.fail_at_step is not None and step == tcfg.fail_at_step and start_step == 0:
             raise InjectedFailure(f"injected failure at step {step} (training.fail_at_step)")
         sched = schedule_values(cfg, step, steps)
         seq_len = int(sched["max_seq_len"])
+        step_parts: dict[str, torch.Tensor] = {}
         for micro in range(tcfg.grad_accum_steps):
             ids = next(stream)[:, :seq_len].to(device, non_blocking=True)  # (b, T)
             noise = step_noise(cfg, step, micro, tcfg.batch_size * ctx.world_size, seq_len,
@@ -188,43 +231,40 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                 scaler.scale(loss / tcfg.grad_accum_steps).backward()  # outside autocast
             for key, value in parts.items():
                 if value.dim() == 0:
-                    sums[key] = sums.get(key, 0.0) + value / tcfg.grad_accum_steps
+                    step_parts[key] = step_parts.get(key, 0.0) + value / tcfg.grad_accum_steps
             tokens_since += ids.numel() * ctx.world_size
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             raw_model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
-        # One host sync per step: grad norms are all-reduced, so every rank agrees.
-        if not math.isfinite(grad_norm.item()) or not math.isfinite(loss.item()):
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            nonfinite_total += 1
-            nonfinite_run += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                        step, nonfinite_run)
-            if nonfinite_run >= tcfg.max_consecutive_nonfinite:
-                raise NonFiniteLossError(
-                    f"{nonfinite_run} consecutive non-finite steps at step {step}; stopping. "
-                    f"Lower training.learning_rate, enable training.grad_clip or use bf16; "
-                    f"the last good checkpoint is kept in {ctx.checkpoint_root(cfg)}")
-            scheduler.step()
-            sums.clear()
-            continue
-        nonfinite_run = 0
-        scaler.step(optimizer)
+        # Grad norms are all-reduced under DDP, so every rank takes the same decision.
+        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss))  # () bool, on device
+        guard.observe(bad)
+        if sync_free:
+            optimizer.found_inf = bad.float()  # read by fused AdamW (GradScaler's protocol)
+            optimizer.step()
+        elif bad.item():
+            guard.check(step + 1, ctx.checkpoint_root(cfg))  # warns; stops after N in a row
+        else:
+            scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()
-        n_sums += 1
+        step_parts["grad_norm"] = grad_norm.detach()
+        for key, value in step_parts.items():  # a skipped step's values are left out
+            sums[key] = sums.get(key, 0.0) + torch.where(bad, 0.0, value)
+        n_sums += (~bad).float()
         done = step + 1
         last = done == steps
+        want_eval = last or (tcfg.eval_every and done % tcfg.eval_every == 0)
+        want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+        if done % tcfg.log_every == 0 or want_eval or want_ckpt:
+            nonfinite_total = guard.check(done, ctx.checkpoint_root(cfg))  # before any save
         if done % tcfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t_since
             metrics = _train_metrics(sums, n_sums, sched, optimizer, tokens_since / elapsed,
                                      nonfinite_total, done, stream.epoch)
-            sums, n_sums, tokens_since, t_since = {}, 0, 0, time.perf_counter()
-        want_eval = last or (tcfg.eval_every and done % tcfg.eval_every == 0)
-        want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+            sums, tokens_since, t_since = {}, 0, time.perf_counter()
+            n_sums = torch.zeros((), device=device)
         if want_eval:
             metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
                                     samples=last and ctx.is_main))
@@ -265,7 +305,9 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
 
 
 def _train_metrics(sums, n, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
-    means = {k: (v / max(n, 1)).item() for k, v in sums.items()}  # the log step's sync
+    """Means over the window's good steps (NaN if every step in it was skipped)."""
+    values = torch.stack([v / n for v in sums.values()]).tolist() if sums else []  # one sync
+    means = dict(zip(sums, values, strict=True))
     metrics = {
         "train/loss": means.get("total", float("nan")),
         "train/reconstruction": means.get("reconstruction", float("nan")),

@@ -59,22 +59,31 @@ def test_baseline_through_the_same_loop(tmp_path):
     assert result.metrics["eval/verdict"] == "baseline"
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+def _nan_losses_at(monkeypatch, bad_call):
+    """Make the loss NaN on the loss computations for which ``bad_call(n)`` is true."""
     import freetf.train as train_mod
+    from freetf.losses import compute_loss as real
 
-    real = train_mod.compute_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         total, parts = real(*args, **kwargs)
-        if calls["n"] == 3 or calls["n"] >= 6:  # one isolated NaN, then NaN for good
+        if bad_call(calls["n"]):
             total = total * float("nan")
         return total, parts
 
     monkeypatch.setattr(train_mod, "compute_loss", flaky)
+
+
+# foreach: the host decides each step; fused: the skip happens on the device and the host
+# checks at log / eval / checkpoint steps only (here every 2 steps).
+@pytest.mark.parametrize("optimizer", ["foreach", "fused"])
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, optimizer):
+    _nan_losses_at(monkeypatch, lambda n: n == 3 or n >= 6)  # one isolated NaN, then for good
     cfg = tiny(tmp_path, "training.max_steps=20", "checkpoint.every_steps=4",
-               "training.max_consecutive_nonfinite=3")
+               "training.max_consecutive_nonfinite=3", "training.log_every=2",
+               f"optimizer.fused={optimizer}")
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
         train_loop(cfg)
     # the last good checkpoint is kept and loads
@@ -109,3 +118,35 @@ def test_bf16_autocast_loop_runs_on_cpu(tmp_path):
     """The CUDA default (bf16 autocast) exercised on CPU at tiny size."""
     result = train_loop(tiny(tmp_path, "training.max_steps=2", "training.amp=bf16"))
     assert math.isfinite(result.metrics["train/loss"])
+
+
+def test_fused_optimizer_skips_a_nonfinite_step_without_host_syncs(tmp_path, monkeypatch):
+    """With fused AdamW the loop reads no device value between log steps."""
+    import sys
+
+    import freetf.train as train_mod
+
+    item_calls = {"n": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        if sys._getframe(1).f_code.co_filename == train_mod.__file__:
+            item_calls["n"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    _nan_losses_at(monkeypatch, lambda n: n == 3)
+    extra = ("training.max_steps=8", "training.log_every=4", "training.eval_every=0",
+             "checkpoint.every_steps=0")
+    fused = train_loop(tiny(tmp_path / "fused", *extra, "optimizer.fused=fused"))
+    assert item_calls["n"] == 0
+    assert fused.nonfinite_steps == 1
+    assert fused.metrics["train/nonfinite_steps"] == 1
+    assert all(math.isfinite(v) for v in losses(fused.history).values())
+    # the host-side path (foreach) reads every step, and skips the same step
+    _nan_losses_at(monkeypatch, lambda n: n == 3)
+    foreach = train_loop(tiny(tmp_path / "foreach", *extra, "optimizer.fused=foreach"))
+    assert item_calls["n"] >= 8
+    assert foreach.nonfinite_steps == 1
+    for step, loss in losses(foreach.history).items():
+        assert losses(fused.history)[step] == pytest.approx(loss, rel=1e-4)
