@@ -329,8 +329,10 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     # Tune marks the trials it stops on Ctrl-C TERMINATED too; only trials that ended
-    # on their own (or were stopped by ASHA / the stopper) carry done=True.
-    done = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    # on their own (or were stopped by ASHA / the stopper) carry done=True.  A Ctrl-C can
+    # also land after a trial closed its MLflow run but before Tune saw it end: MLflow
+    # then knows it ended (and --resume will not run it again).
+    done = ended_trials(results, context.keys, _ended_trial_keys(client, context.parent_run_id))
     interrupted = done < sweep.expected_trials
     log.info("sweep %s: %d of %d trials ended (%d errors)%s", sweep.name, done,
              sweep.expected_trials, results.num_errors,
@@ -433,6 +435,23 @@ def _find_parent(client, experiment: str, name: str):
                               filter_string=f"tags.`{TAG_SWEEP}` = '{name}' "
                                             f"and tags.`{TAG_ROLE}` = 'sweep'")
     return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def ended_trials(results, keys: tuple[str, ...], ended_in_mlflow: set[str]) -> int:
+    """Trials that ended: failed, done by Tune's account, or ended by MLflow's."""
+    def ended(result) -> bool:
+        if result.error is not None or (result.metrics or {}).get("done"):
+            return True
+        return bool(result.config) and \
+            trial_key({k: result.config.get(k) for k in keys}) in ended_in_mlflow
+    return sum(1 for result in results if ended(result))
+
+
+def _ended_trial_keys(client, parent_run_id: str) -> set[str]:
+    """Trial keys whose MLflow run says they ended: FINISHED, or stopped early."""
+    return {run.data.tags.get(TAG_KEY) for run in child_runs(client, parent_run_id)
+            if run.info.status == "FINISHED"
+            or run.data.tags.get("freetf.stopped_early") == "true"}
 
 
 def _close_open_runs(client, context: TrialContext, results, interrupted: bool) -> None:

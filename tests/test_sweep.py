@@ -25,6 +25,7 @@ from freetf.sweep import (
     StopperSpec,
     SweepError,
     TrialContext,
+    ended_trials,
     load_sweep,
     run_sweep,
     trial_key,
@@ -305,3 +306,19 @@ def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
             assert sorted(m.step for m in history) == list(
                 range(log_every, max_steps + 1, log_every))
     assert len(second.runs) == sweep.expected_trials
+
+
+def test_a_trial_counts_as_ended_if_tune_or_mlflow_says_so():
+    """Ctrl-C can land between a trial closing its MLflow run and Tune seeing it end."""
+    from types import SimpleNamespace
+
+    def result(kl_weight, metrics=None, error=None):
+        return SimpleNamespace(config={"training.kl_weight": kl_weight}, metrics=metrics,
+                               error=error)
+
+    keys = ("training.kl_weight",)
+    results = [result(0.1, {"done": True}), result(0.2, error=RuntimeError("x")),
+               result(0.3, {"step": 20}), result(0.4, {"step": 5}), result(0.5)]
+    finished_in_mlflow = {trial_key({"training.kl_weight": 0.3})}
+    assert ended_trials(results, keys, set()) == 2
+    assert ended_trials(results, keys, finished_in_mlflow) == 3
