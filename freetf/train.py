@@ -206,8 +206,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     metrics: dict[str, float] = {}
     checkpoint: Path | None = None
     tokens_since, t_since = 0, time.perf_counter()
-    sums: dict[str, torch.Tensor] = {}
-    n_sums = torch.zeros((), device=device)  # good steps in the current log window
+    sums: dict[str, torch.Tensor] = {}  # per-metric sums and counts over a log window
+    counts: dict[str, torch.Tensor] = {}
     nonfinite_total = 0
     model.train()
     for step in range(start_step, steps):
@@ -237,7 +237,10 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         grad_norm = torch.nn.utils.clip_grad_norm_(
             raw_model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
         # Grad norms are all-reduced under DDP, so every rank takes the same decision.
-        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss))  # () bool, on device
+        # fp16: an overflowed gradient is GradScaler's business (it skips the update and
+        # lowers the scale); only a non-finite loss counts towards the stop.
+        grads_ok = torch.isfinite(grad_norm)  # () bool, on device
+        bad = ~torch.isfinite(loss) if scaler.is_enabled() else ~(grads_ok & torch.isfinite(loss))
         guard.observe(bad)
         if sync_free:
             optimizer.found_inf = bad.float()  # read by fused AdamW (GradScaler's protocol)
@@ -250,9 +253,10 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step_parts["grad_norm"] = grad_norm.detach()
-        for key, value in step_parts.items():  # a skipped step's values are left out
-            sums[key] = sums.get(key, 0.0) + torch.where(bad, 0.0, value)
-        n_sums += (~bad).float()
+        for key, value in step_parts.items():  # logged means are over finite values only
+            finite = torch.isfinite(value)
+            sums[key] = sums.get(key, 0.0) + torch.where(finite, value, 0.0)
+            counts[key] = counts.get(key, 0.0) + finite.float()
         done = step + 1
         last = done == steps
         want_eval = last or (tcfg.eval_every and done % tcfg.eval_every == 0)
@@ -261,10 +265,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             nonfinite_total = guard.check(done, ctx.checkpoint_root(cfg))  # before any save
         if done % tcfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t_since
-            metrics = _train_metrics(sums, n_sums, sched, optimizer, tokens_since / elapsed,
+            metrics = _train_metrics(sums, counts, sched, optimizer, tokens_since / elapsed,
                                      nonfinite_total, done, stream.epoch)
-            sums, tokens_since, t_since = {}, 0, time.perf_counter()
-            n_sums = torch.zeros((), device=device)
+            sums, counts, tokens_since, t_since = {}, {}, 0, time.perf_counter()
         if want_eval:
             metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
                                     samples=last and ctx.is_main))
@@ -304,9 +307,9 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
     return result
 
 
-def _train_metrics(sums, n, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
-    """Means over the window's good steps (NaN if every step in it was skipped)."""
-    values = torch.stack([v / n for v in sums.values()]).tolist() if sums else []  # one sync
+def _train_metrics(sums, counts, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
+    """Means over the window's finite values (NaN where there was none)."""
+    values = torch.stack([sums[k] / counts[k] for k in sums]).tolist() if sums else []
     means = dict(zip(sums, values, strict=True))
     metrics = {
         "train/loss": means.get("total", float("nan")),

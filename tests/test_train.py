@@ -150,3 +150,18 @@ def test_fused_optimizer_skips_a_nonfinite_step_without_host_syncs(tmp_path, mon
     assert foreach.nonfinite_steps == 1
     for step, loss in losses(foreach.history).items():
         assert losses(fused.history)[step] == pytest.approx(loss, rel=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_fp16_overflow_steps_are_the_grad_scalers_not_a_reason_to_stop(tmp_path, monkeypatch):
+    """Under fp16 the scaler starting far too high overflows for many steps in a row."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 40))
+    cfg = tiny(tmp_path, "training.amp=fp16", "training.max_steps=40",
+               "training.max_consecutive_nonfinite=3", "training.log_every=5",
+               "training.eval_every=0")
+    result = train_loop(cfg)
+    assert result.nonfinite_steps == 0
+    assert all(math.isfinite(v) for v in losses(result.history).values())
