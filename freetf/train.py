@@ -240,7 +240,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         # fp16: an overflowed gradient is GradScaler's business (it skips the update and
         # lowers the scale); only a non-finite loss counts towards the stop.
         grads_ok = torch.isfinite(grad_norm)  # () bool, on device
-        bad = ~torch.isfinite(loss) if scaler.is_enabled() else ~(grads_ok & torch.isfinite(loss))
+        loss_ok = torch.isfinite(step_parts["total"])  # every micro-batch's loss
+        bad = ~loss_ok if scaler.is_enabled() else ~(grads_ok & loss_ok)
         guard.observe(bad)
         if sync_free:
             optimizer.found_inf = bad.float()  # read by fused AdamW (GradScaler's protocol)
