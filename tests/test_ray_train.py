@@ -120,3 +120,37 @@ def test_metric_only_reports_are_thinned_but_essential_ones_always_go(monkeypatc
     for step in range(1, 4):
         every.report({"step": step}, essential=False)
     assert sent == [1, 2, 3]
+
+
+def test_with_several_workers_rank_zeros_clock_decides_every_report(monkeypatch):
+    """ray.train.report is a collective: a rank whose own clock says 'due' follows rank 0."""
+    import ray.train
+    import ray.train.torch
+
+    from freetf import ray_train
+
+    class RankOne:
+        def get_world_rank(self):
+            return 1
+
+        def get_world_size(self):
+            return 2
+
+    rank_zero_says = []  # the flags rank 0 broadcasts, in order
+
+    def broadcast(tensor, src):
+        assert src == 0
+        tensor.fill_(rank_zero_says.pop(0))
+
+    sent, clock = [], [0.0]
+    monkeypatch.setattr(ray.train, "get_context", lambda: RankOne())
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: sent.append(metrics["step"]))
+    monkeypatch.setattr(ray_train.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    ctx = ray_train.RayTrainContext(report_interval_s=2.5)
+    rank_zero_says.extend([1.0, 0.0, 1.0])
+    for step in (1, 2, 3):
+        clock[0] = 10.0 * step  # this rank's clock: always due
+        ctx.report({"step": step}, essential=False)
+    assert sent == [1, 3] and not rank_zero_says
