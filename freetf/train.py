@@ -79,6 +79,35 @@ class NonFiniteGuard:
         return total
 
 
+class LogWindow:
+    """Sums of each step's scalar metrics over a log window, kept on the device.
+
+    A step's metrics are stacked into one vector, so adding them is three ops whatever
+    their number; means are over finite values only (NaN where there was none).
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.sums: torch.Tensor | None = None  # (K,)
+        self.counts: torch.Tensor | None = None  # (K,) finite values seen
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        vector = torch.stack(list(values.values()))  # (K,) same keys every step
+        finite = torch.isfinite(vector)
+        vector = torch.where(finite, vector, 0.0)
+        if self.sums is None:
+            self.keys, self.sums, self.counts = list(values), vector, finite.float()
+        else:
+            self.sums += vector
+            self.counts += finite
+
+    def means(self) -> dict[str, float]:
+        """The window's means: the log step's one host sync."""
+        if self.sums is None:
+            return {}
+        return dict(zip(self.keys, (self.sums / self.counts).tolist(), strict=True))
+
+
 @dataclass
 class TrainContext:
     """How the loop talks to its runner.  The default runs in-process, one worker."""
@@ -206,8 +235,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     metrics: dict[str, float] = {}
     checkpoint: Path | None = None
     tokens_since, t_since = 0, time.perf_counter()
-    sums: dict[str, torch.Tensor] = {}  # per-metric sums and counts over a log window
-    counts: dict[str, torch.Tensor] = {}
+    window = LogWindow()
     nonfinite_total = 0
     model.train()
     for step in range(start_step, steps):
@@ -254,10 +282,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step_parts["grad_norm"] = grad_norm.detach()
-        for key, value in step_parts.items():  # logged means are over finite values only
-            finite = torch.isfinite(value)
-            sums[key] = sums.get(key, 0.0) + torch.where(finite, value, 0.0)
-            counts[key] = counts.get(key, 0.0) + finite.float()
+        window.add(step_parts)
         done = step + 1
         last = done == steps
         want_eval = last or (tcfg.eval_every and done % tcfg.eval_every == 0)
@@ -266,9 +291,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             nonfinite_total = guard.check(done, ctx.checkpoint_root(cfg))  # before any save
         if done % tcfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t_since
-            metrics = _train_metrics(sums, counts, sched, optimizer, tokens_since / elapsed,
+            metrics = _train_metrics(window.means(), sched, optimizer, tokens_since / elapsed,
                                      nonfinite_total, done, stream.epoch)
-            sums, counts, tokens_since, t_since = {}, {}, 0, time.perf_counter()
+            window, tokens_since, t_since = LogWindow(), 0, time.perf_counter()
         if want_eval:
             metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
                                     samples=last and ctx.is_main))
@@ -308,10 +333,7 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
     return result
 
 
-def _train_metrics(sums, counts, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
-    """Means over the window's finite values (NaN where there was none)."""
-    values = torch.stack([sums[k] / counts[k] for k in sums]).tolist() if sums else []
-    means = dict(zip(sums, values, strict=True))
+def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
     metrics = {
         "train/loss": means.get("total", float("nan")),
         "train/reconstruction": means.get("reconstruction", float("nan")),
