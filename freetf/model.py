@@ -52,8 +52,7 @@ class KVCache:
 
     The buffers (B, kv_heads, capacity, hd) are allocated on the first append and
     written in place; ``append`` returns views of the filled part.  (Growing the cache
-    with ``torch.cat`` re-copies it at every token: O(T^2) traffic, ~20% of cached
-    generation time at 256 tokens on CPU.)
+    with ``torch.cat`` would re-copy it at every token: O(T^2) memory traffic.)
     """
 
     def __init__(self, capacity: int) -> None:
