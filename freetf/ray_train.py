@@ -85,7 +85,7 @@ class RayTrainContext(TrainContext):
         ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): a second report within
         that interval blocks the training thread until the next poll.  Reporting every
         log step capped training at one log interval per poll (0.70x the in-process
-        tokens/s in bench/ray_overhead.py; 0.96-0.99x with this thinning).  The skipped
+        tokens/s in bench/ray_overhead.py; 0.92-0.99x with this thinning).  The skipped
         points are not lost: rank 0 logs every log step to MLflow, which the plots read.
         """
         self.history.append(dict(metrics))
