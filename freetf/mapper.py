@@ -55,14 +55,19 @@ def sample_bits(logits: torch.Tensor, noise: torch.Tensor | None = None) -> torc
     return (noise < torch.sigmoid(logits.float())).float()
 
 
-def code_log_probs(logits: torch.Tensor, bits_table: torch.Tensor) -> torch.Tensor:
+def code_log_probs(logits: torch.Tensor, bits_table: torch.Tensor,
+                   log_p0: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """log G_{n,d} for the codes in ``bits_table`` (eq. 7).  (N, H), (C, H) -> (N, C).
 
     log G_d = sum_h [U_h log p_h + (1 - U_h) log(1 - p_h)] = sum_h log(1 - p_h) + L . U(d),
-    since log p - log(1 - p) = L: one matmul instead of two.
+    since log p - log(1 - p) = L: one matmul instead of two.  ``log_p0`` (N, 1), the
+    first term, may be passed in when the logits are reused over chunks; ``out`` is an
+    (N, C) buffer to write into.
     """
-    log_p0 = F.logsigmoid(-logits).sum(-1, keepdim=True)  # (N, 1) log P(all bits 0)
-    return torch.addmm(log_p0, logits, bits_table.T)
+    if log_p0 is None:
+        log_p0 = F.logsigmoid(-logits).sum(-1, keepdim=True)  # (N, 1) log P(all bits 0)
+    return torch.addmm(log_p0, logits, bits_table.T, out=out)
 
 
 def dense_mapper(logits: torch.Tensor, bits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -109,7 +114,7 @@ class _ChunkedMapper(torch.autograd.Function):
             num_codes = 2 ** num_bits
             size = chunk_codes(ctx.chunk_size, n, num_codes, logits.device)
             logits32 = logits.to(dtype)
-            log_p0 = F.logsigmoid(-logits32).sum(-1, keepdim=True)  # (N, 1), as in eq. 7
+            log_p0 = F.logsigmoid(-logits32).sum(-1, keepdim=True)  # (N, 1), once for all chunks
             acc_bits = torch.zeros_like(logits32)  # (N, H): sum_d s_d G_d U_h(d)
             acc_sum = torch.zeros_like(log_p0)  # (N, 1): sum_d s_d G_d
             # s = dL/dr W^T in fp32, or in the autocast dtype if asked (G stays fp32).
@@ -122,7 +127,7 @@ class _ChunkedMapper(torch.autograd.Function):
             for start in range(0, num_codes, size):  # size divides 2^H
                 end = start + size
                 table = code_bits(num_bits, logits.device, start, end).to(dtype)  # (C, H)
-                torch.addmm(log_p0, logits32, table.T, out=g).exp_()  # G_d, eq. 7
+                code_log_probs(logits32, table, log_p0, out=g).exp_()  # G_d, eq. 7
                 torch.mm(grad_scores, weight[start:end].to(score_dtype).T, out=s)  # s_d
                 g.mul_(s)  # s_d G_d
                 acc_bits.addmm_(g, table)
