@@ -447,11 +447,15 @@ def ended_trials(results, keys: tuple[str, ...], ended_in_mlflow: set[str]) -> i
     return sum(1 for result in results if ended(result))
 
 
+def _run_ended(run) -> bool:
+    """A trial's MLflow run says it ended: FINISHED, or stopped early by ASHA / the stopper."""
+    return run.info.status == "FINISHED" or run.data.tags.get("freetf.stopped_early") == "true"
+
+
 def _ended_trial_keys(client, parent_run_id: str) -> set[str]:
-    """Trial keys whose MLflow run says they ended: FINISHED, or stopped early."""
+    """Trial keys whose MLflow run says they ended."""
     return {run.data.tags.get(TAG_KEY) for run in child_runs(client, parent_run_id)
-            if run.info.status == "FINISHED"
-            or run.data.tags.get("freetf.stopped_early") == "true"}
+            if _run_ended(run)}
 
 
 def _close_open_runs(client, context: TrialContext, results, interrupted: bool) -> None:
@@ -465,7 +469,7 @@ def _close_open_runs(client, context: TrialContext, results, interrupted: bool) 
             last[trial_key({k: result.config.get(k) for k in context.keys})] = result
     for run in child_runs(client, context.parent_run_id):
         tags = run.data.tags
-        if run.info.status == "FINISHED" or tags.get("freetf.stopped_early") == "true":
+        if _run_ended(run):
             continue
         result = last.get(tags.get(TAG_KEY))
         metrics = dict(result.metrics or {}) if result is not None else {}
