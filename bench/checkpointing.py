@@ -35,8 +35,7 @@ H_VALUES = (0, 8, 16)
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], repeats=5)
-    p.add_argument("--mem-repeats", type=int, default=3, help="measured steps per process")
+    p = parser(__doc__.splitlines()[0], repeats=5, memory=True)
     args = p.parse_args()
     setup(args)
     env = environment()

@@ -385,7 +385,8 @@ def ops_table(ops: list[dict[str, float]], width: int = 60) -> str:
 # ----------------------------------------------------------------------------- output
 
 
-def parser(description: str, repeats: int) -> argparse.ArgumentParser:
+def parser(description: str, repeats: int, memory: bool = False) -> argparse.ArgumentParser:
+    """The flags every script shares; ``memory``: also ``--mem-repeats``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true", help="seconds-sized shapes (tests)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -399,6 +400,9 @@ def parser(description: str, repeats: int) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("auto", "fused", "foreach"), default="auto",
                    help="AdamW implementation (optimizer.fused; auto: foreach on CPU, "
                         "fused on CUDA, as the training loop)")
+    if memory:
+        p.add_argument("--mem-repeats", type=int, default=3,
+                       help="measured steps per process (activation memory)")
     return p
 
 

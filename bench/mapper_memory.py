@@ -101,8 +101,7 @@ def _counted_fwd_bwd(mapper: BinaryMapper, logits: torch.Tensor, noise: torch.Te
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], repeats=5)
-    p.add_argument("--mem-repeats", type=int, default=3, help="measured steps per process")
+    p = parser(__doc__.splitlines()[0], repeats=5, memory=True)
     args = p.parse_args()
     setup(args)
     env = environment()
