@@ -31,8 +31,8 @@ import torch
 
 from freetf import FreeTransformer, load_config
 from freetf.config import Config, ModelConfig
-from freetf.losses import LN2, compute_loss
-from freetf.train import build_optimizer
+from freetf.model.losses import LN2, compute_loss
+from freetf.training.loop import build_optimizer
 
 MiB = 2**20
 CPU = torch.device("cpu")

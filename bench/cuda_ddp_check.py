@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from freetf import load_config
 from freetf.logs import setup_logging
-from freetf.train import TrainContext, train_loop
+from freetf.training.loop import TrainContext, train_loop
 
 
 class NcclContext(TrainContext):

@@ -40,7 +40,7 @@ from common import (
 )
 
 from freetf import load_config
-from freetf.mapper import BinaryMapper
+from freetf.model.mapper import BinaryMapper
 
 CONFIGS = {  # name: (H, mapper_impl)
     "ft_h8": (8, "chunked"),

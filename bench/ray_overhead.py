@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, finish, parser, table  # noqa: E402
 
 from freetf import load_config  # noqa: E402
-from freetf.train import train_loop  # noqa: E402
+from freetf.training.loop import train_loop  # noqa: E402
 
 
 def steady_rate(history: list[dict]) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
     env = environment()
     import ray
 
-    from freetf.ray_train import build_trainer, init_ray
+    from freetf.training.ray_train import build_trainer, init_ray
 
     steps = 12 if args.tiny else 150
     config = "configs/tiny.yaml" if args.tiny else "configs/synthetic.yaml"
@@ -104,8 +104,8 @@ def main() -> None:
 
 def tune_trial_overhead(tmp: Path, extra_trials: int) -> float:
     """Seconds a sweep trial costs beyond its training (see the module docstring)."""
-    from freetf.sweep import run_sweep
-    from freetf.sweep_spec import load_sweep
+    from freetf.sweeps.spec import load_sweep
+    from freetf.sweeps.sweep import run_sweep
 
     def sweep_s(trials: int) -> float:
         weights = ", ".join(str(0.1 * (i + 1)) for i in range(trials))

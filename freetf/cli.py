@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_ray:
         overrides.append("scaling.use_ray=false")
     cfg = load_config(args.config, overrides)
-    from freetf.ray_train import run_training
+    from freetf.training.ray_train import run_training
 
     summary = run_training(cfg, resume=args.resume)
     if summary.error is not None:
@@ -69,8 +69,8 @@ def _print_summary(cfg, summary) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from freetf.checkpoint import load_model
-    from freetf.data import build_tokenizer
+    from freetf.data.datasets import build_tokenizer
+    from freetf.training.checkpoint import load_model
 
     model, cfg, _ = load_model(args.checkpoint)
     tokenizer = build_tokenizer(cfg)
@@ -94,9 +94,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from freetf.checkpoint import load_model
-    from freetf.data import build_data
-    from freetf.train import evaluate
+    from freetf.data.datasets import build_data
+    from freetf.training.checkpoint import load_model
+    from freetf.training.loop import evaluate
 
     model, cfg, state = load_model(args.checkpoint)
     if args.set:
@@ -120,7 +120,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from freetf.report import report_command
+    from freetf.sweeps.report import report_command
 
     return report_command(args)
 
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    from freetf.checkpoint import CheckpointError
     from freetf.tracking import TrackingError
+    from freetf.training.checkpoint import CheckpointError
 
     try:
         return args.func(args)

@@ -32,7 +32,7 @@ def local_ray():
     """A fresh local Ray for one test module (never one another process runs here)."""
     import ray
 
-    from freetf.ray_train import init_ray
+    from freetf.training.ray_train import init_ray
 
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     init_ray(num_cpus=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from freetf import FreeTransformer, load_config
-from freetf.checkpoint import (
+from freetf.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model,

@@ -18,7 +18,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     if "space" in yaml.safe_load(path.read_text()):  # a sweep spec around a base config
-        from freetf.sweep import load_sweep
+        from freetf.sweeps.sweep import load_sweep
 
         assert load_sweep(path).base().model.hidden_dim > 0
         return

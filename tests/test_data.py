@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from freetf.config import Config, load_config
-from freetf.data import (
+from freetf.data.datasets import (
     SYNTHETIC_SEQ_LEN,
     BatchStream,
     BlockDataset,

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_MODEL
 
-import freetf.diagnostics as diagnostics
+import freetf.evaluation.diagnostics as diagnostics
 from freetf import FreeTransformer, load_config
-from freetf.diagnostics import MIN_FREE_BITS_NATS, latent_diagnostics, verdict
-from freetf.losses import LN2
-from freetf.mapper import bits_to_codes, code_bits, sample_bits
+from freetf.evaluation.diagnostics import MIN_FREE_BITS_NATS, latent_diagnostics, verdict
+from freetf.model.losses import LN2
+from freetf.model.mapper import bits_to_codes, code_bits, sample_bits
 
 pytestmark = pytest.mark.timeout(60)
 

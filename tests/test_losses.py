@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from freetf.losses import compute_loss, free_bits_kl, kl_per_bit, kl_per_token
+from freetf.model.losses import compute_loss, free_bits_kl, kl_per_bit, kl_per_token
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freetf.mapper import (
+from freetf.model.mapper import (
     BinaryMapper,
     bits_to_codes,
     chunk_codes,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from freetf import FreeTransformer
-from freetf.model import Block, RotaryEmbedding
+from freetf.model.transformer import Block, RotaryEmbedding
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -22,7 +23,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # A token of the test's own: a fresh machine has no ~/.ray/auth_token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from freetf import load_config
-from freetf.checkpoint import load_checkpoint, load_model
-from freetf.ray_train import run_training
 from freetf.tracking import mlflow_client
-from freetf.train import train_loop
+from freetf.training.checkpoint import load_checkpoint, load_model
+from freetf.training.loop import train_loop
+from freetf.training.ray_train import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -95,7 +95,7 @@ def test_metric_only_reports_are_thinned_but_essential_ones_always_go(monkeypatc
     import ray.train
     import ray.train.torch
 
-    from freetf import ray_train
+    from freetf.training import ray_train
 
     class FakeContext:
         def get_world_rank(self):
@@ -127,7 +127,7 @@ def test_with_several_workers_rank_zeros_clock_decides_every_report(monkeypatch)
     import ray.train
     import ray.train.torch
 
-    from freetf import ray_train
+    from freetf.training import ray_train
 
     class RankOne:
         def get_world_rank(self):

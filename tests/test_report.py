@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from freetf import report
 from freetf.cli import main as cli_main
+from freetf.sweeps import report
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from freetf.reproduce import main, markdown_table
+from freetf.sweeps.reproduce import main, markdown_table
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,7 +10,7 @@ from freetf.config import (
     KLAnnealingConfig,
     load_config,
 )
-from freetf.schedules import (
+from freetf.training.schedules import (
     build_lr_scheduler,
     curriculum_at,
     free_bits_at,

@@ -17,10 +17,10 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from freetf import report
-from freetf import sweep as sweep_mod
-from freetf.diagnostics import VERDICTS
-from freetf.sweep import (
+from freetf.evaluation.diagnostics import VERDICTS
+from freetf.sweeps import report
+from freetf.sweeps import sweep as sweep_mod
+from freetf.sweeps.sweep import (
     CollapseStopper,
     StopperSpec,
     SweepError,

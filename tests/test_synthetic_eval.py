@@ -7,9 +7,14 @@ import math
 import pytest
 
 from freetf import load_config
-from freetf.data import CharTokenizer, synthetic_sequences
-from freetf.synthetic_eval import figure4_metrics, group_stats, read_sequence, render_groups
-from freetf.train import train_loop
+from freetf.data.datasets import CharTokenizer, synthetic_sequences
+from freetf.evaluation.synthetic_eval import (
+    figure4_metrics,
+    group_stats,
+    read_sequence,
+    render_groups,
+)
+from freetf.training.loop import train_loop
 
 pytestmark = pytest.mark.timeout(180)
 BODY = "_" * 64
@@ -50,7 +55,7 @@ def test_pipeline_on_a_tiny_trained_model(tmp_path):
                                              "tracking.mlflow.enabled=false",
                                              "training.max_steps=10"])
     result = train_loop(cfg)
-    from freetf.checkpoint import load_model
+    from freetf.training.checkpoint import load_model
 
     model, _, _ = load_model(result.checkpoint)
     metrics = figure4_metrics(model, groups=2, per_group=4)

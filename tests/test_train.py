@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from freetf import load_config
-from freetf.checkpoint import load_checkpoint
-from freetf.train import NonFiniteLossError, TrainContext, amp_dtype, train_loop
+from freetf.training.checkpoint import load_checkpoint
+from freetf.training.loop import NonFiniteLossError, TrainContext, amp_dtype, train_loop
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -61,8 +61,8 @@ def test_baseline_through_the_same_loop(tmp_path):
 
 def _nan_losses_at(monkeypatch, bad_call):
     """Make the loss NaN on the loss computations for which ``bad_call(n)`` is true."""
-    import freetf.train as train_mod
-    from freetf.losses import compute_loss as real
+    import freetf.training.loop as train_mod
+    from freetf.model.losses import compute_loss as real
 
     calls = {"n": 0}
 
@@ -124,7 +124,7 @@ def test_fused_optimizer_skips_a_nonfinite_step_without_host_syncs(tmp_path, mon
     """With fused AdamW the loop reads no device value between log steps."""
     import sys
 
-    import freetf.train as train_mod
+    import freetf.training.loop as train_mod
 
     item_calls = {"n": 0}
     real_item = torch.Tensor.item

@@ -11,7 +11,7 @@ The logic lives in :mod:`freetf.sweep`; see docs/sweeps.md.
 import sys
 from pathlib import Path
 
-from freetf.sweep import main
+from freetf.sweeps.sweep import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

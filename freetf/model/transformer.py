@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from freetf.config import ModelConfig
-from freetf.mapper import BinaryMapper
+from freetf.model.mapper import BinaryMapper
 
 
 class RotaryEmbedding(nn.Module):

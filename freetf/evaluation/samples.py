@@ -1,7 +1,7 @@
 """Evaluation helpers: the guide's perplexity interface and decoded generation samples.
 
 The latent diagnostics (CE with Z from the prior / posterior, KL, MI, verdict) live in
-``freetf.diagnostics``; this module holds what a user calls directly.
+``freetf.evaluation.diagnostics``; this module holds what a user calls directly.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from freetf.config import Config
-from freetf.data import DataBundle
-from freetf.model import FreeTransformer
+from freetf.data.datasets import DataBundle
+from freetf.model.transformer import FreeTransformer
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from typing import Any
 from ray import tune
 
 from freetf.config import Config, ConfigError, apply_overrides, from_dict
-from freetf.sweep_spec import (  # noqa: F401 - load_sweep, SweepError: the public API
+from freetf.sweeps.spec import (  # noqa: F401 - load_sweep, SweepError: the public API
     SPEC_FILE,
     STOP_REASON,
     StopperSpec,
@@ -110,8 +110,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from freetf.logs import setup_logging
-    from freetf.ray_train import build_trainer
     from freetf.tracking import make_tracker, mlflow_client
+    from freetf.training.ray_train import build_trainer
 
     setup_logging()
     sampled = {k: _plain(config[k]) for k in context.keys}
@@ -150,8 +150,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 
 def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint) -> None:
-    from freetf.ray_train import log_run_artifacts
     from freetf.tracking import CURVE_METRICS, metric_history, plot_training_curves
+    from freetf.training.ray_train import log_run_artifacts
 
     history = metric_history(client, tracker.run_id, CURVE_METRICS)
     path = Path(checkpoint.path) if checkpoint is not None else None
@@ -286,7 +286,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
     run and reattaches the parent and unfinished child runs.  Returns after the report
     is written, also when the sweep was interrupted (Ctrl-C): ``interrupted`` is then set.
     """
-    from freetf import report
+    from freetf.sweeps import report
     from freetf.tracking import make_tracker, mlflow_client
 
     # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
@@ -348,7 +348,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
 
 def _init_ray() -> None:
     """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray."""
-    from freetf.ray_train import init_ray
+    from freetf.training.ray_train import init_ray
 
     init_ray()
 
@@ -495,8 +495,8 @@ def _close_open_runs(client, context: TrialContext, results, interrupted: bool) 
 def main(argv: list[str] | None = None, default_config: str | Path | None = None,
          smoke_config: str | Path | None = None) -> int:
     """``search_kl.py [--config YAML | --smoke] [--set KEY=VALUE ...] [--resume]``."""
-    from freetf import report
     from freetf.logs import setup_logging
+    from freetf.sweeps import report
     from freetf.tracking import TrackingError
 
     parser = argparse.ArgumentParser(description="Ray Tune sweep over KL weight, free bits "

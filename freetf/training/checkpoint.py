@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the model of a checkpoint from its own config.  -> (model, config, state)."""
-    from freetf.model import FreeTransformer
+    from freetf.model.transformer import FreeTransformer
 
     state, config = load_checkpoint(path)
     model = FreeTransformer(config.model)

@@ -29,10 +29,10 @@ import ray.train.torch
 import torch
 import torch.distributed
 
-from freetf.checkpoint import CheckpointError, resolve_checkpoint
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
-from freetf.train import TrainContext, train_loop
+from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
+from freetf.training.loop import TrainContext, train_loop
 
 log = logging.getLogger(__name__)
 

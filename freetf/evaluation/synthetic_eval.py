@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from freetf.data import SYNTHETIC_BODY_LEN, SYNTHETIC_SEQ_LEN, SYNTHETIC_TARGET_LEN, CharTokenizer
-from freetf.model import FreeTransformer
+from freetf.data.datasets import (
+    SYNTHETIC_BODY_LEN,
+    SYNTHETIC_SEQ_LEN,
+    SYNTHETIC_TARGET_LEN,
+    CharTokenizer,
+)
+from freetf.model.transformer import FreeTransformer
 
 
 @dataclass(frozen=True)

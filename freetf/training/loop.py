@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from freetf.checkpoint import load_checkpoint, save_to_root
 from freetf.config import Config
-from freetf.data import BatchStream, DataBundle, build_data
-from freetf.diagnostics import latent_diagnostics, verdict
-from freetf.evaluation import sample_texts
-from freetf.losses import compute_loss
-from freetf.model import FreeTransformer
-from freetf.schedules import build_lr_scheduler, schedule_values
+from freetf.data.datasets import BatchStream, DataBundle, build_data
+from freetf.evaluation.diagnostics import latent_diagnostics, verdict
+from freetf.evaluation.samples import sample_texts
+from freetf.model.losses import compute_loss
+from freetf.model.transformer import FreeTransformer
+from freetf.training.checkpoint import load_checkpoint, save_to_root
+from freetf.training.schedules import build_lr_scheduler, schedule_values
 
 log = logging.getLogger(__name__)
 

@@ -155,7 +155,7 @@ class SweepConfig:
     def base(self) -> Config:
         """The resolved base config every trial starts from (absolute paths)."""
         from freetf.config import load_config
-        from freetf.ray_train import absolute_paths
+        from freetf.training.ray_train import absolute_paths
 
         overrides = dict(self.overrides)
         overrides.update({"scaling.use_ray": True, "tracking.mlflow.enabled": True})

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from freetf.config import Config
-from freetf.losses import LN2, kl_per_bit
-from freetf.mapper import bits_to_codes, sample_bits
+from freetf.model.losses import LN2, kl_per_bit
+from freetf.model.mapper import bits_to_codes, sample_bits
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from freetf.checkpoint import load_model
 from freetf.config import Config, load_config
-from freetf.data import build_data
-from freetf.synthetic_eval import figure4_metrics, render_groups
+from freetf.data.datasets import build_data
+from freetf.evaluation.synthetic_eval import figure4_metrics, render_groups
+from freetf.training.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ COLUMNS = [  # (key, header, format)
 def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
             device: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
     """Figure 4 metrics, KL and CE gap of one trained checkpoint, and its sample groups."""
-    from freetf.train import evaluate
+    from freetf.training.loop import evaluate
 
     model, cfg, _ = load_model(checkpoint, device)
     torch.manual_seed(seed)
@@ -62,7 +62,7 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
 def reproduce_in_process(base: Config, kappas_bits: tuple[float, ...], seeds: tuple[int, ...],
                          groups: int, per_group: int, device: str) -> tuple[list, dict]:
     """Train and measure every (kappa, seed) one after another, without Ray or MLflow."""
-    from freetf.train import TrainContext, train_loop
+    from freetf.training.loop import TrainContext, train_loop
 
     rows, samples = [], {}
     for kappa in kappas_bits:
@@ -83,7 +83,7 @@ def reproduce_in_process(base: Config, kappas_bits: tuple[float, ...], seeds: tu
 def reproduce_with_tune(spec: str | Path, overrides: list[str], resume: bool, groups: int,
                         per_group: int) -> tuple[list, dict, Any]:
     """The Ray Tune grid over kappa (``configs/reproduce_synthetic.yaml``), then measure."""
-    from freetf.sweep import load_sweep, run_sweep
+    from freetf.sweeps.sweep import load_sweep, run_sweep
     from freetf.tracking import mlflow_client
 
     result = run_sweep(load_sweep(spec, overrides), resume=resume)

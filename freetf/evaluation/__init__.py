@@ -1,0 +1,1 @@
+"""Evaluation: latent diagnostics and verdicts, samples, and the Figure 4 protocol."""

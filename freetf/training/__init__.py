@@ -1,0 +1,1 @@
+"""Training: the one loop, its schedules, checkpoints, and the Ray Train wiring."""
