@@ -46,8 +46,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_summary(cfg, summary) -> None:
     metrics = summary.metrics
-    keys = ["train/loss", "train/reconstruction", "train/kl_nats", "train/kl_bits",
-            "eval/ce_prior", "eval/ce_posterior", "eval/ce_gap", "eval/ppl_prior",
+    keys = ["train/loss", "train/ce_nats", "train/kl_nats", "train/kl_bits",
+            "eval/ce_prior_nats", "eval/ce_posterior_nats", "eval/ce_gap_nats", "eval/ppl_prior",
             "eval/active_bits", "train/tokens_per_s"]
     print(f"\nfinished {metrics.get('step', '?')} steps in {summary.wall_s:.0f} s")
     for key in keys:

@@ -250,7 +250,7 @@ class CheckpointConfig:
     dir: str = "checkpoints"
     every_steps: int = 0  # 0 = only at the end
     keep: int = 3
-    metric: str = "eval/ce_prior"  # Ray CheckpointConfig: keep the best by this
+    metric: str = "eval/ce_prior_nats"  # Ray CheckpointConfig: keep the best by this
     mode: Literal["min", "max"] = "min"
 
     def validate(self, path: str) -> None:

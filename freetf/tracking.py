@@ -62,9 +62,9 @@ _PERMANENT_ERROR_CODES = frozenset({
     "UNAUTHENTICATED",
 })
 # The training guide's names (TensorBoard / W&B), mirrored beside the namespaced keys.
-TENSORBOARD_ALIASES = {"train/reconstruction": "Loss/Reconstruction", "train/kl": "Loss/KL",
+TENSORBOARD_ALIASES = {"train/ce_nats": "Loss/Reconstruction", "train/kl_hinged_nats": "Loss/KL",
                        "train/loss": "Loss/Total", "train/lr": "Learning_Rate"}
-WANDB_ALIASES = {"train/reconstruction": "loss/reconstruction", "train/kl": "loss/kl",
+WANDB_ALIASES = {"train/ce_nats": "loss/reconstruction", "train/kl_hinged_nats": "loss/kl",
                  "train/loss": "loss/total", "train/lr": "learning_rate"}
 
 
@@ -509,7 +509,7 @@ def make_tracker(cfg: Config, *, rank: int = 0, run_id: str | None = None,
 # ----------------------------------------------------------------------------- plots
 
 
-CURVE_METRICS = ("train/loss", "train/reconstruction", "train/kl_nats", "train/free_bits_nats")
+CURVE_METRICS = ("train/loss", "train/ce_nats", "train/kl_nats", "train/free_bits_nats")
 
 
 def metric_history(client, run_id: str, keys: tuple[str, ...]) -> list[dict[str, float]]:
@@ -537,7 +537,7 @@ def plot_training_curves(history: list[dict[str, float]], path: str | Path) -> P
     fig = Figure(figsize=(11, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_kl = fig.subplots(1, 2)
-    for key, label in (("train/loss", "total loss"), ("train/reconstruction", "reconstruction")):
+    for key, label in (("train/loss", "total loss"), ("train/ce_nats", "reconstruction")):
         steps, values = series(key)
         if steps:
             ax_loss.plot(steps, values, label=label)

@@ -33,7 +33,7 @@ def test_generate_and_eval(trained, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("K>") and len(line) == 66 for line in lines)
     assert main(["eval", "--checkpoint", str(trained), "--json"]) == 0
-    assert '"eval/ce_prior"' in capsys.readouterr().out
+    assert '"eval/ce_prior_nats"' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -58,10 +58,10 @@ def test_zero_readout_gives_zero_kl_and_zero_mapper_gives_collapse():
         assert m[f"eval/kl_bit_{h}_nats"] == pytest.approx(0.0, abs=1e-6)
     assert m["eval/active_bits"] == 0
     assert m["eval/mutual_info_nats"] == pytest.approx(0.0, abs=1e-6)
-    assert m["eval/ce_prior"] == pytest.approx(m["eval/ce_posterior"], abs=1e-6)
-    assert m["eval/ce_shuffled"] == pytest.approx(m["eval/ce_posterior"], abs=1e-6)
-    assert abs(m["eval/ce_gap"]) < 1e-6
-    assert m["eval/ppl_prior"] == pytest.approx(math.exp(m["eval/ce_prior"]))
+    assert m["eval/ce_prior_nats"] == pytest.approx(m["eval/ce_posterior_nats"], abs=1e-6)
+    assert m["eval/ce_shuffled_nats"] == pytest.approx(m["eval/ce_posterior_nats"], abs=1e-6)
+    assert abs(m["eval/ce_gap_nats"]) < 1e-6
+    assert m["eval/ppl_prior"] == pytest.approx(math.exp(m["eval/ce_prior_nats"]))
     assert verdict(m, cfg) == "collapsed"
 
 
@@ -139,12 +139,12 @@ def test_ce_values_match_a_replay_of_the_sampling():
         codes = bits_to_codes(sample_bits(z_logits, noise))  # (B, T)
         shuf_logits, _ = model(ids, z=codes[[2, 0, 1]])
     n = 3 * 9
-    assert m["eval/ce_prior"] == pytest.approx(next_token_ce(prior_logits, ids).item() / n)
-    assert m["eval/ce_posterior"] == pytest.approx(next_token_ce(post_logits, ids).item() / n)
-    assert m["eval/ce_shuffled"] == pytest.approx(next_token_ce(shuf_logits, ids).item() / n)
-    assert m["eval/ce_shuffled"] != pytest.approx(m["eval/ce_posterior"])
-    assert m["eval/ce_gap"] == pytest.approx(m["eval/ce_prior"] - m["eval/ce_posterior"])
-    assert m["eval/ppl_posterior"] == pytest.approx(math.exp(m["eval/ce_posterior"]))
+    assert m["eval/ce_prior_nats"] == pytest.approx(next_token_ce(prior_logits, ids).item() / n)
+    assert m["eval/ce_posterior_nats"] == pytest.approx(next_token_ce(post_logits, ids).item() / n)
+    assert m["eval/ce_shuffled_nats"] == pytest.approx(next_token_ce(shuf_logits, ids).item() / n)
+    assert m["eval/ce_shuffled_nats"] != pytest.approx(m["eval/ce_posterior_nats"])
+    assert m["eval/ce_gap_nats"] == pytest.approx(m["eval/ce_prior_nats"] - m["eval/ce_posterior_nats"])
+    assert m["eval/ppl_posterior"] == pytest.approx(math.exp(m["eval/ce_posterior_nats"]))
     used = codes[:, :-1].unique().numel()
     assert m["eval/code_usage"] == used
 
@@ -152,8 +152,8 @@ def test_ce_values_match_a_replay_of_the_sampling():
 def test_single_row_batches_leave_ce_shuffled_nan():
     cfg, model = make()
     m = latent_diagnostics(model, rows(2, b=1), cfg)
-    assert math.isnan(m["eval/ce_shuffled"])
-    assert math.isfinite(m["eval/ce_posterior"])
+    assert math.isnan(m["eval/ce_shuffled_nats"])
+    assert math.isfinite(m["eval/ce_posterior_nats"])
 
 
 def test_rejects_bad_input():
@@ -207,13 +207,13 @@ def test_baseline_reports_plain_ce_and_verdict_baseline():
     cfg, model = make("model.latent_dim=0")
     batches = [torch.randint(0, 32, (3, 9)), torch.randint(0, 32, (5, 17))]
     m = latent_diagnostics(model, batches, cfg)
-    assert set(m) == {"eval/ce_prior", "eval/ppl_prior", "eval/kl_nats", "eval/kl_bits"}
+    assert set(m) == {"eval/ce_prior_nats", "eval/ppl_prior", "eval/kl_nats", "eval/kl_bits"}
     assert m["eval/kl_nats"] == 0.0 and m["eval/kl_bits"] == 0.0
     model.eval()
     with torch.no_grad():
         total = sum(next_token_ce(model(ids)[0], ids).item() for ids in batches)
-    assert m["eval/ce_prior"] == pytest.approx(total / (3 * 8 + 5 * 16))  # token-weighted
-    assert m["eval/ppl_prior"] == pytest.approx(math.exp(m["eval/ce_prior"]))
+    assert m["eval/ce_prior_nats"] == pytest.approx(total / (3 * 8 + 5 * 16))  # token-weighted
+    assert m["eval/ppl_prior"] == pytest.approx(math.exp(m["eval/ce_prior_nats"]))
     assert verdict(m, cfg) == "baseline"
 
 
@@ -225,7 +225,7 @@ LEAK_KL = CFG.diagnostics.leak_kl_factor * KAPPA
 
 
 def metrics(kl: float, gap: float) -> dict[str, float]:
-    return {"eval/kl_nats": kl, "eval/ce_gap": gap, "eval/ce_posterior": 2.0}
+    return {"eval/kl_nats": kl, "eval/ce_gap_nats": gap, "eval/ce_posterior_nats": 2.0}
 
 
 @pytest.mark.parametrize(("kl", "gap", "expected"), [
@@ -268,9 +268,9 @@ def test_verdict_uses_the_configured_thresholds():
 
 
 def test_verdict_rejects_missing_or_non_finite_metrics():
-    assert verdict({"eval/ce_prior": 3.0, "eval/kl_nats": 0.0}, CFG) == "baseline"
-    with pytest.raises(ValueError, match="eval/ce_gap"):
-        verdict({"eval/ce_posterior": 1.0, "eval/kl_nats": 0.1}, CFG)
+    assert verdict({"eval/ce_prior_nats": 3.0, "eval/kl_nats": 0.0}, CFG) == "baseline"
+    with pytest.raises(ValueError, match="eval/ce_gap_nats"):
+        verdict({"eval/ce_posterior_nats": 1.0, "eval/kl_nats": 0.1}, CFG)
     with pytest.raises(ValueError, match="finite"):
         verdict(metrics(math.nan, 0.0), CFG)
     with pytest.raises(ValueError, match="finite"):

@@ -34,8 +34,8 @@ def _run(run_id: str, *, kl_weight: float, verdict: str, free_bits_bits: float |
     if stopped:
         tags.update({"freetf.stop_reason": stopped, "freetf.stopped_at_step": "10"})
     metrics = {"step": 12.0 if stopped else 40.0, "eval/kl_nats": kl_nats,
-               "eval/kl_bits": kl_nats / math.log(2), "eval/ce_gap": 0.01,
-               "eval/ce_prior": 1.5, "eval/active_bits": 3.0, "train/kl_nats": kl_nats}
+               "eval/kl_bits": kl_nats / math.log(2), "eval/ce_gap_nats": 0.01,
+               "eval/ce_prior_nats": 1.5, "eval/active_bits": 3.0, "train/kl_nats": kl_nats}
     return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=f"s/{run_id}",
                                                 status=status),
                            data=SimpleNamespace(params=params, tags=tags, metrics=metrics))
@@ -66,7 +66,7 @@ def test_runs_frame_reads_params_tags_and_metrics(runs):
     assert df.set_index("run_id").loc["a", "stop_reason"] == ""
     assert df.set_index("run_id").loc["b", "sampled.training.seed"] == 1
     assert list(df["kl_annealing"]) == ["constant"] * 4 + ["linear"]  # sorted by panel
-    assert {"eval/kl_nats", "eval/ce_gap", "eval/ce_prior", "eval/active_bits",
+    assert {"eval/kl_nats", "eval/ce_gap_nats", "eval/ce_prior_nats", "eval/active_bits",
             "verdict", "status"} <= set(df.columns)
 
 

@@ -229,8 +229,8 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert child.info.run_name.startswith(f"{sweep.name}/")
         assert {f"sampled.{k}" for k in keys} <= set(params)  # the sampled keys ...
         assert {"training.kl_weight", "model.latent_dim", "training.max_steps"} <= set(params)
-        assert {"train/loss", "train/kl_nats", "train/kl_weight", "eval/ce_prior",
-                "eval/ce_gap", "eval/kl_nats", "eval/active_bits"} <= set(metrics)
+        assert {"train/loss", "train/kl_nats", "train/kl_weight", "eval/ce_prior_nats",
+                "eval/ce_gap_nats", "eval/kl_nats", "eval/active_bits"} <= set(metrics)
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) >= 2
         if tags["freetf.stopped_early"] == "true":
             assert child.info.status == "KILLED"

@@ -187,14 +187,14 @@ def test_transient_failure_is_buffered_and_retried(
 
     monkeypatch.setattr(tracker.client, "log_batch", flaky_log_batch)
     with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
-        tracker.log_metrics({"train/loss": 5.0, "train/kl": 0.5}, step=1)  # must not raise
+        tracker.log_metrics({"train/loss": 5.0, "train/kl_hinged_nats": 0.5}, step=1)  # must not raise
     assert "buffering" in caplog.text
     client = MlflowClient(sqlite_uri)
     assert client.get_metric_history(tracker.run_id, "train/loss") == []
     tracker.log_metrics({"train/loss": 4.0}, step=2)
     history = client.get_metric_history(tracker.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 5.0), (2, 4.0)]
-    assert [m.step for m in client.get_metric_history(tracker.run_id, "train/kl")] == [1]
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "train/kl_hinged_nats")] == [1]
 
     calls["n"] = 0  # params are buffered the same way
     tracker.log_params({"extra": {"seed_note": "retry me"}})
@@ -288,13 +288,13 @@ def test_tensorboard_and_wandb_mirror_guide_names(
                                  "tracking.tensorboard.log_dir": str(tmp_path / "tb"),
                                  "tracking.wandb.enabled": True})
     tracker = make_tracker(cfg, run_name="mirror")
-    metrics = {"train/reconstruction": 2.0, "train/kl": 0.3, "train/loss": 2.3,
+    metrics = {"train/ce_nats": 2.0, "train/kl_hinged_nats": 0.3, "train/loss": 2.3,
                "train/lr": 1e-4, "train/kl_nats": 0.4}
     tracker.log_metrics(metrics, step=7)
     tracker.finish("FAILED")
 
     logged = {key: (value, step) for key, value, step in scalars}
-    for key, alias in [("train/reconstruction", "Loss/Reconstruction"), ("train/kl", "Loss/KL"),
+    for key, alias in [("train/ce_nats", "Loss/Reconstruction"), ("train/kl_hinged_nats", "Loss/KL"),
                        ("train/loss", "Loss/Total"), ("train/lr", "Learning_Rate")]:
         assert logged[key] == logged[alias] == (metrics[key], 7)
     assert logged["train/kl_nats"] == (0.4, 7)
@@ -324,7 +324,7 @@ def test_missing_extra_names_it(module: str, extra: str, tmp_path: Path,
 
 
 def test_plot_training_curves(tmp_path: Path, sqlite_uri: str) -> None:
-    history = [{"step": s, "train/loss": 3.0 / (s + 1), "train/reconstruction": 2.5 / (s + 1),
+    history = [{"step": s, "train/loss": 3.0 / (s + 1), "train/ce_nats": 2.5 / (s + 1),
                 "train/kl_nats": 0.05 * s, "train/free_bits_nats": 0.35} for s in range(20)]
     path = plot_training_curves(history, tmp_path / "plots" / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -379,7 +379,7 @@ def test_real_mlflow_server_end_to_end(mlflow_server: str, tmp_path: Path) -> No
     with make_tracker(cfg, run_name="over-http", tags={"purpose": "e2e"}) as tracker:
         assert isinstance(tracker, Tracker) and tracker.run_id
         for step in range(3):
-            tracker.log_metrics({"train/loss": 2.0 - step, "eval/ce_prior": 1.5}, step=step)
+            tracker.log_metrics({"train/loss": 2.0 - step, "eval/ce_prior_nats": 1.5}, step=step)
         tracker.log_params({"sweep": {"trial": 3}})
     client = MlflowClient(mlflow_server)
     run = client.get_run(tracker.run_id)

@@ -28,10 +28,10 @@ def test_synthetic_reconstruction_drops(tmp_path):
     cfg = tiny(tmp_path, "training.max_steps=80",
                "training.learning_rate=1e-2", "model.hidden_dim=64")
     result = train_loop(cfg)
-    recon = [h["train/reconstruction"] for h in result.history if "train/reconstruction" in h]
+    recon = [h["train/ce_nats"] for h in result.history if "train/ce_nats" in h]
     assert recon[0] > 2.0  # ~ log(29) at the start
     assert recon[-1] < 0.5 * recon[0]
-    assert result.metrics["eval/ce_prior"] < 0.5 * math.log(29)
+    assert result.metrics["eval/ce_prior_nats"] < 0.5 * math.log(29)
     assert "train/kl_nats" in result.metrics and "train/tokens_per_s" in result.metrics
     assert result.checkpoint is not None and result.checkpoint.name == "step_000080"
 

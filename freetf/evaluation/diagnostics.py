@@ -81,14 +81,14 @@ def latent_diagnostics(model: nn.Module, batches: Iterable[torch.Tensor], cfg: C
     - ``eval/code_perplexity``: exp(entropy) of the empirical distribution of the
       posterior codes sampled at the evaluated positions; ``eval/code_usage``: number
       of distinct codes among them.
-    - ``eval/ce_prior``, ``eval/ppl_prior``: Z from the uniform prior (inference mode,
-      the paper's generation setting); ``eval/ce_posterior``, ``eval/ppl_posterior``:
-      Z sampled from the encoder (training mode); ``eval/ce_shuffled``: the same
+    - ``eval/ce_prior_nats``, ``eval/ppl_prior``: Z from the uniform prior (inference mode,
+      the paper's generation setting); ``eval/ce_posterior_nats``, ``eval/ppl_posterior``:
+      Z sampled from the encoder (training mode); ``eval/ce_shuffled_nats``: the same
       posterior codes rolled by one row along the batch, so each row is conditioned on
-      another row's codes (NaN when no batch has two rows); ``eval/ce_gap`` =
+      another row's codes (NaN when no batch has two rows); ``eval/ce_gap_nats`` =
       ce_prior - ce_posterior.
 
-    For the baseline (``latent_dim == 0``) only ``eval/ce_prior`` / ``eval/ppl_prior``
+    For the baseline (``latent_dim == 0``) only ``eval/ce_prior_nats`` / ``eval/ppl_prior``
     (the plain CE and perplexity) and ``eval/kl_nats = eval/kl_bits = 0`` are returned.
     """
     core = getattr(model, "module", model)  # unwrap DistributedDataParallel
@@ -120,7 +120,7 @@ def verdict(metrics: dict[str, float], cfg: Config,
             free_bits_nats: float | None = None) -> str:
     """Classify a run from ``latent_diagnostics`` output (§3.3's two failure regimes).
 
-    With d = ``cfg.diagnostics``, KL = ``eval/kl_nats``, gap = ``eval/ce_gap`` and
+    With d = ``cfg.diagnostics``, KL = ``eval/kl_nats``, gap = ``eval/ce_gap_nats`` and
     kappa = ``free_bits_nats`` (default ``cfg.training.free_bits_nats``; pass the
     scheduled value when a free-bits schedule is in use), checked in this order:
 
@@ -137,17 +137,17 @@ def verdict(metrics: dict[str, float], cfg: Config,
     kappa = 0 the KL test fires for any KL above 2e-6 nats that is not a collapse.
     Raises ``ValueError`` when KL or gap is missing or not finite.
     """
-    if "eval/ce_posterior" not in metrics:
+    if "eval/ce_posterior_nats" not in metrics:
         return "baseline"
     d = cfg.diagnostics
     kappa = cfg.training.free_bits_nats if free_bits_nats is None else free_bits_nats
     try:
-        kl, gap = float(metrics["eval/kl_nats"]), float(metrics["eval/ce_gap"])
+        kl, gap = float(metrics["eval/kl_nats"]), float(metrics["eval/ce_gap_nats"])
     except KeyError as err:
         raise ValueError(f"verdict needs {err.args[0]!r} in metrics") from None
     if not (math.isfinite(kl) and math.isfinite(gap)):
         raise ValueError(f"verdict needs finite metrics, got eval/kl_nats={kl}, "
-                         f"eval/ce_gap={gap}")
+                         f"eval/ce_gap_nats={gap}")
     if kl < d.collapsed_kl_nats and abs(gap) < d.collapsed_gap_nats:
         return "collapsed"
     if kl > d.leak_kl_factor * max(kappa, MIN_FREE_BITS_NATS) or gap > d.leak_gap_nats:
@@ -184,8 +184,8 @@ class _Accumulator:
             self.code_counter.update(dict(zip(values.tolist(), counts.tolist(), strict=True)))
 
     def metrics(self, active_threshold_nats: float) -> dict[str, float]:
-        out = {"eval/ce_prior": self.ce_sum["prior"] / self.tokens}
-        out["eval/ppl_prior"] = _exp(out["eval/ce_prior"])
+        out = {"eval/ce_prior_nats": self.ce_sum["prior"] / self.tokens}
+        out["eval/ppl_prior"] = _exp(out["eval/ce_prior_nats"])
         if self.num_bits == 0:
             out.update({"eval/kl_nats": 0.0, "eval/kl_bits": 0.0})
             return out
@@ -205,11 +205,11 @@ class _Accumulator:
         freq = counts / counts.sum()
         out["eval/code_perplexity"] = _exp(-(freq * freq.log()).sum().item())
         out["eval/code_usage"] = float(counts.numel())
-        out["eval/ce_posterior"] = self.ce_sum["posterior"] / self.tokens
-        out["eval/ppl_posterior"] = _exp(out["eval/ce_posterior"])
-        out["eval/ce_shuffled"] = (self.ce_sum["shuffled"] / self.shuffled_tokens
+        out["eval/ce_posterior_nats"] = self.ce_sum["posterior"] / self.tokens
+        out["eval/ppl_posterior"] = _exp(out["eval/ce_posterior_nats"])
+        out["eval/ce_shuffled_nats"] = (self.ce_sum["shuffled"] / self.shuffled_tokens
                                    if self.shuffled_tokens else math.nan)
-        out["eval/ce_gap"] = out["eval/ce_prior"] - out["eval/ce_posterior"]
+        out["eval/ce_gap_nats"] = out["eval/ce_prior_nats"] - out["eval/ce_posterior_nats"]
         return out
 
 
@@ -235,7 +235,7 @@ def _evaluate_batch(model: nn.Module, ids: torch.Tensor, acc: _Accumulator) -> N
     if b < 2:
         if not acc.warned_single_row:
             logger.warning("a batch has one row: no other row to take codes from; "
-                           "eval/ce_shuffled skips such batches")
+                           "eval/ce_shuffled_nats skips such batches")
             acc.warned_single_row = True
         return
     # A cyclic roll is a derangement: no row keeps its own codes.

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
 # Final metrics kept per trial (MLflow's latest value of each).
-METRICS = ("step", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior", "eval/ce_posterior",
-           "eval/ce_gap", "eval/active_bits", "eval/mutual_info_nats", "train/kl_nats",
+METRICS = ("step", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_nats", "eval/ce_posterior_nats",
+           "eval/ce_gap_nats", "eval/active_bits", "eval/mutual_info_nats", "train/kl_nats",
            "train/loss")
 VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "leaking": "tab:red",
                   "diverged": "black", "failed": "tab:gray", "interrupted": "tab:olive",
@@ -136,8 +136,8 @@ def collapse_table(df: pd.DataFrame) -> str:
         cells = [values["run_name"].split("/", 1)[-1], values[ANNEALING],
                  _fmt(values[FREE_BITS]), _fmt(values[KL_WEIGHT]),
                  *[_fmt(values[c]) for c in extra], values["verdict"],
-                 _fmt(values["eval/kl_bits"]), _fmt(values["eval/ce_gap"]),
-                 _fmt(values["eval/ce_prior"]), _fmt(values["eval/active_bits"], "g"),
+                 _fmt(values["eval/kl_bits"]), _fmt(values["eval/ce_gap_nats"]),
+                 _fmt(values["eval/ce_prior_nats"]), _fmt(values["eval/active_bits"], "g"),
                  _ended(values)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -52,8 +52,8 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
                     cfg.training.free_bits_nats)
     row: dict[str, Any] = {
         "kappa_bits": cfg.training.free_bits_nats / math.log(2), "seed": cfg.training.seed,
-        "kl_bits": diag["eval/kl_bits"], "ce_gap": diag["eval/ce_gap"],
-        "ce_prior": diag["eval/ce_prior"], "verdict": diag["eval/verdict"],
+        "kl_bits": diag["eval/kl_bits"], "ce_gap": diag["eval/ce_gap_nats"],
+        "ce_prior": diag["eval/ce_prior_nats"], "verdict": diag["eval/verdict"],
     }
     row.update(figure4_metrics(model, groups=groups, per_group=per_group, seed=seed))
     return row, render_groups(model, groups=1, per_group=8, seed=seed)

@@ -51,7 +51,7 @@ class SweepError(ConfigError):
 class SearchSpec:
     method: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = 1  # random/optuna: trials; grid: must stay 1 (seeds go in the space)
-    metric: str = "eval/ce_prior"
+    metric: str = "eval/ce_prior_nats"
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold
     seed: int = 0

@@ -311,7 +311,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             if ctx.is_main and done % tcfg.log_every == 0:
                 log.info("step %d/%d loss %.4f recon %.4f kl %.3f nats %.0f tok/s", done, steps,
                          metrics.get("train/loss", float("nan")),
-                         metrics.get("train/reconstruction", float("nan")),
+                         metrics.get("train/ce_nats", float("nan")),
                          metrics.get("train/kl_nats", 0.0),
                          metrics.get("train/tokens_per_s", 0.0))
     stream.close()
@@ -336,7 +336,7 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
 def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
     metrics = {
         "train/loss": means.get("total", float("nan")),
-        "train/reconstruction": means.get("reconstruction", float("nan")),
+        "train/ce_nats": means.get("reconstruction", float("nan")),
         "train/grad_norm": means.get("grad_norm", float("nan")),
         "train/lr": optimizer.param_groups[0]["lr"],
         "train/tokens_per_s": tokens_per_s,
@@ -345,7 +345,7 @@ def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch
     }
     if "kl" in means:
         metrics.update({
-            "train/kl": means["kl"], "train/kl_nats": means["kl_raw_nats"],
+            "train/kl_hinged_nats": means["kl"], "train/kl_nats": means["kl_raw_nats"],
             "train/kl_bits": means["kl_raw_bits"], "train/kl_weight": sched["kl_weight"],
             "train/free_bits_nats": sched["free_bits_nats"],
         })
