@@ -31,7 +31,7 @@ import torch
 
 from freetf import FreeTransformer, load_config
 from freetf.config import Config, ModelConfig
-from freetf.model.losses import LN2, compute_loss
+from freetf.model.losses import LN2, HeadInputs, compute_loss
 from freetf.training.loop import build_optimizer
 
 MiB = 2**20
@@ -107,8 +107,12 @@ class TrainStep:
     def loss(self) -> torch.Tensor:
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                if self.amp_dtype is not None else nullcontext())
+        chunked = self.cfg.training.cross_entropy == "chunked"
         with amp:
-            logits, z_logits = self.module(self.ids, mode="training")
+            logits, z_logits = self.module(self.ids, mode="training", return_hidden=chunked)
+            if chunked:  # training.cross_entropy: chunked, as the loop runs it
+                logits = HeadInputs(logits, self.model.lm_head.weight,
+                                    self.cfg.training.cross_entropy_chunk_tokens)
             total, _ = compute_loss(logits[:, :-1],
                                     None if z_logits is None else z_logits[:, :-1],
                                     self.ids[:, 1:], self.kl_weight, self.free_bits_nats)

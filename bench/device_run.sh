@@ -15,6 +15,17 @@ if [ "${RUN_GPU_BENCH:-1}" = 1 ]; then
   timeout 200 python3 bench/gpu.py --repeats 8 --compile --mapper-score-precision autocast \
     --json "$OUT/gpu_bench_compile_bf16scores.json" > "$OUT/gpu_bench_compile.log" 2>&1
   echo "gpu_bench_compile rc=$?"
+  # issue 17's levers: the chunked linear + cross-entropy (no fp32 logits), compiled, with
+  # bf16 mapper scores; at the batch that fits (32) and at batch 16; the loss alone.
+  for b in 32 16; do
+    timeout 200 python3 bench/gpu.py --repeats 8 --compile --mapper-score-precision autocast \
+      --cross-entropy chunked --batch-size $b \
+      --json "$OUT/gpu_bench_chunked_ce_b$b.json" > "$OUT/gpu_bench_chunked_ce_b$b.log" 2>&1
+    echo "gpu_bench_chunked_ce_b$b rc=$?"
+  done
+  timeout 100 python3 bench/cross_entropy.py --device cuda --repeats 10 \
+    --json "$OUT/cross_entropy_cuda.json" > "$OUT/cross_entropy_cuda.log" 2>&1
+  echo "cross_entropy_cuda rc=$?"
 fi
 timeout ${REPRO_TIMEOUT:-240} python3 tune/reproduce_synthetic.py --in-process --device cuda \
   --config configs/synthetic.yaml --groups 16 --per-group 16 --out "$OUT" --name repro_gpu \

@@ -52,7 +52,8 @@ GPU_SHAPE = Shape(("model.hidden_dim=768", "model.num_layers=12", "model.num_hea
 TINY_SHAPE = Shape(("model.hidden_dim=64", "model.num_layers=2", "model.num_heads=2",
                     "model.vocab_size=128", "model.max_seq_len=64"), batch_size=4, seq_len=64)
 PEAK = "matmul_peak"
-TARGET_MFU = 0.40
+TARGET_MFU = 0.45  # baseline, datasheet bf16 peak, at the batch that fits
+TARGET_MFU_B16 = 0.40  # the same at batch 16
 MATMULS_PER_PEAK = 5  # back-to-back products per timed peak call (launch cost amortised)
 
 
@@ -65,6 +66,9 @@ def main() -> None:
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls")
     p.add_argument("--mapper-score-precision", choices=("fp32", "autocast"), default="fp32",
                    help="model.mapper_score_precision of the Free Transformers")
+    p.add_argument("--cross-entropy", choices=("plain", "chunked"), default="plain",
+                   help="training.cross_entropy of every model (chunked: linear + "
+                   "cross-entropy without the (B, T, V) fp32 logits)")
     p.add_argument("--datasheet-tflops", type=float, default=989.4,
                    help="the GPU's datasheet dense bf16 peak, TFLOP/s")
     p.add_argument("--batch-size", type=int, default=None)
@@ -90,7 +94,8 @@ def main() -> None:
 
     steps, failed = {}, {}
     for h in (0, *args.latent_bits):
-        extra = (f"model.mapper_score_precision={args.mapper_score_precision}",) if h else ()
+        extra = (f"training.cross_entropy={args.cross_entropy}",
+                 *((f"model.mapper_score_precision={args.mapper_score_precision}",) if h else ()))
         step = TrainStep(step_config(shape, h, *extra, optimizer=optimizer), device=device,
                          amp_dtype=torch.bfloat16)
         if args.compile == "model":
@@ -118,6 +123,7 @@ def main() -> None:
     results = {"rounds_s": rounds, "shape": shape.describe(),
                "compile": args.compile, "tf32": args.tf32,
                "mapper_score_precision": args.mapper_score_precision,
+               "cross_entropy": args.cross_entropy,
                "matmul_peak_tflops": peak / 1e12, "datasheet_tflops": args.datasheet_tflops,
                "configs": {}, "failed": failed}
     rows = []
@@ -148,14 +154,15 @@ def main() -> None:
                      res["achieved_tflops"], 100 * res["mfu_measured_peak"],
                      100 * res["mfu_datasheet"], 100 * res["overhead_vs_baseline"],
                      res["peak_memory_gib"]])
-    num_layers = steps["baseline"].cfg.model.num_layers
-    max_overhead = 1.0 / num_layers + 0.05
     base_mfu = results["configs"]["baseline"]["mfu_datasheet"]
+    min_mfu = TARGET_MFU_B16 if shape.batch_size <= 16 else TARGET_MFU
     results["targets"] = {
-        "baseline_mfu_datasheet": {"min": TARGET_MFU, "measured": base_mfu,
-                                   "holds": base_mfu >= TARGET_MFU},
-        **{f"overhead_{name}": {"max": max_overhead, "measured": res["overhead_vs_baseline"],
-                                "holds": res["overhead_vs_baseline"] <= max_overhead}
+        "baseline_mfu_datasheet": {"min": min_mfu, "measured": base_mfu,
+                                   "holds": base_mfu >= min_mfu},
+        **{f"overhead_{name}": {"max": overhead_budget(steps, name, shape.seq_len),
+                                "measured": res["overhead_vs_baseline"],
+                                "holds": res["overhead_vs_baseline"]
+                                <= overhead_budget(steps, name, shape.seq_len)}
            for name, res in results["configs"].items() if name != "baseline"},
     }
     text = table(["config", "params M", "step ms", "tokens/s", "MFLOP/tok", "counted*",
@@ -163,7 +170,8 @@ def main() -> None:
     text += (f"\n{env.get('gpu')}: measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s "
              f"(median, same rounds), datasheet {args.datasheet_tflops:.0f}; "
              f"compile={args.compile}, tf32={args.tf32}, "
-             f"mapper_score_precision={args.mapper_score_precision}, B={shape.batch_size}, "
+             f"mapper_score_precision={args.mapper_score_precision}, "
+             f"cross_entropy={args.cross_entropy}, B={shape.batch_size}, "
              f"T={shape.seq_len}, {args.repeats} rounds\n"
              f"* FlopCounterMode count of one eager step; mem = peak allocated during a step "
              f"beyond the memory held before it\n")
@@ -178,6 +186,20 @@ def main() -> None:
             text += f"\ntop kernels, {name} (self GPU time per step):\n"
             text += ops_table(res["top_kernels"]) + "\n"
     finish("gpu", args, results, text.rstrip(), env)
+
+
+def overhead_budget(steps: dict[str, TrainStep], name: str, seq_len: int) -> float:
+    """The Free Transformer's allowed step-time overhead over the baseline.
+
+    H <= 8: 1/L + 5% (the encoder block is about one block's work).  Larger H (the exact
+    estimator's 2 x 2^H x D backward): its model-FLOP ratio over the baseline + 10 points.
+    """
+    model_cfg = steps[name].cfg.model
+    if model_cfg.latent_dim <= 8:
+        return 1.0 / model_cfg.num_layers + 0.05
+    ft = step_flops_per_token(model_cfg, seq_len)["total"]
+    base = step_flops_per_token(steps["baseline"].cfg.model, seq_len)["total"]
+    return ft / base - 1.0 + 0.10
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -167,6 +167,10 @@ class TrainingConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     gradient_checkpointing: bool = False
     compile: bool = False
+    # chunked: linear + cross-entropy one chunk of tokens at a time, never holding the
+    # (B, T, V) fp32 logits (same loss and gradients; a speed/memory option, off by default)
+    cross_entropy: Literal["plain", "chunked"] = "plain"
+    cross_entropy_chunk_tokens: int = 0  # tokens per chunk; 0 = sized automatically
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     log_every: int = 10
@@ -189,7 +193,7 @@ class TrainingConfig:
                   "grad_accum_steps", "log_every", "eval_batches",
                   "max_consecutive_nonfinite")
         _non_negative(self, path, "warmup_steps", "weight_decay", "kl_weight", "free_bits",
-                      "free_bits_bits", "grad_clip", "eval_every")
+                      "free_bits_bits", "grad_clip", "eval_every", "cross_entropy_chunk_tokens")
         self.kl_annealing.validate(f"{path}.kl_annealing")
         self.free_bits_schedule.validate(f"{path}.free_bits_schedule")
         last = 0

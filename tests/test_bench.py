@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,6 +94,34 @@ def test_checkpointing(tmp_path):
                         "plain_saved_tensor_mib")
         # ~0 at --tiny: the kernel's RSS counters are exact only to a few hundred KiB.
         assert math.isfinite(cfg["plain_activation_mib"] + cfg["ckpt_activation_mib"])
+
+
+def test_cross_entropy_script(tmp_path):
+    res = run_json("cross_entropy.py", tmp_path)["results"]
+    assert set(res["configs"]) == {"plain", "chunked"}
+    plain, chunked = res["configs"]["plain"], res["configs"]["chunked"]
+    assert chunked["saved_mib"] < plain["saved_mib"]  # no (N, V) logits kept for backward
+    assert chunked["loss_abs_err"] < 1e-4 and chunked["grad_weight_max_err"] < 1e-5
+    assert plain["loss_abs_err"] == 0  # the reference is the plain path itself
+
+
+def test_gpu_overhead_budgets_follow_the_issue_targets():
+    """H = 8: 1/L + 5%; H = 16 at the ~125M shape: its FLOP ratio + 10 points (~31%)."""
+    import importlib.util
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_gpu", BENCH / "gpu.py")
+        gpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu)
+    finally:
+        sys.path.remove(str(BENCH))
+    steps = {gpu.label(h): SimpleNamespace(cfg=gpu.step_config(gpu.GPU_SHAPE, h))
+             for h in (0, 8, 16)}
+    layers = steps["baseline"].cfg.model.num_layers
+    seq = gpu.GPU_SHAPE.seq_len
+    assert gpu.overhead_budget(steps, "ft_h8", seq) == pytest.approx(1 / layers + 0.05)
+    assert gpu.overhead_budget(steps, "ft_h16", seq) == pytest.approx(0.306, abs=0.01)
 
 
 def test_gpu_script(tmp_path):

@@ -95,3 +95,91 @@ def test_baseline_loss_has_no_kl():
     total, parts = compute_loss(logits, None, torch.tensor([[0, 1, 2]]))
     assert set(parts) == {"reconstruction", "total"}
     assert total.item() == parts["reconstruction"].item()
+
+
+# ---------------------------------------------------------------- chunked cross-entropy
+
+
+def _plain_ce_and_grads(hidden, weight, targets, ignore_index=-100):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    logits = (h @ w.T).reshape(-1, w.shape[0])  # fp64 here: the reference is exact
+    loss = torch.nn.functional.cross_entropy(logits, targets.reshape(-1),
+                                             ignore_index=ignore_index)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 0, 1000])
+def test_chunked_cross_entropy_equals_plain(chunk):
+    """Loss and both gradients equal F.cross_entropy(h W^T) in fp64, ignored targets
+    included, for chunk sizes that do and do not divide the token count."""
+    from freetf.model.losses import chunked_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)  # (B, T, D)
+    weight = 2.0 * torch.randn(11, 6, generator=gen, dtype=torch.float64)  # (V, D)
+    targets = torch.randint(0, 11, (2, 5), generator=gen)
+    targets[0, 2] = targets[1, 4] = -100
+    ref_loss, ref_dh, ref_dw = _plain_ce_and_grads(hidden, weight, targets)
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    loss = chunked_linear_cross_entropy(h, w, targets, chunk_tokens=chunk)
+    (3.0 * loss).backward()  # the incoming gradient scales both
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert torch.allclose(h.grad, 3.0 * ref_dh, atol=1e-12)
+    assert torch.allclose(w.grad, 3.0 * ref_dw, atol=1e-12)
+    assert h.grad[0, 2].abs().max() == 0  # an ignored position sends no gradient
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_matches_the_plain_path():
+    """Under autocast both paths compute bf16 logits upcast to fp32: equal losses, and
+    gradients equal to the plain autocast path's within bf16 rounding."""
+    from freetf.model.losses import chunked_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(4, 16, 32, generator=gen)
+    weight = torch.randn(50, 32, generator=gen) / 4
+    targets = torch.randint(0, 50, (4, 16), generator=gen)
+    out = []
+    for chunked in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                loss = chunked_linear_cross_entropy(h, w, targets, chunk_tokens=10)
+            else:
+                logits = torch.nn.functional.linear(h, w)  # bf16 under autocast
+                loss = torch.nn.functional.cross_entropy(
+                    logits.float().reshape(-1, 50), targets.reshape(-1))
+        loss.backward()
+        out.append((loss.detach(), h.grad, w.grad))
+    (l0, dh0, dw0), (l1, dh1, dw1) = out
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    scale_h, scale_w = dh0.abs().max().item(), dw0.abs().max().item()
+    assert (dh1 - dh0).abs().max().item() < 0.02 * scale_h
+    assert (dw1 - dw0).abs().max().item() < 0.02 * scale_w
+
+
+def test_compute_loss_takes_head_inputs_like_logits():
+    """compute_loss(HeadInputs) == compute_loss(logits): total, parts and gradients."""
+    from freetf.model.losses import HeadInputs
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 7, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(13, 8, generator=gen, dtype=torch.float64)
+    z_logits = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 13, (2, 7), generator=gen)
+    results = []
+    for lazy in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        logits = HeadInputs(h, weight, chunk_tokens=4) if lazy else h @ weight.T
+        total, parts = compute_loss(logits[:, :-1], z_logits[:, :-1], ids[:, 1:],
+                                    kl_weight=0.5, free_bits_nats=0.1)
+        total.backward()
+        results.append((total.item(), parts["reconstruction"].item(), h.grad))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)
+    assert torch.allclose(results[1][2], results[0][2], atol=1e-12)
+    assert results[1][2][:, -1].abs().max() == 0  # the last position predicts nothing

@@ -271,3 +271,40 @@ def test_generated_ids_are_ordinary_tensors(tiny_model_cfg):
     assert not ids.is_inference()
     logits, _ = model(ids, mode="training")
     logits.sum().backward()
+
+
+@pytest.mark.parametrize(("latent_dim", "cross_entropy"), [(0, "plain"), (4, "chunked")])
+def test_compiled_bf16_loss_within_one_percent_of_eager_fp32(latent_dim, cross_entropy):
+    """The fast path changes no result: a compiled model under bf16 autocast gives the
+    eager fp32 loss on the same batch (same Z noise) to 1%, for the baseline and the Free
+    Transformer, through either cross-entropy (the loop compiles the model, not the loss)."""
+    from freetf import load_config
+    from freetf.model.losses import HeadInputs, compute_loss
+
+    cfg = load_config(overrides=["model.vocab_size=64", "model.hidden_dim=64",
+                                 "model.num_layers=4", "model.num_heads=4",
+                                 "model.num_kv_heads=2", f"model.latent_dim={latent_dim}"])
+    torch.manual_seed(0)
+    model = FreeTransformer(cfg.model)
+    with torch.no_grad():  # weights 5x init scale: the logits, not log V, decide the loss
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    ids = torch.randint(0, 64, (4, 32))
+    noise = torch.rand(4, 32, latent_dim) if latent_dim else None
+    chunked = cross_entropy == "chunked"
+
+    def loss_of(module, autocast: bool) -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, z_logits = module(ids, bit_noise=noise, return_hidden=chunked)
+            logits = HeadInputs(out, model.lm_head.weight, 37) if chunked else out
+            total, _ = compute_loss(logits[:, :-1],
+                                    None if z_logits is None else z_logits[:, :-1],
+                                    ids[:, 1:], kl_weight=1.0, free_bits_nats=0.1)
+        return total.item()
+
+    eager_fp32 = loss_of(model, autocast=False)
+    assert abs(eager_fp32 - math.log(64)) > 0.2
+    compiled_bf16 = loss_of(torch.compile(model), autocast=True)
+    assert compiled_bf16 == pytest.approx(eager_fp32, rel=0.01)
+    assert abs(compiled_bf16 - eager_fp32) > 0  # bf16 really ran (not the fp32 path twice)

@@ -165,3 +165,23 @@ def test_fp16_overflow_steps_are_the_grad_scalers_not_a_reason_to_stop(tmp_path,
     result = train_loop(cfg)
     assert result.nonfinite_steps == 0
     assert all(math.isfinite(v) for v in losses(result.history).values())
+
+
+@pytest.mark.parametrize("latent_dim", [0, 4])
+def test_chunked_cross_entropy_trains_like_the_plain_loss(tmp_path, latent_dim):
+    """training.cross_entropy=chunked: the same losses and final weights as plain, for
+    the baseline and the Free Transformer (the LM head's gradient arrives through it)."""
+    runs = []
+    for impl in ("plain", "chunked"):
+        cfg = tiny(tmp_path / impl, "training.max_steps=6", f"model.latent_dim={latent_dim}",
+                   "training.learning_rate=3e-3", f"training.cross_entropy={impl}",
+                   "training.cross_entropy_chunk_tokens=50")
+        runs.append(train_loop(cfg))
+    a, b = losses(runs[0].history), losses(runs[1].history)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    sa, _ = load_checkpoint(runs[0].checkpoint)
+    sb, _ = load_checkpoint(runs[1].checkpoint)
+    for key in sa["model"]:
+        assert torch.allclose(sa["model"][key], sb["model"][key], atol=1e-5), key

@@ -9,11 +9,17 @@ model alike.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 LN2 = math.log(2.0)
+# Auto chunk size of the chunked cross-entropy: the fp32 logits of one chunk stay under
+# this many bytes.  Smaller chunks re-read the (V, D) head weight once per chunk: at
+# V = 32000, 131-token chunks (16 MiB) made the CPU loss 1.6x slower than plain, 1024-token
+# chunks (128 MiB) as fast (bench/cross_entropy.py).
+_CE_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 128 * 2**20}
 
 
 def kl_per_bit(z_logits: torch.Tensor) -> torch.Tensor:
@@ -47,11 +53,100 @@ def free_bits_kl(kl_tokens: torch.Tensor, free_bits_nats: float,
     return (hinged * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor,
+@dataclass(frozen=True)
+class HeadInputs:
+    """Logits left unmaterialised: the final hidden states and the LM head's weight.
+
+    ``compute_loss`` given these instead of a logits tensor runs the chunked linear +
+    cross-entropy (``training.cross_entropy: chunked``): logits = hidden W^T exist one
+    chunk of tokens at a time, so the (B, T, V) fp32 logits are never held in memory.
+    """
+
+    hidden: torch.Tensor  # (B, T, D)
+    weight: torch.Tensor  # (V, D)
+    chunk_tokens: int = 0  # tokens per chunk; 0 = sized from _CE_CHUNK_BYTES
+
+    def __getitem__(self, index) -> HeadInputs:  # slice positions like a logits tensor
+        return HeadInputs(self.hidden[index], self.weight, self.chunk_tokens)
+
+
+def reconstruction_loss(logits: torch.Tensor | HeadInputs, targets: torch.Tensor,
                         ignore_index: int = -100) -> torch.Tensor:
     """Token cross-entropy in nats.  (B, T, V), (B, T) -> scalar (mean over kept tokens)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    if isinstance(logits, HeadInputs):
+        return chunked_linear_cross_entropy(logits.hidden, logits.weight, targets,
+                                            logits.chunk_tokens, ignore_index)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index)
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                                 targets: torch.Tensor, chunk_tokens: int = 0,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """cross_entropy(hidden W^T, targets) without materialising the logits.
+
+    (B, T, D), (V, D), (B, T) -> scalar, the mean over kept tokens, in nats.  Numerically
+    the plain path's: each chunk's logits are computed in the autocast dtype (when autocast
+    is on) and upcast to fp32 for the log-softmax.  The gradients are computed chunk by
+    chunk during the forward pass (softmax - one-hot, then two matmuls) and scaled by the
+    incoming gradient in backward, so peak memory holds one chunk of logits.
+    """
+    device_type = hidden.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type)
+                     if torch.is_autocast_enabled(device_type) else hidden.dtype)
+    if chunk_tokens <= 0:
+        budget = _CE_CHUNK_BYTES.get(device_type, _CE_CHUNK_BYTES["cpu"])
+        chunk_tokens = max(1, budget // (4 * weight.shape[0]))
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                         targets.reshape(-1), chunk_tokens, ignore_index,
+                                         compute_dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype):
+        # hidden (N, D), weight (V, D), targets (N,)
+        keep = targets != ignore_index  # (N,)
+        count = keep.sum()
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64
+        w = weight.to(compute_dtype)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) \
+            if want_w else None
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        for lo in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[lo:lo + chunk_tokens].to(compute_dtype)  # (n, D)
+            logits = (h @ w.T).to(acc_dtype)  # (n, V), fp32 as in the plain path
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            tgt = targets[lo:lo + chunk_tokens]
+            m = keep[lo:lo + chunk_tokens]
+            safe = torch.where(m, tgt, 0)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)  # (n,)
+            total += ((lse - picked) * m).sum()
+            if want_h or want_w:
+                # d(sum of kept CE)/d logits = softmax - one-hot, zero on ignored rows.
+                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of logits
+                g[torch.arange(len(safe), device=g.device), safe] -= 1.0
+                g.mul_(m[:, None])
+                g = g.to(compute_dtype)  # (n, V)
+                if want_h:
+                    grad_h[lo:lo + chunk_tokens] = (g @ w).to(hidden.dtype)
+                if want_w:
+                    grad_w += g.T @ h  # (V, D), summed over chunks in fp32
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count
+        dh = (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None
 
 
 def compute_loss(logits: torch.Tensor, z_logits: torch.Tensor | None, targets: torch.Tensor,

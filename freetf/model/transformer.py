@@ -226,13 +226,15 @@ class FreeTransformer(nn.Module):
 
     def forward_codes(self, input_ids: torch.Tensor, z: torch.Tensor | None = None,
                       sample: str = "posterior", bit_noise: torch.Tensor | None = None,
-                      caches: list[KVCache] | None = None
+                      caches: list[KVCache] | None = None, return_hidden: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Core pass.  Returns ``(logits, z_logits, codes)``.
 
         ``z`` given: condition on it.  Else ``sample="posterior"`` runs the encoder on the
         first half's output; ``"prior"`` draws codes uniformly.  With ``caches`` the pass
         appends to the per-block KV caches (prefill or one decoding step).
+        ``return_hidden`` returns the final normed hidden states (B, T, D) in place of the
+        logits, for a loss that applies ``lm_head`` itself (the chunked cross-entropy).
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -259,16 +261,21 @@ class FreeTransformer(nn.Module):
             rest = range(cfg.encoder_after, cfg.num_layers)
         for i in rest:
             x = self._block(self.blocks[i], x, None, True, cache(i))
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        return logits, z_logits, codes
+        x = self.norm(x)  # (B, T, D)
+        if return_hidden:
+            return x, z_logits, codes
+        return self.lm_head(x), z_logits, codes  # (B, T, V)
 
     def forward(self, input_ids: torch.Tensor, mode: str = "training",
-                z: torch.Tensor | None = None, bit_noise: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                z: torch.Tensor | None = None, bit_noise: torch.Tensor | None = None,
+                return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits (B, T, V), z_logits (B, T, H) or None)``; with ``return_hidden`` the
+        final normed hidden states (B, T, D) stand in for the logits."""
         if mode not in ("training", "inference"):
             raise ValueError(f"mode must be 'training' or 'inference', got {mode!r}")
         sample = "posterior" if mode == "training" else "prior"
-        logits, z_logits, _ = self.forward_codes(input_ids, z, sample, bit_noise)
+        logits, z_logits, _ = self.forward_codes(input_ids, z, sample, bit_noise,
+                                                 return_hidden=return_hidden)
         return logits, z_logits
 
     # ------------------------------------------------------------------ generation

@@ -26,7 +26,7 @@ from freetf.config import Config
 from freetf.data.datasets import BatchStream, DataBundle, build_data
 from freetf.evaluation.diagnostics import latent_diagnostics, verdict
 from freetf.evaluation.samples import sample_texts
-from freetf.model.losses import compute_loss
+from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
 from freetf.training.checkpoint import load_checkpoint, save_to_root
 from freetf.training.schedules import build_lr_scheduler, schedule_values
@@ -232,6 +232,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     # waits for the GPU between log steps.  Otherwise the step decides on the host: free
     # on CPU, and fp16's GradScaler syncs every step anyway.
     sync_free = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled()
+    chunked_ce = tcfg.cross_entropy == "chunked"
     metrics: dict[str, float] = {}
     checkpoint: Path | None = None
     tokens_since, t_since = 0, time.perf_counter()
@@ -252,7 +253,11 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits, z_logits = model(
-                        ids, mode="training", bit_noise=None if noise is None else noise.to(device))
+                        ids, mode="training", bit_noise=None if noise is None else noise.to(device),
+                        return_hidden=chunked_ce)
+                    if chunked_ce:  # the LM head is applied chunk-wise inside the loss
+                        logits = HeadInputs(logits, raw_model.lm_head.weight,
+                                            tcfg.cross_entropy_chunk_tokens)
                     loss, parts = compute_loss(
                         logits[:, :-1], None if z_logits is None else z_logits[:, :-1],
                         ids[:, 1:], sched["kl_weight"], sched["free_bits_nats"])
