@@ -1,4 +1,4 @@
-"""``freetf`` command line: train, generate, eval, report.
+"""``freetf`` command line: train, generate, eval, report, prepare.
 
 User mistakes (missing file, bad YAML, unknown key, corrupt checkpoint, a prompt outside
 the vocabulary, an unreachable tracking server) end with a one-paragraph message and
@@ -119,6 +119,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from freetf.data.prepare import PrepareError, PrepareSpec, prepare
+
+    spec = PrepareSpec(inputs=tuple(args.inputs), tokenizer=args.tokenizer,
+                       vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                       seed=args.seed, text_field=args.text_field, shard_docs=args.shard_docs)
+    try:
+        meta = prepare(spec, args.out, workers=args.workers, progress=not args.quiet)
+    except PrepareError as err:
+        raise UserError(str(err)) from None
+    print(f"prepared {args.out}: vocabulary {meta['vocab_size']} ({meta['tokenizer']['kind']}), "
+          f"{meta['dtype']}")
+    for split, info in meta["splits"].items():
+        print(f"  {split:<5} {info['documents']:>7} documents {info['tokens']:>11} tokens "
+              f"{info['bytes']:>11} bytes ({info['bytes'] / max(info['tokens'], 1):.2f} "
+              f"bytes/token)")
+    print(f"train on it with: --set data.dataset_name=tokens --set data.path={args.out} "
+          f"--set model.vocab_size={meta['vocab_size']}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _report(args: argparse.Namespace) -> int:
     from freetf.sweeps.report import report_command
 
@@ -169,6 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into training shards (+ meta.json)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="folders, files, globs, .jsonl / .parquet files, hf:NAME[:SPLIT], or "
+                   "'stdlib' (this Python's standard-library source)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--tokenizer", default="byte",
+                   help="'byte' (default), 'bpe' (byte-level BPE trained on the corpus), or "
+                   "the path of a tokenizer.json")
+    p.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    p.add_argument("--text-field", default="text", help="JSONL / Parquet / HF text column")
+    p.add_argument("--shard-docs", type=_positive_int, default=256,
+                   help="documents per shard (the unit of resumption)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="processes encoding shards in parallel")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_prepare)
     return parser
 
 

@@ -148,20 +148,22 @@ class RowsDataset(Dataset):
 class BlockDataset(Dataset):
     """Consecutive non-overlapping blocks of ``block_len`` tokens of a 1-D token array.
 
-    ``source`` is an in-memory array or the path of a raw little-endian uint16 token file,
+    ``source`` is an in-memory array or the path of a raw little-endian uint16 (or
+    ``dtype``) token file,
     which is memory-mapped lazily in each process (so it is never loaded whole, and the
     dataset pickles cheaply into DataLoader workers).
     """
 
     def __init__(self, source: np.ndarray | str | Path, block_len: int, first_block: int,
-                 num_blocks: int) -> None:
+                 num_blocks: int, dtype: str = "uint16") -> None:
         self.path = None if isinstance(source, np.ndarray) else str(source)
         self._tokens = source if isinstance(source, np.ndarray) else None
         self.block_len, self.first_block, self.num_blocks = block_len, first_block, num_blocks
+        self.dtype = np.dtype(dtype).newbyteorder("<")
 
     def _array(self) -> np.ndarray:
         if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype="<u2", mode="r")
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         return self._tokens
 
     def __getstate__(self) -> dict[str, Any]:
@@ -234,16 +236,60 @@ class DataBundle:
     train: Dataset
     val: Dataset
     tokenizer: Tokenizer
+    bytes_per_token: float = 1.0  # UTF-8 bytes per validation token (bits per byte)
+
+
+def prepared_folder(cfg: Config) -> Path | None:
+    """``data.path`` when it is a folder made by ``freetf prepare`` (data.dataset_name: tokens)."""
+    if cfg.data.dataset_name != "tokens" or not cfg.data.path:
+        return None
+    path = Path(cfg.data.path)
+    return path if path.is_dir() else None
 
 
 def build_tokenizer(cfg: Config) -> Tokenizer:
-    """The tokenizer of ``cfg.data``: characters for synthetic, bytes otherwise."""
-    return CharTokenizer() if cfg.data.dataset_name == "synthetic" else ByteTokenizer()
+    """The tokenizer of ``cfg.data``: characters for synthetic, the prepared folder's
+    (bytes or its tokenizer.json) for prepared tokens, bytes otherwise."""
+    if cfg.data.dataset_name == "synthetic":
+        return CharTokenizer()
+    folder = prepared_folder(cfg)
+    if folder is not None:
+        from freetf.data.prepare import read_meta
+        from freetf.data.tokenization import BPETokenizer
+
+        meta = read_meta(folder)
+        if meta["tokenizer"]["file"]:
+            return BPETokenizer.from_file(folder / meta["tokenizer"]["file"])
+    return ByteTokenizer()
+
+
+def _prepared_data(cfg: Config, folder: Path) -> tuple[Dataset, Dataset, float]:
+    """Train / val block datasets of a prepared folder (its own document split)."""
+    from freetf.data.prepare import read_meta
+
+    meta = read_meta(folder)
+    if meta["vocab_size"] > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                          f"vocabulary of the data in {folder} ({meta['vocab_size']}, "
+                          f"meta.json): set model.vocab_size={meta['vocab_size']}")
+    datasets = []
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        blocks = info["tokens"] // cfg.data.max_seq_len
+        if blocks < 1:
+            raise ValueError(f"data.path {folder}: the {split} split holds {info['tokens']} "
+                             f"tokens, less than one block of data.max_seq_len="
+                             f"{cfg.data.max_seq_len}")
+        datasets.append(BlockDataset(folder / info["file"], cfg.data.max_seq_len, 0, blocks,
+                                     meta["dtype"]))
+    val = meta["splits"]["val"]
+    return datasets[0], datasets[1], val["bytes"] / max(val["tokens"], 1)
 
 
 def build_data(cfg: Config) -> DataBundle:
     """The train/val datasets and tokenizer described by ``cfg.data``."""
     data = cfg.data
+    bytes_per_token = 1.0  # synthetic characters and raw bytes are one byte each
     if data.dataset_name == "synthetic":
         if data.max_seq_len != SYNTHETIC_SEQ_LEN:
             raise ConfigError(f"data.max_seq_len={data.max_seq_len}: synthetic sequences have "
@@ -258,11 +304,14 @@ def build_data(cfg: Config) -> DataBundle:
         train, val = _split_blocks(tokens, tokens.size, data.max_seq_len, data.val_fraction,
                                    f"data.path {data.path}")
         tokenizer = build_tokenizer(cfg)
+    elif data.dataset_name == "tokens" and prepared_folder(cfg) is not None:
+        train, val, bytes_per_token = _prepared_data(cfg, prepared_folder(cfg))
+        tokenizer = build_tokenizer(cfg)
     elif data.dataset_name == "tokens":
         path = Path(data.path)
         if not path.is_file():
             raise FileNotFoundError(f"data.path {path} does not exist (expected a uint16 .bin "
-                                    f"token file)")
+                                    f"token file, or a folder made by freetf prepare)")
         num_tokens = path.stat().st_size // 2
         if num_tokens == 0:
             raise ValueError(f"data.path {path}: the token file is empty")
@@ -276,7 +325,7 @@ def build_data(cfg: Config) -> DataBundle:
                          f"{data.dataset_name} tokenizer's {tokenizer.vocab_size}")
     logger.info("data %s: %d train rows, %d val rows of length %d", data.dataset_name,
                 len(train), len(val), data.max_seq_len)
-    return DataBundle(train, val, tokenizer)
+    return DataBundle(train, val, tokenizer, bytes_per_token)
 
 
 # ----------------------------------------------------------------------------- batch stream

@@ -332,10 +332,18 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(cfg.training.seed + 17)  # same eval noise each time
         result: dict[str, Any] = latent_diagnostics(model, batches, cfg, device)
+        result.update(bits_per_byte(result, data.bytes_per_token))
         result["eval/verdict"] = verdict(result, cfg, free_bits_nats)
         if samples:
             result["eval/samples"] = sample_texts(model, data, cfg, device)
     return result
+
+
+def bits_per_byte(metrics: dict[str, Any], bytes_per_token: float) -> dict[str, float]:
+    """``eval/bpb_prior`` / ``eval/bpb_posterior``: CE per token in bits over the UTF-8
+    bytes per token of the validation data, comparable across tokenizers."""
+    return {f"eval/bpb_{z}": metrics[f"eval/ce_{z}_nats"] / math.log(2) / bytes_per_token
+            for z in ("prior", "posterior") if f"eval/ce_{z}_nats" in metrics}
 
 
 def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch):

@@ -1,0 +1,374 @@
+"""``freetf prepare``: a corpus of documents -> memory-mapped token shards + metadata.
+
+Inputs (any mix): a folder (its text and code files, recursively), a glob, a single file,
+a ``.jsonl`` file (one document per line, its ``text_field``), a ``.parquet`` file (one
+document per row), ``hf:NAME[:SPLIT]`` (a Hugging Face dataset through ``datasets``: local
+or cached files here, the hub where the network allows), or ``stdlib`` (the ``.py`` files
+of the running interpreter's standard library: real code on every machine, no download).
+
+Output folder::
+
+    meta.json        tokenizer, vocabulary size, dtype, tokens / bytes / documents per split
+    train.bin        token ids, little-endian uint16 (uint32 when the vocabulary needs it)
+    val.bin          the validation split: whole documents, none of them in train.bin
+    tokenizer.json   the BPE tokenizer (bpe or a tokenizer file), used by training and
+                     generation
+
+The split is by document (a hash of the document's id and the seed), so no file is in
+both.  Documents are encoded in shards of ``shard_docs`` documents, each written
+atomically under ``shards/``: an interrupted run started again with the same arguments
+skips the shards it finished.  ``meta.json`` is written last; training reads it, so
+``model.vocab_size`` is checked against the data before the first step.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from freetf.data.tokenization import BPETokenizer, train_bpe
+
+logger = logging.getLogger(__name__)
+
+META_FORMAT = "freetf-tokens/1"
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java",
+                 ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".tex", ".json", ".yaml", ".yml",
+                 ".toml", ".html", ".css")
+BYTE_END_OF_DOCUMENT = 0  # NUL: the byte tokenizer's document separator
+_SKIPPED_STDLIB_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__",
+                        "lib2to3", "turtledemo"}
+
+
+class PrepareError(ValueError):
+    """Bad arguments or inputs to ``freetf prepare`` (the CLI prints one line)."""
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Everything that decides the output: a resumed run must match it."""
+
+    inputs: tuple[str, ...]
+    tokenizer: str  # "byte", "bpe", or the path of a tokenizer.json
+    vocab_size: int = 8192  # bpe only
+    val_fraction: float = 0.05
+    seed: int = 0
+    text_field: str = "text"
+    shard_docs: int = 256
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's ``.py`` files (tests, IDLE and site-packages left out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py")
+                  if not _SKIPPED_STDLIB_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _file_documents(paths: list[Path], root: Path | None
+                    ) -> Iterator[tuple[str, Callable[[], str]]]:
+    """A file's id is its path relative to the input folder: the split does not change
+    when the corpus moves."""
+    for path in paths:
+        yield str(path.relative_to(root) if root else path), (lambda p=path: _read_text(p))
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, Callable[[], str]]]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PrepareError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                raise PrepareError(f"{path}:{i + 1}: no {field!r} field (set --text-field)")
+            text = str(record[field])
+            yield f"{path.name}#{i}", (lambda t=text: t)
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[tuple[str, Callable[[], str]]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise PrepareError(f"{path}: no column {field!r} (columns: {table.column_names}; "
+                           f"set --text-field)")
+    for i, text in enumerate(table.column(field).to_pylist()):
+        yield f"{path.name}#{i}", (lambda t=str(text): t)
+
+
+def _hf_documents(spec: str, field: str) -> Iterator[tuple[str, Callable[[], str]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError(f"{spec}: Hugging Face datasets need the `datasets` package "
+                           f"(pip install 'freetf[hf]')") from None
+    name, _, split = spec[3:].partition(":")
+    data = datasets.load_dataset(name, split=split or "train")
+    if field not in data.column_names:
+        raise PrepareError(f"{spec}: no column {field!r} (columns: {data.column_names}; "
+                           f"set --text-field)")
+    for i, text in enumerate(data[field]):
+        yield f"{spec}#{i}", (lambda t=str(text): t)
+
+
+def iter_documents(inputs: tuple[str, ...], text_field: str = "text"
+                   ) -> Iterator[tuple[str, Callable[[], str]]]:
+    """(document id, text loader) for every document of every input, in a fixed order."""
+    if not inputs:
+        raise PrepareError("no inputs: give folders, files, globs, 'stdlib' or hf:NAME")
+    for item in inputs:
+        path = Path(item)
+        if item == "stdlib":
+            yield from _file_documents(stdlib_files(), Path(sysconfig.get_paths()["stdlib"]))
+        elif item.startswith("hf:"):
+            yield from _hf_documents(item, text_field)
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise PrepareError(f"{item}: a folder with no text or code files "
+                                   f"({', '.join(TEXT_SUFFIXES[:6])}, ...)")
+            yield from _file_documents(files, path)
+        elif path.suffix == ".jsonl" and path.is_file():
+            yield from _jsonl_documents(path, text_field)
+        elif path.suffix == ".parquet" and path.is_file():
+            yield from _parquet_documents(path, text_field)
+        elif path.is_file():
+            yield from _file_documents([path], None)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            files = [p for p in matches if p.is_file()]
+            if not files:
+                raise PrepareError(f"{item}: no such file, folder or matching glob")
+            yield from _file_documents(files, None)
+
+
+def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
+    """A document's split, decided by a hash of its id and the seed (stable across runs)."""
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+# ----------------------------------------------------------------------------- encoding
+
+_WORKER_TOKENIZER: BPETokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str | None) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = BPETokenizer.from_str(tokenizer_json) if tokenizer_json else None
+
+
+def _encode_shard(job: tuple[Path, list[str], str]) -> Path:
+    """Encode one shard's documents (each followed by the separator) and write it."""
+    path, texts, dtype = job
+    if _WORKER_TOKENIZER is None:
+        pieces = [np.append(np.frombuffer(t.encode("utf-8"), np.uint8), BYTE_END_OF_DOCUMENT)
+                  for t in texts]
+    else:
+        eod = _WORKER_TOKENIZER.end_of_document
+        pieces = [np.append(np.asarray(ids, np.int64), eod)
+                  for ids in _WORKER_TOKENIZER.encode_batch(texts)]
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    stats = {"documents": len(texts), "tokens": int(ids.size),
+             "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+    _atomic_write(path.with_suffix(".json"), json.dumps(stats).encode())
+    _atomic_write(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 while every id fits, else uint32."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
+            progress: bool = True) -> dict:
+    """Tokenize ``spec.inputs`` into ``out_dir``; returns the metadata (also meta.json)."""
+    _validate(spec, workers)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a folder")
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("spec") != _spec_dict(spec):
+            raise PrepareError(f"--out {out} already holds data prepared with other "
+                               f"settings; choose another --out")
+        logger.info("%s is already prepared", out)
+        return meta
+    shards = out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "prepare.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != _spec_dict(spec):
+        raise PrepareError(f"--out {out} holds an unfinished preparation with other "
+                           f"settings; choose another --out or delete it")
+    _atomic_write(spec_path, json.dumps(_spec_dict(spec), indent=2).encode())
+
+    tokenizer = _tokenizer(spec, out, progress)
+    vocab_size = 256 if tokenizer is None else tokenizer.vocab_size
+    dtype = token_dtype(vocab_size)
+    jobs = _shard_jobs(spec, shards, dtype, progress)
+    if workers > 1:
+        ctx = get_context("spawn")  # no fork of a process that may hold threads
+        with ctx.Pool(workers, _init_worker,
+                      (tokenizer.to_str() if tokenizer else None,)) as pool:
+            for _ in pool.imap_unordered(_encode_shard, jobs):
+                pass
+    else:
+        _init_worker(tokenizer.to_str() if tokenizer else None)
+        for job in jobs:
+            _encode_shard(job)
+
+    splits = {split: _assemble(shards, split, out / f"{split}.bin") for split in ("train", "val")}
+    for split, stats in splits.items():
+        if stats["documents"] == 0:
+            raise PrepareError(f"no document fell in the {split} split "
+                               f"({sum(s['documents'] for s in splits.values())} documents, "
+                               f"--val-fraction {spec.val_fraction}): add documents or "
+                               f"change --val-fraction")
+    meta = {
+        "format": META_FORMAT,
+        "tokenizer": {"kind": _tokenizer_kind(spec), "vocab_size": vocab_size,
+                      "file": None if tokenizer is None else "tokenizer.json",
+                      "end_of_document": (BYTE_END_OF_DOCUMENT if tokenizer is None
+                                          else tokenizer.end_of_document)},
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "splits": splits,
+        "spec": _spec_dict(spec),
+    }
+    _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    shutil.rmtree(shards, ignore_errors=True)
+    spec_path.unlink(missing_ok=True)
+    return meta
+
+
+def _validate(spec: PrepareSpec, workers: int) -> None:
+    if not 0.0 < spec.val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction {spec.val_fraction}: must be in (0, 1)")
+    if spec.shard_docs < 1:
+        raise PrepareError(f"--shard-docs {spec.shard_docs}: must be >= 1")
+    if workers < 1:
+        raise PrepareError(f"--workers {workers}: must be >= 1")
+    if _tokenizer_kind(spec) == "file" and not Path(spec.tokenizer).is_file():
+        raise PrepareError(f"--tokenizer {spec.tokenizer}: expected 'byte', 'bpe' or the "
+                           f"path of a tokenizer.json file")
+    if spec.tokenizer == "bpe" and spec.vocab_size < 257:
+        raise PrepareError(f"--vocab-size {spec.vocab_size}: a byte-level BPE needs >= 257")
+
+
+def _tokenizer_kind(spec: PrepareSpec) -> str:
+    return spec.tokenizer if spec.tokenizer in ("byte", "bpe") else "file"
+
+
+def _spec_dict(spec: PrepareSpec) -> dict:
+    data = asdict(spec)
+    data["inputs"] = list(spec.inputs)
+    if _tokenizer_kind(spec) != "bpe":
+        data.pop("vocab_size")
+    return data
+
+
+def _tokenizer(spec: PrepareSpec, out: Path, progress: bool) -> BPETokenizer | None:
+    """None for bytes; else the BPE (trained on the train split) or the given file,
+    saved as ``out/tokenizer.json`` (reused when a run is resumed)."""
+    kind = _tokenizer_kind(spec)
+    if kind == "byte":
+        return None
+    saved = out / "tokenizer.json"
+    if saved.exists():
+        return BPETokenizer.from_file(saved)
+    if kind == "file":
+        shutil.copyfile(spec.tokenizer, saved)
+        return BPETokenizer.from_file(saved)
+    docs = tqdm(iter_documents(spec.inputs, spec.text_field), desc="training BPE",
+                unit="doc", disable=not progress)
+    texts = (load() for doc_id, load in docs
+             if not is_validation(doc_id, spec.val_fraction, spec.seed))
+    tokenizer = train_bpe(texts, spec.vocab_size)
+    tmp = out / "tokenizer.json.tmp"
+    tokenizer.save(tmp)
+    os.replace(tmp, saved)
+    return tokenizer
+
+
+def _shard_jobs(spec: PrepareSpec, shards: Path, dtype: str, progress: bool
+                ) -> Iterator[tuple[Path, list[str], str]]:
+    """Shards of ``shard_docs`` documents per split; finished shards are skipped unread."""
+    buffers: dict[str, list[Callable[[], str]]] = {"train": [], "val": []}
+    counts = {"train": 0, "val": 0}
+
+    def flush(split: str):
+        loaders, buffers[split] = buffers[split], []
+        path = shards / f"{split}-{counts[split]:06d}.bin"
+        counts[split] += 1
+        if path.exists() and path.with_suffix(".json").exists():
+            return None  # finished by an earlier run
+        return path, [load() for load in loaders], dtype
+
+    docs = tqdm(iter_documents(spec.inputs, spec.text_field), desc="encoding", unit="doc",
+                disable=not progress)
+    for doc_id, load in docs:
+        split = "val" if is_validation(doc_id, spec.val_fraction, spec.seed) else "train"
+        buffers[split].append(load)
+        if len(buffers[split]) == spec.shard_docs and (job := flush(split)) is not None:
+            yield job
+    for split in ("train", "val"):
+        if buffers[split] and (job := flush(split)) is not None:
+            yield job
+
+
+def _assemble(shards: Path, split: str, target: Path) -> dict:
+    """Concatenate a split's shards in order into ``target``; their summed statistics."""
+    stats = {"file": target.name, "documents": 0, "tokens": 0, "bytes": 0}
+    tmp = target.with_name(target.name + ".tmp")
+    with tmp.open("wb") as dst:
+        for shard in sorted(shards.glob(f"{split}-*.bin")):
+            with shard.open("rb") as src:
+                shutil.copyfileobj(src, dst)
+            for key, value in json.loads(shard.with_suffix(".json").read_text()).items():
+                stats[key] += value
+    os.replace(tmp, target)
+    return stats
+
+
+def read_meta(folder: str | Path) -> dict:
+    """The metadata of a prepared folder (``meta.json``), checked."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no meta.json: prepare it with "
+                                f"`freetf prepare ... --out {folder}`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {META_FORMAT!r}")
+    return meta

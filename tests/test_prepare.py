@@ -1,0 +1,205 @@
+"""freetf prepare: document split, resumption, uint32 ids, BPE round trip, training reads it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from freetf import ConfigError, load_config
+from freetf.data import prepare as prep
+from freetf.data.datasets import build_data, build_tokenizer
+from freetf.data.prepare import PrepareError, PrepareSpec, prepare, token_dtype
+from freetf.data.tokenization import END_OF_DOCUMENT, BPETokenizer, train_bpe
+
+pytestmark = pytest.mark.timeout(120)
+
+TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # é{'ü' * (i % 3)}\n" * (1 + i % 4)
+         for i in range(40)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    for i, text in enumerate(TEXTS):
+        sub = folder / f"pkg{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"mod{i:02d}.py").write_text(text, encoding="utf-8")
+    (folder / "image.png").write_bytes(b"\x89PNG not text")  # not a text suffix: skipped
+    return folder
+
+
+def split_documents(folder, split, meta) -> list[str]:
+    """Decode a split back into its documents (byte tokenizer: NUL-terminated)."""
+    ids = np.fromfile(folder / f"{split}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
+    raw = bytes(ids.astype(np.uint8))
+    assert raw.endswith(b"\x00")
+    return [d.decode("utf-8") for d in raw[:-1].split(b"\x00")]
+
+
+def test_split_is_by_document_and_round_trips(corpus, tmp_path):
+    out = tmp_path / "out"
+    meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25, shard_docs=3), out,
+                   progress=False)
+    train, val = split_documents(out, "train", meta), split_documents(out, "val", meta)
+    assert sorted(train + val) == sorted(TEXTS)  # every document once, whole
+    assert val and train and not set(train) & set(val)
+    assert meta["splits"]["val"]["documents"] == len(val)
+    assert meta["splits"]["train"]["bytes"] == sum(len(t.encode()) for t in train)
+    assert meta["splits"]["train"]["tokens"] == meta["splits"]["train"]["bytes"] + len(train)
+    assert meta["vocab_size"] == 256 and meta["dtype"] == "uint16"
+    assert not (out / "shards").exists()
+    # The split depends on the document's id and the seed only.
+    again = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25, seed=1), tmp_path / "s1",
+                    progress=False)
+    assert sorted(split_documents(tmp_path / "s1", "val", again)) != sorted(val)
+
+
+def test_an_interrupted_run_resumes_and_skips_finished_shards(corpus, tmp_path, monkeypatch):
+    spec = PrepareSpec((str(corpus),), "byte", val_fraction=0.2, shard_docs=4)
+    prepare(spec, tmp_path / "ref", progress=False)
+    real, calls = prep._encode_shard, []
+
+    def failing(job):
+        calls.append(job[0].name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(prep, "_encode_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(spec, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "meta.json").exists()
+    done = {p.name for p in (tmp_path / "out" / "shards").glob("*.bin")}
+    assert len(done) == 3
+    calls.clear()
+    monkeypatch.setattr(prep, "_encode_shard", lambda job: (calls.append(job[0].name),
+                                                            real(job))[1])
+    prepare(spec, tmp_path / "out", progress=False)
+    assert not done & set(calls)  # finished shards were not encoded again
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    with pytest.raises(PrepareError, match="other settings"):
+        prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.5), tmp_path / "out",
+                progress=False)
+
+
+def test_bpe_round_trip_and_training_reads_its_meta(corpus, tmp_path):
+    tok = train_bpe(iter(TEXTS), vocab_size=300)
+    assert 257 <= tok.vocab_size <= 300 and tok.end_of_document is not None
+    text = "x = 'naïve 東京'\n\treturn x  # ünïcode"
+    assert tok.decode(tok.encode(text)) == text  # byte-level: every string, exactly
+    assert len(tok.encode(TEXTS[5])) < len(TEXTS[5].encode())  # merges were learned
+
+    out = tmp_path / "bpe"
+    meta = prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25),
+                   out, progress=False)
+    saved = BPETokenizer.from_file(out / "tokenizer.json")
+    ids = np.fromfile(out / "val.bin", dtype="<u2")
+    docs = saved.decode(ids.tolist()).split(END_OF_DOCUMENT)
+    assert docs[-1] == "" and all(d in TEXTS for d in docs[:-1])
+    cfg = load_config(overrides=["data.dataset_name=tokens", f"data.path={out}",
+                                 "data.max_seq_len=16", f"model.vocab_size={meta['vocab_size']}"])
+    data = build_data(cfg)
+    val_info = meta["splits"]["val"]
+    assert data.bytes_per_token == pytest.approx(val_info["bytes"] / val_info["tokens"])
+    assert data.bytes_per_token > 1.5
+    assert len(data.val) == val_info["tokens"] // 16
+    assert data.val[0].tolist() == ids[:16].tolist()
+    assert isinstance(build_tokenizer(cfg), BPETokenizer)
+    small = cfg.replace(["model.vocab_size=256"])
+    with pytest.raises(ConfigError, match=f"model.vocab_size={meta['vocab_size']}"):
+        build_data(small)
+
+
+def test_ids_past_uint16_are_stored_as_uint32(tmp_path):
+    tk = pytest.importorskip("tokenizers")
+    assert token_dtype(2**16) == "uint16" and token_dtype(2**16 + 1) == "uint32"
+    vocab = {f"w{i}": i for i in range(70_000)}
+    vocab[END_OF_DOCUMENT] = 70_000
+    tokenizer = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([END_OF_DOCUMENT])
+    path = tmp_path / "wordlevel.json"
+    tokenizer.save(str(path))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("w3 w69999 w65536 w7")
+    (tmp_path / "c" / "b.txt").write_text("w1 w2")
+    meta = prepare(PrepareSpec((str(tmp_path / "c"),), str(path), val_fraction=0.5, seed=1),
+                   tmp_path / "out", progress=False)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_001
+    ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{s}.bin", dtype="<u4")
+                          for s in ("train", "val")])
+    assert {69_999, 65_536, 70_000} <= set(ids.tolist())
+    cfg = load_config(overrides=["data.dataset_name=tokens", f"data.path={tmp_path / 'out'}",
+                                 "data.max_seq_len=2", "model.vocab_size=70001"])
+    data = build_data(cfg)
+    rows = [data.train[i].tolist() for i in range(len(data.train))] + \
+        [data.val[i].tolist() for i in range(len(data.val))]
+    assert any(69_999 in r or 65_536 in r for r in rows)
+
+
+def test_jsonl_and_parquet_inputs(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS[:10])]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n\n")
+    pq.write_table(pa.table({"content": TEXTS[10:20]}), tmp_path / "docs.parquet")
+    meta = prepare(PrepareSpec((str(tmp_path / "docs.jsonl"),), "byte", val_fraction=0.3),
+                   tmp_path / "j", progress=False)
+    docs = split_documents(tmp_path / "j", "train", meta) + \
+        split_documents(tmp_path / "j", "val", meta)
+    assert sorted(docs) == sorted(TEXTS[:10])
+    with pytest.raises(PrepareError, match="--text-field"):
+        prepare(PrepareSpec((str(tmp_path / "docs.parquet"),), "byte"), tmp_path / "p",
+                progress=False)
+    meta = prepare(PrepareSpec((str(tmp_path / "docs.parquet"),), "byte", val_fraction=0.3,
+                               text_field="content"), tmp_path / "p2", progress=False)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 10
+
+
+def test_stdlib_is_a_real_code_corpus():
+    files = prep.stdlib_files()
+    assert len(files) > 200
+    assert sum(f.stat().st_size for f in files) > 3_000_000  # several MB of real code
+    assert not any("test" in f.parts[-2:-1] for f in files)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from freetf.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", "x", "--out", str(tmp_path / "o"), "--vocab-size", "0"])
+    assert exc.value.code == 2
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_bits_per_byte():
+    from freetf.training.loop import bits_per_byte
+
+    out = bits_per_byte({"eval/ce_prior_nats": 2 * math.log(2),
+                         "eval/ce_posterior_nats": math.log(2)}, bytes_per_token=4.0)
+    assert out == {"eval/bpb_prior": pytest.approx(0.5), "eval/bpb_posterior": pytest.approx(0.25)}
+    assert bits_per_byte({"eval/ce_prior_nats": math.log(2)}, 1.0) == {"eval/bpb_prior": 1.0}
+
+
+def test_code_config_trains_on_prepared_data(corpus, tmp_path):
+    """configs/code.yaml on a prepared folder: training runs and reports bits per byte."""
+    from freetf.training.loop import train_loop
+
+    out = tmp_path / "bpe"
+    prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), out,
+            progress=False)
+    cfg = load_config("configs/code.yaml", [
+        f"data.path={out}", "data.max_seq_len=32", "model.max_seq_len=32",
+        "model.hidden_dim=32", "model.num_layers=2", "model.num_heads=2",
+        "training.batch_size=2", "training.max_steps=3", "training.eval_batches=1",
+        "tracking.mlflow.enabled=false", "scaling.use_ray=false",
+        f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    metrics = train_loop(cfg).metrics
+    ratio = metrics["eval/bpb_prior"] / metrics["eval/ce_prior_nats"]
+    assert ratio == pytest.approx(1 / math.log(2) / build_data(cfg).bytes_per_token)
