@@ -271,3 +271,38 @@ def test_generated_ids_are_ordinary_tensors(tiny_model_cfg):
     assert not ids.is_inference()
     logits, _ = model(ids, mode="training")
     logits.sum().backward()
+
+
+def _scaled_up(cfg, std: float = 0.3, seed: int = 0) -> FreeTransformer:
+    """A model at trained-size weights: positions and codes change the logits a lot."""
+    torch.manual_seed(seed)
+    model = FreeTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 1 and "norm" not in name:
+                p.normal_(std=std)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double", "to_float64", "to_cpu"])
+def test_rope_survives_dtype_and_device_casts(tiny_model_cfg, cast):
+    """`model.half()` / `.to(bf16)` / `.double()` must not drop RoPE's imaginary part."""
+    model = _scaled_up(tiny_model_cfg)
+    x = torch.randn(1, 2, 9, tiny_model_cfg.head_dim)
+    reference = model.rope(x, start=3)
+    ids = torch.randint(0, 32, (2, 9))
+    with torch.no_grad():
+        logits32, _ = model(ids, z=torch.full((2, 9), 5))
+    cast_fn = {"bfloat16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
+               "double": lambda m: m.double(), "to_float64": lambda m: m.to(torch.float64),
+               "to_cpu": lambda m: m.to("cpu", torch.float64)}[cast]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Casting complex values to real discards ..."
+        model = cast_fn(model)
+    assert torch.allclose(model.rope(x, start=3), reference, atol=1e-6)
+    if cast in ("double", "to_float64", "to_cpu"):  # fp64 model == fp32 model
+        with torch.no_grad():
+            logits64, _ = model(ids, z=torch.full((2, 9), 5))
+        assert torch.allclose(logits64.float(), logits32, rtol=1e-4, atol=1e-4)

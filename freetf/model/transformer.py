@@ -27,14 +27,23 @@ class RotaryEmbedding(nn.Module):
     The pair (x_2i, x_2i+1) is rotated by angle pos * theta^(-2i/hd): as a complex
     number, x_2i + j x_2i+1 times e^(j angle).  One complex multiply on a view of x,
     instead of strided slices and a stack (2x faster forward + backward on CPU).
+
+    The complex64 table is a plain attribute, not a buffer: ``model.to(torch.bfloat16)``
+    (or an FSDP mixed-precision cast) would turn a complex buffer into its real part and
+    silently break positions.  It follows x to its device on first use.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
         angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (T, hd/2)
-        self.register_buffer("rotation", torch.polar(torch.ones_like(angles), angles),
-                             persistent=False)  # (T, hd/2) complex64: e^(j angle)
+        self.rotation = torch.polar(torch.ones_like(angles), angles)  # (T, hd/2) e^(j angle)
+
+    def _apply(self, fn, recurse=True):
+        """Follow ``.to(device)`` / ``.cuda()`` (probed on an empty tensor), never a dtype."""
+        device = fn(torch.empty(0, device=self.rotation.device)).device
+        self.rotation = self.rotation.to(device)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Rotate x: (B, heads, T, hd) at positions start.., in fp32, back to x's dtype."""
@@ -42,6 +51,8 @@ class RotaryEmbedding(nn.Module):
         if start + t > self.rotation.shape[0]:
             raise ValueError(f"sequence position {start + t} exceeds max_seq_len "
                              f"{self.rotation.shape[0]}")
+        if self.rotation.device != x.device:
+            self.rotation = self.rotation.to(x.device)
         pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, h, T, hd/2)
         rotated = torch.view_as_real(pairs * self.rotation[start:start + t])  # (..., hd/2, 2)
         return rotated.flatten(-2).to(x.dtype)
