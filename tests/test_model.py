@@ -227,7 +227,7 @@ def test_per_position_shared_z_sequence(tiny_model_cfg):
         logits, _ = model(a[:, :-1], z=z_seq[None, :11].expand(3, 11))
     assert torch.equal(a, b)
     assert torch.equal(logits[:, 1:].argmax(-1), a[:, 2:])  # each token saw its own code
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match=r"not \(T,\)"):
         model.generate(prompt, 10, z=torch.zeros(5, dtype=torch.long))
 
 
@@ -306,3 +306,27 @@ def test_rope_survives_dtype_and_device_casts(tiny_model_cfg, cast):
         with torch.no_grad():
             logits64, _ = model(ids, z=torch.full((2, 9), 5))
         assert torch.allclose(logits64.float(), logits32, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_z_shapes_are_explicit(tiny_model_cfg):
+    """z: a code, (B, 1) per sequence, (T,) or (1, T) or (B, T) per position; a 1-D z whose
+    length is not T is refused, even when it equals the batch size."""
+    model = _scaled_up(tiny_model_cfg)
+    prompt = torch.randint(0, 32, (3, 2))
+    per_row = torch.tensor([1, 7, 12])
+    t = 2 + 1  # prompt + max_new_tokens: B == T, where (B,) used to mean per sequence
+    with pytest.raises(ValueError, match=r"\(B, 1\)"):
+        model.generate(prompt, 5, z=per_row)  # (B,) with B != T: refused
+    with pytest.raises(ValueError, match="z"):
+        model.generate(prompt, 1, z=torch.zeros(2, 3, dtype=torch.long))  # 2 rows != B
+    with pytest.raises(ValueError, match="z"):
+        model.generate(prompt, 1, z=torch.zeros(3, 1, 1, dtype=torch.long))
+    a = model.generate(prompt, 1, temperature=0, z=per_row[:, None])
+    b = model.generate(prompt, 1, temperature=0, z=per_row[:, None].expand(3, t))
+    assert torch.equal(a, b)  # (B, 1) is one code per sequence at every position
+    seq = torch.tensor([3, 9, 14])
+    c = model.generate(prompt, 1, temperature=0, z=seq)
+    d = model.generate(prompt, 1, temperature=0, z=seq[None].expand(3, t))
+    assert torch.equal(c, d)  # (T,) is per position, shared by the rows
+    e = model.generate(prompt, 1, temperature=0, z=per_row)  # B == T: still per position
+    assert torch.equal(e, model.generate(prompt, 1, temperature=0, z=per_row[None]))

@@ -291,9 +291,10 @@ class FreeTransformer(nn.Module):
         """Sample a continuation.  prompt (B, T0) or (T0,) -> (B, T0 + max_new_tokens).
 
         The prompt's Z comes from the encoder (prefill), each new token's Z from the
-        uniform prior, unless ``z`` is given: a code, (B,) codes used at every position,
-        or per-position codes of shape (T0 + max_new_tokens,) or (B, T0 + max_new_tokens)
-        (one Z sequence shared by a group of samples: the paper's Figure 4).
+        uniform prior, unless ``z`` is given (T = T0 + max_new_tokens): a code; (B, 1),
+        one code per sequence at every position; (T,) or (1, T), one code per position
+        shared by every sequence (the paper's Figure 4); or (B, T).  A 1-D z must have
+        length T; anything else raises ``ValueError`` (see ``_codes_per_position``).
         ``temperature = 0`` is greedy.  ``use_cache=False`` recomputes the whole prefix
         each step with the same Z per position; with the same seed both paths agree.
         Decoding runs under ``torch.inference_mode`` (less per-op bookkeeping than
@@ -337,13 +338,28 @@ class FreeTransformer(nn.Module):
 
 def _codes_per_position(z: torch.Tensor | int, batch: int, length: int,
                         device: torch.device) -> torch.Tensor:
-    """A code, (B,) codes, (T,) or (B, T) per-position codes -> (B, T) int64."""
+    """The accepted shapes of ``generate``'s ``z`` -> (B, T) int64, T = prompt + new tokens.
+
+    - a code (int or 0-dim): every position of every sequence;
+    - (B, 1): one code per sequence, at every position;
+    - (T,) or (1, T): one code per position, shared by every sequence (Figure 4);
+    - (B, T): a code per sequence and position.
+
+    A 1-D z is always per position: a length other than T is refused (per-sequence codes
+    are (B, 1)), so a (B,) vector is never read one way or the other by its length.
+    """
     z = torch.as_tensor(z, device=device).long()
-    if z.dim() == 0 or (z.dim() == 1 and z.shape[0] == batch and length != batch):
-        return z.reshape(-1, 1).expand(batch, length)
-    if z.shape[-1] != length:
-        raise ValueError(f"z has {z.shape[-1]} positions; expected {length} "
-                         f"(prompt + max_new_tokens) or a single code per sequence")
+    accepted = (f"a code, (B, 1) = ({batch}, 1) codes per sequence, (T,) = ({length},) or "
+                f"(1, T) codes per position, or (B, T) = ({batch}, {length}); "
+                f"T = prompt + max_new_tokens")
+    if z.dim() == 1 and z.shape[0] != length:
+        raise ValueError(f"z of shape {tuple(z.shape)} is not (T,) = ({length},): pass "
+                         f"per-sequence codes as (B, 1) = ({batch}, 1). Accepted: {accepted}")
+    if z.dim() == 1:
+        z = z[None]  # (1, T)
+    if z.dim() > 2 or (z.dim() == 2 and (z.shape[0] not in (1, batch)
+                                         or z.shape[1] not in (1, length))):
+        raise ValueError(f"z of shape {tuple(z.shape)} is not accepted: {accepted}")
     return z.expand(batch, length)
 
 
