@@ -34,6 +34,14 @@ def test_read_sequence_cases():
     assert read_sequence("K>" + put("!", 3)).noise == frozenset({3})
 
 
+def test_target_start_is_the_runs_start_when_noise_hides_its_first_letter():
+    assert read_sequence("K>" + put("!KKKKKKK", 5)).target_start == 5
+    assert read_sequence("K>" + put("KKKKKKK!", 5)).target_start == 5
+    assert read_sequence("K>" + put("!!KKKKKK", 5)).target_start == 5
+    # "!" on both sides of a 7-letter run: the start is 4 or 5, equally likely
+    assert read_sequence("K>" + put("!KKKKKKK!", 4)).target_start == 4.5
+
+
 def test_group_stats_on_constructed_groups():
     same = ["K>" + put("!KKKKKKKK", 10)] * 4
     stats = group_stats(same)
