@@ -165,3 +165,55 @@ def test_fp16_overflow_steps_are_the_grad_scalers_not_a_reason_to_stop(tmp_path,
     result = train_loop(cfg)
     assert result.nonfinite_steps == 0
     assert all(math.isfinite(v) for v in losses(result.history).values())
+
+
+class _RankContext(TrainContext):
+    """One rank of a 2-rank run, in-process: ``all_gather`` returns what the collective
+    would (``others`` stands in for the other rank's object); records the RNG state the
+    loop holds right after resuming (``prepare_model`` is called just after)."""
+
+    def __init__(self, others=None, **kwargs):
+        super().__init__(**kwargs)
+        self.others = others or {}
+        self.rng_after_resume = None
+
+    def all_gather(self, obj):
+        return [obj if r == self.rank else self.others[r] for r in range(self.world_size)]
+
+    def prepare_model(self, model):
+        self.rng_after_resume = torch.get_rng_state()
+        return model
+
+
+def test_checkpoint_saves_and_restores_each_ranks_rng_state(tmp_path):
+    rank1 = {"cpu": torch.Generator().manual_seed(1234).get_state(), "cuda": None}
+    cfg = tiny(tmp_path, "training.max_steps=2", "checkpoint.every_steps=2")
+    saver = _RankContext(others={1: rank1}, rank=0, world_size=2)
+    result = train_loop(cfg, saver)
+    state, _ = load_checkpoint(result.checkpoint)
+    assert [set(s) for s in state["rng"]] == [{"cpu", "cuda"}] * 2
+    assert torch.equal(state["rng"][1]["cpu"], rank1["cpu"])
+    assert not torch.equal(state["rng"][0]["cpu"], rank1["cpu"])
+    more = tiny(tmp_path / "b", "training.max_steps=3")
+    for rank in (0, 1):
+        resumed = _RankContext(rank=rank, world_size=2, resume_from=result.checkpoint,
+                               others={1 - rank: None})
+        train_loop(more, resumed)
+        assert torch.equal(resumed.rng_after_resume, state["rng"][rank]["cpu"]), rank
+
+
+def test_rng_states_carry_the_cuda_generator(monkeypatch):
+    """The CUDA state of this rank's device is saved and restored (CUDA faked on CPU)."""
+    from freetf.training.checkpoint import restore_rng_states, rng_states
+
+    fake = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8), "set": None}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: fake["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device=None: fake.update(set=(state.clone(), device)))
+    cuda = torch.device("cuda", 1)
+    saved = [rng_states(torch.device("cpu")), rng_states(cuda)]
+    assert saved[0]["cuda"] is None and torch.equal(saved[1]["cuda"], fake["state"])
+    saved[1]["cuda"] = torch.tensor([7, 7], dtype=torch.uint8)
+    restore_rng_states(saved, rank=1, device=cuda)
+    assert torch.equal(fake["set"][0], saved[1]["cuda"]) and fake["set"][1] == cuda
+    assert torch.equal(torch.get_rng_state(), saved[1]["cpu"])

@@ -28,7 +28,12 @@ from freetf.evaluation.diagnostics import latent_diagnostics, verdict
 from freetf.evaluation.samples import sample_texts
 from freetf.model.losses import compute_loss
 from freetf.model.transformer import FreeTransformer
-from freetf.training.checkpoint import load_checkpoint, save_to_root
+from freetf.training.checkpoint import (
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_to_root,
+)
 from freetf.training.schedules import build_lr_scheduler, schedule_values
 
 log = logging.getLogger(__name__)
@@ -136,6 +141,10 @@ class TrainContext:
     def latest_checkpoint(self) -> Path | None:
         return Path(self.resume_from) if self.resume_from else None
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (a collective: all ranks call it)."""
+        return [obj]
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
                essential: bool = True) -> None:
         """Hand a result to the runner.  ``essential``: eval, checkpoint or final results,
@@ -212,7 +221,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     scheduler = build_lr_scheduler(optimizer, tcfg.warmup_steps, steps, cfg.scheduler.min_lr,
                                    cfg.scheduler.type)
     torch.manual_seed(tcfg.seed * 1000 + ctx.rank)  # dropout and prior samples, per rank
-    start_step = _maybe_resume(ctx, raw_model, optimizer, scheduler, stream)
+    start_step = _maybe_resume(ctx, raw_model, optimizer, scheduler, stream, device)
     model = ctx.prepare_model(torch.compile(raw_model) if tcfg.compile else raw_model)
     ddp = hasattr(model, "no_sync")
     dtype = amp_dtype(cfg, device)
@@ -305,7 +314,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                 tracker.log_metrics(report, step=done)
             if want_ckpt:
                 checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream, done,
-                                   report)
+                                   report, device)
             ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None,
                        essential=bool(want_eval or want_ckpt))
             if ctx.is_main and done % tcfg.log_every == 0:
@@ -352,11 +361,12 @@ def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch
     return metrics
 
 
-def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics) -> Path | None:
+def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics, device) -> Path | None:
+    rng = ctx.all_gather(rng_states(device))  # every rank's generators, in rank order
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "step": step, "data": stream.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": rng,
     }
     if not ctx.is_main:
         return None
@@ -366,7 +376,7 @@ def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics) -> Path 
     return path
 
 
-def _maybe_resume(ctx, model, optimizer, scheduler, stream) -> int:
+def _maybe_resume(ctx, model, optimizer, scheduler, stream, device) -> int:
     path = ctx.latest_checkpoint()
     if path is None:
         return 0
@@ -375,6 +385,6 @@ def _maybe_resume(ctx, model, optimizer, scheduler, stream) -> int:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng"])
+    restore_rng_states(state["rng"], ctx.rank, device)
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
