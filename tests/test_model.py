@@ -330,3 +330,174 @@ def test_generate_z_shapes_are_explicit(tiny_model_cfg):
     assert torch.equal(c, d)  # (T,) is per position, shared by the rows
     e = model.generate(prompt, 1, temperature=0, z=per_row)  # B == T: still per position
     assert torch.equal(e, model.generate(prompt, 1, temperature=0, z=per_row[None]))
+
+
+# ------------------------------------------------ behaviour against references (Algorithm 2)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope_ref(x, positions, cfg):
+    hd = cfg.head_dim
+    ang = positions.float()[:, None] / cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()),
+                       -1).flatten(-2)
+
+
+def _block_ref(blk, x_q, x_kv, cfg, causal=True):
+    """Pre-norm block: x = x_q + attn(norm(x_q) -> q, norm(x_kv) -> k, v); x + ffn(norm(x))."""
+    b, t, _ = x_q.shape
+    hd, pos = cfg.head_dim, torch.arange(t)
+    hq, hkv = _rms(x_q, blk.attn_norm.weight, cfg.norm_eps), _rms(x_kv, blk.attn_norm.weight,
+                                                                  cfg.norm_eps)
+    q = (hq @ blk.attn.wq.weight.T).view(b, t, cfg.num_heads, hd).transpose(1, 2)
+    k = (hkv @ blk.attn.wk.weight.T).view(b, t, cfg.kv_heads, hd).transpose(1, 2)
+    v = (hkv @ blk.attn.wv.weight.T).view(b, t, cfg.kv_heads, hd).transpose(1, 2)
+    rep = cfg.num_heads // cfg.kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    att = _rope_ref(q, pos, cfg) @ _rope_ref(k, pos, cfg).transpose(-1, -2) / math.sqrt(hd)
+    if causal:
+        att = att.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), float("-inf"))
+    x = x_q + (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1) @ blk.attn.wo.weight.T
+    h = _rms(x, blk.ffn_norm.weight, cfg.norm_eps)
+    return x + (F.silu(h @ blk.ffn.w1.weight.T) * (h @ blk.ffn.w3.weight.T)) @ blk.ffn.w2.weight.T
+
+
+def _free_transformer_ref(model, ids, codes=None):
+    """Algorithm 2 from the paper, written out: -> (logits, encoder bit logits)."""
+    cfg = model.config
+    half = cfg.encoder_after
+    x = model.embed.weight[ids]
+    for blk in model.blocks[:half]:
+        x = _block_ref(blk, x, x, cfg)
+    zeta = model.zeta.expand_as(x)  # the learned query at every position
+    y = _block_ref(model.encoder, zeta, x, cfg, causal=False)  # non-causal, RoPE inside
+    z_logits = _rms(y, model.encoder_norm.weight, cfg.norm_eps) @ model.encoder_readout.weight.T \
+        + model.encoder_readout.bias
+    if codes is not None:
+        if cfg.mapper == "factored":
+            bits = ((codes[..., None] >> torch.arange(cfg.latent_dim)) & 1).float()
+            r = bits @ model.mapper.weight + model.mapper.bias
+        else:
+            r = model.mapper.weight[codes] + model.mapper.bias  # post_sampler(one_hot(d))
+        x = _block_ref(model.blocks[half], x, x + r, cfg)  # r in keys/values only
+        rest = model.blocks[half + 1:]
+    else:
+        rest = model.blocks[half:]
+    for blk in rest:
+        x = _block_ref(blk, x, x, cfg)
+    return _rms(x, model.norm.weight, cfg.norm_eps) @ model.lm_head.weight.T, z_logits
+
+
+@pytest.mark.parametrize("mapper", ["exact", "factored"])
+def test_forward_and_encoder_equal_algorithm_2(tiny_model_cfg, mapper):
+    cfg = dataclasses.replace(tiny_model_cfg, mapper=mapper, tie_embeddings=False)
+    model = _scaled_up(cfg)
+    ids = torch.randint(0, 32, (2, 11))
+    codes = torch.randint(0, 16, (2, 11))
+    with torch.no_grad():
+        ref_logits, ref_z = _free_transformer_ref(model, ids, codes)
+        logits, _ = model(ids, z=codes)
+        _, z_logits = model(ids, mode="training")
+    assert torch.allclose(z_logits, ref_z, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # the references are sensitive: positions and codes move them by far more than atol
+    assert (ref_z[:, 1:] - ref_z[:, :1]).abs().max() > 0.1
+    other, _ = _free_transformer_ref(model, ids, (codes + 1) % 16)
+    assert (other - ref_logits).abs().max() > 0.1
+
+
+def test_training_forward_conditions_on_the_encoders_sampled_codes(tiny_model_cfg):
+    """mode="training": the codes are the posterior's (bits = noise < sigmoid(L))."""
+    model = _scaled_up(tiny_model_cfg)
+    ids = torch.randint(0, 32, (2, 9))
+    noise = torch.rand(2, 9, 4)
+    with torch.no_grad():
+        logits, z_logits = model(ids, mode="training", bit_noise=noise)
+        _, ref_z = _free_transformer_ref(model, ids)
+        bits = (noise < torch.sigmoid(ref_z)).long()
+        codes = (bits * 2 ** torch.arange(4)).sum(-1)
+        ref_logits, _ = _free_transformer_ref(model, ids, codes)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prior_path_uses_the_post_samplers_bias(tiny_model_cfg, monkeypatch):
+    """mode="inference": r = W[d] + b for the prior's codes d (bias included)."""
+    model = _scaled_up(tiny_model_cfg)
+    ids = torch.randint(0, 32, (2, 7))
+    codes = torch.randint(0, 16, (2, 7))
+    monkeypatch.setattr(model.mapper, "sample_prior", lambda shape, device: codes)
+    with torch.no_grad():
+        logits, _ = model(ids, mode="inference")
+        ref, _ = _free_transformer_ref(model, ids, codes)
+    assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def _record_decoding(monkeypatch):
+    """Record the logits ``generate`` samples each new token from."""
+    import freetf.model.transformer as transformer
+
+    seen = []
+    real = transformer._sample_next
+
+    def recording(logits, *args):
+        seen.append(logits.clone())
+        return real(logits, *args)
+
+    monkeypatch.setattr(transformer, "_sample_next", recording)
+    return seen
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_logits_and_codes_per_position(tiny_model_cfg, monkeypatch, use_cache):
+    """Each step's logits (not only the argmax) equal a full forward where the prompt is
+    conditioned on the encoder's codes and every new token on the prior's."""
+    model = _scaled_up(tiny_model_cfg)
+    with torch.no_grad():  # a deterministic posterior: every bit's logit is +-20
+        model.encoder_readout.weight.zero_()
+        model.encoder_readout.bias.copy_(torch.tensor([20.0, -20.0, 20.0, -20.0]))
+    encoder_code = 1 + 4  # bits 0 and 2 set
+    prior = iter(torch.tensor([[3, 8, 15, 0, 9, 6]]).T.expand(6, 2)[:, :, None])
+    monkeypatch.setattr(model.mapper, "sample_prior", lambda shape, device: next(prior))
+    seen = _record_decoding(monkeypatch)
+    prompt = torch.randint(0, 32, (2, 4))
+    torch.manual_seed(0)
+    out = model.generate(prompt, 7, temperature=1.0, use_cache=use_cache)
+    codes = torch.cat([torch.full((2, 4), encoder_code),
+                       torch.tensor([[3, 8, 15, 0, 9, 6]]).expand(2, 6)], 1)  # (2, 10)
+    assert len(seen) == 7
+    with torch.no_grad():
+        ref, _ = _free_transformer_ref(model, out[:, :-1], codes)  # (2, 10, V)
+    for step, logits in enumerate(seen):
+        assert torch.allclose(logits, ref[:, 3 + step], atol=1e-4, rtol=1e-4), step
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_with_given_codes_matches_the_full_forward(tiny_model_cfg, monkeypatch,
+                                                              use_cache):
+    model = _scaled_up(tiny_model_cfg)
+    seen = _record_decoding(monkeypatch)
+    prompt = torch.randint(0, 32, (3, 3))
+    z = torch.randint(0, 16, (3, 12))
+    torch.manual_seed(0)
+    out = model.generate(prompt, 9, temperature=1.0, z=z, use_cache=use_cache)
+    with torch.no_grad():
+        ref, _ = _free_transformer_ref(model, out[:, :-1], z[:, :11])
+    for step, logits in enumerate(seen):
+        assert torch.allclose(logits, ref[:, 2 + step], atol=1e-4, rtol=1e-4), step
+    assert (ref[:, 2:] - ref[:, 2:].mean(0)).abs().max() > 0.1  # rows differ: codes matter
+
+
+def test_kv_cache_logits_equal_uncached_at_every_step(tiny_model_cfg, monkeypatch):
+    model = _scaled_up(tiny_model_cfg)
+    seen = _record_decoding(monkeypatch)
+    prompt = torch.randint(0, 32, (2, 5))
+    z = torch.randint(0, 16, (2, 20))
+    model.generate(prompt, 15, temperature=0.0, z=z)
+    cached, seen[:] = list(seen), []
+    model.generate(prompt, 15, temperature=0.0, z=z, use_cache=False)
+    for a, b in zip(cached, seen, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -324,8 +324,8 @@ class FreeTransformer(nn.Module):
             if step == max_new_tokens - 1:
                 break
             new_code = None
-            if self.config.has_latent:
-                pos = t0 + step + 1
+            if self.config.has_latent:  # the code of nxt, the token at position t0 + step
+                pos = t0 + step
                 new_code = z_all[:, pos:pos + 1] if z_all is not None else \
                     self.mapper.sample_prior((b, 1), ids.device)
                 codes = torch.cat([codes, new_code], dim=1)
