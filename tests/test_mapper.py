@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from freetf.model.mapper import (
     BinaryMapper,
@@ -11,6 +15,7 @@ from freetf.model.mapper import (
     chunk_codes,
     chunked_mapper,
     code_bits,
+    code_log_probs,
     codes_to_bits,
     dense_mapper,
     sample_bits,
@@ -206,3 +211,49 @@ def test_autocast_score_precision_is_close_to_fp32_and_only_acts_under_amp():
     approx = logit_grad(fast, amp=True)
     assert not torch.equal(approx, reference)  # the bf16 products did run
     assert torch.allclose(approx, reference, rtol=0.02, atol=2e-3 * reference.abs().max())
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@st.composite
+def _codes(draw):
+    num_bits = draw(st.integers(1, 30))
+    values = draw(st.lists(st.integers(0, 2 ** num_bits - 1), min_size=1, max_size=20))
+    return num_bits, torch.tensor(values, dtype=torch.int64)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_codes())
+def test_bits_and_codes_are_inverse_and_least_significant_first(case):
+    num_bits, codes = case
+    bits = codes_to_bits(codes, num_bits)  # (N, H)
+    assert bits.shape == (len(codes), num_bits) and set(bits.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(bits_to_codes(bits), codes)
+    for code, row in zip(codes.tolist(), bits.tolist(), strict=True):
+        assert row == [float((code >> h) & 1) for h in range(num_bits)]  # U_h(d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_bits=st.integers(1, 10), data=st.data())
+def test_code_bits_table_is_codes_to_bits_of_its_range(num_bits, data):
+    start = data.draw(st.integers(0, 2 ** num_bits - 1))
+    end = data.draw(st.integers(start + 1, 2 ** num_bits))
+    table = code_bits(num_bits, start=start, end=end)
+    assert torch.equal(table, codes_to_bits(torch.arange(start, end), num_bits))
+    assert torch.equal(code_bits(num_bits), codes_to_bits(torch.arange(2 ** num_bits), num_bits))
+
+
+@settings(max_examples=40, deadline=None)
+@given(logits=st.lists(st.floats(-12, 12), min_size=1, max_size=7))
+def test_code_log_probs_is_the_product_of_bit_probabilities(logits):
+    """log G_d = sum_h log P(B_h = U_h(d)) (eq. 7), and G sums to one over the codes."""
+    l64 = torch.tensor([logits], dtype=torch.float64)  # (1, H)
+    num_bits = l64.shape[1]
+    table = code_bits(num_bits).double()
+    log_g = code_log_probs(l64, table)[0]  # (2^H,)
+    p = torch.sigmoid(l64[0])
+    for d in range(2 ** num_bits):
+        ref = sum(math.log(p[h] if (d >> h) & 1 else 1 - p[h]) for h in range(num_bits))
+        assert log_g[d].item() == pytest.approx(ref, abs=1e-9)
+    assert log_g.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
