@@ -108,10 +108,50 @@ def test_curriculum_and_annealing_reach_the_loop(tmp_path):
     assert weights[0] < weights[-1] == pytest.approx(1.0)
 
 
-def test_gradient_accumulation_and_checkpointing_run(tmp_path):
-    result = train_loop(tiny(tmp_path, "training.max_steps=3", "training.grad_accum_steps=2",
-                             "training.gradient_checkpointing=true"))
-    assert math.isfinite(result.metrics["train/loss"])
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_k_micro_batches_equal_one_batch_k_times_larger(tmp_path, checkpointing):
+    """grad_accum_steps=2 of batch 4 == batch 8: the same rows, bits of Z, loss, KL and
+    gradient (its norm before clipping) at every step, and the same weights after."""
+    common = ["training.max_steps=3", "training.grad_clip=0", "training.free_bits_bits=0",
+              f"training.gradient_checkpointing={checkpointing}"]
+    accum = train_loop(tiny(tmp_path / "a", *common, "training.batch_size=4",
+                            "training.grad_accum_steps=2"))
+    big = train_loop(tiny(tmp_path / "b", *common, "training.batch_size=8"))
+    keys = ("train/loss", "train/ce_nats", "train/kl_nats", "train/grad_norm")
+    a = [h for h in accum.history if "train/loss" in h]
+    b = [h for h in big.history if "train/loss" in h]
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [1, 2, 3]
+    for ha, hb in zip(a, b, strict=True):
+        for key in keys:
+            assert ha[key] == pytest.approx(hb[key], rel=1e-5), (ha["step"], key)
+    sa, _ = load_checkpoint(accum.checkpoint)
+    sb, _ = load_checkpoint(big.checkpoint)
+    for key in sa["model"]:
+        assert torch.allclose(sa["model"][key], sb["model"][key], atol=1e-6), key
+
+
+def test_first_step_metrics_equal_a_reference_step(tmp_path):
+    """Step 1 replayed outside the loop: next-token CE, and the KL over the positions
+    that predict a token (z_logits[:, :-1], aligned with ids[:, 1:])."""
+    from freetf.data.datasets import BatchStream, build_data
+    from freetf.model.losses import kl_per_token
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training.loop import step_noise
+
+    cfg = tiny(tmp_path, "training.max_steps=1", "training.free_bits_bits=0")
+    result = train_loop(cfg)
+    torch.manual_seed(cfg.training.seed)  # the loop's initial weights
+    model = FreeTransformer(cfg.model)
+    ids = next(BatchStream(build_data(cfg).train, cfg.training.batch_size, seed=cfg.data.seed))
+    noise = step_noise(cfg, 0, cfg.training.batch_size, ids.shape[1], 0, 1)[0]
+    logits, z_logits = model(ids, bit_noise=noise)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           ids[:, 1:].reshape(-1))
+    kl = kl_per_token(z_logits[:, :-1]).mean()
+    step1 = next(h for h in result.history if h.get("step") == 1)
+    assert step1["train/ce_nats"] == pytest.approx(ce.item(), rel=1e-6)
+    assert step1["train/kl_nats"] == pytest.approx(kl.item(), rel=1e-6)
+    assert kl.item() != pytest.approx(kl_per_token(z_logits[:, 1:]).mean().item(), rel=1e-6)
 
 
 def test_bf16_autocast_loop_runs_on_cpu(tmp_path):

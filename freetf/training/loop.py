@@ -4,10 +4,11 @@
 workers; Ray touches it only through a :class:`TrainContext` (prepare the model, report
 metrics and checkpoints, find the checkpoint to resume from).  Nothing here imports Ray.
 
-Determinism across world sizes: the bits of Z are sampled from uniform noise drawn per
-optimizer step for the *global* batch and sliced by rank, and the data stream gives rank
-``r`` the rows ``r::world_size`` of the global batch, so 2 workers of batch b follow the
-same trajectory as 1 worker of batch 2b (to float tolerance).
+Determinism across world sizes and accumulation: the bits of Z are sampled from uniform
+noise drawn per optimizer step for all the *global* micro-batches and sliced by rank, and
+the data stream gives rank ``r`` the rows ``r::world_size`` of the global batch, so 2
+workers of batch b, and 2 accumulated micro-batches of batch b, follow the same
+trajectory as 1 worker of batch 2b (to float tolerance).
 """
 
 from __future__ import annotations
@@ -192,14 +193,20 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return max(1, cfg.training.num_epochs * steps_per_epoch // cfg.training.grad_accum_steps)
 
 
-def step_noise(cfg: Config, step: int, micro: int, global_batch: int, seq_len: int,
-               rank: int, world_size: int) -> torch.Tensor | None:
-    """Uniform noise for the bits of Z of this rank's rows, drawn for the global batch."""
+def step_noise(cfg: Config, step: int, global_batch: int, seq_len: int, rank: int,
+               world_size: int) -> torch.Tensor | None:
+    """Uniform noise for the bits of Z of this rank's rows at every micro-batch of a step.
+
+    One draw per optimizer step for all ``grad_accum_steps`` global micro-batches, in row
+    order, sliced by rank: -> (k, b, T, H).  So w workers of batch b, and k micro-batches
+    of batch b, see the bits that one worker of batch k w b sees.
+    """
     if not cfg.model.has_latent:
         return None
-    gen = torch.Generator().manual_seed((cfg.training.seed * 1_000_003 + step) * 64 + micro)
-    noise = torch.rand(global_batch, seq_len, cfg.model.latent_dim, generator=gen)
-    return noise[rank::world_size]  # (b, T, H)
+    gen = torch.Generator().manual_seed(cfg.training.seed * 1_000_003 + step)
+    noise = torch.rand(cfg.training.grad_accum_steps, global_batch, seq_len,
+                       cfg.model.latent_dim, generator=gen)  # (k, G, T, H)
+    return noise[:, rank::world_size]  # (k, b, T, H)
 
 
 def train_loop(cfg: Config, context: TrainContext | None = None,
@@ -253,15 +260,16 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         sched = schedule_values(cfg, step, steps)
         seq_len = int(sched["max_seq_len"])
         step_parts: dict[str, torch.Tensor] = {}
+        noise = step_noise(cfg, step, tcfg.batch_size * ctx.world_size, seq_len, ctx.rank,
+                           ctx.world_size)  # (k, b, T, H)
         for micro in range(tcfg.grad_accum_steps):
             ids = next(stream)[:, :seq_len].to(device, non_blocking=True)  # (b, T)
-            noise = step_noise(cfg, step, micro, tcfg.batch_size * ctx.world_size, seq_len,
-                               ctx.rank, ctx.world_size)
             sync = (not ddp or micro == tcfg.grad_accum_steps - 1)
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits, z_logits = model(
-                        ids, mode="training", bit_noise=None if noise is None else noise.to(device))
+                        ids, mode="training",
+                        bit_noise=None if noise is None else noise[micro].to(device))
                     loss, parts = compute_loss(
                         logits[:, :-1], None if z_logits is None else z_logits[:, :-1],
                         ids[:, 1:], sched["kl_weight"], sched["free_bits_nats"])
