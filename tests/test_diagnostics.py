@@ -13,7 +13,7 @@ from conftest import TINY_MODEL
 import freetf.evaluation.diagnostics as diagnostics
 from freetf import FreeTransformer, load_config
 from freetf.evaluation.diagnostics import MIN_FREE_BITS_NATS, latent_diagnostics, verdict
-from freetf.model.losses import LN2
+from freetf.model.losses import LN2, kl_per_bit
 from freetf.model.mapper import bits_to_codes, code_bits, sample_bits
 
 pytestmark = pytest.mark.timeout(60)
@@ -123,13 +123,18 @@ def test_mutual_information_is_per_bit_sum_and_bounds_the_joint_estimate():
 # ----------------------------------------------------------------------------- CE values
 
 
-def test_ce_values_match_a_replay_of_the_sampling():
-    """Prior, posterior and shuffled CE against a manual pass with the same draws."""
-    cfg, model = make()
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_ce_values_match_a_replay_of_the_sampling(dropout):
+    """Prior, posterior and shuffled CE, and KL over the predicting positions, against a
+    manual pass in eval mode with the same draws (a model left in train mode, with
+    dropout, is evaluated with dropout off)."""
+    cfg, model = make(f"model.dropout={dropout}")
     set_readout(model, weight_scale=50.0)  # codes that differ between rows
     ids = torch.randint(0, 32, (3, 10))
+    model.train()
     torch.manual_seed(7)
     m = latent_diagnostics(model, [ids], cfg)
+    assert model.training
     torch.manual_seed(7)  # replay: prior draw first, then the bit noise
     model.eval()
     with torch.no_grad():
@@ -148,6 +153,11 @@ def test_ce_values_match_a_replay_of_the_sampling():
     assert m["eval/ppl_posterior"] == pytest.approx(math.exp(m["eval/ce_posterior_nats"]))
     used = codes[:, :-1].unique().numel()
     assert m["eval/code_usage"] == used
+    kl = kl_per_bit(z_logits[:, :-1])  # (B, T-1, H): positions that predict a token
+    assert m["eval/kl_nats"] == pytest.approx(kl.sum(-1).mean().item(), rel=1e-6)
+    assert m["eval/kl_bit_1_nats"] == pytest.approx(kl[..., 1].mean().item(), rel=1e-6)
+    assert m["eval/kl_nats"] != pytest.approx(kl_per_bit(z_logits[:, 1:]).sum(-1).mean().item(),
+                                              rel=1e-6)
 
 
 def test_single_row_batches_leave_ce_shuffled_nan():
