@@ -74,8 +74,13 @@ def test_chunked_gradient_equals_dense_eq8(num_bits, chunk):
     assert torch.allclose(w_chunk.grad, w_dense.grad, atol=1e-10)
     assert torch.allclose(l_dense.grad, _eq8_gradient_by_hand(logits, bits, weight, grad_out),
                           atol=1e-10)
-    # not the straight-through-on-the-sampled-slot estimator
-    assert l_dense.grad.abs().sum() > 0
+    # not the straight-through estimator on the sampled slot d* only, whose gradient is
+    # s_d* G_d* (U_h(d*) - p_h): it is non-zero too, so compare the values
+    p = torch.sigmoid(logits)
+    g_star = torch.prod(torch.where(bits.bool(), p, 1 - p), -1, keepdim=True)  # (N, 1)
+    s_star = (grad_out * weight[codes]).sum(-1, keepdim=True)  # (N, 1)
+    straight_through = s_star * g_star * (bits - p)
+    assert (l_dense.grad - straight_through).abs().max() > 1e-2 * l_dense.grad.abs().max()
 
 
 def test_chunked_mapper_float32_matches_dense():
@@ -174,7 +179,10 @@ def test_mapper_under_bf16_autocast_matches_fp32(kind, impl):
         (rbf.float() * grad_out).sum().backward()
     assert rbf.dtype == torch.float32
     assert torch.allclose(rbf, r32, atol=1e-6)
-    assert torch.allclose(lbf.grad.float(), l32.grad, rtol=0.05, atol=0.02)
+    # the gradient is ~1e-2; bf16 rounding of the returned gradient costs ~5e-5
+    scale = l32.grad.abs().max()
+    assert scale > 1e-3
+    assert torch.allclose(lbf.grad.float(), l32.grad, rtol=1e-2, atol=1e-2 * scale)
 
 
 def test_chunk_codes_tile_the_codes_in_powers_of_two():
