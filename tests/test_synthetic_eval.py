@@ -13,6 +13,7 @@ from freetf.evaluation.synthetic_eval import (
     group_stats,
     read_sequence,
     render_groups,
+    sample_groups,
 )
 from freetf.training.loop import train_loop
 
@@ -69,9 +70,43 @@ def test_pipeline_on_a_tiny_trained_model(tmp_path):
     metrics = figure4_metrics(model, groups=2, per_group=4)
     assert set(metrics) == {f"{m}/{k}" for m in ("independent", "shared")
                             for k in ("position_spread", "noise_overlap", "valid_rate")}
-    assert all(0.0 <= metrics[f"{m}/valid_rate"] <= 1.0 for m in ("independent", "shared"))
+    for mode in ("independent", "shared"):  # the mean of the groups' rates, recomputed
+        groups = sample_groups(model, "K", 2, 4, mode == "shared", seed=0)
+        rates = [group_stats(texts).valid_rate for texts in groups]
+        assert metrics[f"{mode}/valid_rate"] == pytest.approx(sum(rates) / len(rates))
     assert not math.isnan(metrics["shared/noise_overlap"])
     text = render_groups(model, groups=1, per_group=3)
     lines = text.splitlines()
     assert sum(line.startswith("K>") and len(line) == 66 for line in lines) == 6
     assert "shared Z" in text and "independent Z" in text
+
+
+def test_shared_z_is_one_code_sequence_per_group(monkeypatch):
+    """Figure 4: shared Z = one code per position, the same for every row of a group and
+    drawn afresh for each group; independent Z = a sequence per row."""
+    import torch
+
+    from freetf.model.transformer import FreeTransformer
+
+    cfg = load_config("configs/tiny.yaml")
+    model = FreeTransformer(cfg.model)
+    seen = []
+    real = model.generate
+
+    def recording(prompt, max_new_tokens, **kwargs):
+        seen.append(kwargs["z"].clone())
+        return real(prompt, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    sample_groups(model, "K", groups=3, per_group=5, shared=True, seed=1)
+    assert len(seen) == 3
+    for z in seen:
+        assert z.shape == (5, 66) and 0 <= z.min() and z.max() < 2 ** cfg.model.latent_dim
+        assert torch.equal(z, z[:1].expand(5, 66))  # every row the same sequence
+        assert z[0].unique().numel() > 1  # one code per position, not one per sequence
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    seen.clear()
+    sample_groups(model, "K", groups=2, per_group=5, shared=False, seed=1)
+    for z in seen:
+        assert z.shape == (5, 66)
+        assert all(not torch.equal(z[i], z[j]) for i in range(5) for j in range(i + 1, 5))
