@@ -196,6 +196,45 @@ def test_chunk_codes_tile_the_codes_in_powers_of_two():
     for n in (1, 7, 300, 5000):
         size = chunk_codes(0, n, 2 ** 12, cpu)
         assert 2 ** 12 % size == 0
+    assert chunk_codes(1, 2048, 2 ** 16, cpu) == 1  # 1 is a size, not "auto"
+    other = torch.device("meta")  # any other device type is sized like CUDA
+    assert chunk_codes(0, 16384, 2 ** 16, other) == chunk_codes(0, 16384, 2 ** 16, cuda)
+
+
+def test_prior_codes_need_fewer_than_63_bits():
+    codes = BinaryMapper(62, 2, kind="factored").sample_prior((1000,), torch.device("cpu"))
+    assert codes.dtype == torch.int64 and codes.min() >= 0 and codes.max() < 2 ** 62
+    assert codes.max() > 2 ** 61  # the whole range, not a prefix
+    with pytest.raises(ValueError, match="latent_dim must be < 63"):
+        BinaryMapper(63, 2, kind="factored").sample_prior((1,), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind,impl", [("exact", "chunked"), ("exact", "dense"),
+                                       ("factored", "chunked")])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_mapper_with_bf16_parameters_matches_fp32(kind, impl, train_weight):
+    """A mapper cast to bf16 (``model.to(torch.bfloat16)``), its post-sampler trained or
+    frozen: the same r and logit gradient as in fp32, to bf16 precision."""
+    torch.manual_seed(2)
+    mapper = BinaryMapper(5, 8, kind=kind, impl=impl)
+    with torch.no_grad():
+        mapper.bias.normal_()
+    logits, noise, grad_out = torch.randn(3, 4, 5), torch.rand(3, 4, 5), torch.randn(3, 4, 8)
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        m = mapper.to(dtype)
+        m.weight.requires_grad_(train_weight)
+        lg = logits.to(dtype).detach().clone().requires_grad_()
+        r, codes = m(lg, noise)
+        (r.float() * grad_out).sum().backward()
+        outs.append((r.float(), lg.grad.float(), m.embed_codes(codes).float()))
+        assert (m.weight.grad is not None) == train_weight
+        if train_weight:
+            assert m.weight.grad.dtype == dtype
+    (r32, g32, e32), (r16, g16, e16) = outs
+    assert torch.allclose(r16, r32, rtol=2e-2, atol=2e-2)
+    assert torch.allclose(e16, e32, rtol=2e-2, atol=2e-2)
+    assert torch.allclose(g16, g32, rtol=2e-2, atol=2e-2 * g32.abs().max())
 
 
 def test_autocast_score_precision_is_close_to_fp32_and_only_acts_under_amp():
