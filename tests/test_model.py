@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from freetf import FreeTransformer
-from freetf.model.transformer import Block, RotaryEmbedding
+from freetf.model.transformer import Block, KVCache, RotaryEmbedding
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -501,3 +501,93 @@ def test_kv_cache_logits_equal_uncached_at_every_step(tiny_model_cfg, monkeypatc
     model.generate(prompt, 15, temperature=0.0, z=z, use_cache=False)
     for a, b in zip(cached, seen, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _sampling_probs(monkeypatch, logits, **kwargs):
+    """The distribution ``_sample_next`` draws from (torch.multinomial's input)."""
+    from freetf.model.transformer import _sample_next
+
+    seen = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or real(p, n))
+    token = _sample_next(logits, **kwargs)
+    assert token.shape == (logits.shape[0], 1)
+    return seen[0] if seen else None, token
+
+
+def test_sampling_distribution_temperature_top_k_top_p(monkeypatch):
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    greedy_probs, token = _sampling_probs(monkeypatch, logits, temperature=0.0, top_k=None,
+                                          top_p=None)
+    assert greedy_probs is None and token.item() == 0  # temperature 0: argmax, no draw
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=0.5, top_k=None, top_p=None)
+    assert torch.allclose(probs, (logits / 0.5).softmax(-1))
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=2, top_p=None)
+    assert torch.allclose(probs, torch.tensor([[2.0, 1.0]]).softmax(-1).new_tensor(
+        [[*torch.tensor([2.0, 1.0]).softmax(-1).tolist(), 0.0, 0.0, 0.0]]))
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=0, top_p=None)
+    assert torch.allclose(probs, logits.softmax(-1))  # top_k = 0: off
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=50, top_p=None)
+    assert torch.allclose(probs, logits.softmax(-1))  # k above the vocabulary: all kept
+    # nucleus: the most probable tokens until their mass reaches p, the crossing one kept
+    full = logits.softmax(-1)[0]  # .563 .207 .126 .028 .076: cumulated .563 .770 .896 .972
+    for top_p, kept in [(0.5, [0]), (0.6, [0, 1]), (0.75, [0, 1]), (0.8, [0, 1, 2]),
+                        (0.95, [0, 1, 2, 4]), (0.99, [0, 1, 2, 4, 3]), (1.0, [0, 1, 2, 3, 4])]:
+        probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=None,
+                                   top_p=top_p)
+        expected = torch.zeros(5)
+        expected[kept] = full[kept] / full[kept].sum()
+        assert torch.allclose(probs[0], expected, atol=1e-6), top_p
+
+
+def test_kv_cache_appends_in_place_up_to_its_capacity():
+    cache = KVCache(4)
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    keys, values = cache.append(k, v)
+    assert torch.equal(keys, k) and torch.equal(values, v) and cache.length == 3
+    k1, v1 = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    keys, values = cache.append(k1, v1)  # exactly full
+    assert torch.equal(keys, torch.cat([k, k1], 2)) and torch.equal(values, torch.cat([v, v1], 2))
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache.append(k1, v1)
+
+
+def test_multi_token_append_to_a_filled_cache_is_refused(tiny_model_cfg):
+    model = FreeTransformer(tiny_model_cfg).eval()
+    caches = [KVCache(10) for _ in model.blocks]
+    with torch.no_grad():
+        model.forward_codes(torch.randint(0, 32, (1, 3)), caches=caches)
+        with pytest.raises(NotImplementedError, match="multi-token"):
+            model.forward_codes(torch.randint(0, 32, (1, 2)), z=torch.tensor(1), caches=caches)
+
+
+def test_dropout_acts_in_train_mode_only(tiny_model_cfg):
+    model = _scaled_up(dataclasses.replace(tiny_model_cfg, dropout=0.5))
+    ids, z = torch.randint(0, 32, (2, 8)), torch.randint(0, 16, (2, 8))
+    with torch.no_grad():
+        a, _ = model(ids, z=z)
+        b, _ = model(ids, z=z)
+        ref, _ = _free_transformer_ref(model, ids, z)
+        model.train()
+        c, _ = model(ids, z=z)
+    assert torch.equal(a, b) and torch.allclose(a, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(c, a, atol=1e-2)
+
+
+def test_initialisation_scales(tiny_model_cfg):
+    cfg = dataclasses.replace(tiny_model_cfg, hidden_dim=128, num_heads=4, init_std=0.05)
+    model = FreeTransformer(cfg)
+    params = dict(model.named_parameters())
+    residual = 0.05 / (2 * cfg.num_layers) ** 0.5  # output projections, scaled by 1/sqrt(2B)
+    for name, std in [("blocks.0.attn.wo.weight", residual), ("blocks.1.ffn.w2.weight", residual),
+                      ("encoder.attn.wo.weight", residual), ("blocks.0.attn.wq.weight", 0.05),
+                      ("blocks.2.ffn.w1.weight", 0.05), ("embed.weight", 0.05),
+                      ("encoder_readout.weight", 0.05), ("zeta", 0.05)]:
+        assert params[name].std().item() == pytest.approx(std, rel=0.15), name
+        assert abs(params[name].mean().item()) < 0.2 * std, name
+    assert torch.equal(params["encoder_readout.bias"], torch.zeros(cfg.latent_dim))
+    assert torch.equal(params["norm.weight"], torch.ones(cfg.hidden_dim))
+    assert params["mapper.weight"].std().item() == pytest.approx(0.02, rel=0.15)  # its own
