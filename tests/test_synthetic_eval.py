@@ -110,3 +110,54 @@ def test_shared_z_is_one_code_sequence_per_group(monkeypatch):
     for z in seen:
         assert z.shape == (5, 66)
         assert all(not torch.equal(z[i], z[j]) for i in range(5) for j in range(i + 1, 5))
+
+
+def test_jaccard_and_degenerate_groups():
+    from freetf.evaluation.synthetic_eval import jaccard
+
+    assert jaccard(frozenset({1, 2, 3}), frozenset({2, 3, 4})) == 0.5
+    assert jaccard(frozenset(), frozenset()) == 1.0  # no noise in either: identical
+    assert jaccard(frozenset({1}), frozenset()) == 0.0
+    one_valid = group_stats(["K>" + put("KKKKKKKK", 3), "K>" + put("KKKKKKKKK", 3)])
+    assert math.isnan(one_valid.position_spread)  # a spread needs two valid sequences
+    assert one_valid.valid_rate == 0.5
+    assert math.isnan(group_stats(["K>" + put("!", 1)]).noise_overlap)  # no pair
+    overlap = group_stats(["K>" + put("!!", 0), "K>" + put("!", 1), "K>" + BODY])
+    assert overlap.noise_overlap == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+
+
+def test_figure4_metrics_average_the_groups_skipping_nan(monkeypatch):
+    import freetf.evaluation.synthetic_eval as se
+
+    groups = {
+        True: [["K>" + put("KKKKKKKK", 0), "K>" + put("KKKKKKKK", 2)],  # spread 1
+               ["K>" + put("KKKKKKKK", 5), "K>" + put("KKKKKKKKK", 5)]],  # spread NaN
+        False: [["K>" + put("KKKKKKKK", 0), "K>" + put("KKKKKKKK", 10)],  # spread 5
+                ["K>" + put("KKKKKKKK", 0), "K>" + put("KKKKKKKK", 30)]],  # spread 15
+    }
+    calls = []
+
+    def fake(model, letter, n_groups, per_group, shared, temperature, seed):
+        calls.append((letter, n_groups, per_group, shared, temperature, seed))
+        return groups[shared]
+
+    monkeypatch.setattr(se, "sample_groups", fake)
+    m = se.figure4_metrics(None, letter="Q", groups=2, per_group=2, temperature=0.7, seed=4)
+    assert calls == [("Q", 2, 2, False, 0.7, 4), ("Q", 2, 2, True, 0.7, 4)]
+    assert m["shared/position_spread"] == pytest.approx(1.0)  # the NaN group skipped
+    assert m["independent/position_spread"] == pytest.approx(10.0)
+    assert m["shared/valid_rate"] == pytest.approx(0.75)
+    assert m["independent/valid_rate"] == 1.0
+    assert m["independent/noise_overlap"] == 1.0  # no noise anywhere
+
+
+def test_render_groups_lists_shared_then_independent(monkeypatch):
+    import freetf.evaluation.synthetic_eval as se
+
+    monkeypatch.setattr(se, "sample_groups", lambda model, letter, groups, per_group, shared,
+                        seed=0: [[f"{'s' if shared else 'i'}{g}{k}" for k in range(per_group)]
+                                 for g in range(groups)])
+    text = se.render_groups(None, groups=2, per_group=2)
+    assert text.splitlines() == [
+        "-- shared Z, group 1", "s00", "s01", "-- shared Z, group 2", "s10", "s11",
+        "-- independent Z, group 1", "i00", "i01", "-- independent Z, group 2", "i10", "i11"]
