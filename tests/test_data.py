@@ -340,3 +340,23 @@ def test_parse_synthetic_of_any_generator_output(letter, start, noise):
     broken = body.copy()
     broken[next(i for i, ch in enumerate(body) if ch == "_")] = "Q" if letter != "Q" else "R"
     assert not parse_synthetic(f"{letter}>" + "".join(broken)).valid  # another letter
+
+
+def test_resume_with_another_global_batch_continues_after_the_rows_consumed(caplog):
+    data = _indexed_dataset(48)
+    old = BatchStream(data, batch_size=4, seed=9)  # global batch 4
+    for _ in range(5):  # 20 rows of epoch 0
+        next(old)
+    new = BatchStream(data, batch_size=4, rank=0, world_size=2, seed=9)  # global batch 8
+    with caplog.at_level("WARNING", logger="freetf.data.datasets"):
+        new.load_state_dict(old.state_dict())
+    assert (new.epoch, new.batch_in_epoch) == (0, 20 // 8)
+    assert "global batch 4 at 8" in caplog.text
+    reference = BatchStream(data, batch_size=4, rank=0, world_size=2, seed=9)
+    for _ in range(2):
+        next(reference)
+    assert torch.equal(next(new), next(reference))
+    other = BatchStream(data, batch_size=4, seed=10)
+    with caplog.at_level("WARNING", logger="freetf.data.datasets"):
+        other.load_state_dict(old.state_dict())
+    assert "seed=9, now 10" in caplog.text

@@ -328,3 +328,9 @@ def test_verdict_set_is_closed():
     seen = {verdict(metrics(kl, gap), CFG)
             for kl, gap in itertools.product([0.0, 0.3, 9.0], [-1.0, 0.0, 0.2, 1.0])}
     assert seen <= set(diagnostics.VERDICTS)
+
+
+def test_exp_saturates_instead_of_overflowing():
+    assert diagnostics._exp(1.0) == pytest.approx(math.e)
+    assert diagnostics._exp(700.0) == math.exp(700.0)
+    assert diagnostics._exp(710.0) == math.inf
