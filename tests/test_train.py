@@ -257,3 +257,72 @@ def test_rng_states_carry_the_cuda_generator(monkeypatch):
     restore_rng_states(saved, rank=1, device=cuda)
     assert torch.equal(fake["set"][0], saved[1]["cuda"]) and fake["set"][1] == cuda
     assert torch.equal(torch.get_rng_state(), saved[1]["cpu"])
+
+
+# ----------------------------------------------------------------------------- loop parts
+
+
+def test_total_steps_and_optimizer_groups(tiny_model_cfg):
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training.loop import build_optimizer, total_steps
+
+    cfg = load_config(overrides=["training.num_epochs=3", "training.grad_accum_steps=2"])
+    assert total_steps(cfg, 10) == 15  # epochs * steps per epoch / accumulation
+    assert total_steps(cfg, 0) == 1
+    assert total_steps(cfg.replace(["training.max_steps=7"]), 10) == 7
+    cfg = load_config(overrides=["training.weight_decay=0.3", "training.learning_rate=0.004",
+                                 "optimizer.betas=[0.8, 0.9]", "optimizer.eps=1e-7"])
+    model = FreeTransformer(tiny_model_cfg)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters()
+                                                   if p.dim() < 2}  # norms, biases, zeta
+    assert opt.defaults["lr"] == 0.004 and opt.defaults["betas"] == (0.8, 0.9)
+    assert opt.defaults["eps"] == 1e-7
+    assert opt.defaults["foreach"] and not opt.defaults.get("fused")  # auto on CPU
+    fused = build_optimizer(model, cfg.replace(["optimizer.fused=fused"]), torch.device("cpu"))
+    assert fused.defaults["fused"]
+
+
+def test_log_window_means_finite_values_only():
+    from freetf.training.loop import LogWindow
+
+    window = LogWindow()
+    assert window.means() == {}
+    window.add({"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))})
+    window.add({"a": torch.tensor(3.0), "b": torch.tensor(float("inf"))})
+    window.add({"a": torch.tensor(float("nan")), "b": torch.tensor(float("nan"))})
+    means = window.means()
+    assert means["a"] == 2.0 and math.isnan(means["b"]) and list(means) == ["a", "b"]
+
+
+def test_nonfinite_guard_counts_runs_and_stops_at_the_limit(tmp_path, caplog):
+    from freetf.training.loop import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=3, device=torch.device("cpu"))
+    for bad in (False, True, True, False, True):
+        guard.observe(torch.tensor(bad))
+    with caplog.at_level("WARNING", logger="freetf.training.loop"):
+        assert guard.check(5, tmp_path) == 3  # total skipped; longest run 2 < 3
+    assert "3 non-finite step(s) skipped" in caplog.text
+    caplog.clear()
+    assert guard.check(6, tmp_path) == 3 and not caplog.text  # nothing new: no warning
+    guard.observe(torch.tensor(True))
+    guard.observe(torch.tensor(True))  # a run of 3 (one before the check)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps by step 8"):
+        guard.check(8, tmp_path)
+
+
+def test_step_noise_slices_one_draw_per_step_by_rank_and_micro_batch():
+    from freetf.training.loop import step_noise
+
+    cfg = load_config(overrides=["model.latent_dim=3", "training.grad_accum_steps=2"])
+    one = step_noise(cfg, 5, 8, 6, 0, 1)  # (k, G, T, H)
+    assert one.shape == (2, 8, 6, 3)
+    for rank in range(2):
+        assert torch.equal(step_noise(cfg, 5, 8, 6, rank, 2), one[:, rank::2])
+    assert not torch.equal(step_noise(cfg, 6, 8, 6, 0, 1), one)  # a new draw each step
+    assert not torch.equal(one[0], one[1])
+    assert step_noise(cfg.replace(["model.latent_dim=0"]), 5, 8, 6, 0, 1) is None
