@@ -304,3 +304,11 @@ def test_code_log_probs_is_the_product_of_bit_probabilities(logits):
         ref = sum(math.log(p[h] if (d >> h) & 1 else 1 - p[h]) for h in range(num_bits))
         assert log_g[d].item() == pytest.approx(ref, abs=1e-9)
     assert log_g.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_tables_and_prior_codes_stay_on_the_inputs_device():
+    """Device placement, checked without a GPU on the meta device."""
+    meta = torch.device("meta")
+    assert codes_to_bits(torch.zeros(5, dtype=torch.int64, device=meta), 3).device == meta
+    assert code_bits(3, meta, 2, 6).device == meta
+    assert BinaryMapper(4, 8).sample_prior((3, 2), meta).device == meta
