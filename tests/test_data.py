@@ -1,3 +1,4 @@
+import math
 import time
 
 import numpy as np
@@ -360,3 +361,20 @@ def test_resume_with_another_global_batch_continues_after_the_rows_consumed(capl
     with caplog.at_level("WARNING", logger="freetf.data.datasets"):
         other.load_state_dict(old.state_dict())
     assert "seed=9, now 10" in caplog.text
+
+
+@settings(max_examples=50, deadline=None)
+@given(num_tokens=st.integers(16, 400), block=st.integers(1, 8),
+       fraction=st.floats(0.0, 1.0))
+def test_split_blocks_keeps_at_least_one_block_on_each_side(num_tokens, block, fraction):
+    from freetf.data.datasets import _split_blocks
+
+    tokens = np.arange(num_tokens) % 65536
+    train, val = _split_blocks(tokens, num_tokens, block, fraction, "test")
+    blocks = num_tokens // block
+    expected_val = min(max(1, math.ceil(fraction * blocks)), blocks - 1)
+    assert (len(train), len(val)) == (blocks - expected_val, expected_val)
+    rows = [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
+    assert torch.equal(torch.cat(rows), torch.from_numpy(tokens[:blocks * block]))
+    with pytest.raises(IndexError):
+        val[len(val)]
