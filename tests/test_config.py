@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from freetf import ConfigError, load_config
 from freetf.config import flatten
@@ -87,3 +89,42 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(AttributeError):
         cfg.training.kl_weight = 3.0  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(kl_weight=st.floats(0.0, 1e3, allow_nan=False),
+       batch_size=st.integers(1, 4096),
+       free_bits_bits=st.floats(0.0, 16.0, allow_nan=False),
+       latent_dim=st.integers(0, 20))
+def test_overrides_round_trip_through_text_and_dict(kl_weight, batch_size, free_bits_bits,
+                                                    latent_dim):
+    """A dotted override as text (YAML-parsed) or as a dict sets exactly that value."""
+    text = [f"training.kl_weight={kl_weight!r}", f"training.batch_size={batch_size}",
+            f"training.free_bits_bits={free_bits_bits!r}", f"model.latent_dim={latent_dim}"]
+    from_text = load_config(overrides=text)
+    from_dict = load_config().replace({"training.kl_weight": kl_weight,
+                                       "training.batch_size": batch_size,
+                                       "training.free_bits_bits": free_bits_bits,
+                                       "model.latent_dim": latent_dim})
+    for cfg in (from_text, from_dict):
+        assert cfg.training.kl_weight == kl_weight
+        assert cfg.training.batch_size == batch_size
+        assert cfg.training.free_bits_nats == pytest.approx(free_bits_bits * math.log(2))
+        assert cfg.model.latent_dim == latent_dim and cfg.model.has_latent == (latent_dim > 0)
+    assert load_config(overrides=[f"{k}={v!r}" for k, v in flatten(
+        from_text.to_dict()).items() if isinstance(v, int | float) and not isinstance(
+        v, bool)]).to_dict() == from_text.to_dict()  # every numeric key round-trips
+
+
+@settings(max_examples=40, deadline=None)
+@given(section=st.sampled_from(["model", "training", "data", "optimizer"]),
+       name=st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1,
+                    max_size=12))
+def test_unknown_override_keys_fail_with_their_full_path(section, name):
+    if name in load_config().to_dict()[section]:
+        return  # a real key or sub-section
+    with pytest.raises(ConfigError, match=f"{section}.{name}"):
+        load_config(overrides=[f"{section}.{name}=1"])

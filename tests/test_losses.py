@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from freetf.model.losses import compute_loss, free_bits_kl, kl_per_bit, kl_per_token
 
@@ -183,3 +185,70 @@ def test_compute_loss_takes_head_inputs_like_logits():
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)
     assert torch.allclose(results[1][2], results[0][2], atol=1e-12)
     assert results[1][2][:, -1].abs().max() == 0  # the last position predicts nothing
+
+# ----------------------------------------------------------------------------- properties
+
+_logit = st.floats(-15, 15, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_logit, min_size=1, max_size=6))
+def test_kl_per_token_is_the_brute_force_kl_for_any_logits(logits):
+    l64 = torch.tensor(logits, dtype=torch.float64)
+    kl = kl_per_token(l64[None, None])[0, 0]
+    assert kl.item() == pytest.approx(brute_force_kl(l64).item(), abs=1e-5)
+    per_bit = kl_per_bit(l64[None, None])[0, 0]
+    assert torch.all(per_bit >= -1e-7) and torch.all(per_bit <= math.log(2) + 1e-7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kl=st.lists(st.floats(0, 10), min_size=1, max_size=12),
+       kappa=st.floats(0, 5), data=st.data())
+def test_free_bits_is_the_masked_mean_of_the_per_token_hinge(kl, kappa, data):
+    mask = data.draw(st.lists(st.booleans(), min_size=len(kl), max_size=len(kl)))
+    kl_t = torch.tensor([kl], dtype=torch.float64)
+    kept = [max(0.0, k - kappa) for k, m in zip(kl, mask, strict=True) if m]
+    expected = sum(kept) / len(kept) if kept else 0.0
+    got = free_bits_kl(kl_t, kappa, torch.tensor([mask]))
+    assert got.item() == pytest.approx(expected, abs=1e-9)
+    assert free_bits_kl(kl_t, kappa).item() == pytest.approx(
+        sum(max(0.0, k - kappa) for k in kl) / len(kl), abs=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), kl_weight=st.floats(0, 4), kappa=st.floats(0, 2),
+       t=st.integers(2, 6))
+def test_compute_loss_is_ce_plus_weighted_hinge_over_kept_positions(seed, kl_weight, kappa, t):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, t, 5, generator=gen, dtype=torch.float64)
+    z = 3 * torch.randn(2, t, 3, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 5, (2, t), generator=gen)
+    targets[0, 0] = -100  # one ignored position
+    total, parts = compute_loss(logits, z, targets, kl_weight, kappa)
+    keep = targets != -100
+    ce = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    kl = torch.stack([brute_force_kl(z[i, j]) for i, j in keep.nonzero().tolist()])
+    assert parts["reconstruction"].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert parts["kl_raw_nats"].item() == pytest.approx(kl.mean().item(), rel=1e-5, abs=1e-9)
+    hinged = (kl - kappa).clamp(min=0).mean().item()
+    # the KL is computed in fp32: kl - kappa loses ~1e-7 absolute
+    assert parts["kl"].item() == pytest.approx(hinged, rel=1e-5, abs=1e-6)
+    assert total.item() == pytest.approx(ce.item() + kl_weight * hinged, rel=1e-5, abs=1e-5)
+    per_bit = kl_per_bit(z)[keep].double().mean(0)  # (H,)
+    assert torch.allclose(parts["kl_per_bit_nats"].double(), per_bit, rtol=1e-5, atol=1e-7)
+
+
+def test_compute_loss_defaults_and_another_ignore_index():
+    """Defaults: kl_weight 1, kappa 0; ``ignore_index`` reaches the CE and the KL mask,
+    also with a single kept position."""
+    torch.manual_seed(0)
+    logits, z = torch.randn(1, 4, 5), 3 * torch.randn(1, 4, 3)
+    targets = torch.tensor([[-1, -1, 2, -1]])  # one kept position, ignore_index = -1
+    total, parts = compute_loss(logits, z, targets, ignore_index=-1)
+    ce = torch.nn.functional.cross_entropy(logits[0, 2:3], targets[0, 2:3])
+    kl = kl_per_token(z)[0, 2]
+    assert parts["reconstruction"].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert parts["kl_raw_nats"].item() == pytest.approx(kl.item(), rel=1e-6)
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-6)  # kappa = 0
+    assert total.item() == pytest.approx(ce.item() + kl.item(), rel=1e-6)  # weight 1
+    assert torch.allclose(parts["kl_per_bit_nats"], kl_per_bit(z)[0, 2], rtol=1e-6)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from freetf import FreeTransformer
-from freetf.model.transformer import Block, RotaryEmbedding
+from freetf.model.transformer import Block, KVCache, RotaryEmbedding
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -227,7 +227,7 @@ def test_per_position_shared_z_sequence(tiny_model_cfg):
         logits, _ = model(a[:, :-1], z=z_seq[None, :11].expand(3, 11))
     assert torch.equal(a, b)
     assert torch.equal(logits[:, 1:].argmax(-1), a[:, 2:])  # each token saw its own code
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match=r"not \(T,\)"):
         model.generate(prompt, 10, z=torch.zeros(5, dtype=torch.long))
 
 
@@ -308,3 +308,322 @@ def test_compiled_bf16_loss_within_one_percent_of_eager_fp32(latent_dim, cross_e
     compiled_bf16 = loss_of(torch.compile(model), autocast=True)
     assert compiled_bf16 == pytest.approx(eager_fp32, rel=0.01)
     assert abs(compiled_bf16 - eager_fp32) > 0  # bf16 really ran (not the fp32 path twice)
+
+def _scaled_up(cfg, std: float = 0.3, seed: int = 0) -> FreeTransformer:
+    """A model at trained-size weights: positions and codes change the logits a lot."""
+    torch.manual_seed(seed)
+    model = FreeTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 1 and "norm" not in name:
+                p.normal_(std=std)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double", "to_float64", "to_cpu"])
+def test_rope_survives_dtype_and_device_casts(tiny_model_cfg, cast):
+    """`model.half()` / `.to(bf16)` / `.double()` must not drop RoPE's imaginary part."""
+    model = _scaled_up(tiny_model_cfg)
+    x = torch.randn(1, 2, 9, tiny_model_cfg.head_dim)
+    reference = model.rope(x, start=3)
+    ids = torch.randint(0, 32, (2, 9))
+    with torch.no_grad():
+        logits32, _ = model(ids, z=torch.full((2, 9), 5))
+    cast_fn = {"bfloat16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
+               "double": lambda m: m.double(), "to_float64": lambda m: m.to(torch.float64),
+               "to_cpu": lambda m: m.to("cpu", torch.float64)}[cast]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Casting complex values to real discards ..."
+        model = cast_fn(model)
+    assert torch.allclose(model.rope(x, start=3), reference, atol=1e-6)
+    if cast in ("double", "to_float64", "to_cpu"):  # fp64 model == fp32 model
+        with torch.no_grad():
+            logits64, _ = model(ids, z=torch.full((2, 9), 5))
+        assert torch.allclose(logits64.float(), logits32, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_z_shapes_are_explicit(tiny_model_cfg):
+    """z: a code, (B, 1) per sequence, (T,) or (1, T) or (B, T) per position; a 1-D z whose
+    length is not T is refused, even when it equals the batch size."""
+    model = _scaled_up(tiny_model_cfg)
+    prompt = torch.randint(0, 32, (3, 2))
+    per_row = torch.tensor([1, 7, 12])
+    t = 2 + 1  # prompt + max_new_tokens: B == T, where (B,) used to mean per sequence
+    with pytest.raises(ValueError, match=r"\(B, 1\)"):
+        model.generate(prompt, 5, z=per_row)  # (B,) with B != T: refused
+    with pytest.raises(ValueError, match="z"):
+        model.generate(prompt, 1, z=torch.zeros(2, 3, dtype=torch.long))  # 2 rows != B
+    with pytest.raises(ValueError, match="z"):
+        model.generate(prompt, 1, z=torch.zeros(3, 1, 1, dtype=torch.long))
+    a = model.generate(prompt, 1, temperature=0, z=per_row[:, None])
+    b = model.generate(prompt, 1, temperature=0, z=per_row[:, None].expand(3, t))
+    assert torch.equal(a, b)  # (B, 1) is one code per sequence at every position
+    seq = torch.tensor([3, 9, 14])
+    c = model.generate(prompt, 1, temperature=0, z=seq)
+    d = model.generate(prompt, 1, temperature=0, z=seq[None].expand(3, t))
+    assert torch.equal(c, d)  # (T,) is per position, shared by the rows
+    e = model.generate(prompt, 1, temperature=0, z=per_row)  # B == T: still per position
+    assert torch.equal(e, model.generate(prompt, 1, temperature=0, z=per_row[None]))
+
+
+# ------------------------------------------------ behaviour against references (Algorithm 2)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope_ref(x, positions, cfg):
+    hd = cfg.head_dim
+    ang = positions.float()[:, None] / cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()),
+                       -1).flatten(-2)
+
+
+def _block_ref(blk, x_q, x_kv, cfg, causal=True):
+    """Pre-norm block: x = x_q + attn(norm(x_q) -> q, norm(x_kv) -> k, v); x + ffn(norm(x))."""
+    b, t, _ = x_q.shape
+    hd, pos = cfg.head_dim, torch.arange(t)
+    hq, hkv = _rms(x_q, blk.attn_norm.weight, cfg.norm_eps), _rms(x_kv, blk.attn_norm.weight,
+                                                                  cfg.norm_eps)
+    q = (hq @ blk.attn.wq.weight.T).view(b, t, cfg.num_heads, hd).transpose(1, 2)
+    k = (hkv @ blk.attn.wk.weight.T).view(b, t, cfg.kv_heads, hd).transpose(1, 2)
+    v = (hkv @ blk.attn.wv.weight.T).view(b, t, cfg.kv_heads, hd).transpose(1, 2)
+    rep = cfg.num_heads // cfg.kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    att = _rope_ref(q, pos, cfg) @ _rope_ref(k, pos, cfg).transpose(-1, -2) / math.sqrt(hd)
+    if causal:
+        att = att.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), float("-inf"))
+    x = x_q + (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1) @ blk.attn.wo.weight.T
+    h = _rms(x, blk.ffn_norm.weight, cfg.norm_eps)
+    return x + (F.silu(h @ blk.ffn.w1.weight.T) * (h @ blk.ffn.w3.weight.T)) @ blk.ffn.w2.weight.T
+
+
+def _free_transformer_ref(model, ids, codes=None):
+    """Algorithm 2 from the paper, written out: -> (logits, encoder bit logits)."""
+    cfg = model.config
+    half = cfg.encoder_after
+    x = model.embed.weight[ids]
+    for blk in model.blocks[:half]:
+        x = _block_ref(blk, x, x, cfg)
+    zeta = model.zeta.expand_as(x)  # the learned query at every position
+    y = _block_ref(model.encoder, zeta, x, cfg, causal=False)  # non-causal, RoPE inside
+    z_logits = _rms(y, model.encoder_norm.weight, cfg.norm_eps) @ model.encoder_readout.weight.T \
+        + model.encoder_readout.bias
+    if codes is not None:
+        if cfg.mapper == "factored":
+            bits = ((codes[..., None] >> torch.arange(cfg.latent_dim)) & 1).float()
+            r = bits @ model.mapper.weight + model.mapper.bias
+        else:
+            r = model.mapper.weight[codes] + model.mapper.bias  # post_sampler(one_hot(d))
+        x = _block_ref(model.blocks[half], x, x + r, cfg)  # r in keys/values only
+        rest = model.blocks[half + 1:]
+    else:
+        rest = model.blocks[half:]
+    for blk in rest:
+        x = _block_ref(blk, x, x, cfg)
+    return _rms(x, model.norm.weight, cfg.norm_eps) @ model.lm_head.weight.T, z_logits
+
+
+@pytest.mark.parametrize("mapper", ["exact", "factored"])
+def test_forward_and_encoder_equal_algorithm_2(tiny_model_cfg, mapper):
+    cfg = dataclasses.replace(tiny_model_cfg, mapper=mapper, tie_embeddings=False)
+    model = _scaled_up(cfg)
+    ids = torch.randint(0, 32, (2, 11))
+    codes = torch.randint(0, 16, (2, 11))
+    with torch.no_grad():
+        ref_logits, ref_z = _free_transformer_ref(model, ids, codes)
+        logits, _ = model(ids, z=codes)
+        _, z_logits = model(ids, mode="training")
+    assert torch.allclose(z_logits, ref_z, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # the references are sensitive: positions and codes move them by far more than atol
+    assert (ref_z[:, 1:] - ref_z[:, :1]).abs().max() > 0.1
+    other, _ = _free_transformer_ref(model, ids, (codes + 1) % 16)
+    assert (other - ref_logits).abs().max() > 0.1
+
+
+def test_training_forward_conditions_on_the_encoders_sampled_codes(tiny_model_cfg):
+    """mode="training": the codes are the posterior's (bits = noise < sigmoid(L))."""
+    model = _scaled_up(tiny_model_cfg)
+    ids = torch.randint(0, 32, (2, 9))
+    noise = torch.rand(2, 9, 4)
+    with torch.no_grad():
+        logits, z_logits = model(ids, mode="training", bit_noise=noise)
+        _, ref_z = _free_transformer_ref(model, ids)
+        bits = (noise < torch.sigmoid(ref_z)).long()
+        codes = (bits * 2 ** torch.arange(4)).sum(-1)
+        ref_logits, _ = _free_transformer_ref(model, ids, codes)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prior_path_uses_the_post_samplers_bias(tiny_model_cfg, monkeypatch):
+    """mode="inference": r = W[d] + b for the prior's codes d (bias included)."""
+    model = _scaled_up(tiny_model_cfg)
+    ids = torch.randint(0, 32, (2, 7))
+    codes = torch.randint(0, 16, (2, 7))
+    monkeypatch.setattr(model.mapper, "sample_prior", lambda shape, device: codes)
+    with torch.no_grad():
+        logits, _ = model(ids, mode="inference")
+        ref, _ = _free_transformer_ref(model, ids, codes)
+    assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def _record_decoding(monkeypatch):
+    """Record the logits ``generate`` samples each new token from."""
+    import freetf.model.transformer as transformer
+
+    seen = []
+    real = transformer._sample_next
+
+    def recording(logits, *args):
+        seen.append(logits.clone())
+        return real(logits, *args)
+
+    monkeypatch.setattr(transformer, "_sample_next", recording)
+    return seen
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_logits_and_codes_per_position(tiny_model_cfg, monkeypatch, use_cache):
+    """Each step's logits (not only the argmax) equal a full forward where the prompt is
+    conditioned on the encoder's codes and every new token on the prior's."""
+    model = _scaled_up(tiny_model_cfg)
+    with torch.no_grad():  # a deterministic posterior: every bit's logit is +-20
+        model.encoder_readout.weight.zero_()
+        model.encoder_readout.bias.copy_(torch.tensor([20.0, -20.0, 20.0, -20.0]))
+    encoder_code = 1 + 4  # bits 0 and 2 set
+    prior = iter(torch.tensor([[3, 8, 15, 0, 9, 6]]).T.expand(6, 2)[:, :, None])
+    monkeypatch.setattr(model.mapper, "sample_prior", lambda shape, device: next(prior))
+    seen = _record_decoding(monkeypatch)
+    prompt = torch.randint(0, 32, (2, 4))
+    torch.manual_seed(0)
+    out = model.generate(prompt, 7, temperature=1.0, use_cache=use_cache)
+    codes = torch.cat([torch.full((2, 4), encoder_code),
+                       torch.tensor([[3, 8, 15, 0, 9, 6]]).expand(2, 6)], 1)  # (2, 10)
+    assert len(seen) == 7
+    with torch.no_grad():
+        ref, _ = _free_transformer_ref(model, out[:, :-1], codes)  # (2, 10, V)
+    for step, logits in enumerate(seen):
+        assert torch.allclose(logits, ref[:, 3 + step], atol=1e-4, rtol=1e-4), step
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_with_given_codes_matches_the_full_forward(tiny_model_cfg, monkeypatch,
+                                                              use_cache):
+    model = _scaled_up(tiny_model_cfg)
+    seen = _record_decoding(monkeypatch)
+    prompt = torch.randint(0, 32, (3, 3))
+    z = torch.randint(0, 16, (3, 12))
+    torch.manual_seed(0)
+    out = model.generate(prompt, 9, temperature=1.0, z=z, use_cache=use_cache)
+    with torch.no_grad():
+        ref, _ = _free_transformer_ref(model, out[:, :-1], z[:, :11])
+    for step, logits in enumerate(seen):
+        assert torch.allclose(logits, ref[:, 2 + step], atol=1e-4, rtol=1e-4), step
+    assert (ref[:, 2:] - ref[:, 2:].mean(0)).abs().max() > 0.1  # rows differ: codes matter
+
+
+def test_kv_cache_logits_equal_uncached_at_every_step(tiny_model_cfg, monkeypatch):
+    model = _scaled_up(tiny_model_cfg)
+    seen = _record_decoding(monkeypatch)
+    prompt = torch.randint(0, 32, (2, 5))
+    z = torch.randint(0, 16, (2, 20))
+    model.generate(prompt, 15, temperature=0.0, z=z)
+    cached, seen[:] = list(seen), []
+    model.generate(prompt, 15, temperature=0.0, z=z, use_cache=False)
+    for a, b in zip(cached, seen, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _sampling_probs(monkeypatch, logits, **kwargs):
+    """The distribution ``_sample_next`` draws from (torch.multinomial's input)."""
+    from freetf.model.transformer import _sample_next
+
+    seen = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or real(p, n))
+    token = _sample_next(logits, **kwargs)
+    assert token.shape == (logits.shape[0], 1)
+    return seen[0] if seen else None, token
+
+
+def test_sampling_distribution_temperature_top_k_top_p(monkeypatch):
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    greedy_probs, token = _sampling_probs(monkeypatch, logits, temperature=0.0, top_k=None,
+                                          top_p=None)
+    assert greedy_probs is None and token.item() == 0  # temperature 0: argmax, no draw
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=0.5, top_k=None, top_p=None)
+    assert torch.allclose(probs, (logits / 0.5).softmax(-1))
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=2, top_p=None)
+    assert torch.allclose(probs, torch.tensor([[2.0, 1.0]]).softmax(-1).new_tensor(
+        [[*torch.tensor([2.0, 1.0]).softmax(-1).tolist(), 0.0, 0.0, 0.0]]))
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=0, top_p=None)
+    assert torch.allclose(probs, logits.softmax(-1))  # top_k = 0: off
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=50, top_p=None)
+    assert torch.allclose(probs, logits.softmax(-1))  # k above the vocabulary: all kept
+    # nucleus: the most probable tokens until their mass reaches p, the crossing one kept
+    full = logits.softmax(-1)[0]  # .563 .207 .126 .028 .076: cumulated .563 .770 .896 .972
+    for top_p, kept in [(0.5, [0]), (0.6, [0, 1]), (0.75, [0, 1]), (0.8, [0, 1, 2]),
+                        (0.95, [0, 1, 2, 4]), (0.99, [0, 1, 2, 4, 3]), (1.0, [0, 1, 2, 3, 4])]:
+        probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=None,
+                                   top_p=top_p)
+        expected = torch.zeros(5)
+        expected[kept] = full[kept] / full[kept].sum()
+        assert torch.allclose(probs[0], expected, atol=1e-6), top_p
+
+
+def test_kv_cache_appends_in_place_up_to_its_capacity():
+    cache = KVCache(4)
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    keys, values = cache.append(k, v)
+    assert torch.equal(keys, k) and torch.equal(values, v) and cache.length == 3
+    k1, v1 = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    keys, values = cache.append(k1, v1)  # exactly full
+    assert torch.equal(keys, torch.cat([k, k1], 2)) and torch.equal(values, torch.cat([v, v1], 2))
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache.append(k1, v1)
+
+
+def test_multi_token_append_to_a_filled_cache_is_refused(tiny_model_cfg):
+    model = FreeTransformer(tiny_model_cfg).eval()
+    caches = [KVCache(10) for _ in model.blocks]
+    with torch.no_grad():
+        model.forward_codes(torch.randint(0, 32, (1, 3)), caches=caches)
+        with pytest.raises(NotImplementedError, match="multi-token"):
+            model.forward_codes(torch.randint(0, 32, (1, 2)), z=torch.tensor(1), caches=caches)
+
+
+def test_dropout_acts_in_train_mode_only(tiny_model_cfg):
+    model = _scaled_up(dataclasses.replace(tiny_model_cfg, dropout=0.5))
+    ids, z = torch.randint(0, 32, (2, 8)), torch.randint(0, 16, (2, 8))
+    with torch.no_grad():
+        a, _ = model(ids, z=z)
+        b, _ = model(ids, z=z)
+        ref, _ = _free_transformer_ref(model, ids, z)
+        model.train()
+        c, _ = model(ids, z=z)
+    assert torch.equal(a, b) and torch.allclose(a, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(c, a, atol=1e-2)
+
+
+def test_initialisation_scales(tiny_model_cfg):
+    cfg = dataclasses.replace(tiny_model_cfg, hidden_dim=128, num_heads=4, init_std=0.05)
+    model = FreeTransformer(cfg)
+    params = dict(model.named_parameters())
+    residual = 0.05 / (2 * cfg.num_layers) ** 0.5  # output projections, scaled by 1/sqrt(2B)
+    for name, std in [("blocks.0.attn.wo.weight", residual), ("blocks.1.ffn.w2.weight", residual),
+                      ("encoder.attn.wo.weight", residual), ("blocks.0.attn.wq.weight", 0.05),
+                      ("blocks.2.ffn.w1.weight", 0.05), ("embed.weight", 0.05),
+                      ("encoder_readout.weight", 0.05), ("zeta", 0.05)]:
+        assert params[name].std().item() == pytest.approx(std, rel=0.15), name
+        assert abs(params[name].mean().item()) < 0.2 * std, name
+    assert torch.equal(params["encoder_readout.bias"], torch.zeros(cfg.latent_dim))
+    assert torch.equal(params["norm.weight"], torch.ones(cfg.hidden_dim))
+    assert params["mapper.weight"].std().item() == pytest.approx(0.02, rel=0.15)  # its own

@@ -13,6 +13,7 @@ from freetf.evaluation.synthetic_eval import (
     group_stats,
     read_sequence,
     render_groups,
+    sample_groups,
 )
 from freetf.training.loop import train_loop
 
@@ -32,6 +33,14 @@ def test_read_sequence_cases():
     assert not read_sequence("K>" + put("KKKK", 5)[:30] + put("KKKK", 40)[30:]).valid
     assert not read_sequence("K>" + BODY[:-1]).valid  # short
     assert read_sequence("K>" + put("!", 3)).noise == frozenset({3})
+
+
+def test_target_start_is_the_runs_start_when_noise_hides_its_first_letter():
+    assert read_sequence("K>" + put("!KKKKKKK", 5)).target_start == 5
+    assert read_sequence("K>" + put("KKKKKKK!", 5)).target_start == 5
+    assert read_sequence("K>" + put("!!KKKKKK", 5)).target_start == 5
+    # "!" on both sides of a 7-letter run: the start is 4 or 5, equally likely
+    assert read_sequence("K>" + put("!KKKKKKK!", 4)).target_start == 4.5
 
 
 def test_group_stats_on_constructed_groups():
@@ -61,9 +70,94 @@ def test_pipeline_on_a_tiny_trained_model(tmp_path):
     metrics = figure4_metrics(model, groups=2, per_group=4)
     assert set(metrics) == {f"{m}/{k}" for m in ("independent", "shared")
                             for k in ("position_spread", "noise_overlap", "valid_rate")}
-    assert all(0.0 <= metrics[f"{m}/valid_rate"] <= 1.0 for m in ("independent", "shared"))
+    for mode in ("independent", "shared"):  # the mean of the groups' rates, recomputed
+        groups = sample_groups(model, "K", 2, 4, mode == "shared", seed=0)
+        rates = [group_stats(texts).valid_rate for texts in groups]
+        assert metrics[f"{mode}/valid_rate"] == pytest.approx(sum(rates) / len(rates))
     assert not math.isnan(metrics["shared/noise_overlap"])
     text = render_groups(model, groups=1, per_group=3)
     lines = text.splitlines()
     assert sum(line.startswith("K>") and len(line) == 66 for line in lines) == 6
     assert "shared Z" in text and "independent Z" in text
+
+
+def test_shared_z_is_one_code_sequence_per_group(monkeypatch):
+    """Figure 4: shared Z = one code per position, the same for every row of a group and
+    drawn afresh for each group; independent Z = a sequence per row."""
+    import torch
+
+    from freetf.model.transformer import FreeTransformer
+
+    cfg = load_config("configs/tiny.yaml")
+    model = FreeTransformer(cfg.model)
+    seen = []
+    real = model.generate
+
+    def recording(prompt, max_new_tokens, **kwargs):
+        seen.append(kwargs["z"].clone())
+        return real(prompt, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    sample_groups(model, "K", groups=3, per_group=5, shared=True, seed=1)
+    assert len(seen) == 3
+    for z in seen:
+        assert z.shape == (5, 66) and 0 <= z.min() and z.max() < 2 ** cfg.model.latent_dim
+        assert torch.equal(z, z[:1].expand(5, 66))  # every row the same sequence
+        assert z[0].unique().numel() > 1  # one code per position, not one per sequence
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    seen.clear()
+    sample_groups(model, "K", groups=2, per_group=5, shared=False, seed=1)
+    for z in seen:
+        assert z.shape == (5, 66)
+        assert all(not torch.equal(z[i], z[j]) for i in range(5) for j in range(i + 1, 5))
+
+
+def test_jaccard_and_degenerate_groups():
+    from freetf.evaluation.synthetic_eval import jaccard
+
+    assert jaccard(frozenset({1, 2, 3}), frozenset({2, 3, 4})) == 0.5
+    assert jaccard(frozenset(), frozenset()) == 1.0  # no noise in either: identical
+    assert jaccard(frozenset({1}), frozenset()) == 0.0
+    one_valid = group_stats(["K>" + put("KKKKKKKK", 3), "K>" + put("KKKKKKKKK", 3)])
+    assert math.isnan(one_valid.position_spread)  # a spread needs two valid sequences
+    assert one_valid.valid_rate == 0.5
+    assert math.isnan(group_stats(["K>" + put("!", 1)]).noise_overlap)  # no pair
+    overlap = group_stats(["K>" + put("!!", 0), "K>" + put("!", 1), "K>" + BODY])
+    assert overlap.noise_overlap == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+
+
+def test_figure4_metrics_average_the_groups_skipping_nan(monkeypatch):
+    import freetf.evaluation.synthetic_eval as se
+
+    groups = {
+        True: [["K>" + put("KKKKKKKK", 0), "K>" + put("KKKKKKKK", 2)],  # spread 1
+               ["K>" + put("KKKKKKKK", 5), "K>" + put("KKKKKKKKK", 5)]],  # spread NaN
+        False: [["K>" + put("KKKKKKKK", 0), "K>" + put("KKKKKKKK", 10)],  # spread 5
+                ["K>" + put("KKKKKKKK", 0), "K>" + put("KKKKKKKK", 30)]],  # spread 15
+    }
+    calls = []
+
+    def fake(model, letter, n_groups, per_group, shared, temperature, seed):
+        calls.append((letter, n_groups, per_group, shared, temperature, seed))
+        return groups[shared]
+
+    monkeypatch.setattr(se, "sample_groups", fake)
+    m = se.figure4_metrics(None, letter="Q", groups=2, per_group=2, temperature=0.7, seed=4)
+    assert calls == [("Q", 2, 2, False, 0.7, 4), ("Q", 2, 2, True, 0.7, 4)]
+    assert m["shared/position_spread"] == pytest.approx(1.0)  # the NaN group skipped
+    assert m["independent/position_spread"] == pytest.approx(10.0)
+    assert m["shared/valid_rate"] == pytest.approx(0.75)
+    assert m["independent/valid_rate"] == 1.0
+    assert m["independent/noise_overlap"] == 1.0  # no noise anywhere
+
+
+def test_render_groups_lists_shared_then_independent(monkeypatch):
+    import freetf.evaluation.synthetic_eval as se
+
+    monkeypatch.setattr(se, "sample_groups", lambda model, letter, groups, per_group, shared,
+                        seed=0: [[f"{'s' if shared else 'i'}{g}{k}" for k in range(per_group)]
+                                 for g in range(groups)])
+    text = se.render_groups(None, groups=2, per_group=2)
+    assert text.splitlines() == [
+        "-- shared Z, group 1", "s00", "s01", "-- shared Z, group 2", "s10", "s11",
+        "-- independent Z, group 1", "i00", "i01", "-- independent Z, group 2", "i10", "i11"]

@@ -108,10 +108,50 @@ def test_curriculum_and_annealing_reach_the_loop(tmp_path):
     assert weights[0] < weights[-1] == pytest.approx(1.0)
 
 
-def test_gradient_accumulation_and_checkpointing_run(tmp_path):
-    result = train_loop(tiny(tmp_path, "training.max_steps=3", "training.grad_accum_steps=2",
-                             "training.gradient_checkpointing=true"))
-    assert math.isfinite(result.metrics["train/loss"])
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_k_micro_batches_equal_one_batch_k_times_larger(tmp_path, checkpointing):
+    """grad_accum_steps=2 of batch 4 == batch 8: the same rows, bits of Z, loss, KL and
+    gradient (its norm before clipping) at every step, and the same weights after."""
+    common = ["training.max_steps=3", "training.grad_clip=0", "training.free_bits_bits=0",
+              f"training.gradient_checkpointing={checkpointing}"]
+    accum = train_loop(tiny(tmp_path / "a", *common, "training.batch_size=4",
+                            "training.grad_accum_steps=2"))
+    big = train_loop(tiny(tmp_path / "b", *common, "training.batch_size=8"))
+    keys = ("train/loss", "train/ce_nats", "train/kl_nats", "train/grad_norm")
+    a = [h for h in accum.history if "train/loss" in h]
+    b = [h for h in big.history if "train/loss" in h]
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [1, 2, 3]
+    for ha, hb in zip(a, b, strict=True):
+        for key in keys:
+            assert ha[key] == pytest.approx(hb[key], rel=1e-5), (ha["step"], key)
+    sa, _ = load_checkpoint(accum.checkpoint)
+    sb, _ = load_checkpoint(big.checkpoint)
+    for key in sa["model"]:
+        assert torch.allclose(sa["model"][key], sb["model"][key], atol=1e-6), key
+
+
+def test_first_step_metrics_equal_a_reference_step(tmp_path):
+    """Step 1 replayed outside the loop: next-token CE, and the KL over the positions
+    that predict a token (z_logits[:, :-1], aligned with ids[:, 1:])."""
+    from freetf.data.datasets import BatchStream, build_data
+    from freetf.model.losses import kl_per_token
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training.loop import step_noise
+
+    cfg = tiny(tmp_path, "training.max_steps=1", "training.free_bits_bits=0")
+    result = train_loop(cfg)
+    torch.manual_seed(cfg.training.seed)  # the loop's initial weights
+    model = FreeTransformer(cfg.model)
+    ids = next(BatchStream(build_data(cfg).train, cfg.training.batch_size, seed=cfg.data.seed))
+    noise = step_noise(cfg, 0, cfg.training.batch_size, ids.shape[1], 0, 1)[0]
+    logits, z_logits = model(ids, bit_noise=noise)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           ids[:, 1:].reshape(-1))
+    kl = kl_per_token(z_logits[:, :-1]).mean()
+    step1 = next(h for h in result.history if h.get("step") == 1)
+    assert step1["train/ce_nats"] == pytest.approx(ce.item(), rel=1e-6)
+    assert step1["train/kl_nats"] == pytest.approx(kl.item(), rel=1e-6)
+    assert kl.item() != pytest.approx(kl_per_token(z_logits[:, 1:]).mean().item(), rel=1e-6)
 
 
 def test_bf16_autocast_loop_runs_on_cpu(tmp_path):
@@ -185,3 +225,123 @@ def test_chunked_cross_entropy_trains_like_the_plain_loss(tmp_path, latent_dim):
     sb, _ = load_checkpoint(runs[1].checkpoint)
     for key in sa["model"]:
         assert torch.allclose(sa["model"][key], sb["model"][key], atol=1e-5), key
+
+class _RankContext(TrainContext):
+    """One rank of a 2-rank run, in-process: ``all_gather`` returns what the collective
+    would (``others`` stands in for the other rank's object); records the RNG state the
+    loop holds right after resuming (``prepare_model`` is called just after)."""
+
+    def __init__(self, others=None, **kwargs):
+        super().__init__(**kwargs)
+        self.others = others or {}
+        self.rng_after_resume = None
+
+    def all_gather(self, obj):
+        return [obj if r == self.rank else self.others[r] for r in range(self.world_size)]
+
+    def prepare_model(self, model):
+        self.rng_after_resume = torch.get_rng_state()
+        return model
+
+
+def test_checkpoint_saves_and_restores_each_ranks_rng_state(tmp_path):
+    rank1 = {"cpu": torch.Generator().manual_seed(1234).get_state(), "cuda": None}
+    cfg = tiny(tmp_path, "training.max_steps=2", "checkpoint.every_steps=2")
+    saver = _RankContext(others={1: rank1}, rank=0, world_size=2)
+    result = train_loop(cfg, saver)
+    state, _ = load_checkpoint(result.checkpoint)
+    assert [set(s) for s in state["rng"]] == [{"cpu", "cuda"}] * 2
+    assert torch.equal(state["rng"][1]["cpu"], rank1["cpu"])
+    assert not torch.equal(state["rng"][0]["cpu"], rank1["cpu"])
+    more = tiny(tmp_path / "b", "training.max_steps=3")
+    for rank in (0, 1):
+        resumed = _RankContext(rank=rank, world_size=2, resume_from=result.checkpoint,
+                               others={1 - rank: None})
+        train_loop(more, resumed)
+        assert torch.equal(resumed.rng_after_resume, state["rng"][rank]["cpu"]), rank
+
+
+def test_rng_states_carry_the_cuda_generator(monkeypatch):
+    """The CUDA state of this rank's device is saved and restored (CUDA faked on CPU)."""
+    from freetf.training.checkpoint import restore_rng_states, rng_states
+
+    fake = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8), "set": None}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: fake["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device=None: fake.update(set=(state.clone(), device)))
+    cuda = torch.device("cuda", 1)
+    saved = [rng_states(torch.device("cpu")), rng_states(cuda)]
+    assert saved[0]["cuda"] is None and torch.equal(saved[1]["cuda"], fake["state"])
+    saved[1]["cuda"] = torch.tensor([7, 7], dtype=torch.uint8)
+    restore_rng_states(saved, rank=1, device=cuda)
+    assert torch.equal(fake["set"][0], saved[1]["cuda"]) and fake["set"][1] == cuda
+    assert torch.equal(torch.get_rng_state(), saved[1]["cpu"])
+
+
+# ----------------------------------------------------------------------------- loop parts
+
+
+def test_total_steps_and_optimizer_groups(tiny_model_cfg):
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training.loop import build_optimizer, total_steps
+
+    cfg = load_config(overrides=["training.num_epochs=3", "training.grad_accum_steps=2"])
+    assert total_steps(cfg, 10) == 15  # epochs * steps per epoch / accumulation
+    assert total_steps(cfg, 0) == 1
+    assert total_steps(cfg.replace(["training.max_steps=7"]), 10) == 7
+    cfg = load_config(overrides=["training.weight_decay=0.3", "training.learning_rate=0.004",
+                                 "optimizer.betas=[0.8, 0.9]", "optimizer.eps=1e-7"])
+    model = FreeTransformer(tiny_model_cfg)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters()
+                                                   if p.dim() < 2}  # norms, biases, zeta
+    assert opt.defaults["lr"] == 0.004 and opt.defaults["betas"] == (0.8, 0.9)
+    assert opt.defaults["eps"] == 1e-7
+    assert opt.defaults["foreach"] and not opt.defaults.get("fused")  # auto on CPU
+    fused = build_optimizer(model, cfg.replace(["optimizer.fused=fused"]), torch.device("cpu"))
+    assert fused.defaults["fused"]
+
+
+def test_log_window_means_finite_values_only():
+    from freetf.training.loop import LogWindow
+
+    window = LogWindow()
+    assert window.means() == {}
+    window.add({"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))})
+    window.add({"a": torch.tensor(3.0), "b": torch.tensor(float("inf"))})
+    window.add({"a": torch.tensor(float("nan")), "b": torch.tensor(float("nan"))})
+    means = window.means()
+    assert means["a"] == 2.0 and math.isnan(means["b"]) and list(means) == ["a", "b"]
+
+
+def test_nonfinite_guard_counts_runs_and_stops_at_the_limit(tmp_path, caplog):
+    from freetf.training.loop import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=3, device=torch.device("cpu"))
+    for bad in (False, True, True, False, True):
+        guard.observe(torch.tensor(bad))
+    with caplog.at_level("WARNING", logger="freetf.training.loop"):
+        assert guard.check(5, tmp_path) == 3  # total skipped; longest run 2 < 3
+    assert "3 non-finite step(s) skipped" in caplog.text
+    caplog.clear()
+    assert guard.check(6, tmp_path) == 3 and not caplog.text  # nothing new: no warning
+    guard.observe(torch.tensor(True))
+    guard.observe(torch.tensor(True))  # a run of 3 (one before the check)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps by step 8"):
+        guard.check(8, tmp_path)
+
+
+def test_step_noise_slices_one_draw_per_step_by_rank_and_micro_batch():
+    from freetf.training.loop import step_noise
+
+    cfg = load_config(overrides=["model.latent_dim=3", "training.grad_accum_steps=2"])
+    one = step_noise(cfg, 5, 8, 6, 0, 1)  # (k, G, T, H)
+    assert one.shape == (2, 8, 6, 3)
+    for rank in range(2):
+        assert torch.equal(step_noise(cfg, 5, 8, 6, rank, 2), one[:, rank::2])
+    assert not torch.equal(step_noise(cfg, 6, 8, 6, 0, 1), one)  # a new draw each step
+    assert not torch.equal(one[0], one[1])
+    assert step_noise(cfg.replace(["model.latent_dim=0"]), 5, 8, 6, 0, 1) is None

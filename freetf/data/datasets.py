@@ -110,23 +110,43 @@ class SyntheticParse:
     """A decoded synthetic sequence, read back for evaluation."""
 
     letter: str | None  # the prompt's letter; None if the prompt is not "<A-Z>>"
-    target_start: int | None  # body index of the 8-in-a-row run; None if there is none
-    valid: bool  # length 66, the prompt letter exactly 8 times in a row, no other letter
+    target_start: float | None  # body index where the target starts; None if not valid
+    valid: bool  # a sequence the task's generator can produce (see parse_synthetic)
     noise_positions: tuple[int, ...]  # body indices holding "!"
 
 
+def target_starts(body: str, letter: str) -> list[int]:
+    """Starts s of the 8-wide windows that hold every ``letter`` of ``body`` and no "_".
+
+    These are the target positions the generator could have drawn: noise ("!") may
+    replace any target letter, its first or last included.
+    """
+    spots = [i for i, ch in enumerate(body) if ch == letter]
+    if not spots:
+        return []
+    first, last = spots[0], spots[-1]
+    return [s for s in range(max(0, last - SYNTHETIC_TARGET_LEN + 1),
+                             min(first, SYNTHETIC_BODY_LEN - SYNTHETIC_TARGET_LEN) + 1)
+            if "_" not in body[s:s + SYNTHETIC_TARGET_LEN]]
+
+
 def parse_synthetic(text: str) -> SyntheticParse:
-    """Parse a decoded sequence; ``valid`` is the paper's check (right letter, 8 in a row)."""
+    """Parse a decoded sequence: the one definition of a valid sequence (§4.1).
+
+    ``valid``: the task's generator can produce it: length 66, prompt "<letter>>", a body
+    of "_", "!" and the prompt's letter only, whose letters all lie in one 8-wide window
+    that holds no "_" (the target, with "!" noise allowed anywhere, on the target too).
+    ``target_start``: the start of that window; when noise on the run's ends leaves
+    several starts possible (equally likely under the generator), their mean.
+    """
     head, body = text[:2], text[2:]
     letter = head[0] if len(head) == 2 and head[0].isupper() and head[1] == ">" else None
     noise = tuple(i for i, ch in enumerate(body) if ch == "!")
-    run = letter * SYNTHETIC_TARGET_LEN if letter else None
-    start = body.find(run) if run else -1
-    target_start = start if start >= 0 else None
-    valid = (len(text) == SYNTHETIC_SEQ_LEN and target_start is not None
-             and sum(ch.isalpha() for ch in body) == SYNTHETIC_TARGET_LEN
-             and set(body) <= {"_", "!", letter})
-    return SyntheticParse(letter, target_start, valid, noise)
+    starts = (target_starts(body, letter)
+              if letter and len(text) == SYNTHETIC_SEQ_LEN and set(body) <= {"_", "!", letter}
+              else [])
+    target_start = sum(starts) / len(starts) if starts else None
+    return SyntheticParse(letter, target_start, bool(starts), noise)
 
 
 class RowsDataset(Dataset):

@@ -14,7 +14,8 @@ training (logits[:, :-1] against ids[:, 1:]; KL over the same positions):
 
 - raw KL per token (nats, bits) and per bit (eq. 4), and the number of active bits;
 - an aggregate-posterior mutual information estimate (see ``latent_diagnostics``);
-- the perplexity and count of the posterior codes actually sampled;
+- the entropy and perplexity of the aggregate posterior over the 2^H codes, and the
+  count of distinct posterior codes actually sampled;
 - CE with Z from the prior, from the posterior, and from the posterior of another row
   of the batch (shuffled), and their gap.
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from freetf.config import Config
 from freetf.model.losses import LN2, kl_per_bit
-from freetf.model.mapper import bits_to_codes, sample_bits
+from freetf.model.mapper import bits_to_codes, code_bits, code_log_probs, sample_bits
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ MIN_FREE_BITS_NATS = 1e-6
 # Codes are counted with a dense bincount of 2^H bins up to this many bits, above it
 # with a dictionary of the codes seen.
 MAX_BINCOUNT_BITS = 20
+# The aggregate posterior over all 2^H codes is summed exactly up to this many bits
+# (the exact mapper's limit), and not reported above it.
+MAX_AGGREGATE_BITS = 20
 
 
 def latent_diagnostics(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Config,
@@ -78,9 +82,18 @@ def latent_diagnostics(model: nn.Module, batches: Iterable[torch.Tensor], cfg: C
       A bit with a confident posterior that does not depend on x (KL_h ~ log 2) adds
       KL but no MI.  Like any plug-in estimate over N tokens it is biased upwards for
       small N (it can reach log N for a bijective code).
-    - ``eval/code_perplexity``: exp(entropy) of the empirical distribution of the
-      posterior codes sampled at the evaluated positions; ``eval/code_usage``: number
-      of distinct codes among them.
+    - ``eval/code_entropy_nats``: the entropy H(q_bar) of the aggregate posterior
+      q_bar(d) = mean_t Q(Z_t = d | x) = mean_t prod_h P(B_{t,h} = U_h(d)) (eq. 7),
+      summed exactly over all 2^H codes (for H <= ``MAX_AGGREGATE_BITS``; absent
+      above); ``eval/code_perplexity`` = exp(code_entropy_nats): the effective number of
+      codes the encoder spreads its mass over, from 1 (one code for every token) to
+      2^H (q_bar uniform).  q_bar is uniform for a collapsed posterior and for a
+      healthy one alike: read it with ``eval/mutual_info_nats`` (the exact
+      aggregate-posterior I(X; Z) is kl_nats - (H log 2 - code_entropy_nats)).  It is
+      computed from the posterior probabilities, not from sampled codes, so it is not
+      bounded by the number of evaluated tokens.
+    - ``eval/code_usage``: the number of distinct posterior codes sampled at the
+      evaluated positions (at most their number).
     - ``eval/ce_prior_nats``, ``eval/ppl_prior``: Z from the uniform prior (inference mode,
       the paper's generation setting); ``eval/ce_posterior_nats``, ``eval/ppl_posterior``:
       Z sampled from the encoder (training mode); ``eval/ce_shuffled_nats``: the same
@@ -174,6 +187,23 @@ class _Accumulator:
         self.code_counts = torch.zeros(2 ** num_bits if dense else 0, dtype=torch.int64,
                                        device=device)
         self.code_counter: Counter[int] = Counter()
+        exact = 0 < num_bits <= MAX_AGGREGATE_BITS
+        self.q_sum = torch.zeros(2 ** num_bits if exact else 0, **f64)  # (2^H,) sum_t Q_t(d)
+
+    def add_posterior(self, z_logits: torch.Tensor) -> None:
+        """z_logits (N, H): add sum_t Q(Z_t = d | x) for every code d (eq. 7).
+
+        Q factorises over the bits, so with d = lo + 2^h1 hi (h1 = H // 2 low bits)
+        sum_t Q_t(d) = sum_t Q_t^lo(lo) Q_t^hi(hi): one (2^h2, N) x (N, 2^h1) matmul.
+        """
+        if not self.q_sum.numel():
+            return
+        logits = z_logits.double()
+        low = self.num_bits // 2
+        q_lo, q_hi = (code_log_probs(part, code_bits(part.shape[-1], logits.device).double()
+                                     ).exp()  # (N, 2^h)
+                      for part in (logits[:, :low], logits[:, low:]))
+        self.q_sum += (q_hi.T @ q_lo).reshape(-1)  # (2^h2, 2^h1) -> (2^H,), index hi 2^h1 + lo
 
     def add_codes(self, codes: torch.Tensor) -> None:
         """codes (N,) int64."""
@@ -202,9 +232,12 @@ class _Accumulator:
             counts = self.code_counts[self.code_counts > 0].double()  # (codes used,)
         else:
             counts = torch.tensor(list(self.code_counter.values()), dtype=torch.float64)
-        freq = counts / counts.sum()
-        out["eval/code_perplexity"] = _exp(-(freq * freq.log()).sum().item())
         out["eval/code_usage"] = float(counts.numel())
+        if self.q_sum.numel():
+            q_bar = self.q_sum / self.q_sum.sum()  # (2^H,) aggregate posterior
+            entropy = -torch.special.xlogy(q_bar, q_bar).sum().item()
+            out["eval/code_entropy_nats"] = entropy
+            out["eval/code_perplexity"] = _exp(entropy)
         out["eval/ce_posterior_nats"] = self.ce_sum["posterior"] / self.tokens
         out["eval/ppl_posterior"] = _exp(out["eval/ce_posterior_nats"])
         out["eval/ce_shuffled_nats"] = (self.ce_sum["shuffled"] / self.shuffled_tokens
@@ -229,6 +262,7 @@ def _evaluate_batch(model: nn.Module, ids: torch.Tensor, acc: _Accumulator) -> N
     z_logits = z_logits.float()
     acc.kl_bit_sum += kl_per_bit(z_logits[:, :-1]).sum((0, 1)).double()
     acc.p_sum += torch.sigmoid(z_logits[:, :-1]).sum((0, 1)).double()
+    acc.add_posterior(z_logits[:, :-1].reshape(-1, acc.num_bits))
     # The codes the mapper used: it samples bit = noise < sigmoid(logit) (eq. 6).
     codes = bits_to_codes(sample_bits(z_logits, noise))  # (B, T)
     acc.add_codes(codes[:, :-1].reshape(-1))

@@ -5,10 +5,12 @@ independently for every sequence, once with a single Z sequence (one code per po
 drawn from the prior) shared by the whole group.  What Z carries shows in how much a
 shared Z makes the group agree:
 
-- ``position_spread``: standard deviation of the target's start within a group;
+- ``position_spread``: standard deviation of the target's start within a group (the
+  window's start, also when noise replaced its first letter);
 - ``noise_overlap``: mean pairwise Jaccard overlap of the "!" positions within a group;
-- ``valid_rate``: sequences whose body holds the prompt's letter only, 8 positions in a
-  row (letters or "!" noise on them), no other letter, at length 66.
+- ``valid_rate``: sequences the task's generator can produce (``parse_synthetic``): the
+  prompt's letter only, all in one 8-wide window (letters or "!" noise on them), no
+  other letter, at length 66.  The task's own data is valid at rate 1.
 
 Expected (paper): a shared Z shrinks the position spread at 1/8 and 1 bit and not at
 1/64 bit; it raises the noise overlap only at 1 bit; the valid rate drops at 8 bits.
@@ -22,38 +24,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from freetf.data.datasets import (
-    SYNTHETIC_BODY_LEN,
-    SYNTHETIC_SEQ_LEN,
-    SYNTHETIC_TARGET_LEN,
-    CharTokenizer,
-)
+from freetf.data.datasets import SYNTHETIC_SEQ_LEN, CharTokenizer, parse_synthetic
 from freetf.model.transformer import FreeTransformer
 
 
 @dataclass(frozen=True)
 class SequenceReading:
     valid: bool
-    target_start: int | None  # body index of the first target letter
+    target_start: float | None  # body index of the target's start (parse_synthetic)
     noise: frozenset[int]  # body indices holding "!"
 
 
 def read_sequence(text: str) -> SequenceReading:
-    """Read a generated sequence.  Noise on the target keeps it valid (as in the data)."""
-    letter, body = text[0], text[2:]
-    noise = frozenset(i for i, ch in enumerate(body) if ch == "!")
-    if len(text) != SYNTHETIC_SEQ_LEN or text[1] != ">" or not letter.isupper():
-        return SequenceReading(False, None, noise)
-    spots = [i for i, ch in enumerate(body) if ch.isalpha()]
-    if not spots or any(body[i] != letter for i in spots):
-        return SequenceReading(False, None, noise)
-    first, last = spots[0], spots[-1]
-    # some 8-wide window must hold every letter, and only letters and noise
-    starts = range(max(0, last - SYNTHETIC_TARGET_LEN + 1),
-                   min(first, SYNTHETIC_BODY_LEN - SYNTHETIC_TARGET_LEN) + 1)
-    valid = any(all(body[j] in (letter, "!") for j in range(s, s + SYNTHETIC_TARGET_LEN))
-                for s in starts)
-    return SequenceReading(valid, first, noise)
+    """Read a generated sequence with :func:`parse_synthetic`, the task's one definition
+    of valid: noise on the target keeps it valid (as in the data)."""
+    parsed = parse_synthetic(text)
+    return SequenceReading(parsed.valid, parsed.target_start, frozenset(parsed.noise_positions))
 
 
 def jaccard(a: frozenset[int], b: frozenset[int]) -> float:

@@ -27,14 +27,23 @@ class RotaryEmbedding(nn.Module):
     The pair (x_2i, x_2i+1) is rotated by angle pos * theta^(-2i/hd): as a complex
     number, x_2i + j x_2i+1 times e^(j angle).  One complex multiply on a view of x,
     instead of strided slices and a stack (2x faster forward + backward on CPU).
+
+    The complex64 table is a plain attribute, not a buffer: ``model.to(torch.bfloat16)``
+    (or an FSDP mixed-precision cast) would turn a complex buffer into its real part and
+    silently break positions.  It follows x to its device on first use.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
         angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (T, hd/2)
-        self.register_buffer("rotation", torch.polar(torch.ones_like(angles), angles),
-                             persistent=False)  # (T, hd/2) complex64: e^(j angle)
+        self.rotation = torch.polar(torch.ones_like(angles), angles)  # (T, hd/2) e^(j angle)
+
+    def _apply(self, fn, recurse=True):
+        """Follow ``.to(device)`` / ``.cuda()`` (probed on an empty tensor), never a dtype."""
+        device = fn(torch.empty(0, device=self.rotation.device)).device
+        self.rotation = self.rotation.to(device)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Rotate x: (B, heads, T, hd) at positions start.., in fp32, back to x's dtype."""
@@ -42,6 +51,8 @@ class RotaryEmbedding(nn.Module):
         if start + t > self.rotation.shape[0]:
             raise ValueError(f"sequence position {start + t} exceeds max_seq_len "
                              f"{self.rotation.shape[0]}")
+        if self.rotation.device != x.device:
+            self.rotation = self.rotation.to(x.device)
         pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, h, T, hd/2)
         rotated = torch.view_as_real(pairs * self.rotation[start:start + t])  # (..., hd/2, 2)
         return rotated.flatten(-2).to(x.dtype)
@@ -287,9 +298,10 @@ class FreeTransformer(nn.Module):
         """Sample a continuation.  prompt (B, T0) or (T0,) -> (B, T0 + max_new_tokens).
 
         The prompt's Z comes from the encoder (prefill), each new token's Z from the
-        uniform prior, unless ``z`` is given: a code, (B,) codes used at every position,
-        or per-position codes of shape (T0 + max_new_tokens,) or (B, T0 + max_new_tokens)
-        (one Z sequence shared by a group of samples: the paper's Figure 4).
+        uniform prior, unless ``z`` is given (T = T0 + max_new_tokens): a code; (B, 1),
+        one code per sequence at every position; (T,) or (1, T), one code per position
+        shared by every sequence (the paper's Figure 4); or (B, T).  A 1-D z must have
+        length T; anything else raises ``ValueError`` (see ``_codes_per_position``).
         ``temperature = 0`` is greedy.  ``use_cache=False`` recomputes the whole prefix
         each step with the same Z per position; with the same seed both paths agree.
         Decoding runs under ``torch.inference_mode`` (less per-op bookkeeping than
@@ -319,8 +331,8 @@ class FreeTransformer(nn.Module):
             if step == max_new_tokens - 1:
                 break
             new_code = None
-            if self.config.has_latent:
-                pos = t0 + step + 1
+            if self.config.has_latent:  # the code of nxt, the token at position t0 + step
+                pos = t0 + step
                 new_code = z_all[:, pos:pos + 1] if z_all is not None else \
                     self.mapper.sample_prior((b, 1), ids.device)
                 codes = torch.cat([codes, new_code], dim=1)
@@ -333,13 +345,28 @@ class FreeTransformer(nn.Module):
 
 def _codes_per_position(z: torch.Tensor | int, batch: int, length: int,
                         device: torch.device) -> torch.Tensor:
-    """A code, (B,) codes, (T,) or (B, T) per-position codes -> (B, T) int64."""
+    """The accepted shapes of ``generate``'s ``z`` -> (B, T) int64, T = prompt + new tokens.
+
+    - a code (int or 0-dim): every position of every sequence;
+    - (B, 1): one code per sequence, at every position;
+    - (T,) or (1, T): one code per position, shared by every sequence (Figure 4);
+    - (B, T): a code per sequence and position.
+
+    A 1-D z is always per position: a length other than T is refused (per-sequence codes
+    are (B, 1)), so a (B,) vector is never read one way or the other by its length.
+    """
     z = torch.as_tensor(z, device=device).long()
-    if z.dim() == 0 or (z.dim() == 1 and z.shape[0] == batch and length != batch):
-        return z.reshape(-1, 1).expand(batch, length)
-    if z.shape[-1] != length:
-        raise ValueError(f"z has {z.shape[-1]} positions; expected {length} "
-                         f"(prompt + max_new_tokens) or a single code per sequence")
+    accepted = (f"a code, (B, 1) = ({batch}, 1) codes per sequence, (T,) = ({length},) or "
+                f"(1, T) codes per position, or (B, T) = ({batch}, {length}); "
+                f"T = prompt + max_new_tokens")
+    if z.dim() == 1 and z.shape[0] != length:
+        raise ValueError(f"z of shape {tuple(z.shape)} is not (T,) = ({length},): pass "
+                         f"per-sequence codes as (B, 1) = ({batch}, 1). Accepted: {accepted}")
+    if z.dim() == 1:
+        z = z[None]  # (1, T)
+    if z.dim() > 2 or (z.dim() == 2 and (z.shape[0] not in (1, batch)
+                                         or z.shape[1] not in (1, length))):
+        raise ValueError(f"z of shape {tuple(z.shape)} is not accepted: {accepted}")
     return z.expand(batch, length)
 
 

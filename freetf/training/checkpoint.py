@@ -3,7 +3,8 @@
 A checkpoint is a directory::
 
     step_000100/
-      state.pt      model, optimizer, scheduler, data position, RNG states, step
+      state.pt      model, optimizer, scheduler, data position, step, and every
+                    rank's CPU and CUDA RNG states
       config.yaml   the resolved config: generate/eval rebuild the model from it alone
       meta.json     step and metrics, readable without torch
 
@@ -111,3 +112,28 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def rng_states(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """This process's RNG states: CPU, and the CUDA generator of ``device`` if on CUDA."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng_states(saved: list[dict[str, Any]] | torch.Tensor, rank: int,
+                       device: torch.device) -> None:
+    """Restore rank ``rank``'s states from the per-rank list :func:`rng_states` built.
+
+    A checkpoint from a run with fewer ranks, or from before per-rank states (one CPU
+    state, rank 0's), leaves the other ranks with their freshly seeded generators.
+    """
+    if isinstance(saved, torch.Tensor):
+        saved = [{"cpu": saved, "cuda": None}]
+    if rank >= len(saved):
+        log.warning("the checkpoint holds RNG states of %d rank(s); rank %d keeps its "
+                    "seeded generators", len(saved), rank)
+        return
+    mine = saved[rank]
+    torch.set_rng_state(mine["cpu"])
+    if mine.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)

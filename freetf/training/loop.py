@@ -4,10 +4,11 @@
 workers; Ray touches it only through a :class:`TrainContext` (prepare the model, report
 metrics and checkpoints, find the checkpoint to resume from).  Nothing here imports Ray.
 
-Determinism across world sizes: the bits of Z are sampled from uniform noise drawn per
-optimizer step for the *global* batch and sliced by rank, and the data stream gives rank
-``r`` the rows ``r::world_size`` of the global batch, so 2 workers of batch b follow the
-same trajectory as 1 worker of batch 2b (to float tolerance).
+Determinism across world sizes and accumulation: the bits of Z are sampled from uniform
+noise drawn per optimizer step for all the *global* micro-batches and sliced by rank, and
+the data stream gives rank ``r`` the rows ``r::world_size`` of the global batch, so 2
+workers of batch b, and 2 accumulated micro-batches of batch b, follow the same
+trajectory as 1 worker of batch 2b (to float tolerance).
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from freetf.evaluation.diagnostics import latent_diagnostics, verdict
 from freetf.evaluation.samples import sample_texts
 from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
-from freetf.training.checkpoint import load_checkpoint, save_to_root
+from freetf.training.checkpoint import (
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_to_root,
+)
 from freetf.training.schedules import build_lr_scheduler, schedule_values
 
 log = logging.getLogger(__name__)
@@ -136,6 +142,10 @@ class TrainContext:
     def latest_checkpoint(self) -> Path | None:
         return Path(self.resume_from) if self.resume_from else None
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (a collective: all ranks call it)."""
+        return [obj]
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
                essential: bool = True) -> None:
         """Hand a result to the runner.  ``essential``: eval, checkpoint or final results,
@@ -183,14 +193,20 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return max(1, cfg.training.num_epochs * steps_per_epoch // cfg.training.grad_accum_steps)
 
 
-def step_noise(cfg: Config, step: int, micro: int, global_batch: int, seq_len: int,
-               rank: int, world_size: int) -> torch.Tensor | None:
-    """Uniform noise for the bits of Z of this rank's rows, drawn for the global batch."""
+def step_noise(cfg: Config, step: int, global_batch: int, seq_len: int, rank: int,
+               world_size: int) -> torch.Tensor | None:
+    """Uniform noise for the bits of Z of this rank's rows at every micro-batch of a step.
+
+    One draw per optimizer step for all ``grad_accum_steps`` global micro-batches, in row
+    order, sliced by rank: -> (k, b, T, H).  So w workers of batch b, and k micro-batches
+    of batch b, see the bits that one worker of batch k w b sees.
+    """
     if not cfg.model.has_latent:
         return None
-    gen = torch.Generator().manual_seed((cfg.training.seed * 1_000_003 + step) * 64 + micro)
-    noise = torch.rand(global_batch, seq_len, cfg.model.latent_dim, generator=gen)
-    return noise[rank::world_size]  # (b, T, H)
+    gen = torch.Generator().manual_seed(cfg.training.seed * 1_000_003 + step)
+    noise = torch.rand(cfg.training.grad_accum_steps, global_batch, seq_len,
+                       cfg.model.latent_dim, generator=gen)  # (k, G, T, H)
+    return noise[:, rank::world_size]  # (k, b, T, H)
 
 
 def train_loop(cfg: Config, context: TrainContext | None = None,
@@ -212,7 +228,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     scheduler = build_lr_scheduler(optimizer, tcfg.warmup_steps, steps, cfg.scheduler.min_lr,
                                    cfg.scheduler.type)
     torch.manual_seed(tcfg.seed * 1000 + ctx.rank)  # dropout and prior samples, per rank
-    start_step = _maybe_resume(ctx, raw_model, optimizer, scheduler, stream)
+    start_step = _maybe_resume(ctx, raw_model, optimizer, scheduler, stream, device)
     model = ctx.prepare_model(torch.compile(raw_model) if tcfg.compile else raw_model)
     ddp = hasattr(model, "no_sync")
     dtype = amp_dtype(cfg, device)
@@ -245,15 +261,16 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         sched = schedule_values(cfg, step, steps)
         seq_len = int(sched["max_seq_len"])
         step_parts: dict[str, torch.Tensor] = {}
+        noise = step_noise(cfg, step, tcfg.batch_size * ctx.world_size, seq_len, ctx.rank,
+                           ctx.world_size)  # (k, b, T, H)
         for micro in range(tcfg.grad_accum_steps):
             ids = next(stream)[:, :seq_len].to(device, non_blocking=True)  # (b, T)
-            noise = step_noise(cfg, step, micro, tcfg.batch_size * ctx.world_size, seq_len,
-                               ctx.rank, ctx.world_size)
             sync = (not ddp or micro == tcfg.grad_accum_steps - 1)
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits, z_logits = model(
-                        ids, mode="training", bit_noise=None if noise is None else noise.to(device),
+                        ids, mode="training",
+                        bit_noise=None if noise is None else noise[micro].to(device),
                         return_hidden=chunked_ce)
                     if chunked_ce:  # the LM head is applied chunk-wise inside the loss
                         logits = HeadInputs(logits, raw_model.lm_head.weight,
@@ -310,7 +327,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                 tracker.log_metrics(report, step=done)
             if want_ckpt:
                 checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream, done,
-                                   report)
+                                   report, device)
             ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None,
                        essential=bool(want_eval or want_ckpt))
             if ctx.is_main and done % tcfg.log_every == 0:
@@ -365,11 +382,12 @@ def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch
     return metrics
 
 
-def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics) -> Path | None:
+def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics, device) -> Path | None:
+    rng = ctx.all_gather(rng_states(device))  # every rank's generators, in rank order
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "step": step, "data": stream.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": rng,
     }
     if not ctx.is_main:
         return None
@@ -379,7 +397,7 @@ def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics) -> Path 
     return path
 
 
-def _maybe_resume(ctx, model, optimizer, scheduler, stream) -> int:
+def _maybe_resume(ctx, model, optimizer, scheduler, stream, device) -> int:
     path = ctx.latest_checkpoint()
     if path is None:
         return 0
@@ -388,6 +406,6 @@ def _maybe_resume(ctx, model, optimizer, scheduler, stream) -> int:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng"])
+    restore_rng_states(state["rng"], ctx.rank, device)
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])

@@ -73,6 +73,13 @@ class RayTrainContext(TrainContext):
         local = checkpoint.to_directory(str(self._tmp / "restore"))
         return Path(local)
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
     def checkpoint_root(self, cfg: Config) -> Path:
         return self._tmp / "out"  # Ray persists what is reported into storage_path
 
