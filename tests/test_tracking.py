@@ -207,7 +207,7 @@ def test_metric_buffer_is_bounded(sqlite_uri: str, monkeypatch: pytest.MonkeyPat
                                   caplog: pytest.LogCaptureFixture) -> None:
     tracker = make_tracker(_config(sqlite_uri))
     real_log_batch = tracker.client.log_batch
-    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 3)
+    monkeypatch.setattr(tracking.sinks, "MAX_BUFFERED_METRICS", 3)
     monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(
         ConnectionError("down")))
     with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
