@@ -18,15 +18,24 @@ next call (and at :meth:`Tracker.finish`).
 
 Modules: :mod:`~freetf.tracking.store` (URIs, client, experiments),
 :mod:`~freetf.tracking.sinks` (the MLflow, TensorBoard and W&B backends),
-:mod:`~freetf.tracking.tracker` (:class:`Tracker`, :func:`make_tracker`) and
-:mod:`~freetf.tracking.figures` (plots of logged metrics).
+:mod:`~freetf.tracking.tracker` (:class:`Tracker`, :func:`make_tracker`),
+:mod:`~freetf.tracking.params` (the params a run logs, the config tag),
+:mod:`~freetf.tracking.sweep_runs` (verdict codes, a sweep parent's params and summary)
+and :mod:`~freetf.tracking.figures` (overlays of logged metrics).
 """
 
 from __future__ import annotations
 
 import mlflow  # noqa: F401 - tests patch freetf.tracking.mlflow.MlflowClient
 
-from freetf.tracking.figures import CURVE_METRICS, metric_history, plot_training_curves
+from freetf.tracking.figures import (
+    CURVE_METRICS,
+    metric_history,
+    plot_kl_vs_kappa,
+    plot_sweep_curves,
+    plot_training_curves,
+)
+from freetf.tracking.params import CONFIG_TAG, run_config, run_params
 from freetf.tracking.sinks import (
     MAX_BUFFERED_METRICS,
     MAX_METRICS_PER_BATCH,
@@ -37,11 +46,24 @@ from freetf.tracking.sinks import (
     WANDB_ALIASES,
 )
 from freetf.tracking.store import (
+    EXPERIMENT_KIND_TAG,
     HTTP_CLIENT_DEFAULTS,
+    MODEL_TRAINING_KIND,
     TrackingError,
     check_tracking_server,
     mlflow_client,
     resolve_tracking_uri,
+    runs_page_url,
+)
+from freetf.tracking.sweep_runs import (
+    VERDICT_CODES,
+    VERDICT_METRIC,
+    VERDICT_TAG,
+    log_sweep_summary,
+    log_verdict,
+    set_verdict,
+    space_params,
+    verdict_code,
 )
 from freetf.tracking.tracker import (
     RUN_STATUSES,
@@ -52,9 +74,13 @@ from freetf.tracking.tracker import (
 )
 
 __all__ = [
-    "CURVE_METRICS", "HTTP_CLIENT_DEFAULTS", "MAX_BUFFERED_METRICS", "MAX_METRICS_PER_BATCH",
-    "MAX_PARAMS_PER_BATCH", "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "RUN_STATUSES",
-    "TENSORBOARD_ALIASES", "WANDB_ALIASES", "NullTracker", "Tracker", "TrackingError",
-    "_param_strings", "check_tracking_server", "make_tracker", "metric_history",
-    "mlflow_client", "plot_training_curves", "resolve_tracking_uri",
+    "CONFIG_TAG", "CURVE_METRICS", "EXPERIMENT_KIND_TAG", "HTTP_CLIENT_DEFAULTS",
+    "MAX_BUFFERED_METRICS", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH",
+    "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "MODEL_TRAINING_KIND", "RUN_STATUSES",
+    "TENSORBOARD_ALIASES", "VERDICT_CODES", "VERDICT_METRIC", "VERDICT_TAG", "WANDB_ALIASES",
+    "NullTracker", "Tracker", "TrackingError", "_param_strings", "check_tracking_server",
+    "log_sweep_summary", "log_verdict", "make_tracker", "metric_history", "mlflow_client",
+    "plot_kl_vs_kappa", "plot_sweep_curves", "plot_training_curves", "resolve_tracking_uri",
+    "run_config", "run_params", "runs_page_url", "set_verdict", "space_params",
+    "verdict_code",
 ]

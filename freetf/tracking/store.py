@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -17,11 +17,14 @@ from freetf.config import Config
 
 logger = logging.getLogger(__name__)
 
+# The experiment tag MLflow 3 reads for the experiment's kind (mlflow/server/js:
+# ExperimentKind.CUSTOM_MODEL_DEVELOPMENT); GenAI experiments carry "genai_development".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 # Over HTTP, MLflow's default of 7 retries with backoff stalls each failing call ~4 min;
 # tracking must not stall training that long. Used only when the user has not set these.
 HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
 
 
 class TrackingError(RuntimeError):
@@ -96,13 +99,16 @@ def mlflow_client(uri: str) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
-
 def _experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
-    """The id of experiment ``name``, creating it (or restoring it if deleted)."""
+    """The id of experiment ``name``, creating it (or restoring it if deleted), marked
+    as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`) unless it says otherwise."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+            experiment_id = client.create_experiment(
+                name, artifact_location=_artifact_location(uri),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+            return experiment_id
         except MlflowException as err:  # another process created it meanwhile
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -110,7 +116,24 @@ def _experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it", name)
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before freetf set the tag
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                  MODEL_TRAINING_KIND)
     return experiment.experiment_id
+
+
+def runs_page_url(experiment_id: str, ui: str = "http://127.0.0.1:5000",
+                  search_filter: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment, in the model-training view.
+
+    MLflow 3.17's UI picks the view from the ``workflowType`` URL parameter (and then
+    remembers it in the browser), not from the experiment tag: without it an experiment
+    opens on the GenAI traces overview.
+    """
+    query = {"workflowType": "machine_learning"}
+    if search_filter:
+        query["searchFilter"] = search_filter
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(query)}"
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -118,6 +141,7 @@ def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///") and uri[len("sqlite:///"):].startswith("/"):
         return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     return None
+
 
 def _quietly(fn: Any, *args: Any) -> None:
     try:

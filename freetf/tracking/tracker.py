@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 
 from freetf.config import Config, flatten
+from freetf.tracking.params import CONFIG_TAG, config_tag, run_params
 from freetf.tracking.sinks import (
     MAX_PARAM_VALUE_CHARS,
     MAX_TAG_VALUE_CHARS,
@@ -117,10 +118,13 @@ class NullTracker(Tracker):
 
 def make_tracker(cfg: Config, *, rank: int = 0, run_id: str | None = None,
                  parent_run_id: str | None = None, run_name: str | None = None,
-                 tags: dict[str, Any] | None = None) -> Tracker:
+                 tags: dict[str, Any] | None = None, searched: tuple[str, ...] = (),
+                 params: dict[str, Any] | None = None) -> Tracker:
     """Start (or resume, given ``run_id``) a tracked run for ``cfg`` on rank 0.
 
-    MLflow (if enabled) gets the flattened config as params, the freetf tags and the
+    MLflow (if enabled) gets the params a reader compares (:func:`run_params`: a few
+    config keys and the ``searched`` keys of a sweep, by short names) or ``params`` if
+    given, the freetf tags (the whole dotted config as JSON in ``freetf.config``) and the
     resolved config as ``config.yaml``; ``parent_run_id`` nests the run under a parent.
     Raises :class:`TrackingError` if a backend cannot be used, before any training.
     """
@@ -128,9 +132,10 @@ def make_tracker(cfg: Config, *, rank: int = 0, run_id: str | None = None,
         return NullTracker()
     tracking = cfg.tracking
     run_name = run_name or tracking.mlflow.run_name
-    params = _param_strings(cfg.to_dict())
+    params = run_params(cfg, searched) if params is None else _param_strings(params)
     all_tags = {"freetf.model_kind": "free_transformer" if cfg.model.has_latent else "baseline",
-                "freetf.latent_bits": str(cfg.model.latent_bits)}
+                "freetf.latent_bits": str(cfg.model.latent_bits),
+                CONFIG_TAG: config_tag(cfg, MAX_TAG_VALUE_CHARS)}
     commit = _git_commit()
     if commit:
         all_tags.update({"git.commit": commit, "mlflow.source.git.commit": commit})
@@ -150,7 +155,8 @@ def make_tracker(cfg: Config, *, rank: int = 0, run_id: str | None = None,
                 name or time.strftime("%Y%m%d-%H%M%S"))
             sinks.append(_TensorBoardSink(log_dir))
         if tracking.wandb.enabled:
-            sinks.append(_WandbSink(cfg, run_name, mlflow_run_id, params))
+            sinks.append(_WandbSink(cfg, run_name, mlflow_run_id,
+                                    _param_strings(cfg.to_dict())))
     except Exception:
         for sink in sinks:
             _quietly(sink.finish, "FAILED")
