@@ -199,7 +199,7 @@ def check_ui(ui: str, tracking_uri: str, experiment: str, sweep: str | None,
                                         "experiments": json.dumps([experiment_id]),
                                         "workflowType": "machine_learning"})
         page.open(f"{ui}/#/compare-runs?{query}", "Parallel Coordinates Plot",
-                  "log2_free_bits_bits", VERDICT_METRIC, step="compare")
+                  step="compare")
         axes = parallel_coordinates(page, ["log2_free_bits_bits"],
                                     ["eval/ce_gap_nats", VERDICT_METRIC])
         seen.append(f"compare view: parallel coordinates over {', '.join(axes)} "
