@@ -161,7 +161,8 @@ def check_ui(ui: str, tracking_uri: str, experiment: str, sweep: str | None,
         page.screenshot("runs_table")
 
         # 4. Filtering by verdict (tag, then metric) keeps exactly that verdict's trials.
-        verdict = children[0].data.tags.get("freetf.verdict", "unknown")
+        verdicts = [c.data.tags.get("freetf.verdict", "unknown") for c in children]
+        verdict = min(sorted(set(verdicts)), key=verdicts.count)  # the rarest: hides most
         keep = [names[c.info.run_id] for c in children
                 if c.data.tags.get("freetf.verdict") == verdict]
         drop = [n for n in names.values() if n not in keep]
