@@ -143,7 +143,8 @@ def test_ce_values_match_a_replay_of_the_sampling():
     assert m["eval/ce_posterior_nats"] == pytest.approx(next_token_ce(post_logits, ids).item() / n)
     assert m["eval/ce_shuffled_nats"] == pytest.approx(next_token_ce(shuf_logits, ids).item() / n)
     assert m["eval/ce_shuffled_nats"] != pytest.approx(m["eval/ce_posterior_nats"])
-    assert m["eval/ce_gap_nats"] == pytest.approx(m["eval/ce_prior_nats"] - m["eval/ce_posterior_nats"])
+    assert m["eval/ce_gap_nats"] == pytest.approx(
+        m["eval/ce_prior_nats"] - m["eval/ce_posterior_nats"])
     assert m["eval/ppl_posterior"] == pytest.approx(math.exp(m["eval/ce_posterior_nats"]))
     used = codes[:, :-1].unique().numel()
     assert m["eval/code_usage"] == used
