@@ -60,10 +60,13 @@ def _print_summary(cfg, summary) -> None:
     if summary.checkpoint:
         print(f"checkpoint: {summary.checkpoint}")
     if summary.run_id:
-        from freetf.tracking import resolve_tracking_uri
+        from freetf.tracking import mlflow_client, resolve_tracking_uri, runs_page_url
 
+        uri = resolve_tracking_uri(cfg)
+        experiment_id = mlflow_client(uri).get_run(summary.run_id).info.experiment_id
         print(f"MLflow run {summary.run_id} in experiment '{cfg.tracking.mlflow.experiment}'; "
-              f"compare runs with: mlflow ui --backend-store-uri {resolve_tracking_uri(cfg)}")
+              f"compare runs with: mlflow ui --backend-store-uri {uri}\n"
+              f"  then open {runs_page_url(experiment_id)}")
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -58,5 +58,5 @@ def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
     exp = client.get_experiment_by_name("job-e2e")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["step"] == 4
+    assert runs[0].data.metrics["train/steps_done"] == 4
     assert time.time() - start < 400

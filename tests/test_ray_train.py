@@ -43,7 +43,7 @@ def test_one_worker_matches_in_process_and_logs_to_mlflow(tmp_path):
     client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["training.kl_weight"] == "1.0"
+    assert run.data.params["kl_weight"] == "1"
     assert run.data.tags["freetf.model_kind"] == "free_transformer"
     assert run.data.tags["freetf.verdict"] in {"collapsed", "active", "leaking"}
     steps = [m.step for m in client.get_metric_history(summary.run_id, "train/kl_nats")]

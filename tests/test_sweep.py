@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import signal
@@ -31,6 +32,7 @@ from freetf.sweeps.sweep import (
     trial_key,
     trial_run_name,
 )
+from freetf.tracking import space_params, verdict_code
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -217,18 +219,27 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_space.yaml", "config.yaml", "report"} <= artifacts
     assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")} == \
-        {"collapse_map.png", "kl_traces.png", "collapse_table.md", "trials.csv"}
+        {"collapse_map.png", "kl_traces.png", "collapse_table.md", "trials.csv",
+         "kl_vs_kappa.png", "trial_curves.png"}
+    assert parent.data.params == space_params(sweep)  # the search space, not the base config
+    assert parent.data.metrics["sweep/trials"] == sweep.expected_trials
+    assert sum(v for k, v in parent.data.metrics.items() if k.startswith("sweep/trials_")
+               and k != "sweep/trials_stopped_early") == sweep.expected_trials
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     assert len(children) == sweep.expected_trials
-    keys = {d.key for d in sweep.space}
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["freetf.sweep"] == sweep.name
         assert tags["freetf.verdict"] in VERDICTS
         assert child.info.run_name.startswith(f"{sweep.name}/")
-        assert {f"sampled.{k}" for k in keys} <= set(params)  # the sampled keys ...
-        assert {"training.kl_weight", "model.latent_dim", "training.max_steps"} <= set(params)
+        assert {"free_bits_bits", "log2_free_bits_bits", "kl_weight", "seed", "latent_dim",
+                "max_steps"} <= set(params) and len(params) < 25  # not the whole config
+        assert json.loads(tags["freetf.config"])["training.max_steps"] == \
+            sweep.base().training.max_steps
+        assert metrics["eval/verdict_code"] == verdict_code(tags["freetf.verdict"])
         assert {"train/loss", "train/kl_nats", "train/kl_weight", "eval/ce_prior_nats",
                 "eval/ce_gap_nats", "eval/kl_nats", "eval/active_bits"} <= set(metrics)
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) >= 2
@@ -238,15 +249,17 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
             assert int(tags["freetf.stopped_at_step"]) < sweep.base().training.max_steps
         else:
             assert child.info.status == "FINISHED", tags.get("freetf.error")
-            assert metrics["step"] == sweep.base().training.max_steps
+            assert metrics["train/steps_done"] == sweep.base().training.max_steps
+            assert "step" not in metrics
             assert "samples.txt" in {a.path for a in client.list_artifacts(child.info.run_id)}
     # The smoke grid holds kappa = 1/64 bit: the stopper ends it as collapsed at step 15,
     # before ASHA's rung; ASHA may stop others there.
-    tiny = [c for c in children if c.data.params["sampled.training.free_bits_bits"] == "0.015625"]
+    tiny = [c for c in children if c.data.params["free_bits_bits"] == "0.015625"]
     assert len(tiny) == 1
     assert tiny[0].data.tags["freetf.stopped_early"] == "true"
     assert tiny[0].data.tags["freetf.stop_reason"] == "collapsed"
     assert tiny[0].data.tags["freetf.verdict"] == "collapsed"
+    assert tiny[0].data.metrics["eval/verdict_code"] == 0
 
     assert len(result.runs) == len(children)
     assert set(result.runs["verdict"]) <= set(VERDICTS)

@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
 # Final metrics kept per trial (MLflow's latest value of each).
-METRICS = ("step", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_nats", "eval/ce_posterior_nats",
-           "eval/ce_gap_nats", "eval/active_bits", "eval/mutual_info_nats", "train/kl_nats",
-           "train/loss")
+METRICS = ("train/steps_done", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_nats",
+           "eval/ce_posterior_nats", "eval/ce_gap_nats", "eval/active_bits",
+           "eval/mutual_info_nats", "train/kl_nats", "train/loss")
 VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "leaking": "tab:red",
                   "diverged": "black", "failed": "tab:gray", "interrupted": "tab:olive",
                   "unknown": "tab:gray", "baseline": "tab:purple"}
@@ -73,9 +73,11 @@ def collect_runs(client, experiment: str, sweep: str | None = None) -> pd.DataFr
 
 def runs_frame(runs: list) -> pd.DataFrame:
     """The :func:`collect_runs` table of MLflow ``Run`` objects."""
+    from freetf.tracking import run_config
+
     rows = []
     for run in runs:
-        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+        params, tags, metrics = run_config(run), run.data.tags, run.data.metrics
         row: dict[str, Any] = {
             "run_id": run.info.run_id, "run_name": run.info.run_name,
             "sweep": tags.get("freetf.sweep", ""), "trial_key": tags.get("freetf.trial_key", ""),
@@ -152,7 +154,8 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 def _ended(values: dict[str, Any]) -> str:
     if values["stopped_early"]:
         step = values["stopped_at_step"]
-        step = values["step"] if isinstance(step, float) and math.isnan(step) else step
+        if isinstance(step, float) and math.isnan(step):
+            step = values["train/steps_done"]
         return f"stopped at step {_fmt(step, 'g')} ({values['stop_reason']})"
     return {"FINISHED": "finished", "RUNNING": "running"}.get(values["status"],
                                                                values["status"].lower())
@@ -269,8 +272,11 @@ def write_report(client, df: pd.DataFrame, out_dir: str | Path) -> dict[str, Pat
 
 
 def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
-                 experiment: str) -> str:
-    """The console summary: table, verdict counts, file paths, the ``mlflow ui`` line."""
+                 experiment: str, experiment_id: str | None = None) -> str:
+    """The console summary: table, verdict counts, file paths, the ``mlflow ui`` line
+    and (given ``experiment_id``) the link to the runs table in the model-training view."""
+    from freetf.tracking import runs_page_url
+
     counts = df["verdict"].value_counts() if not df.empty else pd.Series(dtype=int)
     lines = [collapse_table(df), "",
              f"{len(df)} trials: " + (", ".join(f"{n} {v}" for v, n in counts.items())
@@ -278,7 +284,9 @@ def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
              f"collapse map:  {paths['map']}", f"KL traces:     {paths['kl_traces']}",
              f"table:         {paths['table']} (and {paths['csv'].name})",
              f"compare runs:  mlflow ui --backend-store-uri {tracking_uri}",
-             f"               then open experiment '{experiment}' at http://127.0.0.1:5000"]
+             f"               then open experiment '{experiment}' at http://127.0.0.1:5000"
+             if experiment_id is None else
+             f"               then open {runs_page_url(experiment_id)}"]
     return "\n".join(lines)
 
 
@@ -302,5 +310,6 @@ def report_command(args) -> int:
         print(f"freetf report: error: {err}", file=sys.stderr)
         return 2
     paths = write_report(client, df, Path(args.out) / (sweep or args.experiment))
-    print(summary_text(df, paths, uri, args.experiment))
+    experiment_id = client.get_experiment_by_name(args.experiment).experiment_id
+    print(summary_text(df, paths, uri, args.experiment, experiment_id))
     return 0

@@ -110,7 +110,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from freetf.logs import setup_logging
-    from freetf.tracking import make_tracker, mlflow_client
+    from freetf.tracking import log_verdict, make_tracker, mlflow_client
     from freetf.training.ray_train import build_trainer
 
     setup_logging()
@@ -122,15 +122,16 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     if existing is not None and existing.info.status == "FINISHED":
         log.info("trial %s already finished in MLflow run %s; not rerun", key,
                  existing.info.run_id)
-        tune.report({**existing.data.metrics,
+        metrics = existing.data.metrics
+        tune.report({**metrics, "step": metrics.get("train/steps_done", 0),
                      "eval/verdict": existing.data.tags.get("freetf.verdict", "")})
         return
     tracker = make_tracker(
         cfg, run_id=existing.info.run_id if existing else None,
         parent_run_id=context.parent_run_id, run_name=cfg.tracking.mlflow.run_name,
         tags={TAG_SWEEP: context.sweep_name, TAG_ROLE: "trial", TAG_KEY: key,
-              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false"})
-    tracker.log_params({f"sampled.{k}": v for k, v in sampled.items()})
+              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false"},
+        searched=context.keys)
     if existing is not None and "freetf.error" in existing.data.tags:  # from a cut-off try
         client.delete_tag(tracker.run_id, "freetf.error")
     trainer = build_trainer(cfg, run_id=tracker.run_id, callbacks=[TuneReportCallback()],
@@ -142,8 +143,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         # Tune stopping the trial (ASHA, stopper) also lands here when it removes the
         # trial's resources: the driver has then already closed the run as stopped early.
         if client.get_run(tracker.run_id).data.tags.get("freetf.stopped_early") != "true":
-            tracker.set_tags({"freetf.verdict": "failed",
-                              "freetf.error": f"{type(err).__name__}: {err}"})
+            tracker.set_tags({"freetf.error": f"{type(err).__name__}: {err}"})
+            log_verdict(tracker, "failed")
             tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     _finish_trial_run(tracker, client, dict(result.metrics or {}), result.checkpoint)
@@ -243,18 +244,18 @@ class EarlyStopRecorder(tune.Callback):
             return
         reason = result.get(STOP_REASON, "asha")
         verdict = result.get("eval/verdict") if reason == "asha" else reason
+        from freetf.tracking import mlflow_client, set_verdict
+
         try:
             if self._client is None:
-                from freetf.tracking import mlflow_client
-
                 self._client = mlflow_client(self.context.tracking_uri)
             run = find_trial_run(self._client, self.context.parent_run_id, trial_key(sampled))
             if run is None:
                 return
             for tag, value in (("freetf.stopped_early", "true"), ("freetf.stop_reason", reason),
-                               ("freetf.stopped_at_step", str(result.get("step"))),
-                               ("freetf.verdict", verdict or "unknown")):
+                               ("freetf.stopped_at_step", str(result.get("step")))):
                 self._client.set_tag(run.info.run_id, tag, value)
+            set_verdict(self._client, run.info.run_id, verdict or "unknown", result.get("step"))
             self._client.set_terminated(run.info.run_id, "KILLED")
             log.info("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
                      result.get("step"), reason, verdict)
@@ -287,7 +288,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
     is written, also when the sweep was interrupted (Ctrl-C): ``interrupted`` is then set.
     """
     from freetf.sweeps import report
-    from freetf.tracking import make_tracker, mlflow_client
+    from freetf.tracking import log_sweep_summary, make_tracker, mlflow_client, space_params
 
     # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -311,9 +312,8 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
                          f"with --set mlflow.sweep_name=NEW_NAME")
     _init_ray()
     tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
-                           run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"})
-    tracker.log_params({"sweep.method": sweep.search.method, "sweep.metric": sweep.search.metric,
-                        "sweep.keys": ",".join(d.key for d in sweep.space)})
+                           run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"},
+                           params=space_params(sweep))
     tracker.log_text(sweep.to_yaml(), "search_space.yaml")
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep.sweep_dir / SPEC_FILE).write_text(sweep.to_yaml())
@@ -342,6 +342,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
     paths = report.write_report(client, runs, sweep.report_path)
     for path in paths.values():
         tracker.log_artifact(path, "report")
+    paths.update(log_sweep_summary(tracker, client, runs, sweep.report_path))
     tracker.finish("KILLED" if interrupted else "FINISHED")
     return SweepResult(sweep, context.parent_run_id, uri, experiment, runs, paths, interrupted)
 
@@ -463,6 +464,8 @@ def _close_open_runs(client, context: TrialContext, results, interrupted: bool) 
     and trials that Ctrl-C cut off (KILLED, verdict ``interrupted``: --resume reattaches
     them).  A trial's own except-clause may have marked a cut-off run FAILED: Tune
     knows better, so only a trial that Tune saw fail stays FAILED."""
+    from freetf.tracking import set_verdict
+
     last = {}
     for result in results or []:
         if result.config:
@@ -474,18 +477,18 @@ def _close_open_runs(client, context: TrialContext, results, interrupted: bool) 
         result = last.get(tags.get(TAG_KEY))
         metrics = dict(result.metrics or {}) if result is not None else {}
         sampled = json.loads(tags.get("freetf.sampled", "{}"))
-        step = metrics.get("step", run.data.metrics.get("step", 0))
+        step = metrics.get("step", run.data.metrics.get("train/steps_done", 0))
         run_id = run.info.run_id
         if step >= context.max_steps(sampled):  # trained; stopped before closing its run
             if tags.get("freetf.verdict") in (None, "failed") and metrics.get("eval/verdict"):
-                client.set_tag(run_id, "freetf.verdict", metrics["eval/verdict"])
+                set_verdict(client, run_id, metrics["eval/verdict"], step)
             client.set_terminated(run_id, "FINISHED")
         elif result is not None and result.error is not None:
             if run.info.status == "RUNNING":
-                client.set_tag(run_id, "freetf.verdict", "failed")
+                set_verdict(client, run_id, "failed", step)
                 client.set_terminated(run_id, "FAILED")
         else:
-            client.set_tag(run_id, "freetf.verdict", "interrupted" if interrupted else "unknown")
+            set_verdict(client, run_id, "interrupted" if interrupted else "unknown", step)
             client.set_terminated(run_id, "KILLED")
 
 
@@ -497,7 +500,7 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
     """``search_kl.py [--config YAML | --smoke] [--set KEY=VALUE ...] [--resume]``."""
     from freetf.logs import setup_logging
     from freetf.sweeps import report
-    from freetf.tracking import TrackingError
+    from freetf.tracking import TrackingError, mlflow_client
 
     parser = argparse.ArgumentParser(description="Ray Tune sweep over KL weight, free bits "
                                      "and their schedules, with a collapse map in MLflow")
@@ -519,8 +522,9 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
     except (ConfigError, TrackingError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    experiment = mlflow_client(result.tracking_uri).get_experiment_by_name(result.experiment)
     print(report.summary_text(result.runs, result.report, result.tracking_uri,
-                              result.experiment))
+                              result.experiment, experiment.experiment_id))
     if result.interrupted:
         again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
         print(f"\nThe sweep was interrupted; continue it with: "

@@ -241,7 +241,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                  tcfg.batch_size * ctx.world_size * tcfg.grad_accum_steps,
                  cfg.data.max_seq_len, device)
         if tracker is not None:
-            tracker.log_params({"model.num_parameters": counts["total"]})
+            tracker.log_params({"num_parameters": counts["total"]})
 
     guard = NonFiniteGuard(tcfg.max_consecutive_nonfinite, device)
     # Fused AdamW skips a non-finite update on the device (found_inf), so the loop never
@@ -322,9 +322,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             model.train()
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             report = {k: v for k, v in metrics.items() if not isinstance(v, str | list)}
-            report["step"] = done
-            if ctx.is_main and tracker is not None:
-                tracker.log_metrics(report, step=done)
+            if ctx.is_main and tracker is not None:  # MLflow's x axis is the step already
+                tracker.log_metrics(report | {"train/steps_done": done}, step=done)
+            report["step"] = done  # Tune's time attribute, and the checkpoint's
             if want_ckpt:
                 checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream, done,
                                    report, device)
@@ -378,6 +378,7 @@ def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch
             "train/kl_hinged_nats": means["kl"], "train/kl_nats": means["kl_raw_nats"],
             "train/kl_bits": means["kl_raw_bits"], "train/kl_weight": sched["kl_weight"],
             "train/free_bits_nats": sched["free_bits_nats"],
+            "train/free_bits_bits": sched["free_bits_nats"] / math.log(2.0),
         })
     return metrics
 

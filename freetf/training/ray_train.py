@@ -238,7 +238,9 @@ def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
         tracker.log_text(f"{checkpoint}\n", "checkpoint_path.txt")
         tracker.set_tags({"freetf.checkpoint": str(checkpoint)})
     if metrics.get("eval/verdict"):
-        tracker.set_tags({"freetf.verdict": metrics["eval/verdict"]})
+        from freetf.tracking import log_verdict
+
+        log_verdict(tracker, metrics["eval/verdict"], step=metrics.get("step"))
     points = [h for h in history if "train/loss" in h]
     if points:
         with tempfile.TemporaryDirectory() as tmp:

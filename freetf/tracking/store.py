@@ -1,0 +1,150 @@
+"""The MLflow store: tracking URIs, the client, experiments."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlparse
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from freetf.config import Config
+
+logger = logging.getLogger(__name__)
+
+# The experiment tag MLflow 3 reads for the experiment's kind (mlflow/server/js:
+# ExperimentKind.CUSTOM_MODEL_DEVELOPMENT); GenAI experiments carry "genai_development".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# Over HTTP, MLflow's default of 7 retries with backoff stalls each failing call ~4 min;
+# tracking must not stall training that long. Used only when the user has not set these.
+HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking backend cannot be used; raised at start, before any training."""
+
+
+# ----------------------------------------------------------------------------- URIs
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """``tracking.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ./mlflow.db.
+
+    Local stores are made absolute against the current directory, since Ray workers
+    run in other directories: ``sqlite:///<abs cwd>/mlflow.db`` by default.
+    """
+    uri = cfg.tracking.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    scheme = urlparse(uri).scheme
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        if db and db != ":memory:" and not db.startswith("/"):
+            return f"sqlite:///{Path(db).resolve()}"
+    elif scheme == "file":
+        path = uri[len("file:"):]
+        if not path.startswith("//"):  # file:relative/path
+            return Path(path).resolve().as_uri()
+    elif not scheme:  # a bare path is a file store to MLflow
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Raise :class:`TrackingError` if an http(s) tracking server does not answer /health.
+
+    A no-op for local stores (sqlite, file) and other schemes.
+    """
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):  # reachable; credentials are the client's business
+            return
+        reason = f"GET {url} answered HTTP {err.code}; is this an MLflow tracking server?"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = f"GET {url} failed: {getattr(err, 'reason', err)}"
+    raise TrackingError(
+        f"MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. "
+        f"`mlflow server --host 127.0.0.1 --port 5000`), point tracking.mlflow.tracking_uri "
+        f"or MLFLOW_TRACKING_URI at a running server or a sqlite:/// file, or set "
+        f"tracking.mlflow.enabled=false.")
+
+
+def mlflow_client(uri: str) -> mlflow.MlflowClient:
+    """An MlflowClient for ``uri``, preparing local stores (sqlite folder, file opt-in)."""
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        # MLflow 3.x refuses file stores unless opted in; a file: URI is an explicit ask.
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            logger.info("using the file store %s: setting MLFLOW_ALLOW_FILE_STORE=true", uri)
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    elif uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        if db.startswith("/"):
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+    elif scheme in ("http", "https"):
+        for name, value in HTTP_CLIENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment ``name``, creating it (or restoring it if deleted), marked
+    as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`) unless it says otherwise."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(
+                name, artifact_location=_artifact_location(uri),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+            return experiment_id
+        except MlflowException as err:  # another process created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise err from None
+    if experiment.lifecycle_stage == "deleted":
+        logger.warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before freetf set the tag
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                  MODEL_TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def runs_page_url(experiment_id: str, ui: str = "http://127.0.0.1:5000",
+                  search_filter: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment, in the model-training view.
+
+    MLflow 3.17's UI picks the view from the ``workflowType`` URL parameter (and then
+    remembers it in the browser), not from the experiment tag: without it an experiment
+    opens on the GenAI traces overview.
+    """
+    query = {"workflowType": "machine_learning"}
+    if search_filter:
+        query["searchFilter"] = search_filter
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(query)}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """For a sqlite store, artifacts go beside the database (not under the cwd)."""
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):].startswith("/"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as err:
+        logger.debug("ignored during cleanup: %s", err)

@@ -1,0 +1,148 @@
+"""Tests for freetf.tracking.params and the experiment kind: what a run shows in MLflow's
+runs table (short params, the config tag) and which view its experiment opens in."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+
+from freetf.config import Config, flatten, load_config
+from freetf.tracking import (
+    CONFIG_TAG,
+    EXPERIMENT_KIND_TAG,
+    MAX_TAG_VALUE_CHARS,
+    make_tracker,
+    run_config,
+    run_params,
+    runs_page_url,
+)
+from freetf.tracking.params import config_tag, format_value, short_names
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _config(uri: str, **overrides: object) -> Config:
+    return load_config(overrides={"tracking.mlflow.tracking_uri": uri,
+                                  "tracking.mlflow.experiment": "unit", **overrides})
+
+
+def test_run_params_are_the_compared_keys_by_short_names() -> None:
+    cfg = load_config(overrides={"training.free_bits": 0.25 * math.log(2),  # 1/4 bit in nats
+                                 "training.kl_weight": 0.1, "training.seed": 3,
+                                 "model.hidden_dim": 64})
+    assert run_params(cfg) == {
+        "kl_weight": "0.1", "kl_annealing": "constant", "free_bits_schedule": "constant",
+        "seed": "3", "latent_dim": "16", "hidden_dim": "64", "num_layers": "8",
+        "num_heads": "8", "max_seq_len": "256", "batch_size": "8", "learning_rate": "0.0003",
+        "max_steps": "None", "dataset": "synthetic",
+        "free_bits_bits": "0.25", "log2_free_bits_bits": "-2"}
+
+
+def test_searched_keys_join_under_unambiguous_names() -> None:
+    searched = ("training.kl_weight", "training.free_bits_bits", "training.weight_decay",
+                "training.kl_annealing.warmup_steps", "training.warmup_steps",
+                "training.kl_annealing.cycles")
+    cfg = load_config(overrides={"training.free_bits_bits": 4.0,
+                                 "training.kl_annealing.warmup_steps": 50})
+    params = run_params(cfg, searched)
+    extra = {k: v for k, v in params.items() if k not in run_params(cfg)}
+    assert extra == {"weight_decay": "0.01", "kl_annealing.warmup_steps": "50",
+                     "training.warmup_steps": "100", "cycles": "4"}
+    assert params["free_bits_bits"] == "4" and params["log2_free_bits_bits"] == "2"
+    in_nats = run_params(load_config(overrides={"training.free_bits": 0.5}),
+                         ("training.free_bits",))
+    assert in_nats["free_bits_nats"] == "0.5" and in_nats["free_bits_bits"] == "0.721348"
+
+
+def test_baseline_has_no_kappa_or_kl_weight() -> None:
+    params = run_params(load_config(overrides={"model.latent_dim": 0}))
+    assert not {"kl_weight", "free_bits_bits", "log2_free_bits_bits"} & set(params)
+    assert params["latent_dim"] == "0"
+
+
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "type", "x"]), min_size=1, max_size=4)
+                .map(".".join), min_size=1, max_size=6, unique=True))
+def test_short_names_are_unique_suffixes(keys: list[str]) -> None:
+    names = short_names(keys, taken={"x"})
+    assert set(names) == set(keys)
+    for key, name in names.items():
+        assert key == name or key.endswith("." + name)
+    clashes = [n for n in names.values() if list(names.values()).count(n) > 1]
+    assert not clashes
+
+
+def test_format_value() -> None:
+    assert format_value(0.1 + 0.2) == "0.3"
+    assert format_value(1 / 64) == "0.015625"
+    assert format_value([0.9, 0.95]) == "[0.9, 0.95]"
+    assert format_value(None) == "None" and format_value(True) == "True"
+
+
+def test_the_whole_config_is_a_searchable_tag(sqlite_uri: str, tmp_path: Path) -> None:
+    cfg = _config(sqlite_uri, **{"training.amp": "bf16"})
+    tracker = make_tracker(cfg, run_name="tagged")
+    tracker.finish()
+    other = make_tracker(_config(sqlite_uri), run_name="other")
+    other.finish()
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(tracker.run_id)
+    assert json.loads(run.data.tags[CONFIG_TAG]) == flatten(cfg.to_dict())
+    assert run_config(run)["training.amp"] == "bf16"
+    assert run_config(run)["training.kl_weight"] == "1"
+    experiment = client.get_experiment_by_name("unit").experiment_id
+    found = client.search_runs([experiment],
+                               f"tags.`{CONFIG_TAG}` LIKE '%\"training.amp\": \"bf16\"%'")
+    assert [r.info.run_id for r in found] == [tracker.run_id]
+    config_file = client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))
+    assert yaml.safe_load(Path(config_file).read_text()) == cfg.to_dict()
+
+
+def test_run_config_of_an_older_run_is_its_params() -> None:
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(data=SimpleNamespace(tags={}, params={"training.kl_weight": "0.1"}))
+    assert run_config(run) == {"training.kl_weight": "0.1"}
+
+
+def test_a_long_config_tag_leaves_out_the_longest_values() -> None:
+    cfg = load_config(overrides={"tracking.mlflow.run_name": "r" * 3000,
+                                 "data.path": "p" * 1500})
+    text = config_tag(cfg, MAX_TAG_VALUE_CHARS)
+    assert len(text) <= MAX_TAG_VALUE_CHARS
+    kept = json.loads(text)
+    assert "tracking.mlflow.run_name" not in kept and kept["training.kl_weight"] == 1.0
+    assert "data.path" in kept  # leaving out the longest was enough
+
+
+def test_experiments_are_marked_model_training(sqlite_uri: str) -> None:
+    client = MlflowClient(sqlite_uri)
+    make_tracker(_config(sqlite_uri)).finish()  # created by freetf
+    assert client.get_experiment_by_name("unit").tags[EXPERIMENT_KIND_TAG] == \
+        "custom_model_development"
+    old = client.create_experiment("made-elsewhere")  # before freetf set the tag
+    make_tracker(_config(sqlite_uri, **{"tracking.mlflow.experiment": "made-elsewhere"})
+                 ).finish()
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    genai = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    make_tracker(_config(sqlite_uri, **{"tracking.mlflow.experiment": "chosen"})).finish()
+    assert client.get_experiment(genai).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_runs_page_url_opens_the_model_training_view() -> None:
+    assert runs_page_url("7") == \
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    url = runs_page_url("7", "http://host:9/", "tags.`freetf.sweep` = 's'")
+    assert url.startswith("http://host:9/#/experiments/7/runs?workflowType=machine_learning&")
+    assert "searchFilter=tags.%60freetf.sweep%60+%3D+%27s%27" in url

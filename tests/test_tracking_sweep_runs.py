@@ -1,0 +1,163 @@
+"""Tests for freetf.tracking.sweep_runs and freetf.tracking.figures: verdict codes, the
+sweep parent's params and summary, the overlay figures (real sqlite MLflow store, no Ray)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from freetf.config import load_config
+from freetf.sweeps.spec import load_sweep
+from freetf.tracking import (
+    VERDICT_METRIC,
+    log_sweep_summary,
+    log_verdict,
+    make_tracker,
+    set_verdict,
+    space_params,
+    verdict_code,
+)
+from freetf.tracking.figures import (
+    kl_vs_kappa_figure,
+    sweep_curves_figure,
+    training_curves_figure,
+)
+from freetf.tracking.sweep_runs import verdict_counts
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _tracker(uri: str, **kwargs):
+    cfg = load_config(overrides={"tracking.mlflow.tracking_uri": uri,
+                                 "tracking.mlflow.experiment": "unit"})
+    return make_tracker(cfg, **kwargs)
+
+
+def test_verdict_codes_order_the_use_of_z() -> None:
+    assert [verdict_code(v) for v in ("collapsed", "used", "active", "leaking")] == [0, 1, 1, 2]
+    for other in ("baseline", "failed", "diverged", "interrupted", "unknown", "", None):
+        assert verdict_code(other) == -1
+
+
+def test_verdict_is_a_tag_and_a_metric(sqlite_uri: str) -> None:
+    tracker = _tracker(sqlite_uri)
+    log_verdict(tracker, "leaking", step=40)
+    tracker.finish()
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["freetf.verdict"] == "leaking"
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id,
+                                                                  VERDICT_METRIC)] == [(40, 2)]
+    set_verdict(client, tracker.run_id, "collapsed", 50)  # the driver's correction
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["freetf.verdict"] == "collapsed"
+    assert run.data.metrics[VERDICT_METRIC] == 0
+
+
+def test_parent_params_are_the_search_space() -> None:
+    sweep = load_sweep(CONFIGS / "search_kl_smoke.yaml",
+                       ["space.training.kl_annealing.type={grid: [constant, linear]}"])
+    assert space_params(sweep) == {
+        "space.free_bits_bits": "grid [0.015625, 1, 4]", "space.kl_weight": "grid [1]",
+        "space.kl_annealing": "grid [constant, linear]",
+        "sweep.method": "grid", "sweep.metric": "eval/ce_prior_nats", "sweep.trials": "6",
+        "sweep.keys": "training.free_bits_bits,training.kl_weight,training.kl_annealing.type"}
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    base = {"stopped_early": False, "eval/kl_bits": 1.0, "eval/ce_gap_nats": 0.1,
+            "eval/ce_prior_nats": 1.5, "free_bits_bits": 1.0, "run_name": "s/x"}
+    return pd.DataFrame([{**base, **row} for row in rows])
+
+
+def test_verdict_counts() -> None:
+    runs = _frame([{"verdict": "collapsed", "stopped_early": True}, {"verdict": "active"},
+                   {"verdict": "used"}, {"verdict": "failed"}])
+    assert verdict_counts(runs) == {
+        "sweep/trials": 4.0, "sweep/trials_collapsed": 1.0, "sweep/trials_used": 2.0,
+        "sweep/trials_leaking": 0.0, "sweep/trials_failed": 1.0,
+        "sweep/trials_stopped_early": 1.0}
+
+
+def _history(kappa_bits: float, steps: int = 4) -> list[dict[str, float]]:
+    return [{"step": s, "train/loss": 3.0 - s * 0.1, "train/kl_bits": 0.5 * s,
+             "train/free_bits_bits": kappa_bits, "eval/ce_prior_nats": 2.0 - 0.1 * s,
+             "eval/ce_posterior_nats": 1.0 - 0.2 * s} for s in range(1, steps + 1)]
+
+
+def _line(ax, label: str):
+    return next(line for line in ax.get_lines() if line.get_label() == label)
+
+
+def test_training_curves_overlay_kl_on_kappa_and_ce_prior_on_posterior() -> None:
+    fig = training_curves_figure(_history(kappa_bits=4.0))
+    _, ax_kl, ax_ce = fig.axes[:3]
+    assert list(_line(ax_kl, "raw KL").get_ydata()) == [0.5, 1.0, 1.5, 2.0]
+    assert list(_line(ax_kl, "free bits kappa").get_ydata()) == [4.0] * 4
+    assert list(_line(ax_ce, "CE, Z from prior").get_ydata()) == pytest.approx([1.9, 1.8, 1.7,
+                                                                                1.6])
+    assert list(_line(ax_ce, "CE, Z from posterior").get_ydata()) == pytest.approx(
+        [0.8, 0.6, 0.4, 0.2])
+    older = [{"step": 1, "train/kl_nats": math.log(2), "train/free_bits_nats": 2 * math.log(2)}]
+    _, ax_kl, _ = training_curves_figure(older).axes[:3]  # runs that logged nats only
+    assert list(_line(ax_kl, "raw KL").get_ydata()) == pytest.approx([1.0])
+    assert list(_line(ax_kl, "free bits kappa").get_ydata()) == pytest.approx([2.0])
+
+
+def test_kl_vs_kappa_places_each_trial() -> None:
+    runs = _frame([{"verdict": "collapsed", "free_bits_bits": 0.25, "eval/kl_bits": 0.01},
+                   {"verdict": "leaking", "free_bits_bits": 4.0, "eval/kl_bits": 6.0,
+                    "eval/ce_gap_nats": 0.9},
+                   {"verdict": "baseline", "free_bits_bits": math.nan}])
+    ax_kl, ax_gap = kl_vs_kappa_figure(runs).axes[:2]
+    points = {tuple(p) for c in ax_kl.collections for p in c.get_offsets().tolist()}
+    assert points == {(0.25, 0.01), (4.0, 6.0)}  # the baseline has no kappa
+    gaps = {tuple(p) for c in ax_gap.collections for p in c.get_offsets().tolist()}
+    assert (4.0, 0.9) in gaps
+    assert list(_line(ax_kl, "KL = kappa").get_ydata()) == [0.25, 4.0]
+
+
+def test_sweep_summary_on_the_parent(sqlite_uri: str, tmp_path: Path) -> None:
+    parent = _tracker(sqlite_uri, run_name="sweep")
+    children = {}
+    for verdict, kappa in (("collapsed", 0.25), ("leaking", 4.0), ("baseline", None)):
+        child = _tracker(sqlite_uri, parent_run_id=parent.run_id)
+        for row in _history(kappa or 0.0):
+            child.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        child.finish()
+        children[verdict] = child.run_id
+    runs = _frame([{"run_id": run_id, "verdict": verdict, "run_name": f"s/{verdict}"}
+                   for verdict, run_id in children.items()])
+    runs.loc[runs["verdict"] == "baseline", "eval/ce_prior_nats"] = 1.25
+    client = MlflowClient(sqlite_uri)
+    fig = sweep_curves_figure(client, runs)
+    ce_axes = [ax for ax in fig.axes if ax.get_ylabel() == "nats per token"]
+    assert len(ce_axes) == 2  # one row per latent trial, the baseline is a line in each
+    for ax in ce_axes:
+        assert list(_line(ax, "baseline CE").get_ydata()) == [1.25, 1.25]
+        assert list(_line(ax, "CE, Z from prior").get_ydata()) == pytest.approx(
+            [1.9, 1.8, 1.7, 1.6])
+
+    paths = log_sweep_summary(parent, client, runs, tmp_path / "report")
+    parent.finish()
+    assert {p.name for p in paths.values()} == {"kl_vs_kappa.png", "trial_curves.png"}
+    assert all(p.read_bytes()[:8] == PNG for p in paths.values())
+    run = client.get_run(parent.run_id)
+    assert run.data.metrics["sweep/trials"] == 3
+    assert run.data.metrics["sweep/trials_collapsed"] == 1
+    assert run.data.metrics["sweep/trials_used"] == 0
+    assert run.data.metrics["sweep/trials_baseline"] == 1
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.run_id, "report")}
+    assert logged == {"kl_vs_kappa.png", "trial_curves.png"}
