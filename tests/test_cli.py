@@ -60,3 +60,63 @@ def test_bad_yaml_via_python_m(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# Every flag's range is checked by argparse: exit status 2, "argument --flag: ..." and
+# no traceback, before any checkpoint or data is loaded.
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
+    (["train", "--batch-size", "two"], "argument --batch-size: 'two' is not an integer"),
+    (["train", "--learning-rate=-1e-3"], "argument --learning-rate: -0.001 must be > 0"),
+    (["train", "--learning-rate", "nan"], "argument --learning-rate: 'nan' must be finite"),
+    (["train", "--num-epochs", "0"], "argument --num-epochs: 0 must be >= 1"),
+    (["train", "--max-steps", "-5"], "argument --max-steps: -5 must be >= 1"),
+    (["train", "--num-workers", "-1"], "argument --num-workers: -1 must be >= 0"),
+    (["train", "--resume", ""], "argument --resume: must not be empty"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--num-samples", "0"],
+     "argument --num-samples: 0 must be >= 1"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--max-new-tokens", "-3"],
+     "argument --max-new-tokens: -3 must be >= 1"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--top-p", "2"],
+     "argument --top-p: 2.0 must be in (0, 1]"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--top-p", "0"],
+     "argument --top-p: 0.0 must be in (0, 1]"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--top-k", "0"],
+     "argument --top-k: 0 must be >= 1"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--temperature", "-1"],
+     "argument --temperature: -1.0 must be >= 0"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--z", "-1"],
+     "argument --z: -1 must be >= 0"),
+    (["generate", "--checkpoint", "c", "--prompt", "K>", "--seed", "x"],
+     "argument --seed: 'x' is not an integer"),
+    (["generate", "--checkpoint", "", "--prompt", "K>"], "argument --checkpoint: must not be"),
+    (["eval", "--checkpoint", ""], "argument --checkpoint: must not be empty"),
+    (["report", "--experiment", " "], "argument --experiment: must not be empty"),
+])
+def test_flag_ranges_are_argparse_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--z", "16"], "argument --z: 16 is outside [0, 16): the model's latent has 4 bits"),
+    (["--max-new-tokens", "65"], "argument --max-new-tokens: 65 + the prompt's 2 tokens "
+                                 "exceed the model's context of 66; use at most 64"),
+    (["--prompt", "K>" * 33], "argument --prompt: 66 tokens leave no room"),
+])
+def test_checkpoint_dependent_ranges(trained, extra, needle, capsys):
+    argv = ["generate", "--checkpoint", str(trained), "--prompt", "K>", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_edge_values_are_accepted(trained, capsys):
+    """The bounds themselves are valid: the last code, top-p 1, greedy, a full context."""
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "K>", "--z", "15",
+                 "--top-p", "1", "--temperature", "0", "--num-samples", "1",
+                 "--max-new-tokens", "64"]) == 0
+    assert len(capsys.readouterr().out.strip()) == 66
