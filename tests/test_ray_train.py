@@ -154,3 +154,73 @@ def test_with_several_workers_rank_zeros_clock_decides_every_report(monkeypatch)
         clock[0] = 10.0 * step  # this rank's clock: always due
         ctx.report({"step": step}, essential=False)
     assert sent == [1, 3] and not rank_zero_says
+
+
+def _listening(pids):
+    """(pid, name, ip, port) of every TCP socket listening, and UDP socket bound, in ``pids``."""
+    import socket
+
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            conns, name = proc.net_connections(kind="inet"), proc.name()
+        except psutil.Error:  # exited meanwhile
+            continue
+        for conn in conns:
+            if conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM
+                                                     and not conn.raddr):
+                found.append((pid, name, conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_local_ray_listens_on_loopback_only():
+    """Every server of this process's local Ray (GCS, raylet, dashboard and its agents,
+    runtime-env agent, driver, an actor and a task worker) listens on loopback only.
+    Only this run's processes are looked at: other Ray instances may run on the machine."""
+    import psutil
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def ping(self):
+            return True
+
+    @ray.remote(num_cpus=0)
+    def task():
+        return True
+
+    holder = Holder.remote()
+    assert ray.get([holder.ping.remote(), task.remote()]) == [True, True]
+    me = psutil.Process()
+    pids = [me.pid] + [p.pid for p in me.children(recursive=True)]
+    names = {name for _, name, _, _ in _listening(pids)}
+    sockets = _listening(pids)
+    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names)
+    exposed = [s for s in sockets if not _is_loopback(s[2])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    ray.kill(holder)
+
+
+def test_loopback_check_sees_a_wildcard_socket():
+    """The check above can fail: a socket on 0.0.0.0 in this process is reported."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        exposed = [s for s in _listening([os.getpid()]) if not _is_loopback(s[2])]
+        assert any(s[3] == sock.getsockname()[1] for s in exposed)
+    assert _is_loopback("::ffff:127.0.0.1") and _is_loopback("::1")
+    assert not _is_loopback("::") and not _is_loopback("192.0.2.2")

@@ -12,6 +12,7 @@ creates the run, hands its id to the workers (rank 0 logs metrics into it), and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -144,8 +145,41 @@ def init_ray(num_cpus: float | None = None) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
-             include_dashboard=True, dashboard_port=port, log_to_driver=True)
+    with loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True)
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Start a local Ray whose every server listens on 127.0.0.1 only.
+
+    Ray binds its servers to the node IP: the GCS, the raylet's node and object
+    managers and every worker's (and the driver's) gRPC server listen on 127.0.0.1 when
+    the node IP is 127.0.0.1 and on all interfaces otherwise; the dashboard agent, the
+    runtime-env agent and the metrics exporters listen on the node IP.  On Linux Ray
+    turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address (so that
+    other nodes could join); its single-machine mode (the macOS/Windows default,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps 127.0.0.1.  That switch is read once,
+    at import, into ``ray_constants.ENABLE_RAY_CLUSTER``: it is set here for the driver
+    and, through the environment, for the processes ``ray.init`` starts, then restored,
+    so a later ``RAY_ADDRESS`` run in this process joins its cluster as documented.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
