@@ -224,3 +224,32 @@ def test_loopback_check_sees_a_wildcard_socket():
         assert any(s[3] == sock.getsockname()[1] for s in exposed)
     assert _is_loopback("::ffff:127.0.0.1") and _is_loopback("::1")
     assert not _is_loopback("::") and not _is_loopback("192.0.2.2")
+
+
+def _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers):
+    from freetf.cli import main
+
+    assert main(["train", "--config", "configs/tiny.yaml", "--max-steps", "4",
+                 "--num-workers", str(num_workers),
+                 "--set", f"scaling.storage_path={tmp_path}/ray_results",
+                 "--set", f"scaling.run_name=printed{num_workers}",
+                 "--set", "scaling.cpus_per_worker=0.5", "--set", "data.num_samples=256",
+                 "--set", "tracking.mlflow.enabled=false"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("checkpoint: ")]
+    assert len(lines) == 1
+    printed = lines[0].removeprefix("checkpoint: ")
+    # persisted under storage_path/run_name, not a staging folder Ray deleted
+    assert printed == f"{tmp_path}/ray_results/printed{num_workers}/step_000004"
+    assert main(["generate", "--checkpoint", printed, "--prompt", "K>", "--num-samples",
+                 "1", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip().startswith("K>")
+
+
+def test_local_mode_prints_a_checkpoint_that_generate_reads(tmp_path, capsys):
+    """num_workers=0 (Ray Train's local mode, the loop in the driver)."""
+    _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers=0)
+
+
+@pytest.mark.heavy
+def test_one_worker_prints_a_checkpoint_that_generate_reads(tmp_path, capsys):
+    _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers=1)

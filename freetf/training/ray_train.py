@@ -44,11 +44,15 @@ OBJECT_STORE_BYTES = 256 * 1024 ** 2
 class RayTrainContext(TrainContext):
     """The loop's view of a Ray Train worker."""
 
-    def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0) -> None:
+    def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0,
+                 persist_root: Path | None = None) -> None:
+        """``persist_root``: write checkpoints there and keep them (Ray Train's local
+        mode, which runs the loop in the driver and persists nothing it is handed)."""
         ctx = ray.train.get_context()
         super().__init__(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                          device=ray.train.torch.get_device(), resume_from=resume_from)
         self._tmp = Path(tempfile.mkdtemp(prefix="freetf-ckpt-"))
+        self._persist_root = persist_root
         self.report_interval_s = report_interval_s
         self._last_report = -math.inf
 
@@ -75,6 +79,8 @@ class RayTrainContext(TrainContext):
         return Path(local)
 
     def checkpoint_root(self, cfg: Config) -> Path:
+        if self._persist_root is not None:
+            return self._persist_root
         return self._tmp / "out"  # Ray persists what is reported into storage_path
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
@@ -97,15 +103,18 @@ class RayTrainContext(TrainContext):
                       if checkpoint_dir is not None else None)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if checkpoint_dir is not None and self._persist_root is None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has its own copy
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
     setup_logging()
     cfg = from_dict(loop_config["config"])
-    ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s)
+    # Local mode (num_workers=0) persists no reported checkpoint: write them in place.
+    local_mode = cfg.scaling.num_workers == 0
+    ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
+                          persist_root=run_directory(cfg) if local_mode else None)
     tracker = None
     if ctx.is_main and loop_config.get("run_id"):
         from freetf.tracking import make_tracker
@@ -201,7 +210,7 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         checkpoint_score_attribute=cfg.checkpoint.metric,
         checkpoint_score_order=cfg.checkpoint.mode)
     run_config = ray.train.RunConfig(
-        name=sc.run_name or cfg.tracking.mlflow.run_name or "freetf",
+        name=run_name(cfg),
         storage_path=storage_path or _absolute_storage(sc.storage_path),
         checkpoint_config=checkpoint_config,
         failure_config=ray.train.FailureConfig(
@@ -270,6 +279,16 @@ def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
     if points:
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(plot(points, Path(tmp) / "training_curves.png"))
+
+
+def run_name(cfg: Config) -> str:
+    """The Ray Train run's name: its folder under ``scaling.storage_path``."""
+    return cfg.scaling.run_name or cfg.tracking.mlflow.run_name or "freetf"
+
+
+def run_directory(cfg: Config) -> Path:
+    """``storage_path/<run name>``: where a (local) Ray Train run keeps its checkpoints."""
+    return Path(_absolute_storage(cfg.scaling.storage_path)) / run_name(cfg)
 
 
 def absolute_paths(cfg: Config) -> Config:
