@@ -34,6 +34,7 @@ from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
 from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
 from freetf.training.loop import TrainContext, train_loop
+from freetf.training.preflight import check_before_training
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
             raise CheckpointError(f"--resume: {err}") from None
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
+    check_before_training(cfg)  # every output location and the vocabulary, before any step
     tracker = make_tracker(cfg, rank=0) if cfg.tracking.mlflow.enabled else None
     run_id = tracker.run_id if tracker is not None else None
     error: BaseException | None = None
