@@ -43,9 +43,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_ray:
         overrides.append("scaling.use_ray=false")
     cfg = load_config(args.config, overrides)
+    from freetf.training.loop import NonFiniteLossError
     from freetf.training.ray_train import run_training
 
     summary = run_training(cfg, resume=args.resume)
+    if isinstance(summary.error, NonFiniteLossError):
+        print(f"freetf train: {summary.error.explain(cfg, summary.checkpoint)}",
+              file=sys.stderr)
+        return 1
     if summary.error is not None:
         raise summary.error
     _print_summary(cfg, summary)

@@ -120,3 +120,84 @@ def test_edge_values_are_accepted(trained, capsys):
                  "--top-p", "1", "--temperature", "0", "--num-samples", "1",
                  "--max-new-tokens", "64"]) == 0
     assert len(capsys.readouterr().out.strip()) == 66
+
+
+def _printed_checkpoint(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("checkpoint: ")]
+    assert len(lines) == 1, out
+    return lines[0].removeprefix("checkpoint: ")
+
+
+def test_generate_from_the_printed_checkpoint_in_process(tmp_path, capsys):
+    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "2",
+                 "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "--set", "tracking.mlflow.enabled=false"]) == 0
+    printed = _printed_checkpoint(capsys.readouterr().out)
+    assert main(["generate", "--checkpoint", printed, "--prompt", "K>", "--num-samples",
+                 "1"]) == 0
+    assert capsys.readouterr().out.startswith("K>")
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("config", ["none", "empty"])
+def test_defaults_form_a_working_run(config, tmp_path, monkeypatch, capsys):
+    """No config (or an empty YAML): trains, evaluates, samples and saves a checkpoint
+    that generate reads (model.vocab_size follows the data's 29 symbols)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--no-ray", "--max-steps", "2"]
+    if config == "empty":
+        (tmp_path / "empty.yaml").write_text("")
+        argv += ["--config", "empty.yaml"]
+    assert main(argv) == 0
+    printed = _printed_checkpoint(capsys.readouterr().out)
+    assert printed == str(tmp_path / "checkpoints" / "step_000002")
+    assert main(["generate", "--checkpoint", printed, "--prompt", "K>", "--num-samples",
+                 "1", "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.strip()) == 6
+
+
+def _nan_from_call(monkeypatch, first_bad: int) -> None:
+    """The loss turns NaN from the ``first_bad``-th loss computation on, for good."""
+    import freetf.training.loop as loop
+    from freetf.model.losses import compute_loss as real
+
+    calls = {"n": 0}
+
+    def diverging(*args, **kwargs):
+        calls["n"] += 1
+        total, parts = real(*args, **kwargs)
+        return (total * float("nan") if calls["n"] >= first_bad else total), parts
+
+    monkeypatch.setattr(loop, "compute_loss", diverging)
+
+
+def test_nonfinite_stop_says_what_happened_and_where_the_checkpoint_is(tmp_path, monkeypatch,
+                                                                        capsys):
+    _nan_from_call(monkeypatch, first_bad=6)
+    code = main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "20",
+                 "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "--set", "checkpoint.every_steps=4",
+                 "--set", "training.max_consecutive_nonfinite=3",
+                 "--set", "tracking.mlflow.enabled=false"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "training stopped at step 8: 3 steps in a row had a non-finite loss" in err
+    checkpoint = tmp_path / "ckpt" / "step_000004"
+    assert f"The last checkpoint is {checkpoint}" in err and checkpoint.is_dir()
+    assert "lower training.learning_rate (now 0.003)" in err
+    assert "grad_clip" not in err  # already on in tiny.yaml: not advice
+
+
+def test_nonfinite_stop_without_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    _nan_from_call(monkeypatch, first_bad=1)
+    code = main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "20",
+                 "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "--set", "training.max_consecutive_nonfinite=3",
+                 "--set", "training.grad_clip=0", "--set", "tracking.mlflow.enabled=false"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "No checkpoint was saved before the stop" in err and "Traceback" not in err
+    assert "training.grad_clip=1.0 (now off)" in err
+    assert not (tmp_path / "ckpt").exists()

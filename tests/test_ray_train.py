@@ -253,3 +253,56 @@ def test_local_mode_prints_a_checkpoint_that_generate_reads(tmp_path, capsys):
 @pytest.mark.heavy
 def test_one_worker_prints_a_checkpoint_that_generate_reads(tmp_path, capsys):
     _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers=1)
+
+
+def _diverging_train(tmp_path, num_workers, *extra):
+    from freetf.cli import main
+
+    return main(["train", "--config", "configs/tiny.yaml", "--max-steps", "20",
+                 "--num-workers", str(num_workers),
+                 "--set", f"scaling.storage_path={tmp_path}/ray_results",
+                 "--set", f"scaling.run_name=nf{num_workers}",
+                 "--set", "checkpoint.every_steps=2", "--set", "scaling.max_failures=1",
+                 "--set", "scaling.cpus_per_worker=0.5", "--set", "data.num_samples=256",
+                 "--set", "tracking.mlflow.enabled=false", *extra])
+
+
+def _stop_message_checkpoint(err: str) -> str:
+    assert "Traceback" not in err, err
+    assert "The last checkpoint is " in err, err
+    assert "steps in a row had a non-finite loss or gradient" in err
+    assert "grad_clip" not in err  # on in tiny.yaml
+    line = next(x for x in err.splitlines() if x.startswith("The last checkpoint is "))
+    return line.removeprefix("The last checkpoint is ").split(";")[0]
+
+
+def test_nonfinite_stop_in_local_mode_points_at_the_persisted_checkpoint(tmp_path, monkeypatch,
+                                                                          capsys):
+    import freetf.training.loop as loop
+    from freetf.model.losses import compute_loss as real
+
+    calls = {"n": 0}
+
+    def diverging(*args, **kwargs):
+        calls["n"] += 1
+        total, parts = real(*args, **kwargs)
+        return (total * float("nan") if calls["n"] >= 5 else total), parts
+
+    monkeypatch.setattr(loop, "compute_loss", diverging)
+    assert _diverging_train(tmp_path, 0) == 1
+    checkpoint = _stop_message_checkpoint(capsys.readouterr().err)
+    # the weights at the stop (the last finite update), saved so that Ray hears of the stop
+    assert checkpoint == f"{tmp_path}/ray_results/nf0/step_000009"
+    state, _ = load_checkpoint(checkpoint)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.heavy
+def test_nonfinite_stop_with_a_worker_points_at_the_persisted_checkpoint(tmp_path, capsys):
+    """A real divergence (learning rate 1e30) in a worker process: no retry, no traceback."""
+    assert _diverging_train(tmp_path, 1, "--learning-rate", "1e30",
+                            "--set", "data.num_samples=512") == 1
+    checkpoint = _stop_message_checkpoint(capsys.readouterr().err)
+    assert checkpoint.startswith(f"{tmp_path}/ray_results/nf1/step_")
+    state, _ = load_checkpoint(checkpoint)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

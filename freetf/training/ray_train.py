@@ -33,7 +33,12 @@ import torch.distributed
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
 from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
-from freetf.training.loop import TrainContext, train_loop
+from freetf.training.loop import (
+    NONFINITE_STOP_KEY,
+    NonFiniteLossError,
+    TrainContext,
+    train_loop,
+)
 from freetf.training.preflight import check_before_training
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,9 @@ class RayTrainContext(TrainContext):
                          device=ray.train.torch.get_device(), resume_from=resume_from)
         self._tmp = Path(tempfile.mkdtemp(prefix="freetf-ckpt-"))
         self._persist_root = persist_root
+        # Ray Train's Result holds the latest checkpointed report only: a non-finite stop
+        # reaches the driver as a checkpoint of the last finite weights (loop.py).
+        self.checkpoint_at_nonfinite_stop = True
         self.report_interval_s = report_interval_s
         self._last_report = -math.inf
 
@@ -121,7 +129,13 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         from freetf.tracking import make_tracker
 
         tracker = make_tracker(cfg, rank=0, run_id=loop_config["run_id"])
-    train_loop(cfg, ctx, tracker=tracker)
+    try:
+        train_loop(cfg, ctx, tracker=tracker)
+    except NonFiniteLossError:
+        # Reported with its checkpoint by the loop; every rank stops at the same step (the
+        # gradient norm is all-reduced).  Returning, not raising, keeps Ray from printing
+        # tracebacks and from retrying a run that would diverge again.
+        return
 
 
 @dataclass
@@ -250,6 +264,9 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
             result = build_trainer(cfg, run_id, resume).fit()
             error = result.error
             metrics = dict(result.metrics or {})
+            if NONFINITE_STOP_KEY in metrics:
+                error = NonFiniteLossError(int(metrics[NONFINITE_STOP_KEY]),
+                                           int(metrics["step"]))
             # Ray's results are thinned (report_interval_s); MLflow has every log step.
             if tracker is not None and tracker.client is not None:
                 history = metric_history(tracker.client, run_id, CURVE_METRICS)
@@ -259,6 +276,8 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
         else:
             res = train_loop(cfg, TrainContext(resume_from=resume), tracker=tracker)
             metrics, checkpoint, history = res.metrics, res.checkpoint, res.history
+    except NonFiniteLossError as err:
+        error, checkpoint = err, err.checkpoint  # the in-process loop's last checkpoint
     except BaseException as err:  # noqa: BLE001 - closed below, re-raised by the caller
         error = err
     finally:
