@@ -261,6 +261,9 @@ class CheckpointConfig:
     def validate(self, path: str) -> None:
         _non_negative(self, path, "every_steps")
         _positive(self, path, "keep")
+        if self.metric != "step" and not self.metric.startswith(("train/", "eval/")):
+            _fail(f"{path}.metric", self.metric, "must be a logged metric: 'step', "
+                  "'train/...' or 'eval/...' (e.g. eval/ce_prior_nats)")
 
 
 @dataclass(frozen=True)

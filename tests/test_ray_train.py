@@ -71,15 +71,20 @@ def test_two_workers_equal_one_worker_with_double_batch(tmp_path):
 
 def test_worker_failure_resumes_from_last_checkpoint(tmp_path):
     cfg = cfg_for(tmp_path, "training.max_steps=8", "checkpoint.every_steps=2",
-                  "training.fail_at_step=5", "scaling.max_failures=1", "scaling.run_name=ft")
+                  "checkpoint.keep=2", "training.fail_at_step=5", "scaling.max_failures=1",
+                  "scaling.run_name=ft")
     summary = run_training(cfg)
     assert summary.error is None, summary.error
     assert summary.metrics["step"] == 8
     client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
-    steps = [m.step for m in client.get_metric_history(summary.run_id, "train/loss")]
-    # steps 1-5 ran, step 6 failed; the restart resumed at the step-4 checkpoint
-    assert sorted(set(steps)) == list(range(1, 9))
-    assert steps.count(5) == 2 and steps.count(3) == 1
+    # steps 1-5 ran, step 6 failed; the restart resumed at the step-4 checkpoint and
+    # replayed step 5, which is logged once
+    for key in ("train/loss", "step", "eval/ce_prior_nats"):
+        steps = sorted(m.step for m in client.get_metric_history(summary.run_id, key))
+        assert steps == (list(range(1, 9)) if key != "eval/ce_prior_nats" else [2, 4, 6, 8])
+    # checkpoint.keep=2 keeps two (each checkpoint's report carries checkpoint.metric)
+    kept = sorted(p.name for p in (tmp_path / "ray_results" / "ft").glob("step_*"))
+    assert kept == ["step_000006", "step_000008"]
 
 
 def test_failure_without_retries_marks_the_run_failed(tmp_path):

@@ -341,7 +341,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         done = step + 1
         last = done == steps
         want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
-        want_eval = last or (tcfg.eval_every and done % tcfg.eval_every == 0)
+        # A checkpoint kept by an eval metric (checkpoint.metric) needs that metric beside it.
+        want_eval = (last or (tcfg.eval_every and done % tcfg.eval_every == 0)
+                     or (want_ckpt and cfg.checkpoint.metric.startswith("eval/")))
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             nonfinite_total = check_nonfinite(done)  # before any save
         if done % tcfg.log_every == 0 or last:

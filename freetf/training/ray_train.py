@@ -129,6 +129,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         from freetf.tracking import make_tracker
 
         tracker = make_tracker(cfg, rank=0, run_id=loop_config["run_id"])
+        if ray.train.get_checkpoint() is not None:  # a restart after a worker failure
+            tracker = SkipLoggedSteps(tracker, last_logged_step(tracker))
     try:
         train_loop(cfg, ctx, tracker=tracker)
     except NonFiniteLossError:
@@ -136,6 +138,35 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         # gradient norm is all-reduced).  Returning, not raising, keeps Ray from printing
         # tracebacks and from retrying a run that would diverge again.
         return
+
+
+class SkipLoggedSteps:
+    """A tracker that drops metric points at steps the run has already logged.
+
+    A restarted worker resumes from the last checkpoint and recomputes the steps after
+    it, which the failed worker had logged: MLflow cannot overwrite a point, so the
+    replayed steps are not logged again (resume reproduces them; tests/test_train.py).
+    """
+
+    def __init__(self, tracker: Any, through_step: int) -> None:
+        self.tracker, self.through_step = tracker, through_step
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.through_step:
+            self.tracker.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)
+
+
+def last_logged_step(tracker: Any) -> int:
+    """The highest step the tracker's MLflow run holds a metric for (0 if none)."""
+    from freetf.tracking import metric_history
+
+    if tracker.client is None:
+        return 0
+    history = metric_history(tracker.client, tracker.run_id, ("step",))
+    return max((int(row["step"]) for row in history), default=0)
 
 
 @dataclass
