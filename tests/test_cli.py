@@ -201,3 +201,23 @@ def test_nonfinite_stop_without_checkpoint_says_so(tmp_path, monkeypatch, capsys
     assert "No checkpoint was saved before the stop" in err and "Traceback" not in err
     assert "training.grad_clip=1.0 (now off)" in err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_ctrl_c_during_training_ends_quietly_and_marks_the_run_killed(tmp_path, monkeypatch,
+                                                                       capsys):
+    from freetf.tracking import mlflow_client
+    from freetf.training import ray_train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_train, "train_loop", interrupted)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray",
+                 "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "--set", f"tracking.mlflow.tracking_uri={uri}"]) == 130
+    err = capsys.readouterr().err
+    assert "freetf train: interrupted" in err and "Traceback" not in err
+    client = mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
+    assert run.info.status == "KILLED"

@@ -314,7 +314,8 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     finally:
         if tracker is not None:
             log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
-            tracker.finish("FAILED" if error is not None else "FINISHED")
+            tracker.finish("FINISHED" if error is None else
+                           "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
     return RunSummary(metrics, checkpoint, run_id, error, time.perf_counter() - start)
 
 
