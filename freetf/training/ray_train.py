@@ -51,9 +51,10 @@ class RayTrainContext(TrainContext):
     """The loop's view of a Ray Train worker."""
 
     def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0,
-                 persist_root: Path | None = None) -> None:
+                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False) -> None:
         """``persist_root``: write checkpoints there and keep them (Ray Train's local
-        mode, which runs the loop in the driver and persists nothing it is handed)."""
+        mode, which runs the loop in the driver and persists nothing it is handed).
+        ``quiet_nonfinite_stop``: report a non-finite stop with a checkpoint (below)."""
         ctx = ray.train.get_context()
         super().__init__(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                          device=ray.train.torch.get_device(), resume_from=resume_from)
@@ -61,7 +62,7 @@ class RayTrainContext(TrainContext):
         self._persist_root = persist_root
         # Ray Train's Result holds the latest checkpointed report only: a non-finite stop
         # reaches the driver as a checkpoint of the last finite weights (loop.py).
-        self.checkpoint_at_nonfinite_stop = True
+        self.checkpoint_at_nonfinite_stop = quiet_nonfinite_stop
         self.report_interval_s = report_interval_s
         self._last_report = -math.inf
 
@@ -122,8 +123,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     # Local mode (num_workers=0) persists no reported checkpoint: write them in place.
     local_mode = cfg.scaling.num_workers == 0
+    quiet_stop = bool(loop_config.get("quiet_nonfinite_stop"))
     ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
-                          persist_root=run_directory(cfg) if local_mode else None)
+                          persist_root=run_directory(cfg) if local_mode else None,
+                          quiet_nonfinite_stop=quiet_stop)
     tracker = None
     if ctx.is_main and loop_config.get("run_id"):
         from freetf.tracking import make_tracker
@@ -136,8 +139,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     except NonFiniteLossError:
         # Reported with its checkpoint by the loop; every rank stops at the same step (the
         # gradient norm is all-reduced).  Returning, not raising, keeps Ray from printing
-        # tracebacks and from retrying a run that would diverge again.
-        return
+        # tracebacks and from retrying a run that would diverge again.  (Sweep trials
+        # still raise: Tune records them as failed.)
+        if not quiet_stop:
+            raise
 
 
 class SkipLoggedSteps:
@@ -239,11 +244,13 @@ def loopback_only():
 
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
                   callbacks: list | None = None, storage_path: str | None = None,
-                  controller_failure_limit: int = -1):
+                  controller_failure_limit: int = -1, quiet_nonfinite_stop: bool = False):
     """A ``TorchTrainer`` for ``cfg`` (scaling, checkpoints and failures from config).
 
     ``controller_failure_limit``: worker-group start-ups that may fail (e.g. time out for
     lack of CPUs) before the run fails; -1 (Ray's default) retries forever.
+    ``quiet_nonfinite_stop``: a non-finite stop ends the run normally, its last report
+    carrying ``stopped/nonfinite_steps`` and a checkpoint (what ``run_training`` reads).
     """
     sc = cfg.scaling
     use_gpu = sc.use_gpu
@@ -264,7 +271,8 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         callbacks=callbacks)
     return ray.train.torch.TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume},
+        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume,
+                           "quiet_nonfinite_stop": quiet_nonfinite_stop},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=ray.train.torch.TorchConfig(backend=backend),
@@ -292,7 +300,7 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     try:
         if cfg.scaling.use_ray:
             init_ray()
-            result = build_trainer(cfg, run_id, resume).fit()
+            result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
             error = result.error
             metrics = dict(result.metrics or {})
             if NONFINITE_STOP_KEY in metrics:
