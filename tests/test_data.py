@@ -182,7 +182,7 @@ def test_vocab_size_defaults_to_the_datas_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("vocab,needle", [
-    (256, "model.vocab_size=256 does not match the 29 synthetic task's symbols"),
+    (256, "model.vocab_size=256 does not match the synthetic task's 29 symbols"),
     (28, "model.vocab_size=28 does not match"),
 ])
 def test_synthetic_vocab_mismatch_fails_before_training(vocab, needle):

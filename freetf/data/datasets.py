@@ -295,10 +295,10 @@ def check_vocabulary(cfg: Config) -> None:
         return
     size = build_tokenizer(cfg).vocab_size
     if vocab != size:
-        what = "synthetic task's symbols" if name == "synthetic" else "byte values"
+        what = f"synthetic task's {size} symbols" if name == "synthetic" else f"{size} byte values"
         harm = ("would sample ids that nothing decodes" if vocab > size
                 else "cannot represent every id of the data")
-        raise ConfigError(f"model.vocab_size={vocab} does not match the {size} {what} of "
+        raise ConfigError(f"model.vocab_size={vocab} does not match the {what} of "
                           f"data.dataset_name={name!r}: the model {harm}. Set "
                           f"model.vocab_size={size}, or leave it out (it defaults to the "
                           f"data's vocabulary)")
