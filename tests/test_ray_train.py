@@ -217,6 +217,40 @@ def test_local_ray_listens_on_loopback_only():
     ray.kill(holder)
 
 
+@pytest.mark.heavy
+def test_during_a_fit_only_torchs_rendezvous_store_listens_beyond_loopback(tmp_path):
+    """While a 1-worker run trains, every listener of this run's processes is on loopback
+    except rank 0's torch.distributed TCPStore, which torch binds to all interfaces
+    (docs/reliability.md); it is one port, in the Ray Train worker."""
+    import threading
+
+    import psutil
+
+    seen: set = set()
+    stop = threading.Event()
+
+    def watch():
+        me = psutil.Process()
+        while not stop.is_set():
+            pids = [me.pid] + [p.pid for p in me.children(recursive=True)]
+            seen.update(_listening(pids))
+            stop.wait(0.3)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        summary = run_training(cfg_for(tmp_path, "training.max_steps=30",
+                                       "tracking.mlflow.enabled=false", "scaling.run_name=lb"))
+    finally:
+        stop.set()
+        watcher.join()
+    assert summary.error is None, summary.error
+    assert any("RayTrainWorker" in name for _, name, _, _ in seen)  # the watch saw the fit
+    exposed = {(name, port) for _, name, ip, port in seen if not _is_loopback(ip)}
+    assert all("RayTrainWorker" in name for name, _ in exposed), exposed
+    assert len({port for _, port in exposed}) <= 1, exposed
+
+
 def test_loopback_check_sees_a_wildcard_socket():
     """The check above can fail: a socket on 0.0.0.0 in this process is reported."""
     import os
