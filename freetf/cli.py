@@ -13,6 +13,15 @@ import logging
 import sys
 from pathlib import Path
 
+from freetf.cli_types import (
+    non_empty,
+    non_negative_float,
+    non_negative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    probability,
+)
 from freetf.config import ConfigError, load_config
 from freetf.logs import setup_logging
 
@@ -35,9 +44,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_ray:
         overrides.append("scaling.use_ray=false")
     cfg = load_config(args.config, overrides)
+    from freetf.training.loop import NonFiniteLossError
     from freetf.training.ray_train import run_training
 
     summary = run_training(cfg, resume=args.resume)
+    if isinstance(summary.error, NonFiniteLossError):
+        print(f"freetf train: {summary.error.explain(cfg, summary.checkpoint)}",
+              file=sys.stderr)
+        return 1
     if summary.error is not None:
         raise summary.error
     _print_summary(cfg, summary)
@@ -83,8 +97,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--prompt: {err}") from None
     if not ids:
         raise UserError("--prompt is empty")
+    _check_latent_code(args.z, cfg.model)
+    max_new = _new_token_budget(args.max_new_tokens, len(ids), cfg)
     torch.manual_seed(args.seed)
-    max_new = args.max_new_tokens or cfg.data.max_seq_len - len(ids)
     prompt = torch.tensor([ids] * args.num_samples)
     try:
         out = model.generate(prompt, max_new, temperature=args.temperature, top_k=args.top_k,
@@ -94,6 +109,34 @@ def _generate(args: argparse.Namespace) -> int:
     for row in out.tolist():
         print(tokenizer.decode(row))
     return 0
+
+
+def _check_latent_code(z: int | None, model_cfg) -> None:
+    """``--z`` must name one of the model's 2^H codes."""
+    if z is None:
+        return
+    if not model_cfg.has_latent:
+        raise UserError("argument --z: this checkpoint is a baseline model (latent_dim=0); "
+                        "it has no latent code to fix")
+    codes = 2 ** model_cfg.latent_bits
+    if not 0 <= z < codes:
+        raise UserError(f"argument --z: {z} is outside [0, {codes}): the model's latent has "
+                        f"{model_cfg.latent_bits} bits")
+
+
+def _new_token_budget(requested: int | None, prompt_len: int, cfg) -> int:
+    """``--max-new-tokens`` (default: up to data.max_seq_len), within the model's context."""
+    room = cfg.model.max_seq_len - prompt_len
+    if room < 1:
+        raise UserError(f"argument --prompt: {prompt_len} tokens leave no room in the "
+                        f"model's context of {cfg.model.max_seq_len} (model.max_seq_len)")
+    if requested is None:
+        return max(1, min(room, cfg.data.max_seq_len - prompt_len))
+    if requested > room:
+        raise UserError(f"argument --max-new-tokens: {requested} + the prompt's {prompt_len} "
+                        f"tokens exceed the model's context of {cfg.model.max_seq_len}; use "
+                        f"at most {room}")
+    return requested
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -143,12 +186,6 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def _report(args: argparse.Namespace) -> int:
     from freetf.sweeps.report import report_command
@@ -163,41 +200,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (through Ray Train by default)")
     p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
-    p.add_argument("--batch-size", type=int, help="per-worker batch size")
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--num-epochs", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--num-workers", type=int, help="Ray Train data-parallel workers")
+    p.add_argument("--batch-size", type=positive_int, help="per-worker batch size")
+    p.add_argument("--learning-rate", type=positive_float)
+    p.add_argument("--num-epochs", type=positive_int)
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--num-workers", type=non_negative_int,
+                   help="Ray Train data-parallel workers (0: local mode, in the driver)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 AMP")
     p.add_argument("--no-ray", action="store_true", help="run the loop in-process")
-    p.add_argument("--resume", help="checkpoint (or checkpoint root) of a stopped run")
+    p.add_argument("--resume", type=non_empty,
+                   help="checkpoint (or checkpoint root) of a stopped run")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted config override, e.g. training.kl_weight=0.2 (repeatable)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, type=non_empty)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--z", type=int, help="one latent code shared by every sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="default: fill the context up to data.max_seq_len")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--top-p", type=probability, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--num-samples", type=positive_int, default=4)
+    p.add_argument("--z", type=non_negative_int,
+                   help="one latent code in [0, 2^H) shared by every sample")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="latent diagnostics and perplexity of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, type=non_empty)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--samples", action="store_true", help="also print generations")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="collapse map of a sweep, from MLflow alone")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--sweep", help="one sweep of the experiment (default: all its trials)")
-    p.add_argument("--tracking-uri")
+    p.add_argument("--experiment", required=True, type=non_empty)
+    p.add_argument("--sweep", type=non_empty,
+                   help="one sweep of the experiment (default: all its trials)")
+    p.add_argument("--tracking-uri", type=non_empty)
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
 
@@ -209,14 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="byte",
                    help="'byte' (default), 'bpe' (byte-level BPE trained on the corpus), or "
                    "the path of a tokenizer.json")
-    p.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary")
-    p.add_argument("--val-fraction", type=float, default=0.05,
+    p.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE vocabulary")
+    p.add_argument("--val-fraction", type=open_fraction, default=0.05,
                    help="share of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the document split")
     p.add_argument("--text-field", default="text", help="JSONL / Parquet / HF text column")
-    p.add_argument("--shard-docs", type=_positive_int, default=256,
+    p.add_argument("--shard-docs", type=positive_int, default=256,
                    help="documents per shard (the unit of resumption)")
-    p.add_argument("--workers", type=_positive_int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="processes encoding shards in parallel")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_prepare)

@@ -13,7 +13,9 @@ Units: ``training.free_bits`` is in **nats per token** (the guide's unit);
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -24,6 +26,9 @@ from typing import Any, Literal
 import yaml
 
 LN2 = math.log(2.0)
+# model.vocab_size when a config leaves it out: the vocabulary of its data (the synthetic
+# task's 29 symbols, bytes for text and token files).  freetf.data checks the match.
+DATA_VOCAB_SIZES = {"synthetic": 29, "text": 256, "tokens": 256}
 # Largest H for which the exact (eq. 8) mapper is allowed: its post-sampler holds a
 # (2^H, D) weight, 2^20 x 512 fp32 is already 2 GiB.
 MAX_EXACT_LATENT_BITS = 20
@@ -38,7 +43,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256
+    # Left out of a YAML config: the data's vocabulary (DATA_VOCAB_SIZES; 29 for the
+    # default synthetic task, 256 for bytes).
+    vocab_size: int = DATA_VOCAB_SIZES["synthetic"]
     hidden_dim: int = 256
     num_layers: int = 8
     num_heads: int = 8
@@ -260,6 +267,9 @@ class CheckpointConfig:
     def validate(self, path: str) -> None:
         _non_negative(self, path, "every_steps")
         _positive(self, path, "keep")
+        if self.metric != "step" and not self.metric.startswith(("train/", "eval/")):
+            _fail(f"{path}.metric", self.metric, "must be a logged metric: 'step', "
+                  "'train/...' or 'eval/...' (e.g. eval/ce_prior_nats)")
 
 
 @dataclass(frozen=True)
@@ -389,9 +399,27 @@ def read_yaml_mapping(path: str | Path, what: str = "config",
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    config = build_section(Config, data, "")
+    config = build_section(Config, _default_vocab_from_data(data), "")
     config.validate()
     return config
+
+
+def _default_vocab_from_data(data: Any) -> Any:
+    """Fill in ``model.vocab_size`` from ``data.dataset_name`` when the config leaves it out."""
+    if not isinstance(data, dict):
+        return data  # build_section names the problem
+    model = data.get("model", {})
+    section = data.get("data", {})
+    if not isinstance(model, dict) or "vocab_size" in model or not isinstance(section, dict):
+        return data
+    vocab = DATA_VOCAB_SIZES.get(section.get("dataset_name", DataConfig.dataset_name))
+    meta = Path(str(section.get("path"))) / "meta.json"  # a folder made by freetf prepare
+    if section.get("dataset_name") == "tokens" and section.get("path") and meta.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            vocab = int(json.loads(meta.read_text())["vocab_size"])
+    if vocab is None:
+        return data  # an unknown dataset_name: build_section names it
+    return {**data, "model": {**model, "vocab_size": vocab}}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict:

@@ -59,6 +59,7 @@ def test_dotted_overrides_and_bits_unit():
      "training.curriculum[1].until_step=3"),
     (["nokeyvalue"], "must look like dotted.key=value"),
     (["data.dataset_name=text"], "data.path=None is required"),
+    (["checkpoint.metric=ce_prior"], "checkpoint.metric='ce_prior' must be a logged metric"),
 ])
 def test_errors_name_key_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -83,6 +84,16 @@ def test_file_errors(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at top level"):
         load_config(listy)
+
+
+def test_yaml_tags_that_build_objects_are_refused(tmp_path):
+    """safe_load only: a tag that would call Python is a YAML error, and nothing runs."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+    assert not marker.exists()
 
 
 def test_config_is_frozen():

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freetf.config import Config, load_config
+from freetf.config import Config, ConfigError, load_config
 from freetf.data.datasets import (
     SYNTHETIC_SEQ_LEN,
     BatchStream,
@@ -16,7 +16,9 @@ from freetf.data.datasets import (
     CharTokenizer,
     RowsDataset,
     build_data,
+    check_vocabulary,
     epoch_permutation,
+    max_token_id,
     parse_synthetic,
     synthetic_sequences,
     write_token_file,
@@ -173,7 +175,8 @@ def test_token_file_memmap_round_trip(tmp_path):
     path = write_token_file(tmp_path / "toks.bin", tokens)
     assert path.stat().st_size == 2000
     assert np.array_equal(np.fromfile(path, dtype="<u2"), tokens)
-    cfg = _text_cfg(path, **{"data.dataset_name": "tokens", "data.val_fraction": 0.1})
+    cfg = _text_cfg(path, **{"data.dataset_name": "tokens", "data.val_fraction": 0.1,
+                             "model.vocab_size": 65536})
     bundle = build_data(cfg)
     assert len(bundle.train) + len(bundle.val) == 125 and len(bundle.val) == 13
     assert isinstance(bundle.train._array(), np.memmap)  # read lazily from disk
@@ -185,6 +188,45 @@ def test_token_file_memmap_round_trip(tmp_path):
         write_token_file(tmp_path / "bad.bin", [70000])
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         build_data(_text_cfg(tmp_path / "nope.bin", **{"data.dataset_name": "tokens"}))
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def test_vocab_size_defaults_to_the_datas_vocabulary(tmp_path):
+    assert load_config().model.vocab_size == CHARS.vocab_size == 29
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello")
+    assert _text_cfg(corpus).model.vocab_size == 256
+    assert load_config(overrides=["model.vocab_size=40"]).model.vocab_size == 40  # explicit wins
+
+
+@pytest.mark.parametrize("vocab,needle", [
+    (256, "model.vocab_size=256 does not match the synthetic task's 29 symbols"),
+    (28, "model.vocab_size=28 does not match"),
+])
+def test_synthetic_vocab_mismatch_fails_before_training(vocab, needle):
+    cfg = load_config(overrides=[f"model.vocab_size={vocab}"])
+    with pytest.raises(ConfigError, match=needle):
+        check_vocabulary(cfg)
+    with pytest.raises(ConfigError, match=needle):
+        build_data(cfg)
+
+
+def test_text_vocab_must_be_bytes(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, hello world")
+    with pytest.raises(ConfigError, match="Set model.vocab_size=256"):
+        check_vocabulary(_text_cfg(corpus, **{"model.vocab_size": 300}))
+
+
+def test_token_ids_must_fit_the_vocabulary(tmp_path):
+    path = write_token_file(tmp_path / "toks.bin", [1, 5, 300, 7] * 8)
+    cfg = _text_cfg(path, **{"data.dataset_name": "tokens"})
+    with pytest.raises(ConfigError, match="holds token id 300: set model.vocab_size=301"):
+        build_data(cfg)
+    assert max_token_id(path, chunk_tokens=3) == 300  # chunks cover the whole file
+    check_vocabulary(cfg.replace(["model.vocab_size=301"]))
 
 
 # ----------------------------------------------------------------------------- batch stream

@@ -194,7 +194,7 @@ def test_code_config_trains_on_prepared_data(corpus, tmp_path):
     out = tmp_path / "bpe"
     prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), out,
             progress=False)
-    cfg = load_config("configs/code.yaml", [
+    cfg = load_config("configs/code.yaml", [  # model.vocab_size follows meta.json
         f"data.path={out}", "data.max_seq_len=32", "model.max_seq_len=32",
         "model.hidden_dim=32", "model.num_layers=2", "model.num_heads=2",
         "training.batch_size=2", "training.max_steps=3", "training.eval_batches=1",
@@ -203,3 +203,4 @@ def test_code_config_trains_on_prepared_data(corpus, tmp_path):
     metrics = train_loop(cfg).metrics
     ratio = metrics["eval/bpb_prior"] / metrics["eval/ce_prior_nats"]
     assert ratio == pytest.approx(1 / math.log(2) / build_data(cfg).bytes_per_token)
+    assert cfg.model.vocab_size == BPETokenizer.from_file(out / "tokenizer.json").vocab_size

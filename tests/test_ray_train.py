@@ -71,15 +71,20 @@ def test_two_workers_equal_one_worker_with_double_batch(tmp_path):
 
 def test_worker_failure_resumes_from_last_checkpoint(tmp_path):
     cfg = cfg_for(tmp_path, "training.max_steps=8", "checkpoint.every_steps=2",
-                  "training.fail_at_step=5", "scaling.max_failures=1", "scaling.run_name=ft")
+                  "checkpoint.keep=2", "training.fail_at_step=5", "scaling.max_failures=1",
+                  "scaling.run_name=ft")
     summary = run_training(cfg)
     assert summary.error is None, summary.error
     assert summary.metrics["step"] == 8
     client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
-    steps = [m.step for m in client.get_metric_history(summary.run_id, "train/loss")]
-    # steps 1-5 ran, step 6 failed; the restart resumed at the step-4 checkpoint
-    assert sorted(set(steps)) == list(range(1, 9))
-    assert steps.count(5) == 2 and steps.count(3) == 1
+    # steps 1-5 ran, step 6 failed; the restart resumed at the step-4 checkpoint and
+    # replayed step 5, which is logged once
+    for key in ("train/loss", "step", "eval/ce_prior_nats"):
+        steps = sorted(m.step for m in client.get_metric_history(summary.run_id, key))
+        assert steps == (list(range(1, 9)) if key != "eval/ce_prior_nats" else [2, 4, 6, 8])
+    # checkpoint.keep=2 keeps two (each checkpoint's report carries checkpoint.metric)
+    kept = sorted(p.name for p in (tmp_path / "ray_results" / "ft").glob("step_*"))
+    assert kept == ["step_000006", "step_000008"]
 
 
 def test_failure_without_retries_marks_the_run_failed(tmp_path):
@@ -154,3 +159,189 @@ def test_with_several_workers_rank_zeros_clock_decides_every_report(monkeypatch)
         clock[0] = 10.0 * step  # this rank's clock: always due
         ctx.report({"step": step}, essential=False)
     assert sent == [1, 3] and not rank_zero_says
+
+
+def _listening(pids):
+    """(pid, name, ip, port) of every TCP socket listening, and UDP socket bound, in ``pids``."""
+    import socket
+
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            conns, name = proc.net_connections(kind="inet"), proc.name()
+        except psutil.Error:  # exited meanwhile
+            continue
+        for conn in conns:
+            if conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM
+                                                     and not conn.raddr):
+                found.append((pid, name, conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_local_ray_listens_on_loopback_only():
+    """Every server of this process's local Ray (GCS, raylet, dashboard and its agents,
+    runtime-env agent, driver, an actor and a task worker) listens on loopback only.
+    Only this run's processes are looked at: other Ray instances may run on the machine."""
+    import psutil
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def ping(self):
+            return True
+
+    @ray.remote(num_cpus=0)
+    def task():
+        return True
+
+    holder = Holder.remote()
+    assert ray.get([holder.ping.remote(), task.remote()]) == [True, True]
+    me = psutil.Process()
+    pids = [me.pid] + [p.pid for p in me.children(recursive=True)]
+    names = {name for _, name, _, _ in _listening(pids)}
+    sockets = _listening(pids)
+    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names)
+    exposed = [s for s in sockets if not _is_loopback(s[2])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    ray.kill(holder)
+
+
+@pytest.mark.heavy
+def test_during_a_fit_only_torchs_rendezvous_store_listens_beyond_loopback(tmp_path):
+    """While a 1-worker run trains, every listener of this run's processes is on loopback
+    except rank 0's torch.distributed TCPStore, which torch binds to all interfaces
+    (docs/reliability.md); it is one port, in the Ray Train worker."""
+    import threading
+
+    import psutil
+
+    seen: set = set()
+    stop = threading.Event()
+
+    def watch():
+        me = psutil.Process()
+        while not stop.is_set():
+            pids = [me.pid] + [p.pid for p in me.children(recursive=True)]
+            seen.update(_listening(pids))
+            stop.wait(0.3)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        summary = run_training(cfg_for(tmp_path, "training.max_steps=30",
+                                       "tracking.mlflow.enabled=false", "scaling.run_name=lb"))
+    finally:
+        stop.set()
+        watcher.join()
+    assert summary.error is None, summary.error
+    assert any("RayTrainWorker" in name for _, name, _, _ in seen)  # the watch saw the fit
+    exposed = {(name, port) for _, name, ip, port in seen if not _is_loopback(ip)}
+    assert all("RayTrainWorker" in name for name, _ in exposed), exposed
+    assert len({port for _, port in exposed}) <= 1, exposed
+
+
+def test_loopback_check_sees_a_wildcard_socket():
+    """The check above can fail: a socket on 0.0.0.0 in this process is reported."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        exposed = [s for s in _listening([os.getpid()]) if not _is_loopback(s[2])]
+        assert any(s[3] == sock.getsockname()[1] for s in exposed)
+    assert _is_loopback("::ffff:127.0.0.1") and _is_loopback("::1")
+    assert not _is_loopback("::") and not _is_loopback("192.0.2.2")
+
+
+def _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers):
+    from freetf.cli import main
+
+    assert main(["train", "--config", "configs/tiny.yaml", "--max-steps", "4",
+                 "--num-workers", str(num_workers),
+                 "--set", f"scaling.storage_path={tmp_path}/ray_results",
+                 "--set", f"scaling.run_name=printed{num_workers}",
+                 "--set", "scaling.cpus_per_worker=0.5", "--set", "data.num_samples=256",
+                 "--set", "tracking.mlflow.enabled=false"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("checkpoint: ")]
+    assert len(lines) == 1
+    printed = lines[0].removeprefix("checkpoint: ")
+    # persisted under storage_path/run_name, not a staging folder Ray deleted
+    assert printed == f"{tmp_path}/ray_results/printed{num_workers}/step_000004"
+    assert main(["generate", "--checkpoint", printed, "--prompt", "K>", "--num-samples",
+                 "1", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip().startswith("K>")
+
+
+def test_local_mode_prints_a_checkpoint_that_generate_reads(tmp_path, capsys):
+    """num_workers=0 (Ray Train's local mode, the loop in the driver)."""
+    _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers=0)
+
+
+@pytest.mark.heavy
+def test_one_worker_prints_a_checkpoint_that_generate_reads(tmp_path, capsys):
+    _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers=1)
+
+
+def _diverging_train(tmp_path, num_workers, *extra):
+    from freetf.cli import main
+
+    return main(["train", "--config", "configs/tiny.yaml", "--max-steps", "20",
+                 "--num-workers", str(num_workers),
+                 "--set", f"scaling.storage_path={tmp_path}/ray_results",
+                 "--set", f"scaling.run_name=nf{num_workers}",
+                 "--set", "checkpoint.every_steps=2", "--set", "scaling.max_failures=1",
+                 "--set", "scaling.cpus_per_worker=0.5", "--set", "data.num_samples=256",
+                 "--set", "tracking.mlflow.enabled=false", *extra])
+
+
+def _stop_message_checkpoint(err: str) -> str:
+    assert "Traceback" not in err, err
+    assert "The last checkpoint is " in err, err
+    assert "steps in a row had a non-finite loss or gradient" in err
+    assert "grad_clip" not in err  # on in tiny.yaml
+    line = next(x for x in err.splitlines() if x.startswith("The last checkpoint is "))
+    return line.removeprefix("The last checkpoint is ").split(";")[0]
+
+
+def test_nonfinite_stop_in_local_mode_points_at_the_persisted_checkpoint(tmp_path, monkeypatch,
+                                                                          capsys):
+    import freetf.training.loop as loop
+    from freetf.model.losses import compute_loss as real
+
+    calls = {"n": 0}
+
+    def diverging(*args, **kwargs):
+        calls["n"] += 1
+        total, parts = real(*args, **kwargs)
+        return (total * float("nan") if calls["n"] >= 5 else total), parts
+
+    monkeypatch.setattr(loop, "compute_loss", diverging)
+    assert _diverging_train(tmp_path, 0) == 1
+    checkpoint = _stop_message_checkpoint(capsys.readouterr().err)
+    # the weights at the stop (the last finite update), saved so that Ray hears of the stop
+    assert checkpoint == f"{tmp_path}/ray_results/nf0/step_000009"
+    state, _ = load_checkpoint(checkpoint)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.heavy
+def test_nonfinite_stop_with_a_worker_points_at_the_persisted_checkpoint(tmp_path, capsys):
+    """A real divergence (learning rate 1e30) in a worker process: no retry, no traceback."""
+    assert _diverging_train(tmp_path, 1, "--learning-rate", "1e30",
+                            "--set", "data.num_samples=512") == 1
+    checkpoint = _stop_message_checkpoint(capsys.readouterr().err)
+    assert checkpoint.startswith(f"{tmp_path}/ray_results/nf1/step_")
+    state, _ = load_checkpoint(checkpoint)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

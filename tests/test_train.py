@@ -84,8 +84,9 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, optimizer)
     cfg = tiny(tmp_path, "training.max_steps=20", "checkpoint.every_steps=4",
                "training.max_consecutive_nonfinite=3", "training.log_every=2",
                f"optimizer.fused={optimizer}")
-    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps") as info:
         train_loop(cfg)
+    assert info.value.checkpoint == tmp_path / "ckpt" / "step_000004"  # this run's last save
     # the last good checkpoint is kept and loads
     state, _ = load_checkpoint(tmp_path / "ckpt")
     assert state["step"] == 4

@@ -288,10 +288,6 @@ def _prepared_data(cfg: Config, folder: Path) -> tuple[Dataset, Dataset, float]:
     from freetf.data.prepare import read_meta
 
     meta = read_meta(folder)
-    if meta["vocab_size"] > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                          f"vocabulary of the data in {folder} ({meta['vocab_size']}, "
-                          f"meta.json): set model.vocab_size={meta['vocab_size']}")
     datasets = []
     for split in ("train", "val"):
         info = meta["splits"][split]
@@ -340,12 +336,61 @@ def build_data(cfg: Config) -> DataBundle:
         tokenizer = build_tokenizer(cfg)
     else:
         raise ConfigError(f"data.dataset_name={data.dataset_name!r} is not supported")
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                         f"{data.dataset_name} tokenizer's {tokenizer.vocab_size}")
+    check_vocabulary(cfg)
     logger.info("data %s: %d train rows, %d val rows of length %d", data.dataset_name,
                 len(train), len(val), data.max_seq_len)
     return DataBundle(train, val, tokenizer, bytes_per_token)
+
+
+def check_vocabulary(cfg: Config) -> None:
+    """``model.vocab_size`` against the data, before any training step.
+
+    Synthetic and text data are decoded by a tokenizer: the model's vocabulary must be
+    the tokenizer's, or the model samples ids that nothing can decode.  A token file is
+    decoded by nobody here: every id in it must be below ``model.vocab_size``.
+    """
+    vocab = cfg.model.vocab_size
+    name = cfg.data.dataset_name
+    folder = prepared_folder(cfg)
+    if folder is not None:  # freetf prepare's output: its meta.json names the vocabulary
+        from freetf.data.prepare import read_meta
+
+        size = read_meta(folder)["vocab_size"]
+        if vocab != size:
+            raise ConfigError(f"model.vocab_size={vocab} does not match the vocabulary of the "
+                              f"data in {folder} ({size}, meta.json): set "
+                              f"model.vocab_size={size}, or leave it out (it defaults to the "
+                              f"data's vocabulary)")
+        return
+    if name == "tokens":
+        highest = max_token_id(cfg.data.path)
+        if highest >= vocab:
+            raise ConfigError(f"model.vocab_size={vocab} is too small for data.path "
+                              f"{cfg.data.path}, which holds token id {highest}: set "
+                              f"model.vocab_size={highest + 1} or more")
+        return
+    size = build_tokenizer(cfg).vocab_size
+    if vocab != size:
+        what = f"synthetic task's {size} symbols" if name == "synthetic" else f"{size} byte values"
+        harm = ("would sample ids that nothing decodes" if vocab > size
+                else "cannot represent every id of the data")
+        raise ConfigError(f"model.vocab_size={vocab} does not match the {what} of "
+                          f"data.dataset_name={name!r}: the model {harm}. Set "
+                          f"model.vocab_size={size}, or leave it out (it defaults to the "
+                          f"data's vocabulary)")
+
+
+def max_token_id(path: str | Path, chunk_tokens: int = 1 << 24) -> int:
+    """The largest id in a uint16 token file, read in chunks (never loaded whole)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path {path} does not exist (expected a uint16 .bin "
+                                f"token file)")
+    tokens = np.memmap(path, dtype="<u2", mode="r") if path.stat().st_size >= 2 else []
+    highest = -1
+    for begin in range(0, len(tokens), chunk_tokens):
+        highest = max(highest, int(tokens[begin:begin + chunk_tokens].max()))
+    return highest
 
 
 # ----------------------------------------------------------------------------- batch stream

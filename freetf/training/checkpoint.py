@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     try:
         state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read {path / STATE_FILE}: {err}") from None
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {_load_failure(err)}") from None
     try:
         config = load_config(path / CONFIG_FILE)
     except ConfigError as err:
@@ -106,6 +106,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: model weights do not match its config: {err}") from None
     return model.to(device).eval(), config, state
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, without torch's advice to retry
+    with ``weights_only=False``: that would run whatever code the file holds."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker not in text:
+        return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    detail = text.split(marker, 1)[1].strip().split("\n")[0]
+    detail = detail.split(" Please use")[0].strip().rstrip(".")
+    if "GLOBAL" in detail:
+        return (f"it holds objects that are not tensors or plain data ({detail}); freetf "
+                f"loads checkpoints as data only and never runs code stored in them")
+    return f"the file is damaged or not a freetf checkpoint ({detail})"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

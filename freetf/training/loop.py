@@ -40,8 +40,48 @@ from freetf.training.schedules import build_lr_scheduler, schedule_values
 log = logging.getLogger(__name__)
 
 
+# The report a runner gets at a non-finite stop (see TrainContext.checkpoint_at_nonfinite_stop):
+# the number of non-finite steps in a row.
+NONFINITE_STOP_KEY = "stopped/nonfinite_steps"
+
+
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient.
+
+    ``checkpoint`` is the last checkpoint this run saved before the stop (None if none);
+    :meth:`explain` turns the stop into what a user reads: what happened, where the last
+    checkpoint is, and what to change in the config.
+    """
+
+    def __init__(self, count: int, step: int, checkpoint: Path | None = None) -> None:
+        super().__init__(f"{count} consecutive non-finite steps by step {step}; stopping")
+        self.count, self.step, self.checkpoint = count, step, checkpoint
+
+    def __reduce__(self):
+        return type(self), (self.count, self.step, self.checkpoint)
+
+    def explain(self, cfg: Config, checkpoint: Path | None) -> str:
+        """The stop in plain words; ``checkpoint``: the persisted one the user can load."""
+        tcfg = cfg.training
+        lines = [f"training stopped at step {self.step}: {self.count} steps in a row had a "
+                 f"non-finite loss or gradient (training.max_consecutive_nonfinite="
+                 f"{tcfg.max_consecutive_nonfinite}); their updates were skipped."]
+        if checkpoint is not None:
+            lines.append(f"The last checkpoint is {checkpoint}; it holds finite weights "
+                         f"(resume from it with --resume after changing the config).")
+        else:
+            lines.append("No checkpoint was saved before the stop"
+                         + (" (checkpoint.every_steps=0 saves only at the end)."
+                            if not cfg.checkpoint.every_steps else "."))
+        fixes = [f"lower training.learning_rate (now {tcfg.learning_rate:g})"]
+        if tcfg.warmup_steps < 100:
+            fixes.append(f"lengthen training.warmup_steps (now {tcfg.warmup_steps})")
+        if tcfg.grad_clip <= 0:
+            fixes.append("turn on gradient clipping, e.g. training.grad_clip=1.0 (now off)")
+        if tcfg.amp == "fp16":
+            fixes.append("use training.amp=bf16 (fp16 overflows more easily)")
+        lines.append("To change: " + "; or ".join(fixes) + ".")
+        return "\n".join(lines)
 
 
 class InjectedFailure(RuntimeError):
@@ -69,18 +109,15 @@ class NonFiniteGuard:
         self.run = (self.run + 1) * bad
         self.longest = torch.maximum(self.longest, self.run)
 
-    def check(self, step: int, checkpoint_root: Path | None) -> int:
-        """-> total skipped steps so far."""
+    def check(self, step: int, checkpoint: Path | None) -> int:
+        """-> total skipped steps so far.  ``checkpoint``: the last one saved, for the error."""
         total, longest, run = torch.stack([self.total, self.longest, self.run]).tolist()
         if total > self.reported:
             log.warning("step %d: %d non-finite step(s) skipped since the last check "
                         "(loss or gradient; %d in a row now)", step, total - self.reported, run)
             self.reported = total
         if longest >= self.limit:
-            raise NonFiniteLossError(
-                f"{longest} consecutive non-finite steps by step {step}; stopping. "
-                f"Lower training.learning_rate, enable training.grad_clip or use bf16; "
-                f"the last good checkpoint is kept in {checkpoint_root}")
+            raise NonFiniteLossError(longest, step, checkpoint)
         self.longest = self.run.clone()
         return total
 
@@ -123,6 +160,10 @@ class TrainContext:
     device: torch.device | None = None
     resume_from: str | Path | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # At a non-finite stop, save the weights (those of the last finite update: the bad
+    # ones were skipped) and report them with NONFINITE_STOP_KEY before raising: a runner
+    # that only hears of checkpointed reports (Ray Train) learns of the stop that way.
+    checkpoint_at_nonfinite_stop: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -251,6 +292,20 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     chunked_ce = tcfg.cross_entropy == "chunked"
     metrics: dict[str, float] = {}
     checkpoint: Path | None = None
+
+    def check_nonfinite(at_step: int) -> int:
+        try:
+            return guard.check(at_step, checkpoint)
+        except NonFiniteLossError as err:
+            if ctx.checkpoint_at_nonfinite_stop:
+                report: dict[str, Any] = {"step": at_step, NONFINITE_STOP_KEY: float(err.count)}
+                if cfg.checkpoint.metric.startswith("eval/"):  # what the runner keeps by
+                    evaluated = evaluate(raw_model, data, cfg, device, sched["free_bits_nats"])
+                    report.update({k: v for k, v in evaluated.items() if not isinstance(v, str)})
+                err.checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream,
+                                       at_step, report)
+                ctx.report(report, err.checkpoint)
+            raise
     tokens_since, t_since = 0, time.perf_counter()
     window = LogWindow()
     nonfinite_total = 0
@@ -297,7 +352,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             optimizer.found_inf = bad.float()  # read by fused AdamW (GradScaler's protocol)
             optimizer.step()
         elif bad.item():
-            guard.check(step + 1, ctx.checkpoint_root(cfg))  # warns; stops after N in a row
+            check_nonfinite(step + 1)  # warns; stops after N in a row
         else:
             scaler.step(optimizer)
         scaler.update()
@@ -307,10 +362,12 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         window.add(step_parts)
         done = step + 1
         last = done == steps
-        want_eval = last or (tcfg.eval_every and done % tcfg.eval_every == 0)
         want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+        # A checkpoint kept by an eval metric (checkpoint.metric) needs that metric beside it.
+        want_eval = (last or (tcfg.eval_every and done % tcfg.eval_every == 0)
+                     or (want_ckpt and cfg.checkpoint.metric.startswith("eval/")))
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
-            nonfinite_total = guard.check(done, ctx.checkpoint_root(cfg))  # before any save
+            nonfinite_total = check_nonfinite(done)  # before any save
         if done % tcfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t_since
             metrics = _train_metrics(window.means(), sched, optimizer, tokens_since / elapsed,

@@ -12,6 +12,7 @@ creates the run, hands its id to the workers (rank 0 logs metrics into it), and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -32,7 +33,13 @@ import torch.distributed
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
 from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
-from freetf.training.loop import TrainContext, train_loop
+from freetf.training.loop import (
+    NONFINITE_STOP_KEY,
+    NonFiniteLossError,
+    TrainContext,
+    train_loop,
+)
+from freetf.training.preflight import check_before_training
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +50,19 @@ OBJECT_STORE_BYTES = 256 * 1024 ** 2
 class RayTrainContext(TrainContext):
     """The loop's view of a Ray Train worker."""
 
-    def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0) -> None:
+    def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0,
+                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False) -> None:
+        """``persist_root``: write checkpoints there and keep them (Ray Train's local
+        mode, which runs the loop in the driver and persists nothing it is handed).
+        ``quiet_nonfinite_stop``: report a non-finite stop with a checkpoint (below)."""
         ctx = ray.train.get_context()
         super().__init__(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                          device=ray.train.torch.get_device(), resume_from=resume_from)
         self._tmp = Path(tempfile.mkdtemp(prefix="freetf-ckpt-"))
+        self._persist_root = persist_root
+        # Ray Train's Result holds the latest checkpointed report only: a non-finite stop
+        # reaches the driver as a checkpoint of the last finite weights (loop.py).
+        self.checkpoint_at_nonfinite_stop = quiet_nonfinite_stop
         self.report_interval_s = report_interval_s
         self._last_report = -math.inf
 
@@ -81,6 +96,8 @@ class RayTrainContext(TrainContext):
         return gathered
 
     def checkpoint_root(self, cfg: Config) -> Path:
+        if self._persist_root is not None:
+            return self._persist_root
         return self._tmp / "out"  # Ray persists what is reported into storage_path
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
@@ -103,21 +120,65 @@ class RayTrainContext(TrainContext):
                       if checkpoint_dir is not None else None)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if checkpoint_dir is not None and self._persist_root is None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has its own copy
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
     setup_logging()
     cfg = from_dict(loop_config["config"])
-    ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s)
+    # Local mode (num_workers=0) persists no reported checkpoint: write them in place.
+    local_mode = cfg.scaling.num_workers == 0
+    quiet_stop = bool(loop_config.get("quiet_nonfinite_stop"))
+    ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
+                          persist_root=run_directory(cfg) if local_mode else None,
+                          quiet_nonfinite_stop=quiet_stop)
     tracker = None
     if ctx.is_main and loop_config.get("run_id"):
         from freetf.tracking import make_tracker
 
         tracker = make_tracker(cfg, rank=0, run_id=loop_config["run_id"])
-    train_loop(cfg, ctx, tracker=tracker)
+        if ray.train.get_checkpoint() is not None:  # a restart after a worker failure
+            tracker = SkipLoggedSteps(tracker, last_logged_step(tracker))
+    try:
+        train_loop(cfg, ctx, tracker=tracker)
+    except NonFiniteLossError:
+        # Reported with its checkpoint by the loop; every rank stops at the same step (the
+        # gradient norm is all-reduced).  Returning, not raising, keeps Ray from printing
+        # tracebacks and from retrying a run that would diverge again.  (Sweep trials
+        # still raise: Tune records them as failed.)
+        if not quiet_stop:
+            raise
+
+
+class SkipLoggedSteps:
+    """A tracker that drops metric points at steps the run has already logged.
+
+    A restarted worker resumes from the last checkpoint and recomputes the steps after
+    it, which the failed worker had logged: MLflow cannot overwrite a point, so the
+    replayed steps are not logged again (resume reproduces them; tests/test_train.py).
+    """
+
+    def __init__(self, tracker: Any, through_step: int) -> None:
+        self.tracker, self.through_step = tracker, through_step
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.through_step:
+            self.tracker.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)
+
+
+def last_logged_step(tracker: Any) -> int:
+    """The highest step the tracker's MLflow run holds a metric for (0 if none)."""
+    from freetf.tracking import metric_history
+
+    if tracker.client is None:
+        return 0
+    history = metric_history(tracker.client, tracker.run_id, ("step",))
+    return max((int(row["step"]) for row in history), default=0)
 
 
 @dataclass
@@ -151,17 +212,52 @@ def init_ray(num_cpus: float | None = None) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
-             include_dashboard=True, dashboard_port=port, log_to_driver=True)
+    with loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True)
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Start a local Ray whose every server listens on 127.0.0.1 only.
+
+    Ray binds its servers to the node IP: the GCS, the raylet's node and object
+    managers and every worker's (and the driver's) gRPC server listen on 127.0.0.1 when
+    the node IP is 127.0.0.1 and on all interfaces otherwise; the dashboard agent, the
+    runtime-env agent and the metrics exporters listen on the node IP.  On Linux Ray
+    turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address (so that
+    other nodes could join); its single-machine mode (the macOS/Windows default,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps 127.0.0.1.  That switch is read once,
+    at import, into ``ray_constants.ENABLE_RAY_CLUSTER``: it is set here for the driver
+    and, through the environment, for the processes ``ray.init`` starts, then restored,
+    so a later ``RAY_ADDRESS`` run in this process joins its cluster as documented.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
                   callbacks: list | None = None, storage_path: str | None = None,
-                  controller_failure_limit: int = -1):
+                  controller_failure_limit: int = -1, quiet_nonfinite_stop: bool = False):
     """A ``TorchTrainer`` for ``cfg`` (scaling, checkpoints and failures from config).
 
     ``controller_failure_limit``: worker-group start-ups that may fail (e.g. time out for
     lack of CPUs) before the run fails; -1 (Ray's default) retries forever.
+    ``quiet_nonfinite_stop``: a non-finite stop ends the run normally, its last report
+    carrying ``stopped/nonfinite_steps`` and a checkpoint (what ``run_training`` reads).
     """
     sc = cfg.scaling
     use_gpu = sc.use_gpu
@@ -174,7 +270,7 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         checkpoint_score_attribute=cfg.checkpoint.metric,
         checkpoint_score_order=cfg.checkpoint.mode)
     run_config = ray.train.RunConfig(
-        name=sc.run_name or cfg.tracking.mlflow.run_name or "freetf",
+        name=run_name(cfg),
         storage_path=storage_path or _absolute_storage(sc.storage_path),
         checkpoint_config=checkpoint_config,
         failure_config=ray.train.FailureConfig(
@@ -182,7 +278,8 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         callbacks=callbacks)
     return ray.train.torch.TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume},
+        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume,
+                           "quiet_nonfinite_stop": quiet_nonfinite_stop},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=ray.train.torch.TorchConfig(backend=backend),
@@ -200,6 +297,7 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
             raise CheckpointError(f"--resume: {err}") from None
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
+    check_before_training(cfg)  # every output location and the vocabulary, before any step
     tracker = make_tracker(cfg, rank=0) if cfg.tracking.mlflow.enabled else None
     run_id = tracker.run_id if tracker is not None else None
     error: BaseException | None = None
@@ -209,9 +307,12 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     try:
         if cfg.scaling.use_ray:
             init_ray()
-            result = build_trainer(cfg, run_id, resume).fit()
+            result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
             error = result.error
             metrics = dict(result.metrics or {})
+            if NONFINITE_STOP_KEY in metrics:
+                error = NonFiniteLossError(int(metrics[NONFINITE_STOP_KEY]),
+                                           int(metrics["step"]))
             # Ray's results are thinned (report_interval_s); MLflow has every log step.
             if tracker is not None and tracker.client is not None:
                 history = metric_history(tracker.client, run_id, CURVE_METRICS)
@@ -221,12 +322,15 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
         else:
             res = train_loop(cfg, TrainContext(resume_from=resume), tracker=tracker)
             metrics, checkpoint, history = res.metrics, res.checkpoint, res.history
+    except NonFiniteLossError as err:
+        error, checkpoint = err, err.checkpoint  # the in-process loop's last checkpoint
     except BaseException as err:  # noqa: BLE001 - closed below, re-raised by the caller
         error = err
     finally:
         if tracker is not None:
             log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
-            tracker.finish("FAILED" if error is not None else "FINISHED")
+            tracker.finish("FINISHED" if error is None else
+                           "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
     return RunSummary(metrics, checkpoint, run_id, error, time.perf_counter() - start)
 
 
@@ -245,6 +349,16 @@ def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
     if points:
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(plot(points, Path(tmp) / "training_curves.png"))
+
+
+def run_name(cfg: Config) -> str:
+    """The Ray Train run's name: its folder under ``scaling.storage_path``."""
+    return cfg.scaling.run_name or cfg.tracking.mlflow.run_name or "freetf"
+
+
+def run_directory(cfg: Config) -> Path:
+    """``storage_path/<run name>``: where a (local) Ray Train run keeps its checkpoints."""
+    return Path(_absolute_storage(cfg.scaling.storage_path)) / run_name(cfg)
 
 
 def absolute_paths(cfg: Config) -> Config:
