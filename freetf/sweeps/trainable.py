@@ -1,0 +1,154 @@
+"""One sweep trial: its key and names, its context, and the Tune function trainable.
+
+A trial runs the Ray Train loop (``TorchTrainer`` inside a function trainable, reporting
+through ``TuneReportCallback``: Ray 2.60's pattern, since ``Tuner(trainer)`` is not
+supported by Train V2) in its own MLflow child run, found again by its tags
+(``freetf.sweep``, ``freetf.trial_key``) so a resumed sweep reuses it.  Used by
+:mod:`freetf.sweeps.sweep`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from freetf.config import Config, apply_overrides, from_dict
+
+log = logging.getLogger(__name__)
+
+TAG_SWEEP, TAG_ROLE, TAG_KEY = "freetf.sweep", "freetf.role", "freetf.trial_key"
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def trial_key(sampled: dict[str, Any]) -> str:
+    """A stable id of a trial's sampled values (the same point always gets the same key)."""
+    text = json.dumps({k: _plain(v) for k, v in sorted(sampled.items())}, sort_keys=True,
+                      default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def trial_run_name(sweep_name: str, sampled: dict[str, Any]) -> str:
+    """``<sweep>/<key>=<value>,...``, with the shortest unambiguous key names."""
+    labels = {k: k.rsplit(".", 1)[-1] for k in sampled}
+    if len(set(labels.values())) < len(labels):
+        labels = {k: k for k in sampled}
+    parts = [f"{labels[k]}={_short(v)}" for k, v in sorted(sampled.items())]
+    return f"{sweep_name}/{','.join(parts)}"
+
+
+def _short(value: Any) -> str:
+    value = _plain(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (Tune's samplers) to Python ones."""
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs from the driver (pickled into Tune's state)."""
+
+    sweep_name: str
+    parent_run_id: str
+    tracking_uri: str
+    base: dict[str, Any]  # the resolved base config
+    keys: tuple[str, ...]  # the searched keys
+    train_storage: str
+    controller_failure_limit: int
+
+    def trial_config(self, sampled: dict[str, Any]) -> Config:
+        key = trial_key(sampled)
+        return from_dict(apply_overrides(self.base, {
+            **sampled, "tracking.mlflow.run_name": trial_run_name(self.sweep_name, sampled),
+            "scaling.run_name": f"trial-{key}"}))
+
+    def max_steps(self, sampled: dict[str, Any]) -> int:
+        return int(sampled.get("training.max_steps") or self.base["training"]["max_steps"])
+
+
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Tune function trainable: one Ray Train run in its own MLflow child run.
+
+    A child run of the same trial key that already FINISHED (a resumed sweep whose
+    driver died after the trial ended) is not trained again: its metrics are reported.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from freetf.logs import setup_logging
+    from freetf.tracking import make_tracker, mlflow_client
+    from freetf.training.ray_train import build_trainer
+
+    setup_logging()
+    sampled = {k: _plain(config[k]) for k in context.keys}
+    key = trial_key(sampled)
+    cfg = context.trial_config(sampled)
+    client = mlflow_client(context.tracking_uri)
+    existing = find_trial_run(client, context.parent_run_id, key)
+    if existing is not None and existing.info.status == "FINISHED":
+        log.info("trial %s already finished in MLflow run %s; not rerun", key,
+                 existing.info.run_id)
+        tune.report({**existing.data.metrics,
+                     "eval/verdict": existing.data.tags.get("freetf.verdict", "")})
+        return
+    tracker = make_tracker(
+        cfg, run_id=existing.info.run_id if existing else None,
+        parent_run_id=context.parent_run_id, run_name=cfg.tracking.mlflow.run_name,
+        tags={TAG_SWEEP: context.sweep_name, TAG_ROLE: "trial", TAG_KEY: key,
+              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false"})
+    tracker.log_params({f"sampled.{k}": v for k, v in sampled.items()})
+    if existing is not None and "freetf.error" in existing.data.tags:  # from a cut-off try
+        client.delete_tag(tracker.run_id, "freetf.error")
+    trainer = build_trainer(cfg, run_id=tracker.run_id, callbacks=[TuneReportCallback()],
+                            storage_path=context.train_storage,
+                            controller_failure_limit=context.controller_failure_limit)
+    try:
+        result = trainer.fit()
+    except BaseException as err:
+        # Tune stopping the trial (ASHA, stopper) also lands here when it removes the
+        # trial's resources: the driver has then already closed the run as stopped early.
+        if client.get_run(tracker.run_id).data.tags.get("freetf.stopped_early") != "true":
+            tracker.set_tags({"freetf.verdict": "failed",
+                              "freetf.error": f"{type(err).__name__}: {err}"})
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    _finish_trial_run(tracker, client, dict(result.metrics or {}), result.checkpoint)
+
+
+def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint) -> None:
+    from freetf.tracking import CURVE_METRICS, metric_history, plot_training_curves
+    from freetf.training.ray_train import log_run_artifacts
+
+    history = metric_history(client, tracker.run_id, CURVE_METRICS)
+    path = Path(checkpoint.path) if checkpoint is not None else None
+    log_run_artifacts(tracker, metrics, path, history, plot_training_curves)
+    tracker.finish("FINISHED")
+
+
+def find_trial_run(client, parent_run_id: str, key: str):
+    """The child run of ``parent_run_id`` for trial ``key``, or None (oldest if several)."""
+    runs = _search(client, parent_run_id,
+                   f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                   f"and tags.`{TAG_KEY}` = '{key}'")
+    if len(runs) > 1:
+        log.warning("%d MLflow runs for trial %s; using the oldest", len(runs), key)
+    return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def child_runs(client, parent_run_id: str) -> list:
+    return _search(client, parent_run_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def _search(client, parent_run_id: str, filter_string: str) -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return list(client.search_runs([experiment_id], filter_string=filter_string,
+                                   max_results=10_000))
