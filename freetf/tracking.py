@@ -612,6 +612,15 @@ def _with_aliases(metrics: dict[str, float], aliases: dict[str, str]) -> dict[st
     return {**metrics, **{aliases[k]: v for k, v in metrics.items() if k in aliases}}
 
 
+def end_active_run() -> None:
+    """End a fluent ``mlflow`` run left active in this process (freetf uses clients, but a
+    reused sweep process may run user code that started one)."""
+    if mlflow.active_run() is not None:
+        logger.warning("ending the MLflow run %s left active in this process",
+                       mlflow.active_run().info.run_id)
+        mlflow.end_run()
+
+
 def _quietly(fn: Any, *args: Any) -> None:
     try:
         fn(*args)

@@ -35,6 +35,7 @@ from typing import Any
 from ray import tune
 
 from freetf.config import Config, ConfigError
+from freetf.sweeps.console import SweepConsole, setup_console
 from freetf.sweeps.spec import (  # noqa: F401 - load_sweep, SweepError: the public API
     SPEC_FILE,
     STOP_REASON,
@@ -157,13 +158,17 @@ class SweepResult:
     interrupted: bool
 
 
-def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
+def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
+              callbacks: list | tuple = ()) -> SweepResult:
     """Run (or, with ``resume``, continue) ``sweep`` on the local or joined Ray cluster.
 
     A fresh sweep refuses a name that already has Tune state or an MLflow parent run;
     ``resume`` restores Tune's state (``Tuner.restore``) with the spec saved by the first
     run and reattaches the parent and unfinished child runs.  Returns after the report
     is written, also when the sweep was interrupted (Ctrl-C): ``interrupted`` is then set.
+    The console shows :class:`freetf.sweeps.console.SweepConsole`'s progress; ``verbose``
+    brings back Tune's status tables and the trial processes' output.  ``callbacks``:
+    more Tune callbacks.
     """
     from freetf.sweeps import report
     from freetf.tracking import make_tracker, mlflow_client
@@ -188,7 +193,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
         raise SweepError(f"MLflow experiment {experiment!r} at {uri} already has a sweep "
                          f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
                          f"with --set mlflow.sweep_name=NEW_NAME")
-    _init_ray()
+    _init_ray(verbose)
     tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
                            run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"})
     tracker.log_params({"sweep.method": sweep.search.method, "sweep.metric": sweep.search.metric,
@@ -200,9 +205,11 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
         sweep_name=sweep.name, parent_run_id=tracker.run_id, tracking_uri=uri,
         base=base.to_dict(), keys=tuple(d.key for d in sweep.space),
         train_storage=str(sweep.train_dir),
-        controller_failure_limit=sweep.resources.controller_failure_limit)
+        controller_failure_limit=sweep.resources.controller_failure_limit,
+        runner=sweep.trial_runner(base))
+    console = SweepConsole(sweep, base, verbose=verbose)
     try:
-        results = _tuner(sweep, base, context, resume).fit()
+        results = _tuner(sweep, base, context, resume, [console, *callbacks], verbose).fit()
     except BaseException as err:  # a second Ctrl-C, or Tune itself failed
         _close_open_runs(client, context, None, interrupted=True)
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -225,19 +232,33 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
     return SweepResult(sweep, context.parent_run_id, uri, experiment, runs, paths, interrupted)
 
 
-def _init_ray() -> None:
-    """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray."""
+def _init_ray(verbose: bool) -> None:
+    """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray; the trial
+    processes' output reaches this console only if ``verbose``."""
     from freetf.training.ray_train import init_ray
 
-    init_ray()
+    init_ray(quiet=not verbose)
 
 
-def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool):
+def trial_resources(sweep: SweepConfig, base: Config) -> dict[str, float]:
+    """What one trial process holds: ``trial_cpu``, plus its worker's share when the
+    loop runs in it (``in_trial``); under a TorchTrainer the workers hold their own."""
+    trial_cpu = sweep.resources.trial_cpu
+    if sweep.trial_runner(base) == "train":
+        return {"cpu": trial_cpu}
+    sc = base.scaling
+    return {"cpu": trial_cpu + sc.cpus_per_worker,
+            **({"gpu": sc.gpus_per_worker} if sc.use_gpu else {})}
+
+
+def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool,
+           callbacks: list, verbose: bool):
     trial_cpu = sweep.resources.trial_cpu
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                    {"cpu": trial_cpu})
+                                    trial_resources(sweep, base))
     if resume:
         log.info("resuming sweep %s from %s", sweep.name, sweep.sweep_dir)
+        # Tune's state brings back the first run's callbacks (its console) and verbosity.
         return tune.Tuner.restore(str(sweep.sweep_dir), trainable=trainable)
     search = sweep.search
     scheduler = None
@@ -251,18 +272,26 @@ def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool
     concurrency = search.max_concurrent_trials or max_concurrent_trials(base, trial_cpu)
     log.info("sweep %s: %d trials, at most %d at a time, Tune state in %s", sweep.name,
              sweep.expected_trials, concurrency, sweep.sweep_dir)
+    in_trial = context.runner == "in_trial"
+    checkpoint = base.checkpoint
     return tune.Tuner(
         trainable,
         param_space={d.key: d.domain(search.method) for d in sweep.space},
         tune_config=tune.TuneConfig(
             search_alg=_search_alg(sweep, concurrency), scheduler=scheduler,
-            num_samples=search.num_samples, trial_dirname_creator=_trial_dirname),
+            num_samples=search.num_samples, trial_dirname_creator=_trial_dirname,
+            reuse_actors=in_trial and sweep.resources.reuse_actors),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(Path(sweep.storage_path)),
             stop=CollapseStopper(sweep.stopper, context) if sweep.stopper.enabled else None,
-            callbacks=[EarlyStopRecorder(context)], verbose=1,
+            callbacks=[EarlyStopRecorder(context), *callbacks], verbose=1 if verbose else 0,
+            # in_trial checkpoints are Tune's (a TorchTrainer keeps its own, alike)
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=checkpoint.keep, checkpoint_score_attribute=checkpoint.metric,
+                checkpoint_score_order=checkpoint.mode) if in_trial else None,
             failure_config=tune.FailureConfig(
                 max_failures=sweep.resources.max_trial_failures)))
+
 
 
 def _search_alg(sweep: SweepConfig, concurrency: int):
@@ -374,7 +403,6 @@ def _close_open_runs(client, context: TrialContext, results, interrupted: bool) 
 def main(argv: list[str] | None = None, default_config: str | Path | None = None,
          smoke_config: str | Path | None = None) -> int:
     """``search_kl.py [--config YAML | --smoke] [--set KEY=VALUE ...] [--resume]``."""
-    from freetf.logs import setup_logging
     from freetf.sweeps import report
     from freetf.tracking import TrackingError
 
@@ -389,12 +417,14 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
                              "or a base-config key such as training.max_steps=50")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep of the same name")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's and Tune's own output too (status tables, trial logs)")
     args = parser.parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    setup_console(args.verbose)
     path = args.config or (smoke_config if args.smoke else default_config)
     try:
-        result = run_sweep(load_sweep(path, args.set), resume=args.resume)
+        result = run_sweep(load_sweep(path, args.set), resume=args.resume,
+                           verbose=args.verbose)
     except (ConfigError, TrackingError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -12,13 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import random
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
+import torch
 from ray import tune
 
 from freetf.config import Config, apply_overrides, from_dict
+from freetf.training.loop import TrainContext, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ class TrialContext:
     keys: tuple[str, ...]  # the searched keys
     train_storage: str
     controller_failure_limit: int
+    runner: str = "train"  # in_trial | train (SweepConfig.trial_runner)
 
     def trial_config(self, sampled: dict[str, Any]) -> Config:
         key = trial_key(sampled)
@@ -77,16 +87,17 @@ class TrialContext:
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """Tune function trainable: one Ray Train run in its own MLflow child run.
+    """Tune function trainable: one training run in its own MLflow child run.
 
-    A child run of the same trial key that already FINISHED (a resumed sweep whose
-    driver died after the trial ended) is not trained again: its metrics are reported.
+    ``context.runner`` says how: ``in_trial`` runs the loop here, in the trial's process
+    (reporting and checkpointing through Tune); ``train`` runs it under a ``TorchTrainer``
+    (DDP workers, GPUs).  A child run of the same trial key that already FINISHED (a
+    resumed sweep whose driver died after the trial ended) is not trained again: its
+    metrics are reported.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
+    marks = {"trial_start": time.time()}
     from freetf.logs import setup_logging
     from freetf.tracking import make_tracker, mlflow_client
-    from freetf.training.ray_train import build_trainer
 
     setup_logging()
     sampled = {k: _plain(config[k]) for k in context.keys}
@@ -100,6 +111,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         tune.report({**existing.data.metrics,
                      "eval/verdict": existing.data.tags.get("freetf.verdict", "")})
         return
+    marks["imports"] = time.time()
     tracker = make_tracker(
         cfg, run_id=existing.info.run_id if existing else None,
         parent_run_id=context.parent_run_id, run_name=cfg.tracking.mlflow.run_name,
@@ -108,30 +120,132 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     tracker.log_params({f"sampled.{k}": v for k, v in sampled.items()})
     if existing is not None and "freetf.error" in existing.data.tags:  # from a cut-off try
         client.delete_tag(tracker.run_id, "freetf.error")
-    trainer = build_trainer(cfg, run_id=tracker.run_id, callbacks=[TuneReportCallback()],
-                            storage_path=context.train_storage,
-                            controller_failure_limit=context.controller_failure_limit)
+    marks["mlflow_run"] = time.time()
     try:
-        result = trainer.fit()
+        if context.runner == "in_trial":
+            metrics, checkpoint, history = _train_in_trial(cfg, tracker, marks)
+        else:
+            metrics, checkpoint, history = _train_with_trainer(cfg, tracker, context)
     except BaseException as err:
-        # Tune stopping the trial (ASHA, stopper) also lands here when it removes the
-        # trial's resources: the driver has then already closed the run as stopped early.
+        # Tune stopping the trial (ASHA, stopper) also lands here (SystemExit in the
+        # trial's thread, or the trainer's resources removed): the driver has then
+        # already closed the run as stopped early.
         if client.get_run(tracker.run_id).data.tags.get("freetf.stopped_early") != "true":
             tracker.set_tags({"freetf.verdict": "failed",
                               "freetf.error": f"{type(err).__name__}: {err}"})
             tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    _finish_trial_run(tracker, client, dict(result.metrics or {}), result.checkpoint)
+    _finish_trial_run(tracker, client, metrics, checkpoint, history)
 
 
-def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint) -> None:
+def _train_with_trainer(cfg: Config, tracker, context: TrialContext):
+    """The loop under a ``TorchTrainer`` (its workers log into the trial's run)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from freetf.training.ray_train import build_trainer
+
+    trainer = build_trainer(cfg, run_id=tracker.run_id, callbacks=[TuneReportCallback()],
+                            storage_path=context.train_storage,
+                            controller_failure_limit=context.controller_failure_limit)
+    result = trainer.fit()
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    return dict(result.metrics or {}), checkpoint, None  # history: from MLflow
+
+
+def _train_in_trial(cfg: Config, tracker, marks: dict[str, float]):
+    """The loop in this process, after resetting what a reused process carries over."""
+    reset_process_state(cfg)
+    ctx = TuneTrialContext(cfg.scaling.report_interval_s)
+    ctx.marks.update(marks)
+    try:
+        result = train_loop(cfg, ctx, tracker=tracker)
+    finally:
+        ctx.close()
+    # A retried trial resumed mid-way: its own history misses the first steps.
+    history = ctx.history if not ctx.resumed else None
+    return result.metrics, ctx.last_checkpoint, history
+
+
+def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint: Path | None,
+                      history: list[dict[str, Any]] | None = None) -> None:
     from freetf.tracking import CURVE_METRICS, metric_history, plot_training_curves
     from freetf.training.ray_train import log_run_artifacts
 
-    history = metric_history(client, tracker.run_id, CURVE_METRICS)
-    path = Path(checkpoint.path) if checkpoint is not None else None
-    log_run_artifacts(tracker, metrics, path, history, plot_training_curves)
+    if history is None:  # Ray Train's reports are thinned: MLflow has every log step
+        history = metric_history(client, tracker.run_id, CURVE_METRICS)
+    log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
     tracker.finish("FINISHED")
+
+
+# ----------------------------------------------------------------------------- in-trial runs
+
+
+class TuneTrialContext(TrainContext):
+    """The loop's view of a Tune trial that runs it in its own process (one worker).
+
+    Reports go to ``tune.report`` (the final and the checkpoint ones always, metric-only
+    ones at most every ``report_interval_s``: each report waits for the driver), and a
+    checkpoint is persisted by Tune into the trial's folder; ``tune.get_checkpoint``
+    resumes a retried or restored trial from its last one.
+    """
+
+    def __init__(self, report_interval_s: float = 0.0) -> None:
+        super().__init__()
+        self.report_interval_s = report_interval_s
+        self.last_checkpoint: Path | None = None  # as persisted by Tune
+        self.resumed = False
+        self._tmp = Path(tempfile.mkdtemp(prefix="freetf-trial-"))
+        self._last_report = -math.inf
+        self.marks["process_start"] = psutil.Process().create_time()
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self.resumed = True
+        return Path(checkpoint.to_directory(str(self._tmp / "restore")))
+
+    def checkpoint_root(self, cfg: Config) -> Path:
+        return self._tmp / "out"  # Tune persists what is reported into the trial folder
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
+               essential: bool = True) -> None:
+        self.history.append(dict(metrics))
+        now = time.monotonic()
+        if not essential and now - self._last_report < self.report_interval_s:
+            return
+        self._last_report = now
+        checkpoint = (tune.Checkpoint.from_directory(str(checkpoint_dir))
+                      if checkpoint_dir is not None else None)
+        tune.report({**metrics, **self.timeline()}, checkpoint=checkpoint)
+        if checkpoint_dir is not None:
+            self.last_checkpoint = Path(tune.get_checkpoint().path)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def reset_process_state(cfg: Config) -> None:
+    """Reset what a reused trial process carries from one trial to the next.
+
+    The global RNGs (Python, NumPy, torch on every device; the loop seeds torch again
+    itself), torch's thread count (that of a Ray Train worker holding
+    ``scaling.cpus_per_worker``), and a fluent MLflow run left active.  freetf keeps no
+    other per-trial state in globals: data, model, optimizer and tracker are built per
+    trial.
+    """
+    from freetf.tracking import end_active_run
+
+    seed = cfg.training.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
+    end_active_run()
+
+
+# ----------------------------------------------------------------------------- MLflow runs
 
 
 def find_trial_run(client, parent_run_id: str, key: str):
