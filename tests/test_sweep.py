@@ -268,7 +268,9 @@ def test_a_finished_sweep_name_is_not_reused(smoke_sweep):
 @pytest.mark.ray
 @pytest.mark.heavy  # a second sweep, run twice: about 2 minutes on 2 cores
 def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
-    sweep = _smoke(tmp_path)
+    # One trial at a time, long enough that the Ctrl-C lands while a later one runs.
+    sweep = _smoke(tmp_path, "search.max_concurrent_trials=1", "training.max_steps=200",
+                   "asha.enabled=false")
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_after_first_finished_trial,
                                args=(sweep, stop), daemon=True)
