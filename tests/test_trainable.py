@@ -16,6 +16,7 @@ from freetf import load_config
 from freetf.sweeps.spec import load_sweep
 from freetf.sweeps.sweep import run_sweep
 from freetf.sweeps.trainable import reset_process_state
+from freetf.training.checkpoint import load_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -102,5 +103,7 @@ def test_a_failed_in_trial_run_is_retried_from_its_checkpoint_in_the_same_mlflow
     # steps 2, 3 (eval) and 4 logged, step 5 failed; the retry resumed at the step-4
     # checkpoint (a retry from scratch would log 2 and 3 again)
     assert sorted(steps) == [2, 3, 4, 6]
-    checkpoint = Path(run.data.tags["freetf.checkpoint"])
-    assert checkpoint.is_dir() and checkpoint.is_relative_to(sweep.sweep_dir)
+    checkpoint = Path(run.data.tags["freetf.checkpoint"])  # persisted by Tune
+    assert checkpoint.is_relative_to(sweep.sweep_dir)
+    _, cfg, state = load_model(checkpoint)  # self-describing, loads without Ray
+    assert state["step"] == 6 and cfg.training.kl_weight == 1.0
