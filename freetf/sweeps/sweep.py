@@ -136,7 +136,7 @@ class EarlyStopRecorder(tune.Callback):
                                ("freetf.verdict", verdict or "unknown")):
                 self._client.set_tag(run.info.run_id, tag, value)
             self._client.set_terminated(run.info.run_id, "KILLED")
-            log.info("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
+            log.debug("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
                      result.get("step"), reason, verdict)
         except Exception as err:  # never break the sweep over bookkeeping
             log.warning("could not close the MLflow run of stopped trial %s: %s", trial, err)
@@ -175,6 +175,8 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
 
     # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if not verbose:  # Tune's new output prints its experiment box even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     restorable = tune.Tuner.can_restore(str(sweep.sweep_dir))
     if resume and not restorable:
         raise SweepError(f"nothing to resume: no Tune state of sweep {sweep.name!r} in "
