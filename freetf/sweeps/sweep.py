@@ -137,7 +137,7 @@ class EarlyStopRecorder(tune.Callback):
                 self._client.set_tag(run.info.run_id, tag, value)
             self._client.set_terminated(run.info.run_id, "KILLED")
             log.debug("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
-                     result.get("step"), reason, verdict)
+                      result.get("step"), reason, verdict)
         except Exception as err:  # never break the sweep over bookkeeping
             log.warning("could not close the MLflow run of stopped trial %s: %s", trial, err)
 
