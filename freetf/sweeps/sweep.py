@@ -7,16 +7,15 @@ schedules locates the boundary between them.  One sweep is:
 - a YAML spec (:class:`SweepConfig`): a base freetf config plus overrides, a search
   space over any dotted config key, the search method (grid, random, Optuna TPE), ASHA,
   the collapse / divergence stopper, per-trial resources and the MLflow names;
-- one Tune trial per point, each running the Ray Train loop (``TorchTrainer`` inside a
-  function trainable, reporting through ``TuneReportCallback``: Ray 2.60's pattern,
-  since ``Tuner(trainer)`` is not supported by Train V2);
+- one Tune trial per point (:mod:`freetf.sweeps.trainable`), running the training loop
+  in the trial's process (one CPU worker) or under a ``TorchTrainer``;
 - one MLflow parent run per sweep and one child run per trial, found again by its tags
   (``freetf.sweep``, ``freetf.trial_key``) so a resumed sweep (``resume=True``,
   ``Tuner.restore``) reuses its runs and never duplicates a finished trial;
 - at the end, the collapse map of :mod:`freetf.report`, logged to the parent run.
 
-Tune kills a trial stopped by ASHA or by the stopper without running the code after
-``trainer.fit()``: the driver closes its child run instead (KILLED,
+Tune kills a trial stopped by ASHA or by the stopper without running the code after its
+training: the driver closes its child run instead (KILLED,
 ``freetf.stopped_early=true``), from a Tune callback as soon as the trial stops.
 """
 

@@ -1,10 +1,17 @@
 """One sweep trial: its key and names, its context, and the Tune function trainable.
 
-A trial runs the Ray Train loop (``TorchTrainer`` inside a function trainable, reporting
-through ``TuneReportCallback``: Ray 2.60's pattern, since ``Tuner(trainer)`` is not
-supported by Train V2) in its own MLflow child run, found again by its tags
-(``freetf.sweep``, ``freetf.trial_key``) so a resumed sweep reuses it.  Used by
-:mod:`freetf.sweeps.sweep`.
+A trial trains in its own MLflow child run, found again by its tags (``freetf.sweep``,
+``freetf.trial_key``) so a resumed sweep reuses it, in one of two ways
+(``resources.trial_runner``, resolved by :meth:`SweepConfig.trial_runner`):
+
+- ``in_trial``: the training loop runs in the trial's process, reporting and
+  checkpointing through Tune (:class:`TuneTrialContext`).  Tune may reuse the process for
+  the next trial of its slot; :func:`reset_process_state` runs first.
+- ``train``: a ``TorchTrainer`` inside the trial (Ray 2.60's pattern, reporting through
+  ``TuneReportCallback``, since ``Tuner(trainer)`` is not supported by Train V2), for
+  several workers or GPUs.
+
+Used by :mod:`freetf.sweeps.sweep`.
 """
 
 from __future__ import annotations
