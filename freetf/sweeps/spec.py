@@ -80,7 +80,7 @@ class ResourcesSpec:
     # TorchTrainer otherwise (train).  See docs/sweeps.md, "Trial runners".
     trial_runner: Literal["auto", "in_trial", "train"] = "auto"
     reuse_actors: bool = True  # in_trial: one process per trial slot, reused by its trials
-    trial_cpu: float = 0.01  # the trial process only waits on its TorchTrainer
+    trial_cpu: float = 0.01  # the trial process (in_trial: plus worker_cpu, as it trains)
     worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
     num_workers: int | None = None  # None: the base scaling.num_workers
     controller_failure_limit: int = 2  # a run whose workers cannot start fails, not hangs
