@@ -59,7 +59,7 @@ def _run_grid(console: SweepConsole, clock: Clock) -> None:
             console.on_trial_complete(0, [], trial)
 
 
-def test_grid_sweep_prints_one_line_per_trial_and_a_table_a_minute():
+def test_grid_sweep_prints_one_line_per_trial_and_tables_at_doubling_intervals():
     console, stream, clock = _console()
     _run_grid(console, clock)
     lines = stream.getvalue().splitlines()
@@ -69,15 +69,31 @@ def test_grid_sweep_prints_one_line_per_trial_and_a_table_a_minute():
     assert "kappa 0.0156 bits, kl_weight 0.1, seed 0: active at step 300, KL 0.75 bits, " \
            "CE gap 0.25 nats" in ended[0]
     assert ended[-1].startswith("[8/8 trials ended, 4m00s elapsed]")
-    # 240 s of reports, a table (progress + header + 2 running trials) every 60 s
+    # 240 s of reports: tables (progress + header + 2 running trials) after 60 and 180 s
     tables = [i for i, line in enumerate(lines) if line.startswith("  kappa bits")]
-    assert len(tables) == 4
+    assert len(tables) == 2
+    assert lines[tables[0] - 1].startswith("0/8 trials ended, 1m00s elapsed, about 3m04s left")
+    assert lines[tables[1] - 1].startswith("4/8 trials ended, 3m00s elapsed")
     assert lines[tables[0]].split() == ["kappa", "bits", "kl_weight", "seed", "step", "KL",
                                         "bits", "CE", "gap", "nats", "verdict"]
-    assert len(lines) == 8 + 4 * 4
+    assert len(lines) == 8 + 2 * 4
     text = stream.getvalue()
     for chatter in ("train/loss", "grad_norm", "train/lr", "lr "):
         assert chatter not in text
+
+
+def test_status_tables_of_a_long_sweep_thin_out_to_one_per_five_minutes():
+    console, stream, clock = _console()
+    trial = _trial("t", 1.0, 1.0)
+    console.on_trial_start(0, [], trial)
+    for step in range(1, 3601):  # an hour of reports, one a second
+        clock.now += 1.0
+        console.on_trial_result(0, [], trial, {"step": step % 300})
+    tables = [line for line in stream.getvalue().splitlines() if "elapsed" in line]
+    # after 1, 3, 7 and 12 minutes, then every 5: 16 tables in the hour, not 60
+    assert [t.split(", ")[1] for t in tables[:5]] == [
+        "1m00s elapsed", "3m00s elapsed", "7m00s elapsed", "12m00s elapsed", "17m00s elapsed"]
+    assert len(tables) == 4 + (60 - 12) // 5
 
 
 def test_progress_estimates_the_time_left_from_the_steps_trained():
