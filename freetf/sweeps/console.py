@@ -4,9 +4,10 @@ By default a sweep prints what a person reads while it runs:
 
 - one line per ended trial, with the progress (trials ended / total, time elapsed and an
   estimate of the time left, from the steps trained so far);
-- every ``status_every_s``, a table of the running trials: kappa (bits), ``kl_weight``,
-  seed, step, raw KL (bits per token), the prior/posterior CE gap (nats) and the verdict
-  of the last evaluation.
+- a table of the running trials after ``status_every_s``, then at doubling intervals up
+  to five minutes (a long sweep stays short): kappa (bits), ``kl_weight``, seed, step,
+  raw KL (bits per token), the prior/posterior CE gap (nats) and the verdict of the last
+  evaluation.
 
 Ray's and the libraries' own output (Tune's status tables, the trial processes'
 per-report dumps and log lines, MLflow's database set-up) is hidden: :func:`setup_console`
@@ -34,7 +35,8 @@ from freetf.sweeps.spec import STOP_REASON, SweepConfig
 QUIET_LOGGERS = {"ray": logging.ERROR, "ray.tune": logging.ERROR, "ray.train": logging.ERROR,
                  "mlflow": logging.WARNING, "alembic": logging.WARNING,
                  "urllib3": logging.WARNING, "filelock": logging.WARNING}
-STATUS_EVERY_S = 60.0
+STATUS_EVERY_S = 60.0  # the first status table; then at doubling intervals ...
+STATUS_MAX_S = 300.0  # ... up to this
 LN2 = math.log(2.0)
 
 
@@ -74,6 +76,7 @@ class SweepConsole(tune.Callback):
         self.ended = 0
         self._start: float | None = None
         self._last_table: float | None = None
+        self._interval = self.status_every_s
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's state (resume)
         return {**self.__dict__, "stream": None, "clock": None, "rows": {}}
@@ -103,8 +106,9 @@ class SweepConsole(tune.Callback):
         if result.get(STOP_REASON):
             row["stop"] = result[STOP_REASON]
         if self.enabled and self._last_table is not None and \
-                self.clock() - self._last_table >= self.status_every_s:
+                self.clock() - self._last_table >= self._interval:
             self._last_table = self.clock()
+            self._interval = min(2 * self._interval, max(STATUS_MAX_S, self.status_every_s))
             self._write(self.status_table())
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
