@@ -7,7 +7,8 @@ the order between rounds.  Steady-state tokens/s is the median of the loop's own
 local Ray (``init_ray``) and one ``TorchTrainer.fit`` end to end minus its training time
 (start-up, worker placement, teardown).  Target: Ray/in-process >= 0.9.
 
-Per-trial overhead of a Tune sweep: two sweeps through ``freetf.sweep.run_sweep`` (the
+Per-trial overhead of a Tune sweep of TorchTrainer trials (``resources.trial_runner=train``):
+two sweeps through ``freetf.sweep.run_sweep`` (the
 smoke spec, trials of 2 training steps run one at a time, ASHA and the stopper off), one
 of 1 trial and one of ``1 + --tune-trials``; the difference of their wall times over the
 extra trials is what a trial costs beyond its training: the trial actor, the Train
@@ -154,6 +155,7 @@ def tune_trial_overhead(tmp: Path, extra_trials: int) -> float:
             f"storage_path={tmp}/tune", f"report_dir={tmp}/reports",
             f"mlflow.sweep_name={name}", "asha.enabled=false", "stopper.enabled=false",
             "search.max_concurrent_trials=1", "space.training.free_bits_bits={grid: [1.0]}",
+            "resources.trial_runner=train",  # the TorchTrainer path (--sweeps: the others)
             f"space.training.kl_weight={{grid: [{weights}]}}"])
         start = time.perf_counter()
         result = run_sweep(sweep)
