@@ -138,14 +138,19 @@ def test_gpu_script(tmp_path):
 
 @pytest.mark.heavy
 @pytest.mark.ray
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(600)
 def test_ray_overhead_tiny(tmp_path):
-    """Item 5 starts a local Ray and TorchTrainer: heavy (about a minute)."""
+    """Item 5 starts a local Ray and TorchTrainer, then two small sweeps: heavy (2-7 min)."""
     out = tmp_path / "ray_overhead.json"
     subprocess.run([sys.executable, str(BENCH / "ray_overhead.py"), "--tiny", "--repeats", "1",
-                    "--tune-trials", "1", "--json", str(out)], check=True, timeout=400,
-                   capture_output=True, cwd=BENCH.parent)
+                    "--tune-trials", "1", "--sweeps", "new", "--json", str(out)], check=True,
+                   timeout=560, capture_output=True, cwd=BENCH.parent)
     results = json.loads(out.read_text())["results"]
     assert results["in_process_tokens_per_s"] > 0 and results["ray_tokens_per_s"] > 0
     assert results["ray_init_s"] > 0
     assert results["tune_trial_overhead_s"] > 0  # a trial costs more than its 2 steps
+    new = results["sweep_paths"]["paths"]["new"]
+    assert new["trials_run"] == 3 and len(new["trials"]) == 3
+    for trial in new["trials"]:  # training is part of the trial's wall time
+        assert 0 < trial["train_s"] < trial["wall_s"]
+        assert trial["marks"]["first_step"] <= trial["marks"]["train_end"]

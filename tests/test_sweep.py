@@ -164,6 +164,26 @@ def test_concurrency_follows_the_cluster(monkeypatch):
         assert sweep_mod.max_concurrent_trials(cfg, trial_cpu=0.01) == expected
 
 
+def test_trial_runner_auto_runs_one_cpu_worker_in_the_trial_and_more_under_train():
+    one = load_sweep(SMOKE)
+    assert one.trial_runner(one.base()) == "in_trial"
+    assert sweep_mod.trial_resources(one, one.base()) == {"cpu": pytest.approx(0.01 + 0.99)}
+    two = load_sweep(SMOKE, ["resources.num_workers=2", "resources.worker_cpu=0.5"])
+    assert two.trial_runner(two.base()) == "train"
+    assert sweep_mod.trial_resources(two, two.base()) == {"cpu": 0.01}
+    gpu = load_sweep(SMOKE, ["scaling.use_gpu=true"])
+    assert gpu.trial_runner(gpu.base()) == "train"
+    forced = load_sweep(SMOKE, ["resources.trial_runner=train"])
+    assert forced.trial_runner(forced.base()) == "train"
+    forced_gpu = load_sweep(SMOKE, ["scaling.use_gpu=true", "resources.trial_runner=in_trial"])
+    assert sweep_mod.trial_resources(forced_gpu, forced_gpu.base()) == {
+        "cpu": pytest.approx(1.0), "gpu": forced_gpu.base().scaling.gpus_per_worker}
+    with pytest.raises(SweepError, match="trial_runner=in_trial runs one worker"):
+        load_sweep(SMOKE, ["resources.num_workers=2", "resources.trial_runner=in_trial"])
+    with pytest.raises(SweepError, match="resources.trial_runner"):
+        load_sweep(SMOKE, ["resources.trial_runner=inside"])
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -281,7 +301,9 @@ def test_a_finished_sweep_name_is_not_reused(smoke_sweep):
 @pytest.mark.ray
 @pytest.mark.heavy  # a second sweep, run twice: about 2 minutes on 2 cores
 def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
-    sweep = _smoke(tmp_path)
+    # One trial at a time, long enough that the Ctrl-C lands while a later one runs.
+    sweep = _smoke(tmp_path, "search.max_concurrent_trials=1", "training.max_steps=200",
+                   "asha.enabled=false")
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_after_first_finished_trial,
                                args=(sweep, stop), daemon=True)

@@ -76,7 +76,11 @@ class StopperSpec:
 
 @dataclass(frozen=True)
 class ResourcesSpec:
-    trial_cpu: float = 0.01  # the trial process only waits on its TorchTrainer
+    # auto: the loop runs in the trial process for 1-worker CPU trials (in_trial), under a
+    # TorchTrainer otherwise (train).  See docs/sweeps.md, "Trial runners".
+    trial_runner: Literal["auto", "in_trial", "train"] = "auto"
+    reuse_actors: bool = True  # in_trial: one process per trial slot, reused by its trials
+    trial_cpu: float = 0.01  # the trial process (in_trial: plus worker_cpu, as it trains)
     worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
     num_workers: int | None = None  # None: the base scaling.num_workers
     controller_failure_limit: int = 2  # a run whose workers cannot start fails, not hangs
@@ -144,6 +148,14 @@ class SweepConfig:
     @property
     def report_path(self) -> Path:
         return Path(self.report_dir) / self.name
+
+    def trial_runner(self, base: Config) -> str:
+        """``in_trial`` or ``train``: ``resources.trial_runner`` with ``auto`` resolved."""
+        runner = self.resources.trial_runner
+        if runner == "auto":
+            single = base.scaling.num_workers == 1 and not base.scaling.use_gpu
+            return "in_trial" if single else "train"
+        return runner
 
     @property
     def expected_trials(self) -> int:
@@ -328,6 +340,10 @@ def _validated(sweep: SweepConfig) -> SweepConfig:
         # would run the loop; local mode would also report nothing to Tune.
         raise SweepError("a sweep needs scaling.num_workers >= 1 (resources.num_workers): "
                          "Ray Train's local mode (0) does not run inside a Tune trial")
+    if sweep.resources.trial_runner == "in_trial" and base.scaling.num_workers != 1:
+        raise SweepError(f"resources.trial_runner=in_trial runs one worker, in the trial "
+                         f"process; set resources.num_workers=1 (it is "
+                         f"{base.scaling.num_workers}) or resources.trial_runner=train")
     if sweep.resources.trial_cpu < 0:
         raise SweepError(f"resources.trial_cpu={sweep.resources.trial_cpu} must be >= 0")
     if not sweep.name or "/" in sweep.name:

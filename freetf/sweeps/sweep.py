@@ -7,23 +7,21 @@ schedules locates the boundary between them.  One sweep is:
 - a YAML spec (:class:`SweepConfig`): a base freetf config plus overrides, a search
   space over any dotted config key, the search method (grid, random, Optuna TPE), ASHA,
   the collapse / divergence stopper, per-trial resources and the MLflow names;
-- one Tune trial per point, each running the Ray Train loop (``TorchTrainer`` inside a
-  function trainable, reporting through ``TuneReportCallback``: Ray 2.60's pattern,
-  since ``Tuner(trainer)`` is not supported by Train V2);
+- one Tune trial per point (:mod:`freetf.sweeps.trainable`), running the training loop
+  in the trial's process (one CPU worker) or under a ``TorchTrainer``;
 - one MLflow parent run per sweep and one child run per trial, found again by its tags
   (``freetf.sweep``, ``freetf.trial_key``) so a resumed sweep (``resume=True``,
   ``Tuner.restore``) reuses its runs and never duplicates a finished trial;
 - at the end, the collapse map of :mod:`freetf.report`, logged to the parent run.
 
-Tune kills a trial stopped by ASHA or by the stopper without running the code after
-``trainer.fit()``: the driver closes its child run instead (KILLED,
+Tune kills a trial stopped by ASHA or by the stopper without running the code after its
+training: the driver closes its child run instead (KILLED,
 ``freetf.stopped_early=true``), from a Tune callback as soon as the trial stops.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +33,8 @@ from typing import Any
 
 from ray import tune
 
-from freetf.config import Config, ConfigError, apply_overrides, from_dict
+from freetf.config import Config, ConfigError
+from freetf.sweeps.console import SweepConsole, setup_console
 from freetf.sweeps.spec import (  # noqa: F401 - load_sweep, SweepError: the public API
     SPEC_FILE,
     STOP_REASON,
@@ -44,141 +43,20 @@ from freetf.sweeps.spec import (  # noqa: F401 - load_sweep, SweepError: the pub
     SweepError,
     load_sweep,
 )
+from freetf.sweeps.trainable import (  # noqa: F401 - trial_run_name: the public API
+    TAG_KEY,
+    TAG_ROLE,
+    TAG_SWEEP,
+    TrialContext,
+    _plain,
+    child_runs,
+    find_trial_run,
+    run_trial,
+    trial_key,
+    trial_run_name,
+)
 
 log = logging.getLogger(__name__)
-
-TAG_SWEEP, TAG_ROLE, TAG_KEY = "freetf.sweep", "freetf.role", "freetf.trial_key"
-
-
-# ----------------------------------------------------------------------------- trials
-
-
-def trial_key(sampled: dict[str, Any]) -> str:
-    """A stable id of a trial's sampled values (the same point always gets the same key)."""
-    text = json.dumps({k: _plain(v) for k, v in sorted(sampled.items())}, sort_keys=True,
-                      default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def trial_run_name(sweep_name: str, sampled: dict[str, Any]) -> str:
-    """``<sweep>/<key>=<value>,...``, with the shortest unambiguous key names."""
-    labels = {k: k.rsplit(".", 1)[-1] for k in sampled}
-    if len(set(labels.values())) < len(labels):
-        labels = {k: k for k in sampled}
-    parts = [f"{labels[k]}={_short(v)}" for k, v in sorted(sampled.items())]
-    return f"{sweep_name}/{','.join(parts)}"
-
-
-def _short(value: Any) -> str:
-    value = _plain(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars (Tune's samplers) to Python ones."""
-    return value.item() if hasattr(value, "item") else value
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial needs from the driver (pickled into Tune's state)."""
-
-    sweep_name: str
-    parent_run_id: str
-    tracking_uri: str
-    base: dict[str, Any]  # the resolved base config
-    keys: tuple[str, ...]  # the searched keys
-    train_storage: str
-    controller_failure_limit: int
-
-    def trial_config(self, sampled: dict[str, Any]) -> Config:
-        key = trial_key(sampled)
-        return from_dict(apply_overrides(self.base, {
-            **sampled, "tracking.mlflow.run_name": trial_run_name(self.sweep_name, sampled),
-            "scaling.run_name": f"trial-{key}"}))
-
-    def max_steps(self, sampled: dict[str, Any]) -> int:
-        return int(sampled.get("training.max_steps") or self.base["training"]["max_steps"])
-
-
-def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """Tune function trainable: one Ray Train run in its own MLflow child run.
-
-    A child run of the same trial key that already FINISHED (a resumed sweep whose
-    driver died after the trial ended) is not trained again: its metrics are reported.
-    """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from freetf.logs import setup_logging
-    from freetf.tracking import log_verdict, make_tracker, mlflow_client
-    from freetf.training.ray_train import build_trainer
-
-    setup_logging()
-    sampled = {k: _plain(config[k]) for k in context.keys}
-    key = trial_key(sampled)
-    cfg = context.trial_config(sampled)
-    client = mlflow_client(context.tracking_uri)
-    existing = find_trial_run(client, context.parent_run_id, key)
-    if existing is not None and existing.info.status == "FINISHED":
-        log.info("trial %s already finished in MLflow run %s; not rerun", key,
-                 existing.info.run_id)
-        metrics = existing.data.metrics
-        tune.report({**metrics, "step": metrics.get("train/steps_done", 0),
-                     "eval/verdict": existing.data.tags.get("freetf.verdict", "")})
-        return
-    tracker = make_tracker(
-        cfg, run_id=existing.info.run_id if existing else None,
-        parent_run_id=context.parent_run_id, run_name=cfg.tracking.mlflow.run_name,
-        tags={TAG_SWEEP: context.sweep_name, TAG_ROLE: "trial", TAG_KEY: key,
-              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false"},
-        searched=context.keys)
-    if existing is not None and "freetf.error" in existing.data.tags:  # from a cut-off try
-        client.delete_tag(tracker.run_id, "freetf.error")
-    trainer = build_trainer(cfg, run_id=tracker.run_id, callbacks=[TuneReportCallback()],
-                            storage_path=context.train_storage,
-                            controller_failure_limit=context.controller_failure_limit)
-    try:
-        result = trainer.fit()
-    except BaseException as err:
-        # Tune stopping the trial (ASHA, stopper) also lands here when it removes the
-        # trial's resources: the driver has then already closed the run as stopped early.
-        if client.get_run(tracker.run_id).data.tags.get("freetf.stopped_early") != "true":
-            tracker.set_tags({"freetf.error": f"{type(err).__name__}: {err}"})
-            log_verdict(tracker, "failed")
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    _finish_trial_run(tracker, client, dict(result.metrics or {}), result.checkpoint)
-
-
-def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint) -> None:
-    from freetf.tracking import CURVE_METRICS, metric_history, plot_training_curves
-    from freetf.training.ray_train import log_run_artifacts
-
-    history = metric_history(client, tracker.run_id, CURVE_METRICS)
-    path = Path(checkpoint.path) if checkpoint is not None else None
-    log_run_artifacts(tracker, metrics, path, history, plot_training_curves)
-    tracker.finish("FINISHED")
-
-
-def find_trial_run(client, parent_run_id: str, key: str):
-    """The child run of ``parent_run_id`` for trial ``key``, or None (oldest if several)."""
-    runs = _search(client, parent_run_id,
-                   f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-                   f"and tags.`{TAG_KEY}` = '{key}'")
-    if len(runs) > 1:
-        log.warning("%d MLflow runs for trial %s; using the oldest", len(runs), key)
-    return min(runs, key=lambda r: r.info.start_time) if runs else None
-
-
-def child_runs(client, parent_run_id: str) -> list:
-    return _search(client, parent_run_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-
-
-def _search(client, parent_run_id: str, filter_string: str) -> list:
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    return list(client.search_runs([experiment_id], filter_string=filter_string,
-                                   max_results=10_000))
-
 
 # ----------------------------------------------------------------------------- stopping
 
@@ -257,8 +135,8 @@ class EarlyStopRecorder(tune.Callback):
                 self._client.set_tag(run.info.run_id, tag, value)
             set_verdict(self._client, run.info.run_id, verdict or "unknown", result.get("step"))
             self._client.set_terminated(run.info.run_id, "KILLED")
-            log.info("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
-                     result.get("step"), reason, verdict)
+            log.debug("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
+                      result.get("step"), reason, verdict)
         except Exception as err:  # never break the sweep over bookkeeping
             log.warning("could not close the MLflow run of stopped trial %s: %s", trial, err)
 
@@ -279,19 +157,25 @@ class SweepResult:
     interrupted: bool
 
 
-def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
+def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
+              callbacks: list | tuple = ()) -> SweepResult:
     """Run (or, with ``resume``, continue) ``sweep`` on the local or joined Ray cluster.
 
     A fresh sweep refuses a name that already has Tune state or an MLflow parent run;
     ``resume`` restores Tune's state (``Tuner.restore``) with the spec saved by the first
     run and reattaches the parent and unfinished child runs.  Returns after the report
     is written, also when the sweep was interrupted (Ctrl-C): ``interrupted`` is then set.
+    The console shows :class:`freetf.sweeps.console.SweepConsole`'s progress; ``verbose``
+    brings back Tune's status tables and the trial processes' output.  ``callbacks``:
+    more Tune callbacks.
     """
     from freetf.sweeps import report
     from freetf.tracking import log_sweep_summary, make_tracker, mlflow_client, space_params
 
     # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if not verbose:  # Tune's new output prints its experiment box even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     restorable = tune.Tuner.can_restore(str(sweep.sweep_dir))
     if resume and not restorable:
         raise SweepError(f"nothing to resume: no Tune state of sweep {sweep.name!r} in "
@@ -310,7 +194,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
         raise SweepError(f"MLflow experiment {experiment!r} at {uri} already has a sweep "
                          f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
                          f"with --set mlflow.sweep_name=NEW_NAME")
-    _init_ray()
+    _init_ray(verbose)
     tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
                            run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"},
                            params=space_params(sweep))
@@ -321,9 +205,11 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
         sweep_name=sweep.name, parent_run_id=tracker.run_id, tracking_uri=uri,
         base=base.to_dict(), keys=tuple(d.key for d in sweep.space),
         train_storage=str(sweep.train_dir),
-        controller_failure_limit=sweep.resources.controller_failure_limit)
+        controller_failure_limit=sweep.resources.controller_failure_limit,
+        runner=sweep.trial_runner(base))
+    console = SweepConsole(sweep, base, verbose=verbose)
     try:
-        results = _tuner(sweep, base, context, resume).fit()
+        results = _tuner(sweep, base, context, resume, [console, *callbacks], verbose).fit()
     except BaseException as err:  # a second Ctrl-C, or Tune itself failed
         _close_open_runs(client, context, None, interrupted=True)
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -347,19 +233,33 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> SweepResult:
     return SweepResult(sweep, context.parent_run_id, uri, experiment, runs, paths, interrupted)
 
 
-def _init_ray() -> None:
-    """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray."""
+def _init_ray(verbose: bool) -> None:
+    """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray; the trial
+    processes' output reaches this console only if ``verbose``."""
     from freetf.training.ray_train import init_ray
 
-    init_ray()
+    init_ray(quiet=not verbose)
 
 
-def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool):
+def trial_resources(sweep: SweepConfig, base: Config) -> dict[str, float]:
+    """What one trial process holds: ``trial_cpu``, plus its worker's share when the
+    loop runs in it (``in_trial``); under a TorchTrainer the workers hold their own."""
+    trial_cpu = sweep.resources.trial_cpu
+    if sweep.trial_runner(base) == "train":
+        return {"cpu": trial_cpu}
+    sc = base.scaling
+    return {"cpu": trial_cpu + sc.cpus_per_worker,
+            **({"gpu": sc.gpus_per_worker} if sc.use_gpu else {})}
+
+
+def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool,
+           callbacks: list, verbose: bool):
     trial_cpu = sweep.resources.trial_cpu
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                    {"cpu": trial_cpu})
+                                    trial_resources(sweep, base))
     if resume:
         log.info("resuming sweep %s from %s", sweep.name, sweep.sweep_dir)
+        # Tune's state brings back the first run's callbacks (its console) and verbosity.
         return tune.Tuner.restore(str(sweep.sweep_dir), trainable=trainable)
     search = sweep.search
     scheduler = None
@@ -373,18 +273,26 @@ def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool
     concurrency = search.max_concurrent_trials or max_concurrent_trials(base, trial_cpu)
     log.info("sweep %s: %d trials, at most %d at a time, Tune state in %s", sweep.name,
              sweep.expected_trials, concurrency, sweep.sweep_dir)
+    in_trial = context.runner == "in_trial"
+    checkpoint = base.checkpoint
     return tune.Tuner(
         trainable,
         param_space={d.key: d.domain(search.method) for d in sweep.space},
         tune_config=tune.TuneConfig(
             search_alg=_search_alg(sweep, concurrency), scheduler=scheduler,
-            num_samples=search.num_samples, trial_dirname_creator=_trial_dirname),
+            num_samples=search.num_samples, trial_dirname_creator=_trial_dirname,
+            reuse_actors=in_trial and sweep.resources.reuse_actors),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(Path(sweep.storage_path)),
             stop=CollapseStopper(sweep.stopper, context) if sweep.stopper.enabled else None,
-            callbacks=[EarlyStopRecorder(context)], verbose=1,
+            callbacks=[EarlyStopRecorder(context), *callbacks], verbose=1 if verbose else 0,
+            # in_trial checkpoints are Tune's (a TorchTrainer keeps its own, alike)
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=checkpoint.keep, checkpoint_score_attribute=checkpoint.metric,
+                checkpoint_score_order=checkpoint.mode) if in_trial else None,
             failure_config=tune.FailureConfig(
                 max_failures=sweep.resources.max_trial_failures)))
+
 
 
 def _search_alg(sweep: SweepConfig, concurrency: int):
@@ -498,7 +406,6 @@ def _close_open_runs(client, context: TrialContext, results, interrupted: bool) 
 def main(argv: list[str] | None = None, default_config: str | Path | None = None,
          smoke_config: str | Path | None = None) -> int:
     """``search_kl.py [--config YAML | --smoke] [--set KEY=VALUE ...] [--resume]``."""
-    from freetf.logs import setup_logging
     from freetf.sweeps import report
     from freetf.tracking import TrackingError, mlflow_client
 
@@ -513,12 +420,14 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
                              "or a base-config key such as training.max_steps=50")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep of the same name")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's and Tune's own output too (status tables, trial logs)")
     args = parser.parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    setup_console(args.verbose)
     path = args.config or (smoke_config if args.smoke else default_config)
     try:
-        result = run_sweep(load_sweep(path, args.set), resume=args.resume)
+        result = run_sweep(load_sweep(path, args.set), resume=args.resume,
+                           verbose=args.verbose)
     except (ConfigError, TrackingError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ from freetf.tracking.store import (
     MODEL_TRAINING_KIND,
     TrackingError,
     check_tracking_server,
+    end_active_run,
     mlflow_client,
     resolve_tracking_uri,
     runs_page_url,
@@ -74,7 +75,7 @@ from freetf.tracking.tracker import (
 )
 
 __all__ = [
-    "CONFIG_TAG", "CURVE_METRICS", "EXPERIMENT_KIND_TAG", "HTTP_CLIENT_DEFAULTS",
+    "CONFIG_TAG", "CURVE_METRICS", "end_active_run", "EXPERIMENT_KIND_TAG", "HTTP_CLIENT_DEFAULTS",
     "MAX_BUFFERED_METRICS", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH",
     "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "MODEL_TRAINING_KIND", "RUN_STATUSES",
     "TENSORBOARD_ALIASES", "VERDICT_CODES", "VERDICT_METRIC", "VERDICT_TAG", "WANDB_ALIASES",

@@ -148,3 +148,12 @@ def _quietly(fn: Any, *args: Any) -> None:
         fn(*args)
     except Exception as err:
         logger.debug("ignored during cleanup: %s", err)
+
+
+def end_active_run() -> None:
+    """End a fluent ``mlflow`` run left active in this process (freetf uses clients, but a
+    reused sweep process may run user code that started one)."""
+    if mlflow.active_run() is not None:
+        logger.warning("ending the MLflow run %s left active in this process",
+                       mlflow.active_run().info.run_id)
+        mlflow.end_run()

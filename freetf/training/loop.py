@@ -164,10 +164,20 @@ class TrainContext:
     # ones were skipped) and report them with NONFINITE_STOP_KEY before raising: a runner
     # that only hears of checkpointed reports (Ray Train) learns of the stop that way.
     checkpoint_at_nonfinite_stop: bool = False
+    # Wall-clock times (time.time()) of a run's milestones, for a runner to report
+    # (bench/ray_overhead.py draws a trial's timeline from them).
+    marks: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def mark(self, event: str) -> None:
+        self.marks[event] = time.time()
+
+    def timeline(self) -> dict[str, float]:
+        """The marks as ``timeline/<event>`` metrics (for the runner's reports only)."""
+        return {f"timeline/{event}": t for event, t in self.marks.items()}
 
     def resolve_device(self, cfg: Config) -> torch.device:
         if self.device is not None:
@@ -254,6 +264,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                tracker: Any | None = None, data: DataBundle | None = None) -> TrainResult:
     """Train ``cfg`` to ``training.max_steps`` (or ``num_epochs``), resuming if asked."""
     ctx = context or TrainContext()
+    ctx.mark("loop_start")
     tcfg = cfg.training
     device = ctx.resolve_device(cfg)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
@@ -261,6 +272,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     stream = BatchStream(data.train, tcfg.batch_size, ctx.rank, ctx.world_size,
                          seed=cfg.data.seed, num_workers=cfg.data.num_workers)
     steps = total_steps(cfg, stream.steps_per_epoch)
+    ctx.mark("data_built")
 
     raw_model = FreeTransformer(cfg.model).to(device)
     if tcfg.gradient_checkpointing:
@@ -303,13 +315,14 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                     evaluated = evaluate(raw_model, data, cfg, device, sched["free_bits_nats"])
                     report.update({k: v for k, v in evaluated.items() if not isinstance(v, str)})
                 err.checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream,
-                                       at_step, report)
+                                       at_step, report, device)
                 ctx.report(report, err.checkpoint)
             raise
     tokens_since, t_since = 0, time.perf_counter()
     window = LogWindow()
     nonfinite_total = 0
     model.train()
+    ctx.mark("model_built")
     for step in range(start_step, steps):
         if tcfg.fail_at_step is not None and step == tcfg.fail_at_step and start_step == 0:
             raise InjectedFailure(f"injected failure at step {step} (training.fail_at_step)")
@@ -362,6 +375,10 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         window.add(step_parts)
         done = step + 1
         last = done == steps
+        if step == start_step:
+            ctx.mark("first_step")
+        if last:
+            ctx.mark("last_step")
         want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
         # A checkpoint kept by an eval metric (checkpoint.metric) needs that metric beside it.
         want_eval = (last or (tcfg.eval_every and done % tcfg.eval_every == 0)
@@ -385,6 +402,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             if want_ckpt:
                 checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream, done,
                                    report, device)
+            if last:
+                ctx.mark("train_end")  # before the final report, which carries the marks
             ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None,
                        essential=bool(want_eval or want_ckpt))
             if ctx.is_main and done % tcfg.log_every == 0:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.train
 import ray.train.torch
@@ -65,6 +66,7 @@ class RayTrainContext(TrainContext):
         self.checkpoint_at_nonfinite_stop = quiet_nonfinite_stop
         self.report_interval_s = report_interval_s
         self._last_report = -math.inf
+        self.marks["process_start"] = psutil.Process().create_time()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=False)
@@ -118,7 +120,7 @@ class RayTrainContext(TrainContext):
         self._last_report = time.monotonic()
         checkpoint = (ray.train.Checkpoint.from_directory(str(checkpoint_dir))
                       if checkpoint_dir is not None else None)
-        ray.train.report(metrics, checkpoint=checkpoint,
+        ray.train.report({**metrics, **self.timeline()}, checkpoint=checkpoint,
                          checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
         if checkpoint_dir is not None and self._persist_root is None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has its own copy
@@ -177,7 +179,8 @@ def last_logged_step(tracker: Any) -> int:
 
     if tracker.client is None:
         return 0
-    history = metric_history(tracker.client, tracker.run_id, ("step",))
+    # Every logged step carries train/steps_done (the loop logs it beside each point).
+    history = metric_history(tracker.client, tracker.run_id, ("train/steps_done",))
     return max((int(row["step"]) for row in history), default=0)
 
 
@@ -192,7 +195,7 @@ class RunSummary:
     wall_s: float
 
 
-def init_ray(num_cpus: float | None = None) -> None:
+def init_ray(num_cpus: float | None = None, quiet: bool = False) -> None:
     """Join ``RAY_ADDRESS`` (or the job's cluster) if set, else start a new local Ray.
 
     ``ray.init()`` alone would join any Ray that another process runs on this machine.
@@ -202,11 +205,15 @@ def init_ray(num_cpus: float | None = None) -> None:
     the dashboard port and exporting ``RAY_API_SERVER_ADDRESS`` to the Ray processes
     (they inherit this environment) points it at the right one.  The dashboard
     (ray[default]) also lets Ray clean up the placement groups of stopped runs.
+    ``quiet``: Ray's own log lines only from ERROR up, and the Ray processes' output
+    not printed here (it stays in their log files).
     """
+    settings = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else
+                logging.INFO}
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**settings)
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -215,7 +222,7 @@ def init_ray(num_cpus: float | None = None) -> None:
     with loopback_only():
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
                  include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=True)
+                 **settings)
 
 
 @contextlib.contextmanager

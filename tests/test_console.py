@@ -1,0 +1,180 @@
+"""Tests for freetf.sweeps.console: what a sweep prints, and what it keeps quiet."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from freetf.sweeps.console import QUIET_LOGGERS, SweepConsole, setup_console
+from freetf.sweeps.spec import STOP_REASON, load_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID8 = ROOT / "bench" / "search_kl_grid8.yaml"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _console(verbose: bool = False, status_every_s: float = 60.0, *settings: str):
+    sweep = load_sweep(GRID8, list(settings))
+    stream, clock = io.StringIO(), Clock()
+    console = SweepConsole(sweep, sweep.base(), verbose=verbose, stream=stream,
+                           status_every_s=status_every_s, clock=clock)
+    return console, stream, clock
+
+
+def _trial(trial_id: str, kappa_bits: float, kl_weight: float):
+    return SimpleNamespace(trial_id=trial_id, config={"training.free_bits_bits": kappa_bits,
+                                                      "training.kl_weight": kl_weight})
+
+
+def _run_grid(console: SweepConsole, clock: Clock) -> None:
+    """The 8-trial grid, two at a time, 300 steps reported every 10 (2 s apart)."""
+    points = [(k, w) for k in (0.015625, 0.25, 1.0, 4.0) for w in (0.1, 1.0)]
+    for pair in range(0, 8, 2):
+        trials = [_trial(f"t{pair + i}", *points[pair + i]) for i in range(2)]
+        for trial in trials:
+            console.on_trial_start(0, [], trial)
+        for step in range(10, 301, 10):
+            clock.now += 2.0
+            for trial in trials:
+                console.on_trial_result(0, [], trial, {
+                    "step": step, "train/loss": 1.0, "train/grad_norm": 3.0, "train/lr": 1e-3,
+                    "train/kl_bits": 0.5, **({"eval/ce_gap_nats": 0.25, "eval/kl_bits": 0.75,
+                                              "eval/verdict": "active"} if step % 50 == 0
+                                             else {})})
+        for trial in trials:
+            console.on_trial_complete(0, [], trial)
+
+
+def test_grid_sweep_prints_one_line_per_trial_and_tables_at_doubling_intervals():
+    console, stream, clock = _console()
+    _run_grid(console, clock)
+    lines = stream.getvalue().splitlines()
+    ended = [line for line in lines if line.startswith("[")]
+    assert len(ended) == 8
+    assert ended[0].startswith("[1/8 trials ended, ")
+    assert "kappa 0.0156 bits, kl_weight 0.1, seed 0: active at step 300, KL 0.75 bits, " \
+           "CE gap 0.25 nats" in ended[0]
+    assert ended[-1].startswith("[8/8 trials ended, 4m00s elapsed]")
+    # 240 s of reports: tables (progress + header + 2 running trials) after 60 and 180 s
+    tables = [i for i, line in enumerate(lines) if line.startswith("  kappa bits")]
+    assert len(tables) == 2
+    assert lines[tables[0] - 1].startswith("0/8 trials ended, 1m00s elapsed, about 3m04s left")
+    assert lines[tables[1] - 1].startswith("4/8 trials ended, 3m00s elapsed")
+    assert lines[tables[0]].split() == ["kappa", "bits", "kl_weight", "seed", "step", "KL",
+                                        "bits", "CE", "gap", "nats", "verdict"]
+    assert len(lines) == 8 + 2 * 4
+    text = stream.getvalue()
+    for chatter in ("train/loss", "grad_norm", "train/lr", "lr "):
+        assert chatter not in text
+
+
+def test_status_tables_of_a_long_sweep_thin_out_to_one_per_five_minutes():
+    console, stream, clock = _console()
+    trial = _trial("t", 1.0, 1.0)
+    console.on_trial_start(0, [], trial)
+    for step in range(1, 3601):  # an hour of reports, one a second
+        clock.now += 1.0
+        console.on_trial_result(0, [], trial, {"step": step % 300})
+    tables = [line for line in stream.getvalue().splitlines() if "elapsed" in line]
+    # after 1, 3, 7 and 12 minutes, then every 5: 16 tables in the hour, not 60
+    assert [t.split(", ")[1] for t in tables[:5]] == [
+        "1m00s elapsed", "3m00s elapsed", "7m00s elapsed", "12m00s elapsed", "17m00s elapsed"]
+    assert len(tables) == 4 + (60 - 12) // 5
+
+
+def test_progress_estimates_the_time_left_from_the_steps_trained():
+    console, stream, clock = _console(False, 1e9)
+    a, b = _trial("a", 1.0, 0.1), _trial("b", 1.0, 1.0)
+    console.on_trial_start(0, [], a)
+    console.on_trial_start(0, [], b)
+    clock.now = 100.0
+    console.on_trial_result(0, [], a, {"step": 300})
+    console.on_trial_result(0, [], b, {"step": 150})
+    console.on_trial_complete(0, [], a)
+    # 1.5 of 8 trials' steps in 100 s: 6.5 more take 433 s
+    assert stream.getvalue().startswith("[1/8 trials ended, 1m40s elapsed, about 7m13s left]")
+    assert console.progress().endswith("about 7m13s left")
+    assert stream.getvalue().endswith("kappa 1 bits, kl_weight 0.1, seed 0: ended at step 300\n")
+
+
+def test_stopped_failed_and_baseline_trials_say_so():
+    console, stream, clock = _console()
+    stopped, failed = _trial("s", 0.015625, 1.0), _trial("f", 4.0, 1.0)
+    baseline = SimpleNamespace(trial_id="b", config={"model.latent_dim": 0})
+    console.keys += ("model.latent_dim",)
+    failed.config["model.latent_dim"] = 8
+    for trial in (stopped, failed, baseline):
+        console.on_trial_start(0, [], trial)
+    console.on_trial_result(0, [], stopped, {"step": 170, "train/kl_bits": 0.001,
+                                             STOP_REASON: "collapsed"})
+    console.on_trial_complete(0, [], stopped)
+    console.on_trial_error(0, [], failed)
+    console.on_trial_result(0, [], baseline, {"step": 300, "eval/verdict": "collapsed"})
+    console.on_trial_complete(0, [], baseline)
+    lines = stream.getvalue().splitlines()
+    assert "collapsed (stopped) at step 170, KL 0.001 bits" in lines[0]
+    assert "kappa 4 bits, kl_weight 1, seed 0, latent_dim=8: failed at step 0" in lines[1]
+    assert "baseline, kl_weight 1, seed 0, latent_dim=0: collapsed at step 300" in lines[2]
+
+
+def test_verbose_leaves_the_console_to_ray():
+    console, stream, clock = _console(verbose=True)
+    _run_grid(console, clock)
+    assert stream.getvalue() == ""
+
+
+@pytest.fixture
+def _restore_logger_levels():
+    saved = {name: logging.getLogger(name).level for name in (*QUIET_LOGGERS, "freetf")}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.usefixtures("_restore_logger_levels")
+def test_quiet_console_silences_ray_and_mlflow_but_not_freetf():
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    setup_console(verbose=False)
+    assert not logging.getLogger("ray.tune.tune").isEnabledFor(logging.WARNING)
+    assert not logging.getLogger("ray.train.v2").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("mlflow.store.db.utils").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("alembic.runtime.migration").isEnabledFor(logging.INFO)
+    assert logging.getLogger("ray.tune").isEnabledFor(logging.ERROR)
+    assert logging.getLogger("freetf.sweeps.sweep").isEnabledFor(logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    setup_console(verbose=True)
+    assert logging.getLogger("ray.tune.tune").isEnabledFor(logging.INFO)
+    assert logging.getLogger("freetf.sweeps.sweep").isEnabledFor(logging.DEBUG)
+
+
+@pytest.mark.heavy  # a real smoke sweep in a subprocess: about a minute on 2 cores
+@pytest.mark.ray
+def test_smoke_sweep_console_is_short_and_free_of_ray_chatter(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DISABLE_USAGE_STATS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, str(ROOT / "tune" / "search_kl.py"), "--smoke"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    assert len(lines) <= 40, output
+    for chatter in ("Reporting training result", "Trial status", "PreemptionWatcher",
+                    "RayTrainWorker", "Configuration for experiment", "mlflow.store"):
+        assert chatter not in output
+    assert sum(line.startswith("[") and "trials ended" in line for line in lines) == 3

@@ -1,0 +1,109 @@
+"""Tests for freetf.sweeps.trainable: the in-trial runner, process reuse and retries."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from freetf import load_config
+from freetf.sweeps.spec import load_sweep
+from freetf.sweeps.sweep import run_sweep
+from freetf.sweeps.trainable import reset_process_state
+from freetf.training.checkpoint import load_model
+
+pytestmark = pytest.mark.timeout(600)
+
+SMOKE = Path(__file__).resolve().parent.parent / "configs" / "search_kl_smoke.yaml"
+
+
+def test_reset_process_state_gives_every_trial_a_fresh_process_state(tmp_path, monkeypatch):
+    cfg = load_config("configs/tiny.yaml", ["training.seed=3", "scaling.cpus_per_worker=2"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    random.random(), np.random.rand(), torch.rand(3)  # a previous trial drew from each
+    torch.set_num_threads(1)
+    mlflow.start_run()  # ... and left a fluent run open
+    reset_process_state(cfg)
+    drawn = (random.random(), np.random.rand(), torch.rand(3))
+    assert mlflow.active_run() is None
+    assert torch.get_num_threads() == 2  # a Ray Train worker holding 2 CPUs
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    fresh = (random.random(), np.random.rand(), torch.rand(3))
+    assert drawn[:2] == fresh[:2] and torch.equal(drawn[2], fresh[2])
+
+
+def _sweep(tmp: Path, name: str, *settings: str):
+    return load_sweep(SMOKE, [
+        f"storage_path={tmp / 'ray_results'}", f"report_dir={tmp / 'reports'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", f"mlflow.sweep_name={name}",
+        "resources.trial_runner=in_trial", "search.max_concurrent_trials=1",
+        "asha.enabled=false", "stopper.enabled=false", "training.max_steps=6",
+        "training.log_every=2", "training.eval_every=3",
+        "space.training.free_bits_bits={grid: [0.015625]}",  # the hinge is active: kl_weight
+        "space.training.kl_weight={grid: [0.1, 1.0]}", *settings])  # changes the trajectory
+
+
+def _children(sweep) -> dict[str, object]:
+    client = MlflowClient(tracking_uri=sweep.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.base().tracking.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id],
+                              f"tags.`freetf.sweep` = '{sweep.name}' "
+                              f"and tags.`freetf.role` = 'trial'")
+    return {run.data.tags["freetf.trial_key"]: run for run in runs}
+
+
+def _process_starts(sweep) -> set[float]:
+    """The trial processes' start times, from Tune's last result of each trial."""
+    starts = set()
+    for path in (Path(sweep.storage_path) / sweep.name).glob("trial-*/result.json"):
+        last = json.loads(path.read_text().splitlines()[-1])
+        starts.add(last["timeline/process_start"])
+    return starts
+
+
+@pytest.mark.ray
+def test_trials_in_a_reused_process_equal_trials_in_fresh_ones(local_ray, tmp_path):
+    reused = _sweep(tmp_path, "reused", "resources.reuse_actors=true")
+    fresh = _sweep(tmp_path, "fresh", "resources.reuse_actors=false")
+    for sweep in (reused, fresh):
+        assert not run_sweep(sweep).interrupted
+    assert len(_process_starts(reused)) == 1  # both trials ran in one process ...
+    assert len(_process_starts(fresh)) == 2  # ... here each in its own
+    reused_runs, fresh_runs = _children(reused), _children(fresh)
+    assert set(reused_runs) == set(fresh_runs) and len(reused_runs) == 2
+    losses = set()
+    for key, run in reused_runs.items():
+        assert run.info.status == "FINISHED"
+        metrics, reference = run.data.metrics, fresh_runs[key].data.metrics
+        for name in ("train/loss", "train/kl_nats", "eval/ce_prior_nats", "eval/kl_nats"):
+            assert metrics[name] == reference[name], (key, name)
+        losses.add(metrics["train/loss"])
+    assert len(losses) == 2  # the two trials differ, so a leak between them would show
+
+
+@pytest.mark.ray
+def test_a_failed_in_trial_run_is_retried_from_its_checkpoint_in_the_same_mlflow_run(
+        local_ray, tmp_path):
+    sweep = _sweep(tmp_path, "retry", "training.fail_at_step=5", "checkpoint.every_steps=2",
+                   "resources.max_trial_failures=1",
+                   "space.training.kl_weight={grid: [1.0]}")
+    result = run_sweep(sweep)
+    assert not result.interrupted
+    (run,) = _children(sweep).values()
+    assert run.info.status == "FINISHED" and run.data.tags["freetf.verdict"] != "failed"
+    assert "freetf.error" not in run.data.tags
+    client = MlflowClient(tracking_uri=sweep.mlflow.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    # steps 2, 3 (eval) and 4 logged, step 5 failed; the retry resumed at the step-4
+    # checkpoint (a retry from scratch would log 2 and 3 again)
+    assert sorted(steps) == [2, 3, 4, 6]
+    checkpoint = Path(run.data.tags["freetf.checkpoint"])  # persisted by Tune
+    assert checkpoint.is_relative_to(sweep.sweep_dir)
+    _, cfg, state = load_model(checkpoint)  # self-describing, loads without Ray
+    assert state["step"] == 6 and cfg.training.kl_weight == 1.0
