@@ -52,7 +52,10 @@ def plot_phase_diagram(analysis, path: str | Path) -> Path:
     judged["_kappa"] = 2.0 ** _x_column(judged, analysis.key)
     settings = [c for c in judged.columns if c.startswith("sampled.") and c[8:] not in
                 (analysis.key, "training.seed", "model.latent_dim")]
-    judged["_label"] = judged[settings].astype(str).agg(",".join, axis=1) if settings else "all"
+    judged["_label"] = judged[settings].apply(
+        lambda r: ",".join(f"{c.rsplit('.', 1)[-1]}={r[c]:.4g}" if isinstance(r[c], float)
+                           else f"{c.rsplit('.', 1)[-1]}={r[c]}" for c in settings),
+        axis=1) if settings else "all"
     judged["_used"] = (judged["verdict"] == "used").astype(float)
 
     probes = judged.groupby(["_kappa", KL_WEIGHT])["_used"].mean().reset_index()
@@ -61,12 +64,14 @@ def plot_phase_diagram(analysis, path: str | Path) -> Path:
     fig.colorbar(points, ax=ax_map, label="P(used) over seeds")
     for b in analysis.boundaries:
         y = b.setting.get("training.kl_weight", float(judged[KL_WEIGHT].iloc[0]))
-        for fit, color, name in ((b.collapse, "tab:blue", "kappa_c"),
-                                 (b.leak, "tab:red", "kappa_l")):
+        for fit, color, name, shift in ((b.collapse, "tab:blue", "kappa_c", 1.15),
+                                        (b.leak, "tab:red", "kappa_l", 1 / 1.15)):
             est, low, high = fit.bits
-            ax_map.errorbar([est], [y], xerr=[[est - low], [high - est]], fmt="D",
+            ax_map.errorbar([est], [y * shift], xerr=[[est - low], [high - est]], fmt="D",
                             color=color, capsize=5, ms=8, label=f"{name} ({fit.confidence:.0%})")
     ax_map.set_yscale("log")
+    weights = judged[KL_WEIGHT].astype(float)
+    ax_map.set_ylim(weights.min() / 2.5, weights.max() * 2.5)  # one weight: still a band
     ax_map.set(ylabel="kl_weight (beta)", title="P(used) and the boundaries")
     handles, labels = ax_map.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
