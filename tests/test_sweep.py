@@ -291,8 +291,10 @@ def test_a_finished_sweep_name_is_not_reused(smoke_sweep):
 
 @pytest.mark.ray
 @pytest.mark.heavy  # a second sweep, run twice: about 2 minutes on 2 cores
-def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
-    sweep = _smoke(tmp_path, *GRID)
+@pytest.mark.parametrize("method", ["grid", "boundary"])
+def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path, method):
+    """Both the variant generator and the boundary searcher (its saved state) resume."""
+    sweep = _smoke(tmp_path, *(GRID if method == "grid" else []))
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_after_first_finished_trial,
                                args=(sweep, stop), daemon=True)
@@ -322,7 +324,7 @@ def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
             == [run_id]
     log_every, max_steps = sweep.base().training.log_every, sweep.base().training.max_steps
     for child in children:
-        assert child.data.tags["freetf.verdict"] in VERDICTS
+        assert child.data.tags["freetf.verdict"] in (*VERDICTS, "used")
         assert child.info.status == ("KILLED" if child.data.tags["freetf.stopped_early"] == "true"
                                      else "FINISHED")
         if child.data.tags["freetf.trial_key"] in finished:  # not rerun, nothing relogged
