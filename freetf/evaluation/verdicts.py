@@ -204,16 +204,20 @@ class BoundaryFit:
     def contains(self, log2_kappa: float) -> bool:
         return self.low_log2 <= log2_kappa <= self.high_log2
 
-    def text(self) -> str:
-        """``0.21 bits [0.09, 0.5] (95%, 15 trials)``; ends past the range read ``< lo`` /
-        ``> hi`` (the estimate too, when it lies past the range)."""
+    def texts(self) -> tuple[str, str, str]:
+        """(estimate, low, high) in bits as text; past the range they read ``< lo`` /
+        ``> hi`` (the searched range's ends)."""
         est, low, high = self.bits
         lo, hi = (2.0 ** r for r in self.range_log2)
         lo_txt = f"< {_bits(lo)}" if self.below_range else _bits(low)
         hi_txt = f"> {_bits(hi)}" if self.above_range else _bits(high)
         est_txt = f"> {_bits(hi)}" if est > hi else f"< {_bits(lo)}" if est < lo else _bits(est)
-        return f"{est_txt} bits [{lo_txt}, {hi_txt}] ({self.confidence:.0%}, " \
-               f"{self.trials} trials)"
+        return est_txt, lo_txt, hi_txt
+
+    def text(self) -> str:
+        """``0.277 bits [0.0604, 0.758] (95%, 15 trials)``."""
+        est, low, high = self.texts()
+        return f"{est} bits [{low}, {high}] ({self.confidence:.0%}, {self.trials} trials)"
 
 
 def _bits(value: float) -> str:

@@ -131,9 +131,9 @@ def boundaries_table(analysis: SweepAnalysis) -> str:
               "kappa_l interval", "trials"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for b in analysis.boundaries:
-        c, lk = b.collapse.bits, b.leak.bits
-        lines.append(f"| {b.label} | {c[0]:.3g} | [{c[1]:.3g}, {c[2]:.3g}] | {lk[0]:.3g} | "
-                     f"[{lk[1]:.3g}, {lk[2]:.3g}] | {b.collapse.trials} |")
+        c, lk = b.collapse.texts(), b.leak.texts()
+        lines.append(f"| {b.label} | {c[0]} | [{c[1]}, {c[2]}] | {lk[0]} | [{lk[1]}, {lk[2]}] "
+                     f"| {b.collapse.trials} |")
     return "\n".join(lines)
 
 
