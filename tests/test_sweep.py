@@ -38,7 +38,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT, SMOKE = CONFIGS / "search_kl.yaml", CONFIGS / "search_kl_smoke.yaml"
 # The smoke file as a grid with ASHA and the stopper (it ships as a boundary search).
 GRID = ["search.method=grid", "space.training.free_bits_bits={grid: [0.015625, 1.0, 4.0]}",
-        "asha.enabled=true", "stopper.enabled=true"]
+        "asha.enabled=true", "stopper.enabled=true", "resources.worker_cpu=0.99"]
 
 
 # ----------------------------------------------------------------------------- spec
