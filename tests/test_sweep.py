@@ -190,7 +190,7 @@ def test_concurrency_follows_the_cluster(monkeypatch):
 
 
 def _smoke(tmp: Path, *extra: str):
-    return load_sweep(SMOKE, [*GRID, f"storage_path={tmp / 'ray_results'}",
+    return load_sweep(SMOKE, [f"storage_path={tmp / 'ray_results'}",
                               f"report_dir={tmp / 'reports'}",
                               f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
 
