@@ -154,6 +154,7 @@ def tune_trial_overhead(tmp: Path, extra_trials: int) -> float:
             f"tracking.mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             f"storage_path={tmp}/tune", f"report_dir={tmp}/reports",
             f"mlflow.sweep_name={name}", "asha.enabled=false", "stopper.enabled=false",
+            "search.method=grid",  # the smoke file ships as a boundary search
             "search.max_concurrent_trials=1", "space.training.free_bits_bits={grid: [1.0]}",
             "resources.trial_runner=train",  # the TorchTrainer path (--sweeps: the others)
             f"space.training.kl_weight={{grid: [{weights}]}}"])

@@ -328,10 +328,17 @@ class DiagnosticsConfig:
     collapsed_gap_nats: float = 0.01  # ... and prior-posterior CE gap under this
     leak_kl_factor: float = 2.0  # raw KL above factor * free_bits ...
     leak_gap_nats: float = 0.5  # ... or CE gap above this = leaking
+    # Synthetic task: free generations (Z from the prior) read for validity at the final
+    # evaluation (eval/valid_rate); 0 = off.
+    free_generations: int = 64
+    # Sweep verdicts (freetf.evaluation.verdicts): a difference is "clear" when it exceeds
+    # noise_z times its noise, the noise estimated from the seeds of the baseline.
+    noise_z: float = 2.0
 
     def validate(self, path: str) -> None:
         _non_negative(self, path, "active_bit_threshold_nats", "collapsed_kl_nats",
-                      "collapsed_gap_nats", "leak_kl_factor", "leak_gap_nats")
+                      "collapsed_gap_nats", "leak_kl_factor", "leak_gap_nats",
+                      "free_generations", "noise_z")
 
 
 @dataclass(frozen=True)

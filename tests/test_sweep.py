@@ -38,6 +38,9 @@ pytestmark = pytest.mark.timeout(600)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT, SMOKE = CONFIGS / "search_kl.yaml", CONFIGS / "search_kl_smoke.yaml"
+# The smoke file as a grid with ASHA and the stopper (it ships as a boundary search).
+GRID = ["search.method=grid", "space.training.free_bits_bits={grid: [0.015625, 1.0, 4.0]}",
+        "asha.enabled=true", "stopper.enabled=true", "resources.worker_cpu=0.99"]
 
 
 # ----------------------------------------------------------------------------- spec
@@ -45,21 +48,40 @@ DEFAULT, SMOKE = CONFIGS / "search_kl.yaml", CONFIGS / "search_kl_smoke.yaml"
 
 def test_shipped_sweeps_load():
     default = load_sweep(DEFAULT)
-    assert default.expected_trials >= 8
+    assert default.search.method == "boundary" and default.boundary.seeds >= 3
+    assert default.settings == [{"training.kl_weight": 1.0}]
+    # one baseline per seed, then every probe with every seed
+    assert default.expected_trials == default.boundary.seeds * (1 + default.boundary.probes)
     keys = {d.key for d in default.space}
     assert {"training.kl_weight", "training.free_bits_bits"} <= keys
+    assert default.trial_keys[-2:] == ("training.seed", "model.latent_dim")
     smoke = load_sweep(SMOKE)
-    assert 2 <= smoke.expected_trials <= 4
+    assert smoke.search.method == "boundary" and smoke.expected_trials == 6
+    grid = load_sweep(SMOKE, GRID)
+    assert 2 <= grid.expected_trials <= 4 and grid.trial_keys == tuple(d.key for d in grid.space)
     assert smoke.base().training.max_steps <= 20
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("asha.enabled=true", "asha.enabled=false"),
+    ("space.training.seed=[0, 1]", "space.training.seed: the boundary search sets it"),
+    ("space.training.kl_weight={loguniform: [0.01, 1]}", "the other keys must be grids"),
+    ("boundary.seeds=1", "boundary.seeds=1 must be >= 2"),
+    ("boundary.key=training.kl_weight", "a range of values > 0"),
+    ("model.latent_dim=0", "needs a Free Transformer"),
+])
+def test_boundary_spec_errors_name_the_key(setting, message):
+    with pytest.raises(SweepError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_sweep(SMOKE, [setting])
+
+
 def test_set_routes_to_space_sweep_and_base():
-    sweep = load_sweep(SMOKE, ["space.training.seed={grid: [0, 1]}", "search.seed=3",
+    sweep = load_sweep(SMOKE, [*GRID, "space.training.seed={grid: [0, 1]}", "search.seed=3",
                                "training.max_steps=12", "asha.grace_period=5"])
     assert {d.key: d.values for d in sweep.space}["training.seed"] == (0, 1)
     assert sweep.search.seed == 3 and sweep.asha.grace_period == 5
     assert sweep.base().training.max_steps == 12
-    assert sweep.expected_trials == 2 * load_sweep(SMOKE).expected_trials
+    assert sweep.expected_trials == 2 * load_sweep(SMOKE, GRID).expected_trials
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -75,7 +97,7 @@ def test_set_routes_to_space_sweep_and_base():
 ])
 def test_spec_errors_name_the_key(setting, message):
     with pytest.raises(SweepError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        load_sweep(SMOKE, [setting])
+        load_sweep(SMOKE, [*GRID, setting])
 
 
 def test_unknown_top_level_key_in_the_file(tmp_path):
@@ -89,10 +111,10 @@ def test_unknown_top_level_key_in_the_file(tmp_path):
 
 def test_grid_repeats_and_distributions_need_random_search():
     with pytest.raises(SweepError, match="put seeds in the space"):
-        load_sweep(SMOKE, ["search.num_samples=2"])
+        load_sweep(SMOKE, [*GRID, "search.num_samples=2"])
     with pytest.raises(SweepError, match="search.method=grid"):
-        load_sweep(SMOKE, ["space.training.kl_weight={loguniform: [0.01, 1]}"])
-    sweep = load_sweep(SMOKE, ["search.method=random", "search.num_samples=5",
+        load_sweep(SMOKE, [*GRID, "space.training.kl_weight={loguniform: [0.01, 1]}"])
+    sweep = load_sweep(SMOKE, [*GRID, "search.method=random", "search.num_samples=5",
                                "space.training.kl_weight={loguniform: [0.01, 1]}"])
     assert sweep.expected_trials == 5 * 3  # num_samples per free-bits grid point
 
@@ -102,7 +124,7 @@ def test_optuna_without_optuna_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "optuna" else real(name, *a))
     with pytest.raises(SweepError, match=r"pip install 'freetf\[optuna\]'"):
-        load_sweep(SMOKE, ["search.method=optuna", "search.num_samples=4"])
+        load_sweep(SMOKE, [*GRID, "search.method=optuna", "search.num_samples=4"])
 
 
 def test_searching_free_bits_in_nats_clears_the_bits_setting(tmp_path):
@@ -114,7 +136,7 @@ def test_searching_free_bits_in_nats_clears_the_bits_setting(tmp_path):
     cfg = sweep.base().replace({"training.free_bits": 0.1})
     assert cfg.training.free_bits_nats == pytest.approx(0.1)
     with pytest.raises(SweepError, match="both training.free_bits"):
-        load_sweep(SMOKE, ["space.training.free_bits=[0.1, 0.7]"])
+        load_sweep(SMOKE, [*GRID, "space.training.free_bits=[0.1, 0.7]"])
 
 
 def test_trial_keys_and_names_are_stable():
@@ -158,7 +180,7 @@ def test_stopper_stops_collapse_after_patience_and_divergence():
 
 def test_concurrency_follows_the_cluster(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    base = load_sweep(SMOKE).base()
+    base = load_sweep(SMOKE, GRID).base()
     for workers, cpus, expected in ((1, 0.49, 4), (1, 0.99, 2), (2, 0.99, 1), (1, 1.0, 1)):
         cfg = base.replace({"scaling.num_workers": workers, "scaling.cpus_per_worker": cpus})
         assert sweep_mod.max_concurrent_trials(cfg, trial_cpu=0.01) == expected
@@ -222,7 +244,7 @@ def _interrupt_after_first_finished_trial(sweep, stop: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def smoke_sweep(local_ray, tmp_path_factory):
-    sweep = _smoke(tmp_path_factory.mktemp("smoke"))
+    sweep = _smoke(tmp_path_factory.mktemp("smoke"), *GRID)
     start = time.perf_counter()
     result = run_sweep(sweep)
     return sweep, result, time.perf_counter() - start
@@ -240,7 +262,9 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert {"search_space.yaml", "config.yaml", "report"} <= artifacts
     assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")} == \
         {"collapse_map.png", "kl_traces.png", "collapse_table.md", "trials.csv",
-         "kl_vs_kappa.png", "trial_curves.png"}
+         "kl_vs_kappa.png", "trial_curves.png", "boundaries.md", "boundaries.json",
+         "verdicts.csv", "phase_diagram.png"}
+    assert not result.analysis.boundaries  # no baselines in a grid without them
     assert parent.data.params == space_params(sweep)  # the search space, not the base config
     assert parent.data.metrics["sweep/trials"] == sweep.expected_trials
     assert sum(v for k, v in parent.data.metrics.items() if k.startswith("sweep/trials_")
@@ -300,9 +324,12 @@ def test_a_finished_sweep_name_is_not_reused(smoke_sweep):
 
 @pytest.mark.ray
 @pytest.mark.heavy  # a second sweep, run twice: about 2 minutes on 2 cores
-def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
-    # One trial at a time, long enough that the Ctrl-C lands while a later one runs.
-    sweep = _smoke(tmp_path, "search.max_concurrent_trials=1", "training.max_steps=200",
+@pytest.mark.parametrize("method", ["grid", "boundary"])
+def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path, method):
+    """Both the variant generator and the boundary searcher (its saved state) resume.
+    One trial at a time, long enough that the Ctrl-C lands while a later one runs."""
+    sweep = _smoke(tmp_path, *(GRID if method == "grid" else []),
+                   "search.max_concurrent_trials=1", "training.max_steps=200",
                    "asha.enabled=false")
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_after_first_finished_trial,
@@ -333,7 +360,7 @@ def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
             == [run_id]
     log_every, max_steps = sweep.base().training.log_every, sweep.base().training.max_steps
     for child in children:
-        assert child.data.tags["freetf.verdict"] in VERDICTS
+        assert child.data.tags["freetf.verdict"] in (*VERDICTS, "used")
         assert child.info.status == ("KILLED" if child.data.tags["freetf.stopped_early"] == "true"
                                      else "FINISHED")
         if child.data.tags["freetf.trial_key"] in finished:  # not rerun, nothing relogged
@@ -341,6 +368,39 @@ def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path):
             assert sorted(m.step for m in history) == list(
                 range(log_every, max_steps + 1, log_every))
     assert len(second.runs) == sweep.expected_trials
+
+
+@pytest.mark.ray
+def test_boundary_smoke_sweep_has_baselines_verdicts_and_boundaries(local_ray, tmp_path):
+    """The shipped smoke sweep (the default's boundary search, small) end to end."""
+    sweep = _smoke(tmp_path)
+    start = time.perf_counter()
+    result = run_sweep(sweep)
+    print(f"boundary smoke sweep: {time.perf_counter() - start:.0f} s")
+    assert not result.interrupted
+    client, parent, children = _runs(sweep)
+    assert len(children) == sweep.expected_trials == 6
+    baselines = [c for c in children if c.data.params["model.latent_dim"] == "0"]
+    assert sorted(c.data.params["training.seed"] for c in baselines) == ["0", "1"]
+    for child in children:
+        tags = child.data.tags
+        assert child.info.status == "FINISHED", tags.get("freetf.error")
+        assert "eval/valid_rate" in child.data.metrics  # the synthetic task
+        if child in baselines:
+            assert tags["freetf.verdict"] == "baseline"
+        else:  # judged against its seed's baseline
+            assert tags["freetf.verdict"] in ("collapsed", "used", "leaking")
+            assert tags["freetf.verdict_fixed"] in VERDICTS
+            assert "eval/cost_nats" in child.data.metrics
+    (found,) = result.analysis.boundaries
+    metrics = parent.data.metrics
+    for name, fit in (("kappa_c", found.collapse), ("kappa_l", found.leak)):
+        assert metrics[f"boundary/{name}_bits"] == pytest.approx(fit.bits[0])
+        assert metrics[f"boundary/{name}_low_bits"] <= metrics[f"boundary/{name}_high_bits"]
+        assert parent.data.tags[f"freetf.{name}"] == fit.text()
+    reports = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"phase_diagram.png", "boundaries.md", "boundaries.json"} <= reports
+    assert (sweep.report_path / "phase_diagram.png").is_file()
 
 
 def test_a_trial_counts_as_ended_if_tune_or_mlflow_says_so():

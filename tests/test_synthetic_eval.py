@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from freetf import load_config
 from freetf.data.datasets import CharTokenizer, synthetic_sequences
 from freetf.evaluation.synthetic_eval import (
     figure4_metrics,
+    free_generation_validity,
     group_stats,
     read_sequence,
     render_groups,
@@ -59,14 +62,55 @@ def test_data_itself_is_valid_with_independent_noise():
     assert stats.noise_overlap < 0.1  # independent noise barely overlaps
 
 
+class ScriptedModel(torch.nn.Module):
+    """Generates the rows it is given: every other one valid for its prompt's letter."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(latent_dim=latent_dim, has_latent=latent_dim > 0)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def generate(self, prompt, max_new_tokens, temperature=1.0, z=None):
+        self.calls.append((prompt.clone(), z))
+        tok = CharTokenizer()
+        rows = []
+        for i, ids in enumerate(prompt.tolist()):
+            letter = tok.decode(ids)[0]
+            rows.append(tok.encode(f"{letter}>" + put(letter * (8 if i % 2 else 9), 3)))
+        assert len(rows[0]) == prompt.shape[1] + max_new_tokens
+        return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("latent_dim", [3, 0])
+def test_free_generation_validity_reads_prior_generations(latent_dim):
+    model = ScriptedModel(latent_dim)
+    assert free_generation_validity(model, 10, seed=1) == 0.5
+    (prompt, z), = model.calls
+    letters = {CharTokenizer().decode(p)[0] for p in prompt.tolist()}
+    assert len(letters) > 3 and prompt.shape == (10, 2)  # each its own prompt
+    if latent_dim:  # Z from the uniform prior at every position, prompt included
+        assert z.shape == (10, 66) and 0 <= int(z.min()) and int(z.max()) < 2 ** latent_dim
+        assert len(set(z.flatten().tolist())) == 2 ** latent_dim
+    else:
+        assert z is None
+    assert model.training  # mode restored
+
+
 def test_pipeline_on_a_tiny_trained_model(tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"checkpoint.dir={tmp_path}",
                                              "tracking.mlflow.enabled=false",
-                                             "training.max_steps=10"])
+                                             "training.max_steps=10",
+                                             "training.eval_every=5"])
     result = train_loop(cfg)
     from freetf.training.checkpoint import load_model
 
     model, _, _ = load_model(result.checkpoint)
+    # the loop reads free generations at the final evaluation only, as this function does
+    evals = [h for h in result.history if "eval/ce_prior_nats" in h]
+    assert [("eval/valid_rate" in h) for h in evals] == [False, True]
+    assert evals[-1]["eval/valid_rate"] == free_generation_validity(
+        model, cfg.diagnostics.free_generations, seed=cfg.training.seed + 17)
     metrics = figure4_metrics(model, groups=2, per_group=4)
     assert set(metrics) == {f"{m}/{k}" for m in ("independent", "shared")
                             for k in ("position_spread", "noise_overlap", "valid_rate")}

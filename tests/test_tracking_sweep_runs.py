@@ -67,8 +67,9 @@ def test_verdict_is_a_tag_and_a_metric(sqlite_uri: str) -> None:
 
 
 def test_parent_params_are_the_search_space() -> None:
-    sweep = load_sweep(CONFIGS / "search_kl_smoke.yaml",
-                       ["space.training.kl_annealing.type={grid: [constant, linear]}"])
+    sweep = load_sweep(CONFIGS / "search_kl_smoke.yaml", [
+        "search.method=grid", "space.training.free_bits_bits={grid: [0.015625, 1.0, 4.0]}",
+        "space.training.kl_annealing.type={grid: [constant, linear]}"])
     assert space_params(sweep) == {
         "space.free_bits_bits": "grid [0.015625, 1, 4]", "space.kl_weight": "grid [1]",
         "space.kl_annealing": "grid [constant, linear]",

@@ -33,12 +33,12 @@ LN2 = math.log(2.0)
 # Final metrics kept per trial (MLflow's latest value of each).
 METRICS = ("train/steps_done", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_nats",
            "eval/ce_posterior_nats", "eval/ce_gap_nats", "eval/active_bits",
-           "eval/mutual_info_nats", "train/kl_nats", "train/loss")
-VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "leaking": "tab:red",
-                  "diverged": "black", "failed": "tab:gray", "interrupted": "tab:olive",
-                  "unknown": "tab:gray", "baseline": "tab:purple"}
+           "eval/mutual_info_nats", "eval/valid_rate", "train/kl_nats", "train/loss")
+VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "used": "tab:green",
+                  "leaking": "tab:red", "diverged": "black", "failed": "tab:gray",
+                  "interrupted": "tab:olive", "unknown": "tab:gray", "baseline": "tab:purple"}
 # freetf.diagnostics.VERDICTS, then the sweep's own: stopper, crash, Ctrl-C, no evaluation.
-VERDICT_ORDER = ("collapsed", "active", "leaking", "baseline", "diverged", "failed",
+VERDICT_ORDER = ("collapsed", "active", "used", "leaking", "baseline", "diverged", "failed",
                  "interrupted", "unknown")
 # The axes and panels of the map: (column, config param it is read from).
 KL_WEIGHT, FREE_BITS, ANNEALING = "kl_weight", "free_bits_bits", "kl_annealing"
@@ -90,6 +90,8 @@ def runs_frame(runs: list) -> pd.DataFrame:
             FREE_BITS: _free_bits_bits(params),
             ANNEALING: params.get("training.kl_annealing.type", "constant"),
             "free_bits_schedule": params.get("training.free_bits_schedule.type", "constant"),
+            "model_kind": tags.get("freetf.model_kind", ""),
+            "seed": _number(params.get("training.seed")),
         }
         for key, value in json.loads(tags.get("freetf.sampled", "{}")).items():
             row[f"sampled.{key}"] = value
@@ -98,7 +100,7 @@ def runs_frame(runs: list) -> pd.DataFrame:
         rows.append(row)
     columns = ["run_id", "run_name", "sweep", "trial_key", "status", "verdict", "stopped_early",
                "stop_reason", "stopped_at_step", KL_WEIGHT, FREE_BITS, ANNEALING,
-               "free_bits_schedule", *METRICS]
+               "free_bits_schedule", "model_kind", "seed", *METRICS]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=columns)

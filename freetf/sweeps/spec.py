@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "freetf_sweep.yaml"  # the spec as run, beside Tune's state; used on resume
 STOP_REASON = "freetf/stop_reason"  # written into the Tune result by the stopper
 # Sections of the sweep spec; any other top-level --set key goes to the base config.
-SWEEP_SECTIONS = ("base_config", "overrides", "space", "search", "asha", "stopper",
-                  "resources", "mlflow", "storage_path", "report_dir")
+SWEEP_SECTIONS = ("base_config", "overrides", "space", "search", "boundary", "asha",
+                  "stopper", "resources", "mlflow", "storage_path", "report_dir")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -49,12 +50,23 @@ class SweepError(ConfigError):
 
 @dataclass(frozen=True)
 class SearchSpec:
-    method: Literal["grid", "random", "optuna"] = "grid"
+    method: Literal["grid", "random", "optuna", "boundary"] = "grid"
     num_samples: int = 1  # random/optuna: trials; grid: must stay 1 (seeds go in the space)
     metric: str = "eval/ce_prior_nats"
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs hold
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class BoundarySpec:
+    """``search.method: boundary`` (:mod:`freetf.sweeps.boundary`)."""
+
+    key: str = "training.free_bits_bits"  # searched along log2 over its space range
+    seeds: int = 3  # training.seed 0..seeds-1 at every probe and baseline
+    probes: int = 5  # values of the key per setting, initial ones included
+    initial: int = 3  # spread evenly over the range first
+    confidence: float = 0.95  # of the intervals of kappa_c and kappa_l
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class SweepConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys on the base
     space: tuple[Dimension, ...] = ()
     search: SearchSpec = field(default_factory=SearchSpec)
+    boundary: BoundarySpec = field(default_factory=BoundarySpec)
     asha: AshaSpec = field(default_factory=AshaSpec)
     stopper: StopperSpec = field(default_factory=StopperSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
@@ -158,7 +171,31 @@ class SweepConfig:
         return runner
 
     @property
+    def settings(self) -> list[dict[str, Any]]:
+        """Boundary search: one dict per combination of the other keys' values."""
+        others = [d for d in self.space if d.key != self.boundary.key]
+        return [dict(zip([d.key for d in others], combo, strict=True))
+                for combo in itertools.product(*[d.values for d in others])]
+
+    @property
+    def trial_keys(self) -> tuple[str, ...]:
+        """The config keys that make a trial (boundary: plus seed and latent size)."""
+        keys = tuple(d.key for d in self.space)
+        if self.search.method == "boundary":
+            from freetf.sweeps.boundary import trial_keys
+
+            return trial_keys(keys)
+        return keys
+
+    @property
     def expected_trials(self) -> int:
+        if self.search.method == "boundary":
+            from freetf.evaluation.verdicts import changes_baseline
+
+            b = self.boundary
+            baselines = {tuple((k, v) for k, v in s.items() if changes_baseline(k))
+                         for s in self.settings}
+            return b.seeds * (len(baselines) + len(self.settings) * b.probes)
         if self.search.method == "optuna":
             return self.search.num_samples
         return self.search.num_samples * math.prod(
@@ -184,7 +221,7 @@ class SweepConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["space"] = {d.key: d.to_dict() for d in self.space}
-        for name in ("search", "asha", "stopper", "resources", "mlflow"):
+        for name in ("search", "boundary", "asha", "stopper", "resources", "mlflow"):
             data[name] = dataclasses.asdict(data[name])
         data["overrides"] = dict(self.overrides)
         return data
@@ -215,8 +252,8 @@ def load_sweep(path: str | Path | None = None,
         base_config = str((path.parent / base_config).resolve())
     try:  # the config tree's own schema checks: errors name the dotted key
         sections = {name: build_section(cls, raw.get(name) or {}, name) for name, cls in (
-            ("search", SearchSpec), ("asha", AshaSpec), ("stopper", StopperSpec),
-            ("resources", ResourcesSpec), ("mlflow", MlflowSweepSpec))}
+            ("search", SearchSpec), ("boundary", BoundarySpec), ("asha", AshaSpec),
+            ("stopper", StopperSpec), ("resources", ResourcesSpec), ("mlflow", MlflowSweepSpec))}
     except ConfigError as err:
         raise SweepError(str(err).replace("config key", "sweep key")) from None
     sweep = SweepConfig(
@@ -349,6 +386,8 @@ def _validated(sweep: SweepConfig) -> SweepConfig:
     if not sweep.name or "/" in sweep.name:
         raise SweepError(f"mlflow.sweep_name={sweep.name!r} must be a non-empty name "
                          f"without '/'")
+    if search.method == "boundary":
+        _check_boundary(sweep, base)
     if "training.free_bits" in keys and base.training.free_bits_bits is not None:
         # free_bits_bits wins over free_bits: clear it, or the searched value is ignored.
         log.info("space searches training.free_bits (nats): clearing the base's "
@@ -356,3 +395,34 @@ def _validated(sweep: SweepConfig) -> SweepConfig:
         sweep = dataclasses.replace(
             sweep, overrides={**sweep.overrides, "training.free_bits_bits": None})
     return sweep
+
+
+def _check_boundary(sweep: SweepConfig, base: Config) -> None:
+    b = sweep.boundary
+    dims = {d.key: d for d in sweep.space}
+    if b.key not in dims:
+        raise SweepError(f"search.method=boundary searches boundary.key={b.key} along "
+                         f"log2; give its range: space: {{{b.key}: {{loguniform: [lo, hi]}}}}")
+    if any(float(v) <= 0 for v in dims[b.key].values) or len(set(dims[b.key].values)) < 2:
+        raise SweepError(f"space.{b.key}: the boundary search needs a range of values > 0")
+    for dim in sweep.space:
+        if dim.key != b.key and dim.kind not in ("grid", "choice"):
+            raise SweepError(f"space.{dim.key} is a {dim.kind} distribution; with "
+                             f"search.method=boundary the other keys must be grids")
+        if dim.key in ("training.seed", "model.latent_dim"):
+            raise SweepError(f"space.{dim.key}: the boundary search sets it (boundary.seeds, "
+                             f"baselines with model.latent_dim=0); remove it from the space")
+    if b.seeds < 2:
+        raise SweepError(f"boundary.seeds={b.seeds} must be >= 2: the noise margins are "
+                         f"estimated from the seeds")
+    if not 2 <= b.initial <= b.probes:
+        raise SweepError(f"boundary.initial={b.initial} must be in [2, boundary.probes="
+                         f"{b.probes}]")
+    if not 0 < b.confidence < 1:
+        raise SweepError(f"boundary.confidence={b.confidence} must be in (0, 1)")
+    if sweep.asha.enabled:
+        raise SweepError("search.method=boundary needs every probe to the end: set "
+                         "asha.enabled=false")
+    if not base.model.has_latent:
+        raise SweepError("search.method=boundary needs a Free Transformer: the base config "
+                         "has model.latent_dim=0")

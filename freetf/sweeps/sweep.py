@@ -35,6 +35,7 @@ from ray import tune
 
 from freetf.config import Config, ConfigError
 from freetf.sweeps.console import SweepConsole, setup_console
+from freetf.sweeps.search import search_algorithm
 from freetf.sweeps.spec import (  # noqa: F401 - load_sweep, SweepError: the public API
     SPEC_FILE,
     STOP_REASON,
@@ -155,6 +156,7 @@ class SweepResult:
     runs: Any  # pandas DataFrame, one row per trial (freetf.report.collect_runs)
     report: dict[str, Path]
     interrupted: bool
+    analysis: Any = None  # freetf.sweeps.analysis.SweepAnalysis: verdicts, boundaries
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
@@ -169,8 +171,14 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     brings back Tune's status tables and the trial processes' output.  ``callbacks``:
     more Tune callbacks.
     """
-    from freetf.sweeps import report
-    from freetf.tracking import log_sweep_summary, make_tracker, mlflow_client, space_params
+    from freetf.sweeps import analysis, report
+    from freetf.tracking import (
+        log_sweep_analysis,
+        log_sweep_summary,
+        make_tracker,
+        mlflow_client,
+        space_params,
+    )
 
     # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -203,7 +211,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     (sweep.sweep_dir / SPEC_FILE).write_text(sweep.to_yaml())
     context = TrialContext(
         sweep_name=sweep.name, parent_run_id=tracker.run_id, tracking_uri=uri,
-        base=base.to_dict(), keys=tuple(d.key for d in sweep.space),
+        base=base.to_dict(), keys=sweep.trial_keys,
         train_storage=str(sweep.train_dir),
         controller_failure_limit=sweep.resources.controller_failure_limit,
         runner=sweep.trial_runner(base))
@@ -225,12 +233,16 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
              "; interrupted, continue it with --resume" if interrupted else "")
     _close_open_runs(client, context, results, interrupted)
     runs = report.collect_runs(client, experiment, sweep=sweep.name)
-    paths = report.write_report(client, runs, sweep.report_path)
+    found = analysis.analyse_sweep(runs, sweep, base)  # verdicts against the baselines
+    log_sweep_analysis(client, context.parent_run_id, *analysis.mlflow_records(found))
+    paths = report.write_report(client, found.trials, sweep.report_path)
+    paths.update(analysis.write_analysis(found, sweep.report_path))
     for path in paths.values():
         tracker.log_artifact(path, "report")
-    paths.update(log_sweep_summary(tracker, client, runs, sweep.report_path))
+    paths.update(log_sweep_summary(tracker, client, found.trials, sweep.report_path))
     tracker.finish("KILLED" if interrupted else "FINISHED")
-    return SweepResult(sweep, context.parent_run_id, uri, experiment, runs, paths, interrupted)
+    return SweepResult(sweep, context.parent_run_id, uri, experiment, found.trials, paths,
+                       interrupted, found)
 
 
 def _init_ray(verbose: bool) -> None:
@@ -275,12 +287,12 @@ def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool
              sweep.expected_trials, concurrency, sweep.sweep_dir)
     in_trial = context.runner == "in_trial"
     checkpoint = base.checkpoint
+    search_alg, param_space, num_samples = search_algorithm(sweep, base, concurrency)
     return tune.Tuner(
-        trainable,
-        param_space={d.key: d.domain(search.method) for d in sweep.space},
+        trainable, param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=_search_alg(sweep, concurrency), scheduler=scheduler,
-            num_samples=search.num_samples, trial_dirname_creator=_trial_dirname,
+            search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+            trial_dirname_creator=_trial_dirname,
             reuse_actors=in_trial and sweep.resources.reuse_actors),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(Path(sweep.storage_path)),
@@ -292,21 +304,6 @@ def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool
                 checkpoint_score_order=checkpoint.mode) if in_trial else None,
             failure_config=tune.FailureConfig(
                 max_failures=sweep.resources.max_trial_failures)))
-
-
-
-def _search_alg(sweep: SweepConfig, concurrency: int):
-    """Grid/random: Tune's variant generator (seeded); optuna: TPE.  Both hold the
-    concurrency limit (Tune ignores ``max_concurrent_trials`` with a given search_alg)."""
-    search = sweep.search
-    if search.method == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        return ConcurrencyLimiter(OptunaSearch(metric=search.metric, mode=search.mode,
-                                               seed=search.seed), max_concurrent=concurrency)
-    return tune.search.BasicVariantGenerator(random_state=search.seed,
-                                             max_concurrent=concurrency)
 
 
 def _trial_dirname(trial) -> str:
@@ -432,6 +429,7 @@ def main(argv: list[str] | None = None, default_config: str | Path | None = None
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     experiment = mlflow_client(result.tracking_uri).get_experiment_by_name(result.experiment)
+    print("\n".join([*result.analysis.summary_lines(), ""]) if result.analysis else "", end="")
     print(report.summary_text(result.runs, result.report, result.tracking_uri,
                               result.experiment, experiment.experiment_id))
     if result.interrupted:

@@ -60,6 +60,7 @@ from freetf.tracking.sweep_runs import (
     VERDICT_CODES,
     VERDICT_METRIC,
     VERDICT_TAG,
+    log_sweep_analysis,
     log_sweep_summary,
     log_verdict,
     set_verdict,
@@ -75,12 +76,13 @@ from freetf.tracking.tracker import (
 )
 
 __all__ = [
-    "CONFIG_TAG", "CURVE_METRICS", "end_active_run", "EXPERIMENT_KIND_TAG", "HTTP_CLIENT_DEFAULTS",
+    "CONFIG_TAG", "CURVE_METRICS", "EXPERIMENT_KIND_TAG", "HTTP_CLIENT_DEFAULTS",
     "MAX_BUFFERED_METRICS", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH",
     "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "MODEL_TRAINING_KIND", "RUN_STATUSES",
     "TENSORBOARD_ALIASES", "VERDICT_CODES", "VERDICT_METRIC", "VERDICT_TAG", "WANDB_ALIASES",
     "NullTracker", "Tracker", "TrackingError", "_param_strings", "check_tracking_server",
-    "log_sweep_summary", "log_verdict", "make_tracker", "metric_history", "mlflow_client",
+    "end_active_run", "log_sweep_analysis", "log_sweep_summary", "log_verdict", "make_tracker",
+    "metric_history", "mlflow_client",
     "plot_kl_vs_kappa", "plot_sweep_curves", "plot_training_curves", "resolve_tracking_uri",
     "run_config", "run_params", "runs_page_url", "set_verdict", "space_params",
     "verdict_code",

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from freetf.tracking.params import format_value, searched_names
+from freetf.tracking.sinks import MAX_TAG_VALUE_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +100,24 @@ def log_sweep_summary(tracker, client, runs, out_dir: str | Path | None = None) 
         for path in paths.values():
             tracker.log_artifact(path, "report")
     return paths if out_dir is not None else {}
+
+
+def log_sweep_analysis(client, parent_run_id: str, parent: dict[str, dict[str, Any]],
+                       children: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """A sweep's analysis into MLflow: ``parent`` = {"metrics", "params", "tags"} on the
+    sweep's parent run (the boundaries: sortable in the runs table), ``children`` =
+    {run_id: {"metrics", "tags"}} on its trial runs (their seed-calibrated verdicts).
+    Metrics are logged at step 0; a failed write is logged, never raised."""
+    now = int(time.time() * 1000)
+
+    def entities(values: dict[str, dict[str, Any]]) -> dict[str, list]:
+        return {"metrics": [Metric(k, float(v), now, 0)
+                            for k, v in values.get("metrics", {}).items()],
+                "params": [Param(k, str(v)) for k, v in values.get("params", {}).items()],
+                "tags": [RunTag(k, str(v)[:MAX_TAG_VALUE_CHARS])
+                         for k, v in values.get("tags", {}).items()]}
+    for run_id, values in [(parent_run_id, parent), *children.items()]:
+        try:
+            client.log_batch(run_id, **entities(values))
+        except MlflowException as err:
+            logger.warning("could not log the sweep analysis to run %s: %s", run_id, err)

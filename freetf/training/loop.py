@@ -27,6 +27,7 @@ from freetf.config import Config
 from freetf.data.datasets import BatchStream, DataBundle, build_data
 from freetf.evaluation.diagnostics import latent_diagnostics, verdict
 from freetf.evaluation.samples import sample_texts
+from freetf.evaluation.synthetic_eval import free_generation_validity
 from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
 from freetf.training.checkpoint import (
@@ -418,7 +419,12 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
 
 def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torch.device,
              free_bits_nats: float, samples: bool = False) -> dict[str, Any]:
-    """Validation diagnostics (CE with prior / posterior Z, KL, MI ...) and a verdict."""
+    """Validation diagnostics (CE with prior / posterior Z, KL, MI ...) and a verdict.
+
+    ``samples`` (the final evaluation, on rank 0) adds decoded samples and, on the
+    synthetic task, ``eval/valid_rate``: the validity of free generations (Z from the
+    prior, ``diagnostics.free_generations`` of them; a few seconds on a CPU).
+    """
     val = BatchStream(data.val, min(cfg.training.batch_size, len(data.val)), seed=cfg.data.seed,
                       drop_last=True)
     batches = [next(val) for _ in range(min(cfg.training.eval_batches, val.steps_per_epoch))]
@@ -429,6 +435,9 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
         result["eval/verdict"] = verdict(result, cfg, free_bits_nats)
         if samples:
             result["eval/samples"] = sample_texts(model, data, cfg, device)
+        if samples and cfg.data.dataset_name == "synthetic" and cfg.diagnostics.free_generations:
+            result["eval/valid_rate"] = free_generation_validity(
+                model, cfg.diagnostics.free_generations, seed=cfg.training.seed + 17)
     return result
 
 

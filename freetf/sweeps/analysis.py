@@ -1,0 +1,219 @@
+"""A sweep's trials against their baselines: seed-calibrated verdicts and the boundaries.
+
+From the runs of a sweep (:func:`freetf.sweeps.report.collect_runs`, one row per trial),
+with its baseline trials (``model.latent_dim = 0``, one per seed and baseline setting):
+
+- each Free Transformer trial gets its *cost* (``cost_nats``: honest CE minus its seed's
+  baseline) and its verdict (``verdict``: collapsed / used / leaking, with the noise of
+  the baseline seeds, :mod:`freetf.evaluation.verdicts`); the per-trial fixed-threshold
+  verdict stays in ``verdict_fixed``;
+- per setting of the other searched keys, the collapse onset kappa_c and the leak onset
+  kappa_l with their credible intervals (:func:`freetf.evaluation.verdicts.fit_boundary`);
+- :func:`write_analysis` writes ``boundaries.md``, ``boundaries.json``, ``verdicts.csv``
+  and the phase diagram (:mod:`freetf.sweeps.phase`) into the sweep's report folder.
+
+A sweep without baselines on two seeds or more has no noise estimate: it keeps the
+per-trial verdicts and gets no boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from freetf.evaluation import verdicts
+from freetf.evaluation.verdicts import BoundaryFit, Noise, Outcome
+from freetf.sweeps.report import FREE_BITS
+from freetf.tracking.sweep_runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
+
+log = logging.getLogger(__name__)
+
+NOT_SETTING = ("training.seed", "model.latent_dim")
+
+
+@dataclass
+class SettingBoundaries:
+    setting: dict[str, Any]  # the other searched keys' values
+    collapse: BoundaryFit  # kappa_c: P(collapsed) falls through 1/2
+    leak: BoundaryFit  # kappa_l: P(leaking) rises through 1/2
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}"
+                        for k, v in sorted(self.setting.items())) or "all"
+
+
+@dataclass
+class SweepAnalysis:
+    trials: pd.DataFrame  # the runs with cost_nats, verdict (seeded), verdict_fixed
+    noise: Noise
+    key: str
+    boundaries: list[SettingBoundaries] = field(default_factory=list)
+
+    def summary_lines(self) -> list[str]:
+        """The boundaries first, then the noise they were judged with."""
+        lines = []
+        for b in self.boundaries:
+            lines.append(f"kappa_c (collapse onset) at {b.label}: {b.collapse.text()}")
+            lines.append(f"kappa_l (leak onset)     at {b.label}: {b.leak.text()}")
+        n = self.noise
+        if n.known:
+            lines.append(f"noise: baseline honest CE varies {n.ce_nats:.3g} nats across seeds "
+                         f"({n.dof} dof); clear = gap or MI > {n.benefit_margin_nats:.3g}, "
+                         f"cost > {n.cost_margin_nats:.3g} nats")
+        return lines
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _x_column(df: pd.DataFrame, key: str) -> pd.Series:
+    """log2 of the boundary key (free bits: in bits whether searched in bits or nats)."""
+    column = FREE_BITS if key in ("training.free_bits_bits", "training.free_bits") \
+        else f"sampled.{key}"
+    return df[column].astype(float).map(lambda v: math.log2(v) if v > 0 else math.nan)
+
+
+def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits", z: float = 2.0,
+            generations: int = 0, confidence: float = 0.95,
+            range_log2: tuple[float, float] | None = None) -> SweepAnalysis:
+    """Verdicts against the baselines and, with a noise estimate, the boundaries."""
+    df = df.copy()
+    df["verdict_fixed"] = df.get("verdict", pd.Series(dtype=object))
+    df["cost_nats"] = math.nan
+    sampled = [c for c in df.columns if c.startswith("sampled.")]
+    settings = [c for c in sampled if c[len("sampled."):] not in (key, *NOT_SETTING)]
+    own = [c for c in settings if verdicts.changes_baseline(c[len("sampled."):])]
+    ended = df["eval/ce_prior_nats"].notna() & ((df["status"] == "FINISHED")
+                                                | df["stopped_early"].astype(bool))
+    is_base = (df["model_kind"] == "baseline") & ended
+    outcomes = {i: Outcome.from_metrics(row) for i, row in df.iterrows()}
+    groups: dict[tuple, dict[float, Outcome]] = {}
+    for i in df.index[is_base]:
+        groups.setdefault(tuple(df.loc[i, own]), {})[df.loc[i, "seed"]] = outcomes[i]
+    noise = verdicts.estimate_noise([list(g.values()) for g in groups.values()], z, generations)
+    df.loc[is_base, "verdict"] = "baseline"
+    result = SweepAnalysis(df, noise, key)
+    if not noise.known:
+        log.info("no noise estimate (baselines on < 2 seeds): per-trial verdicts kept")
+        return result
+    for i in df.index[ended & ~is_base & (df["model_kind"] != "baseline")]:
+        baseline = groups.get(tuple(df.loc[i, own]), {}).get(df.loc[i, "seed"])
+        if baseline is not None:
+            df.loc[i, "cost_nats"] = verdicts.cost_nats(outcomes[i], baseline)
+            df.loc[i, "verdict"] = verdicts.classify(outcomes[i], baseline, noise)
+    judged = df[df["cost_nats"].notna()]
+    if judged.empty:
+        return result
+    x = _x_column(judged, key)
+    low, high = range_log2 or (float(x.min()), float(x.max()))
+    if not low < high:
+        return result
+    for values, group in judged.groupby(settings, dropna=False) if settings else [((), judged)]:
+        values = values if isinstance(values, tuple) else (values,)
+        gx = list(_x_column(group, key))
+        fits = {kind: verdicts.fit_boundary(kind, gx, list(group["verdict"] == name),
+                                            low, high, confidence)
+                for kind, name in (("collapse", "collapsed"), ("leak", "leaking"))}
+        setting = {c[len("sampled."):]: v for c, v in zip(settings, values, strict=True)}
+        result.boundaries.append(SettingBoundaries(setting, fits["collapse"], fits["leak"]))
+    return result
+
+
+def boundaries_table(analysis: SweepAnalysis) -> str:
+    header = ["setting", "kappa_c (bits)", "kappa_c interval", "kappa_l (bits)",
+              "kappa_l interval", "trials"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for b in analysis.boundaries:
+        c, lk = b.collapse.texts(), b.leak.texts()
+        lines.append(f"| {b.label} | {c[0]} | [{c[1]}, {c[2]}] | {lk[0]} | [{lk[1]}, {lk[2]}] "
+                     f"| {b.collapse.trials} |")
+    return "\n".join(lines)
+
+
+def boundaries_json(analysis: SweepAnalysis) -> list[dict[str, Any]]:
+    rows = []
+    for b in analysis.boundaries:
+        row: dict[str, Any] = {"setting": b.setting, "label": b.label}
+        for name, fit in (("kappa_c", b.collapse), ("kappa_l", b.leak)):
+            est, low, high = fit.bits
+            row[name] = {"bits": est, "low_bits": low, "high_bits": high,
+                         "confidence": fit.confidence, "trials": fit.trials,
+                         "below_range": fit.below_range, "above_range": fit.above_range}
+        rows.append(row)
+    return rows
+
+
+def write_analysis(analysis: SweepAnalysis, out_dir: str | Path) -> dict[str, Path]:
+    """``boundaries.md`` / ``.json``, ``verdicts.csv`` and ``phase_diagram.png``."""
+    from freetf.sweeps.phase import plot_phase_diagram
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"boundaries": out / "boundaries.md", "boundaries_json": out / "boundaries.json",
+             "verdicts": out / "verdicts.csv"}
+    text = "\n".join([boundaries_table(analysis), "", *analysis.summary_lines()])
+    paths["boundaries"].write_text(text + "\n")
+    paths["boundaries_json"].write_text(json.dumps(
+        {"noise": {"ce_nats": analysis.noise.ce_nats, "dof": analysis.noise.dof,
+                   "valid": analysis.noise.valid, "z": analysis.noise.z},
+         "boundaries": boundaries_json(analysis)}, indent=2, default=str) + "\n")
+    analysis.trials.to_csv(paths["verdicts"], index=False)
+    paths["phase"] = plot_phase_diagram(analysis, out / "phase_diagram.png")
+    return paths
+
+
+def analyse_sweep(runs: pd.DataFrame, sweep, base) -> SweepAnalysis:
+    """:func:`analyse` with the sweep's key, noise z, generations and range."""
+    key = sweep.boundary.key
+    dims = {d.key: d for d in sweep.space}
+    range_log2 = None
+    if sweep.search.method == "boundary":
+        from freetf.sweeps.boundary import log2_range
+
+        range_log2 = log2_range(dims[key].values)
+    elif key not in dims and "training.free_bits" in dims:
+        key = "training.free_bits"
+    return analyse(runs, key, base.diagnostics.noise_z, base.diagnostics.free_generations,
+                   sweep.boundary.confidence, range_log2)
+
+
+def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
+    """(parent, children) for :func:`freetf.tracking.log_sweep_analysis`."""
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    single = len(analysis.boundaries) == 1
+    for b in analysis.boundaries:
+        prefix = "boundary/" if single else f"boundary/{_metric_safe(b.label)}/"
+        for name, fit in (("kappa_c", b.collapse), ("kappa_l", b.leak)):
+            est, low, high = fit.bits
+            metrics.update({f"{prefix}{name}_bits": est, f"{prefix}{name}_low_bits": low,
+                            f"{prefix}{name}_high_bits": high})
+            tags[f"freetf.{name}" + ("" if single else f".{b.label}")] = fit.text()
+    if analysis.noise.known:
+        metrics.update({"boundary/noise_ce_nats": analysis.noise.ce_nats,
+                        "boundary/margin_benefit_nats": analysis.noise.benefit_margin_nats,
+                        "boundary/margin_cost_nats": analysis.noise.cost_margin_nats})
+    children = {}  # the verdict as a tag and as eval/verdict_code (freetf.tracking)
+    for row in analysis.trials.to_dict("records"):
+        if isinstance(row.get("cost_nats"), float) and math.isfinite(row["cost_nats"]):
+            children[row["run_id"]] = {
+                "metrics": {"eval/cost_nats": row["cost_nats"],
+                            VERDICT_METRIC: verdict_code(row["verdict"])},
+                "tags": {VERDICT_TAG: row["verdict"],
+                         "freetf.verdict_fixed": row["verdict_fixed"]}}
+        elif row.get("verdict") == "baseline":
+            children[row["run_id"]] = {"metrics": {VERDICT_METRIC: verdict_code("baseline")},
+                                       "tags": {VERDICT_TAG: "baseline"}}
+    return {"metrics": metrics, "tags": tags}, children
+
+
+def _metric_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in text)
