@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules against their fast tests (docs/testing.md).
 #
-#   scripts/mutation.sh                        # every core module (hours on 2 cores)
-#   scripts/mutation.sh 'freetf.model.mapper*' # one module (mutant-name glob)
-#   scripts/mutation.sh 'freetf.model.losses*' 'freetf.model.mapper*'
+#   tools/mutation.sh                        # every core module (hours on 2 cores)
+#   tools/mutation.sh 'freetf.model.mapper*' # one module (mutant-name glob)
+#   tools/mutation.sh 'freetf.model.losses*' 'freetf.model.mapper*'
 #
 # The modules and test files are in [tool.mutmut] of pyproject.toml.  Results are cached
 # in mutants/ (git-ignored): a later run only tries mutants without a result, except the
