@@ -9,7 +9,7 @@
 # in mutants/ (git-ignored): a later run only tries mutants without a result, except the
 # ones named on the command line, which are always re-run.  `mutmut results` lists the
 # survivors, `mutmut show NAME` prints one as a diff.  Set MUTMUT_JOBS to the number of
-# parallel workers (default 2).  On a shared machine wrap it: flock /work/heavy.lock ...
+# parallel workers (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # mutmut puts mutants/ first on sys.path; a PYTHONPATH pointing at the checkout would
