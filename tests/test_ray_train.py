@@ -67,6 +67,9 @@ def test_two_workers_equal_one_worker_with_double_batch(tmp_path):
         assert torch.allclose(ddp_state["model"][key], ref, atol=2e-6), key
         moved += 1
     assert moved > 10
+    # each rank's generators, gathered over the process group
+    assert len(ddp_state["rng"]) == 2
+    assert not torch.equal(ddp_state["rng"][0]["cpu"], ddp_state["rng"][1]["cpu"])
 
 
 def test_worker_failure_resumes_from_last_checkpoint(tmp_path):
