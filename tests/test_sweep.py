@@ -189,7 +189,8 @@ def test_concurrency_follows_the_cluster(monkeypatch):
 def test_trial_runner_auto_runs_one_cpu_worker_in_the_trial_and_more_under_train():
     one = load_sweep(SMOKE)
     assert one.trial_runner(one.base()) == "in_trial"
-    assert sweep_mod.trial_resources(one, one.base()) == {"cpu": pytest.approx(0.01 + 0.99)}
+    expected = one.resources.trial_cpu + one.resources.worker_cpu  # the trial runs the loop
+    assert sweep_mod.trial_resources(one, one.base()) == {"cpu": pytest.approx(expected)}
     two = load_sweep(SMOKE, ["resources.num_workers=2", "resources.worker_cpu=0.5"])
     assert two.trial_runner(two.base()) == "train"
     assert sweep_mod.trial_resources(two, two.base()) == {"cpu": 0.01}
@@ -199,7 +200,7 @@ def test_trial_runner_auto_runs_one_cpu_worker_in_the_trial_and_more_under_train
     assert forced.trial_runner(forced.base()) == "train"
     forced_gpu = load_sweep(SMOKE, ["scaling.use_gpu=true", "resources.trial_runner=in_trial"])
     assert sweep_mod.trial_resources(forced_gpu, forced_gpu.base()) == {
-        "cpu": pytest.approx(1.0), "gpu": forced_gpu.base().scaling.gpus_per_worker}
+        "cpu": pytest.approx(expected), "gpu": forced_gpu.base().scaling.gpus_per_worker}
     with pytest.raises(SweepError, match="trial_runner=in_trial runs one worker"):
         load_sweep(SMOKE, ["resources.num_workers=2", "resources.trial_runner=in_trial"])
     with pytest.raises(SweepError, match="resources.trial_runner"):
@@ -380,8 +381,8 @@ def test_boundary_smoke_sweep_has_baselines_verdicts_and_boundaries(local_ray, t
     assert not result.interrupted
     client, parent, children = _runs(sweep)
     assert len(children) == sweep.expected_trials == 6
-    baselines = [c for c in children if c.data.params["model.latent_dim"] == "0"]
-    assert sorted(c.data.params["training.seed"] for c in baselines) == ["0", "1"]
+    baselines = [c for c in children if c.data.params["latent_dim"] == "0"]
+    assert sorted(c.data.params["seed"] for c in baselines) == ["0", "1"]
     for child in children:
         tags = child.data.tags
         assert child.info.status == "FINISHED", tags.get("freetf.error")

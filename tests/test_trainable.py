@@ -42,7 +42,7 @@ def _sweep(tmp: Path, name: str, *settings: str):
     return load_sweep(SMOKE, [
         f"storage_path={tmp / 'ray_results'}", f"report_dir={tmp / 'reports'}",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", f"mlflow.sweep_name={name}",
-        "resources.trial_runner=in_trial", "search.max_concurrent_trials=1",
+        "search.method=grid", "resources.trial_runner=in_trial", "search.max_concurrent_trials=1",
         "asha.enabled=false", "stopper.enabled=false", "training.max_steps=6",
         "training.log_every=2", "training.eval_every=3",
         "space.training.free_bits_bits={grid: [0.015625]}",  # the hinge is active: kl_weight
