@@ -17,6 +17,7 @@ from freetf.sweeps.spec import STOP_REASON, load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID8 = ROOT / "bench" / "search_kl_grid8.yaml"
+SMOKE_BOUNDARY = ROOT / "configs" / "search_kl_smoke.yaml"
 
 
 class Clock:
@@ -178,3 +179,20 @@ def test_smoke_sweep_console_is_short_and_free_of_ray_chatter(tmp_path):
                     "RayTrainWorker", "Configuration for experiment", "mlflow.store"):
         assert chatter not in output
     assert sum(line.startswith("[") and "trials ended" in line for line in lines) == 3
+
+
+def test_boundary_search_lines_show_each_trials_seed_and_baselines_without_kappa():
+    """The boundary searcher adds the seed and the latent size to a trial's config."""
+    sweep = load_sweep(SMOKE_BOUNDARY)
+    stream = io.StringIO()
+    console = SweepConsole(sweep, sweep.base(), stream=stream, clock=Clock())
+    trials = [SimpleNamespace(trial_id=f"t{seed}", config={
+        "training.free_bits_bits": 0.25, "training.kl_weight": 1.0, "training.seed": seed,
+        "model.latent_dim": latent}) for seed, latent in ((0, 0), (2, 8))]
+    for trial, verdict in zip(trials, ("baseline", "active"), strict=True):
+        console.on_trial_start(0, [], trial)
+        console.on_trial_result(0, [], trial, {"step": 20, "eval/verdict": verdict})
+        console.on_trial_complete(0, [], trial)
+    baseline, ft = [line for line in stream.getvalue().splitlines() if line.startswith("[")]
+    assert "seed 0: baseline" in baseline and "kappa" not in baseline
+    assert "kappa 0.25 bits, kl_weight 1, seed 2: active" in ft

@@ -63,7 +63,7 @@ class SweepConsole(tune.Callback):
                  clock=time.monotonic) -> None:
         self.enabled = not verbose
         self.total = sweep.expected_trials
-        self.keys = tuple(d.key for d in sweep.space)
+        self.keys = sweep.trial_keys  # boundary search: the seed and latent size too
         self.base = base.to_dict()
         self.max_steps = base.training.max_steps
         self.status_every_s = status_every_s
@@ -186,7 +186,7 @@ class SweepConsole(tune.Callback):
 
     def _others(self) -> tuple[str, ...]:
         shown = ("training.free_bits_bits", "training.free_bits", "training.kl_weight",
-                 "training.seed")
+                 "training.seed", "model.latent_dim")  # latent_dim 0 reads "baseline"
         return tuple(k for k in self.keys if k not in shown)
 
     def _row(self, trial) -> dict[str, Any]:
