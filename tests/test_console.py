@@ -194,5 +194,5 @@ def test_boundary_search_lines_show_each_trials_seed_and_baselines_without_kappa
         console.on_trial_result(0, [], trial, {"step": 20, "eval/verdict": verdict})
         console.on_trial_complete(0, [], trial)
     baseline, ft = [line for line in stream.getvalue().splitlines() if line.startswith("[")]
-    assert "seed 0: baseline" in baseline and "kappa" not in baseline
-    assert "kappa 0.25 bits, kl_weight 1, seed 2: active" in ft
+    assert "seed 0, latent_dim=0: baseline" in baseline and "kappa" not in baseline
+    assert "kappa 0.25 bits, kl_weight 1, seed 2, latent_dim=8: active" in ft

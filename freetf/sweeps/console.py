@@ -186,7 +186,7 @@ class SweepConsole(tune.Callback):
 
     def _others(self) -> tuple[str, ...]:
         shown = ("training.free_bits_bits", "training.free_bits", "training.kl_weight",
-                 "training.seed", "model.latent_dim")  # latent_dim 0 reads "baseline"
+                 "training.seed")
         return tuple(k for k in self.keys if k not in shown)
 
     def _row(self, trial) -> dict[str, Any]:
