@@ -22,7 +22,6 @@ training: the driver closes its child run instead (KILLED,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -35,6 +34,12 @@ from ray import tune
 
 from freetf.config import Config, ConfigError
 from freetf.sweeps.console import SweepConsole, setup_console
+from freetf.sweeps.runs import (  # noqa: F401 - ended_trials: the public API
+    close_open_runs,
+    ended_trial_keys,
+    ended_trials,
+    find_parent,
+)
 from freetf.sweeps.search import search_algorithm
 from freetf.sweeps.spec import (  # noqa: F401 - load_sweep, SweepError: the public API
     SPEC_FILE,
@@ -197,7 +202,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     base = sweep.base()
     uri, experiment = base.tracking.mlflow.tracking_uri, base.tracking.mlflow.experiment
     client = mlflow_client(uri)
-    parent = _find_parent(client, experiment, sweep.name)
+    parent = find_parent(client, experiment, sweep.name)
     if parent is not None and not resume:
         raise SweepError(f"MLflow experiment {experiment!r} at {uri} already has a sweep "
                          f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
@@ -219,19 +224,19 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     try:
         results = _tuner(sweep, base, context, resume, [console, *callbacks], verbose).fit()
     except BaseException as err:  # a second Ctrl-C, or Tune itself failed
-        _close_open_runs(client, context, None, interrupted=True)
+        close_open_runs(client, context, None, interrupted=True)
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     # Tune marks the trials it stops on Ctrl-C TERMINATED too; only trials that ended
     # on their own (or were stopped by ASHA / the stopper) carry done=True.  A Ctrl-C can
     # also land after a trial closed its MLflow run but before Tune saw it end: MLflow
     # then knows it ended (and --resume will not run it again).
-    done = ended_trials(results, context.keys, _ended_trial_keys(client, context.parent_run_id))
+    done = ended_trials(results, context.keys, ended_trial_keys(client, context.parent_run_id))
     interrupted = done < sweep.expected_trials
     log.info("sweep %s: %d of %d trials ended (%d errors)%s", sweep.name, done,
              sweep.expected_trials, results.num_errors,
              "; interrupted, continue it with --resume" if interrupted else "")
-    _close_open_runs(client, context, results, interrupted)
+    close_open_runs(client, context, results, interrupted)
     runs = report.collect_runs(client, experiment, sweep=sweep.name)
     found = analysis.analyse_sweep(runs, sweep, base)  # verdicts against the baselines
     log_sweep_analysis(client, context.parent_run_id, *analysis.mlflow_records(found))
@@ -331,70 +336,6 @@ def _saved_spec(sweep: SweepConfig) -> SweepConfig:
         log.warning("--resume continues sweep %s with the spec it started with (%s), not "
                     "the one given now", sweep.name, path)
     return saved
-
-
-def _find_parent(client, experiment: str, name: str):
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs([found.experiment_id], max_results=10,
-                              filter_string=f"tags.`{TAG_SWEEP}` = '{name}' "
-                                            f"and tags.`{TAG_ROLE}` = 'sweep'")
-    return min(runs, key=lambda r: r.info.start_time) if runs else None
-
-
-def ended_trials(results, keys: tuple[str, ...], ended_in_mlflow: set[str]) -> int:
-    """Trials that ended: failed, done by Tune's account, or ended by MLflow's."""
-    def ended(result) -> bool:
-        if result.error is not None or (result.metrics or {}).get("done"):
-            return True
-        return bool(result.config) and \
-            trial_key({k: result.config.get(k) for k in keys}) in ended_in_mlflow
-    return sum(1 for result in results if ended(result))
-
-
-def _run_ended(run) -> bool:
-    """A trial's MLflow run says it ended: FINISHED, or stopped early by ASHA / the stopper."""
-    return run.info.status == "FINISHED" or run.data.tags.get("freetf.stopped_early") == "true"
-
-
-def _ended_trial_keys(client, parent_run_id: str) -> set[str]:
-    """Trial keys whose MLflow run says they ended."""
-    return {run.data.tags.get(TAG_KEY) for run in child_runs(client, parent_run_id)
-            if _run_ended(run)}
-
-
-def _close_open_runs(client, context: TrialContext, results, interrupted: bool) -> None:
-    """End the child runs that Tune left open: trials stopped before closing their run,
-    and trials that Ctrl-C cut off (KILLED, verdict ``interrupted``: --resume reattaches
-    them).  A trial's own except-clause may have marked a cut-off run FAILED: Tune
-    knows better, so only a trial that Tune saw fail stays FAILED."""
-    from freetf.tracking import set_verdict
-
-    last = {}
-    for result in results or []:
-        if result.config:
-            last[trial_key({k: result.config.get(k) for k in context.keys})] = result
-    for run in child_runs(client, context.parent_run_id):
-        tags = run.data.tags
-        if _run_ended(run):
-            continue
-        result = last.get(tags.get(TAG_KEY))
-        metrics = dict(result.metrics or {}) if result is not None else {}
-        sampled = json.loads(tags.get("freetf.sampled", "{}"))
-        step = metrics.get("step", run.data.metrics.get("train/steps_done", 0))
-        run_id = run.info.run_id
-        if step >= context.max_steps(sampled):  # trained; stopped before closing its run
-            if tags.get("freetf.verdict") in (None, "failed") and metrics.get("eval/verdict"):
-                set_verdict(client, run_id, metrics["eval/verdict"], step)
-            client.set_terminated(run_id, "FINISHED")
-        elif result is not None and result.error is not None:
-            if run.info.status == "RUNNING":
-                set_verdict(client, run_id, "failed", step)
-                client.set_terminated(run_id, "FAILED")
-        else:
-            set_verdict(client, run_id, "interrupted" if interrupted else "unknown", step)
-            client.set_terminated(run_id, "KILLED")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,0 +1,79 @@
+"""A sweep's child runs in MLflow, from the driver: find the parent, count the trials
+that ended, and close the runs that Tune left open (stopped, failed or cut off)."""
+
+from __future__ import annotations
+
+import json
+
+from freetf.sweeps.trainable import (
+    TAG_KEY,
+    TAG_ROLE,
+    TAG_SWEEP,
+    TrialContext,
+    child_runs,
+    trial_key,
+)
+
+
+def find_parent(client, experiment: str, name: str):
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], max_results=10,
+                              filter_string=f"tags.`{TAG_SWEEP}` = '{name}' "
+                                            f"and tags.`{TAG_ROLE}` = 'sweep'")
+    return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def ended_trials(results, keys: tuple[str, ...], ended_in_mlflow: set[str]) -> int:
+    """Trials that ended: failed, done by Tune's account, or ended by MLflow's."""
+    def ended(result) -> bool:
+        if result.error is not None or (result.metrics or {}).get("done"):
+            return True
+        return bool(result.config) and \
+            trial_key({k: result.config.get(k) for k in keys}) in ended_in_mlflow
+    return sum(1 for result in results if ended(result))
+
+
+def run_ended(run) -> bool:
+    """A trial's MLflow run says it ended: FINISHED, or stopped early by ASHA / the stopper."""
+    return run.info.status == "FINISHED" or run.data.tags.get("freetf.stopped_early") == "true"
+
+
+def ended_trial_keys(client, parent_run_id: str) -> set[str]:
+    """Trial keys whose MLflow run says they ended."""
+    return {run.data.tags.get(TAG_KEY) for run in child_runs(client, parent_run_id)
+            if run_ended(run)}
+
+
+def close_open_runs(client, context: TrialContext, results, interrupted: bool) -> None:
+    """End the child runs that Tune left open: trials stopped before closing their run,
+    and trials that Ctrl-C cut off (KILLED, verdict ``interrupted``: --resume reattaches
+    them).  A trial's own except-clause may have marked a cut-off run FAILED: Tune
+    knows better, so only a trial that Tune saw fail stays FAILED."""
+    from freetf.tracking import set_verdict
+
+    last = {}
+    for result in results or []:
+        if result.config:
+            last[trial_key({k: result.config.get(k) for k in context.keys})] = result
+    for run in child_runs(client, context.parent_run_id):
+        tags = run.data.tags
+        if run_ended(run):
+            continue
+        result = last.get(tags.get(TAG_KEY))
+        metrics = dict(result.metrics or {}) if result is not None else {}
+        sampled = json.loads(tags.get("freetf.sampled", "{}"))
+        step = metrics.get("step", run.data.metrics.get("train/steps_done", 0))
+        run_id = run.info.run_id
+        if step >= context.max_steps(sampled):  # trained; stopped before closing its run
+            if tags.get("freetf.verdict") in (None, "failed") and metrics.get("eval/verdict"):
+                set_verdict(client, run_id, metrics["eval/verdict"], step)
+            client.set_terminated(run_id, "FINISHED")
+        elif result is not None and result.error is not None:
+            if run.info.status == "RUNNING":
+                set_verdict(client, run_id, "failed", step)
+                client.set_terminated(run_id, "FAILED")
+        else:
+            set_verdict(client, run_id, "interrupted" if interrupted else "unknown", step)
+            client.set_terminated(run_id, "KILLED")
