@@ -33,7 +33,8 @@ def _main():
 def test_the_smoke_sweep_reads_in_the_mlflow_ui(local_ray, tmp_path, capsys):
     assert _main()(["--screenshots", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "expanding the parent lists its 3 trials" in out
+    # the smoke sweep: 2 baselines + 2 probes x 2 seeds (the script checks the count)
+    assert "expanding the parent lists its 6 trials" in out
     assert "filter tags.`freetf.verdict`" in out and "collapse_map.png renders" in out
     assert SCREENSHOTS <= {p.name for p in tmp_path.glob("*.png")}
 
