@@ -150,7 +150,8 @@ def test_ray_overhead_tiny(tmp_path):
     assert results["ray_init_s"] > 0
     assert results["tune_trial_overhead_s"] > 0  # a trial costs more than its 2 steps
     new = results["sweep_paths"]["paths"]["new"]
-    assert new["trials_run"] == 3 and len(new["trials"]) == 3
+    # the smoke file's boundary search: 2 baselines, then 2 kappa probes x 2 seeds
+    assert new["trials_run"] == 6 and len(new["trials"]) == 6
     for trial in new["trials"]:  # training is part of the trial's wall time
         assert 0 < trial["train_s"] < trial["wall_s"]
         assert trial["marks"]["first_step"] <= trial["marks"]["train_end"]

@@ -178,7 +178,8 @@ def test_smoke_sweep_console_is_short_and_free_of_ray_chatter(tmp_path):
     for chatter in ("Reporting training result", "Trial status", "PreemptionWatcher",
                     "RayTrainWorker", "Configuration for experiment", "mlflow.store"):
         assert chatter not in output
-    assert sum(line.startswith("[") and "trials ended" in line for line in lines) == 3
+    # one line per trial of the smoke boundary search (2 baselines + 2 probes x 2 seeds)
+    assert sum(line.startswith("[") and "trials ended" in line for line in lines) == 6
 
 
 def test_boundary_search_lines_show_each_trials_seed_and_baselines_without_kappa():
