@@ -24,52 +24,41 @@ def _number(text: str, kind: type) -> int | float:
     return value
 
 
+def _checked(text: str, kind: type, ok, bound: str) -> int | float:
+    value = _number(text, kind)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{value} must be {bound}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+    return _checked(text, int, lambda v: v >= 1, ">= 1")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+    return _checked(text, int, lambda v: v >= 0, ">= 0")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
+    return _checked(text, float, lambda v: v > 0, "> 0")
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+    return _checked(text, float, lambda v: v >= 0, ">= 0")
 
 
 def probability(text: str) -> float:
     """A number in (0, 1] (nucleus sampling's top-p)."""
-    value = _number(text, float)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
+    return _checked(text, float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def open_fraction(text: str) -> float:
     """A number in (0, 1) (a held-out share)."""
-    value = _number(text, float)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1)")
-    return value
+    return _checked(text, float, lambda v: 0.0 < v < 1.0, "in (0, 1)")
 
 
 def non_empty(text: str) -> str:

@@ -320,8 +320,8 @@ def build_data(cfg: Config) -> DataBundle:
         train, val = _split_blocks(tokens, tokens.size, data.max_seq_len, data.val_fraction,
                                    f"data.path {data.path}")
         tokenizer = build_tokenizer(cfg)
-    elif data.dataset_name == "tokens" and prepared_folder(cfg) is not None:
-        train, val, bytes_per_token = _prepared_data(cfg, prepared_folder(cfg))
+    elif (folder := prepared_folder(cfg)) is not None:  # tokens: a freetf prepare folder
+        train, val, bytes_per_token = _prepared_data(cfg, folder)
         tokenizer = build_tokenizer(cfg)
     elif data.dataset_name == "tokens":
         path = Path(data.path)

@@ -53,21 +53,23 @@ def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], lis
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _kl_bits(history: list[dict[str, float]]) -> tuple[list[float], list[float]]:
-    """Raw train KL in bits (older runs logged it in nats only)."""
-    steps, bits = _series(history, "train/kl_bits")
+def _bits(history: list[dict[str, float]], bits_key: str, nats_key: str
+          ) -> tuple[list[float], list[float]]:
+    """``bits_key`` against step, or ``nats_key`` converted (older runs logged nats only)."""
+    steps, bits = _series(history, bits_key)
     if steps:
         return steps, bits
-    steps, nats = _series(history, "train/kl_nats")
+    steps, nats = _series(history, nats_key)
     return steps, [v / LN2 for v in nats]
+
+
+def _kl_bits(history: list[dict[str, float]]) -> tuple[list[float], list[float]]:
+    """Raw train KL in bits."""
+    return _bits(history, "train/kl_bits", "train/kl_nats")
 
 
 def _kappa_bits(history: list[dict[str, float]]) -> tuple[list[float], list[float]]:
-    steps, bits = _series(history, "train/free_bits_bits")
-    if steps:
-        return steps, bits
-    steps, nats = _series(history, "train/free_bits_nats")
-    return steps, [v / LN2 for v in nats]
+    return _bits(history, "train/free_bits_bits", "train/free_bits_nats")
 
 
 def _draw_kl(ax, history: list[dict[str, float]], color: str = "tab:blue") -> None:
