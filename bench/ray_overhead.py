@@ -23,8 +23,13 @@ runner, each with a fresh local Ray, one after the other in one invocation:
   (``resources.trial_runner=train``: the path every sweep took before);
 - ``in_trial_fresh``: the loop in the trial process, a fresh process per trial
   (``trial_runner=in_trial``, ``reuse_actors=false``);
-- ``new``: the default, the loop in the trial process, processes reused
-  (``trial_runner=auto`` resolves to in_trial, ``reuse_actors=true``).
+- ``new_no_preload``: the loop in the trial process, processes reused, the trial
+  libraries imported by each slot's first trial (``resources.preload=false``);
+- ``new``: the default, the loop in the trial process, processes reused, and the
+  libraries a trial needs imported as each process starts (``trial_runner=auto``
+  resolves to in_trial, ``reuse_actors=true``, ``preload=true``);
+- ``default``: the main job itself, ``configs/search_kl.yaml`` (a boundary search of 18
+  trials) on the default path.
 
 Per trial: wall time on Tune's clock (the driver's ``on_trial_start`` to
 ``on_trial_complete``), training time on the trial's own clock (the loop's marks, from
@@ -33,8 +38,8 @@ difference, the overhead.  Also the sweep's total wall time (``run_sweep``, Ray 
 included) and one trial's timeline.
 
     python bench/ray_overhead.py --json bench/results/ray_overhead.json [--tiny]
-    python bench/ray_overhead.py --repeats 1 --tune-trials 0 --sweeps old,in_trial_fresh,new \
-        --json bench/results/sweep_paths.json
+    python bench/ray_overhead.py --repeats 1 --skip-item5 \
+        --sweeps old,new_no_preload,new,default --json bench/results/sweep_paths.json
 """
 
 from __future__ import annotations
@@ -171,12 +176,16 @@ def tune_trial_overhead(tmp: Path, extra_trials: int) -> float:
 
 # ----------------------------------------------------------------------------- sweep paths
 
-SWEEP_PATHS = {
-    "old": ["resources.trial_runner=train", "resources.reuse_actors=false"],
-    "in_trial_fresh": ["resources.trial_runner=in_trial", "resources.reuse_actors=false"],
-    "new": [],
-}
 GRID8 = Path(__file__).resolve().parent / "search_kl_grid8.yaml"
+DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "search_kl.yaml"
+SWEEP_PATHS = {  # name: (spec, settings)
+    "old": (GRID8, ["resources.trial_runner=train", "resources.reuse_actors=false"]),
+    "in_trial_fresh": (GRID8, ["resources.trial_runner=in_trial",
+                               "resources.reuse_actors=false"]),
+    "new_no_preload": (GRID8, ["resources.preload=false"]),
+    "new": (GRID8, []),
+    "default": (DEFAULT, []),  # the main job: `python tune/search_kl.py`, a boundary search
+}
 # The trial's timeline: its marks (trial process and training loop), in order.
 TIMELINE = (("process_start", "trial process started"), ("trial_start", "trial function entered"),
             ("imports", "imports done, MLflow run looked up"),
@@ -189,7 +198,8 @@ TIMELINE = (("process_start", "trial process started"), ("trial_start", "trial f
 
 def compare_sweep_paths(tmp: Path, paths: list[str], tiny: bool) -> dict:
     """Run the grid sweep once per path (see the module docstring)."""
-    out = {"spec": str(GRID8 if not tiny else "configs/search_kl_smoke.yaml"), "paths": {}}
+    out = {"specs": {name: str(SWEEP_PATHS[name][0] if not tiny else
+                               "configs/search_kl_smoke.yaml") for name in paths}, "paths": {}}
     for name in paths:
         out["paths"][name] = _sweep_path(tmp / name, name, tiny)
     if "old" in out["paths"] and "new" in out["paths"]:
@@ -219,12 +229,13 @@ def _sweep_path(tmp: Path, name: str, tiny: bool) -> dict:
 
     settings = [f"tracking.mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
                 f"storage_path={tmp}/tune", f"report_dir={tmp}/reports",
-                f"mlflow.sweep_name=bench-{name}", *SWEEP_PATHS[name]]
+                f"mlflow.sweep_name=bench-{name}", *SWEEP_PATHS[name][1]]
     if tiny:
         settings += ["training.max_steps=4", "training.log_every=2", "training.eval_every=2",
                      "stopper.enabled=false", "asha.enabled=false"]
     clock = TrialClock()
-    sweep = load_sweep("configs/search_kl_smoke.yaml" if tiny else GRID8, settings)
+    sweep = load_sweep("configs/search_kl_smoke.yaml" if tiny else SWEEP_PATHS[name][0],
+                       settings)
     start = time.perf_counter()
     try:
         result = run_sweep(sweep, callbacks=[clock])
@@ -284,7 +295,7 @@ def sweep_text(result: dict) -> str:
                  "process start-up and gaps included, per trial")
     if "new_over_old_wall" in result:
         lines.append(f"total wall time new / old: {result['new_over_old_wall']:.2f} "
-                     f"(target <= 0.60); spec {result['spec']}")
+                     f"(target <= 0.60); spec {result['specs']['new']}")
     for name, p in paths.items():
         for index in sorted({0, len(p["trials"]) - 1}):  # the first and the last trial
             lines += ["", f"timeline of trial {index + 1} of path {name} (s from Tune's "

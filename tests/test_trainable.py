@@ -107,3 +107,46 @@ def test_a_failed_in_trial_run_is_retried_from_its_checkpoint_in_the_same_mlflow
     assert checkpoint.is_relative_to(sweep.sweep_dir)
     _, cfg, state = load_model(checkpoint)  # self-describing, loads without Ray
     assert state["step"] == 6 and cfg.training.kl_weight == 1.0
+
+
+PRELOAD_PROBE = """
+import sys
+from freetf import load_config
+from freetf.sweeps.trainable import _finish_trial_run, preload_trial_libraries
+if sys.argv[1] == "preload":
+    preload_trial_libraries()
+from freetf.tracking import make_tracker, mlflow_client
+from freetf.training.loop import TrainContext, train_loop
+before = set(sys.modules)
+cfg = load_config("configs/tiny.yaml", ["training.max_steps=2", "training.log_every=1",
+                  "training.eval_every=2", "checkpoint.dir=" + sys.argv[2] + "/ckpt",
+                  "tracking.mlflow.tracking_uri=sqlite:///" + sys.argv[2] + "/mlflow.db"])
+client = mlflow_client(cfg.tracking.mlflow.tracking_uri)
+tracker = make_tracker(cfg, run_name="probe")
+context = TrainContext()
+result = train_loop(cfg, context, tracker=tracker)
+_finish_trial_run(tracker, client, result.metrics, None, context.history)
+print("\\n".join(sorted(set(sys.modules) - before)))
+"""
+HEAVY = ("torch._dynamo", "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.orm",
+         "alembic", "matplotlib.figure", "matplotlib.backends.backend_agg")
+
+
+@pytest.mark.timeout(180)
+def test_preloaded_trial_processes_import_nothing_heavy_during_a_trial(tmp_path):
+    """What ``preload_trial_libraries`` loads when a worker starts is all a trial's
+    tracking, optimizer and figures import: a trial right after it imports none of it
+    (the same trial in a cold process does, so the probe sees the imports)."""
+    import subprocess
+    import sys
+
+    def imported_during_trial(mode: str) -> set[str]:
+        (tmp_path / mode).mkdir()  # the driver has made the store: tables and migrations
+        MlflowClient(f"sqlite:///{tmp_path / mode}/mlflow.db").search_experiments()
+        out = subprocess.run([sys.executable, "-c", PRELOAD_PROBE, mode, str(tmp_path / mode)],
+                             capture_output=True, text=True, check=True, timeout=150)
+        return set(out.stdout.split())
+
+    cold, warm = imported_during_trial("cold"), imported_during_trial("preload")
+    assert set(HEAVY) <= cold
+    assert not {name for name in warm if name.startswith(HEAVY)}

@@ -92,6 +92,9 @@ class ResourcesSpec:
     # TorchTrainer otherwise (train).  See docs/sweeps.md, "Trial runners".
     trial_runner: Literal["auto", "in_trial", "train"] = "auto"
     reuse_actors: bool = True  # in_trial: one process per trial slot, reused by its trials
+    # in_trial on a local Ray: a worker process imports a trial's libraries when it starts,
+    # before Tune starts the trial (trainable.preload_trial_libraries; docs/sweeps.md)
+    preload: bool = True
     trial_cpu: float = 0.01  # the trial process (in_trial: plus worker_cpu, as it trains)
     worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
     num_workers: int | None = None  # None: the base scaling.num_workers

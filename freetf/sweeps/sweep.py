@@ -57,6 +57,7 @@ from freetf.sweeps.trainable import (  # noqa: F401 - trial_run_name: the public
     _plain,
     child_runs,
     find_trial_run,
+    preload_trial_libraries,
     run_trial,
     trial_key,
     trial_run_name,
@@ -207,7 +208,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
         raise SweepError(f"MLflow experiment {experiment!r} at {uri} already has a sweep "
                          f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
                          f"with --set mlflow.sweep_name=NEW_NAME")
-    _init_ray(verbose)
+    _init_ray(verbose, preload=sweep.resources.preload and sweep.trial_runner(base) == "in_trial")
     tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
                            run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"},
                            params=space_params(sweep))
@@ -250,12 +251,14 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
                        interrupted, found)
 
 
-def _init_ray(verbose: bool) -> None:
+def _init_ray(verbose: bool, preload: bool = False) -> None:
     """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray; the trial
-    processes' output reaches this console only if ``verbose``."""
+    processes' output reaches this console only if ``verbose``.  ``preload``: a local
+    Ray's worker processes run :func:`preload_trial_libraries` when they start."""
     from freetf.training.ray_train import init_ray
 
-    init_ray(quiet=not verbose)
+    hook = f"{preload_trial_libraries.__module__}.{preload_trial_libraries.__name__}"
+    init_ray(quiet=not verbose, setup_hook=hook if preload else None)
 
 
 def trial_resources(sweep: SweepConfig, base: Config) -> dict[str, float]:

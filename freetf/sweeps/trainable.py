@@ -234,6 +234,28 @@ class TuneTrialContext(TrainContext):
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+def preload_trial_libraries() -> None:
+    """Import what a trial imports beyond torch and Ray, when its worker process starts.
+
+    Ray's ``worker_process_setup_hook`` for local sweeps with ``in_trial`` trials
+    (``resources.preload``).  Without it each slot's first trial spends about 5 s of its
+    clock importing freetf's tracking and MLflow, the sqlite store's ORM and schema check
+    (the default ``./mlflow.db``), ``torch._dynamo`` (the first ``torch.optim`` optimizer
+    imports it) and matplotlib's Agg canvas (the run's curves); with it they are part of
+    the process's start-up, before Tune starts its first trial, like torch's and Ray's.
+    The work is the same, once per slot: it moves, it does not shrink (bench/README.md,
+    item 5b, measures both the per-trial and the whole-sweep figures).
+    """
+    import alembic.command  # noqa: F401 - MLflow checks the store's schema with these
+    import alembic.config  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    from matplotlib.backends import backend_agg  # noqa: F401
+
+    import freetf.tracking  # noqa: F401
+
+
 def reset_process_state(cfg: Config) -> None:
     """Reset what a reused trial process carries from one trial to the next.
 

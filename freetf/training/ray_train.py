@@ -195,7 +195,8 @@ class RunSummary:
     wall_s: float
 
 
-def init_ray(num_cpus: float | None = None, quiet: bool = False) -> None:
+def init_ray(num_cpus: float | None = None, quiet: bool = False,
+             setup_hook: str | None = None) -> None:
     """Join ``RAY_ADDRESS`` (or the job's cluster) if set, else start a new local Ray.
 
     ``ray.init()`` alone would join any Ray that another process runs on this machine.
@@ -206,7 +207,9 @@ def init_ray(num_cpus: float | None = None, quiet: bool = False) -> None:
     (they inherit this environment) points it at the right one.  The dashboard
     (ray[default]) also lets Ray clean up the placement groups of stopped runs.
     ``quiet``: Ray's own log lines only from ERROR up, and the Ray processes' output
-    not printed here (it stays in their log files).
+    not printed here (it stays in their log files).  ``setup_hook``: a local Ray's
+    worker processes call this function (``module.name``) when they start; a Ray joined
+    through ``RAY_ADDRESS`` keeps the runtime environment it was given.
     """
     settings = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else
                 logging.INFO}
@@ -222,6 +225,7 @@ def init_ray(num_cpus: float | None = None, quiet: bool = False) -> None:
     with loopback_only():
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
                  include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env={"worker_process_setup_hook": setup_hook} if setup_hook else None,
                  **settings)
 
 
