@@ -176,3 +176,63 @@ def test_report_cli_errors_name_the_problem(tmp_path, capsys):
     assert cli_main(["report", "--experiment", "sweeps", "--tracking-uri", missing]) == 2
     assert "no MLflow store" in capsys.readouterr().err
     assert not (tmp_path / "missing.db").exists()
+
+
+def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
+    """A boundary sweep in MLflow: two baseline seeds and a Free Transformer per kappa
+    in {1/64, 1/4, 4} bits and seed, whose outcomes are collapsed, used and leaking
+    against the baselines; their own per-trial verdict tags all say ``active``."""
+    from freetf.sweeps.spec import load_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("sweeps", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="b").info.run_id
+    client.set_tag(parent, "freetf.role", "sweep")
+    client.set_tag(parent, "freetf.sweep", "b")
+    if with_spec:
+        spec = load_sweep(Path(__file__).parent.parent / "configs" / "search_kl.yaml")
+        client.log_text(parent, spec.to_yaml(), "search_space.yaml")
+    baseline_ce = {0: 1.00, 1: 1.02}
+    trials = [(None, seed, baseline_ce[seed], 0.0, 0.0) for seed in (0, 1)]
+    for seed in (0, 1):
+        trials += [(1 / 64, seed, baseline_ce[seed] + 0.001, 0.0, 0.0),  # collapsed
+                   (0.25, seed, baseline_ce[seed] + 0.01, 0.8, 0.9),  # used: gap, no cost
+                   (4.0, seed, baseline_ce[seed] + 3.0, 1.5, 2.5)]  # leaking: a cost
+    for kappa, seed, ce, gap, mi in trials:
+        sampled = {"training.seed": seed, "model.latent_dim": 0 if kappa is None else 8,
+                   "training.free_bits_bits": 1.0 if kappa is None else kappa}
+        run_id = client.create_run(exp, run_name=f"b/{kappa},{seed}").info.run_id
+        tags = {"freetf.role": "trial", "freetf.sweep": "b", "freetf.verdict": "active",
+                "mlflow.parentRunId": parent, "freetf.trial_key": f"{kappa},{seed}",
+                "freetf.model_kind": "baseline" if kappa is None else "free_transformer",
+                "freetf.sampled": json.dumps(sampled)}
+        params = {**sampled, "training.kl_weight": 1.0}
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()],
+                         metrics=[Metric("eval/ce_prior_nats", ce, 0, 300),
+                                  Metric("eval/ce_gap_nats", gap, 0, 300),
+                                  Metric("eval/mutual_info_nats", mi, 0, 300)])
+        client.set_terminated(run_id, "FINISHED")
+    return uri
+
+
+@pytest.mark.parametrize("with_spec", [True, False])
+def test_report_judges_a_sweep_against_its_own_baselines(tmp_path, capsys, caplog, with_spec):
+    caplog.set_level("INFO", logger="freetf.sweeps.report")
+    uri = _baseline_sweep(tmp_path, with_spec)
+    code = report.report_command(argparse.Namespace(
+        experiment="sweeps", tracking_uri=uri, out=tmp_path / "reports", sweep="b"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "sweep b: verdicts against its baselines" in out and "kappa_c" in out
+    assert ("analysed with the defaults" in caplog.text) is not with_spec  # spec read back
+    folder = tmp_path / "reports" / "b" / "b"
+    judged = pd.read_csv(folder / "verdicts.csv")
+    verdicts = {(row.free_bits_bits, row.seed): row.verdict for row in judged.itertuples()}
+    for seed in (0, 1):
+        assert verdicts[(1 / 64, seed)] == "collapsed"
+        assert verdicts[(0.25, seed)] == "used"
+        assert verdicts[(4.0, seed)] == "leaking"
+    assert (judged["model_kind"] == "baseline").sum() == 2
+    assert (folder / "boundaries.md").is_file() and (folder / "phase_diagram.png").is_file()

@@ -311,7 +311,52 @@ def report_command(args) -> int:
     except ReportError as err:
         print(f"freetf report: error: {err}", file=sys.stderr)
         return 2
-    paths = write_report(client, df, Path(args.out) / (sweep or args.experiment))
+    out = Path(args.out) / (sweep or args.experiment)
+    paths = write_report(client, df, out)
     experiment_id = client.get_experiment_by_name(args.experiment).experiment_id
     print(summary_text(df, paths, uri, args.experiment, experiment_id))
+    for name, lines in analyse_sweeps(client, args.experiment, df, out).items():
+        print("", f"sweep {name}: verdicts against its baselines", *lines, sep="\n")
     return 0
+
+
+def analyse_sweeps(client, experiment: str, df: pd.DataFrame,
+                   out: Path) -> dict[str, list[str]]:
+    """The sweep's own analysis (:func:`freetf.sweeps.analysis.analyse_sweep`) for each
+    sweep of ``df`` that trained baselines: verdicts against them, kappa_c / kappa_l,
+    written to ``out/<sweep>/`` (``boundaries.md``, ``verdicts.csv``, the phase diagram).
+
+    The sweep's spec is read back from its parent run (``search_space.yaml``); where
+    that is gone (or its base config is not on this machine) the defaults stand in.
+    Returns each analysed sweep's console lines."""
+    import tempfile
+
+    from freetf.config import ConfigError
+    from freetf.sweeps import analysis
+    from freetf.sweeps.runs import find_parent
+    from freetf.sweeps.spec import SweepError, load_sweep
+    from freetf.tracking import run_artifact_text
+
+    found: dict[str, list[str]] = {}
+    for name, runs in df.groupby("sweep", sort=True):
+        if not (runs["model_kind"] == "baseline").any():
+            continue
+        parent = find_parent(client, experiment, name)
+        text = run_artifact_text(client, parent.info.run_id, "search_space.yaml") \
+            if parent is not None else None
+        try:
+            if text is None:
+                raise SweepError("no search_space.yaml on the sweep's parent run")
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "sweep.yaml").write_text(text)
+                spec = load_sweep(Path(tmp) / "sweep.yaml")
+                result = analysis.analyse_sweep(runs, spec, spec.base())
+        except (SweepError, ConfigError, OSError) as err:
+            log.info("sweep %s: its spec is not usable here (%s); analysed with the "
+                     "defaults", name, err)
+            result = analysis.analyse(runs)
+        paths = analysis.write_analysis(result, out / name)
+        found[name] = [analysis.boundaries_table(result), *result.summary_lines(),
+                       f"boundaries:    {paths['boundaries']}",
+                       f"phase diagram: {paths['phase']}"]
+    return found

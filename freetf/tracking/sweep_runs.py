@@ -121,3 +121,13 @@ def log_sweep_analysis(client, parent_run_id: str, parent: dict[str, dict[str, A
             client.log_batch(run_id, **entities(values))
         except MlflowException as err:
             logger.warning("could not log the sweep analysis to run %s: %s", run_id, err)
+
+
+def run_artifact_text(client, run_id: str, path: str) -> str | None:
+    """The text of artifact ``path`` of run ``run_id``, or None if it cannot be read."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return Path(client.download_artifacts(run_id, path, tmp)).read_text()
+        except (MlflowException, OSError) as err:
+            logger.info("artifact %s of run %s not readable: %s", path, run_id, err)
+            return None
