@@ -246,14 +246,13 @@ def preload_trial_libraries() -> None:
     The work is the same, once per slot: it moves, it does not shrink (bench/README.md,
     item 5b, measures both the per-trial and the whole-sweep figures).
     """
-    import alembic.command  # noqa: F401 - MLflow checks the store's schema with these
-    import alembic.config  # noqa: F401
     import matplotlib.figure  # noqa: F401
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import torch._dynamo  # noqa: F401
     from matplotlib.backends import backend_agg  # noqa: F401
 
-    import freetf.tracking  # noqa: F401
+    from freetf.tracking import preload_store_modules
+
+    preload_store_modules()
 
 
 def reset_process_state(cfg: Config) -> None:

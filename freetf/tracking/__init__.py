@@ -53,6 +53,7 @@ from freetf.tracking.store import (
     check_tracking_server,
     end_active_run,
     mlflow_client,
+    preload_store_modules,
     resolve_tracking_uri,
     runs_page_url,
 )
@@ -83,7 +84,7 @@ __all__ = [
     "TENSORBOARD_ALIASES", "VERDICT_CODES", "VERDICT_METRIC", "VERDICT_TAG", "WANDB_ALIASES",
     "NullTracker", "Tracker", "TrackingError", "_param_strings", "check_tracking_server",
     "end_active_run", "log_sweep_analysis", "log_sweep_summary", "log_verdict", "make_tracker",
-    "run_artifact_text",
+    "preload_store_modules", "run_artifact_text",
     "metric_history", "mlflow_client",
     "plot_kl_vs_kappa", "plot_sweep_curves", "plot_training_curves", "resolve_tracking_uri",
     "run_config", "run_params", "runs_page_url", "set_verdict", "space_params",

@@ -81,6 +81,14 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
         f"tracking.mlflow.enabled=false.")
 
 
+def preload_store_modules() -> None:
+    """Import what the first client of a database store imports: MLflow's SQLAlchemy
+    store (its ORM) and the alembic modules of its schema check (about 2 s on 2 cores)."""
+    import alembic.command  # noqa: F401
+    import alembic.config  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def mlflow_client(uri: str) -> mlflow.MlflowClient:
     """An MlflowClient for ``uri``, preparing local stores (sqlite folder, file opt-in)."""
     scheme = urlparse(uri).scheme
