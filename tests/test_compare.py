@@ -113,6 +113,7 @@ def test_report_files(tmp_path):
 @pytest.mark.parametrize("name,trials,seeds,kappas,latent", [
     ("compare_code", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 8),
     ("compare_code_smoke", 6, [0, 1], [0.125, 4.0], 4),
+    ("compare_code_gpu", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 16),
 ])
 def test_spec_is_the_kappa_grid_times_seeds_plus_baselines(name, trials, seeds, kappas, latent):
     sweep = load_sweep(f"configs/{name}.yaml")
