@@ -149,16 +149,20 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
             progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    assert main(["--smoke", "--set", f"data.path={data}", "--set", "model.vocab_size=300",
-                 "--set", f"mlflow.tracking_uri={uri}"],
-                default_spec=None, smoke_spec=_config("compare_code_smoke.yaml")) == 0
+    argv = ["--smoke", "--set", f"data.path={data}", "--set", "model.vocab_size=300",
+            "--set", f"mlflow.tracking_uri={uri}"]
+    spec = _config("compare_code_smoke.yaml")
+    assert main(argv, default_spec=None, smoke_spec=spec) == 0
     out = capsys.readouterr().out
     assert "| baseline | 0,1 |" in out and "| 4 | 0,1 |" in out
+    assert main([*argv, "--report-only"], default_spec=None, smoke_spec=spec) == 0
+    assert capsys.readouterr().out.splitlines()[:5] == out.splitlines()[:5]  # same table
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name("freetf-compare-code-smoke")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("freetf.role") == "sweep"]
     assert len(parents) == 1 and len(runs) == 7
+    assert parents[0].info.status == "FINISHED"  # the report-only run left it as it was
     names = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/compare.md", "report/compare.csv", "report/compare.json",
             "report/compare.png"} <= names

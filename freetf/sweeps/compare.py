@@ -281,10 +281,8 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
                 sweep = load_sweep(path, args.set)
             result = run_sweep(sweep, resume=args.resume, verbose=args.verbose)
             trials, parent = result.runs, result.parent_run_id
-            status = "KILLED" if result.interrupted else "FINISHED"
         else:
             trials, parent = _finished_sweep(sweep)
-            status = None
     except (ConfigError, TrackingError) as err:
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
@@ -296,7 +294,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
     paths = write_compare(rows, sweep.report_path, header,
                           {"command": command, "wall_s": None if args.report_only else wall_s,
                            "sweep": sweep.name, "parent_run_id": parent})
-    _log_to_parent(sweep, parent, paths, status)
+    _log_to_parent(sweep, parent, paths)
     print(markdown_table(rows))
     print(f"\nwrote {', '.join(str(v) for v in paths.values())}"
           + ("" if args.report_only else f" in {wall_s / 60:.1f} min"))
@@ -330,25 +328,12 @@ def _finished_sweep(sweep) -> tuple[pd.DataFrame, str | None]:
     return trials, parent.info.run_id if parent is not None else None
 
 
-def _log_to_parent(sweep, parent_run_id: str | None, paths: dict[str, Path],
-                   status: str | None) -> None:
-    """The table, CSV, JSON and figure as artifacts of the sweep's parent run; ``status``:
-    the parent's end status again (None: a report-only run keeps the one it had)."""
+def _log_to_parent(sweep, parent_run_id: str | None, paths: dict[str, Path]) -> None:
+    """The table, CSV, JSON and figure as artifacts of the sweep's parent run (ended by
+    the sweep; its status is left as it is)."""
     if parent_run_id is None:
         return
-    from freetf.sweeps.trainable import TAG_ROLE, TAG_SWEEP
-    from freetf.tracking import make_tracker, space_params
-
-    tracker = make_tracker(sweep.base(), run_id=parent_run_id, run_name=sweep.name,
-                           tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"},
-                           params=space_params(sweep))
-    for path in paths.values():
-        tracker.log_artifact(path, "report")
-    tracker.finish(status or _status(parent_run_id, sweep))
-
-
-def _status(run_id: str, sweep) -> str:
-    from freetf.tracking import mlflow_client
+    from freetf.tracking import log_run_artifacts, mlflow_client
 
     client = mlflow_client(sweep.base().tracking.mlflow.tracking_uri)
-    return client.get_run(run_id).info.status
+    log_run_artifacts(client, parent_run_id, paths.values(), "report")

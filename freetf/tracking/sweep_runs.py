@@ -121,3 +121,9 @@ def log_sweep_analysis(client, parent_run_id: str, parent: dict[str, dict[str, A
             client.log_batch(run_id, **entities(values))
         except MlflowException as err:
             logger.warning("could not log the sweep analysis to run %s: %s", run_id, err)
+
+
+def log_run_artifacts(client, run_id: str, paths, artifact_path: str = "report") -> None:
+    """Files as artifacts of an existing run (a sweep's parent), its status untouched."""
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
