@@ -174,3 +174,28 @@ def _config(name):
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent / "configs" / name
+
+
+def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
+    """ensure_prepared: the recipe into the sweep's data folder, with a progress line;
+    the second call finds meta.json and prepares nothing."""
+    from freetf.sweeps import compare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text(f"x{i} = {i}\n" * 20)
+    monkeypatch.setattr(compare, "STDLIB_RECIPE",
+                        {"inputs": (str(corpus),), "tokenizer": "bpe", "vocab_size": 300})
+    data = tmp_path / "data"
+    sweep = load_sweep("configs/compare_code_smoke.yaml", [f"data.path={data}"])
+    assert compare.ensure_prepared(sweep, workers=1)
+    assert f"preparing the corpus: Python's standard library -> {data}" in \
+        capsys.readouterr().out
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokenizer"]["kind"] == "bpe" and (data / "tokenizer.json").is_file()
+    assert load_sweep("configs/compare_code_smoke.yaml",  # the vocabulary follows the data
+                      [f"data.path={data}"]).base().model.vocab_size == meta["vocab_size"]
+    assert meta["vocab_size"] != 256
+    assert not compare.ensure_prepared(sweep, workers=1)
+    assert capsys.readouterr().out == ""
