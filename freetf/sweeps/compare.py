@@ -307,12 +307,22 @@ def _header(sweep, rows, wall_s: float | None, command: str) -> str:
     seeds = sorted({s for r in rows for s in r["seeds"]})
     wall = f"; wall time {wall_s / 60:.1f} min" if wall_s is not None else ""
     return (f"# {sweep.name}: the baseline against the Free Transformer across free bits\n\n"
-            f"`{command}`{wall}. Data {base.data.path}; model d={m.hidden_dim}, "
+            f"`{command}`{wall}. Data {_shown(base.data.path)}; model d={m.hidden_dim}, "
             f"{m.num_layers} layers, {m.num_heads} heads, H={m.latent_dim} latent bits; "
             f"{t.max_steps} steps of {t.batch_size} x {base.data.max_seq_len} tokens, "
             f"kl_weight {t.kl_weight}; seeds {seeds}; {t.eval_batches} validation batches, "
             f"the same for every trial. Bits per byte = CE (bits/token) / UTF-8 bytes per "
             f"token of the validation split. Δ: bits/byte minus the same seed's baseline.")
+
+
+def _shown(path: str | None) -> str:
+    """A path relative to the working directory when it lies under it."""
+    if not path:
+        return str(path)
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _finished_sweep(sweep) -> tuple[pd.DataFrame, str | None]:
