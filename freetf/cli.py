@@ -86,11 +86,10 @@ def _print_summary(cfg, summary) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from freetf.data.datasets import build_tokenizer
-    from freetf.training.checkpoint import load_model
+    from freetf.training.checkpoint import load_model, load_tokenizer
 
     model, cfg, _ = load_model(args.checkpoint)
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = load_tokenizer(args.checkpoint, cfg)
     try:
         ids = tokenizer.encode(args.prompt)
     except ValueError as err:

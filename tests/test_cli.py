@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,38 @@ def test_ctrl_c_during_training_ends_quietly_and_marks_the_run_killed(tmp_path, 
     client = mlflow_client(uri)
     [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_path, capsys):
+    """A model trained on prepared BPE data: the checkpoint holds tokenizer.json and the
+    data's meta, so generate decodes with the BPE after the data folder is gone."""
+    import shutil
+
+    from freetf.data.prepare import PrepareSpec, prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 30)
+    data = tmp_path / "data"
+    prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), data,
+            progress=False)
+    assert main(["train", "--config", "configs/code.yaml", "--no-ray", "--max-steps", "2",
+                 "--set", f"data.path={data}", "--set", "model.hidden_dim=32",
+                 "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+                 "--set", "model.latent_dim=2", "--set", "model.max_seq_len=16",
+                 "--set", "data.max_seq_len=16", "--set", "training.batch_size=2",
+                 "--set", "training.eval_every=2", "--set", "training.eval_batches=1",
+                 "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "--set", "tracking.mlflow.enabled=false"]) == 0
+    printed = Path(_printed_checkpoint(capsys.readouterr().out))
+    assert (printed / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    assert (printed / "data_meta.json").read_bytes() == (data / "meta.json").read_bytes()
+    shutil.rmtree(data)
+    prompt = "def f3(x):"
+    assert main(["generate", "--checkpoint", str(printed), "--prompt", prompt,
+                 "--num-samples", "1", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+    (printed / "tokenizer.json").unlink()  # neither the checkpoint's nor the data's: refused
+    assert main(["generate", "--checkpoint", str(printed), "--prompt", prompt]) == 2
+    assert "holds no tokenizer.json" in capsys.readouterr().err

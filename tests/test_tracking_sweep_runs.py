@@ -14,6 +14,7 @@ from freetf.config import load_config
 from freetf.sweeps.spec import load_sweep
 from freetf.tracking import (
     VERDICT_METRIC,
+    log_files_to_run,
     log_sweep_summary,
     log_verdict,
     make_tracker,
@@ -64,6 +65,20 @@ def test_verdict_is_a_tag_and_a_metric(sqlite_uri: str) -> None:
     run = client.get_run(tracker.run_id)
     assert run.data.tags["freetf.verdict"] == "collapsed"
     assert run.data.metrics[VERDICT_METRIC] == 0
+
+
+def test_artifacts_reach_an_ended_run_and_leave_its_status(sqlite_uri: str,
+                                                          tmp_path: Path) -> None:
+    tracker = _tracker(sqlite_uri)
+    tracker.finish("KILLED")
+    files = [tmp_path / "a.md", tmp_path / "b.csv"]
+    for i, path in enumerate(files):
+        path.write_text(f"file {i}")
+    client = MlflowClient(sqlite_uri)
+    log_files_to_run(client, tracker.run_id, files, "report")
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "report")] == [
+        "report/a.md", "report/b.csv"]
+    assert client.get_run(tracker.run_id).info.status == "KILLED"
 
 
 def test_parent_params_are_the_search_space() -> None:

@@ -33,7 +33,8 @@ LN2 = math.log(2.0)
 # Final metrics kept per trial (MLflow's latest value of each).
 METRICS = ("train/steps_done", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_nats",
            "eval/ce_posterior_nats", "eval/ce_gap_nats", "eval/active_bits",
-           "eval/mutual_info_nats", "eval/valid_rate", "train/kl_nats", "train/loss")
+           "eval/mutual_info_nats", "eval/valid_rate", "train/kl_nats", "train/loss",
+           "eval/bpb_prior", "eval/bpb_posterior")
 VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "used": "tab:green",
                   "leaking": "tab:red", "diverged": "black", "failed": "tab:gray",
                   "interrupted": "tab:olive", "unknown": "tab:gray", "baseline": "tab:purple"}

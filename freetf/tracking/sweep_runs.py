@@ -131,3 +131,9 @@ def run_artifact_text(client, run_id: str, path: str) -> str | None:
         except (MlflowException, OSError) as err:
             logger.info("artifact %s of run %s not readable: %s", path, run_id, err)
             return None
+
+
+def log_files_to_run(client, run_id: str, paths, artifact_path: str = "report") -> None:
+    """Files as artifacts of an existing run (a sweep's parent), its status untouched."""
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)

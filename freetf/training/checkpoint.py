@@ -7,6 +7,9 @@ A checkpoint is a directory::
                     rank's CPU and CUDA RNG states
       config.yaml   the resolved config: generate/eval rebuild the model from it alone
       meta.json     step and metrics, readable without torch
+      tokenizer.json  (data from ``freetf prepare`` with a BPE or file tokenizer) the
+                    tokenizer, and data_meta.json the data's meta.json: generation needs
+                    no data folder
 
 It is written into a temporary sibling and renamed into place, so a crash mid-save
 never leaves a broken checkpoint; the ``latest`` pointer file of a checkpoint root is
@@ -31,6 +34,7 @@ from freetf.config import Config, ConfigError, load_config
 log = logging.getLogger(__name__)
 
 STATE_FILE, CONFIG_FILE, META_FILE, LATEST_FILE = "state.pt", "config.yaml", "meta.json", "latest"
+TOKENIZER_FILE, DATA_META_FILE = "tokenizer.json", "data_meta.json"
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +51,7 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Confi
         torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(config.to_yaml())
         (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=float))
+        _copy_tokenizer(config, tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -54,6 +59,42 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Confi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _copy_tokenizer(config: Config, directory: Path) -> None:
+    """The prepared data's tokenizer.json and meta.json (as data_meta.json), if any."""
+    from freetf.data.datasets import prepared_folder
+
+    folder = prepared_folder(config)
+    if folder is None or not (folder / "meta.json").is_file():
+        return
+    shutil.copyfile(folder / "meta.json", directory / DATA_META_FILE)
+    name = json.loads((folder / "meta.json").read_text()).get("tokenizer", {}).get("file")
+    if name:
+        shutil.copyfile(folder / name, directory / TOKENIZER_FILE)
+
+
+def load_tokenizer(path: str | Path, config: Config):
+    """The tokenizer a checkpoint's model was trained with: its own tokenizer.json, else
+    the one its config's data describes (:func:`freetf.data.datasets.build_tokenizer`).
+
+    Raises :class:`CheckpointError` when neither is there: a checkpoint without
+    tokenizer.json whose prepared data folder is gone (its vocabulary is not bytes).
+    """
+    from freetf.data.datasets import build_tokenizer, prepared_folder
+    from freetf.data.tokenization import BPETokenizer
+
+    path = resolve_checkpoint(path)
+    if (path / TOKENIZER_FILE).is_file():
+        return BPETokenizer.from_file(path / TOKENIZER_FILE)
+    data = config.data
+    if (data.dataset_name == "tokens" and data.path and prepared_folder(config) is None
+            and not Path(data.path).is_file() and config.model.vocab_size > 256):
+        raise CheckpointError(f"{path} holds no {TOKENIZER_FILE} and its data.path "
+                              f"{data.path} is missing: restore the prepared folder (its "
+                              f"tokenizer.json decodes the model's "
+                              f"{config.model.vocab_size} tokens)")
+    return build_tokenizer(config)
 
 
 def save_to_root(root: str | Path, step: int, state: dict[str, Any], config: Config,

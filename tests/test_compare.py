@@ -1,0 +1,201 @@
+"""The code-corpus comparison (freetf.sweeps.compare): its statistics against a hand
+computation, its spec (kappa grid x seeds + baselines), its report files, and (heavy)
+the whole command on a tiny prepared corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from freetf.sweeps import boundary
+from freetf.sweeps.compare import (
+    REPLICATION_NLL,
+    claim_verdict,
+    compare_rows,
+    interval,
+    markdown_table,
+    write_compare,
+)
+from freetf.sweeps.spec import load_sweep
+
+pytestmark = pytest.mark.timeout(120)
+
+T_975_DOF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+def trial(kind, kappa, seed, prior, posterior=math.nan, kl=math.nan, status="FINISHED"):
+    return {"model_kind": kind, "free_bits_bits": kappa, "seed": float(seed),
+            "status": status, "eval/bpb_prior": prior, "eval/bpb_posterior": posterior,
+            "eval/kl_bits": kl}
+
+
+def runs() -> pd.DataFrame:
+    rows = [trial("baseline", 0.5, s, p) for s, p in enumerate([1.00, 1.10, 1.20])]
+    rows += [trial("free_transformer", 0.5, s, p, p - 0.1, kl)
+             for s, p, kl in [(0, 1.05, 0.50), (1, 1.12, 0.60), (2, 1.30, 0.70)]]
+    rows += [trial("free_transformer", 4.0, s, p, p - 1.0, 4.0)
+             for s, p in [(0, 2.0), (1, 2.2), (2, 2.3)]]
+    rows.append(trial("free_transformer", 4.0, 3, 9.9, status="FAILED"))  # not counted
+    rows.append(trial("free_transformer", 0.125, 7, 1.0))  # no baseline of seed 7
+    return pd.DataFrame(rows)
+
+
+def hand_stats(xs):
+    n = len(xs)
+    mean = sum(xs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = T_975_DOF2 * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def test_rows_match_a_hand_computation():
+    rows = compare_rows(runs())
+    assert [r["kappa_bits"] for r in rows] == [None, 0.125, 0.5, 4.0]
+    base, lone, half, four = rows
+    mean, sd, low, high = hand_stats([1.00, 1.10, 1.20])
+    assert base["bpb_prior"]["n"] == 3 and base["seeds"] == [0, 1, 2]
+    assert (base["bpb_prior"]["mean"], base["bpb_prior"]["sd"]) == pytest.approx((mean, sd))
+    assert (base["bpb_prior"]["low"], base["bpb_prior"]["high"]) == pytest.approx((low, high))
+    # kappa 1/2: the paired differences 0.05, 0.02, 0.10 against the same seed's baseline
+    d_mean, d_sd, d_low, d_high = hand_stats([0.05, 0.02, 0.10])
+    delta = half["delta_bpb"]
+    assert (delta["mean"], delta["sd"], delta["low"], delta["high"]) == pytest.approx(
+        (d_mean, d_sd, d_low, d_high))
+    assert half["bpb_posterior"]["mean"] == pytest.approx((1.05 + 1.12 + 1.30) / 3 - 0.1)
+    assert half["kl_bits"]["mean"] == pytest.approx(0.6)
+    assert half["kl_bits"]["sd"] == pytest.approx(0.1)
+    assert half["relative_increase"] == pytest.approx((1.05 + 1.12 + 1.30) / 3 / 1.1 - 1)
+    assert half["replication_relative_increase"] == pytest.approx(1.664 / 1.510 - 1)
+    assert half["claim"] == "no difference"  # the interval [-0.04, 0.15] holds 0
+    # kappa 4: the FAILED seed-3 trial is left out; above the claim's range: no verdict
+    assert four["seeds"] == [0, 1, 2] and "claim" not in four
+    assert four["replication_relative_increase"] == pytest.approx(3.379 / 1.510 - 1)
+    # kappa 1/8: seed 7 has no baseline: no difference to measure
+    assert lone["delta_bpb"]["n"] == 0 and math.isnan(lone["delta_bpb"]["mean"])
+    assert lone["claim"] == "no difference"
+    assert base["relative_increase"] == 0.0
+
+
+def test_interval_and_claim_verdicts():
+    one = interval([2.0])
+    assert one["n"] == 1 and one["mean"] == 2.0 and math.isnan(one["sd"])
+    assert math.isnan(interval([])["mean"])
+    assert interval([1.0, 3.0], confidence=0.9)["high"] == pytest.approx(
+        2.0 + 6.313751514675041 * math.sqrt(2) / math.sqrt(2))  # t(0.95, 1 dof)
+    assert claim_verdict({"low": 0.01, "high": 0.2}) == "worse"
+    assert claim_verdict({"low": -0.2, "high": -0.01}) == "better"
+    assert claim_verdict({"low": -0.2, "high": 0.01}) == "no difference"
+    assert claim_verdict({"low": math.nan, "high": math.nan}) == "no difference"
+
+
+def test_replication_trend_is_the_issues():
+    assert REPLICATION_NLL == {None: 1.510, 0.125: 1.559, 0.5: 1.664, 1.0: 1.819,
+                               2.0: 2.242, 4.0: 3.379}
+
+
+def test_report_files(tmp_path):
+    rows = compare_rows(runs())
+    paths = write_compare(rows, tmp_path, "# header", {"wall_s": 12.5})
+    text = paths["compare_table"].read_text()
+    assert text.startswith("# header") and "| baseline | 0,1,2 | 1.100 ± 0.100 |" in text
+    assert "| 0.5 | 0,1,2 | 1.157 ± 0.129 |" in text and "+10.2%" in text
+    saved = json.loads(paths["compare_json"].read_text())
+    assert saved["wall_s"] == 12.5 and len(saved["rows"]) == 4
+    csv = pd.read_csv(paths["compare_csv"])
+    assert list(csv["bpb_prior_n"]) == [3, 1, 3, 3]
+    assert paths["compare_figure"].stat().st_size > 10_000
+    assert markdown_table(rows).count("\n") == 5
+
+
+@pytest.mark.parametrize("name,trials,seeds,kappas,latent", [
+    ("compare_code", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 8),
+    ("compare_code_smoke", 6, [0, 1], [0.125, 4.0], 4),
+    ("compare_code_gpu", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 16),
+])
+def test_spec_is_the_kappa_grid_times_seeds_plus_baselines(name, trials, seeds, kappas, latent):
+    sweep = load_sweep(f"configs/{name}.yaml")
+    base = sweep.base()
+    assert sweep.expected_trials == trials
+    assert not sweep.stopper.enabled and not sweep.asha.enabled  # every trial to the end
+    search = boundary.from_sweep(sweep, base)
+    configs = [search.config(spec) for spec in search.queue]
+    assert len(configs) == search.budget == trials  # nothing left to place adaptively
+    assert search._all_placed()
+    baselines = [c for c in configs if c["model.latent_dim"] == 0]
+    assert sorted(c["training.seed"] for c in baselines) == seeds
+    ft = sorted((c["training.free_bits_bits"], c["training.seed"]) for c in configs
+                if c["model.latent_dim"] == latent)
+    assert ft == [(k, s) for k in kappas for s in seeds]
+    assert configs[:len(seeds)] == baselines  # the baselines run first
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
+    """The smoke spec on a tiny BPE corpus: 6 trials in MLflow, the table on the parent."""
+    from freetf.data.prepare import PrepareSpec, prepare
+    from freetf.sweeps.compare import main
+    from freetf.tracking import mlflow_client
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
+    data = tmp_path / "data"
+    prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), data,
+            progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    argv = ["--smoke", "--set", f"data.path={data}", "--set", "model.vocab_size=300",
+            "--set", f"mlflow.tracking_uri={uri}"]
+    spec = _config("compare_code_smoke.yaml")
+    assert main(argv, default_spec=None, smoke_spec=spec) == 0
+    out = capsys.readouterr().out
+    assert "| baseline | 0,1 |" in out and "| 4 | 0,1 |" in out
+    assert main([*argv, "--report-only"], default_spec=None, smoke_spec=spec) == 0
+    again = capsys.readouterr().out
+    assert [x for x in again.splitlines() if x.startswith("|")] == \
+        [x for x in out.splitlines() if x.startswith("|")]  # the same table, from MLflow
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name("freetf-compare-code-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("freetf.role") == "sweep"]
+    assert len(parents) == 1 and len(runs) == 7
+    assert parents[0].info.status == "FINISHED"  # the report-only run left it as it was
+    names = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/compare.md", "report/compare.csv", "report/compare.json",
+            "report/compare.png"} <= names
+
+
+def _config(name):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "configs" / name
+
+
+def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
+    """ensure_prepared: the recipe into the sweep's data folder, with a progress line;
+    the second call finds meta.json and prepares nothing."""
+    from freetf.sweeps import compare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text(f"x{i} = {i}\n" * 20)
+    monkeypatch.setattr(compare, "STDLIB_RECIPE",
+                        {"inputs": (str(corpus),), "tokenizer": "bpe", "vocab_size": 300})
+    data = tmp_path / "data"
+    sweep = load_sweep("configs/compare_code_smoke.yaml", [f"data.path={data}"])
+    assert compare.ensure_prepared(sweep, workers=1)
+    assert f"preparing the corpus: Python's standard library -> {data}" in \
+        capsys.readouterr().out
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokenizer"]["kind"] == "bpe" and (data / "tokenizer.json").is_file()
+    assert load_sweep("configs/compare_code_smoke.yaml",  # the vocabulary follows the data
+                      [f"data.path={data}"]).base().model.vocab_size == meta["vocab_size"]
+    assert meta["vocab_size"] != 256
+    assert not compare.ensure_prepared(sweep, workers=1)
+    assert capsys.readouterr().out == ""
