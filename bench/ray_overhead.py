@@ -198,7 +198,8 @@ TIMELINE = (("process_start", "trial process started"), ("trial_start", "trial f
 
 def compare_sweep_paths(tmp: Path, paths: list[str], tiny: bool) -> dict:
     """Run the grid sweep once per path (see the module docstring)."""
-    out = {"specs": {name: str(SWEEP_PATHS[name][0] if not tiny else
+    root = Path(__file__).resolve().parents[1]
+    out = {"specs": {name: str(SWEEP_PATHS[name][0].relative_to(root) if not tiny else
                                "configs/search_kl_smoke.yaml") for name in paths}, "paths": {}}
     for name in paths:
         out["paths"][name] = _sweep_path(tmp / name, name, tiny)
