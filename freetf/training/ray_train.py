@@ -1,7 +1,9 @@
 """Ray Train wiring: run :func:`freetf.train.train_loop` under ``TorchTrainer``.
 
 Ray touches the loop at four points (Ray's own pattern): the device, ``prepare_model``
-(DDP: gloo on CPU, NCCL on GPU), ``ray.train.report`` for metrics and checkpoints, and
+(DDP: gloo on CPU, NCCL on GPU; or ``shard_model``, FSDP2, with scaling.strategy=fsdp,
+where every rank reports its own checkpoint shards and Ray merges them into one
+checkpoint), ``ray.train.report`` for metrics and checkpoints, and
 ``ray.train.get_checkpoint`` to resume after a worker failure.  Everything else is the
 same loop that runs in-process.
 
@@ -40,6 +42,7 @@ from freetf.training.loop import (
     TrainContext,
     train_loop,
 )
+from freetf.training.parallel import apply_fsdp, is_fsdp
 from freetf.training.preflight import check_before_training
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,15 @@ class RayTrainContext(TrainContext):
         self._last_report = -math.inf
         self.marks["process_start"] = psutil.Process().create_time()
 
+    def shard_model(self, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+        """scaling.strategy=fsdp: FSDP2 over Ray Train's process group (parallel.py)."""
+        if cfg.scaling.strategy != "fsdp":
+            return model
+        return apply_fsdp(model, cfg, self.device)
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if is_fsdp(model):  # sharded already: no DDP on top
+            return model
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def _report_due(self) -> bool:
