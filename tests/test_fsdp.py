@@ -1,0 +1,249 @@
+"""FSDP2 (scaling.strategy=fsdp) on CPU: gloo ranks spawned with torch.multiprocessing.
+
+The ranks run the same loop Ray Train's workers run, through a context that shards the
+model with the same function (``parallel.apply_fsdp``) or wraps it in DDP: the
+equivalences (FSDP = DDP = one worker at twice the batch, a sharded checkpoint resumed
+at another world size, generate on a sharded checkpoint) without Ray's start-up.
+tests/test_ray_train.py runs FSDP through Ray Train itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from freetf import load_config
+from freetf.config import ConfigError
+from freetf.training.checkpoint import load_checkpoint
+from freetf.training.loop import TrainContext, train_loop
+from freetf.training.parallel import apply_fsdp, clip_grad_norm, gradient_sync, is_fsdp
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def tiny(root, *extra):
+    return load_config("configs/tiny.yaml", [
+        f"checkpoint.dir={root}/ckpt", "tracking.mlflow.enabled=false", "training.log_every=1",
+        "training.max_steps=10", "data.num_samples=256", "diagnostics.free_generations=0",
+        # clipping active at every step: a norm over this rank's shards alone would clip
+        # each rank differently and the runs would part
+        "training.grad_clip=0.05", *extra])
+
+
+class ProcessGroupContext(TrainContext):
+    """One rank of a torch.distributed process group (what Ray Train's worker sees)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                         device=torch.device("cpu"), **kwargs)
+
+    def shard_model(self, model, cfg):
+        return apply_fsdp(model, cfg, self.device) if cfg.scaling.strategy == "fsdp" else model
+
+    def prepare_model(self, model):
+        if is_fsdp(model):
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model)
+
+    def all_gather(self, obj):
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+def _rank_main(rank, world_size, port, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(world_size, fn, *args):
+    """``fn(rank, *args)`` in ``world_size`` processes of one gloo process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(world_size, port, fn, args), nprocs=world_size)
+
+
+def _train_jobs(rank, jobs, out):
+    for name, overrides, resume in jobs:
+        cfg = tiny(f"{out}/{name}", *overrides)
+        result = train_loop(cfg, ProcessGroupContext(resume_from=resume))
+        (out / f"{name}.{rank}.json").write_text(json.dumps(
+            {"history": result.history, "checkpoint": str(result.checkpoint)}))
+
+
+def run_ranks(world_size, jobs, out):
+    """Run ``jobs`` ((name, overrides, resume_from), in order) on ``world_size`` spawned
+    ranks.  -> {name: [rank 0's result, rank 1's, ...]}."""
+    spawn_ranks(world_size, _train_jobs, jobs, out)
+    return {name: [json.loads((out / f"{name}.{r}.json").read_text())
+                   for r in range(world_size)] for name, _, _ in jobs}
+
+
+def step_means(ranks, key="train/loss"):
+    """Per step, the mean of ``key`` over the ranks (each rank logs its own rows' loss;
+    equal-sized halves average to the global batch's)."""
+    per_rank = [{h["step"]: h[key] for h in r["history"] if key in h} for r in ranks]
+    return {s: sum(p[s] for p in per_rank) / len(per_rank) for s in per_rank[0]}
+
+
+def assert_same_run(ranks, reference, steps):
+    ref_loss = {h["step"]: h["train/loss"] for h in reference.history if "train/loss" in h}
+    ref_norm = {h["step"]: h["train/grad_norm"] for h in reference.history
+                if "train/grad_norm" in h}
+    loss, norm = step_means(ranks), step_means(ranks, "train/grad_norm")
+    assert sorted(loss) == sorted(ref_loss) == list(range(1, steps + 1))
+    for s in ref_loss:
+        assert loss[s] == pytest.approx(ref_loss[s], rel=2e-5), s
+        assert norm[s] == pytest.approx(ref_norm[s], rel=2e-5), s  # the global norm
+    assert ref_norm[1] > 0.05  # clipping was active
+
+
+def assert_same_weights(checkpoint, reference_checkpoint):
+    state, _ = load_checkpoint(checkpoint)  # a sharded one is consolidated
+    ref, _ = load_checkpoint(reference_checkpoint)
+    assert state["model"].keys() == ref["model"].keys()
+    for key, value in ref["model"].items():
+        assert torch.allclose(state["model"][key], value, atol=2e-6), key
+
+
+@pytest.mark.parametrize("latent_dim", [0, 4])
+def test_fsdp_trains_like_ddp_and_like_one_worker_at_twice_the_batch(tmp_path, latent_dim):
+    """Baseline and Free Transformer (exact mapper, chunked backward): 10 steps."""
+    model = [f"model.latent_dim={latent_dim}"]
+    jobs = [("ddp", [*model, "training.batch_size=4"], None),
+            ("fsdp", [*model, "training.batch_size=4", "scaling.strategy=fsdp"], None),
+            # micro-batches of 2 (no reduce-scatter before the last), recomputed blocks,
+            # and the chunked cross-entropy (the tied LM head read outside forward)
+            ("fsdp_accum", [*model, "training.batch_size=2", "training.grad_accum_steps=2",
+                            "training.gradient_checkpointing=true",
+                            "training.cross_entropy=chunked", "scaling.strategy=fsdp"], None)]
+    runs = run_ranks(2, jobs, tmp_path)
+    one = train_loop(tiny(tmp_path / "one", *model, "training.batch_size=8",
+                          "scaling.use_ray=false"))
+    for name in ("ddp", "fsdp", "fsdp_accum"):
+        assert_same_run(runs[name], one, steps=10)
+    for name in ("fsdp", "fsdp_accum"):
+        assert_same_weights(runs[name][0]["checkpoint"], one.checkpoint)
+    ddp = step_means(runs["ddp"])
+    fsdp = step_means(runs["fsdp"])
+    assert fsdp == pytest.approx(ddp, rel=2e-5)
+
+
+def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, capsys):
+    """Written by 2 FSDP ranks: resumed by 1 FSDP rank and by one plain process, each
+    with the global batch of the 2 (4 rows each) and the same next-step losses; and
+    ``freetf generate`` reads it in one process."""
+    fsdp = ["scaling.strategy=fsdp", "training.max_steps=6", "checkpoint.every_steps=3"]
+    two = run_ranks(2, [("two", [*fsdp, "training.batch_size=4"], None)], tmp_path)["two"]
+    root = tmp_path / "two" / "ckpt"
+    step3 = root / "step_000003"
+    files = {p.name for p in (step3 / "shards").iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= files  # each rank's own shards
+    state, _ = load_checkpoint(step3, consolidate=False)
+    assert "model" not in state and "optimizer" not in state and len(state["rng"]) == 2
+    expected = {s: v for s, v in step_means(two).items() if s > 3}
+
+    resumed = run_ranks(1, [("one_fsdp", [*fsdp, "training.batch_size=8"], str(step3))],
+                        tmp_path / "r")["one_fsdp"]
+    plain = train_loop(tiny(tmp_path / "plain", "training.max_steps=6", "training.batch_size=8",
+                            "scaling.use_ray=false"), TrainContext(resume_from=step3))
+    for run in (step_means(resumed), step_means([{"history": plain.history}])):
+        assert sorted(run) == [4, 5, 6]
+        for s in run:
+            assert run[s] == pytest.approx(expected[s], rel=2e-5), s
+    assert_same_weights(resumed[0]["checkpoint"], root / "step_000006")
+
+    from freetf.cli import main
+
+    outputs = []
+    for checkpoint in (root, plain.checkpoint):  # sharded (via latest), then full
+        assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "K>",
+                     "--num-samples", "2", "--max-new-tokens", "12", "--seed", "3"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("K>")
+    assert main(["eval", "--checkpoint", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 6
+
+
+def test_grad_norm_is_the_global_norm_over_shards(tmp_path):
+    """clip_grad_norm on DTensor gradients: the norm of the full gradient, and the
+    clipped gradients those of a plain model clipped alike."""
+    runs = run_ranks(2, [("norm", ["scaling.strategy=fsdp", "training.max_steps=1",
+                                   "training.batch_size=4", "training.grad_clip=0"], None)],
+                     tmp_path)
+    reference = train_loop(tiny(tmp_path / "ref", "training.max_steps=1",
+                                "training.batch_size=8", "training.grad_clip=0",
+                                "scaling.use_ray=false"))
+    norm = step_means(runs["norm"], "train/grad_norm")[1]
+    assert norm == pytest.approx(reference.history[0]["train/grad_norm"], rel=1e-5)
+    # unclipped: the plain clip_grad_norm helper returns the same kind of value
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert clip_grad_norm(model.parameters(), 0).item() == pytest.approx(expected.item())
+
+
+def _check_units_and_sync(rank, root):
+    from torch.distributed.fsdp import FSDPModule
+
+    from freetf.model.transformer import FreeTransformer
+
+    for offload in ("false", "true"):
+        cfg = tiny(root, "scaling.strategy=fsdp", f"scaling.fsdp_cpu_offload={offload}")
+        torch.manual_seed(0)
+        model = apply_fsdp(FreeTransformer(cfg.model), cfg, torch.device("cpu"))
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        assert units == [model, *model.blocks, model.encoder, model.mapper]
+        for name, p in model.named_parameters():  # each rank holds its half of the rows
+            assert p.to_local().shape[0] == (p.shape[0] + 1 - rank) // 2, name
+        ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
+        with gradient_sync(model, enabled=False):  # accumulate, no reduce-scatter
+            model(ids)[0].sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+        with gradient_sync(model, enabled=True):
+            model(ids)[0].sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fsdp_shards_each_unit_and_reduces_only_when_asked(tmp_path):
+    """Blocks, encoder, post-sampler and root are FSDP units holding half the rows on
+    each of 2 ranks; a backward under gradient_sync(False) leaves the sharded gradients
+    unreduced (the last micro-batch's backward reduces them).  With and without CPU
+    offload."""
+    spawn_ranks(2, _check_units_and_sync, tmp_path)
+
+
+def test_mixed_precision_policy_only_for_amp_on_cuda():
+    from freetf.training.parallel import mixed_precision
+
+    cfg = load_config("configs/tiny.yaml", ["scaling.strategy=fsdp"])
+    policy = mixed_precision(cfg, torch.device("cuda"))  # amp=auto: bf16 on CUDA
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert mixed_precision(cfg, torch.device("cpu")) is None
+    assert mixed_precision(cfg.replace(["training.amp=off"]), torch.device("cuda")) is None
+
+
+def test_fsdp_config_needs_the_distributed_path(tmp_path):
+    with pytest.raises(ConfigError, match="scaling.strategy='fsdp' needs the distributed"):
+        tiny(tmp_path, "scaling.strategy=fsdp", "scaling.use_ray=false")
+    with pytest.raises(ConfigError, match="scaling.num_workers >= 1"):
+        tiny(tmp_path, "scaling.strategy=fsdp", "scaling.num_workers=0")
+    with pytest.raises(ConfigError, match="training.amp='fp16'"):
+        tiny(tmp_path, "scaling.strategy=fsdp", "training.amp=fp16")
+    with pytest.raises(ConfigError, match="scaling.strategy"):
+        tiny(tmp_path, "scaling.strategy=zero3")
+    # a runner without a process group (a Tune trial running the loop itself) refuses it
+    with pytest.raises(ConfigError, match="needs a process group"):
+        train_loop(tiny(tmp_path, "scaling.strategy=fsdp", "training.max_steps=1"))
