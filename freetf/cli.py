@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> int:
                       ("learning_rate", "training.learning_rate"),
                       ("num_epochs", "training.num_epochs"),
                       ("max_steps", "training.max_steps"),
-                      ("num_workers", "scaling.num_workers")):
+                      ("num_workers", "scaling.num_workers"),
+                      ("strategy", "scaling.strategy")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.gpu:
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--num-workers", type=non_negative_int,
                    help="Ray Train data-parallel workers (0: local mode, in the driver)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"),
+                   help="ddp: a full model per worker; fsdp: sharded over the workers "
+                   "(FSDP2; see `freetf plan`)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 AMP")
     p.add_argument("--no-ray", action="store_true", help="run the loop in-process")
     p.add_argument("--resume", type=non_empty,
