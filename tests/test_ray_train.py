@@ -371,3 +371,17 @@ def test_fsdp_workers_write_one_sharded_checkpoint_and_resume_from_it(tmp_path):
     for key, ref in ref_state["model"].items():
         assert torch.allclose(fsdp_state["model"][key], ref, atol=2e-6), key
     assert len(fsdp_state["rng"]) == 2
+
+
+def test_a_sqlite_store_is_refused_before_any_run_on_a_multi_host_cluster(tmp_path,
+                                                                          monkeypatch):
+    """Ray's nodes on two hosts (faked): the sqlite file is refused before the MLflow
+    run is created; on one host (ray.cluster_utils.Cluster too) it is fine."""
+    from freetf.tracking import TrackingError
+    from freetf.training import ray_train
+
+    assert len(ray_train.cluster_hosts()) == 1
+    monkeypatch.setattr(ray_train, "cluster_hosts", lambda: {"10.0.0.1", "10.0.0.2"})
+    with pytest.raises(TrackingError, match=r"spans 2 hosts .*mlflow server"):
+        run_training(cfg_for(tmp_path, "training.max_steps=1", "scaling.run_name=hosts"))
+    assert not (tmp_path / "mlflow.db").exists()

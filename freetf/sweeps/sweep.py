@@ -208,6 +208,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
                          f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
                          f"with --set mlflow.sweep_name=NEW_NAME")
     _init_ray(verbose)
+    from freetf.training.ray_train import check_tracking_store
+
+    check_tracking_store(uri)  # a sqlite file is no use to trials on other hosts
     tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
                            run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"},
                            params=space_params(sweep))
@@ -256,6 +259,7 @@ def _init_ray(verbose: bool) -> None:
     from freetf.training.ray_train import init_ray
 
     init_ray(quiet=not verbose)
+
 
 
 def trial_resources(sweep: SweepConfig, base: Config) -> dict[str, float]:

@@ -267,6 +267,19 @@ def loopback_only():
             os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
+def cluster_hosts() -> set[str]:
+    """The addresses of the Ray cluster's live nodes (one on a single machine, also
+    under ``ray.cluster_utils.Cluster``, whose nodes share this host's address)."""
+    return {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+
+
+def check_tracking_store(uri: str) -> None:
+    """Refuse an MLflow store in a local file when the cluster spans several hosts."""
+    from freetf.tracking import check_store_shared_by
+
+    check_store_shared_by(uri, cluster_hosts())
+
+
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
                   callbacks: list | None = None, storage_path: str | None = None,
                   controller_failure_limit: int = -1, quiet_nonfinite_stop: bool = False):
@@ -316,6 +329,10 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
     check_before_training(cfg)  # every output location and the vocabulary, before any step
+    if cfg.scaling.use_ray:
+        init_ray()
+        if cfg.tracking.mlflow.enabled:
+            check_tracking_store(cfg.tracking.mlflow.tracking_uri)
     tracker = make_tracker(cfg, rank=0) if cfg.tracking.mlflow.enabled else None
     run_id = tracker.run_id if tracker is not None else None
     error: BaseException | None = None
@@ -324,7 +341,6 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     history: list[dict[str, Any]] = []
     try:
         if cfg.scaling.use_ray:
-            init_ray()
             result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
             error = result.error
             metrics = dict(result.metrics or {})
