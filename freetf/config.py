@@ -313,6 +313,9 @@ class ScalingConfig:
     # checkpoints are then sharded (torch.distributed.checkpoint).
     strategy: Literal["ddp", "fsdp"] = "ddp"
     fsdp_cpu_offload: bool = False  # fsdp: parameters, gradients, AdamW state on the CPU
+    # Ray's placement of the workers: PACK fills a node first, SPREAD puts them on
+    # different nodes where it can (both fall back to what the cluster has)
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     max_failures: int = 0
     storage_path: str = "ray_results"  # shared storage on multi-node clusters
     run_name: str | None = None

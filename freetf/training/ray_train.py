@@ -152,8 +152,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         from freetf.tracking import make_tracker
 
         tracker = make_tracker(cfg, rank=0, run_id=loop_config["run_id"])
-        if ray.train.get_checkpoint() is not None:  # a restart after a worker failure
-            tracker = SkipLoggedSteps(tracker, last_logged_step(tracker))
+        # A restart after a worker failure replays the steps after its checkpoint, or
+        # every step when the failure came before Ray registered any checkpoint (a node
+        # lost right after writing one): the run's MLflow points tell which were logged.
+        logged = last_logged_step(tracker)
+        if logged:
+            tracker = SkipLoggedSteps(tracker, logged)
     try:
         train_loop(cfg, ctx, tracker=tracker)
     except NonFiniteLossError:
@@ -312,7 +316,8 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume,
                            "quiet_nonfinite_stop": quiet_nonfinite_stop},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=sc.placement_strategy),
         torch_config=ray.train.torch.TorchConfig(backend=backend),
         run_config=run_config)
 
