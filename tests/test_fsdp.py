@@ -177,6 +177,22 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["step"] == 6
 
 
+def test_full_checkpoint_resumes_into_fsdp(tmp_path):
+    """A DDP-format checkpoint (full weights, positional optimizer state) resumes into 2
+    FSDP ranks: each keeps its shards, AdamW's moments included."""
+    one = train_loop(tiny(tmp_path / "one", "training.max_steps=6", "training.batch_size=8",
+                          "checkpoint.every_steps=3", "scaling.use_ray=false"))
+    step3 = tmp_path / "one" / "ckpt" / "step_000003"
+    runs = run_ranks(2, [("fsdp", ["scaling.strategy=fsdp", "training.max_steps=6",
+                                   "training.batch_size=4"], str(step3))], tmp_path)
+    resumed = step_means(runs["fsdp"])
+    expected = {h["step"]: h["train/loss"] for h in one.history if "train/loss" in h}
+    assert sorted(resumed) == [4, 5, 6]
+    for s in resumed:
+        assert resumed[s] == pytest.approx(expected[s], rel=2e-5), s
+    assert_same_weights(runs["fsdp"][0]["checkpoint"], one.checkpoint)
+
+
 def test_grad_norm_is_the_global_norm_over_shards(tmp_path):
     """clip_grad_norm on DTensor gradients: the norm of the full gradient, and the
     clipped gradients those of a plain model clipped alike."""

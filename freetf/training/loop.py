@@ -30,7 +30,6 @@ from freetf.evaluation.synthetic_eval import free_generation_validity
 from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
 from freetf.training.checkpoint import (
-    CheckpointError,
     load_checkpoint,
     resolve_checkpoint,
     restore_rng_states,
@@ -39,7 +38,12 @@ from freetf.training.checkpoint import (
 )
 from freetf.training.parallel import clip_grad_norm, gradient_sync, is_fsdp, unsharded
 from freetf.training.schedules import build_lr_scheduler, schedule_values
-from freetf.training.sharded_checkpoint import is_sharded, load_sharded, save_sharded
+from freetf.training.sharded_checkpoint import (
+    is_sharded,
+    load_full_into_sharded,
+    load_sharded,
+    save_sharded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -510,9 +514,8 @@ def _maybe_resume(ctx, model, optimizer, scheduler, stream, device) -> int:
     state, _ = load_checkpoint(path, consolidate=False)
     if is_sharded(path):  # any world size, FSDP or not: DCP reshards
         load_sharded(path, model, optimizer)
-    elif is_fsdp(model):
-        raise CheckpointError(f"{path} is a full (scaling.strategy=ddp) checkpoint; it "
-                              f"resumes with scaling.strategy=ddp")
+    elif is_fsdp(model):  # a full (DDP) checkpoint: each rank keeps its shards
+        load_full_into_sharded(state, model, optimizer)
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -119,6 +119,32 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
 
 
+def load_full_into_sharded(state: dict[str, Any], model: nn.Module,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """Load a full (``scaling.strategy=ddp``) checkpoint's state into an FSDP model.
+
+    Every rank read the whole file; each keeps its shards.  The optimizer state of a full
+    checkpoint is keyed by parameter position in the optimizer's groups, which the
+    sharded model's optimizer has in the same order (same model, same groups): the
+    positions are renamed to parameter names for ``set_optimizer_state_dict``.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=full)
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = state["optimizer"]
+    by_name = {"state": {order[i]: value for i, value in saved["state"].items()},
+               "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=full)
+
+
 def consolidated_model_state(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The full model weights of a sharded checkpoint, read in this process alone.
 
