@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -57,9 +57,9 @@ class ProcessGroupContext(TrainContext):
         return gathered
 
 
-def _rank_main(rank, world_size, port, fn, args):
+def _rank_main(rank, world_size, store, fn, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, *args)
@@ -68,27 +68,88 @@ def _rank_main(rank, world_size, port, fn, args):
 
 
 def spawn_ranks(world_size, fn, *args):
-    """``fn(rank, *args)`` in ``world_size`` processes of one gloo process group."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_main, args=(world_size, port, fn, args), nprocs=world_size)
+    """``fn(rank, *args)`` in ``world_size`` processes of one gloo process group (met
+    through a file, not a port another process could take first)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_main, args=(world_size, f"{tmp}/store", fn, args), nprocs=world_size)
 
 
-def _train_jobs(rank, jobs, out):
+def _train_jobs(rank, jobs, out, check_units=False):
     for name, overrides, resume in jobs:
         cfg = tiny(f"{out}/{name}", *overrides)
         result = train_loop(cfg, ProcessGroupContext(resume_from=resume))
         (out / f"{name}.{rank}.json").write_text(json.dumps(
             {"history": result.history, "checkpoint": str(result.checkpoint)}))
+    if check_units:
+        (out / f"units.{rank}.json").write_text(json.dumps(_units_and_sync(rank, out)))
 
 
-def run_ranks(world_size, jobs, out):
+def run_ranks(world_size, jobs, out, check_units=False):
     """Run ``jobs`` ((name, overrides, resume_from), in order) on ``world_size`` spawned
     ranks.  -> {name: [rank 0's result, rank 1's, ...]}."""
-    spawn_ranks(world_size, _train_jobs, jobs, out)
+    spawn_ranks(world_size, _train_jobs, jobs, out, check_units)
     return {name: [json.loads((out / f"{name}.{r}.json").read_text())
                    for r in range(world_size)] for name, _, _ in jobs}
+
+
+def _units_and_sync(rank, root):
+    """What FSDP made of the model on this rank, with and without CPU offload."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from freetf.model.transformer import FreeTransformer
+
+    found = {}
+    for offload in ("false", "true"):
+        cfg = tiny(root, "scaling.strategy=fsdp", f"scaling.fsdp_cpu_offload={offload}")
+        torch.manual_seed(0)
+        model = apply_fsdp(FreeTransformer(cfg.model), cfg, torch.device("cpu"))
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
+        with gradient_sync(model, enabled=False):  # accumulate, no reduce-scatter
+            model(ids)[0].sum().backward()
+        unreduced = all(p.grad is None for p in model.parameters())
+        with gradient_sync(model, enabled=True):
+            model(ids)[0].sum().backward()
+        found[offload] = {
+            "units": units == [model, *model.blocks, model.encoder, model.mapper],
+            "rows": {name: [p.to_local().shape[0], p.shape[0]]
+                     for name, p in model.named_parameters()},
+            "unreduced_after_no_sync": unreduced,
+            "reduced_after_sync": all(p.grad is not None for p in model.parameters())}
+    return found
+
+
+# ------------------------------------------------------- one spawn of 2 ranks for the module
+
+# (name, overrides, resume): DDP and FSDP for the baseline and the Free Transformer; FSDP
+# with micro-batches of 2 (no reduce-scatter before the last), recomputed blocks and the
+# chunked cross-entropy (the tied LM head read outside forward); with CPU offload; a run
+# checkpointing at step 3; a run resumed from a full (DDP) checkpoint.
+FSDP = "scaling.strategy=fsdp"
+JOBS = [("base_ddp", ["model.latent_dim=0", "training.batch_size=4"], None),
+        ("base_fsdp", ["model.latent_dim=0", "training.batch_size=4", FSDP], None),
+        ("ft_ddp", ["training.batch_size=4"], None),
+        ("ft_fsdp", ["training.batch_size=4", FSDP], None),
+        ("ft_accum", ["training.batch_size=2", "training.grad_accum_steps=2", FSDP,
+                      "training.gradient_checkpointing=true", "training.cross_entropy=chunked"],
+         None),
+        ("ft_offload", ["training.batch_size=4", FSDP, "scaling.fsdp_cpu_offload=true"], None),
+        ("two", ["training.batch_size=4", FSDP, "training.max_steps=6",
+                 "checkpoint.every_steps=3"], None),
+        ("from_full", ["training.batch_size=4", FSDP, "training.max_steps=6"], "FULL")]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every 2-rank run of this module, in one spawn (a spawn costs seconds).
+    -> (folder, {name: per-rank results}, the in-process run whose step-3 checkpoint
+    ``from_full`` resumed)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    full = train_loop(tiny(out / "full", "training.max_steps=6", "training.batch_size=8",
+                           "checkpoint.every_steps=3", "scaling.use_ray=false"))
+    step3 = str(out / "full" / "ckpt" / "step_000003")
+    jobs = [(n, o, step3 if r == "FULL" else r) for n, o, r in JOBS]
+    return out, run_ranks(2, jobs, out, check_units=True), full
 
 
 def step_means(ranks, key="train/loss"):
@@ -118,45 +179,40 @@ def assert_same_weights(checkpoint, reference_checkpoint):
         assert torch.allclose(state["model"][key], value, atol=2e-6), key
 
 
-@pytest.mark.parametrize("latent_dim", [0, 4])
-def test_fsdp_trains_like_ddp_and_like_one_worker_at_twice_the_batch(tmp_path, latent_dim):
-    """Baseline and Free Transformer (exact mapper, chunked backward): 10 steps."""
-    model = [f"model.latent_dim={latent_dim}"]
-    jobs = [("ddp", [*model, "training.batch_size=4"], None),
-            ("fsdp", [*model, "training.batch_size=4", "scaling.strategy=fsdp"], None),
-            # micro-batches of 2 (no reduce-scatter before the last), recomputed blocks,
-            # and the chunked cross-entropy (the tied LM head read outside forward)
-            ("fsdp_accum", [*model, "training.batch_size=2", "training.grad_accum_steps=2",
-                            "training.gradient_checkpointing=true",
-                            "training.cross_entropy=chunked", "scaling.strategy=fsdp"], None)]
-    runs = run_ranks(2, jobs, tmp_path)
-    one = train_loop(tiny(tmp_path / "one", *model, "training.batch_size=8",
-                          "scaling.use_ray=false"))
-    for name in ("ddp", "fsdp", "fsdp_accum"):
+@pytest.mark.parametrize("kind", ["base", "ft"])
+def test_fsdp_trains_like_ddp_and_like_one_worker_at_twice_the_batch(tmp_path, two_ranks,
+                                                                      kind):
+    """Baseline and Free Transformer (exact mapper, chunked backward): 10 steps, the
+    gradient norm (global) and clipping (active) compared at every step."""
+    _, runs, _ = two_ranks
+    latent = ["model.latent_dim=0"] if kind == "base" else []
+    one = train_loop(tiny(tmp_path, *latent, "training.batch_size=8", "scaling.use_ray=false"))
+    names = [n for n in runs if n.startswith(f"{kind}_")]
+    assert len(names) == (2 if kind == "base" else 4)
+    for name in names:
         assert_same_run(runs[name], one, steps=10)
-    for name in ("fsdp", "fsdp_accum"):
+        if name.endswith("_ddp"):
+            continue
         assert_same_weights(runs[name][0]["checkpoint"], one.checkpoint)
-    ddp = step_means(runs["ddp"])
-    fsdp = step_means(runs["fsdp"])
-    assert fsdp == pytest.approx(ddp, rel=2e-5)
+    assert step_means(runs[f"{kind}_fsdp"]) == pytest.approx(step_means(runs[f"{kind}_ddp"]),
+                                                            rel=2e-5)
 
 
-def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, capsys):
+def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, two_ranks, capsys):
     """Written by 2 FSDP ranks: resumed by 1 FSDP rank and by one plain process, each
     with the global batch of the 2 (4 rows each) and the same next-step losses; and
-    ``freetf generate`` reads it in one process."""
-    fsdp = ["scaling.strategy=fsdp", "training.max_steps=6", "checkpoint.every_steps=3"]
-    two = run_ranks(2, [("two", [*fsdp, "training.batch_size=4"], None)], tmp_path)["two"]
-    root = tmp_path / "two" / "ckpt"
+    ``freetf generate`` / ``eval`` read it in one process."""
+    out, runs, _ = two_ranks
+    root = out / "two" / "ckpt"
     step3 = root / "step_000003"
     files = {p.name for p in (step3 / "shards").iterdir()}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= files  # each rank's own shards
     state, _ = load_checkpoint(step3, consolidate=False)
     assert "model" not in state and "optimizer" not in state and len(state["rng"]) == 2
-    expected = {s: v for s, v in step_means(two).items() if s > 3}
+    expected = {s: v for s, v in step_means(runs["two"]).items() if s > 3}
 
-    resumed = run_ranks(1, [("one_fsdp", [*fsdp, "training.batch_size=8"], str(step3))],
-                        tmp_path / "r")["one_fsdp"]
+    resumed = run_ranks(1, [("one_fsdp", [FSDP, "training.max_steps=6", "training.batch_size=8"],
+                             str(step3))], tmp_path)["one_fsdp"]
     plain = train_loop(tiny(tmp_path / "plain", "training.max_steps=6", "training.batch_size=8",
                             "scaling.use_ray=false"), TrainContext(resume_from=step3))
     for run in (step_means(resumed), step_means([{"history": plain.history}])):
@@ -177,68 +233,41 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["step"] == 6
 
 
-def test_full_checkpoint_resumes_into_fsdp(tmp_path):
+def test_full_checkpoint_resumes_into_fsdp(two_ranks):
     """A DDP-format checkpoint (full weights, positional optimizer state) resumes into 2
     FSDP ranks: each keeps its shards, AdamW's moments included."""
-    one = train_loop(tiny(tmp_path / "one", "training.max_steps=6", "training.batch_size=8",
-                          "checkpoint.every_steps=3", "scaling.use_ray=false"))
-    step3 = tmp_path / "one" / "ckpt" / "step_000003"
-    runs = run_ranks(2, [("fsdp", ["scaling.strategy=fsdp", "training.max_steps=6",
-                                   "training.batch_size=4"], str(step3))], tmp_path)
-    resumed = step_means(runs["fsdp"])
-    expected = {h["step"]: h["train/loss"] for h in one.history if "train/loss" in h}
+    _, runs, full = two_ranks
+    resumed = step_means(runs["from_full"])
+    expected = {h["step"]: h["train/loss"] for h in full.history if "train/loss" in h}
     assert sorted(resumed) == [4, 5, 6]
     for s in resumed:
         assert resumed[s] == pytest.approx(expected[s], rel=2e-5), s
-    assert_same_weights(runs["fsdp"][0]["checkpoint"], one.checkpoint)
+    assert_same_weights(runs["from_full"][0]["checkpoint"], full.checkpoint)
 
 
-def test_grad_norm_is_the_global_norm_over_shards(tmp_path):
-    """clip_grad_norm on DTensor gradients: the norm of the full gradient, and the
-    clipped gradients those of a plain model clipped alike."""
-    runs = run_ranks(2, [("norm", ["scaling.strategy=fsdp", "training.max_steps=1",
-                                   "training.batch_size=4", "training.grad_clip=0"], None)],
-                     tmp_path)
-    reference = train_loop(tiny(tmp_path / "ref", "training.max_steps=1",
-                                "training.batch_size=8", "training.grad_clip=0",
-                                "scaling.use_ray=false"))
-    norm = step_means(runs["norm"], "train/grad_norm")[1]
-    assert norm == pytest.approx(reference.history[0]["train/grad_norm"], rel=1e-5)
-    # unclipped: the plain clip_grad_norm helper returns the same kind of value
-    model = torch.nn.Linear(3, 2)
-    model(torch.ones(1, 3)).sum().backward()
-    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
-    assert clip_grad_norm(model.parameters(), 0).item() == pytest.approx(expected.item())
-
-
-def _check_units_and_sync(rank, root):
-    from torch.distributed.fsdp import FSDPModule
-
-    from freetf.model.transformer import FreeTransformer
-
-    for offload in ("false", "true"):
-        cfg = tiny(root, "scaling.strategy=fsdp", f"scaling.fsdp_cpu_offload={offload}")
-        torch.manual_seed(0)
-        model = apply_fsdp(FreeTransformer(cfg.model), cfg, torch.device("cpu"))
-        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        assert units == [model, *model.blocks, model.encoder, model.mapper]
-        for name, p in model.named_parameters():  # each rank holds its half of the rows
-            assert p.to_local().shape[0] == (p.shape[0] + 1 - rank) // 2, name
-        ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
-        with gradient_sync(model, enabled=False):  # accumulate, no reduce-scatter
-            model(ids)[0].sum().backward()
-        assert all(p.grad is None for p in model.parameters())
-        with gradient_sync(model, enabled=True):
-            model(ids)[0].sum().backward()
-        assert all(p.grad is not None for p in model.parameters())
-
-
-def test_fsdp_shards_each_unit_and_reduces_only_when_asked(tmp_path):
+def test_fsdp_shards_each_unit_and_reduces_only_when_asked(two_ranks):
     """Blocks, encoder, post-sampler and root are FSDP units holding half the rows on
     each of 2 ranks; a backward under gradient_sync(False) leaves the sharded gradients
     unreduced (the last micro-batch's backward reduces them).  With and without CPU
     offload."""
-    spawn_ranks(2, _check_units_and_sync, tmp_path)
+    out, _, _ = two_ranks
+    for rank in (0, 1):
+        found = json.loads((out / f"units.{rank}.json").read_text())
+        for offload in ("false", "true"):
+            facts = found[offload]
+            assert facts["units"], (rank, offload)
+            for name, (local, rows) in facts["rows"].items():
+                assert local == (rows + 1 - rank) // 2, (rank, name)
+            assert facts["unreduced_after_no_sync"] and facts["reduced_after_sync"]
+
+
+def test_clip_grad_norm_returns_the_unclipped_norm_when_off():
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert clip_grad_norm(model.parameters(), 0).item() == pytest.approx(expected.item())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
 
 
 def test_mixed_precision_policy_only_for_amp_on_cuda():

@@ -371,9 +371,10 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                     step_parts[key] = step_parts.get(key, 0.0) + value / tcfg.grad_accum_steps
             tokens_since += ids.numel() * ctx.world_size
         scaler.unscale_(optimizer)
-        grad_norm = clip_grad_norm(raw_model.parameters(), tcfg.grad_clip)
+        grad_norm = clip_grad_norm(raw_model.parameters(), tcfg.grad_clip).to(device)
         # The norm is global (DDP all-reduces gradients; under FSDP the shards' partial
-        # norms are reduced), so every rank takes the same decision.
+        # norms are reduced), so every rank takes the same decision.  (.to: with FSDP's
+        # CPU offload the gradients, hence the norm, are on the CPU.)
         # fp16: an overflowed gradient is GradScaler's business (it skips the update and
         # lowers the scale); only a non-finite loss counts towards the stop.
         grads_ok = torch.isfinite(grad_norm)  # () bool, on device
