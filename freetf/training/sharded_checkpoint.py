@@ -19,9 +19,12 @@ process with no process group (``freetf generate`` / ``eval``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +117,8 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
     target = _model_and_optimizer(model, optimizer)
     in_group = dist.is_available() and dist.is_initialized()
-    dcp.load(target, checkpoint_id=Path(path) / SHARDS_DIR, no_dist=not in_group)
+    with _single_process_load():
+        dcp.load(target, checkpoint_id=Path(path) / SHARDS_DIR, no_dist=not in_group)
     set_model_state_dict(model, target["model"])
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
 
@@ -155,5 +159,15 @@ def consolidated_model_state(path: str | Path, model: nn.Module) -> dict[str, to
     import torch.distributed.checkpoint as dcp
 
     target = {"model": model.state_dict()}
-    dcp.load(target, checkpoint_id=Path(path) / SHARDS_DIR, no_dist=True)
+    with _single_process_load():
+        dcp.load(target, checkpoint_id=Path(path) / SHARDS_DIR, no_dist=True)
     return target["model"]
+
+
+@contextlib.contextmanager
+def _single_process_load() -> Iterator[None]:
+    """DCP warns at every load without a process group, even when asked for one
+    (no_dist=True): that is the intent here, not news for the console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
