@@ -25,7 +25,9 @@ D the width, D_kv the keys' and values' width, F the SwiGLU width, V the vocabul
 With gradient checkpointing a block keeps only its input (D e per token) and one block's
 activations are alive again during its recomputation.  Left out: DDP's gradient buckets,
 the allocator's fragmentation, CUDA context and NCCL buffers (budget 2-4 GiB per GPU),
-and temporaries of the attention and optimizer kernels.
+and temporaries of the attention and optimizer kernels.  With ``scaling.fsdp_cpu_offload``
+the parameters, gradients and AdamW state rows live in host memory instead; the plan
+does not move them.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ process with no process group (``freetf generate`` / ``eval``).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import warnings
@@ -33,8 +32,6 @@ import torch.distributed as dist
 from torch import nn
 
 from freetf.config import Config
-
-log = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
 
