@@ -292,3 +292,16 @@ def test_fsdp_config_needs_the_distributed_path(tmp_path):
     # a runner without a process group (a Tune trial running the loop itself) refuses it
     with pytest.raises(ConfigError, match="needs a process group"):
         train_loop(tiny(tmp_path, "scaling.strategy=fsdp", "training.max_steps=1"))
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+def test_fsdp_composes_with_torch_compile(tmp_path):
+    """training.compile=true on FSDP2 units: the eager FSDP run's losses (minutes of
+    compilation on CPU, hence heavy)."""
+    common = ["training.batch_size=4", FSDP, "training.max_steps=3"]
+    runs = run_ranks(2, [("compiled", [*common, "training.compile=true"], None),
+                         ("eager", common, None)], tmp_path)
+    compiled, eager = step_means(runs["compiled"]), step_means(runs["eager"])
+    assert sorted(compiled) == [1, 2, 3]
+    assert compiled == pytest.approx(eager, rel=1e-5)
