@@ -1,4 +1,4 @@
-"""``freetf`` command line: train, generate, eval, report, prepare.
+"""``freetf`` command line: train, generate, eval, report, prepare, plan.
 
 User mistakes (missing file, bad YAML, unknown key, corrupt checkpoint, a prompt outside
 the vocabulary, an unreachable tracking server) end with a one-paragraph message and
@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> int:
                       ("learning_rate", "training.learning_rate"),
                       ("num_epochs", "training.num_epochs"),
                       ("max_steps", "training.max_steps"),
-                      ("num_workers", "scaling.num_workers")):
+                      ("num_workers", "scaling.num_workers"),
+                      ("strategy", "scaling.strategy")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.gpu:
@@ -186,6 +187,17 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from freetf.training.memory_plan import STRATEGIES, count_parameters, format_plan, memory_plan
+
+    cfg = load_config(args.config, args.set or [])
+    counts = count_parameters(cfg)
+    plans = [memory_plan(cfg, args.num_workers, strategy, counts)
+             for strategy in ([args.strategy] if args.strategy else STRATEGIES)]
+    print(format_plan(cfg, plans, args.gpu_gib))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from freetf.sweeps.report import report_command
 
@@ -205,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--num-workers", type=non_negative_int,
                    help="Ray Train data-parallel workers (0: local mode, in the driver)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"),
+                   help="ddp: a full model per worker; fsdp: sharded over the workers "
+                   "(FSDP2; see `freetf plan`)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 AMP")
     p.add_argument("--no-ray", action="store_true", help="run the loop in-process")
     p.add_argument("--resume", type=non_empty,
@@ -241,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", type=non_empty)
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("plan", help="memory per GPU under DDP and FSDP, from a config")
+    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
+    p.add_argument("--num-workers", type=positive_int, default=1, help="GPUs (one a worker)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), help="default: both, side by side")
+    p.add_argument("--gpu-gib", type=positive_float,
+                   help="GPU memory: add a row saying whether each plan fits")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into training shards (+ meta.json)")
     p.add_argument("inputs", nargs="+", metavar="INPUT",

@@ -308,6 +308,14 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    # ddp: every worker holds the whole model, its gradients and AdamW's state.  fsdp:
+    # FSDP2 (fully_shard) shards them over the workers (freetf/training/parallel.py);
+    # checkpoints are then sharded (torch.distributed.checkpoint).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_cpu_offload: bool = False  # fsdp: parameters, gradients, AdamW state on the CPU
+    # Ray's placement of the workers: PACK fills a node first, SPREAD puts them on
+    # different nodes where it can (both fall back to what the cluster has)
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     max_failures: int = 0
     storage_path: str = "ray_results"  # shared storage on multi-node clusters
     run_name: str | None = None
@@ -365,6 +373,8 @@ class Config:
             if phase.max_seq_len and phase.max_seq_len > self.data.max_seq_len:
                 _fail(f"training.curriculum[{i}].max_seq_len", phase.max_seq_len,
                       f"exceeds data.max_seq_len={self.data.max_seq_len}")
+        if self.scaling.strategy == "fsdp":
+            _check_fsdp(self)
         if self.data.dataset_name != "synthetic" and self.model.vocab_size < 256:
             _fail("model.vocab_size", self.model.vocab_size,
                   "must be >= 256 for byte-level text data")
@@ -557,6 +567,22 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             _fail(path, value, "must be a string")
         return value
     raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _check_fsdp(cfg: Config) -> None:
+    """scaling.strategy=fsdp shards over a process group: Ray Train workers, bf16 or fp32."""
+    if not cfg.scaling.use_ray:
+        _fail("scaling.strategy", "fsdp", "needs the distributed path: set "
+              "scaling.use_ray=true (or scaling.strategy=ddp)")
+    if cfg.scaling.num_workers < 1:
+        _fail("scaling.strategy", "fsdp", "needs Ray Train workers: set "
+              "scaling.num_workers >= 1 (0 is the local mode, with no process group)")
+    if cfg.training.amp == "fp16":
+        _fail("training.amp", "fp16", "is not supported with scaling.strategy=fsdp "
+              "(no sharded gradient scaler); use training.amp=bf16")
+    if cfg.scaling.fsdp_cpu_offload and cfg.optimizer.fused == "fused":
+        _fail("optimizer.fused", "fused", "cannot step parameters offloaded to the CPU "
+              "(scaling.fsdp_cpu_offload=true); use optimizer.fused=auto")
 
 
 def _fail(path: str, value: Any, why: str) -> typing.NoReturn:

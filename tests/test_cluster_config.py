@@ -86,7 +86,8 @@ def test_provider_and_top_level(cfg):
     assert cfg["provider"]["cache_stopped_nodes"] is False
     assert cfg["auth"]["ssh_user"] == "ubuntu"
     assert cfg["idle_timeout_minutes"] > 0
-    assert cfg["max_workers"] == 4
+    workers = [v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]]
+    assert cfg["max_workers"] == sum(node["max_workers"] for node in workers) == 6
     assert cfg["head_node_type"] in cfg["available_node_types"]
 
 
@@ -101,8 +102,14 @@ def test_gpu_worker_and_cpu_head(cfg):
     for name, node in gpu_workers.items():
         assert _family(node) in GPU_FAMILIES, f"{name}: GPU resources on a non-GPU instance"
         assert node.get("min_workers", 0) == 0
-        assert node["max_workers"] == 4
+        assert node["max_workers"] >= 1
         assert node["node_config"].get("ImageId"), f"{name}: needs a GPU-capable AMI"
+
+
+def test_an_eight_gpu_node_type_for_fsdp_sized_models(cfg):
+    node = cfg["available_node_types"]["ray.worker.gpu8"]
+    assert node["resources"]["GPU"] == 8 and _family(node) in GPU_FAMILIES
+    assert node["node_config"]["InstanceType"] in {"p4de.24xlarge", "p5.48xlarge"}
 
 
 def test_setup_installs_project_and_ray(cfg):

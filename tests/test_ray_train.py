@@ -348,3 +348,40 @@ def test_nonfinite_stop_with_a_worker_points_at_the_persisted_checkpoint(tmp_pat
     assert checkpoint.startswith(f"{tmp_path}/ray_results/nf1/step_")
     state, _ = load_checkpoint(checkpoint)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.heavy
+def test_fsdp_workers_write_one_sharded_checkpoint_and_resume_from_it(tmp_path):
+    """scaling.strategy=fsdp under Ray Train: each worker reports its own shards, Ray
+    merges them into one checkpoint, a failed worker group resumes from it, and the
+    result equals one worker at twice the batch."""
+    cfg = cfg_for(tmp_path, "training.max_steps=4", "training.batch_size=4",
+                  "scaling.num_workers=2", "scaling.strategy=fsdp", "checkpoint.every_steps=2",
+                  "training.fail_at_step=3", "scaling.max_failures=1",
+                  "tracking.mlflow.enabled=false", "scaling.run_name=fsdp")
+    summary = run_training(cfg)
+    assert summary.error is None, summary.error
+    assert summary.checkpoint == tmp_path / "ray_results" / "fsdp" / "step_000004"
+    shards = {p.name for p in (summary.checkpoint / "shards").iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= shards
+    one = train_loop(cfg_for(tmp_path / "one", "training.max_steps=4", "training.batch_size=8",
+                             "tracking.mlflow.enabled=false", "scaling.use_ray=false"))
+    fsdp_state, _ = load_checkpoint(summary.checkpoint)  # consolidated
+    ref_state, _ = load_checkpoint(one.checkpoint)
+    for key, ref in ref_state["model"].items():
+        assert torch.allclose(fsdp_state["model"][key], ref, atol=2e-6), key
+    assert len(fsdp_state["rng"]) == 2
+
+
+def test_a_sqlite_store_is_refused_before_any_run_on_a_multi_host_cluster(tmp_path,
+                                                                          monkeypatch):
+    """Ray's nodes on two hosts (faked): the sqlite file is refused before the MLflow
+    run is created; on one host (ray.cluster_utils.Cluster too) it is fine."""
+    from freetf.tracking import TrackingError
+    from freetf.training import ray_train
+
+    assert len(ray_train.cluster_hosts()) == 1
+    monkeypatch.setattr(ray_train, "cluster_hosts", lambda: {"10.0.0.1", "10.0.0.2"})
+    with pytest.raises(TrackingError, match=r"spans 2 hosts .*mlflow server"):
+        run_training(cfg_for(tmp_path, "training.max_steps=1", "scaling.run_name=hosts"))
+    assert not (tmp_path / "mlflow.db").exists()

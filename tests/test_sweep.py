@@ -186,6 +186,30 @@ def test_concurrency_follows_the_cluster(monkeypatch):
         assert sweep_mod.max_concurrent_trials(cfg, trial_cpu=0.01) == expected
 
 
+def test_concurrency_follows_the_gpus_shared_by_fractional_workers(monkeypatch):
+    """resources.worker_gpu=0.25 puts four workers on a GPU: trials at once are
+    min(CPUs / CPUs per trial, GPUs / GPUs per trial)."""
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    for workers, gpu, cpu, expected in ((1, 0.25, 1.0, 8), (2, 0.25, 1.0, 4), (2, 1, 1.0, 1),
+                                        (1, 0.25, 3.0, 5), (1, 0.5, 0.5, 4)):
+        sweep = load_sweep(SMOKE, [*GRID, f"resources.num_workers={workers}",
+                                   f"resources.worker_gpu={gpu}", f"resources.worker_cpu={cpu}"])
+        base = sweep.base()
+        assert base.scaling.use_gpu and base.scaling.gpus_per_worker == gpu
+        assert sweep.trial_runner(base) == "train"
+        assert sweep_mod.max_concurrent_trials(base, trial_cpu=0.01) == expected, (workers, gpu)
+    for bad in ("0", "1.5"):
+        with pytest.raises(SweepError, match="resources.worker_gpu"):
+            load_sweep(SMOKE, [f"resources.worker_gpu={bad}"])
+
+
+def test_fsdp_trials_run_under_a_torch_trainer():
+    sweep = load_sweep(SMOKE, ["scaling.strategy=fsdp"])
+    assert sweep.trial_runner(sweep.base()) == "train"
+    with pytest.raises(SweepError, match="resources.trial_runner=train"):
+        load_sweep(SMOKE, ["scaling.strategy=fsdp", "resources.trial_runner=in_trial"])
+
+
 def test_trial_runner_auto_runs_one_cpu_worker_in_the_trial_and_more_under_train():
     one = load_sweep(SMOKE)
     assert one.trial_runner(one.base()) == "in_trial"

@@ -393,3 +393,12 @@ def test_real_mlflow_server_end_to_end(mlflow_server: str, tmp_path: Path) -> No
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     config_file = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert yaml.safe_load(Path(config_file).read_text()) == cfg.to_dict()
+
+
+def test_a_local_store_is_refused_on_a_cluster_of_several_hosts() -> None:
+    two = {"10.0.0.1", "10.0.0.2"}
+    for uri in ("sqlite:////data/mlflow.db", "file:///data/mlruns", "/data/mlruns"):
+        with pytest.raises(tracking.TrackingError, match="start an MLflow server"):
+            tracking.check_store_shared_by(uri, two)
+        tracking.check_store_shared_by(uri, {"10.0.0.1"})  # one host: the file is shared
+    tracking.check_store_shared_by("http://10.0.0.1:5000", two)

@@ -97,6 +97,9 @@ class ResourcesSpec:
     preload: bool = True
     trial_cpu: float = 0.01  # the trial process (in_trial: plus worker_cpu, as it trains)
     worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
+    # GPUs per Train worker, fractional to share a GPU (0.25: four trials' workers on one);
+    # sets scaling.use_gpu.  None: the base scaling (use_gpu, gpus_per_worker).
+    worker_gpu: float | None = None
     num_workers: int | None = None  # None: the base scaling.num_workers
     controller_failure_limit: int = 2  # a run whose workers cannot start fails, not hangs
     # Tune restarts a failed trial this often: its Train run resumes from its last
@@ -169,7 +172,8 @@ class SweepConfig:
         """``in_trial`` or ``train``: ``resources.trial_runner`` with ``auto`` resolved."""
         runner = self.resources.trial_runner
         if runner == "auto":
-            single = base.scaling.num_workers == 1 and not base.scaling.use_gpu
+            single = (base.scaling.num_workers == 1 and not base.scaling.use_gpu
+                      and base.scaling.strategy == "ddp")
             return "in_trial" if single else "train"
         return runner
 
@@ -219,6 +223,9 @@ class SweepConfig:
             overrides["scaling.cpus_per_worker"] = self.resources.worker_cpu
         if self.resources.num_workers is not None:
             overrides["scaling.num_workers"] = self.resources.num_workers
+        if self.resources.worker_gpu is not None:
+            overrides.update({"scaling.use_gpu": True, "training.device": "cuda",
+                              "scaling.gpus_per_worker": self.resources.worker_gpu})
         return absolute_paths(load_config(self.base_config, overrides))
 
     def to_dict(self) -> dict[str, Any]:
@@ -384,6 +391,14 @@ def _validated(sweep: SweepConfig) -> SweepConfig:
         raise SweepError(f"resources.trial_runner=in_trial runs one worker, in the trial "
                          f"process; set resources.num_workers=1 (it is "
                          f"{base.scaling.num_workers}) or resources.trial_runner=train")
+    if sweep.resources.trial_runner == "in_trial" and base.scaling.strategy == "fsdp":
+        raise SweepError("scaling.strategy=fsdp shards over Ray Train workers; set "
+                         "resources.trial_runner=train")
+    gpu = sweep.resources.worker_gpu
+    if gpu is not None and not (gpu > 0 and (gpu <= 1 or float(gpu).is_integer())):
+        # Ray schedules a fraction of one GPU, or whole GPUs
+        raise SweepError(f"resources.worker_gpu={gpu} must be in (0, 1] (a share of one GPU) "
+                         f"or a whole number of GPUs")
     if sweep.resources.trial_cpu < 0:
         raise SweepError(f"resources.trial_cpu={sweep.resources.trial_cpu} must be >= 0")
     if not sweep.name or "/" in sweep.name:

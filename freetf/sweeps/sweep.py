@@ -209,6 +209,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
                          f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
                          f"with --set mlflow.sweep_name=NEW_NAME")
     _init_ray(verbose, preload=sweep.resources.preload and sweep.trial_runner(base) == "in_trial")
+    from freetf.training.ray_train import check_tracking_store
+
+    check_tracking_store(uri)  # a sqlite file is no use to trials on other hosts
     tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
                            run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"},
                            params=space_params(sweep))
@@ -259,6 +262,7 @@ def _init_ray(verbose: bool, preload: bool = False) -> None:
 
     hook = f"{preload_trial_libraries.__module__}.{preload_trial_libraries.__name__}"
     init_ray(quiet=not verbose, setup_hook=hook if preload else None)
+
 
 
 def trial_resources(sweep: SweepConfig, base: Config) -> dict[str, float]:

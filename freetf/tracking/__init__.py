@@ -50,6 +50,7 @@ from freetf.tracking.store import (
     HTTP_CLIENT_DEFAULTS,
     MODEL_TRAINING_KIND,
     TrackingError,
+    check_store_shared_by,
     check_tracking_server,
     end_active_run,
     mlflow_client,
@@ -73,8 +74,10 @@ from freetf.tracking.sweep_runs import (
 from freetf.tracking.tracker import (
     RUN_STATUSES,
     NullTracker,
+    SkipLoggedSteps,
     Tracker,
     _param_strings,
+    last_logged_step,
     make_tracker,
 )
 
@@ -83,9 +86,10 @@ __all__ = [
     "MAX_BUFFERED_METRICS", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH",
     "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "MODEL_TRAINING_KIND", "RUN_STATUSES",
     "TENSORBOARD_ALIASES", "VERDICT_CODES", "VERDICT_METRIC", "VERDICT_TAG", "WANDB_ALIASES",
-    "NullTracker", "Tracker", "TrackingError", "_param_strings", "check_tracking_server",
-    "end_active_run", "log_files_to_run", "log_sweep_analysis", "log_sweep_summary",
-    "log_verdict", "make_tracker", "metric_history", "mlflow_client", "preload_store_modules",
+    "NullTracker", "SkipLoggedSteps", "Tracker", "TrackingError", "_param_strings",
+    "check_store_shared_by", "check_tracking_server", "end_active_run", "last_logged_step",
+    "log_files_to_run", "log_sweep_analysis", "log_sweep_summary", "log_verdict",
+    "make_tracker", "metric_history", "mlflow_client", "preload_store_modules",
     "run_artifact_text",
     "plot_kl_vs_kappa", "plot_sweep_curves", "plot_training_curves", "resolve_tracking_uri",
     "run_config", "run_params", "runs_page_url", "set_verdict", "space_params",

@@ -57,6 +57,19 @@ def resolve_tracking_uri(cfg: Config) -> str:
     return uri
 
 
+def check_store_shared_by(uri: str, hosts: set[str]) -> None:
+    """Raise :class:`TrackingError` if ``uri`` is a file on this machine (sqlite, a file
+    store) while the Ray cluster spans several ``hosts``: rank 0 and the sweep's trials
+    may run on another host, where that file is not the driver's."""
+    if len(hosts) <= 1 or urlparse(uri).scheme not in ("sqlite", "file", ""):
+        return
+    raise TrackingError(
+        f"tracking.mlflow.tracking_uri={uri} is a file on this machine, but the Ray cluster "
+        f"spans {len(hosts)} hosts ({', '.join(sorted(hosts))}); start an MLflow server "
+        f"every node reaches (`mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri "
+        f"sqlite:///mlflow.db`) and set tracking.mlflow.tracking_uri=http://<that host>:5000")
+
+
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     """Raise :class:`TrackingError` if an http(s) tracking server does not answer /health.
 

@@ -194,3 +194,32 @@ def _git_commit() -> str | None:
         return None
     return result.stdout.strip() or None
 
+
+class SkipLoggedSteps:
+    """A tracker that drops metric points at steps the run has already logged.
+
+    A restarted worker resumes from the last checkpoint and recomputes the steps after
+    it, which the failed worker had logged: MLflow cannot overwrite a point, so the
+    replayed steps are not logged again (resume reproduces them; tests/test_train.py).
+    """
+
+    def __init__(self, tracker: Any, through_step: int) -> None:
+        self.tracker, self.through_step = tracker, through_step
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.through_step:
+            self.tracker.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)
+
+
+def last_logged_step(tracker: Any) -> int:
+    """The highest step the tracker's MLflow run holds a metric for (0 if none)."""
+    from freetf.tracking.figures import metric_history
+
+    if tracker.client is None:
+        return 0
+    # Every logged step carries train/steps_done (the loop logs it beside each point).
+    history = metric_history(tracker.client, tracker.run_id, ("train/steps_done",))
+    return max((int(row["step"]) for row in history), default=0)

@@ -11,6 +11,9 @@ A checkpoint is a directory::
                     tokenizer, and data_meta.json the data's meta.json: generation needs
                     no data folder
 
+With ``scaling.strategy=fsdp`` the model and optimizer live in DCP shards beside these
+files instead (:mod:`freetf.training.sharded_checkpoint`); loading consolidates them.
+
 It is written into a temporary sibling and renamed into place, so a crash mid-save
 never leaves a broken checkpoint; the ``latest`` pointer file of a checkpoint root is
 replaced atomically too.  Loading uses ``torch.load(..., weights_only=True)``: data,
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from freetf.config import Config, ConfigError, load_config
+from freetf.training.sharded_checkpoint import SHARDS_DIR, consolidated_model_state, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,7 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Confi
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(config.to_yaml())
-        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=float))
-        _copy_tokenizer(config, tmp)
+        write_files(tmp, state, config, meta)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -59,6 +60,16 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Confi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def write_files(directory: Path, state: dict[str, Any], config: Config,
+                meta: dict[str, Any] | None) -> None:
+    """``state.pt``, ``config.yaml``, ``meta.json`` and the prepared data's tokenizer
+    (:func:`_copy_tokenizer`) into an existing ``directory``."""
+    torch.save(state, directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(config.to_yaml())
+    (directory / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=float))
+    _copy_tokenizer(config, directory)
 
 
 def _copy_tokenizer(config: Config, directory: Path) -> None:
@@ -121,9 +132,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
-                    ) -> tuple[dict[str, Any], Config]:
-    """Load ``(state, config)`` from a checkpoint directory or root."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    consolidate: bool = True) -> tuple[dict[str, Any], Config]:
+    """Load ``(state, config)`` from a checkpoint directory or root.
+
+    A sharded checkpoint (``scaling.strategy=fsdp``) keeps its weights in DCP shards:
+    ``consolidate`` reads them into ``state["model"]`` (full tensors, in this process);
+    its optimizer state is only read when resuming (``sharded_checkpoint.load_sharded``).
+    """
     path = resolve_checkpoint(path)
     try:
         state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
@@ -133,7 +149,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
         config = load_config(path / CONFIG_FILE)
     except ConfigError as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: {err}") from None
+    if consolidate and is_sharded(path) and "model" not in state:
+        state["model"] = _consolidated_weights(path, config)
     return state, config
+
+
+def _consolidated_weights(path: Path, config: Config) -> dict[str, torch.Tensor]:
+    from freetf.model.transformer import FreeTransformer
+
+    try:
+        return consolidated_model_state(path, FreeTransformer(config.model))
+    except Exception as err:  # DCP raises many types for missing or mismatched shards
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read the model shards of {path / SHARDS_DIR}: "
+                              f"{first}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

@@ -13,7 +13,6 @@ trajectory as 1 worker of batch 2b (to float tolerance).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from freetf.config import Config
+from freetf.config import Config, ConfigError
 from freetf.data.datasets import BatchStream, DataBundle, build_data
 from freetf.evaluation.diagnostics import latent_diagnostics, verdict
 from freetf.evaluation.samples import sample_texts
@@ -32,11 +31,19 @@ from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
 from freetf.training.checkpoint import (
     load_checkpoint,
+    resolve_checkpoint,
     restore_rng_states,
     rng_states,
     save_to_root,
 )
+from freetf.training.parallel import clip_grad_norm, gradient_sync, is_fsdp, unsharded
 from freetf.training.schedules import build_lr_scheduler, schedule_values
+from freetf.training.sharded_checkpoint import (
+    is_sharded,
+    load_full_into_sharded,
+    load_sharded,
+    save_sharded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +195,14 @@ class TrainContext:
             return torch.device("cuda")
         return torch.device("cpu")
 
+    def shard_model(self, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+        """Shard the model in place before the optimizer is built (scaling.strategy=fsdp);
+        a runner with a process group does it (training/parallel.py), this one has none."""
+        if cfg.scaling.strategy == "fsdp":
+            raise ConfigError("scaling.strategy='fsdp' needs a process group: run it with "
+                              "Ray Train workers (in a sweep: resources.trial_runner=train)")
+        return model
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
@@ -278,13 +293,14 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     raw_model = FreeTransformer(cfg.model).to(device)
     if tcfg.gradient_checkpointing:
         raw_model.gradient_checkpointing_enable()
-    optimizer = build_optimizer(raw_model, cfg, device)
+    raw_model = ctx.shard_model(raw_model, cfg)  # FSDP: in place, before the optimizer
+    offloaded = cfg.scaling.fsdp_cpu_offload and is_fsdp(raw_model)
+    optimizer = build_optimizer(raw_model, cfg, torch.device("cpu") if offloaded else device)
     scheduler = build_lr_scheduler(optimizer, tcfg.warmup_steps, steps, cfg.scheduler.min_lr,
                                    cfg.scheduler.type)
     torch.manual_seed(tcfg.seed * 1000 + ctx.rank)  # dropout and prior samples, per rank
     start_step = _maybe_resume(ctx, raw_model, optimizer, scheduler, stream, device)
     model = ctx.prepare_model(torch.compile(raw_model) if tcfg.compile else raw_model)
-    ddp = hasattr(model, "no_sync")
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if ctx.is_main:
@@ -313,7 +329,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             if ctx.checkpoint_at_nonfinite_stop:
                 report: dict[str, Any] = {"step": at_step, NONFINITE_STOP_KEY: float(err.count)}
                 if cfg.checkpoint.metric.startswith("eval/"):  # what the runner keeps by
-                    evaluated = evaluate(raw_model, data, cfg, device, sched["free_bits_nats"])
+                    with unsharded(raw_model):
+                        evaluated = evaluate(raw_model, data, cfg, device,
+                                             sched["free_bits_nats"])
                     report.update({k: v for k, v in evaluated.items() if not isinstance(v, str)})
                 err.checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream,
                                        at_step, report, device)
@@ -334,8 +352,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                            ctx.world_size)  # (k, b, T, H)
         for micro in range(tcfg.grad_accum_steps):
             ids = next(stream)[:, :seq_len].to(device, non_blocking=True)  # (b, T)
-            sync = (not ddp or micro == tcfg.grad_accum_steps - 1)
-            with contextlib.nullcontext() if sync else model.no_sync():
+            # DDP and FSDP reduce gradients in the last micro-batch's backward only
+            with gradient_sync(model, micro == tcfg.grad_accum_steps - 1):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits, z_logits = model(
                         ids, mode="training",
@@ -353,9 +371,10 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                     step_parts[key] = step_parts.get(key, 0.0) + value / tcfg.grad_accum_steps
             tokens_since += ids.numel() * ctx.world_size
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            raw_model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
-        # Grad norms are all-reduced under DDP, so every rank takes the same decision.
+        grad_norm = clip_grad_norm(raw_model.parameters(), tcfg.grad_clip).to(device)
+        # The norm is global (DDP all-reduces gradients; under FSDP the shards' partial
+        # norms are reduced), so every rank takes the same decision.  (.to: with FSDP's
+        # CPU offload the gradients, hence the norm, are on the CPU.)
         # fp16: an overflowed gradient is GradScaler's business (it skips the update and
         # lowers the scale); only a non-finite loss counts towards the stop.
         grads_ok = torch.isfinite(grad_norm)  # () bool, on device
@@ -392,8 +411,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                                      nonfinite_total, done, stream.epoch)
             window, tokens_since, t_since = LogWindow(), 0, time.perf_counter()
         if want_eval:
-            metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
-                                    samples=last and ctx.is_main))
+            with unsharded(raw_model):  # FSDP: rank 0 alone decodes the samples
+                metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
+                                        samples=last and ctx.is_main))
             model.train()
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             report = {k: v for k, v in metrics.items() if not isinstance(v, str | list)}
@@ -470,11 +490,15 @@ def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch
 
 def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics, device) -> Path | None:
     rng = ctx.all_gather(rng_states(device))  # every rank's generators, in rank order
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "step": step, "data": stream.state_dict(),
-        "rng": rng,
-    }
+    state = {"scheduler": scheduler.state_dict(), "step": step, "data": stream.state_dict(),
+             "rng": rng}
+    if is_fsdp(model):  # every rank writes its shards of the model and optimizer
+        path = save_sharded(ctx.checkpoint_root(cfg), step, model, optimizer, state, cfg,
+                            {"step": step, **metrics}, ctx.rank, keep=cfg.checkpoint.keep)
+        if ctx.is_main:
+            log.info("checkpoint: %s", path)
+        return path
+    state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
     if not ctx.is_main:
         return None
     path = save_to_root(ctx.checkpoint_root(cfg), step, state, cfg, {"step": step, **metrics},
@@ -487,9 +511,15 @@ def _maybe_resume(ctx, model, optimizer, scheduler, stream, device) -> int:
     path = ctx.latest_checkpoint()
     if path is None:
         return 0
-    state, _ = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    path = resolve_checkpoint(path)
+    state, _ = load_checkpoint(path, consolidate=False)
+    if is_sharded(path):  # any world size, FSDP or not: DCP reshards
+        load_sharded(path, model, optimizer)
+    elif is_fsdp(model):  # a full (DDP) checkpoint: each rank keeps its shards
+        load_full_into_sharded(state, model, optimizer)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["data"])
     restore_rng_states(state["rng"], ctx.rank, device)

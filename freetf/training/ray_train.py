@@ -1,7 +1,9 @@
 """Ray Train wiring: run :func:`freetf.train.train_loop` under ``TorchTrainer``.
 
 Ray touches the loop at four points (Ray's own pattern): the device, ``prepare_model``
-(DDP: gloo on CPU, NCCL on GPU), ``ray.train.report`` for metrics and checkpoints, and
+(DDP: gloo on CPU, NCCL on GPU; or ``shard_model``, FSDP2, with scaling.strategy=fsdp,
+where every rank reports its own checkpoint shards and Ray merges them into one
+checkpoint), ``ray.train.report`` for metrics and checkpoints, and
 ``ray.train.get_checkpoint`` to resume after a worker failure.  Everything else is the
 same loop that runs in-process.
 
@@ -40,6 +42,7 @@ from freetf.training.loop import (
     TrainContext,
     train_loop,
 )
+from freetf.training.parallel import apply_fsdp, is_fsdp
 from freetf.training.preflight import check_before_training
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,15 @@ class RayTrainContext(TrainContext):
         self._last_report = -math.inf
         self.marks["process_start"] = psutil.Process().create_time()
 
+    def shard_model(self, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+        """scaling.strategy=fsdp: FSDP2 over Ray Train's process group (parallel.py)."""
+        if cfg.scaling.strategy != "fsdp":
+            return model
+        return apply_fsdp(model, cfg, self.device)
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if is_fsdp(model):  # sharded already: no DDP on top
+            return model
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def _report_due(self) -> bool:
@@ -138,11 +149,15 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                           quiet_nonfinite_stop=quiet_stop)
     tracker = None
     if ctx.is_main and loop_config.get("run_id"):
-        from freetf.tracking import make_tracker
+        from freetf.tracking import SkipLoggedSteps, last_logged_step, make_tracker
 
         tracker = make_tracker(cfg, rank=0, run_id=loop_config["run_id"])
-        if ray.train.get_checkpoint() is not None:  # a restart after a worker failure
-            tracker = SkipLoggedSteps(tracker, last_logged_step(tracker))
+        # A restart after a worker failure replays the steps after its checkpoint, or
+        # every step when the failure came before Ray registered any checkpoint (a node
+        # lost right after writing one): the run's MLflow points tell which were logged.
+        logged = last_logged_step(tracker)
+        if logged:
+            tracker = SkipLoggedSteps(tracker, logged)
     try:
         train_loop(cfg, ctx, tracker=tracker)
     except NonFiniteLossError:
@@ -152,36 +167,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         # still raise: Tune records them as failed.)
         if not quiet_stop:
             raise
-
-
-class SkipLoggedSteps:
-    """A tracker that drops metric points at steps the run has already logged.
-
-    A restarted worker resumes from the last checkpoint and recomputes the steps after
-    it, which the failed worker had logged: MLflow cannot overwrite a point, so the
-    replayed steps are not logged again (resume reproduces them; tests/test_train.py).
-    """
-
-    def __init__(self, tracker: Any, through_step: int) -> None:
-        self.tracker, self.through_step = tracker, through_step
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.through_step:
-            self.tracker.log_metrics(metrics, step)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tracker, name)
-
-
-def last_logged_step(tracker: Any) -> int:
-    """The highest step the tracker's MLflow run holds a metric for (0 if none)."""
-    from freetf.tracking import metric_history
-
-    if tracker.client is None:
-        return 0
-    # Every logged step carries train/steps_done (the loop logs it beside each point).
-    history = metric_history(tracker.client, tracker.run_id, ("train/steps_done",))
-    return max((int(row["step"]) for row in history), default=0)
 
 
 @dataclass
@@ -260,6 +245,19 @@ def loopback_only():
             os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
+def cluster_hosts() -> set[str]:
+    """The addresses of the Ray cluster's live nodes (one on a single machine, also
+    under ``ray.cluster_utils.Cluster``, whose nodes share this host's address)."""
+    return {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+
+
+def check_tracking_store(uri: str) -> None:
+    """Refuse an MLflow store in a local file when the cluster spans several hosts."""
+    from freetf.tracking import check_store_shared_by
+
+    check_store_shared_by(uri, cluster_hosts())
+
+
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
                   callbacks: list | None = None, storage_path: str | None = None,
                   controller_failure_limit: int = -1, quiet_nonfinite_stop: bool = False):
@@ -292,7 +290,8 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume,
                            "quiet_nonfinite_stop": quiet_nonfinite_stop},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=sc.placement_strategy),
         torch_config=ray.train.torch.TorchConfig(backend=backend),
         run_config=run_config)
 
@@ -309,6 +308,10 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
     check_before_training(cfg)  # every output location and the vocabulary, before any step
+    if cfg.scaling.use_ray:
+        init_ray()
+        if cfg.tracking.mlflow.enabled:
+            check_tracking_store(cfg.tracking.mlflow.tracking_uri)
     tracker = make_tracker(cfg, rank=0) if cfg.tracking.mlflow.enabled else None
     run_id = tracker.run_id if tracker is not None else None
     error: BaseException | None = None
@@ -317,7 +320,6 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     history: list[dict[str, Any]] = []
     try:
         if cfg.scaling.use_ray:
-            init_ray()
             result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
             error = result.error
             metrics = dict(result.metrics or {})

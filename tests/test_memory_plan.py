@@ -1,0 +1,80 @@
+"""freetf plan: memory per GPU against a hand count of configs/tiny.yaml."""
+
+from __future__ import annotations
+
+import pytest
+
+from freetf import load_config
+from freetf.training.memory_plan import GIB, count_parameters, memory_plan
+
+pytestmark = pytest.mark.timeout(60)
+
+# configs/tiny.yaml by hand: vocab 29, D 32, 2 blocks, 2 heads (D_kv = D), H = 4, tied
+# embeddings, SwiGLU width F = 64 * ceil(8 * 32 / 3 / 64) = 128.
+D, F, V, H = 32, 128, 29, 4
+BLOCK = D + 4 * D * D + D + 3 * D * F  # two norms, wq wk wv wo, w1 w3 w2
+ENCODER = D + BLOCK + D + (D * H + H)  # zeta, block, norm, read-out
+MAPPER = 2 ** H * D + D  # the exact post-sampler (2^H, D) and its bias
+ROOT = V * D + D + D + D + (D * H + H)  # embeddings (= LM head), norm, zeta, norm, read-out
+TOTAL = V * D + 2 * BLOCK + D + ENCODER + MAPPER
+TOKENS = 8 * 66  # batch 8 x 66 tokens per worker
+E = 2  # bf16 activations (training.amp=auto on a GPU)
+PER_BLOCK = (5 * D + 2 * D + 4 * F) * E
+
+
+def test_parameter_counts_are_the_models():
+    counts = count_parameters(load_config("configs/tiny.yaml"))
+    assert counts.total == TOTAL == 51044
+    assert counts.largest_unit == BLOCK == 16448 and ROOT < BLOCK
+    # a large vocabulary makes the root (embeddings + tied LM head) the largest unit
+    wide = count_parameters(load_config("configs/tiny.yaml", ["model.vocab_size=1000"]))
+    assert wide.largest_unit == ROOT + (1000 - V) * D
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_plan_matches_a_hand_count(workers):
+    cfg = load_config("configs/tiny.yaml")
+    ddp, fsdp = (memory_plan(cfg, workers, s) for s in ("ddp", "fsdp"))
+    assert ddp.rows["parameters (fp32)"] == 4 * TOTAL
+    assert ddp.rows["AdamW state (fp32)"] == 8 * TOTAL
+    assert "gathered FSDP units" not in ddp.rows
+    assert fsdp.rows["parameters (fp32)"] == pytest.approx(4 * TOTAL / workers)
+    assert fsdp.rows["gradients (fp32)"] == pytest.approx(4 * TOTAL / workers)
+    assert fsdp.rows["AdamW state (fp32)"] == pytest.approx(8 * TOTAL / workers)
+    assert fsdp.rows["gathered FSDP units"] == BLOCK * (2 * E + 4)
+    # 3 blocks (2 decoder + the encoder), the embeddings' output, logits + fp32 CE
+    activations = TOKENS * (D * E + 3 * PER_BLOCK + V * (E + 8))
+    checkpointed = TOKENS * (D * E + 3 * D * E + PER_BLOCK + V * (E + 8))
+    for plan in (ddp, fsdp):
+        assert plan.rows["activations"] == activations
+        assert plan.rows["activations (checkpointed)"] == checkpointed
+    assert ddp.total == 16 * TOTAL + activations
+    assert fsdp.total_checkpointed == pytest.approx(16 * TOTAL / workers + BLOCK * 8
+                                                    + checkpointed)
+
+
+def test_plan_follows_precision_chunked_loss_and_dense_mapper():
+    base = load_config("configs/tiny.yaml")
+    fp32 = memory_plan(base.replace(["training.amp=off"]), 1, "ddp")
+    assert fp32.rows["activations"] == TOKENS * (D * 4 + 3 * (7 * D + 4 * F) * 4 + V * 12)
+    chunked = memory_plan(base.replace(["training.cross_entropy=chunked"]), 1, "ddp")
+    assert chunked.rows["activations"] == TOKENS * (D * E + 3 * PER_BLOCK + D * E) + V * D * 4
+    dense = memory_plan(base.replace(["model.mapper_impl=dense"]), 1, "ddp")
+    plain = memory_plan(base, 1, "ddp")
+    assert dense.rows["activations"] - plain.rows["activations"] == TOKENS * 2 ** H * 8
+
+
+def test_plan_command_prints_both_strategies_and_whether_they_fit(capsys):
+    from freetf.cli import main
+
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-workers", "2",
+                 "--gpu-gib", "0.0016"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[-4:] == ["ddp", "x2", "fsdp", "x2"]
+    rows = {line[:30].strip(): line[30:].split() for line in out[2:]}
+    total = 16 * TOTAL + TOKENS * (D * E + 3 * PER_BLOCK + V * (E + 8))
+    assert float(rows["total"][0]) == pytest.approx(total / GIB, abs=0.005)
+    # 1.72 MB: DDP needs 1.88 MB even checkpointed, FSDP over 2 workers 1.61 MB
+    assert rows["fits 0.0016 GiB"] == ["no", "ckpt"]
+    assert main(["plan", "--config", "configs/tiny.yaml", "--strategy", "fsdp"]) == 0
+    assert "ddp" not in capsys.readouterr().out
