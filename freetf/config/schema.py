@@ -1,8 +1,4 @@
-"""One typed config tree for freetf, loaded from YAML, with dotted overrides.
-
-The schema accepts the training guide's YAML as printed (``model``, ``training``,
-``optimizer``, ``scheduler``, ``data``) plus the sections freetf adds (annealing,
-curriculum, checkpointing, tracking, Ray scaling, diagnostics).
+"""The config tree's schema: one frozen dataclass per section, and their checks.
 
 Every error names the key's full dotted path and the offending value.  Configs are
 frozen after loading: derived values are properties, never mutations.
@@ -13,17 +9,14 @@ Units: ``training.free_bits`` is in **nats per token** (the guide's unit);
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from freetf.config.tree import _fail, _to_plain, apply_overrides
 
 LN2 = math.log(2.0)
 # model.vocab_size when a config leaves it out: the vocabulary of its data (the synthetic
@@ -32,10 +25,6 @@ DATA_VOCAB_SIZES = {"synthetic": 29, "text": 256, "tokens": 256}
 # Largest H for which the exact (eq. 8) mapper is allowed: its post-sampler holds a
 # (2^H, D) weight, 2^20 x 512 fp32 is already 2 GiB.
 MAX_EXACT_LATENT_BITS = 20
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the dotted key and the value."""
 
 
 # ----------------------------------------------------------------------------- schema
@@ -387,186 +376,9 @@ class Config:
 
     def replace(self, overrides: list[str] | dict[str, Any]) -> Config:
         """A new validated config with dotted overrides applied."""
+        from freetf.config import from_dict
+
         return from_dict(apply_overrides(self.to_dict(), overrides))
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load a YAML config (None = defaults) and apply ``dotted.key=value`` overrides."""
-    data = read_yaml_mapping(path) if path is not None else {}
-    return from_dict(apply_overrides(data, overrides or []))
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config",
-                      error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """A YAML file holding a mapping (empty file: ``{}``); ``error`` names the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise error(f"{path} is not valid YAML: {err}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise error(f"{path} must hold a mapping at top level, got {type(loaded).__name__}")
-    return loaded or {}
-
-
-def from_dict(data: dict[str, Any]) -> Config:
-    config = build_section(Config, _default_vocab_from_data(data), "")
-    config.validate()
-    return config
-
-
-def _default_vocab_from_data(data: Any) -> Any:
-    """Fill in ``model.vocab_size`` from ``data.dataset_name`` when the config leaves it out."""
-    if not isinstance(data, dict):
-        return data  # build_section names the problem
-    model = data.get("model", {})
-    section = data.get("data", {})
-    if not isinstance(model, dict) or "vocab_size" in model or not isinstance(section, dict):
-        return data
-    vocab = DATA_VOCAB_SIZES.get(section.get("dataset_name", DataConfig.dataset_name))
-    meta = Path(str(section.get("path"))) / "meta.json"  # a folder made by freetf prepare
-    if section.get("dataset_name") == "tokens" and section.get("path") and meta.is_file():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            vocab = int(json.loads(meta.read_text())["vocab_size"])
-    if vocab is None:
-        return data  # an unknown dataset_name: build_section names it
-    return {**data, "model": {**model, "vocab_size": vocab}}
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict:
-    """Apply ``["a.b=1", ...]`` or ``{"a.b": 1}`` to a nested dict (values parsed as YAML)."""
-    data = _deep_copy(data)
-    items = overrides.items() if isinstance(overrides, dict) else (
-        split_override(o) for o in overrides)
-    for key, value in items:
-        parts = key.split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists kept as values)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def split_override(text: str) -> tuple[str, Any]:
-    """``"a.b=1"`` -> ``("a.b", 1)``: the value parsed as YAML (kept as text if it is not)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like dotted.key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def build_section(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, with errors naming ``path`` keys."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"unknown config key {where} (value {data[unknown[0]]!r}); "
-                          f"known keys here: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, path)
-    if origin is Literal:
-        if isinstance(value, bool) and ("off" if not value else "on") in args:
-            value = "off" if not value else "on"  # YAML 1.1 reads off/on as booleans
-        if value not in args:
-            _fail(path, value, f"must be one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            _fail(path, value, "must be a list")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            _fail(path, value, f"must be a list of {len(args)} values")
-        pairs = enumerate(zip(args, value, strict=True))
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in pairs)
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(path, value, "must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            _fail(path, value, "must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                _fail(path, value, "must be a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(path, value, "must be a number")
-        if not math.isfinite(value):
-            _fail(path, value, "must be finite")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(path, value, "must be a string")
-        return value
-    raise TypeError(f"unsupported config type {tp} at {path}")
 
 
 def _check_fsdp(cfg: Config) -> None:
@@ -583,10 +395,6 @@ def _check_fsdp(cfg: Config) -> None:
     if cfg.scaling.fsdp_cpu_offload and cfg.optimizer.fused == "fused":
         _fail("optimizer.fused", "fused", "cannot step parameters offloaded to the CPU "
               "(scaling.fsdp_cpu_offload=true); use optimizer.fused=auto")
-
-
-def _fail(path: str, value: Any, why: str) -> typing.NoReturn:
-    raise ConfigError(f"{path}={value!r} {why}")
 
 
 def _positive(section: Any, path: str, *names: str) -> None:
