@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from freetf import load_config
 from freetf.logs import setup_logging
-from freetf.training.loop import TrainContext, train_loop
+from freetf.training.context import TrainContext
+from freetf.training.loop import train_loop
 
 
 class NcclContext(TrainContext):

@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 from freetf import load_config
 from freetf.config import ConfigError
 from freetf.training.checkpoint import load_checkpoint
-from freetf.training.loop import TrainContext, train_loop
+from freetf.training.context import TrainContext
+from freetf.training.loop import train_loop
 from freetf.training.parallel import apply_fsdp, clip_grad_norm, gradient_sync, is_fsdp
 
 pytestmark = pytest.mark.timeout(180)

@@ -9,7 +9,8 @@ import torch
 
 from freetf import load_config
 from freetf.training.checkpoint import load_checkpoint
-from freetf.training.loop import NonFiniteLossError, TrainContext, amp_dtype, train_loop
+from freetf.training.context import TrainContext
+from freetf.training.loop import NonFiniteLossError, amp_dtype, train_loop
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -307,7 +308,7 @@ def test_total_steps_and_optimizer_groups(tiny_model_cfg):
 
 
 def test_log_window_means_finite_values_only():
-    from freetf.training.loop import LogWindow
+    from freetf.training.context import LogWindow
 
     window = LogWindow()
     assert window.means() == {}

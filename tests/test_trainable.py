@@ -116,7 +116,8 @@ from freetf.sweeps.trainable import _finish_trial_run, preload_trial_libraries
 if sys.argv[1] == "preload":
     preload_trial_libraries()
 from freetf.tracking import make_tracker, mlflow_client
-from freetf.training.loop import TrainContext, train_loop
+from freetf.training.context import TrainContext
+from freetf.training.loop import train_loop
 before = set(sys.modules)
 cfg = load_config("configs/tiny.yaml", ["training.max_steps=2", "training.log_every=1",
                   "training.eval_every=2", "checkpoint.dir=" + sys.argv[2] + "/ckpt",

@@ -62,7 +62,8 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
 def reproduce_in_process(base: Config, kappas_bits: tuple[float, ...], seeds: tuple[int, ...],
                          groups: int, per_group: int, device: str) -> tuple[list, dict]:
     """Train and measure every (kappa, seed) one after another, without Ray or MLflow."""
-    from freetf.training.loop import TrainContext, train_loop
+    from freetf.training.context import TrainContext
+    from freetf.training.loop import train_loop
 
     rows, samples = [], {}
     for kappa in kappas_bits:

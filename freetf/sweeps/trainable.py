@@ -34,7 +34,8 @@ import torch
 from ray import tune
 
 from freetf.config import Config, apply_overrides, from_dict
-from freetf.training.loop import TrainContext, train_loop
+from freetf.training.context import TrainContext
+from freetf.training.loop import train_loop
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,8 @@ import torch.distributed
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
 from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
-from freetf.training.loop import (
-    NONFINITE_STOP_KEY,
-    NonFiniteLossError,
-    TrainContext,
-    train_loop,
-)
+from freetf.training.context import TrainContext
+from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
 from freetf.training.parallel import apply_fsdp, is_fsdp
 from freetf.training.preflight import check_before_training
 
