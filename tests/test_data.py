@@ -10,19 +10,18 @@ from hypothesis import strategies as st
 from freetf.config import Config, ConfigError, load_config
 from freetf.data.datasets import (
     SYNTHETIC_SEQ_LEN,
-    BatchStream,
     BlockDataset,
     ByteTokenizer,
     CharTokenizer,
     RowsDataset,
     build_data,
     check_vocabulary,
-    epoch_permutation,
     max_token_id,
     parse_synthetic,
     synthetic_sequences,
     write_token_file,
 )
+from freetf.data.stream import BatchStream, epoch_permutation
 
 pytestmark = pytest.mark.timeout(60)
 

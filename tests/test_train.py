@@ -135,7 +135,8 @@ def test_k_micro_batches_equal_one_batch_k_times_larger(tmp_path, checkpointing)
 def test_first_step_metrics_equal_a_reference_step(tmp_path):
     """Step 1 replayed outside the loop: next-token CE, and the KL over the positions
     that predict a token (z_logits[:, :-1], aligned with ids[:, 1:])."""
-    from freetf.data.datasets import BatchStream, build_data
+    from freetf.data.datasets import build_data
+    from freetf.data.stream import BatchStream
     from freetf.model.losses import kl_per_token
     from freetf.model.transformer import FreeTransformer
     from freetf.training.loop import step_noise

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from freetf.config import Config
-from freetf.data.datasets import BatchStream, DataBundle, build_data
+from freetf.data.datasets import DataBundle, build_data
+from freetf.data.stream import BatchStream
 from freetf.evaluation.diagnostics import latent_diagnostics, verdict
 from freetf.evaluation.samples import sample_texts
 from freetf.evaluation.synthetic_eval import free_generation_validity
