@@ -131,6 +131,30 @@ def test_code_frequencies_match_bit_probabilities():
     assert torch.allclose(freq, expected, atol=0.005)
 
 
+def test_bit_noise_is_an_fp32_uniform_whatever_the_logits_dtype():
+    """eq. 6 draws u ~ U(0, 1) in fp32 (bf16 noise would quantise P(B = 1) to 8 bits)."""
+    logits = torch.randn(64, 16).bfloat16()
+    torch.manual_seed(8)
+    bits = sample_bits(logits)
+    torch.manual_seed(8)
+    reference = (torch.rand(64, 16) < torch.sigmoid(logits.float())).float()
+    assert torch.equal(bits, reference)
+
+
+def test_post_sampler_defaults_and_initial_scale():
+    """Exact: a (2^H, D) table of std 0.02.  Factored: (H, D) of std 0.02 / sqrt(H), so
+    that r = W_f B, a sum of ~H/2 rows, starts at the exact table's scale."""
+    torch.manual_seed(9)
+    exact = BinaryMapper(6, 512)
+    assert exact.weight.shape == (64, 512)
+    assert exact.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    factored = BinaryMapper(16, 4096, kind="factored")
+    assert factored.weight.shape == (16, 4096)
+    assert factored.weight.std().item() == pytest.approx(0.02 / 4, rel=0.03)
+    assert abs(factored.weight.mean().item()) < 0.01 * 0.02
+    assert torch.equal(factored.bias, torch.zeros(4096))
+
+
 def test_prior_codes_are_uniform():
     torch.manual_seed(4)
     mapper = BinaryMapper(3, 4)
@@ -254,6 +278,7 @@ def test_autocast_score_precision_is_close_to_fp32_and_only_acts_under_amp():
         return x.grad
 
     reference = logit_grad(exact, amp=True)  # fp32 scores even under autocast
+    assert torch.equal(reference, logit_grad(exact, amp=False))  # the default is exact
     assert torch.equal(logit_grad(fast, amp=False), logit_grad(exact, amp=False))
     approx = logit_grad(fast, amp=True)
     assert not torch.equal(approx, reference)  # the bf16 products did run
