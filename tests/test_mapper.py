@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from freetf.model.mapper import (
     BinaryMapper,
+    _ChunkedMapper,
     bits_to_codes,
     chunk_codes,
     chunked_mapper,
@@ -337,3 +339,42 @@ def test_tables_and_prior_codes_stay_on_the_inputs_device():
     assert codes_to_bits(torch.zeros(5, dtype=torch.int64, device=meta), 3).device == meta
     assert code_bits(3, meta, 2, 6).device == meta
     assert BinaryMapper(4, 8).sample_prior((3, 2), meta).device == meta
+
+
+@pytest.mark.parametrize("kind,impl", [("exact", "chunked"), ("exact", "dense"),
+                                       ("factored", "chunked")])
+def test_mapper_computes_on_its_inputs_device_not_the_default_device(kind, impl):
+    """Forward and backward of CPU inputs under another default device (as CUDA inputs
+    under the default CPU device): every table is built on the inputs' device."""
+    torch.manual_seed(10)
+    mapper = BinaryMapper(6, 8, kind=kind, impl=impl)
+    logits, noise, grad_out = torch.randn(2, 5, 6), torch.rand(2, 5, 6), torch.randn(2, 5, 8)
+
+    def run():
+        x = logits.clone().requires_grad_()
+        r, codes = mapper(x, noise)
+        (r * grad_out).sum().backward()
+        return r.detach(), codes, x.grad
+
+    reference = run()
+    with torch.device("meta"):  # tensors made without a device would land on "meta"
+        moved = run()
+        codes = bits_to_codes(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], device="cpu"))
+    assert codes.device.type == "cpu" and codes.tolist() == [5, 6]
+    for a, b in zip(reference, moved, strict=True):
+        assert b.device.type == "cpu" and torch.equal(a, b)
+
+
+def test_chunked_backward_builds_its_tables_on_the_inputs_device():
+    """The autograd engine runs backward outside the default-device context of the test
+    above, so the backward is called here directly, under another default device."""
+    torch.manual_seed(11)
+    logits, weight = torch.randn(10, 6, requires_grad=True), torch.randn(64, 8)
+    codes, grad_out = torch.randint(0, 64, (10,)), torch.randn(10, 8)
+    (chunked_mapper(logits, codes, weight, 16) * grad_out).sum().backward()
+    ctx = SimpleNamespace(saved_tensors=(logits.detach(), codes, weight),
+                          needs_input_grad=(True, False, False), chunk_size=16,
+                          score_dtype=None)
+    with torch.device("meta"):  # tensors made without a device would land on "meta"
+        grad_logits = _ChunkedMapper.backward(ctx, grad_out)[0]
+    assert grad_logits.device.type == "cpu" and torch.equal(grad_logits, logits.grad)
