@@ -290,6 +290,18 @@ def test_dictionary_code_count_agrees_with_bincount(monkeypatch, limit):
     assert sparse["eval/code_perplexity"] == pytest.approx(dense["eval/code_perplexity"])
 
 
+@pytest.mark.parametrize("limit", [3, 4])  # H = 4: one bit over the limit, at the limit
+def test_code_entropy_is_reported_up_to_the_aggregate_limit(monkeypatch, limit):
+    cfg, model = make()
+    set_readout(model)  # uniform aggregate posterior over the 16 codes
+    monkeypatch.setattr(diagnostics, "MAX_AGGREGATE_BITS", limit)
+    m = latent_diagnostics(model, rows(1), cfg)
+    if limit < 4:
+        assert "eval/code_entropy_nats" not in m and "eval/code_perplexity" not in m
+    else:
+        assert m["eval/code_entropy_nats"] == pytest.approx(4 * LN2, rel=1e-9)
+
+
 def test_many_bits_use_the_dictionary_path():
     """2^40 codes: counted in a dictionary, no table of 2^H entries (8 TiB) allocated."""
     cfg, model = make("model.latent_dim=40", "model.mapper=factored")
