@@ -139,6 +139,12 @@ def test_parameter_counts(tiny_model_cfg):
     assert c_ft["encoder"] == block + d + d + (d * h + h)  # block, zeta, norm, readout
     assert c_ft["mapper"] == 2 ** h * d + d
     assert c_ft["total"] - c_base["total"] == c_ft["encoder"] + c_ft["mapper"]
+    v, layers = tiny_model_cfg.vocab_size, tiny_model_cfg.num_layers
+    assert c_ft["decoder"] == layers * block + d  # the blocks and the final norm
+    assert c_ft["embedding"] == v * d  # tied: counted once
+    untied = FreeTransformer(dataclasses.replace(tiny_model_cfg, tie_embeddings=False))
+    assert untied.num_parameters()["embedding"] == 2 * v * d
+    assert untied.num_parameters()["decoder"] == c_ft["decoder"]
 
 
 @pytest.mark.parametrize("latent_dim", [0, 4])
@@ -184,9 +190,12 @@ def test_gradient_checkpointing_same_gradients(tiny_model_cfg):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.gradient_checkpointing_enable()
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
     torch.manual_seed(3)
     logits2, z2 = model(ids, bit_noise=noise)
     (logits2.square().mean() + z2.square().mean()).backward()
+    assert len(calls) == 2  # the block's forward ran again in backward: it was checkpointed
     assert torch.allclose(logits, logits2)
     for n, p in model.named_parameters():
         if n in grads:
@@ -344,6 +353,39 @@ def test_rope_survives_dtype_and_device_casts(tiny_model_cfg, cast):
         assert torch.allclose(logits64.float(), logits32, rtol=1e-4, atol=1e-4)
 
 
+def test_rope_table_follows_device_moves_but_not_dtype_casts(tiny_model_cfg):
+    """``model.to(device)`` moves the table at once (not at the next forward); a dtype
+    cast leaves it where it is, complex64."""
+    model = FreeTransformer(tiny_model_cfg).to("meta")
+    assert model.rope.rotation.device.type == "meta"
+    model.half()
+    assert model.rope.rotation.device.type == "meta"
+    assert model.rope.rotation.dtype == torch.complex64
+
+
+def test_model_runs_on_its_device_not_the_default_device(tiny_model_cfg):
+    """A CPU model under another default device (as a CUDA model under the default CPU
+    device): the forward pass and generation with every kind of z give the same output."""
+    model = _scaled_up(tiny_model_cfg)
+    ids, prompt = torch.randint(0, 32, (2, 6)), torch.randint(0, 32, (2, 3))
+    per_row = torch.tensor([[1], [9]])
+
+    def outputs():
+        torch.manual_seed(12)
+        with torch.no_grad():
+            logits, z_logits = model(ids)
+            prior, _ = model(ids, mode="inference")
+        return [logits, z_logits, prior, model.generate(prompt, 3),
+                model.generate(prompt, 3, z=per_row),
+                model.generate(prompt, 3, use_cache=False)]
+
+    reference = outputs()
+    with torch.device("meta"):  # tensors made without a device would land on "meta"
+        moved = outputs()
+    for a, b in zip(reference, moved, strict=True):
+        assert b.device.type == "cpu" and torch.equal(a, b)
+
+
 def test_generate_z_shapes_are_explicit(tiny_model_cfg):
     """z: a code, (B, 1) per sequence, (T,) or (1, T) or (B, T) per position; a 1-D z whose
     length is not T is refused, even when it equals the batch size."""
@@ -355,7 +397,7 @@ def test_generate_z_shapes_are_explicit(tiny_model_cfg):
         model.generate(prompt, 5, z=per_row)  # (B,) with B != T: refused
     with pytest.raises(ValueError, match="z"):
         model.generate(prompt, 1, z=torch.zeros(2, 3, dtype=torch.long))  # 2 rows != B
-    with pytest.raises(ValueError, match="z"):
+    with pytest.raises(ValueError, match=r"or \(B, T\) = \(3, 3\); T = prompt"):
         model.generate(prompt, 1, z=torch.zeros(3, 1, 1, dtype=torch.long))
     a = model.generate(prompt, 1, temperature=0, z=per_row[:, None])
     b = model.generate(prompt, 1, temperature=0, z=per_row[:, None].expand(3, t))
