@@ -386,6 +386,27 @@ def test_model_runs_on_its_device_not_the_default_device(tiny_model_cfg):
         assert b.device.type == "cpu" and torch.equal(a, b)
 
 
+def test_generate_passes_its_sampling_options_on(tiny_model_cfg):
+    """top_k = 1, or a nucleus smaller than any token's probability, is greedy decoding;
+    the default temperature is 1; a 1-D prompt is one sequence."""
+    model = _scaled_up(tiny_model_cfg)
+    prompt, z = torch.randint(0, 32, (4, 3)), torch.tensor([[5]])  # one code: no prior draws
+    greedy = model.generate(prompt, 8, temperature=0, z=z)
+
+    def sampled(**options):
+        torch.manual_seed(13)
+        return model.generate(prompt, 8, z=z, **options)
+
+    assert not torch.equal(sampled(temperature=1.0), greedy)  # sampling is not greedy here
+    assert torch.equal(sampled(temperature=1.0, top_k=1), greedy)
+    assert torch.equal(sampled(temperature=1.0, top_p=1e-6), greedy)
+    assert torch.equal(sampled(), sampled(temperature=1.0))
+    one = model.generate(prompt[0].tolist(), 8, temperature=0, z=z)
+    assert torch.equal(one, greedy[:1])
+    with pytest.raises(ValueError, match=r"prompt \(3\) \+ max_new_tokens \(64\) exceeds"):
+        model.generate(prompt, 64)
+
+
 def test_generate_z_shapes_are_explicit(tiny_model_cfg):
     """z: a code, (B, 1) per sequence, (T,) or (1, T) or (B, T) per position; a 1-D z whose
     length is not T is refused, even when it equals the batch size."""
