@@ -640,6 +640,13 @@ def test_sampling_distribution_temperature_top_k_top_p(monkeypatch):
         expected = torch.zeros(5)
         expected[kept] = full[kept] / full[kept].sum()
         assert torch.allclose(probs[0], expected, atol=1e-6), top_p
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=None, top_p=0.0)
+    assert torch.allclose(probs, logits.softmax(-1))  # top_p = 0: off
+    # a token is dropped only when the mass before it is above p: at exactly p (dyadic
+    # probabilities 1/2, 1/4, 1/8, 1/8, no rounding) the second token is kept
+    dyadic = torch.tensor([[2.0, 1.0, 0.0, 0.0]]) * math.log(2.0)
+    probs, _ = _sampling_probs(monkeypatch, dyadic, temperature=1.0, top_k=None, top_p=0.5)
+    assert torch.equal(probs, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0]]))
 
 
 def test_kv_cache_appends_in_place_up_to_its_capacity():
