@@ -386,6 +386,20 @@ def test_model_runs_on_its_device_not_the_default_device(tiny_model_cfg):
         assert b.device.type == "cpu" and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_return_hidden_gives_the_states_the_head_reads(tiny_model_cfg, mode):
+    model = _scaled_up(tiny_model_cfg)
+    ids, noise = torch.randint(0, 32, (2, 7)), torch.rand(2, 7, 4)
+    with torch.no_grad():
+        torch.manual_seed(14)
+        logits, z_logits = model(ids, mode, bit_noise=noise)
+        torch.manual_seed(14)
+        hidden, z_hidden = model(ids, mode, bit_noise=noise, return_hidden=True)
+    assert hidden.shape == (2, 7, tiny_model_cfg.hidden_dim)
+    assert torch.allclose(model.lm_head(hidden), logits, atol=1e-6)
+    assert (z_logits is None and z_hidden is None) or torch.equal(z_logits, z_hidden)
+
+
 def test_generate_passes_its_sampling_options_on(tiny_model_cfg):
     """top_k = 1, or a nucleus smaller than any token's probability, is greedy decoding;
     the default temperature is 1; a 1-D prompt is one sequence."""
