@@ -189,13 +189,16 @@ def test_gradient_checkpointing_same_gradients(tiny_model_cfg):
     (logits.square().mean() + z.square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
     calls = []
     model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    model(ids, bit_noise=noise)[0].sum().backward()
+    assert len(calls) == 1  # checkpointing off: no recomputation
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
     torch.manual_seed(3)
     logits2, z2 = model(ids, bit_noise=noise)
     (logits2.square().mean() + z2.square().mean()).backward()
-    assert len(calls) == 2  # the block's forward ran again in backward: it was checkpointed
+    assert len(calls) == 3  # the block's forward ran again in backward: it was checkpointed
     assert torch.allclose(logits, logits2)
     for n, p in model.named_parameters():
         if n in grads:
@@ -398,6 +401,23 @@ def test_return_hidden_gives_the_states_the_head_reads(tiny_model_cfg, mode):
     assert hidden.shape == (2, 7, tiny_model_cfg.hidden_dim)
     assert torch.allclose(model.lm_head(hidden), logits, atol=1e-6)
     assert (z_logits is None and z_hidden is None) or torch.equal(z_logits, z_hidden)
+
+
+def test_generation_and_forward_codes_defaults(tiny_model_cfg):
+    """Generation with gradient checkpointing enabled uses the KV cache as without it;
+    forward_codes samples Z from the posterior by default."""
+    model = _scaled_up(tiny_model_cfg)
+    prompt, ids = torch.randint(0, 32, (2, 3)), torch.randint(0, 32, (2, 6))
+    torch.manual_seed(15)
+    plain = model.generate(prompt, 6)
+    model.gradient_checkpointing_enable()
+    torch.manual_seed(15)
+    assert torch.equal(model.generate(prompt, 6), plain)
+    noise = torch.rand(2, 6, 4)
+    with torch.no_grad():
+        logits, z_logits, codes = model.forward_codes(ids, bit_noise=noise)
+        reference, z_reference = model(ids, "training", bit_noise=noise)
+    assert torch.equal(logits, reference) and torch.equal(z_logits, z_reference)
 
 
 def test_generate_passes_its_sampling_options_on(tiny_model_cfg):
@@ -675,12 +695,14 @@ def test_kv_cache_appends_in_place_up_to_its_capacity():
         cache.append(k1, v1)
 
 
-def test_multi_token_append_to_a_filled_cache_is_refused(tiny_model_cfg):
+@pytest.mark.parametrize("prefill", [1, 3])
+def test_multi_token_append_to_a_filled_cache_is_refused(tiny_model_cfg, prefill):
     model = FreeTransformer(tiny_model_cfg).eval()
     caches = [KVCache(10) for _ in model.blocks]
     with torch.no_grad():
-        model.forward_codes(torch.randint(0, 32, (1, 3)), caches=caches)
-        with pytest.raises(NotImplementedError, match="multi-token"):
+        model.forward_codes(torch.randint(0, 32, (1, prefill)), caches=caches)
+        with pytest.raises(NotImplementedError,
+                           match="multi-token append to a non-empty KV cache"):
             model.forward_codes(torch.randint(0, 32, (1, 2)), z=torch.tensor(1), caches=caches)
 
 
@@ -695,6 +717,12 @@ def test_dropout_acts_in_train_mode_only(tiny_model_cfg):
         c, _ = model(ids, z=z)
     assert torch.equal(a, b) and torch.allclose(a, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(c, a, atol=1e-2)
+    attn = model.blocks[0].attn  # attention dropout on its own: train mode only
+    x = torch.randn(2, 8, tiny_model_cfg.hidden_dim)
+    with torch.no_grad():
+        evaluated = attn.eval()(x, x, model.rope, True)
+        assert torch.equal(attn(x, x, model.rope, True), evaluated)
+        assert not torch.allclose(attn.train()(x, x, model.rope, True), evaluated, atol=1e-3)
 
 
 def test_initialisation_scales(tiny_model_cfg):
