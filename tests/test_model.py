@@ -274,6 +274,7 @@ def test_rope_rotates_each_pair_by_its_position_angle():
     assert rope(x.bfloat16(), start=7).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="max_seq_len"):
         rope(x, start=30)
+    assert torch.equal(rope(x[..., :1, :]), x[..., :1, :])  # by default from position 0
 
 
 def test_generated_ids_are_ordinary_tensors(tiny_model_cfg):
