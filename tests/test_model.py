@@ -272,9 +272,11 @@ def test_rope_rotates_each_pair_by_its_position_angle():
     assert torch.allclose(out[..., 0::2], x1 * ang.cos() - x2 * ang.sin(), atol=1e-6)
     assert torch.allclose(out[..., 1::2], x1 * ang.sin() + x2 * ang.cos(), atol=1e-6)
     assert rope(x.bfloat16(), start=7).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="sequence position 35 exceeds max_seq_len 32"):
         rope(x, start=30)
     assert torch.equal(rope(x[..., :1, :]), x[..., :1, :])  # by default from position 0
+    rope.to("meta")  # the table follows x back to its device on first use
+    assert torch.equal(rope(x, start=7), out)
 
 
 def test_generated_ids_are_ordinary_tensors(tiny_model_cfg):
