@@ -275,8 +275,10 @@ def test_rope_rotates_each_pair_by_its_position_angle():
     with pytest.raises(ValueError, match="sequence position 35 exceeds max_seq_len 32"):
         rope(x, start=30)
     assert torch.equal(rope(x[..., :1, :]), x[..., :1, :])  # by default from position 0
-    rope.to("meta")  # the table follows x back to its device on first use
-    assert torch.equal(rope(x, start=7), out)
+    moved = RotaryEmbedding(head_dim=8, max_seq_len=32, theta=10000.0)
+    on_meta = moved(x.to("meta"), start=7)  # the table follows x to its device on first use
+    assert on_meta.device.type == "meta" and on_meta.shape == x.shape
+    assert moved.rotation.device.type == "meta"
 
 
 def test_generated_ids_are_ordinary_tensors(tiny_model_cfg):
