@@ -147,6 +147,13 @@ def test_parameter_counts(tiny_model_cfg):
     assert untied.num_parameters()["decoder"] == c_ft["decoder"]
 
 
+def test_mapper_settings_reach_the_mapper(tiny_model_cfg):
+    cfg = dataclasses.replace(tiny_model_cfg, mapper_impl="dense", mapper_chunk_size=128,
+                              mapper_score_precision="autocast")
+    mapper = FreeTransformer(cfg).mapper
+    assert (mapper.impl, mapper.chunk_size, mapper.score_precision) == ("dense", 128, "autocast")
+
+
 @pytest.mark.parametrize("latent_dim", [0, 4])
 def test_kv_cache_generation_equals_uncached(tiny_model_cfg, latent_dim):
     cfg = dataclasses.replace(tiny_model_cfg, latent_dim=latent_dim)
@@ -530,9 +537,11 @@ def _free_transformer_ref(model, ids, codes=None):
     return _rms(x, model.norm.weight, cfg.norm_eps) @ model.lm_head.weight.T, z_logits
 
 
-@pytest.mark.parametrize("mapper", ["exact", "factored"])
-def test_forward_and_encoder_equal_algorithm_2(tiny_model_cfg, mapper):
-    cfg = dataclasses.replace(tiny_model_cfg, mapper=mapper, tie_embeddings=False)
+@pytest.mark.parametrize("mapper,norm_eps", [("exact", None), ("factored", None),
+                                             ("exact", 0.5)])  # an eps that matters
+def test_forward_and_encoder_equal_algorithm_2(tiny_model_cfg, mapper, norm_eps):
+    cfg = dataclasses.replace(tiny_model_cfg, mapper=mapper, tie_embeddings=False,
+                              norm_eps=norm_eps or tiny_model_cfg.norm_eps)
     model = _scaled_up(cfg)
     ids = torch.randint(0, 32, (2, 11))
     codes = torch.randint(0, 16, (2, 11))
