@@ -210,6 +210,9 @@ def test_gradient_checkpointing_same_gradients(tiny_model_cfg):
     for n, p in model.named_parameters():
         if n in grads:
             assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+    model.gradient_checkpointing_disable()
+    model(ids, bit_noise=noise)[0].sum().backward()
+    assert len(calls) == 4  # off again: no recomputation
 
 
 def test_all_parts_receive_gradients(tiny_model_cfg):
