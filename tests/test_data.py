@@ -103,6 +103,8 @@ def test_parse_synthetic():
     wrong = parse_synthetic("J>" + "_" * 10 + "K" * 8 + "_" * 46)
     assert not wrong.valid and wrong.target_start is None
     assert parse_synthetic("__" + "_" * 64).letter is None
+    for head in ("_>", "k>"):  # not a capital letter before ">"
+        assert parse_synthetic(head + "_" * 10 + "K" * 8 + "_" * 46).letter is None
 
 
 def test_build_data_synthetic_seeds():
@@ -159,6 +161,22 @@ def test_text_folder_packing(tmp_path):
     assert bundle.tokenizer.decode(bundle.val[0].tolist()) == "B" * 8  # last block is val
 
 
+def test_alphabet_with_a_repeated_character_is_refused():
+    with pytest.raises(ValueError, match="alphabet 'abca' has repeated characters"):
+        CharTokenizer("abca")
+
+
+@pytest.mark.parametrize("extra,dropped", [(0, None), (3, 3)])
+def test_text_blocks_report_only_a_real_remainder(tmp_path, caplog, extra, dropped):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("x" * (40 + extra))  # 5 blocks of 8 bytes, and extra bytes
+    with caplog.at_level("INFO", logger="freetf.data.datasets"):
+        build_data(_text_cfg(corpus))
+    assert ("dropping" in caplog.text) == (dropped is not None)
+    if dropped:
+        assert f"dropping the last {dropped} tokens" in caplog.text
+
+
 def test_text_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         build_data(_text_cfg(tmp_path / "missing.txt"))
@@ -168,6 +186,10 @@ def test_text_errors(tmp_path):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match="too short"):
         build_data(_text_cfg(tmp_path / "short.txt"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("not a .txt file")
+    with pytest.raises(ValueError, match=r"notes is a folder with no \*\.txt files"):
+        build_data(_text_cfg(tmp_path / "notes"))
 
 
 def test_token_file_memmap_round_trip(tmp_path):
@@ -186,6 +208,8 @@ def test_token_file_memmap_round_trip(tmp_path):
         bundle.val[13]
     with pytest.raises(ValueError, match="65535"):
         write_token_file(tmp_path / "bad.bin", [70000])
+    top = write_token_file(tmp_path / "top.bin", [65535, 0])  # the largest uint16 id
+    assert np.fromfile(top, dtype="<u2").tolist() == [65535, 0]
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         build_data(_text_cfg(tmp_path / "nope.bin", **{"data.dataset_name": "tokens"}))
 
@@ -227,6 +251,22 @@ def test_token_ids_must_fit_the_vocabulary(tmp_path):
         build_data(cfg)
     assert max_token_id(path, chunk_tokens=3) == 300  # chunks cover the whole file
     check_vocabulary(cfg.replace(["model.vocab_size=301"]))
+
+
+def test_max_token_id_reads_every_token_of_any_file_read_only(tmp_path, monkeypatch):
+    def ids(name, tokens, **kwargs):
+        return max_token_id(write_token_file(tmp_path / name, tokens), **kwargs)
+
+    assert ids("empty.bin", []) == -1  # no token at all
+    assert ids("one.bin", [7]) == 7  # a 2-byte file
+    assert ids("zeros.bin", [0, 0, 0]) == 0
+    assert ids("first.bin", [300, 1, 2, 3, 4], chunk_tokens=2) == 300  # the first chunk too
+    with pytest.raises(FileNotFoundError, match=r"data.path \S*nope.bin does not exist"):
+        max_token_id(tmp_path / "nope.bin")
+    modes, memmap = [], np.memmap
+    monkeypatch.setattr(np, "memmap",
+                        lambda *a, **k: modes.append(k.get("mode")) or memmap(*a, **k))
+    assert ids("read.bin", [5, 9]) == 9 and modes == ["r"]  # never opened for writing
 
 
 # ----------------------------------------------------------------------------- batch stream
@@ -403,6 +443,38 @@ def test_resume_with_another_global_batch_continues_after_the_rows_consumed(capl
     with caplog.at_level("WARNING", logger="freetf.data.datasets"):
         other.load_state_dict(old.state_dict())
     assert "seed=9, now 10" in caplog.text
+    caplog.clear()
+    fewer = BatchStream(_indexed_dataset(40), batch_size=4, seed=9)
+    with caplog.at_level("WARNING", logger="freetf.data.datasets"):
+        fewer.load_state_dict(old.state_dict())
+    assert "num_rows=48, now 40" in caplog.text
+
+
+def test_resume_from_a_state_of_epoch_and_batch_only():
+    """An older stream state: no global batch, seed or row count saved."""
+    data = _indexed_dataset(40)
+    reference = BatchStream(data, batch_size=4, seed=3)
+    expected = [next(reference) for _ in range(4)]
+    resumed = BatchStream(data, batch_size=4, seed=3)
+    resumed.load_state_dict({"epoch": 0, "batch_in_epoch": 3})
+    assert torch.equal(next(resumed), expected[3])
+
+
+class _WorkerFlags(torch.utils.data.Dataset):
+    """Row i: [1] when read in a DataLoader worker process, [0] in the main process."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([torch.utils.data.get_worker_info() is not None])
+
+
+def test_stream_workers_load_the_batches():
+    stream = BatchStream(_WorkerFlags(), batch_size=4, num_workers=1)
+    assert bool(next(stream).all())
+    stream.close()
+    assert not bool(next(BatchStream(_WorkerFlags(), batch_size=4)).any())
 
 
 @settings(max_examples=50, deadline=None)
