@@ -128,6 +128,9 @@ def test_char_tokenizer_round_trip_and_error():
     assert CHARS.vocab_size == 29
     with pytest.raises(ValueError, match=r"'a'.*'z'|'z'.*'a'"):
         CHARS.encode("K>za")
+    for bad in (29, -1):  # the ids run from 0 to 28: no wrap-around, no IndexError
+        with pytest.raises(ValueError, match=rf"token ids \[{bad}\] are outside \[0, 29\)"):
+            CHARS.decode([3, bad])
 
 
 def test_byte_tokenizer_round_trip():
@@ -204,7 +207,7 @@ def test_token_file_memmap_round_trip(tmp_path):
     assert isinstance(bundle.train._array(), np.memmap)  # read lazily from disk
     assert torch.equal(bundle.train[3], torch.from_numpy(tokens[24:32]))
     assert torch.equal(bundle.val[0], torch.from_numpy(tokens[112 * 8:113 * 8]))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"block 13 out of range \[0, 13\)"):
         bundle.val[13]
     with pytest.raises(ValueError, match="65535"):
         write_token_file(tmp_path / "bad.bin", [70000])
@@ -226,8 +229,9 @@ def test_vocab_size_defaults_to_the_datas_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("vocab,needle", [
-    (256, "model.vocab_size=256 does not match the synthetic task's 29 symbols"),
-    (28, "model.vocab_size=28 does not match"),
+    (256, "model.vocab_size=256 does not match the synthetic task's 29 symbols of "
+          "data.dataset_name='synthetic': the model would sample ids that nothing decodes"),
+    (28, "model.vocab_size=28 does not match .* the model cannot represent every id"),
 ])
 def test_synthetic_vocab_mismatch_fails_before_training(vocab, needle):
     cfg = load_config(overrides=[f"model.vocab_size={vocab}"])
@@ -240,7 +244,8 @@ def test_synthetic_vocab_mismatch_fails_before_training(vocab, needle):
 def test_text_vocab_must_be_bytes(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world, hello world")
-    with pytest.raises(ConfigError, match="Set model.vocab_size=256"):
+    with pytest.raises(ConfigError, match="does not match the 256 byte values .* Set "
+                                          "model.vocab_size=256"):
         check_vocabulary(_text_cfg(corpus, **{"model.vocab_size": 300}))
 
 
@@ -251,6 +256,8 @@ def test_token_ids_must_fit_the_vocabulary(tmp_path):
         build_data(cfg)
     assert max_token_id(path, chunk_tokens=3) == 300  # chunks cover the whole file
     check_vocabulary(cfg.replace(["model.vocab_size=301"]))
+    with pytest.raises(ConfigError, match="holds token id 300"):  # ids run from 0 to V - 1
+        check_vocabulary(cfg.replace(["model.vocab_size=300"]))
 
 
 def test_max_token_id_reads_every_token_of_any_file_read_only(tmp_path, monkeypatch):
@@ -267,6 +274,8 @@ def test_max_token_id_reads_every_token_of_any_file_read_only(tmp_path, monkeypa
     monkeypatch.setattr(np, "memmap",
                         lambda *a, **k: modes.append(k.get("mode")) or memmap(*a, **k))
     assert ids("read.bin", [5, 9]) == 9 and modes == ["r"]  # never opened for writing
+    assert BlockDataset(tmp_path / "read.bin", 1, 0, 2)[1].tolist() == [9]
+    assert modes == ["r", "r"]
 
 
 # ----------------------------------------------------------------------------- batch stream
@@ -342,6 +351,8 @@ def test_block_dataset_pickles_without_data(tmp_path):
     assert ds[1].tolist() == list(range(8, 16))
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._tokens is None and torch.equal(clone[7], ds[7])
+    in_memory = BlockDataset(np.arange(64), 8, 0, 8)  # an array pickles with its data
+    assert torch.equal(pickle.loads(pickle.dumps(in_memory))[7], ds[7])
 
 
 # ----------------------------------------------------------------------------- properties
