@@ -114,6 +114,14 @@ def test_build_data_synthetic_seeds():
     assert not torch.equal(bundle.train.rows[:512], bundle.val.rows)
     again = build_data(Config())
     assert torch.equal(bundle.train.rows, again.train.rows)
+    assert torch.equal(bundle.val.rows, again.val.rows)
+    # the validation rows of a seed stay the same from version to version
+    val_seed = int(np.random.SeedSequence([0, 1]).generate_state(1)[0])
+    assert torch.equal(bundle.val.rows, torch.from_numpy(synthetic_sequences(512, val_seed)))
+    assert bundle.bytes_per_token == 1.0 and isinstance(bundle.tokenizer, CharTokenizer)
+    with pytest.raises(ConfigError, match="data.max_seq_len=64: synthetic sequences have "
+                                          "length 66"):
+        build_data(load_config(overrides=["data.max_seq_len=64", "model.max_seq_len=64"]))
     other = build_data(load_config(overrides=["data.seed=1"]))
     assert not torch.equal(bundle.train.rows, other.train.rows)
     assert not torch.equal(bundle.val.rows, other.val.rows)
@@ -187,7 +195,7 @@ def test_text_errors(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         build_data(_text_cfg(tmp_path / "empty.txt"))
     (tmp_path / "short.txt").write_text("too short")
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match=r"data.path \S*short.txt holds 9 tokens: too short"):
         build_data(_text_cfg(tmp_path / "short.txt"))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.md").write_text("not a .txt file")
@@ -215,6 +223,14 @@ def test_token_file_memmap_round_trip(tmp_path):
     assert np.fromfile(top, dtype="<u2").tolist() == [65535, 0]
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         build_data(_text_cfg(tmp_path / "nope.bin", **{"data.dataset_name": "tokens"}))
+    assert bundle.bytes_per_token == 1.0 and isinstance(bundle.tokenizer, ByteTokenizer)
+    tokens_cfg = {"data.dataset_name": "tokens", "model.vocab_size": 65536}
+    for name, ids, needle in [("empty.bin", [], r"empty.bin: the token file is empty"),
+                              ("one.bin", [4], r"one.bin holds 1 tokens: too short"),
+                              ("short.bin", [1, 2, 3], r"short.bin holds 3 tokens: too short")]:
+        path = write_token_file(tmp_path / name, ids)
+        with pytest.raises(ValueError, match=rf"data.path \S*{needle}"):
+            build_data(_text_cfg(path, **tokens_cfg))
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -332,8 +348,10 @@ def test_resume_continues_with_next_batch(num_workers):
     resumed = BatchStream(data, batch_size=4, rank=1, world_size=2, seed=3,
                           num_workers=num_workers)
     resumed.load_state_dict(state)
-    for i in range(7, 12):
+    for i in range(7, 11):
         assert torch.equal(next(resumed), expected[i])
+    resumed.close()  # the workers stop; the next batch starts new ones
+    assert torch.equal(next(resumed), expected[11])
     resumed.close()
     stream.close()
 
