@@ -305,6 +305,13 @@ def test_epoch_permutation_seeded():
     assert torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 0))
     assert not torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 1))
     assert not torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 2, 0))
+    # the order of a (seed, epoch) stays the same from version to version (a resume
+    # continues an older run's order): 62 bits drawn from SeedSequence([seed mod 2^63, e])
+    for seed, epoch in [(0, 0), (2, 0), (7, 5), (-3, 1), (2 ** 64 + 9, 2)]:
+        words = np.random.SeedSequence([seed % 2 ** 63, epoch]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+        assert torch.equal(epoch_permutation(50, seed, epoch),
+                           torch.randperm(50, generator=generator)), (seed, epoch)
 
 
 def test_sharding_union_matches_one_big_worker():
@@ -359,6 +366,18 @@ def test_resume_continues_with_next_batch(num_workers):
 def test_stream_too_small_dataset():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         BatchStream(_indexed_dataset(7), batch_size=4, world_size=2)
+
+
+@pytest.mark.parametrize("batch_size,rank,world_size", [(0, 0, 1), (4, 2, 2), (4, -1, 2),
+                                                        (4, 0, 0)])
+def test_stream_refuses_a_bad_shape(batch_size, rank, world_size):
+    with pytest.raises(ValueError, match="need batch_size > 0 and 0 <= rank < world_size"):
+        BatchStream(_indexed_dataset(16), batch_size, rank, world_size)
+
+
+def test_stream_default_seed_is_0():
+    data = _indexed_dataset(16)
+    assert torch.equal(next(BatchStream(data, 4)), next(BatchStream(data, 4, seed=0)))
 
 
 def test_block_dataset_pickles_without_data(tmp_path):
