@@ -102,6 +102,8 @@ def test_parse_synthetic():
     wrong = parse_synthetic("J>" + "_" * 10 + "K" * 8 + "_" * 46)
     assert not wrong.valid and wrong.target_start is None
     assert parse_synthetic("__" + "_" * 64).letter is None
+    for head in ("_>", "k>"):  # not a capital letter before ">"
+        assert parse_synthetic(head + "_" * 10 + "K" * 8 + "_" * 46).letter is None
 
 
 def test_build_data_synthetic_seeds():
@@ -111,6 +113,14 @@ def test_build_data_synthetic_seeds():
     assert not torch.equal(bundle.train.rows[:512], bundle.val.rows)
     again = build_data(Config())
     assert torch.equal(bundle.train.rows, again.train.rows)
+    assert torch.equal(bundle.val.rows, again.val.rows)
+    # the validation rows of a seed stay the same from version to version
+    val_seed = int(np.random.SeedSequence([0, 1]).generate_state(1)[0])
+    assert torch.equal(bundle.val.rows, torch.from_numpy(synthetic_sequences(512, val_seed)))
+    assert bundle.bytes_per_token == 1.0 and isinstance(bundle.tokenizer, CharTokenizer)
+    with pytest.raises(ConfigError, match="data.max_seq_len=64: synthetic sequences have "
+                                          "length 66"):
+        build_data(load_config(overrides=["data.max_seq_len=64", "model.max_seq_len=64"]))
     other = build_data(load_config(overrides=["data.seed=1"]))
     assert not torch.equal(bundle.train.rows, other.train.rows)
     assert not torch.equal(bundle.val.rows, other.val.rows)
@@ -125,6 +135,9 @@ def test_char_tokenizer_round_trip_and_error():
     assert CHARS.vocab_size == 29
     with pytest.raises(ValueError, match=r"'a'.*'z'|'z'.*'a'"):
         CHARS.encode("K>za")
+    for bad in (29, -1):  # the ids run from 0 to 28: no wrap-around, no IndexError
+        with pytest.raises(ValueError, match=rf"token ids \[{bad}\] are outside \[0, 29\)"):
+            CHARS.decode([3, bad])
 
 
 def test_byte_tokenizer_round_trip():
@@ -158,6 +171,22 @@ def test_text_folder_packing(tmp_path):
     assert bundle.tokenizer.decode(bundle.val[0].tolist()) == "B" * 8  # last block is val
 
 
+def test_alphabet_with_a_repeated_character_is_refused():
+    with pytest.raises(ValueError, match="alphabet 'abca' has repeated characters"):
+        CharTokenizer("abca")
+
+
+@pytest.mark.parametrize("extra,dropped", [(0, None), (3, 3)])
+def test_text_blocks_report_only_a_real_remainder(tmp_path, caplog, extra, dropped):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("x" * (40 + extra))  # 5 blocks of 8 bytes, and extra bytes
+    with caplog.at_level("INFO", logger="freetf.data.datasets"):
+        build_data(_text_cfg(corpus))
+    assert ("dropping" in caplog.text) == (dropped is not None)
+    if dropped:
+        assert f"dropping the last {dropped} tokens" in caplog.text
+
+
 def test_text_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         build_data(_text_cfg(tmp_path / "missing.txt"))
@@ -165,8 +194,12 @@ def test_text_errors(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         build_data(_text_cfg(tmp_path / "empty.txt"))
     (tmp_path / "short.txt").write_text("too short")
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match=r"data.path \S*short.txt holds 9 tokens: too short"):
         build_data(_text_cfg(tmp_path / "short.txt"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("not a .txt file")
+    with pytest.raises(ValueError, match=r"notes is a folder with no \*\.txt files"):
+        build_data(_text_cfg(tmp_path / "notes"))
 
 
 def test_token_file_memmap_round_trip(tmp_path):
@@ -181,12 +214,22 @@ def test_token_file_memmap_round_trip(tmp_path):
     assert isinstance(bundle.train._array(), np.memmap)  # read lazily from disk
     assert torch.equal(bundle.train[3], torch.from_numpy(tokens[24:32]))
     assert torch.equal(bundle.val[0], torch.from_numpy(tokens[112 * 8:113 * 8]))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"block 13 out of range \[0, 13\)"):
         bundle.val[13]
     with pytest.raises(ValueError, match="65535"):
         write_token_file(tmp_path / "bad.bin", [70000])
+    top = write_token_file(tmp_path / "top.bin", [65535, 0])  # the largest uint16 id
+    assert np.fromfile(top, dtype="<u2").tolist() == [65535, 0]
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         build_data(_text_cfg(tmp_path / "nope.bin", **{"data.dataset_name": "tokens"}))
+    assert bundle.bytes_per_token == 1.0 and isinstance(bundle.tokenizer, ByteTokenizer)
+    tokens_cfg = {"data.dataset_name": "tokens", "model.vocab_size": 65536}
+    for name, ids, needle in [("empty.bin", [], r"empty.bin: the token file is empty"),
+                              ("one.bin", [4], r"one.bin holds 1 tokens: too short"),
+                              ("short.bin", [1, 2, 3], r"short.bin holds 3 tokens: too short")]:
+        path = write_token_file(tmp_path / name, ids)
+        with pytest.raises(ValueError, match=rf"data.path \S*{needle}"):
+            build_data(_text_cfg(path, **tokens_cfg))
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -201,8 +244,9 @@ def test_vocab_size_defaults_to_the_datas_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("vocab,needle", [
-    (256, "model.vocab_size=256 does not match the synthetic task's 29 symbols"),
-    (28, "model.vocab_size=28 does not match"),
+    (256, "model.vocab_size=256 does not match the synthetic task's 29 symbols of "
+          "data.dataset_name='synthetic': the model would sample ids that nothing decodes"),
+    (28, "model.vocab_size=28 does not match .* the model cannot represent every id"),
 ])
 def test_synthetic_vocab_mismatch_fails_before_training(vocab, needle):
     cfg = load_config(overrides=[f"model.vocab_size={vocab}"])
@@ -215,7 +259,8 @@ def test_synthetic_vocab_mismatch_fails_before_training(vocab, needle):
 def test_text_vocab_must_be_bytes(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world, hello world")
-    with pytest.raises(ConfigError, match="Set model.vocab_size=256"):
+    with pytest.raises(ConfigError, match="does not match the 256 byte values .* Set "
+                                          "model.vocab_size=256"):
         check_vocabulary(_text_cfg(corpus, **{"model.vocab_size": 300}))
 
 
@@ -226,6 +271,26 @@ def test_token_ids_must_fit_the_vocabulary(tmp_path):
         build_data(cfg)
     assert max_token_id(path, chunk_tokens=3) == 300  # chunks cover the whole file
     check_vocabulary(cfg.replace(["model.vocab_size=301"]))
+    with pytest.raises(ConfigError, match="holds token id 300"):  # ids run from 0 to V - 1
+        check_vocabulary(cfg.replace(["model.vocab_size=300"]))
+
+
+def test_max_token_id_reads_every_token_of_any_file_read_only(tmp_path, monkeypatch):
+    def ids(name, tokens, **kwargs):
+        return max_token_id(write_token_file(tmp_path / name, tokens), **kwargs)
+
+    assert ids("empty.bin", []) == -1  # no token at all
+    assert ids("one.bin", [7]) == 7  # a 2-byte file
+    assert ids("zeros.bin", [0, 0, 0]) == 0
+    assert ids("first.bin", [300, 1, 2, 3, 4], chunk_tokens=2) == 300  # the first chunk too
+    with pytest.raises(FileNotFoundError, match=r"data.path \S*nope.bin does not exist"):
+        max_token_id(tmp_path / "nope.bin")
+    modes, memmap = [], np.memmap
+    monkeypatch.setattr(np, "memmap",
+                        lambda *a, **k: modes.append(k.get("mode")) or memmap(*a, **k))
+    assert ids("read.bin", [5, 9]) == 9 and modes == ["r"]  # never opened for writing
+    assert BlockDataset(tmp_path / "read.bin", 1, 0, 2)[1].tolist() == [9]
+    assert modes == ["r", "r"]
 
 
 # ----------------------------------------------------------------------------- batch stream
@@ -239,6 +304,13 @@ def test_epoch_permutation_seeded():
     assert torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 0))
     assert not torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 1))
     assert not torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 2, 0))
+    # the order of a (seed, epoch) stays the same from version to version (a resume
+    # continues an older run's order): 62 bits drawn from SeedSequence([seed mod 2^63, e])
+    for seed, epoch in [(0, 0), (2, 0), (7, 5), (-3, 1), (2 ** 64 + 9, 2)]:
+        words = np.random.SeedSequence([seed % 2 ** 63, epoch]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+        assert torch.equal(epoch_permutation(50, seed, epoch),
+                           torch.randperm(50, generator=generator)), (seed, epoch)
 
 
 def test_sharding_union_matches_one_big_worker():
@@ -282,8 +354,10 @@ def test_resume_continues_with_next_batch(num_workers):
     resumed = BatchStream(data, batch_size=4, rank=1, world_size=2, seed=3,
                           num_workers=num_workers)
     resumed.load_state_dict(state)
-    for i in range(7, 12):
+    for i in range(7, 11):
         assert torch.equal(next(resumed), expected[i])
+    resumed.close()  # the workers stop; the next batch starts new ones
+    assert torch.equal(next(resumed), expected[11])
     resumed.close()
     stream.close()
 
@@ -291,6 +365,18 @@ def test_resume_continues_with_next_batch(num_workers):
 def test_stream_too_small_dataset():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         BatchStream(_indexed_dataset(7), batch_size=4, world_size=2)
+
+
+@pytest.mark.parametrize("batch_size,rank,world_size", [(0, 0, 1), (4, 2, 2), (4, -1, 2),
+                                                        (4, 0, 0)])
+def test_stream_refuses_a_bad_shape(batch_size, rank, world_size):
+    with pytest.raises(ValueError, match="need batch_size > 0 and 0 <= rank < world_size"):
+        BatchStream(_indexed_dataset(16), batch_size, rank, world_size)
+
+
+def test_stream_default_seed_is_0():
+    data = _indexed_dataset(16)
+    assert torch.equal(next(BatchStream(data, 4)), next(BatchStream(data, 4, seed=0)))
 
 
 def test_block_dataset_pickles_without_data(tmp_path):
@@ -301,6 +387,8 @@ def test_block_dataset_pickles_without_data(tmp_path):
     assert ds[1].tolist() == list(range(8, 16))
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._tokens is None and torch.equal(clone[7], ds[7])
+    in_memory = BlockDataset(np.arange(64), 8, 0, 8)  # an array pickles with its data
+    assert torch.equal(pickle.loads(pickle.dumps(in_memory))[7], ds[7])
 
 
 # ----------------------------------------------------------------------------- properties
@@ -402,6 +490,38 @@ def test_resume_with_another_global_batch_continues_after_the_rows_consumed(capl
     with caplog.at_level("WARNING", logger="freetf.data.datasets"):
         other.load_state_dict(old.state_dict())
     assert "seed=9, now 10" in caplog.text
+    caplog.clear()
+    fewer = BatchStream(_indexed_dataset(40), batch_size=4, seed=9)
+    with caplog.at_level("WARNING", logger="freetf.data.datasets"):
+        fewer.load_state_dict(old.state_dict())
+    assert "num_rows=48, now 40" in caplog.text
+
+
+def test_resume_from_a_state_of_epoch_and_batch_only():
+    """An older stream state: no global batch, seed or row count saved."""
+    data = _indexed_dataset(40)
+    reference = BatchStream(data, batch_size=4, seed=3)
+    expected = [next(reference) for _ in range(4)]
+    resumed = BatchStream(data, batch_size=4, seed=3)
+    resumed.load_state_dict({"epoch": 0, "batch_in_epoch": 3})
+    assert torch.equal(next(resumed), expected[3])
+
+
+class _WorkerFlags(torch.utils.data.Dataset):
+    """Row i: [1] when read in a DataLoader worker process, [0] in the main process."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([torch.utils.data.get_worker_info() is not None])
+
+
+def test_stream_workers_load_the_batches():
+    stream = BatchStream(_WorkerFlags(), batch_size=4, num_workers=1)
+    assert bool(next(stream).all())
+    stream.close()
+    assert not bool(next(BatchStream(_WorkerFlags(), batch_size=4)).any())
 
 
 @settings(max_examples=50, deadline=None)

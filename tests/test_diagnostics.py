@@ -65,6 +65,32 @@ def test_zero_readout_gives_zero_kl_and_zero_mapper_gives_collapse():
     assert verdict(m, cfg) == "collapsed"
 
 
+class _Wrapped(torch.nn.Module):
+    """A DistributedDataParallel-like wrapper: the model is ``.module``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_wrapped_model_and_another_default_device_give_the_same_metrics():
+    """DDP's wrapper is unwrapped; batches, noise and sums live on the model's device even
+    when the default device is another one (as on a GPU run, where it stays CPU)."""
+    cfg, model = make()
+    set_readout(model, weight_scale=50.0)
+    batches = rows(2)
+    torch.manual_seed(4)
+    reference = latent_diagnostics(model, batches, cfg)
+    torch.manual_seed(4)
+    assert latent_diagnostics(_Wrapped(model), batches, cfg) == reference
+    torch.manual_seed(4)
+    with torch.device("meta"):  # tensors made without a device would land on "meta"
+        assert latent_diagnostics(model, batches, cfg) == pytest.approx(reference)
+    torch.manual_seed(4)
+    with torch.device("meta"):
+        assert latent_diagnostics(model, batches, cfg, device="cpu") == pytest.approx(reference)
+
+
 def test_eval_mode_is_kept_when_the_model_was_in_eval():
     cfg, model = make()
     model.eval()
@@ -86,6 +112,10 @@ def test_confident_posterior_independent_of_x_has_kl_but_no_mutual_information()
     assert m["eval/kl_bits"] == pytest.approx(2.0, abs=3e-3)
     assert m["eval/active_bits"] == 2
     assert m["eval/mutual_info_nats"] == pytest.approx(0.0, abs=1e-6)
+    # a bit is active when its KL is strictly above the threshold: KL = 0 is not, even at 0
+    at_zero = latent_diagnostics(model, rows(1), cfg.replace(
+        ["diagnostics.active_bit_threshold_nats=0.0"]))
+    assert at_zero["eval/kl_bit_3_nats"] == 0.0 and at_zero["eval/active_bits"] == 2
     # codes: bit0 = 1, bit1 = 0, bits 2-3 uniform -> 4 codes in use
     assert m["eval/code_usage"] == 4
     assert m["eval/code_perplexity"] == pytest.approx(4.0, rel=1e-3)
@@ -160,11 +190,32 @@ def test_ce_values_match_a_replay_of_the_sampling(dropout):
                                               rel=1e-6)
 
 
-def test_single_row_batches_leave_ce_shuffled_nan():
+def test_single_row_batches_leave_ce_shuffled_nan_with_one_warning(caplog):
     cfg, model = make()
-    m = latent_diagnostics(model, rows(2, b=1), cfg)
+    with caplog.at_level("WARNING", logger=diagnostics.__name__):
+        m = latent_diagnostics(model, rows(3, b=1), cfg)
     assert math.isnan(m["eval/ce_shuffled_nats"])
     assert math.isfinite(m["eval/ce_posterior_nats"])
+    assert len([r for r in caplog.records if "one row" in r.getMessage()]) == 1
+
+
+def test_two_token_rows_of_a_two_row_batch():
+    """T = 2 (one predicted token) is enough, and two rows swap their codes."""
+    cfg, model = make()
+    set_readout(model, weight_scale=50.0)
+    ids = torch.randint(0, 32, (2, 2))
+    torch.manual_seed(1)
+    m = latent_diagnostics(model, [ids], cfg)
+    torch.manual_seed(1)  # replay: prior draw, then the bit noise
+    model.eval()
+    with torch.no_grad():
+        model(ids, mode="inference")
+        noise = torch.rand(2, 2, 4)
+        post_logits, z_logits = model(ids, mode="training", bit_noise=noise)
+        codes = bits_to_codes(sample_bits(z_logits, noise))  # (2, 2)
+        swapped, _ = model(ids, z=codes[[1, 0]])
+    assert m["eval/ce_posterior_nats"] == pytest.approx(next_token_ce(post_logits, ids).item() / 2)
+    assert m["eval/ce_shuffled_nats"] == pytest.approx(next_token_ce(swapped, ids).item() / 2)
 
 
 def test_rejects_bad_input():
@@ -179,13 +230,14 @@ def test_rejects_bad_input():
 # ----------------------------------------------------------------------------- (d) codes
 
 
-def test_code_perplexity_is_two_to_the_h_for_fair_bits():
-    cfg, model = make("model.latent_dim=3")
-    set_readout(model)  # p = 1/2 for every bit: codes uniform over 8
+@pytest.mark.parametrize("bits", [1, 3])
+def test_code_perplexity_is_two_to_the_h_for_fair_bits(bits):
+    cfg, model = make(f"model.latent_dim={bits}")
+    set_readout(model)  # p = 1/2 for every bit: codes uniform over 2^H
     m = latent_diagnostics(model, rows(4, b=8, t=64), cfg)  # 2016 tokens
-    assert m["eval/code_usage"] == 8
-    assert m["eval/code_perplexity"] == pytest.approx(8.0, rel=1e-9)
-    assert m["eval/code_entropy_nats"] == pytest.approx(3 * LN2, rel=1e-9)
+    assert m["eval/code_usage"] == 2 ** bits
+    assert m["eval/code_perplexity"] == pytest.approx(2.0 ** bits, rel=1e-9)
+    assert m["eval/code_entropy_nats"] == pytest.approx(bits * LN2, rel=1e-9)
 
 
 def test_code_perplexity_of_a_collapsed_posterior_is_not_bounded_by_the_token_count():
@@ -224,27 +276,41 @@ def test_code_entropy_is_the_aggregate_posteriors_entropy():
     assert m["eval/code_perplexity"] == pytest.approx(math.exp(reference), rel=1e-6)
 
 
-def test_dictionary_code_count_agrees_with_bincount(monkeypatch):
+@pytest.mark.parametrize("limit", [2, 4])  # 2: a dictionary; 4 = H: still the bincount
+def test_dictionary_code_count_agrees_with_bincount(monkeypatch, limit):
     cfg, model = make()
     set_readout(model, weight_scale=30.0)
     batches = rows(3)
     torch.manual_seed(3)
     dense = latent_diagnostics(model, batches, cfg)
-    monkeypatch.setattr(diagnostics, "MAX_BINCOUNT_BITS", 2)
+    monkeypatch.setattr(diagnostics, "MAX_BINCOUNT_BITS", limit)
     torch.manual_seed(3)
     sparse = latent_diagnostics(model, batches, cfg)
     assert sparse["eval/code_usage"] == dense["eval/code_usage"] > 1
     assert sparse["eval/code_perplexity"] == pytest.approx(dense["eval/code_perplexity"])
 
 
+@pytest.mark.parametrize("limit", [3, 4])  # H = 4: one bit over the limit, at the limit
+def test_code_entropy_is_reported_up_to_the_aggregate_limit(monkeypatch, limit):
+    cfg, model = make()
+    set_readout(model)  # uniform aggregate posterior over the 16 codes
+    monkeypatch.setattr(diagnostics, "MAX_AGGREGATE_BITS", limit)
+    m = latent_diagnostics(model, rows(1), cfg)
+    if limit < 4:
+        assert "eval/code_entropy_nats" not in m and "eval/code_perplexity" not in m
+    else:
+        assert m["eval/code_entropy_nats"] == pytest.approx(4 * LN2, rel=1e-9)
+
+
 def test_many_bits_use_the_dictionary_path():
-    cfg, model = make("model.latent_dim=24", "model.mapper=factored")
+    """2^40 codes: counted in a dictionary, no table of 2^H entries (8 TiB) allocated."""
+    cfg, model = make("model.latent_dim=40", "model.mapper=factored")
     set_readout(model)
-    m = latent_diagnostics(model, rows(2, b=4, t=33), cfg)  # 256 tokens, 2^24 codes
-    assert 250 <= m["eval/code_usage"] <= 256  # almost all distinct
-    assert "eval/code_perplexity" not in m  # 2^24 codes: not enumerated
+    m = latent_diagnostics(model, rows(2, b=4, t=33), cfg)  # 256 tokens
+    assert m["eval/code_usage"] == 256  # all distinct (a collision has probability 3e-8)
+    assert "eval/code_perplexity" not in m  # 2^40 codes: not enumerated
     assert m["eval/active_bits"] == 0
-    assert len([k for k in m if k.startswith("eval/kl_bit_")]) == 24
+    assert len([k for k in m if k.startswith("eval/kl_bit_")]) == 40
 
 
 # ----------------------------------------------------------------------------- (e) baseline
@@ -332,5 +398,6 @@ def test_verdict_set_is_closed():
 
 def test_exp_saturates_instead_of_overflowing():
     assert diagnostics._exp(1.0) == pytest.approx(math.e)
-    assert diagnostics._exp(700.0) == math.exp(700.0)
-    assert diagnostics._exp(710.0) == math.inf
+    assert diagnostics._exp(709.5) == math.exp(709.5)  # exact up to the float64 limit
+    assert diagnostics._exp(709.8) == math.inf
+    assert diagnostics._exp(math.inf) == math.inf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from freetf.model.mapper import (
     BinaryMapper,
+    _ChunkedMapper,
     bits_to_codes,
     chunk_codes,
     chunked_mapper,
@@ -129,6 +131,30 @@ def test_code_frequencies_match_bit_probabilities():
     table = code_bits(3)
     expected = torch.prod(torch.where(table.bool(), probs, 1 - probs), -1)
     assert torch.allclose(freq, expected, atol=0.005)
+
+
+def test_bit_noise_is_an_fp32_uniform_whatever_the_logits_dtype():
+    """eq. 6 draws u ~ U(0, 1) in fp32 (bf16 noise would quantise P(B = 1) to 8 bits)."""
+    logits = torch.randn(64, 16).bfloat16()
+    torch.manual_seed(8)
+    bits = sample_bits(logits)
+    torch.manual_seed(8)
+    reference = (torch.rand(64, 16) < torch.sigmoid(logits.float())).float()
+    assert torch.equal(bits, reference)
+
+
+def test_post_sampler_defaults_and_initial_scale():
+    """Exact: a (2^H, D) table of std 0.02.  Factored: (H, D) of std 0.02 / sqrt(H), so
+    that r = W_f B, a sum of ~H/2 rows, starts at the exact table's scale."""
+    torch.manual_seed(9)
+    exact = BinaryMapper(6, 512)
+    assert exact.weight.shape == (64, 512)
+    assert exact.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    factored = BinaryMapper(16, 4096, kind="factored")
+    assert factored.weight.shape == (16, 4096)
+    assert factored.weight.std().item() == pytest.approx(0.02 / 4, rel=0.03)
+    assert abs(factored.weight.mean().item()) < 0.01 * 0.02
+    assert torch.equal(factored.bias, torch.zeros(4096))
 
 
 def test_prior_codes_are_uniform():
@@ -254,6 +280,7 @@ def test_autocast_score_precision_is_close_to_fp32_and_only_acts_under_amp():
         return x.grad
 
     reference = logit_grad(exact, amp=True)  # fp32 scores even under autocast
+    assert torch.equal(reference, logit_grad(exact, amp=False))  # the default is exact
     assert torch.equal(logit_grad(fast, amp=False), logit_grad(exact, amp=False))
     approx = logit_grad(fast, amp=True)
     assert not torch.equal(approx, reference)  # the bf16 products did run
@@ -312,3 +339,42 @@ def test_tables_and_prior_codes_stay_on_the_inputs_device():
     assert codes_to_bits(torch.zeros(5, dtype=torch.int64, device=meta), 3).device == meta
     assert code_bits(3, meta, 2, 6).device == meta
     assert BinaryMapper(4, 8).sample_prior((3, 2), meta).device == meta
+
+
+@pytest.mark.parametrize("kind,impl", [("exact", "chunked"), ("exact", "dense"),
+                                       ("factored", "chunked")])
+def test_mapper_computes_on_its_inputs_device_not_the_default_device(kind, impl):
+    """Forward and backward of CPU inputs under another default device (as CUDA inputs
+    under the default CPU device): every table is built on the inputs' device."""
+    torch.manual_seed(10)
+    mapper = BinaryMapper(6, 8, kind=kind, impl=impl)
+    logits, noise, grad_out = torch.randn(2, 5, 6), torch.rand(2, 5, 6), torch.randn(2, 5, 8)
+
+    def run():
+        x = logits.clone().requires_grad_()
+        r, codes = mapper(x, noise)
+        (r * grad_out).sum().backward()
+        return r.detach(), codes, x.grad
+
+    reference = run()
+    with torch.device("meta"):  # tensors made without a device would land on "meta"
+        moved = run()
+        codes = bits_to_codes(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], device="cpu"))
+    assert codes.device.type == "cpu" and codes.tolist() == [5, 6]
+    for a, b in zip(reference, moved, strict=True):
+        assert b.device.type == "cpu" and torch.equal(a, b)
+
+
+def test_chunked_backward_builds_its_tables_on_the_inputs_device():
+    """The autograd engine runs backward outside the default-device context of the test
+    above, so the backward is called here directly, under another default device."""
+    torch.manual_seed(11)
+    logits, weight = torch.randn(10, 6, requires_grad=True), torch.randn(64, 8)
+    codes, grad_out = torch.randint(0, 64, (10,)), torch.randn(10, 8)
+    (chunked_mapper(logits, codes, weight, 16) * grad_out).sum().backward()
+    ctx = SimpleNamespace(saved_tensors=(logits.detach(), codes, weight),
+                          needs_input_grad=(True, False, False), chunk_size=16,
+                          score_dtype=None)
+    with torch.device("meta"):  # tensors made without a device would land on "meta"
+        grad_logits = _ChunkedMapper.backward(ctx, grad_out)[0]
+    assert grad_logits.device.type == "cpu" and torch.equal(grad_logits, logits.grad)

@@ -139,6 +139,19 @@ def test_parameter_counts(tiny_model_cfg):
     assert c_ft["encoder"] == block + d + d + (d * h + h)  # block, zeta, norm, readout
     assert c_ft["mapper"] == 2 ** h * d + d
     assert c_ft["total"] - c_base["total"] == c_ft["encoder"] + c_ft["mapper"]
+    v, layers = tiny_model_cfg.vocab_size, tiny_model_cfg.num_layers
+    assert c_ft["decoder"] == layers * block + d  # the blocks and the final norm
+    assert c_ft["embedding"] == v * d  # tied: counted once
+    untied = FreeTransformer(dataclasses.replace(tiny_model_cfg, tie_embeddings=False))
+    assert untied.num_parameters()["embedding"] == 2 * v * d
+    assert untied.num_parameters()["decoder"] == c_ft["decoder"]
+
+
+def test_mapper_settings_reach_the_mapper(tiny_model_cfg):
+    cfg = dataclasses.replace(tiny_model_cfg, mapper_impl="dense", mapper_chunk_size=128,
+                              mapper_score_precision="autocast")
+    mapper = FreeTransformer(cfg).mapper
+    assert (mapper.impl, mapper.chunk_size, mapper.score_precision) == ("dense", 128, "autocast")
 
 
 @pytest.mark.parametrize("latent_dim", [0, 4])
@@ -183,14 +196,23 @@ def test_gradient_checkpointing_same_gradients(tiny_model_cfg):
     (logits.square().mean() + z.square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    model(ids, bit_noise=noise)[0].sum().backward()
+    assert len(calls) == 1  # checkpointing off: no recomputation
+    model.zero_grad()
     model.gradient_checkpointing_enable()
     torch.manual_seed(3)
     logits2, z2 = model(ids, bit_noise=noise)
     (logits2.square().mean() + z2.square().mean()).backward()
+    assert len(calls) == 3  # the block's forward ran again in backward: it was checkpointed
     assert torch.allclose(logits, logits2)
     for n, p in model.named_parameters():
         if n in grads:
             assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+    model.gradient_checkpointing_disable()
+    model(ids, bit_noise=noise)[0].sum().backward()
+    assert len(calls) == 4  # off again: no recomputation
 
 
 def test_all_parts_receive_gradients(tiny_model_cfg):
@@ -260,8 +282,13 @@ def test_rope_rotates_each_pair_by_its_position_angle():
     assert torch.allclose(out[..., 0::2], x1 * ang.cos() - x2 * ang.sin(), atol=1e-6)
     assert torch.allclose(out[..., 1::2], x1 * ang.sin() + x2 * ang.cos(), atol=1e-6)
     assert rope(x.bfloat16(), start=7).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="sequence position 35 exceeds max_seq_len 32"):
         rope(x, start=30)
+    assert torch.equal(rope(x[..., :1, :]), x[..., :1, :])  # by default from position 0
+    moved = RotaryEmbedding(head_dim=8, max_seq_len=32, theta=10000.0)
+    on_meta = moved(x.to("meta"), start=7)  # the table follows x to its device on first use
+    assert on_meta.device.type == "meta" and on_meta.shape == x.shape
+    assert moved.rotation.device.type == "meta"
 
 
 def test_generated_ids_are_ordinary_tensors(tiny_model_cfg):
@@ -344,6 +371,91 @@ def test_rope_survives_dtype_and_device_casts(tiny_model_cfg, cast):
         assert torch.allclose(logits64.float(), logits32, rtol=1e-4, atol=1e-4)
 
 
+def test_rope_table_follows_device_moves_but_not_dtype_casts(tiny_model_cfg):
+    """``model.to(device)`` moves the table at once (not at the next forward); a dtype
+    cast leaves it where it is, complex64."""
+    model = FreeTransformer(tiny_model_cfg).to("meta")
+    assert model.rope.rotation.device.type == "meta"
+    model.half()
+    assert model.rope.rotation.device.type == "meta"
+    assert model.rope.rotation.dtype == torch.complex64
+
+
+def test_model_runs_on_its_device_not_the_default_device(tiny_model_cfg):
+    """A CPU model under another default device (as a CUDA model under the default CPU
+    device): the forward pass and generation with every kind of z give the same output."""
+    model = _scaled_up(tiny_model_cfg)
+    ids, prompt = torch.randint(0, 32, (2, 6)), torch.randint(0, 32, (2, 3))
+    per_row = torch.tensor([[1], [9]])
+
+    def outputs():
+        torch.manual_seed(12)
+        with torch.no_grad():
+            logits, z_logits = model(ids)
+            prior, _ = model(ids, mode="inference")
+        return [logits, z_logits, prior, model.generate(prompt, 3),
+                model.generate(prompt, 3, z=per_row),
+                model.generate(prompt, 3, use_cache=False)]
+
+    reference = outputs()
+    with torch.device("meta"):  # tensors made without a device would land on "meta"
+        moved = outputs()
+    for a, b in zip(reference, moved, strict=True):
+        assert b.device.type == "cpu" and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_return_hidden_gives_the_states_the_head_reads(tiny_model_cfg, mode):
+    model = _scaled_up(tiny_model_cfg)
+    ids, noise = torch.randint(0, 32, (2, 7)), torch.rand(2, 7, 4)
+    with torch.no_grad():
+        torch.manual_seed(14)
+        logits, z_logits = model(ids, mode, bit_noise=noise)
+        torch.manual_seed(14)
+        hidden, z_hidden = model(ids, mode, bit_noise=noise, return_hidden=True)
+    assert hidden.shape == (2, 7, tiny_model_cfg.hidden_dim)
+    assert torch.allclose(model.lm_head(hidden), logits, atol=1e-6)
+    assert (z_logits is None and z_hidden is None) or torch.equal(z_logits, z_hidden)
+
+
+def test_generation_and_forward_codes_defaults(tiny_model_cfg):
+    """Generation with gradient checkpointing enabled uses the KV cache as without it;
+    forward_codes samples Z from the posterior by default."""
+    model = _scaled_up(tiny_model_cfg)
+    prompt, ids = torch.randint(0, 32, (2, 3)), torch.randint(0, 32, (2, 6))
+    torch.manual_seed(15)
+    plain = model.generate(prompt, 6)
+    model.gradient_checkpointing_enable()
+    torch.manual_seed(15)
+    assert torch.equal(model.generate(prompt, 6), plain)
+    noise = torch.rand(2, 6, 4)
+    with torch.no_grad():
+        logits, z_logits, codes = model.forward_codes(ids, bit_noise=noise)
+        reference, z_reference = model(ids, "training", bit_noise=noise)
+    assert torch.equal(logits, reference) and torch.equal(z_logits, z_reference)
+
+
+def test_generate_passes_its_sampling_options_on(tiny_model_cfg):
+    """top_k = 1, or a nucleus smaller than any token's probability, is greedy decoding;
+    the default temperature is 1; a 1-D prompt is one sequence."""
+    model = _scaled_up(tiny_model_cfg)
+    prompt, z = torch.randint(0, 32, (4, 3)), torch.tensor([[5]])  # one code: no prior draws
+    greedy = model.generate(prompt, 8, temperature=0, z=z)
+
+    def sampled(**options):
+        torch.manual_seed(13)
+        return model.generate(prompt, 8, z=z, **options)
+
+    assert not torch.equal(sampled(temperature=1.0), greedy)  # sampling is not greedy here
+    assert torch.equal(sampled(temperature=1.0, top_k=1), greedy)
+    assert torch.equal(sampled(temperature=1.0, top_p=1e-6), greedy)
+    assert torch.equal(sampled(), sampled(temperature=1.0))
+    one = model.generate(prompt[0].tolist(), 8, temperature=0, z=z)
+    assert torch.equal(one, greedy[:1])
+    with pytest.raises(ValueError, match=r"prompt \(3\) \+ max_new_tokens \(64\) exceeds"):
+        model.generate(prompt, 64)
+
+
 def test_generate_z_shapes_are_explicit(tiny_model_cfg):
     """z: a code, (B, 1) per sequence, (T,) or (1, T) or (B, T) per position; a 1-D z whose
     length is not T is refused, even when it equals the batch size."""
@@ -355,7 +467,7 @@ def test_generate_z_shapes_are_explicit(tiny_model_cfg):
         model.generate(prompt, 5, z=per_row)  # (B,) with B != T: refused
     with pytest.raises(ValueError, match="z"):
         model.generate(prompt, 1, z=torch.zeros(2, 3, dtype=torch.long))  # 2 rows != B
-    with pytest.raises(ValueError, match="z"):
+    with pytest.raises(ValueError, match=r"or \(B, T\) = \(3, 3\); T = prompt"):
         model.generate(prompt, 1, z=torch.zeros(3, 1, 1, dtype=torch.long))
     a = model.generate(prompt, 1, temperature=0, z=per_row[:, None])
     b = model.generate(prompt, 1, temperature=0, z=per_row[:, None].expand(3, t))
@@ -428,9 +540,11 @@ def _free_transformer_ref(model, ids, codes=None):
     return _rms(x, model.norm.weight, cfg.norm_eps) @ model.lm_head.weight.T, z_logits
 
 
-@pytest.mark.parametrize("mapper", ["exact", "factored"])
-def test_forward_and_encoder_equal_algorithm_2(tiny_model_cfg, mapper):
-    cfg = dataclasses.replace(tiny_model_cfg, mapper=mapper, tie_embeddings=False)
+@pytest.mark.parametrize("mapper,norm_eps", [("exact", None), ("factored", None),
+                                             ("exact", 0.5)])  # an eps that matters
+def test_forward_and_encoder_equal_algorithm_2(tiny_model_cfg, mapper, norm_eps):
+    cfg = dataclasses.replace(tiny_model_cfg, mapper=mapper, tie_embeddings=False,
+                              norm_eps=norm_eps or tiny_model_cfg.norm_eps)
     model = _scaled_up(cfg)
     ids = torch.randint(0, 32, (2, 11))
     codes = torch.randint(0, 16, (2, 11))
@@ -577,6 +691,13 @@ def test_sampling_distribution_temperature_top_k_top_p(monkeypatch):
         expected = torch.zeros(5)
         expected[kept] = full[kept] / full[kept].sum()
         assert torch.allclose(probs[0], expected, atol=1e-6), top_p
+    probs, _ = _sampling_probs(monkeypatch, logits, temperature=1.0, top_k=None, top_p=0.0)
+    assert torch.allclose(probs, logits.softmax(-1))  # top_p = 0: off
+    # a token is dropped only when the mass before it is above p: at exactly p (dyadic
+    # probabilities 1/2, 1/4, 1/8, 1/8, no rounding) the second token is kept
+    dyadic = torch.tensor([[2.0, 1.0, 0.0, 0.0]]) * math.log(2.0)
+    probs, _ = _sampling_probs(monkeypatch, dyadic, temperature=1.0, top_k=None, top_p=0.5)
+    assert torch.equal(probs, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0]]))
 
 
 def test_kv_cache_appends_in_place_up_to_its_capacity():
@@ -591,12 +712,14 @@ def test_kv_cache_appends_in_place_up_to_its_capacity():
         cache.append(k1, v1)
 
 
-def test_multi_token_append_to_a_filled_cache_is_refused(tiny_model_cfg):
+@pytest.mark.parametrize("prefill", [1, 3])
+def test_multi_token_append_to_a_filled_cache_is_refused(tiny_model_cfg, prefill):
     model = FreeTransformer(tiny_model_cfg).eval()
     caches = [KVCache(10) for _ in model.blocks]
     with torch.no_grad():
-        model.forward_codes(torch.randint(0, 32, (1, 3)), caches=caches)
-        with pytest.raises(NotImplementedError, match="multi-token"):
+        model.forward_codes(torch.randint(0, 32, (1, prefill)), caches=caches)
+        with pytest.raises(NotImplementedError,
+                           match="multi-token append to a non-empty KV cache"):
             model.forward_codes(torch.randint(0, 32, (1, 2)), z=torch.tensor(1), caches=caches)
 
 
@@ -611,6 +734,12 @@ def test_dropout_acts_in_train_mode_only(tiny_model_cfg):
         c, _ = model(ids, z=z)
     assert torch.equal(a, b) and torch.allclose(a, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(c, a, atol=1e-2)
+    attn = model.blocks[0].attn  # attention dropout on its own: train mode only
+    x = torch.randn(2, 8, tiny_model_cfg.hidden_dim)
+    with torch.no_grad():
+        evaluated = attn.eval()(x, x, model.rope, True)
+        assert torch.equal(attn(x, x, model.rope, True), evaluated)
+        assert not torch.allclose(attn.train()(x, x, model.rope, True), evaluated, atol=1e-3)
 
 
 def test_initialisation_scales(tiny_model_cfg):

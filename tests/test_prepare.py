@@ -57,6 +57,18 @@ def test_split_is_by_document_and_round_trips(corpus, tmp_path):
     assert sorted(split_documents(tmp_path / "s1", "val", again)) != sorted(val)
 
 
+def test_a_split_shorter_than_one_block_is_refused(corpus, tmp_path):
+    out = tmp_path / "out"
+    meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25), out, progress=False)
+    val_tokens = meta["splits"]["val"]["tokens"]
+    block = val_tokens + 1
+    cfg = load_config(overrides=["data.dataset_name=tokens", f"data.path={out}",
+                                 f"data.max_seq_len={block}", f"model.max_seq_len={block}"])
+    with pytest.raises(ValueError, match=f"the val split holds {val_tokens} tokens, less than "
+                                         f"one block of data.max_seq_len={block}"):
+        build_data(cfg)
+
+
 def test_an_interrupted_run_resumes_and_skips_finished_shards(corpus, tmp_path, monkeypatch):
     spec = PrepareSpec((str(corpus),), "byte", val_fraction=0.2, shard_docs=4)
     prepare(spec, tmp_path / "ref", progress=False)

@@ -54,6 +54,17 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.allclose(sa["model"][key], sb["model"][key], atol=1e-6), key
 
 
+def test_checkpoints_keep_the_configured_number_and_their_metrics(tmp_path):
+    import json
+
+    result = train_loop(tiny(tmp_path, "training.max_steps=8", "checkpoint.every_steps=2",
+                             "checkpoint.keep=4"))
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("step_*"))
+    assert kept == ["step_000002", "step_000004", "step_000006", "step_000008"]
+    meta = json.loads((result.checkpoint / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["train/loss"] == pytest.approx(losses(result.history)[8])
+
+
 def test_baseline_through_the_same_loop(tmp_path):
     result = train_loop(tiny(tmp_path, "model.latent_dim=0", "training.max_steps=5"))
     assert "train/kl_nats" not in result.metrics

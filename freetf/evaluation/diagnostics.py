@@ -286,4 +286,7 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 def _exp(x: float) -> float:
     """exp that saturates to inf instead of raising OverflowError."""
-    return math.exp(x) if x < 709.0 else math.inf
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
