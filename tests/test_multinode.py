@@ -125,3 +125,32 @@ def test_two_node_run_survives_losing_a_node_with_every_step_logged_once(
     resumed = [int(m) for path in logs.glob("worker-*") for m in
                re.findall(r"resumed from \S+ at step (\d+)", path.read_text(errors="replace"))]
     assert resumed and min(resumed) >= 4, resumed
+
+
+def test_a_sweep_spreads_its_trials_over_both_nodes(tmp_path, two_node_cluster):
+    """Four one-CPU trials on a head (2 CPUs) and a worker node (1 CPU): three run at once,
+    so both nodes train trials; each child run says on which node (``freetf.ray_node``)
+    and every trial ends in the one MLflow store and report."""
+    from ray.util.state import list_nodes
+
+    from freetf.sweeps.spec import load_sweep
+    from freetf.sweeps.sweep import run_sweep
+
+    sweep = load_sweep("configs/search_kl_smoke.yaml", [
+        f"storage_path={tmp_path}/shared", f"report_dir={tmp_path}/reports",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow.sweep_name=two_nodes",
+        "search.method=grid", "asha.enabled=false", "stopper.enabled=false",
+        "resources.trial_cpu=0.01", "resources.worker_cpu=0.99",
+        "training.max_steps=30", "training.eval_every=30", "training.log_every=10",
+        "space.training.free_bits_bits={grid: [0.25, 1.0]}",
+        "space.training.kl_weight={grid: [0.1, 1.0]}"])
+    result = run_sweep(sweep)
+    assert not result.interrupted
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(result.experiment).experiment_id],
+        "tags.`freetf.role` = 'trial' and tags.`freetf.sweep` = 'two_nodes'")
+    assert len(runs) == 4 and all(run.info.status == "FINISHED" for run in runs)
+    nodes = {run.data.tags["freetf.ray_node"] for run in runs}
+    assert nodes == {node.node_id for node in list_nodes()}  # trials on both nodes
+    assert len(nodes) == 2

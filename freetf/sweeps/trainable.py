@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import ray
 import torch
 from ray import tune
 
@@ -40,6 +41,7 @@ from freetf.training.loop import train_loop
 log = logging.getLogger(__name__)
 
 TAG_SWEEP, TAG_ROLE, TAG_KEY = "freetf.sweep", "freetf.role", "freetf.trial_key"
+TAG_NODE = "freetf.ray_node"  # the Ray node id the trial's process ran on (its last try)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -125,7 +127,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         cfg, run_id=existing.info.run_id if existing else None,
         parent_run_id=context.parent_run_id, run_name=cfg.tracking.mlflow.run_name,
         tags={TAG_SWEEP: context.sweep_name, TAG_ROLE: "trial", TAG_KEY: key,
-              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false"},
+              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false",
+              TAG_NODE: ray.get_runtime_context().get_node_id()},
         searched=context.keys)
     if existing is not None and "freetf.error" in existing.data.tags:  # from a cut-off try
         client.delete_tag(tracker.run_id, "freetf.error")
