@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny configs and a deterministic torch."""
+"""Shared fixtures: tiny configs, a tiny prepared code corpus and a deterministic torch."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +45,18 @@ def local_ray():
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+def prepared_code_corpus(root: Path, files: int = 20, repeats: int = 30) -> Path:
+    """``files`` small Python modules under ``root/corpus``, prepared by ``freetf prepare``
+    (byte-level BPE of 300 tokens, 30% of the files held out) into ``root/data``."""
+    from freetf.data.prepare import PrepareSpec, prepare
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(files):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * repeats)
+    data = root / "data"
+    prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), data,
+            progress=False)
+    return data

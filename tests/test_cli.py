@@ -229,15 +229,9 @@ def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_
     data's meta, so generate decodes with the BPE after the data folder is gone."""
     import shutil
 
-    from freetf.data.prepare import PrepareSpec, prepare
+    from conftest import prepared_code_corpus
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(20):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 30)
-    data = tmp_path / "data"
-    prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), data,
-            progress=False)
+    data = prepared_code_corpus(tmp_path)
     assert main(["train", "--config", "configs/code.yaml", "--no-ray", "--max-steps", "2",
                  "--set", f"data.path={data}", "--set", "model.hidden_dim=32",
                  "--set", "model.num_layers=1", "--set", "model.num_heads=2",

@@ -136,17 +136,12 @@ def test_spec_is_the_kappa_grid_times_seeds_plus_baselines(name, trials, seeds, 
 @pytest.mark.timeout(600)
 def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     """The smoke spec on a tiny BPE corpus: 6 trials in MLflow, the table on the parent."""
-    from freetf.data.prepare import PrepareSpec, prepare
+    from conftest import prepared_code_corpus
+
     from freetf.sweeps.compare import main
     from freetf.tracking import mlflow_client
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(30):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
-    data = tmp_path / "data"
-    prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), data,
-            progress=False)
+    data = prepared_code_corpus(tmp_path, files=30, repeats=40)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
     argv = ["--smoke", "--set", f"data.path={data}", "--set", "model.vocab_size=300",
