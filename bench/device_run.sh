@@ -27,6 +27,9 @@ if [ "${RUN_GPU_BENCH:-1}" = 1 ]; then
     --json "$OUT/cross_entropy_cuda.json" > "$OUT/cross_entropy_cuda.log" 2>&1
   echo "cross_entropy_cuda rc=$?"
 fi
+# issue 16: FSDP vs DDP on one GPU, GPT-2 small's blocks with H = 16 (~135M parameters)
+timeout 240 python3 bench/fsdp_vs_ddp.py --steps 60 --rounds 2 --json "$OUT/fsdp_vs_ddp.json" \
+  > "$OUT/fsdp_vs_ddp.log" 2>&1; echo "fsdp_vs_ddp rc=$?"
 timeout ${REPRO_TIMEOUT:-240} python3 tune/reproduce_synthetic.py --in-process --device cuda \
   --config configs/synthetic.yaml --groups 16 --per-group 16 --out "$OUT" --name repro_gpu \
   --set model.hidden_dim=256 --set model.num_layers=6 --set model.latent_dim=16 \

@@ -136,6 +136,24 @@ def test_gpu_script(tmp_path):
         assert not (tmp_path / "out.json").exists()
 
 
+def test_fsdp_vs_ddp_script_trains_both_strategies_alike(tmp_path):
+    """Its CPU pipeline check: one gloo rank, DDP then FSDP on the same config and steps
+    reach the same loss (FSDP over one rank shards nothing), each with a positive rate."""
+    out = tmp_path / "fsdp.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "fsdp_vs_ddp.py"), "--tiny", "--device", "cpu",
+         "--steps", "6", "--rounds", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, cwd=BENCH.parent,
+        check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    ddp, fsdp = data["runs"]
+    assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
+    assert fsdp["final_loss"] == pytest.approx(ddp["final_loss"], rel=1e-5)
+    assert data["tokens_per_s"]["ddp"] > 0 and data["tokens_per_s"]["fsdp"] > 0
+    assert "FSDP / DDP tokens/s" in proc.stdout
+
+
 @pytest.mark.heavy
 @pytest.mark.ray
 @pytest.mark.timeout(600)
