@@ -208,10 +208,8 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
         raise SweepError(f"MLflow experiment {experiment!r} at {uri} already has a sweep "
                          f"named {sweep.name!r} (run {parent.info.run_id}); choose another "
                          f"with --set mlflow.sweep_name=NEW_NAME")
-    _init_ray(verbose, preload=sweep.resources.preload and sweep.trial_runner(base) == "in_trial")
-    from freetf.training.ray_train import check_tracking_store
-
-    check_tracking_store(uri)  # a sqlite file is no use to trials on other hosts
+    _init_ray(verbose, uri,
+              preload=sweep.resources.preload and sweep.trial_runner(base) == "in_trial")
     tracker = make_tracker(base, run_id=parent.info.run_id if parent else None,
                            run_name=sweep.name, tags={TAG_SWEEP: sweep.name, TAG_ROLE: "sweep"},
                            params=space_params(sweep))
@@ -254,14 +252,17 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
                        interrupted, found)
 
 
-def _init_ray(verbose: bool, preload: bool = False) -> None:
+def _init_ray(verbose: bool, tracking_uri: str, preload: bool = False) -> None:
     """``RAY_ADDRESS`` (a cluster you started) if set, else a new local Ray; the trial
     processes' output reaches this console only if ``verbose``.  ``preload``: a local
-    Ray's worker processes run :func:`preload_trial_libraries` when they start."""
-    from freetf.training.ray_train import init_ray
+    Ray's worker processes run :func:`preload_trial_libraries` when they start.  Then
+    the MLflow store is checked against the cluster: a sqlite file is no use to trials
+    on other hosts."""
+    from freetf.training.ray_train import check_tracking_store, init_ray
 
     hook = f"{preload_trial_libraries.__module__}.{preload_trial_libraries.__name__}"
     init_ray(quiet=not verbose, setup_hook=hook if preload else None)
+    check_tracking_store(tracking_uri)
 
 
 
