@@ -157,6 +157,39 @@ def test_post_sampler_defaults_and_initial_scale():
     assert torch.equal(factored.bias, torch.zeros(4096))
 
 
+def test_post_sampler_bits_init_gives_each_bit_one_shared_direction():
+    """``bits``: W[d] = sum_h (2 U_h(d) - 1) V_h, so flipping bit h moves every row by the
+    same vector 2 V_h (whatever the other bits), and entries keep the normal init's scale."""
+    torch.manual_seed(3)
+    mapper = BinaryMapper(5, 2048, init="bits", init_std=0.05)
+    w = mapper.weight.detach()
+    table = code_bits(5)
+    for h in range(5):
+        ones = torch.nonzero(table[:, h] == 1).squeeze(1)  # codes with bit h set
+        steps = w[ones] - w[ones - 2 ** h]  # flip bit h off
+        assert torch.allclose(steps, steps[:1].expand_as(steps), atol=1e-6)
+    # Rows are sums of signed directions: d and its complement are opposite.
+    assert torch.allclose(w, -w.flip(0), atol=1e-6)
+    assert w.std().item() == pytest.approx(0.05, rel=0.05)
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_post_sampler_zero_and_unknown_inits():
+    assert torch.equal(BinaryMapper(4, 8, init="zero").weight, torch.zeros(16, 8))
+    assert torch.equal(BinaryMapper(4, 8, kind="factored", init="zero").weight,
+                       torch.zeros(4, 8))
+    torch.manual_seed(1)
+    a = BinaryMapper(4, 8, kind="factored", init="bits").weight
+    torch.manual_seed(1)
+    b = BinaryMapper(4, 8, kind="factored").weight  # bits == normal when factored
+    assert torch.equal(a, b)
+    torch.manual_seed(1)
+    assert BinaryMapper(6, 4096, init="normal", init_std=0.1).weight.std().item() == \
+        pytest.approx(0.1, rel=0.03)
+    with pytest.raises(ValueError, match="unknown post-sampler init"):
+        BinaryMapper(4, 8, init="uniform")
+
+
 def test_prior_codes_are_uniform():
     torch.manual_seed(4)
     mapper = BinaryMapper(3, 4)

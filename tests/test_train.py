@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from freetf import load_config
+from freetf.config import ConfigError
 from freetf.training.checkpoint import load_checkpoint
 from freetf.training.context import TrainContext
 from freetf.training.loop import NonFiniteLossError, amp_dtype, train_loop
@@ -317,6 +318,48 @@ def test_total_steps_and_optimizer_groups(tiny_model_cfg):
     assert opt.defaults["foreach"] and not opt.defaults.get("fused")  # auto on CPU
     fused = build_optimizer(model, cfg.replace(["optimizer.fused=fused"]), torch.device("cpu"))
     assert fused.defaults["fused"]
+
+
+def test_post_sampler_learning_rate_multiplier_has_its_own_groups(tiny_model_cfg):
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training.loop import build_optimizer
+    from freetf.training.schedules import build_lr_scheduler
+
+    cfg = load_config(overrides=["training.learning_rate=0.004", "training.weight_decay=0.3",
+                                 "optimizer.post_sampler_lr_mult=8"])
+    model = FreeTransformer(tiny_model_cfg)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    decay, no_decay, table, bias = opt.param_groups
+    assert [g["lr"] for g in opt.param_groups] == [0.004, 0.004, 0.032, 0.032]
+    assert table["params"] == [model.mapper.weight] and table["weight_decay"] == 0.3
+    assert bias["params"] == [model.mapper.bias] and bias["weight_decay"] == 0.0
+    others = {id(model.mapper.weight), id(model.mapper.bias)}
+    assert {id(p) for p in decay["params"] + no_decay["params"]} == \
+        {id(p) for p in model.parameters()} - others
+    # The schedule keeps the ratio (warmup here), down to min_lr.
+    sched = build_lr_scheduler(opt, warmup_steps=10, total_steps=100, min_lr=0.0)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert table["lr"] == pytest.approx(8 * decay["lr"]) and decay["lr"] < 0.004
+    with pytest.raises(ConfigError, match="post_sampler_lr_mult"):
+        load_config(overrides=["optimizer.post_sampler_lr_mult=0"])
+
+
+def test_readout_init_std_sets_the_encoder_readout_scale(tiny_model_cfg):
+    from dataclasses import replace
+
+    from freetf.model.transformer import FreeTransformer
+
+    torch.manual_seed(0)
+    wide = FreeTransformer(replace(tiny_model_cfg, hidden_dim=256, latent_dim=16,
+                                   readout_init_std=0.3))
+    assert wide.encoder_readout.weight.std().item() == pytest.approx(0.3, rel=0.05)
+    assert wide.embed.weight.std().item() == pytest.approx(tiny_model_cfg.init_std, rel=0.05)
+    torch.manual_seed(0)
+    default = FreeTransformer(replace(tiny_model_cfg, hidden_dim=256, latent_dim=16))
+    assert default.encoder_readout.weight.std().item() == \
+        pytest.approx(tiny_model_cfg.init_std, rel=0.05)
 
 
 def test_log_window_means_finite_values_only():

@@ -55,6 +55,11 @@ class ModelConfig:
     # GPU; G and every sum stay fp32).  An opt-in speed/precision trade.
     mapper_score_precision: Literal["fp32", "autocast"] = "fp32"
     init_std: float = 0.02
+    # Initial point of the post-sampler table (BinaryMapper.reset_weight): "normal" (the
+    # default), "zero", or "bits" (inside the factored family; the table stays 2^H x D).
+    post_sampler_init: Literal["normal", "zero", "bits"] = "normal"
+    post_sampler_init_std: float = 0.02
+    readout_init_std: float | None = None  # encoder readout weights; None = init_std
 
     @property
     def latent_bits(self) -> int:
@@ -86,7 +91,9 @@ class ModelConfig:
     def validate(self, path: str) -> None:
         _positive(self, path, "vocab_size", "hidden_dim", "num_layers", "num_heads",
                   "max_seq_len")
-        _non_negative(self, path, "mapper_chunk_size")
+        _non_negative(self, path, "mapper_chunk_size", "post_sampler_init_std")
+        if self.readout_init_std is not None and self.readout_init_std < 0:
+            _fail(f"{path}.readout_init_std", self.readout_init_std, "must be >= 0")
         if self.hidden_dim % self.num_heads:
             _fail(f"{path}.num_heads", self.num_heads,
                   f"must divide {path}.hidden_dim={self.hidden_dim}")
@@ -207,12 +214,15 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     fused: Literal["auto", "fused", "foreach", "off"] = "auto"
+    # The post-sampler's 2^H rows are trained only when their code is sampled: a multiple
+    # of the learning rate for them alone (its own param group when != 1).
+    post_sampler_lr_mult: float = 1.0
 
     def validate(self, path: str) -> None:
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:
                 _fail(f"{path}.betas[{i}]", beta, "must be in [0, 1)")
-        _positive(self, path, "eps")
+        _positive(self, path, "eps", "post_sampler_lr_mult")
 
 
 @dataclass(frozen=True)

@@ -176,14 +176,39 @@ class BinaryMapper(nn.Module):
     """Binary mapper + post-sampler: bit logits -> code -> D-dim injection r (§3.4)."""
 
     def __init__(self, num_bits: int, dim: int, kind: str = "exact", impl: str = "chunked",
-                 chunk_size: int = 0, score_precision: str = "fp32") -> None:
+                 chunk_size: int = 0, score_precision: str = "fp32", init: str = "normal",
+                 init_std: float = 0.02) -> None:
         super().__init__()
         self.num_bits, self.kind, self.impl, self.chunk_size = num_bits, kind, impl, chunk_size
         self.score_precision = score_precision  # "fp32" or "autocast" (chunked backward)
         rows = 2 ** num_bits if kind == "exact" else num_bits
         self.weight = nn.Parameter(torch.empty(rows, dim))  # (2^H or H, D)
         self.bias = nn.Parameter(torch.zeros(dim))
-        nn.init.normal_(self.weight, std=0.02 if kind == "exact" else 0.02 / math.sqrt(num_bits))
+        self.reset_weight(init, init_std)
+
+    @torch.no_grad()
+    def reset_weight(self, init: str = "normal", std: float = 0.02) -> None:
+        """Initialise the post-sampler (``model.post_sampler_init``).
+
+        ``normal``: i.i.d. N(0, std^2) entries (each of the H factored rows at std/sqrt(H)).
+        ``zero``: all rows 0, so Z has no effect until a sampled row is trained.
+        ``bits`` (exact mapper): the table starts inside the factored family,
+        W[d] = sum_h (2 U_h(d) - 1) V_h with V_h ~ N(0, std^2 / H), so each entry is still
+        N(0, std^2) but every bit has one direction shared by all 2^H rows; the rows then
+        train freely.  For the factored mapper it is the same as ``normal``.
+        """
+        if init == "zero":
+            self.weight.zero_()
+        elif init == "bits" and self.kind == "exact":
+            directions = torch.randn(self.num_bits, self.weight.shape[1],
+                                     device=self.weight.device) * (std / math.sqrt(self.num_bits))
+            signs = code_bits(self.num_bits, self.weight.device) * 2 - 1  # (2^H, H)
+            self.weight.copy_(signs @ directions)
+        elif init in ("normal", "bits"):
+            nn.init.normal_(self.weight, std=std if self.kind == "exact"
+                            else std / math.sqrt(self.num_bits))
+        else:
+            raise ValueError(f"unknown post-sampler init {init!r}; known: normal, zero, bits")
 
     def forward(self, logits: torch.Tensor, noise: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

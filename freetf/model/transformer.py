@@ -182,7 +182,8 @@ class FreeTransformer(nn.Module):
             self.encoder_readout = nn.Linear(cfg.hidden_dim, cfg.latent_dim)
             self.mapper = BinaryMapper(cfg.latent_dim, cfg.hidden_dim, cfg.mapper,
                                        cfg.mapper_impl, cfg.mapper_chunk_size,
-                                       cfg.mapper_score_precision)
+                                       cfg.mapper_score_precision, cfg.post_sampler_init,
+                                       cfg.post_sampler_init_std)
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -193,7 +194,9 @@ class FreeTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("mapper."):
                 continue  # BinaryMapper initialises itself
-            if name.endswith(("wo.weight", "w2.weight")):
+            if name == "encoder_readout.weight" and self.config.readout_init_std is not None:
+                nn.init.normal_(p, std=self.config.readout_init_std)
+            elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, std=std / (2 * self.config.num_layers) ** 0.5)
             elif p.dim() >= 2 or name in ("embed.weight", "zeta"):
                 nn.init.normal_(p, std=std)
