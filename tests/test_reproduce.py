@@ -13,18 +13,63 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_in_process_pipeline_writes_table_and_figure(tmp_path):
     code = main(["--in-process", "--config", "configs/tiny.yaml", "--kappas", "0.015625", "8",
-                 "--groups", "1", "--per-group", "3", "--out", str(tmp_path), "--name", "r",
+                 "--seeds", "0", "--groups", "1", "--per-group", "3", "--out", str(tmp_path), "--name", "r",
                  "--set", "training.max_steps=3", "--set", f"checkpoint.dir={tmp_path}/ck"])
     assert code == 0
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["kappa_bits"] for r in rows] == pytest.approx([0.015625, 8.0])
+    assert rows[0]["kappa_bits"] is None and rows[0]["latent_dim"] == 0  # the baseline first
+    assert [r["kappa_bits"] for r in rows[1:]] == pytest.approx([0.015625, 8.0])
     for row in rows:
-        assert {"kl_bits", "ce_gap", "shared/valid_rate", "independent/noise_overlap"} <= set(row)
+        assert {"kl_bits", "ce_prior", "shared/valid_rate", "independent/noise_overlap",
+                "seed", "reproduces"} <= set(row)
+    assert [(r["latent_dim"], r["seed"]) for r in rows] == [(0, 0), (4, 0), (4, 0)]
     text = (tmp_path / "r.md").read_text()
     assert "| κ (bits) |" in text and "![figure](r.png)" in text and "shared Z" in text
+    assert "| baseline | – | – |" in text and "seeds reproducing" in text
     assert (tmp_path / "r.png").stat().st_size > 10_000
 
 
 def test_markdown_table_marks_missing_values():
     table = markdown_table([{"kappa_bits": 1.0, "seed": 0, "kl_bits": float("nan")}])
     assert table.splitlines()[2].startswith("| 1 | 0 | – |")
+
+
+def test_summary_counts_reproducing_seeds_and_gives_mean_and_sd():
+    from freetf.sweeps.reproduce import summarise, summary_table
+
+    def row(kappa, seed, ce, ok, spread=10.0):
+        return {"kappa_bits": kappa, "seed": seed, "ce_prior": ce, "reproduces": ok,
+                "kl_bits": None if kappa is None else kappa, "shared/position_spread": spread}
+
+    rows = [row(1.0, 1, 0.6, True, 4.0), row(None, 0, 0.3, None), row(1.0, 0, 0.4, False, 6.0),
+            row(1.0, 2, 0.5, True, float("nan")), row(0.5, 0, 0.45, None),
+            row(None, 1, 0.5, None)]
+    base, half, one = summarise(rows)
+    assert base["kappa_bits"] is None and base["seeds"] == 2 and base["reproduced"] is None
+    assert base["ce_prior"] == pytest.approx((0.4, 0.1414213562))  # mean, sample sd
+    assert half["paper_row"] is None and half["reproduced"] is None
+    assert half["ce_prior"][0] == 0.45 and half["ce_prior"][1] != half["ce_prior"][1]
+    assert one["paper_row"] == "position and noise" and (one["seeds"], one["reproduced"]) == (3, 2)
+    assert one["ce_prior"] == pytest.approx((0.5, 0.1))
+    assert one["shared/position_spread"] == pytest.approx((5.0, 1.4142135624))  # NaN skipped
+    table = summary_table(rows).splitlines()
+    assert table[2].startswith("| baseline | – | – |") and "| 0.400 ± 0.141 |" in table[2]
+    assert table[4].startswith("| 1 | position and noise | 2/3 |")
+    assert "no baseline" in summary_table(rows[2:4])
+
+
+def test_summary_separates_the_studys_options():
+    from freetf.sweeps.reproduce import summarise, summary_table
+
+    rows = [{"kappa_bits": 1.0, "seed": s, "options": opt, "ce_prior": ce, "reproduces": ok}
+            for s, opt, ce, ok in [(0, "", 0.5, False), (1, "", 0.7, False),
+                                   (0, "model.mapper=factored", 0.4, True),
+                                   (1, "model.mapper=factored", 0.6, True)]]
+    plain, factored = summarise(rows)
+    assert (plain["options"], plain["reproduced"], plain["ce_prior"][0]) == ("", 0, 0.6)
+    assert (factored["options"], factored["reproduced"]) == ("model.mapper=factored", 2)
+    table = summary_table(rows).splitlines()
+    assert table[0].startswith("| options | κ (bits) |")
+    assert table[2].startswith("| defaults | 1 |") and table[3].startswith(
+        "| model.mapper=factored | 1 | position and noise | 2/2 |")
+    assert not summary_table(rows[:2]).startswith("| options")

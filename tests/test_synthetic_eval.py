@@ -205,3 +205,45 @@ def test_render_groups_lists_shared_then_independent(monkeypatch):
     assert text.splitlines() == [
         "-- shared Z, group 1", "s00", "s01", "-- shared Z, group 2", "s10", "s11",
         "-- independent Z, group 1", "i00", "i01", "-- independent Z, group 2", "i10", "i11"]
+
+
+def _measured(spread=(16.0, 16.0), overlap=(0.05, 0.05), valid=(0.95, 0.95)):
+    """Figure 4 measurements: (independent, shared) for each quantity."""
+    return {"independent/position_spread": spread[0], "shared/position_spread": spread[1],
+            "independent/noise_overlap": overlap[0], "shared/noise_overlap": overlap[1],
+            "independent/valid_rate": valid[0], "shared/valid_rate": valid[1]}
+
+
+@pytest.mark.parametrize("kappa, measured, expected", [
+    # 1/64 bit, nothing: the shared spread stays >= 0.8 of the independent one.
+    (1 / 64, _measured(spread=(16.0, 12.8)), True),
+    (1 / 64, _measured(spread=(16.0, 12.7)), False),
+    # 1/8 bit, position: spread ratio <= 0.5, overlap not raised (< 1.5x).
+    (0.125, _measured(spread=(16.0, 8.0)), True),
+    (0.125, _measured(spread=(16.0, 8.1)), False),
+    (0.125, _measured(spread=(16.0, 4.0), overlap=(0.04, 0.06)), False),
+    (0.125, _measured(spread=(16.0, 4.0), overlap=(0.04, 0.059)), True),
+    # 1 bit, position and noise: spread ratio < 0.8 and overlap >= 1.5x.
+    (1.0, _measured(spread=(8.8, 6.3), overlap=(0.06, 0.12)), True),
+    (1.0, _measured(spread=(8.8, 7.1), overlap=(0.06, 0.12)), False),
+    (1.0, _measured(spread=(8.8, 2.0), overlap=(0.06, 0.089)), False),
+    # 8 bits, broken generation: free generations (Z from the prior) valid < 0.2.
+    (8.0, _measured(valid=(0.19, 0.5)), True),
+    (8.0, _measured(valid=(0.2, 0.0)), False),
+    # No valid sequence: the spread cannot be measured, and the test fails.
+    (0.125, _measured(spread=(float("nan"), float("nan"))), False),
+    (1 / 64, _measured(spread=(16.0, float("nan"))), False),
+])
+def test_reproduces_tests_each_paper_row(kappa, measured, expected):
+    from freetf.evaluation.synthetic_eval import reproduces
+
+    assert reproduces(kappa, measured) is expected
+
+
+def test_figure4_rows_are_the_papers_four_kappas_only():
+    from freetf.evaluation.synthetic_eval import figure4_row, reproduces
+
+    assert [figure4_row(k) for k in (2 ** -6, 0.125000001, 1.0, 8.0)] == [
+        "nothing", "position", "position and noise", "broken generation"]
+    assert figure4_row(0.5) is None and figure4_row(None) is None and figure4_row(0) is None
+    assert reproduces(0.5, _measured()) is None and reproduces(None, _measured()) is None

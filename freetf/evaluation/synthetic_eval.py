@@ -14,12 +14,15 @@ shared Z makes the group agree:
 
 Expected (paper): a shared Z shrinks the position spread at 1/8 and 1 bit and not at
 1/64 bit; it raises the noise overlap only at 1 bit; the valid rate drops at 8 bits.
+:func:`reproduces` turns each of the four rows into a test on one run's measurements.
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -142,3 +145,51 @@ def render_groups(model: FreeTransformer, letter: str = "K", groups: int = 2,
             lines.append(f"-- {mode} Z, group {g + 1}")
             lines.extend(texts)
     return "\n".join(lines)
+
+
+# The paper's four rows (§4.1, Figure 4): kappa in bits -> what Z carries.
+FIGURE4_ROWS = {1 / 64: "nothing", 1 / 8: "position", 1.0: "position and noise",
+                8.0: "broken generation"}
+# Thresholds of the tests below: a shared Z "narrows" the target's position spread when
+# shared / independent <= NARROWED (1/8 bit: <= STRONGLY_NARROWED), and "raises" the noise
+# overlap when shared / independent >= RAISED; generation is "broken" below BROKEN_VALID.
+NARROWED, STRONGLY_NARROWED, RAISED, BROKEN_VALID = 0.8, 0.5, 1.5, 0.2
+
+
+def figure4_row(kappa_bits: float | None) -> str | None:
+    """The paper's row for ``kappa_bits`` (one of its four kappas), else None."""
+    if kappa_bits is None or kappa_bits <= 0:
+        return None
+    for kappa, row in FIGURE4_ROWS.items():
+        if math.isclose(kappa_bits, kappa, rel_tol=1e-6):
+            return row
+    return None
+
+
+def _ratio(m: Mapping[str, float], key: str) -> float:
+    shared, independent = m.get(f"shared/{key}", math.nan), m.get(f"independent/{key}", math.nan)
+    return shared / independent if independent and independent == independent else math.nan
+
+
+def reproduces(kappa_bits: float | None, m: Mapping[str, float]) -> bool | None:
+    """Whether one run's Figure 4 measurements ``m`` show its kappa's row (None: no row).
+
+    - 1/64 bit, nothing: position spread shared / independent >= NARROWED (0.8);
+    - 1/8 bit, position: spread ratio <= STRONGLY_NARROWED (0.5), and the noise overlap
+      not raised (shared / independent < RAISED);
+    - 1 bit, position and noise: spread ratio < NARROWED and overlap ratio >= RAISED (1.5);
+    - 8 bits, broken generation: valid rate of generations with Z from the prior
+      (``independent/valid_rate``) < BROKEN_VALID (0.2).
+    A ratio that cannot be measured (NaN: no valid sequences) fails its test.
+    """
+    row = figure4_row(kappa_bits)
+    spread, overlap = _ratio(m, "position_spread"), _ratio(m, "noise_overlap")
+    if row == "nothing":
+        return spread >= NARROWED
+    if row == "position":
+        return spread <= STRONGLY_NARROWED and overlap < RAISED
+    if row == "position and noise":
+        return spread < NARROWED and overlap >= RAISED
+    if row == "broken generation":
+        return m.get("independent/valid_rate", math.nan) < BROKEN_VALID
+    return None

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,12 @@ import torch
 
 from freetf.config import Config, load_config
 from freetf.data.datasets import build_data
-from freetf.evaluation.synthetic_eval import figure4_metrics, render_groups
+from freetf.evaluation.synthetic_eval import (
+    figure4_metrics,
+    figure4_row,
+    render_groups,
+    reproduces,
+)
 from freetf.training.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,7 @@ COLUMNS = [  # (key, header, format)
     ("seed", "seed", "{:d}"),
     ("kl_bits", "KL (bits/token)", "{:.3f}"),
     ("ce_gap", "CE gap prior−post. (nats)", "{:.3f}"),
+    ("ce_prior", "honest CE (nats)", "{:.3f}"),
     ("independent/position_spread", "pos. spread, indep. Z", "{:.1f}"),
     ("shared/position_spread", "pos. spread, shared Z", "{:.1f}"),
     ("independent/noise_overlap", "noise overlap, indep.", "{:.2f}"),
@@ -38,7 +45,11 @@ COLUMNS = [  # (key, header, format)
     ("independent/valid_rate", "valid, indep.", "{:.2f}"),
     ("shared/valid_rate", "valid, shared", "{:.2f}"),
     ("verdict", "verdict", "{}"),
+    ("reproduces", "paper's row", "{}"),
 ]
+# Mean ± sd of these over the seeds of each kappa (the summary table).
+SUMMARY = [key for key, _, _ in COLUMNS if key not in ("kappa_bits", "seed", "verdict",
+                                                         "reproduces")]
 
 
 def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
@@ -50,34 +61,127 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
     torch.manual_seed(seed)
     diag = evaluate(model, build_data(cfg), cfg, torch.device(device),
                     cfg.training.free_bits_nats)
+    latent = cfg.model.has_latent
     row: dict[str, Any] = {
-        "kappa_bits": cfg.training.free_bits_nats / math.log(2), "seed": cfg.training.seed,
-        "kl_bits": diag["eval/kl_bits"], "ce_gap": diag["eval/ce_gap_nats"],
-        "ce_prior": diag["eval/ce_prior_nats"], "verdict": diag["eval/verdict"],
+        "kappa_bits": cfg.training.free_bits_nats / math.log(2) if latent else None,
+        "seed": cfg.training.seed, "latent_dim": cfg.model.latent_dim,
+        "mapper": cfg.model.mapper if latent else None,
+        "options": ", ".join(changed_knobs(cfg)) if latent else "",
+        "kl_bits": diag.get("eval/kl_bits"), "ce_gap": diag.get("eval/ce_gap_nats"),
+        "ce_prior": diag["eval/ce_prior_nats"], "verdict": diag.get("eval/verdict"),
     }
     row.update(figure4_metrics(model, groups=groups, per_group=per_group, seed=seed))
+    row["reproduces"] = reproduces(row["kappa_bits"], row)
     return row, render_groups(model, groups=1, per_group=8, seed=seed)
 
 
+# The options the H = 16 study varies (docs/synthetic_reproduction.md): named in the header
+# when they differ from their defaults.
+KNOBS = ("model.mapper", "model.post_sampler_init", "model.post_sampler_init_std",
+         "model.readout_init_std", "optimizer.post_sampler_lr_mult", "training.kl_annealing.type",
+         "training.free_bits_schedule.type")
+
+
+def changed_knobs(cfg: Config) -> list[str]:
+    default = Config()
+    out = []
+    for key in KNOBS:
+        section, name = key.rsplit(".", 1)
+        ours, theirs = cfg, default
+        for part in section.split("."):
+            ours, theirs = getattr(ours, part, None), getattr(theirs, part, None)
+        if ours is not None and getattr(ours, name, None) != getattr(theirs, name, None):
+            out.append(f"{key}={getattr(ours, name)}")
+    return out
+
+
+def row_name(row: dict[str, Any]) -> str:
+    return ("baseline" if row["kappa_bits"] is None else f"{row['kappa_bits']:g} bits") + \
+        f", seed {row['seed']}"
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The baselines first, then by options (the study's knobs), kappa and seed."""
+    return sorted(rows, key=lambda r: (r["kappa_bits"] is not None, r.get("options", ""),
+                                       r["kappa_bits"] or 0.0, r["seed"]))
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (options, kappa), the baseline first: seeds, how many reproduce the
+    paper's row, and the mean and sample sd of every measured column over the seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in sort_rows(rows):
+        kappa = None if row["kappa_bits"] is None else round(math.log2(row["kappa_bits"]), 6)
+        groups.setdefault((row.get("options", ""), kappa), []).append(row)
+    out = []
+    for (options, _), members in groups.items():
+        kappa = members[0]["kappa_bits"]
+        verdicts = [r.get("reproduces") for r in members]
+        summary: dict[str, Any] = {
+            "options": options, "kappa_bits": kappa, "paper_row": figure4_row(kappa),
+            "seeds": len(members),
+            "reproduced": (sum(v is True for v in verdicts)
+                           if figure4_row(kappa) is not None else None)}
+        for key in SUMMARY:
+            values = [float(r[key]) for r in members
+                      if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+            summary[key] = (statistics.fmean(values) if values else math.nan,
+                            statistics.stdev(values) if len(values) > 1 else math.nan)
+        out.append(summary)
+    return out
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The summary (:func:`summarise`) as markdown: "mean ± sd" cells."""
+    heads = {key: head for key, head, _ in COLUMNS}
+    fmts = {key: fmt for key, _, fmt in COLUMNS}
+    summaries = summarise(rows)
+    with_options = len({r["options"] for r in summaries if r["kappa_bits"] is not None}) > 1
+    first = ["options"] if with_options else []
+    lines = ["| " + " | ".join(first + ["κ (bits)", "paper: Z carries", "seeds reproducing"]
+                               + [heads[k] for k in SUMMARY]) + " |",
+             "|" + "---|" * (len(first) + 3 + len(SUMMARY))]
+    for row in summaries:
+        kappa = "baseline" if row["kappa_bits"] is None else f"{row['kappa_bits']:.4g}"
+        done = ("–" if row["reproduced"] is None
+                else f"{row['reproduced']}/{row['seeds']}")
+        cells = ([row["options"] or "defaults"] if with_options else []) + [
+            kappa, row["paper_row"] or "–", done]
+        for key in SUMMARY:
+            mean, sd = row[key]
+            cells.append("–" if mean != mean else fmts[key].format(mean) + (
+                "" if sd != sd else " ± " + fmts[key].format(sd)))
+        lines.append("| " + " | ".join(cells) + " |")
+    if not any(r["kappa_bits"] is None for r in rows):
+        lines.append("\n(no baseline trained in this run)")
+    return "\n".join(lines)
+
+
 def reproduce_in_process(base: Config, kappas_bits: tuple[float, ...], seeds: tuple[int, ...],
-                         groups: int, per_group: int, device: str) -> tuple[list, dict]:
-    """Train and measure every (kappa, seed) one after another, without Ray or MLflow."""
+                         groups: int, per_group: int, device: str,
+                         baseline: bool = True) -> tuple[list, dict]:
+    """Train and measure every (kappa, seed) one after another, without Ray or MLflow;
+    with ``baseline``, first the model without latent (``latent_dim = 0``) at each seed."""
     from freetf.training.context import TrainContext
     from freetf.training.loop import train_loop
 
+    runs = [(None, seed) for seed in seeds] if baseline else []
+    runs += [(kappa, seed) for kappa in kappas_bits for seed in seeds]
     rows, samples = [], {}
-    for kappa in kappas_bits:
-        for seed in seeds:
-            cfg = base.replace({"training.free_bits_bits": kappa, "training.seed": seed,
-                                "tracking.mlflow.enabled": False,
-                                "checkpoint.dir": f"{base.checkpoint.dir}/k{kappa:g}-s{seed}"})
-            start = time.perf_counter()
-            result = train_loop(cfg, TrainContext(device=torch.device(device)))
-            row, text = measure(result.checkpoint, groups, per_group, seed, device)
-            row["train_s"] = time.perf_counter() - start
-            rows.append(row)
-            samples[f"{kappa:g} bits, seed {seed}"] = text
-            log.info("kappa %g bits seed %d: %s", kappa, seed, json.dumps(row, default=str))
+    for kappa, seed in runs:
+        name = "baseline" if kappa is None else f"k{kappa:g}"
+        changes = {"training.seed": seed, "tracking.mlflow.enabled": False,
+                   "checkpoint.dir": f"{base.checkpoint.dir}/{name}-s{seed}"}
+        changes.update({"model.latent_dim": 0} if kappa is None
+                       else {"training.free_bits_bits": kappa})
+        cfg = base.replace(changes)
+        start = time.perf_counter()
+        result = train_loop(cfg, TrainContext(device=torch.device(device)))
+        row, text = measure(result.checkpoint, groups, per_group, seed, device)
+        row["train_s"] = time.perf_counter() - start
+        rows.append(row)
+        samples[row_name(row)] = text
+        log.info("%s: %s", row_name(row), json.dumps(row, default=str))
     return rows, samples
 
 
@@ -98,9 +202,8 @@ def reproduce_with_tune(spec: str | Path, overrides: list[str], resume: bool, gr
         row, text = measure(checkpoint, groups, per_group)
         row["run_id"] = run_id
         rows.append(row)
-        samples[f"{row['kappa_bits']:g} bits, seed {row['seed']}"] = text
-    rows.sort(key=lambda r: (r["kappa_bits"], r["seed"]))
-    return rows, samples, result
+        samples[row_name(row)] = text
+    return sort_rows(rows), samples, result
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -111,7 +214,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         for key, _, fmt in COLUMNS:
             value = row.get(key)
             ok = value is not None and not (isinstance(value, float) and math.isnan(value))
-            cells.append(fmt.format(value) if ok else "–")
+            if key == "kappa_bits" and value is None:
+                cells.append("baseline")
+            elif key == "reproduces":
+                cells.append({True: "yes", False: "no"}.get(value, "–"))
+            else:
+                cells.append(fmt.format(value) if ok else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -124,13 +232,21 @@ def plot(rows: list[dict[str, Any]], samples: dict[str, str], path: Path) -> Pat
     fig = Figure(figsize=(15, 9))
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.2])
-    kappas = [r["kappa_bits"] for r in rows]
+    latent = [r for r in rows if r["kappa_bits"] is not None]
+    kappas = [r["kappa_bits"] for r in latent]
     for i, (key, title) in enumerate([("position_spread", "target position spread in a group"),
                                       ("noise_overlap", "noise overlap in a group"),
                                       ("valid_rate", "valid sequences")]):
         ax = fig.add_subplot(grid[0, i])
-        for mode, style in (("independent", "o--"), ("shared", "s-")):
-            ax.plot(kappas, [r[f"{mode}/{key}"] for r in rows], style, label=f"{mode} Z")
+        for mode, style in (("independent", "o"), ("shared", "s")):
+            ax.plot(kappas, [r[f"{mode}/{key}"] for r in latent], style, label=f"{mode} Z",
+                    alpha=0.7)
+        for r in rows:  # the baseline's level, one line per seed
+            level = r[f"independent/{key}"] if r["kappa_bits"] is None else math.nan
+            if level == level:
+                ax.axhline(level, color="grey", lw=0.8, ls=":")
+        if kappas:
+            ax.set_xlim(min(kappas) / 2, max(kappas) * 2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("free bits κ (bits per token)")
         ax.set_title(title)
@@ -140,7 +256,7 @@ def plot(rows: list[dict[str, Any]], samples: dict[str, str], path: Path) -> Pat
     blocks = []
     for name, text in samples.items():
         shared = [line for line in text.splitlines() if not line.startswith("--")][:4]
-        blocks.append(f"κ = {name}, one shared Z:\n" + "\n".join(shared))
+        blocks.append(f"{name}, one shared Z:\n" + "\n".join(shared))
     text_ax.text(0, 1, "\n\n".join(blocks), family="monospace", fontsize=7, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -151,10 +267,11 @@ def write_outputs(rows: list[dict[str, Any]], samples: dict[str, str], out_dir: 
                   name: str, header: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figure = plot(rows, samples, out_dir / f"{name}.png")
-    sample_text = "\n\n".join(f"### κ = {k}\n\n```\n{v}\n```" for k, v in samples.items())
+    sample_text = "\n\n".join(f"### {k}\n\n```\n{v}\n```" for k, v in samples.items())
     table = out_dir / f"{name}.md"
-    table.write_text(f"{header}\n\n{markdown_table(rows)}\n\n![figure]({figure.name})\n\n"
-                     f"## Sample groups\n\n{sample_text}\n")
+    table.write_text(f"{header}\n\n## Per kappa, over seeds (mean ± sd)\n\n"
+                     f"{summary_table(rows)}\n\n## Every run\n\n{markdown_table(rows)}\n\n"
+                     f"![figure]({figure.name})\n\n## Sample groups\n\n{sample_text}\n")
     (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"table": table, "figure": figure, "json": out_dir / f"{name}.json"}
 
@@ -172,7 +289,9 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
                    help="no Ray/MLflow: train one run after another (e.g. on a GPU box)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kappas", type=float, nargs="+", default=list(KAPPAS_BITS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--no-baseline", action="store_true",
+                   help="in-process: skip the baselines (latent_dim = 0) trained per seed")
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--per-group", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("docs"))
@@ -183,7 +302,8 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
     if args.in_process:
         base = load_config(args.config, args.set)
         rows, samples = reproduce_in_process(base, tuple(args.kappas), tuple(args.seeds),
-                                             args.groups, args.per_group, args.device)
+                                             args.groups, args.per_group, args.device,
+                                             baseline=not args.no_baseline)
         size = base
         tracker = None
     else:
@@ -202,12 +322,14 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
               f"batch {t.batch_size} x 66 tokens, kl_weight {t.kl_weight}; "
               f"Figure 4 protocol with {args.groups} groups of {args.per_group} sequences "
               f"(prompt \"K>\"). Wall time {wall / 60:.1f} min on "
-              f"{'CPU' if args.device == 'cpu' else args.device}.")
+              f"{'CPU' if args.device == 'cpu' else args.device}."
+              + (f" Non-default options: {', '.join(options)}." if (options := changed_knobs(size))
+                 else ""))
     paths = write_outputs(rows, samples, args.out, args.name, header)
     if tracker is not None:
         for path in paths.values():
             tracker.log_artifact(path, "reproduction")
         tracker.finish("FINISHED")
-    print(markdown_table(rows))
+    print(summary_table(rows))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} in {wall / 60:.1f} min")
     return 0
