@@ -14,7 +14,8 @@ pytestmark = pytest.mark.timeout(300)
 def test_in_process_pipeline_writes_table_and_figure(tmp_path):
     code = main(["--in-process", "--config", "configs/tiny.yaml", "--kappas", "0.015625", "8",
                  "--seeds", "0", "--groups", "1", "--per-group", "3", "--out", str(tmp_path), "--name", "r",
-                 "--set", "training.max_steps=3", "--set", f"checkpoint.dir={tmp_path}/ck"])
+                 "--set", "training.max_steps=3", "--set", f"checkpoint.dir={tmp_path}/ck",
+                 "--set", "model.post_sampler_init=bits", "--note", "See the study."])
     assert code == 0
     rows = json.loads((tmp_path / "r.json").read_text())
     assert rows[0]["kappa_bits"] is None and rows[0]["latent_dim"] == 0  # the baseline first
@@ -26,6 +27,9 @@ def test_in_process_pipeline_writes_table_and_figure(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "| κ (bits) |" in text and "![figure](r.png)" in text and "shared Z" in text
     assert "| baseline | – | – |" in text and "seeds reproducing" in text
+    assert "Non-default options: model.post_sampler_init=bits.\n\nSee the study.\n" in text
+    assert [r["options"] for r in rows] == ["", "model.post_sampler_init=bits",
+                                            "model.post_sampler_init=bits"]
     assert (tmp_path / "r.png").stat().st_size > 10_000
 
 

@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--name", default="synthetic_reproduction")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--note", default="", help="a paragraph written under the table's header")
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.in_process:
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
               f"(prompt \"K>\"). Wall time {wall / 60:.1f} min on "
               f"{'CPU' if args.device == 'cpu' else args.device}."
               + (f" Non-default options: {', '.join(options)}." if (options := changed_knobs(size))
-                 else ""))
+                 else "")) + (f"\n\n{args.note}" if args.note else "")
     paths = write_outputs(rows, samples, args.out, args.name, header)
     if tracker is not None:
         for path in paths.values():
