@@ -22,7 +22,7 @@ def test_in_process_pipeline_writes_table_and_figure(tmp_path):
     assert [r["kappa_bits"] for r in rows[1:]] == pytest.approx([0.015625, 8.0])
     for row in rows:
         assert {"kl_bits", "ce_prior", "shared/valid_rate", "independent/noise_overlap",
-                "seed", "reproduces"} <= set(row)
+                "seed", "reproduces", "mi_nats", "active_bits"} <= set(row)
     assert [(r["latent_dim"], r["seed"]) for r in rows] == [(0, 0), (4, 0), (4, 0)]
     text = (tmp_path / "r.md").read_text()
     assert "| κ (bits) |" in text and "![figure](r.png)" in text and "shared Z" in text

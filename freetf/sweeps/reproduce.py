@@ -69,6 +69,7 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
         "options": ", ".join(changed_knobs(cfg)) if latent else "",
         "kl_bits": diag.get("eval/kl_bits"), "ce_gap": diag.get("eval/ce_gap_nats"),
         "ce_prior": diag["eval/ce_prior_nats"], "verdict": diag.get("eval/verdict"),
+        "mi_nats": diag.get("eval/mutual_info_nats"), "active_bits": diag.get("eval/active_bits"),
     }
     row.update(figure4_metrics(model, groups=groups, per_group=per_group, seed=seed))
     row["reproduces"] = reproduces(row["kappa_bits"], row)
