@@ -77,3 +77,31 @@ def test_summary_separates_the_studys_options():
     assert table[2].startswith("| defaults | 1 |") and table[3].startswith(
         "| model.mapper=factored | 1 | position and noise | 2/2 |")
     assert not summary_table(rows[:2]).startswith("| options")
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+def test_the_tune_path_end_to_end(tmp_path, monkeypatch):
+    """The smoke spec through Ray Tune: 2 baselines and 2 kappas x 2 seeds in MLflow, each
+    measured, the files logged to the sweep's parent run."""
+    from pathlib import Path
+
+    from freetf.tracking import mlflow_client
+
+    spec = Path(__file__).resolve().parent.parent / "configs" / "reproduce_synthetic_smoke.yaml"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    assert main(["--set", f"mlflow.tracking_uri={uri}", "--out", str(tmp_path), "--name", "r"],
+                default_spec=spec) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["kappa_bits"], r["seed"]) for r in rows] == [
+        (None, 0), (None, 1), (0.015625, 0), (0.015625, 1), (1.0, 0), (1.0, 1)]
+    client = mlflow_client(uri)
+    runs = client.search_runs([client.get_experiment_by_name(
+        "freetf-reproduce-smoke").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("freetf.role") == "sweep"]
+    assert len(parents) == 1 and len(runs) == 7
+    assert {r["run_id"] for r in rows} == {r.info.run_id for r in runs} - {
+        parents[0].info.run_id}
+    names = {a.path for a in client.list_artifacts(parents[0].info.run_id, "reproduction")}
+    assert {"reproduction/r.md", "reproduction/r.json", "reproduction/r.png"} <= names
