@@ -33,6 +33,27 @@ def test_in_process_pipeline_writes_table_and_figure(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 10_000
 
 
+def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
+    nan = float("nan")
+
+    def row(kappa, seed, ce):
+        return {"kappa_bits": kappa, "seed": seed, "ce_prior": ce, "reproduces": None,
+                "independent/position_spread": nan, "shared/position_spread": nan,
+                "independent/noise_overlap": 0.1, "shared/noise_overlap": 0.1,
+                "independent/valid_rate": 1.0, "shared/valid_rate": 1.0}
+
+    (tmp_path / "a.json").write_text(json.dumps([row(None, 1, 0.3), row(0.5, 1, 0.4)]))
+    (tmp_path / "b.json").write_text(json.dumps([row(0.5, 0, 0.6), row(None, 0, 0.5)]))
+    assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                 "--out", str(tmp_path), "--name", "m", "--note", "GPU, 3 processes."]) == 0
+    rows = json.loads((tmp_path / "m.json").read_text())
+    assert [(r["kappa_bits"], r["seed"]) for r in rows] == [(None, 0), (None, 1), (0.5, 0),
+                                                            (0.5, 1)]
+    text = (tmp_path / "m.md").read_text()
+    assert "Merged from a.json, b.json" in text and "GPU, 3 processes." in text
+    assert "| 0.5 | – | – | – | – | 0.500 ± 0.141 |" in capsys.readouterr().out
+
+
 def test_markdown_table_marks_missing_values():
     table = markdown_table([{"kappa_bits": 1.0, "seed": 0, "kl_bits": float("nan")}])
     assert table.splitlines()[2].startswith("| 1 | 0 | – |")

@@ -277,6 +277,18 @@ def write_outputs(rows: list[dict[str, Any]], samples: dict[str, str], out_dir: 
     return {"table": table, "figure": figure, "json": out_dir / f"{name}.json"}
 
 
+def merge(files: list[Path], out_dir: Path, name: str, note: str = "") -> int:
+    """Rewrite the table and figure from the rows of earlier runs (their JSON files)."""
+    rows = sort_rows([row for path in files for row in json.loads(Path(path).read_text())])
+    header = ("# Synthetic task (§4.1): what Z carries as free bits grow\n\n"
+              f"Merged from {', '.join(Path(f).name for f in files)} (their sample groups "
+              "are in their own tables)." + (f"\n\n{note}" if note else ""))
+    paths = write_outputs(rows, {}, out_dir, name, header)
+    print(summary_table(rows))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
          smoke_spec: str | Path | None = None) -> int:
     from freetf.logs import setup_logging
@@ -299,7 +311,12 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
     p.add_argument("--name", default="synthetic_reproduction")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--note", default="", help="a paragraph written under the table's header")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="no training: one table from the rows of earlier runs' JSON files "
+                        "(e.g. one process per seed on a GPU box)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.name, args.note)
     start = time.perf_counter()
     if args.in_process:
         base = load_config(args.config, args.set)
