@@ -76,7 +76,7 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
     return row, render_groups(model, groups=1, per_group=8, seed=seed)
 
 
-# The options the H = 16 study varies (docs/synthetic_reproduction.md): named in the header
+# The options the H = 16 study varies (docs/synthetic_h16.md): named in the header
 # when they differ from their defaults.
 KNOBS = ("model.mapper", "model.post_sampler_init", "model.post_sampler_init_std",
          "model.readout_init_std", "optimizer.post_sampler_lr_mult", "training.kl_annealing.type",
@@ -84,6 +84,7 @@ KNOBS = ("model.mapper", "model.post_sampler_init", "model.post_sampler_init_std
 
 
 def changed_knobs(cfg: Config) -> list[str]:
+    """``key=value`` for each of :data:`KNOBS` where ``cfg`` differs from the defaults."""
     default = Config()
     out = []
     for key in KNOBS:
