@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -21,20 +23,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cluster_processes(temp_dir: str) -> list:
+    """The processes of the Ray cluster whose temp dir is ``temp_dir`` (its daemons name
+    the dir on their command lines), with their children (the workers)."""
+    import psutil
+
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in ours
+             and any(temp_dir in arg for arg in p.info["cmdline"] or [])]
+    found = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            found.update((c.pid, c) for c in p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop this test's cluster only: ``ray stop`` would stop every Ray on the machine,
+    a user's running sweeps included."""
+    import psutil
+
+    procs = cluster_processes(temp_dir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for p in alive:
+        p.kill()
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     # A token of the test's own: a fresh machine has no ~/.ray/auth_token.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--num-cpus=2", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                    "--object-store-memory=300000000", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    # A temp dir of its own (short: Ray's socket paths live under it) names its processes.
+    temp_dir = tempfile.mkdtemp(prefix="rayjob")
     try:
+        subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--port={gcs}", "--num-cpus=2", f"--dashboard-port={dash}",
+                        "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+                        "--object-store-memory=300000000", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not cluster_processes(temp_dir), "the test's Ray cluster outlived its test"
 
 
 def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
