@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -23,16 +22,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_processes(temp_dir: str) -> list:
-    """The processes of the Ray cluster whose temp dir is ``temp_dir`` (its daemons name
-    the dir on their command lines), with their children (the workers)."""
+def cluster_processes(gcs_port: int) -> list:
+    """The processes of the local Ray cluster whose GCS listens on ``gcs_port``: the daemons
+    that name it, every process of their session (its dir is on their command lines), and
+    their children (the workers)."""
     import psutil
 
     ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in ours
-             and any(temp_dir in arg for arg in p.info["cmdline"] or [])]
-    found = {p.pid: p for p in roots}
-    for p in roots:
+    procs = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in ours]
+
+    def args(p) -> list[str]:
+        return p.info["cmdline"] or []
+
+    markers = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}")
+    roots = [p for p in procs if any(a.endswith(markers) for a in args(p))]
+    sessions = {m.group(0) for p in roots for a in args(p)
+                if (m := re.search(r"/[^\s=]*/session_[^/\s]+", a))}
+    found = {p.pid: p for p in procs
+             if p in roots or any(s in a for s in sessions for a in args(p))}
+    for p in list(found.values()):
         try:
             found.update((c.pid, c) for c in p.children(recursive=True))
         except psutil.NoSuchProcess:
@@ -40,12 +48,12 @@ def cluster_processes(temp_dir: str) -> list:
     return list(found.values())
 
 
-def stop_cluster(temp_dir: str) -> None:
+def stop_cluster(gcs_port: int) -> None:
     """Stop this test's cluster only: ``ray stop`` would stop every Ray on the machine,
     a user's running sweeps included."""
     import psutil
 
-    procs = cluster_processes(temp_dir)
+    procs = cluster_processes(gcs_port)
     for p in procs:
         try:
             p.terminate()
@@ -62,19 +70,16 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
-    # A temp dir of its own (short: Ray's socket paths live under it) names its processes.
-    temp_dir = tempfile.mkdtemp(prefix="rayjob")
     try:
         subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
                         f"--port={gcs}", "--num-cpus=2", f"--dashboard-port={dash}",
-                        "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-                        "--object-store-memory=300000000", "--disable-usage-stats"],
+                        "--dashboard-host=127.0.0.1", "--object-store-memory=300000000",
+                        "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        stop_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not cluster_processes(temp_dir), "the test's Ray cluster outlived its test"
+        stop_cluster(gcs)
+        assert not cluster_processes(gcs), "the test's Ray cluster outlived its test"
 
 
 def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
