@@ -13,7 +13,8 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_in_process_pipeline_writes_table_and_figure(tmp_path):
     code = main(["--in-process", "--config", "configs/tiny.yaml", "--kappas", "0.015625", "8",
-                 "--seeds", "0", "--groups", "1", "--per-group", "3", "--out", str(tmp_path), "--name", "r",
+                 "--seeds", "0", "--groups", "1", "--per-group", "3", "--out", str(tmp_path),
+                 "--name", "r",
                  "--set", "training.max_steps=3", "--set", f"checkpoint.dir={tmp_path}/ck",
                  "--set", "model.post_sampler_init=bits", "--note", "See the study."])
     assert code == 0

@@ -20,8 +20,8 @@ Expected (paper): a shared Z shrinks the position spread at 1/8 and 1 bit and no
 from __future__ import annotations
 
 import itertools
-import statistics
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 

@@ -231,9 +231,9 @@ def plot(rows: list[dict[str, Any]], samples: dict[str, str], path: Path) -> Pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 9))
+    fig = Figure(figsize=(15, 9 if samples else 4.5))  # no sample groups: no text panel
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.2])
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.2]) if samples else fig.add_gridspec(1, 3)
     latent = [r for r in rows if r["kappa_bits"] is not None]
     kappas = [r["kappa_bits"] for r in latent]
     for i, (key, title) in enumerate([("position_spread", "target position spread in a group"),
@@ -253,13 +253,14 @@ def plot(rows: list[dict[str, Any]], samples: dict[str, str], path: Path) -> Pat
         ax.set_xlabel("free bits κ (bits per token)")
         ax.set_title(title)
         ax.legend()
-    text_ax = fig.add_subplot(grid[1, :])
-    text_ax.axis("off")
-    blocks = []
-    for name, text in samples.items():
-        shared = [line for line in text.splitlines() if not line.startswith("--")][:4]
-        blocks.append(f"{name}, one shared Z:\n" + "\n".join(shared))
-    text_ax.text(0, 1, "\n\n".join(blocks), family="monospace", fontsize=7, va="top")
+    if samples:
+        text_ax = fig.add_subplot(grid[1, :])
+        text_ax.axis("off")
+        blocks = []
+        for name, text in samples.items():
+            shared = [line for line in text.splitlines() if not line.startswith("--")][:4]
+            blocks.append(f"{name}, one shared Z:\n" + "\n".join(shared))
+        text_ax.text(0, 1, "\n\n".join(blocks), family="monospace", fontsize=7, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
