@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from freetf.config import Config, load_config
+from freetf.config import Config, flatten, load_config
 from freetf.data.datasets import build_data
 from freetf.evaluation.synthetic_eval import (
     figure4_metrics,
@@ -85,16 +85,8 @@ KNOBS = ("model.mapper", "model.post_sampler_init", "model.post_sampler_init_std
 
 def changed_knobs(cfg: Config) -> list[str]:
     """``key=value`` for each of :data:`KNOBS` where ``cfg`` differs from the defaults."""
-    default = Config()
-    out = []
-    for key in KNOBS:
-        section, name = key.rsplit(".", 1)
-        ours, theirs = cfg, default
-        for part in section.split("."):
-            ours, theirs = getattr(ours, part, None), getattr(theirs, part, None)
-        if ours is not None and getattr(ours, name, None) != getattr(theirs, name, None):
-            out.append(f"{key}={getattr(ours, name)}")
-    return out
+    ours, default = flatten(cfg.to_dict()), flatten(Config().to_dict())
+    return [f"{key}={ours[key]}" for key in KNOBS if ours.get(key) != default.get(key)]
 
 
 def row_name(row: dict[str, Any]) -> str:
