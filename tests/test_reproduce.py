@@ -55,6 +55,14 @@ def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
     assert "| 0.5 | – | – | – | – | 0.500 ± 0.141 |" in capsys.readouterr().out
 
 
+def test_merge_names_a_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--merge", str(tmp_path / "absent.json"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"--merge: no such file: {tmp_path / 'absent.json'}" in err
+    assert "Traceback" not in err
+
+
 def test_markdown_table_marks_missing_values():
     table = markdown_table([{"kappa_bits": 1.0, "seed": 0, "kl_bits": float("nan")}])
     assert table.splitlines()[2].startswith("| 1 | 0 | – |")

@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
                         "(e.g. one process per seed on a GPU box)")
     args = p.parse_args(argv)
     if args.merge:
+        missing = [str(f) for f in args.merge if not f.is_file()]
+        if missing:
+            p.error(f"--merge: no such file: {', '.join(missing)}")
         return merge(args.merge, args.out, args.name, args.note)
     start = time.perf_counter()
     if args.in_process:
