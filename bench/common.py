@@ -32,7 +32,7 @@ import torch
 from freetf import FreeTransformer, load_config
 from freetf.config import Config, ModelConfig
 from freetf.model.losses import LN2, HeadInputs, compute_loss
-from freetf.training.loop import build_optimizer
+from freetf.training.optim import build_optimizer
 
 MiB = 2**20
 CPU = torch.device("cpu")
@@ -78,7 +78,7 @@ def label(h: int) -> str:
 class TrainStep:
     """One training step: forward(mode="training") + compute_loss + backward + AdamW.
 
-    The optimizer is ``freetf.train.build_optimizer`` (the training loop's AdamW, decay
+    The optimizer is ``freetf.training.optim.build_optimizer`` (the training loop's AdamW, decay
     groups included; ``optimizer.fused=auto`` is foreach on CPU and fused on CUDA).
     Targets are the next tokens: ``compute_loss(logits[:, :-1], z_logits[:, :-1],
     ids[:, 1:])``.  ``tokens`` counts the B x T input tokens of a step.

@@ -11,7 +11,8 @@ from freetf import load_config
 from freetf.config import ConfigError
 from freetf.training.checkpoint import load_checkpoint
 from freetf.training.context import TrainContext
-from freetf.training.loop import NonFiniteLossError, amp_dtype, train_loop
+from freetf.training.loop import NonFiniteLossError, train_loop
+from freetf.training.optim import amp_dtype
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -298,7 +299,8 @@ def test_rng_states_carry_the_cuda_generator(monkeypatch):
 
 def test_total_steps_and_optimizer_groups(tiny_model_cfg):
     from freetf.model.transformer import FreeTransformer
-    from freetf.training.loop import build_optimizer, total_steps
+    from freetf.training.loop import total_steps
+    from freetf.training.optim import build_optimizer
 
     cfg = load_config(overrides=["training.num_epochs=3", "training.grad_accum_steps=2"])
     assert total_steps(cfg, 10) == 15  # epochs * steps per epoch / accumulation
@@ -322,7 +324,7 @@ def test_total_steps_and_optimizer_groups(tiny_model_cfg):
 
 def test_post_sampler_learning_rate_multiplier_has_its_own_groups(tiny_model_cfg):
     from freetf.model.transformer import FreeTransformer
-    from freetf.training.loop import build_optimizer
+    from freetf.training.optim import build_optimizer
     from freetf.training.schedules import build_lr_scheduler
 
     cfg = load_config(overrides=["training.learning_rate=0.004", "training.weight_decay=0.3",

@@ -40,7 +40,7 @@ def mixed_precision(cfg: Config, device: torch.device):
     None (everything fp32) when AMP is off or on CPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from freetf.training.loop import amp_dtype
+    from freetf.training.optim import amp_dtype
 
     dtype = amp_dtype(cfg, device)
     if dtype is None or device.type != "cuda":
