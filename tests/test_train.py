@@ -107,6 +107,42 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, optimizer)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_a_stop_before_any_save_names_no_checkpoint(tmp_path, monkeypatch):
+    _nan_losses_at(monkeypatch, lambda n: True)
+    ctx = _Recorder()
+    with pytest.raises(NonFiniteLossError) as info:
+        train_loop(tiny(tmp_path, "training.max_consecutive_nonfinite=2"), ctx)
+    assert info.value.checkpoint is None and info.value.step == 2
+    assert not (tmp_path / "ckpt").exists()
+    assert [(step, path) for step, path, *_ in ctx.reports] == [(1, None)]  # a log step
+
+
+# A runner that hears only of checkpointed reports (Ray Train) learns of the stop from one:
+# the weights of the last finite update, evaluated when checkpoints are kept by an eval metric.
+@pytest.mark.parametrize("metric", ["eval/ce_prior_nats", "train/loss"])
+def test_a_stop_can_be_checkpointed_and_reported(tmp_path, monkeypatch, metric):
+    from freetf.training.loop import NONFINITE_STOP_KEY
+
+    args = ("training.max_consecutive_nonfinite=2", f"checkpoint.metric={metric}",
+            "checkpoint.every_steps=0", "training.log_every=10")
+    finite = train_loop(tiny(tmp_path / "finite", "training.max_steps=2", *args))
+    _nan_losses_at(monkeypatch, lambda n: n >= 3)
+    ctx = _Recorder(checkpoint_at_nonfinite_stop=True)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_loop(tiny(tmp_path, *args), ctx)
+    assert info.value.checkpoint == tmp_path / "ckpt" / "step_000004"
+    step, path, essential, report = ctx.reports[-1]
+    assert (step, path, essential) == (4, info.value.checkpoint, True)
+    assert report[NONFINITE_STOP_KEY] == 2.0 == info.value.count
+    assert ("eval/ce_prior_nats" in report) == metric.startswith("eval/")
+    assert all(not isinstance(v, str) for v in report.values())  # no verdict text
+    state, _ = load_checkpoint(info.value.checkpoint)
+    last_good, _ = load_checkpoint(finite.checkpoint)
+    assert state["step"] == 4
+    for key, value in last_good["model"].items():
+        assert torch.equal(state["model"][key], value), key
+
+
 def test_amp_defaults():
     cfg = load_config()
     assert amp_dtype(cfg, torch.device("cpu")) is None
@@ -170,10 +206,206 @@ def test_first_step_metrics_equal_a_reference_step(tmp_path):
     assert kl.item() != pytest.approx(kl_per_token(z_logits[:, 1:]).mean().item(), rel=1e-6)
 
 
+def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_path):
+    """The loop's wiring replayed outside it: weights seeded by training.seed, batches by
+    data.seed, Z's noise per step, AdamW's groups, the LR schedule, clipping, the log
+    window's means, the final weights and the final evaluation (diagnostics, verdict,
+    bits per byte, samples, free generations)."""
+    from freetf.data.datasets import build_data
+    from freetf.data.stream import BatchStream
+    from freetf.evaluation.diagnostics import latent_diagnostics, verdict
+    from freetf.evaluation.samples import sample_texts
+    from freetf.evaluation.synthetic_eval import free_generation_validity
+    from freetf.model.losses import compute_loss
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training.schedules import lr_at
+
+    cfg = tiny(tmp_path, "training.max_steps=4", "training.log_every=2", "training.seed=3",
+               "data.seed=5", "training.warmup_steps=1", "training.grad_clip=0.05",
+               "training.weight_decay=0.2", "training.kl_weight=0.7",
+               "training.free_bits_bits=0.1", "scheduler.min_lr=1e-4",
+               "diagnostics.free_generations=6", "checkpoint.every_steps=0")
+    result = train_loop(cfg)
+
+    torch.manual_seed(3)
+    model = FreeTransformer(cfg.model)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.2},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    lrs = [lr_at(s, 3e-3, 1, 4, 1e-4) for s in range(5)]
+    data = build_data(cfg)
+    stream = BatchStream(data.train, 8, seed=5)
+    kappa = 0.1 * math.log(2)
+    steps = []
+    for step in range(4):
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[step]
+        ids = next(stream)  # (8, 66)
+        noise = torch.rand(1, 8, 66, 4, generator=torch.Generator().manual_seed(
+            3 * 1_000_003 + step))[0]
+        logits, z_logits = model(ids, mode="training", bit_noise=noise)
+        loss, parts = compute_loss(logits[:, :-1], z_logits[:, :-1], ids[:, 1:], 0.7, kappa)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
+        assert norm > 0.05  # clipping acts
+        optimizer.step()
+        optimizer.zero_grad()
+        steps.append({"train/loss": parts["total"], "train/ce_nats": parts["reconstruction"],
+                      "train/kl_hinged_nats": parts["kl"], "train/kl_nats": parts["kl_raw_nats"],
+                      "train/kl_bits": parts["kl_raw_bits"], "train/grad_norm": norm})
+    logged = {h["step"]: h for h in result.history if "train/loss" in h}
+    assert sorted(logged) == [2, 4]
+    for done, window in ((2, steps[0:2]), (4, steps[2:4])):
+        for key in window[0]:
+            mean = (window[0][key] + window[1][key]).item() / 2
+            assert logged[done][key] == pytest.approx(mean, rel=1e-5, abs=1e-7), (done, key)
+        assert logged[done]["train/lr"] == pytest.approx(lrs[done], rel=1e-9)
+        assert logged[done]["train/kl_weight"] == 0.7
+        assert logged[done]["train/free_bits_nats"] == pytest.approx(kappa)
+        assert logged[done]["train/free_bits_bits"] == pytest.approx(0.1)
+        assert logged[done]["train/nonfinite_steps"] == 0.0
+        assert logged[done]["train/epoch"] == 0.0
+
+    saved, _ = load_checkpoint(result.checkpoint)
+    for key, value in model.state_dict().items():
+        assert torch.allclose(saved["model"][key], value, atol=1e-6), key
+
+    val = BatchStream(data.val, 8, seed=5, drop_last=True)
+    batches = [next(val), next(val)]  # training.eval_batches=2
+    torch.manual_seed(3 + 17)
+    expected = latent_diagnostics(model, batches, cfg, "cpu")
+    samples = sample_texts(model, data, cfg, torch.device("cpu"))
+    valid = free_generation_validity(model, 6, seed=3 + 17)
+    final = result.metrics
+    for key, value in expected.items():
+        assert final[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
+    assert final["eval/bpb_prior"] == pytest.approx(
+        expected["eval/ce_prior_nats"] / math.log(2) / data.bytes_per_token, rel=1e-5)
+    assert final["eval/bpb_posterior"] == pytest.approx(
+        expected["eval/ce_posterior_nats"] / math.log(2) / data.bytes_per_token, rel=1e-5)
+    assert final["eval/verdict"] == verdict(expected, cfg, kappa)
+    assert final["eval/samples"] == samples and final["eval/valid_rate"] == valid
+    assert result.step == 4 and result.history[-1]["step"] == 4
+
+
+class _Recorder(TrainContext):
+    """A context that keeps every report with its checkpoint and essential flag."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reports, self.model = [], None
+
+    def prepare_model(self, model):
+        self.model = model
+        return model
+
+    def report(self, metrics, checkpoint_dir=None, essential=True):
+        super().report(metrics, checkpoint_dir, essential)
+        self.reports.append((metrics["step"], checkpoint_dir, essential, dict(metrics)))
+
+
+class _Tracker:
+    def __init__(self):
+        self.params, self.metrics = {}, []
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+
+# Of 6 steps: evaluate every 3, log every 4, save every 5 (step 3 evaluates before any
+# log step).  The default keeps the best checkpoint by an eval metric, so a save evaluates
+# too; a train/ metric does not.
+@pytest.mark.parametrize("metric, evaluated", [("eval/ce_prior_nats", [3, 5, 6]),
+                                               ("train/loss", [3, 6])])
+def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path, monkeypatch,
+                                                                       metric, evaluated):
+    import freetf.training.loop as train_mod
+    from freetf.data.stream import BatchStream
+    from freetf.model.transformer import FreeTransformer
+
+    streams = []
+
+    class SpiedStream(BatchStream):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            streams.append(kwargs)
+
+    monkeypatch.setattr(train_mod, "BatchStream", SpiedStream)
+    cfg = tiny(tmp_path, "training.max_steps=6", "training.log_every=4", "training.eval_every=3",
+               "checkpoint.every_steps=5", "checkpoint.keep=5", f"checkpoint.metric={metric}",
+               "data.seed=7", "data.num_workers=1", "diagnostics.free_generations=2",
+               "training.gradient_checkpointing=true")
+    ctx, tracker = _Recorder(), _Tracker()
+    result = train_loop(cfg, ctx, tracker)
+    ckpt = tmp_path / "ckpt"
+    assert [(step, path, essential) for step, path, essential, _ in ctx.reports] == [
+        (3, None, True), (4, None, False), (5, ckpt / "step_000005", True),
+        (6, ckpt / "step_000006", True)]
+    assert [step for step, *_, m in ctx.reports if "eval/ce_prior_nats" in m] == evaluated
+    assert [step for step, *_, m in ctx.reports if "train/loss" in m] == [4, 5, 6]
+    assert [step for step, *_, m in ctx.reports if "eval/samples" in m] == [6]  # the last only
+    assert result.checkpoint == ckpt / "step_000006"
+    assert ctx.reports[-1][3] == result.metrics | {"step": 6}
+    assert [step for step, _ in tracker.metrics] == [3, 4, 5, 6]
+    assert all(m["train/steps_done"] == step and "eval/samples" not in m
+               and "step" not in m for step, m in tracker.metrics)
+    parameters = FreeTransformer(cfg.model).parameters()  # the tied head counted once
+    assert tracker.params == {"num_parameters": sum(p.numel() for p in parameters)}
+    assert list(ctx.marks) == ["loop_start", "data_built", "model_built", "first_step",
+                               "last_step", "train_end"]
+    assert list(ctx.marks.values()) == sorted(ctx.marks.values())
+    assert streams[0] == {"seed": 7, "num_workers": 1}  # then the evaluations' val streams
+    assert ctx.model.gradient_checkpointing
+
+
+def test_compile_wraps_the_model_before_the_runner_prepares_it(tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    ctx = _Recorder()
+    train_loop(tiny(tmp_path, "training.max_steps=1", "training.compile=true"), ctx)
+    assert compiled == [ctx.model]
+    train_loop(tiny(tmp_path / "b", "training.max_steps=1"), _Recorder())
+    assert len(compiled) == 1
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_seeds_its_own_generator_after_the_shared_weights(tmp_path, rank):
+    ctx = _RankContext(rank=rank, world_size=2, others={1 - rank: None})
+    train_loop(tiny(tmp_path, "training.max_steps=1", "training.seed=3"), ctx)
+    torch.manual_seed(3 * 1000 + rank)
+    assert torch.equal(ctx.rng_after_resume, torch.get_rng_state())
+
+
+def test_epochs_set_the_number_of_steps_without_max_steps(tmp_path):
+    from freetf.data.datasets import build_data
+
+    cfg = tiny(tmp_path, "training.max_steps=null", "training.num_epochs=2",
+               "training.grad_accum_steps=2", "data.num_samples=96", "training.log_every=100",
+               "scheduler.type=constant")
+    per_epoch = len(build_data(cfg).train) // 8
+    assert per_epoch >= 5
+    result = train_loop(cfg)
+    assert result.step == 2 * per_epoch // 2 == result.history[-1]["step"]
+    assert result.metrics["train/epoch"] == 1.0  # the last batch of the second epoch
+    assert result.metrics["train/lr"] == 3e-3  # constant after the warmup, not cosine's min
+
+
 def test_bf16_autocast_loop_runs_on_cpu(tmp_path):
     """The CUDA default (bf16 autocast) exercised on CPU at tiny size."""
-    result = train_loop(tiny(tmp_path, "training.max_steps=2", "training.amp=bf16"))
-    assert math.isfinite(result.metrics["train/loss"])
+    bf16 = train_loop(tiny(tmp_path, "training.max_steps=2", "training.amp=bf16"))
+    fp32 = train_loop(tiny(tmp_path / "fp32", "training.max_steps=2"))
+    a, b = losses(bf16.history)[2], losses(fp32.history)[2]
+    assert math.isfinite(a) and a != b and a == pytest.approx(b, rel=0.05)  # bf16 rounding
 
 
 def test_fused_optimizer_skips_a_nonfinite_step_without_host_syncs(tmp_path, monkeypatch):
@@ -211,28 +443,43 @@ def test_fused_optimizer_skips_a_nonfinite_step_without_host_syncs(tmp_path, mon
 @pytest.mark.timeout(120)
 def test_fp16_overflow_steps_are_the_grad_scalers_not_a_reason_to_stop(tmp_path, monkeypatch):
     """Under fp16 the scaler starting far too high overflows for many steps in a row."""
-    import functools
+    scalers = []
 
-    monkeypatch.setattr(torch.amp, "GradScaler",
-                        functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 40))
+    def scaler(*args, **kwargs):
+        scalers.append(real(*args, init_scale=2.0 ** 40, **kwargs))
+        return scalers[-1]
+
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
     cfg = tiny(tmp_path, "training.amp=fp16", "training.max_steps=40",
                "training.max_consecutive_nonfinite=3", "training.log_every=5",
                "training.eval_every=0")
     result = train_loop(cfg)
     assert result.nonfinite_steps == 0
+    assert 1.0 < scalers[0].get_scale() < 2.0 ** 37  # on this device, and it backed off
     assert all(math.isfinite(v) for v in losses(result.history).values())
 
 
 @pytest.mark.parametrize("latent_dim", [0, 4])
-def test_chunked_cross_entropy_trains_like_the_plain_loss(tmp_path, latent_dim):
+def test_chunked_cross_entropy_trains_like_the_plain_loss(tmp_path, monkeypatch, latent_dim):
     """training.cross_entropy=chunked: the same losses and final weights as plain, for
     the baseline and the Free Transformer (the LM head's gradient arrives through it)."""
-    runs = []
+    import freetf.training.loop as train_mod
+    from freetf.model.losses import HeadInputs, compute_loss
+
+    runs, inputs = [], []
+
+    def spy(logits, *args, **kwargs):
+        inputs.append(type(logits))
+        return compute_loss(logits, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "compute_loss", spy)
     for impl in ("plain", "chunked"):
         cfg = tiny(tmp_path / impl, "training.max_steps=6", f"model.latent_dim={latent_dim}",
                    "training.learning_rate=3e-3", f"training.cross_entropy={impl}",
                    "training.cross_entropy_chunk_tokens=50")
         runs.append(train_loop(cfg))
+    assert inputs == [torch.Tensor] * 6 + [HeadInputs] * 6
     a, b = losses(runs[0].history), losses(runs[1].history)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
@@ -391,6 +638,37 @@ def test_nonfinite_guard_counts_runs_and_stops_at_the_limit(tmp_path, caplog):
     guard.observe(torch.tensor(True))  # a run of 3 (one before the check)
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps by step 8"):
         guard.check(8, tmp_path)
+
+
+def test_nonfinite_stop_explains_itself_and_crosses_processes(tmp_path):
+    import pickle
+
+    err = NonFiniteLossError(4, 12, tmp_path / "step_000010")
+    clone = pickle.loads(pickle.dumps(err))  # a Ray worker's error reaches the driver so
+    assert (clone.count, clone.step, clone.checkpoint) == (4, 12, tmp_path / "step_000010")
+    assert str(clone) == "4 consecutive non-finite steps by step 12; stopping"
+
+    risky = load_config(overrides=["training.learning_rate=0.003", "training.warmup_steps=10",
+                                   "training.grad_clip=0", "training.amp=fp16",
+                                   "training.max_consecutive_nonfinite=4"])
+    assert err.explain(risky, tmp_path / "ckpt") == (
+        "training stopped at step 12: 4 steps in a row had a non-finite loss or gradient "
+        "(training.max_consecutive_nonfinite=4); their updates were skipped.\n"
+        f"The last checkpoint is {tmp_path / 'ckpt'}; it holds finite weights (resume from "
+        "it with --resume after changing the config).\n"
+        "To change: lower training.learning_rate (now 0.003); or lengthen "
+        "training.warmup_steps (now 10); or turn on gradient clipping, e.g. "
+        "training.grad_clip=1.0 (now off); or use training.amp=bf16 (fp16 overflows more "
+        "easily).")
+    careful = load_config(overrides=["training.learning_rate=1e-4", "training.warmup_steps=100",
+                                     "training.grad_clip=1.0", "training.amp=bf16",
+                                     "checkpoint.every_steps=0"])
+    lines = err.explain(careful, None).split("\n")
+    assert lines[1:] == ["No checkpoint was saved before the stop (checkpoint.every_steps=0 "
+                         "saves only at the end).",
+                         "To change: lower training.learning_rate (now 0.0001)."]
+    saving = careful.replace(["checkpoint.every_steps=5"])
+    assert err.explain(saving, None).split("\n")[1] == "No checkpoint was saved before the stop."
 
 
 def test_step_noise_slices_one_draw_per_step_by_rank_and_micro_batch():
