@@ -136,6 +136,7 @@ def test_a_stop_can_be_checkpointed_and_reported(tmp_path, monkeypatch, metric):
     assert report[NONFINITE_STOP_KEY] == 2.0 == info.value.count
     assert ("eval/ce_prior_nats" in report) == metric.startswith("eval/")
     assert all(not isinstance(v, str) for v in report.values())  # no verdict text
+    assert "eval/samples" not in report and "eval/valid_rate" not in report  # no generation
     state, _ = load_checkpoint(info.value.checkpoint)
     last_good, _ = load_checkpoint(finite.checkpoint)
     assert state["step"] == 4
@@ -208,9 +209,10 @@ def test_first_step_metrics_equal_a_reference_step(tmp_path):
 
 def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_path):
     """The loop's wiring replayed outside it: weights seeded by training.seed, batches by
-    data.seed, Z's noise per step, AdamW's groups, the LR schedule, clipping, the log
-    window's means, the final weights and the final evaluation (diagnostics, verdict,
-    bits per byte, samples, free generations)."""
+    data.seed, Z's noise per step, the schedules (KL weight, free bits, curriculum length),
+    AdamW's groups, the LR schedule, clipping, the log window's means, the final weights
+    and the final evaluation (diagnostics, verdict at the scheduled kappa, bits per byte,
+    samples, free generations)."""
     from freetf.data.datasets import build_data
     from freetf.data.stream import BatchStream
     from freetf.evaluation.diagnostics import latent_diagnostics, verdict
@@ -218,13 +220,18 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
     from freetf.evaluation.synthetic_eval import free_generation_validity
     from freetf.model.losses import compute_loss
     from freetf.model.transformer import FreeTransformer
-    from freetf.training.schedules import lr_at
+    from freetf.training.schedules import lr_at, schedule_values
 
     cfg = tiny(tmp_path, "training.max_steps=4", "training.log_every=2", "training.seed=3",
                "data.seed=5", "training.warmup_steps=1", "training.grad_clip=0.05",
                "training.weight_decay=0.2", "training.kl_weight=0.7",
-               "training.free_bits_bits=0.1", "scheduler.min_lr=1e-4",
-               "diagnostics.free_generations=6", "checkpoint.every_steps=0")
+               "training.kl_annealing.type=linear", "training.kl_annealing.initial_weight=0.2",
+               "training.free_bits_bits=0.03", "training.free_bits_schedule.type=linear",
+               "training.free_bits_schedule.initial_nats=0", "training.free_bits_schedule.steps=20",
+               "training.curriculum="
+               "[{until_step: 2, max_seq_len: 34}]", "scheduler.min_lr=1e-4",
+               "diagnostics.free_generations=6", "checkpoint.every_steps=0",
+               "data.val_samples=20", "training.eval_batches=3")
     result = train_loop(cfg)
 
     torch.manual_seed(3)
@@ -237,16 +244,19 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
     lrs = [lr_at(s, 3e-3, 1, 4, 1e-4) for s in range(5)]
     data = build_data(cfg)
     stream = BatchStream(data.train, 8, seed=5)
-    kappa = 0.1 * math.log(2)
+    sched = [schedule_values(cfg, s, 4) for s in range(4)]
+    assert [v["max_seq_len"] for v in sched] == [34, 34, 66, 66]
     steps = []
     for step in range(4):
         for group in optimizer.param_groups:
             group["lr"] = lrs[step]
-        ids = next(stream)  # (8, 66)
-        noise = torch.rand(1, 8, 66, 4, generator=torch.Generator().manual_seed(
+        seq_len = sched[step]["max_seq_len"]
+        ids = next(stream)[:, :seq_len]  # (8, T)
+        noise = torch.rand(1, 8, seq_len, 4, generator=torch.Generator().manual_seed(
             3 * 1_000_003 + step))[0]
         logits, z_logits = model(ids, mode="training", bit_noise=noise)
-        loss, parts = compute_loss(logits[:, :-1], z_logits[:, :-1], ids[:, 1:], 0.7, kappa)
+        loss, parts = compute_loss(logits[:, :-1], z_logits[:, :-1], ids[:, 1:],
+                                   sched[step]["kl_weight"], sched[step]["free_bits_nats"])
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
         assert norm > 0.05  # clipping acts
@@ -255,6 +265,7 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
         steps.append({"train/loss": parts["total"], "train/ce_nats": parts["reconstruction"],
                       "train/kl_hinged_nats": parts["kl"], "train/kl_nats": parts["kl_raw_nats"],
                       "train/kl_bits": parts["kl_raw_bits"], "train/grad_norm": norm})
+    assert steps[0]["train/kl_hinged_nats"] > 0 < steps[2]["train/kl_hinged_nats"]  # weighted
     logged = {h["step"]: h for h in result.history if "train/loss" in h}
     assert sorted(logged) == [2, 4]
     for done, window in ((2, steps[0:2]), (4, steps[2:4])):
@@ -262,9 +273,10 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
             mean = (window[0][key] + window[1][key]).item() / 2
             assert logged[done][key] == pytest.approx(mean, rel=1e-5, abs=1e-7), (done, key)
         assert logged[done]["train/lr"] == pytest.approx(lrs[done], rel=1e-9)
-        assert logged[done]["train/kl_weight"] == 0.7
+        kappa = sched[done - 1]["free_bits_nats"]  # the window's last step
+        assert logged[done]["train/kl_weight"] == sched[done - 1]["kl_weight"]
         assert logged[done]["train/free_bits_nats"] == pytest.approx(kappa)
-        assert logged[done]["train/free_bits_bits"] == pytest.approx(0.1)
+        assert logged[done]["train/free_bits_bits"] == pytest.approx(kappa / math.log(2))
         assert logged[done]["train/nonfinite_steps"] == 0.0
         assert logged[done]["train/epoch"] == 0.0
 
@@ -272,8 +284,9 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
     for key, value in model.state_dict().items():
         assert torch.allclose(saved["model"][key], value, atol=1e-6), key
 
+    assert len(data.val) == 20
     val = BatchStream(data.val, 8, seed=5, drop_last=True)
-    batches = [next(val), next(val)]  # training.eval_batches=2
+    batches = [next(val), next(val)]  # eval_batches=3, but only 2 full batches
     torch.manual_seed(3 + 17)
     expected = latent_diagnostics(model, batches, cfg, "cpu")
     samples = sample_texts(model, data, cfg, torch.device("cpu"))
@@ -285,9 +298,19 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
         expected["eval/ce_prior_nats"] / math.log(2) / data.bytes_per_token, rel=1e-5)
     assert final["eval/bpb_posterior"] == pytest.approx(
         expected["eval/ce_posterior_nats"] / math.log(2) / data.bytes_per_token, rel=1e-5)
+    kappa = sched[3]["free_bits_nats"]
     assert final["eval/verdict"] == verdict(expected, cfg, kappa)
     assert final["eval/samples"] == samples and final["eval/valid_rate"] == valid
     assert result.step == 4 and result.history[-1]["step"] == 4
+
+
+def test_bits_per_byte_divides_by_the_bytes_per_token():
+    from freetf.training.loop import bits_per_byte
+
+    metrics = {"eval/ce_prior_nats": 2.0, "eval/ce_posterior_nats": 1.0, "eval/kl_nats": 5.0}
+    assert bits_per_byte(metrics, 4.0) == {"eval/bpb_prior": 2.0 / math.log(2) / 4.0,
+                                           "eval/bpb_posterior": 1.0 / math.log(2) / 4.0}
+    assert bits_per_byte({"eval/ce_prior_nats": 2.0}, 1.0) == {"eval/bpb_prior": 2 / math.log(2)}
 
 
 class _Recorder(TrainContext):
@@ -336,10 +359,24 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
             streams.append(kwargs)
 
     monkeypatch.setattr(train_mod, "BatchStream", SpiedStream)
+    kappas, generations = [], []
+
+    def verdict(metrics, cfg, free_bits_nats):
+        kappas.append(free_bits_nats)
+        return "spied"
+
+    def free_generation_validity(model, num, seed):
+        generations.append((num, seed))
+        return 0.5
+
+    monkeypatch.setattr(train_mod, "verdict", verdict)
+    monkeypatch.setattr(train_mod, "free_generation_validity", free_generation_validity)
     cfg = tiny(tmp_path, "training.max_steps=6", "training.log_every=4", "training.eval_every=3",
                "checkpoint.every_steps=5", "checkpoint.keep=5", f"checkpoint.metric={metric}",
                "data.seed=7", "data.num_workers=1", "diagnostics.free_generations=2",
-               "training.gradient_checkpointing=true")
+               "training.gradient_checkpointing=true", "training.seed=2",
+               "training.free_bits_schedule.type=linear",
+               "training.free_bits_schedule.initial_nats=1.0")
     ctx, tracker = _Recorder(), _Tracker()
     result = train_loop(cfg, ctx, tracker)
     ckpt = tmp_path / "ckpt"
@@ -361,6 +398,12 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
     assert list(ctx.marks.values()) == sorted(ctx.marks.values())
     assert streams[0] == {"seed": 7, "num_workers": 1}  # then the evaluations' val streams
     assert ctx.model.gradient_checkpointing
+    # the verdict at the scheduled kappa of the step evaluated, free generations once
+    kappa = cfg.training.free_bits_nats
+    schedule = {step: 1.0 + (kappa - 1.0) * (step - 1) / 6 for step in evaluated}
+    assert kappas == pytest.approx([schedule[step] for step in evaluated])
+    assert generations == [(2, 2 + 17)]
+    assert result.metrics["eval/valid_rate"] == 0.5
 
 
 def test_compile_wraps_the_model_before_the_runner_prepares_it(tmp_path, monkeypatch):
@@ -593,6 +636,22 @@ def test_post_sampler_learning_rate_multiplier_has_its_own_groups(tiny_model_cfg
     assert table["lr"] == pytest.approx(8 * decay["lr"]) and decay["lr"] < 0.004
     with pytest.raises(ConfigError, match="post_sampler_lr_mult"):
         load_config(overrides=["optimizer.post_sampler_lr_mult=0"])
+    # Under a wrapper's prefix (DDP's "module.", torch.compile's "_orig_mod.", both), and
+    # not for a module that only ends in "mapper" or holds a mapper deeper down.
+    for prefixes in (["module"], ["_orig_mod"], ["module", "_orig_mod"]):
+        wrapped = model
+        for prefix in reversed(prefixes):
+            outer = torch.nn.Module()
+            outer.add_module(prefix, wrapped)
+            wrapped = outer
+        groups = build_optimizer(wrapped, cfg, torch.device("cpu")).param_groups
+        assert groups[2]["params"] == [model.mapper.weight], prefixes
+        assert groups[3]["params"] == [model.mapper.bias], prefixes
+    decoy = torch.nn.Module()
+    decoy.post_mapper = torch.nn.Linear(2, 2)
+    decoy.mapper = torch.nn.Module()
+    decoy.mapper.inner = torch.nn.Linear(2, 2)
+    assert len(build_optimizer(decoy, cfg, torch.device("cpu")).param_groups) == 2
 
 
 def test_readout_init_std_sets_the_encoder_readout_scale(tiny_model_cfg):
