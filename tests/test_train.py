@@ -741,3 +741,66 @@ def test_step_noise_slices_one_draw_per_step_by_rank_and_micro_batch():
     assert not torch.equal(step_noise(cfg, 6, 8, 6, 0, 1), one)  # a new draw each step
     assert not torch.equal(one[0], one[1])
     assert step_noise(cfg.replace(["model.latent_dim=0"]), 5, 8, 6, 0, 1) is None
+
+
+# ----------------------------------------------------------------------------- FSDP, one rank
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-rank gloo process group in this process (tests/test_fsdp.py spawns several)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()
+
+
+class _ShardingContext(TrainContext):
+    def shard_model(self, model, cfg):
+        from freetf.training.parallel import apply_fsdp
+
+        if cfg.scaling.strategy != "fsdp":
+            return model
+        return apply_fsdp(model, cfg, torch.device("cpu"))
+
+
+def test_fsdp_in_process_trains_saves_and_resumes_like_the_plain_loop(tmp_path, process_group):
+    """The loop's FSDP paths on one rank: sharded saves (and their pruning), resumes from
+    shards into FSDP and into a plain model, a full checkpoint into FSDP, CPU offload."""
+    import json
+
+    def run(name, *extra, resume=None):
+        cfg = tiny(tmp_path / name, "training.max_steps=6", "checkpoint.every_steps=3",
+                   "checkpoint.keep=1", "diagnostics.free_generations=0",
+                   "scaling.use_ray=true", *extra)  # the loop itself never starts Ray
+        return train_loop(cfg, _ShardingContext(resume_from=resume))
+
+    plain = run("plain", "checkpoint.keep=2")
+    fsdp = run("fsdp", "scaling.strategy=fsdp", "checkpoint.keep=2")
+    offload = run("offload", "scaling.strategy=fsdp", "scaling.fsdp_cpu_offload=true")
+    expected = losses(plain.history)
+    for result in (fsdp, offload):
+        assert losses(result.history) == pytest.approx(expected, rel=1e-5)
+        assert result.checkpoint.name == "step_000006" and (result.checkpoint / "shards").is_dir()
+    for result, kept in ((fsdp, ["step_000003", "step_000006"]), (offload, ["step_000006"])):
+        assert sorted(p.name for p in result.checkpoint.parent.glob("step_*")) == kept
+        meta = json.loads((result.checkpoint / "meta.json").read_text())
+        assert meta["step"] == 6 and meta["train/loss"] == pytest.approx(expected[6], rel=1e-5)
+        full, _ = load_checkpoint(result.checkpoint)  # consolidated from the shards
+        reference, _ = load_checkpoint(plain.checkpoint)
+        for key, value in reference["model"].items():
+            assert torch.allclose(full["model"][key], value, atol=1e-5), key
+
+    sharded = fsdp.checkpoint.parent / "step_000003"
+    full_step_3 = tmp_path / "plain" / "ckpt" / "step_000003"
+    for name, extra, resume in (("shards->fsdp", ["scaling.strategy=fsdp"], sharded),
+                                ("shards->plain", [], sharded),
+                                ("full->fsdp", ["scaling.strategy=fsdp"], full_step_3)):
+        resumed = losses(run(name, *extra, resume=resume).history)
+        assert sorted(resumed) == [4, 5, 6], name
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(expected[step], rel=1e-5), (name, step)
