@@ -56,6 +56,29 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.allclose(sa["model"][key], sb["model"][key], atol=1e-6), key
 
 
+def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(tmp_path,
+                                                                              monkeypatch):
+    """Extending a run (max_steps 4 -> 8): the first resumed step's learning rate is the new
+    schedule's, not the old schedule's last value that the optimizer's state holds."""
+    from freetf.training.schedules import lr_at
+
+    short = train_loop(tiny(tmp_path / "a", "training.max_steps=4", "scheduler.min_lr=0"))
+    assert short.metrics["train/lr"] == 0.0  # the cosine ended
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append([group["lr"] for group in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train_loop(tiny(tmp_path / "b", "training.max_steps=8", "scheduler.min_lr=0"),
+               TrainContext(resume_from=short.checkpoint))
+    assert [lrs[0] for lrs in used] == pytest.approx([lr_at(s, 3e-3, 2, 8, 0.0)
+                                                      for s in range(4, 8)])
+    assert all(len(set(lrs)) == 1 for lrs in used)  # both groups
+
+
 def test_checkpoints_keep_the_configured_number_and_their_metrics(tmp_path):
     import json
 

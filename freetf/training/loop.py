@@ -399,6 +399,11 @@ def _maybe_resume(ctx, model, optimizer, scheduler, stream, device) -> int:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The optimizer's state holds the saved run's last learning rates: follow this run's
+    # schedule from the first step (a resume with another max_steps changes it).
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
     stream.load_state_dict(state["data"])
     restore_rng_states(state["rng"], ctx.rank, device)
     log.info("resumed from %s at step %d", path, state["step"])
