@@ -193,6 +193,12 @@ def test_figure4_metrics_average_the_groups_skipping_nan(monkeypatch):
     assert m["shared/valid_rate"] == pytest.approx(0.75)
     assert m["independent/valid_rate"] == 1.0
     assert m["independent/noise_overlap"] == 1.0  # no noise anywhere
+    calls.clear()
+    se.figure4_metrics(None)  # the paper's protocol by default: 16 groups of 16, "K"
+    assert calls == [("K", 16, 16, False, 1.0, 0), ("K", 16, 16, True, 1.0, 0)]
+    monkeypatch.setattr(se, "sample_groups", lambda *args: [groups[args[4]][0]])
+    one = se.figure4_metrics(None, groups=1)  # a single group
+    assert one["independent/position_spread"] == pytest.approx(5.0)
 
 
 def test_render_groups_lists_shared_then_independent(monkeypatch):
@@ -201,6 +207,12 @@ def test_render_groups_lists_shared_then_independent(monkeypatch):
     monkeypatch.setattr(se, "sample_groups", lambda model, letter, groups, per_group, shared,
                         seed=0: [[f"{'s' if shared else 'i'}{g}{k}" for k in range(per_group)]
                                  for g in range(groups)])
+    calls = []
+    real = se.sample_groups
+    monkeypatch.setattr(se, "sample_groups", lambda *args, **kwargs: calls.append(
+        (args[1:], kwargs)) or real(*args, **kwargs))
+    assert se.render_groups(None, seed=5).count("\n") == 2 * (2 + 2 * 6) - 1
+    assert calls == [(("K", 2, 6, True), {"seed": 5}), (("K", 2, 6, False), {"seed": 5})]
     text = se.render_groups(None, groups=2, per_group=2)
     assert text.splitlines() == [
         "-- shared Z, group 1", "s00", "s01", "-- shared Z, group 2", "s10", "s11",
