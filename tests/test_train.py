@@ -79,6 +79,29 @@ def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(t
     assert all(len(set(lrs)) == 1 for lrs in used)  # both groups
 
 
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    done = train_loop(tiny(tmp_path / "a", "training.max_steps=3"))
+    again = train_loop(tiny(tmp_path / "b", "training.max_steps=3"),
+                       TrainContext(resume_from=done.checkpoint))
+    assert (again.step, again.metrics, again.history, again.checkpoint,
+            again.nonfinite_steps) == (3, {}, [], None, 0)
+
+
+def test_an_injected_failure_fires_once_at_its_step_and_not_after_a_resume(tmp_path):
+    from freetf.training.loop import InjectedFailure
+
+    cfg = tiny(tmp_path, "training.max_steps=4", "training.fail_at_step=2",
+               "checkpoint.every_steps=1", "checkpoint.keep=4")
+    ctx = TrainContext()
+    with pytest.raises(InjectedFailure, match=r"^injected failure at step 2 "
+                                              r"\(training.fail_at_step\)$"):
+        train_loop(cfg, ctx)
+    assert sorted(losses(ctx.history)) == [1, 2]  # steps 0 and 1 trained
+    resumed = train_loop(cfg, TrainContext(resume_from=tmp_path / "ckpt" / "step_000001"))
+    assert sorted(losses(resumed.history)) == [2, 3, 4]  # step index 2 runs after a resume
+    assert train_loop(tiny(tmp_path / "none", "training.max_steps=3")).step == 3
+
+
 def test_checkpoints_keep_the_configured_number_and_their_metrics(tmp_path):
     import json
 
@@ -446,10 +469,27 @@ def test_compile_wraps_the_model_before_the_runner_prepares_it(tmp_path, monkeyp
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_seeds_its_own_generator_after_the_shared_weights(tmp_path, rank):
+    """And takes its rows of the global batch and its slice of Z's noise: rank r of 2
+    trains on rows r::2 of a global batch of 16 (the first step replayed here)."""
+    from freetf.data.datasets import build_data
+    from freetf.data.stream import BatchStream
+    from freetf.model.losses import compute_loss
+    from freetf.model.transformer import FreeTransformer
+
     ctx = _RankContext(rank=rank, world_size=2, others={1 - rank: None})
-    train_loop(tiny(tmp_path, "training.max_steps=1", "training.seed=3"), ctx)
+    cfg = tiny(tmp_path, "training.max_steps=1", "training.seed=3", "training.log_every=1")
+    train_loop(cfg, ctx)
     torch.manual_seed(3 * 1000 + rank)
     assert torch.equal(ctx.rng_after_resume, torch.get_rng_state())
+
+    torch.manual_seed(3)
+    model = FreeTransformer(cfg.model)
+    rows = next(BatchStream(build_data(cfg).train, 16, seed=0))[rank::2]  # (8, 66)
+    noise = torch.rand(1, 16, 66, 4, generator=torch.Generator().manual_seed(3 * 1_000_003))
+    logits, z_logits = model(rows, mode="training", bit_noise=noise[0, rank::2])
+    loss, _ = compute_loss(logits[:, :-1], z_logits[:, :-1], rows[:, 1:], 1.0,
+                           cfg.training.free_bits_nats)
+    assert losses(ctx.history)[1] == pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_epochs_set_the_number_of_steps_without_max_steps(tmp_path):
