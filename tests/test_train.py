@@ -190,6 +190,39 @@ def test_a_stop_can_be_checkpointed_and_reported(tmp_path, monkeypatch, metric):
         assert torch.equal(state["model"][key], value), key
 
 
+# The host reads the non-finite count at log, eval and checkpoint steps only under fused
+# AdamW (here every 5 steps: the run of bad steps from step 6 is seen at step 10, 5 long);
+# otherwise at each bad step (3 in a row at step 8).
+@pytest.mark.parametrize("optimizer, step, count", [("foreach", 8, 3), ("fused", 10, 5)])
+def test_when_the_host_sees_a_nonfinite_run(tmp_path, monkeypatch, optimizer, step, count):
+    _nan_losses_at(monkeypatch, lambda n: n >= 6)
+    cfg = tiny(tmp_path, "training.max_steps=20", "checkpoint.every_steps=0",
+               "training.max_consecutive_nonfinite=3", "training.log_every=5",
+               f"optimizer.fused={optimizer}")
+    with pytest.raises(NonFiniteLossError) as info:
+        train_loop(cfg)
+    assert (info.value.step, info.value.count) == (step, count)
+
+
+def test_tokens_per_second_over_each_log_window(tmp_path, monkeypatch):
+    """On a clock that ticks 0.25 s at each reading: every window is 0.25 s long."""
+    import freetf.training.loop as train_mod
+
+    ticks = iter(range(10_000))
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return next(ticks) * 0.25
+
+    monkeypatch.setattr(train_mod, "time", Clock)
+    result = train_loop(tiny(tmp_path, "training.max_steps=6", "training.log_every=3",
+                             "training.grad_accum_steps=2"), _RankContext(rank=0, world_size=2,
+                                                                           others={1: None}))
+    rates = [h["train/tokens_per_s"] for h in result.history if "train/loss" in h]
+    assert rates == [3 * 2 * 8 * 66 * 2 / 0.25] * 2  # steps x micro x rows x T x world
+
+
 def test_amp_defaults():
     cfg = load_config()
     assert amp_dtype(cfg, torch.device("cpu")) is None
@@ -386,13 +419,16 @@ class _Tracker:
         self.metrics.append((step, dict(metrics)))
 
 
-# Of 6 steps: evaluate every 3, log every 4, save every 5 (step 3 evaluates before any
-# log step).  The default keeps the best checkpoint by an eval metric, so a save evaluates
-# too; a train/ metric does not.
-@pytest.mark.parametrize("metric, evaluated", [("eval/ce_prior_nats", [3, 5, 6]),
-                                               ("train/loss", [3, 6])])
+# Of 7 steps: evaluate every 3, log every 4, save every 5 (step 3 evaluates before any
+# log step; step 6 reports after a save without one).  The default keeps the best checkpoint
+# by an eval metric, so a save evaluates too; a train/ metric does not.
+@pytest.mark.parametrize("metric, evaluated", [("eval/ce_prior_nats", [3, 5, 6, 7]),
+                                               ("train/loss", [3, 6, 7])])
 def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path, monkeypatch,
-                                                                       metric, evaluated):
+                                                                       caplog, metric,
+                                                                       evaluated):
+    import json
+
     import freetf.training.loop as train_mod
     from freetf.data.stream import BatchStream
     from freetf.model.transformer import FreeTransformer
@@ -417,24 +453,30 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
 
     monkeypatch.setattr(train_mod, "verdict", verdict)
     monkeypatch.setattr(train_mod, "free_generation_validity", free_generation_validity)
-    cfg = tiny(tmp_path, "training.max_steps=6", "training.log_every=4", "training.eval_every=3",
+    cfg = tiny(tmp_path, "training.max_steps=7", "training.log_every=4", "training.eval_every=3",
                "checkpoint.every_steps=5", "checkpoint.keep=5", f"checkpoint.metric={metric}",
                "data.seed=7", "data.num_workers=1", "diagnostics.free_generations=2",
                "training.gradient_checkpointing=true", "training.seed=2",
                "training.free_bits_schedule.type=linear",
                "training.free_bits_schedule.initial_nats=1.0")
     ctx, tracker = _Recorder(), _Tracker()
-    result = train_loop(cfg, ctx, tracker)
+    with caplog.at_level("INFO", logger="freetf.training.loop"):
+        result = train_loop(cfg, ctx, tracker)
     ckpt = tmp_path / "ckpt"
     assert [(step, path, essential) for step, path, essential, _ in ctx.reports] == [
-        (3, None, True), (4, None, False), (5, ckpt / "step_000005", True),
-        (6, ckpt / "step_000006", True)]
+        (3, None, True), (4, None, False), (5, ckpt / "step_000005", True), (6, None, True),
+        (7, ckpt / "step_000007", True)]
     assert [step for step, *_, m in ctx.reports if "eval/ce_prior_nats" in m] == evaluated
-    assert [step for step, *_, m in ctx.reports if "train/loss" in m] == [4, 5, 6]
-    assert [step for step, *_, m in ctx.reports if "eval/samples" in m] == [6]  # the last only
-    assert result.checkpoint == ckpt / "step_000006"
-    assert ctx.reports[-1][3] == result.metrics | {"step": 6}
-    assert [step for step, _ in tracker.metrics] == [3, 4, 5, 6]
+    assert [step for step, *_, m in ctx.reports if "train/loss" in m] == [4, 5, 6, 7]
+    assert [step for step, *_, m in ctx.reports if "eval/samples" in m] == [7]  # the last only
+    assert result.checkpoint == ckpt / "step_000007"
+    assert ctx.reports[-1][3] == result.metrics | {"step": 7}
+    for step, path, _, reported in ctx.reports:  # meta.json: the report's numbers
+        if path is not None:
+            meta = json.loads((path / "meta.json").read_text())
+            assert meta == {k: v for k, v in reported.items()
+                            if not isinstance(v, str | list)}, step
+    assert [step for step, _ in tracker.metrics] == [3, 4, 5, 6, 7]
     assert all(m["train/steps_done"] == step and "eval/samples" not in m
                and "step" not in m for step, m in tracker.metrics)
     parameters = FreeTransformer(cfg.model).parameters()  # the tied head counted once
@@ -446,10 +488,13 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
     assert ctx.model.gradient_checkpointing
     # the verdict at the scheduled kappa of the step evaluated, free generations once
     kappa = cfg.training.free_bits_nats
-    schedule = {step: 1.0 + (kappa - 1.0) * (step - 1) / 6 for step in evaluated}
+    schedule = {step: 1.0 + (kappa - 1.0) * (step - 1) / 7 for step in evaluated}
     assert kappas == pytest.approx([schedule[step] for step in evaluated])
     assert generations == [(2, 2 + 17)]
     assert result.metrics["eval/valid_rate"] == 0.5
+    progress = [r.getMessage().split(" loss")[0] for r in caplog.records
+                if r.getMessage().startswith("step ")]
+    assert progress == ["step 4/7"]  # the console's progress line at log steps only
 
 
 def test_compile_wraps_the_model_before_the_runner_prepares_it(tmp_path, monkeypatch):
@@ -468,7 +513,7 @@ def test_compile_wraps_the_model_before_the_runner_prepares_it(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_each_rank_seeds_its_own_generator_after_the_shared_weights(tmp_path, rank):
+def test_each_rank_seeds_its_own_generator_after_the_shared_weights(tmp_path, caplog, rank):
     """And takes its rows of the global batch and its slice of Z's noise: rank r of 2
     trains on rows r::2 of a global batch of 16 (the first step replayed here)."""
     from freetf.data.datasets import build_data
@@ -478,7 +523,10 @@ def test_each_rank_seeds_its_own_generator_after_the_shared_weights(tmp_path, ra
 
     ctx = _RankContext(rank=rank, world_size=2, others={1 - rank: None})
     cfg = tiny(tmp_path, "training.max_steps=1", "training.seed=3", "training.log_every=1")
-    train_loop(cfg, ctx)
+    with caplog.at_level("INFO", logger="freetf.training.loop"):
+        train_loop(cfg, ctx)
+    console = [r.getMessage().split()[0] for r in caplog.records]
+    assert console == (["model:", "checkpoint:", "step"] if rank == 0 else [])  # rank 0 speaks
     torch.manual_seed(3 * 1000 + rank)
     assert torch.equal(ctx.rng_after_resume, torch.get_rng_state())
 

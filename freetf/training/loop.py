@@ -286,7 +286,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         if done % tcfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t_since
             metrics = _train_metrics(window.means(), sched, optimizer, tokens_since / elapsed,
-                                     nonfinite_total, done, stream.epoch)
+                                     nonfinite_total, stream.epoch)
             window, tokens_since, t_since = LogWindow(), 0, time.perf_counter()
         if want_eval:
             with unsharded(raw_model):  # FSDP: rank 0 alone decodes the samples
@@ -346,7 +346,7 @@ def bits_per_byte(metrics: dict[str, Any], bytes_per_token: float) -> dict[str, 
             for z in ("prior", "posterior") if f"eval/ce_{z}_nats" in metrics}
 
 
-def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, step, epoch):
+def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, epoch):
     metrics = {
         "train/loss": means.get("total", float("nan")),
         "train/ce_nats": means.get("reconstruction", float("nan")),
