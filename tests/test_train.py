@@ -193,12 +193,15 @@ def test_a_stop_can_be_checkpointed_and_reported(tmp_path, monkeypatch, metric):
 # The host reads the non-finite count at log, eval and checkpoint steps only under fused
 # AdamW (here every 5 steps: the run of bad steps from step 6 is seen at step 10, 5 long);
 # otherwise at each bad step (3 in a row at step 8).
-@pytest.mark.parametrize("optimizer, step, count", [("foreach", 8, 3), ("fused", 10, 5)])
-def test_when_the_host_sees_a_nonfinite_run(tmp_path, monkeypatch, optimizer, step, count):
+# An evaluation step (every 4) is a check too.
+@pytest.mark.parametrize("optimizer, eval_every, step, count", [
+    ("foreach", 0, 8, 3), ("fused", 0, 10, 5), ("fused", 4, 8, 3)])
+def test_when_the_host_sees_a_nonfinite_run(tmp_path, monkeypatch, optimizer, eval_every,
+                                            step, count):
     _nan_losses_at(monkeypatch, lambda n: n >= 6)
     cfg = tiny(tmp_path, "training.max_steps=20", "checkpoint.every_steps=0",
                "training.max_consecutive_nonfinite=3", "training.log_every=5",
-               f"optimizer.fused={optimizer}")
+               f"optimizer.fused={optimizer}", f"training.eval_every={eval_every}")
     with pytest.raises(NonFiniteLossError) as info:
         train_loop(cfg)
     assert (info.value.step, info.value.count) == (step, count)
@@ -228,6 +231,8 @@ def test_amp_defaults():
     assert amp_dtype(cfg, torch.device("cpu")) is None
     assert amp_dtype(cfg, torch.device("cuda")) == torch.bfloat16
     assert amp_dtype(cfg.replace(["training.amp=fp16"]), torch.device("cuda")) == torch.float16
+    assert amp_dtype(cfg.replace(["training.amp=bf16"]), torch.device("cpu")) == torch.bfloat16
+    assert amp_dtype(cfg.replace(["training.amp=off"]), torch.device("cuda")) is None
 
 
 def test_curriculum_and_annealing_reach_the_loop(tmp_path):
@@ -397,11 +402,15 @@ class _Recorder(TrainContext):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.reports, self.model = [], None
+        self.reports, self.model, self.events = [], None, []
 
     def prepare_model(self, model):
         self.model = model
         return model
+
+    def mark(self, event):
+        super().mark(event)
+        self.events.append(event)
 
     def report(self, metrics, checkpoint_dir=None, essential=True):
         super().report(metrics, checkpoint_dir, essential)
@@ -481,8 +490,8 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
                and "step" not in m for step, m in tracker.metrics)
     parameters = FreeTransformer(cfg.model).parameters()  # the tied head counted once
     assert tracker.params == {"num_parameters": sum(p.numel() for p in parameters)}
-    assert list(ctx.marks) == ["loop_start", "data_built", "model_built", "first_step",
-                               "last_step", "train_end"]
+    assert ctx.events == ["loop_start", "data_built", "model_built", "first_step",
+                          "last_step", "train_end"]  # each once, in this order
     assert list(ctx.marks.values()) == sorted(ctx.marks.values())
     assert streams[0] == {"seed": 7, "num_workers": 1}  # then the evaluations' val streams
     assert ctx.model.gradient_checkpointing
@@ -721,6 +730,8 @@ def test_total_steps_and_optimizer_groups(tiny_model_cfg):
     assert opt.defaults["foreach"] and not opt.defaults.get("fused")  # auto on CPU
     fused = build_optimizer(model, cfg.replace(["optimizer.fused=fused"]), torch.device("cpu"))
     assert fused.defaults["fused"]
+    auto_cuda = build_optimizer(model, cfg, torch.device("cuda"))  # the device picks "auto"
+    assert auto_cuda.defaults["fused"] and not auto_cuda.defaults.get("foreach")
 
 
 def test_post_sampler_learning_rate_multiplier_has_its_own_groups(tiny_model_cfg):
