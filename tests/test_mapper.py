@@ -155,6 +155,11 @@ def test_post_sampler_defaults_and_initial_scale():
     assert factored.weight.std().item() == pytest.approx(0.02 / 4, rel=0.03)
     assert abs(factored.weight.mean().item()) < 0.01 * 0.02
     assert torch.equal(factored.bias, torch.zeros(4096))
+    assert (exact.kind, exact.impl, exact.chunk_size, exact.score_precision) == (
+        "exact", "chunked", 0, "fp32")
+    for name, value in (("kind", "dense"), ("impl", "exact"), ("score_precision", "bf16")):
+        with pytest.raises(ValueError, match=f"unknown mapper {name} '{value}'"):
+            BinaryMapper(4, 8, **{name: value})
 
 
 def test_post_sampler_bits_init_gives_each_bit_one_shared_direction():

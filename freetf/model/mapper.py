@@ -179,6 +179,11 @@ class BinaryMapper(nn.Module):
                  chunk_size: int = 0, score_precision: str = "fp32", init: str = "normal",
                  init_std: float = 0.02) -> None:
         super().__init__()
+        for name, value, known in (("kind", kind, ("exact", "factored")),
+                                   ("impl", impl, ("chunked", "dense")),
+                                   ("score_precision", score_precision, ("fp32", "autocast"))):
+            if value not in known:
+                raise ValueError(f"unknown mapper {name} {value!r}; known: {', '.join(known)}")
         self.num_bits, self.kind, self.impl, self.chunk_size = num_bits, kind, impl, chunk_size
         self.score_precision = score_precision  # "fp32" or "autocast" (chunked backward)
         rows = 2 ** num_bits if kind == "exact" else num_bits
