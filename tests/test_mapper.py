@@ -160,6 +160,8 @@ def test_post_sampler_defaults_and_initial_scale():
     for name, value in (("kind", "dense"), ("impl", "exact"), ("score_precision", "bf16")):
         with pytest.raises(ValueError, match=f"unknown mapper {name} '{value}'"):
             BinaryMapper(4, 8, **{name: value})
+    with pytest.raises(ValueError, match="; known: chunked, dense$"):
+        BinaryMapper(4, 8, impl="sparse")
 
 
 def test_post_sampler_bits_init_gives_each_bit_one_shared_direction():

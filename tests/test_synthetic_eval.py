@@ -213,6 +213,9 @@ def test_render_groups_lists_shared_then_independent(monkeypatch):
         (args[1:], kwargs)) or real(*args, **kwargs))
     assert se.render_groups(None, seed=5).count("\n") == 2 * (2 + 2 * 6) - 1
     assert calls == [(("K", 2, 6, True), {"seed": 5}), (("K", 2, 6, False), {"seed": 5})]
+    calls.clear()
+    se.render_groups(None, groups=1, per_group=1)
+    assert [kwargs for _, kwargs in calls] == [{"seed": 0}] * 2  # the default seed
     text = se.render_groups(None, groups=2, per_group=2)
     assert text.splitlines() == [
         "-- shared Z, group 1", "s00", "s01", "-- shared Z, group 2", "s10", "s11",
@@ -239,6 +242,8 @@ def _measured(spread=(16.0, 16.0), overlap=(0.05, 0.05), valid=(0.95, 0.95)):
     (1.0, _measured(spread=(8.8, 6.3), overlap=(0.06, 0.12)), True),
     (1.0, _measured(spread=(8.8, 7.1), overlap=(0.06, 0.12)), False),
     (1.0, _measured(spread=(8.8, 2.0), overlap=(0.06, 0.089)), False),
+    (1.0, _measured(spread=(10.0, 8.0), overlap=(0.5, 1.0)), False),  # 0.8 is not < 0.8
+    (1.0, _measured(spread=(10.0, 2.0), overlap=(0.5, 0.75)), True),  # 1.5 is >= 1.5
     # 8 bits, broken generation: free generations (Z from the prior) valid < 0.2.
     (8.0, _measured(valid=(0.19, 0.5)), True),
     (8.0, _measured(valid=(0.2, 0.0)), False),
@@ -259,3 +264,15 @@ def test_figure4_rows_are_the_papers_four_kappas_only():
         "nothing", "position", "position and noise", "broken generation"]
     assert figure4_row(0.5) is None and figure4_row(None) is None and figure4_row(0) is None
     assert reproduces(0.5, _measured()) is None and reproduces(None, _measured()) is None
+
+
+def test_a_measurement_that_is_missing_or_zero_fails_its_row():
+    from freetf.evaluation.synthetic_eval import _ratio, reproduces
+
+    assert math.isnan(_ratio({}, "position_spread"))
+    assert math.isnan(_ratio({"independent/position_spread": 4.0}, "position_spread"))
+    assert math.isnan(_ratio({"shared/position_spread": 4.0}, "position_spread"))
+    assert math.isnan(_ratio(_measured(spread=(0.0, 3.0)), "position_spread"))
+    assert _ratio(_measured(spread=(4.0, 3.0)), "position_spread") == 0.75
+    assert reproduces(1 / 64, {}) is False and reproduces(1.0, {}) is False
+    assert reproduces(8.0, {"shared/valid_rate": 0.0}) is False  # no free generations
