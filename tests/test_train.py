@@ -502,7 +502,7 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
     assert generations == [(2, 2 + 17)]
     assert result.metrics["eval/valid_rate"] == 0.5
     progress = [r.getMessage().split(" loss")[0] for r in caplog.records
-                if r.getMessage().startswith("step ")]
+                if r.name == "freetf.training.loop" and r.getMessage().startswith("step ")]
     assert progress == ["step 4/7"]  # the console's progress line at log steps only
 
 
@@ -534,7 +534,8 @@ def test_each_rank_seeds_its_own_generator_after_the_shared_weights(tmp_path, ca
     cfg = tiny(tmp_path, "training.max_steps=1", "training.seed=3", "training.log_every=1")
     with caplog.at_level("INFO", logger="freetf.training.loop"):
         train_loop(cfg, ctx)
-    console = [r.getMessage().split()[0] for r in caplog.records]
+    console = [r.getMessage().split()[0] for r in caplog.records
+               if r.name == "freetf.training.loop"]
     assert console == (["model:", "checkpoint:", "step"] if rank == 0 else [])  # rank 0 speaks
     torch.manual_seed(3 * 1000 + rank)
     assert torch.equal(ctx.rng_after_resume, torch.get_rng_state())
