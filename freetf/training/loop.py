@@ -39,7 +39,11 @@ from freetf.training.checkpoint import (
 from freetf.training.context import LogWindow, TrainContext, TrainResult
 from freetf.training.optim import amp_dtype, build_optimizer
 from freetf.training.parallel import clip_grad_norm, gradient_sync, is_fsdp, unsharded
-from freetf.training.schedules import build_lr_scheduler, schedule_values
+from freetf.training.schedules import (
+    build_lr_scheduler,
+    load_lr_scheduler_state,
+    schedule_values,
+)
 from freetf.training.sharded_checkpoint import (
     is_sharded,
     load_full_into_sharded,
@@ -398,12 +402,7 @@ def _maybe_resume(ctx, model, optimizer, scheduler, stream, device) -> int:
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    # The optimizer's state holds the saved run's last learning rates: follow this run's
-    # schedule from the first step (a resume with another max_steps changes it).
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
-                                   scheduler.lr_lambdas, strict=True):
-        group["lr"] = base * factor(scheduler.last_epoch)
+    load_lr_scheduler_state(scheduler, state["scheduler"])  # after the optimizer's state
     stream.load_state_dict(state["data"])
     restore_rng_states(state["rng"], ctx.rank, device)
     log.info("resumed from %s at step %d", path, state["step"])

@@ -85,6 +85,20 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
+def load_lr_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR,
+                            state: dict) -> None:
+    """Restore a saved step count into a scheduler built for this run.
+
+    The optimizer's restored state holds the saved run's last learning rates; they are
+    reset to this run's schedule at that step, so a resume with another ``max_steps``
+    follows the new schedule from its first step.
+    """
+    scheduler.load_state_dict(state)
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 # ----------------------------------------------------------------------------- KL and free bits
 
 
