@@ -81,7 +81,8 @@ def dense_mapper(logits: torch.Tensor, bits: torch.Tensor, weight: torch.Tensor)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """At least fp32 (low-precision logits would make G underflow), fp64 kept."""
+    """At least fp32 (low-precision logits would make G underflow), fp64 kept: a float64
+    module computes in float64 (the tests' reference precision), bf16/fp16 in float32."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
@@ -228,8 +229,10 @@ class BinaryMapper(nn.Module):
         # G is a product of H probabilities: computed in fp32 even under autocast.
         with torch.autocast(device_type, enabled=False):
             if self.kind == "factored":
-                p = torch.sigmoid(flat.float())
-                r = (bits.reshape(-1, self.num_bits) + p - p.detach()) @ self.weight.float()
+                dtype = torch.promote_types(_compute_dtype(flat), self.weight.dtype)
+                p = torch.sigmoid(flat.to(dtype))  # (N, H)
+                r = (bits.reshape(-1, self.num_bits).to(dtype) + p - p.detach()) \
+                    @ self.weight.to(dtype)  # (N, D)
             elif self.impl == "dense":
                 r = dense_mapper(flat, bits.reshape(-1, self.num_bits), self.weight)
             else:
