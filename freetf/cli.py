@@ -1,4 +1,4 @@
-"""``freetf`` command line: train, generate, eval, report, prepare, plan.
+"""``freetf`` command line: train, generate, eval, report, prepare, plan, wait-ray.
 
 User mistakes (missing file, bad YAML, unknown key, corrupt checkpoint, a prompt outside
 the vocabulary, an unreachable tracking server) end with a one-paragraph message and
@@ -204,6 +204,17 @@ def _report(args: argparse.Namespace) -> int:
     return report_command(args)
 
 
+def _wait_ray(args: argparse.Namespace) -> int:
+    from freetf.training.ray_ready import wait_for_job_agent
+
+    try:
+        waited = wait_for_job_agent(args.dashboard, args.agent, timeout_s=args.timeout)
+    except TimeoutError as err:
+        raise UserError(str(err)) from None
+    print(f"Ray head at {args.dashboard} takes jobs (waited {waited:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetf", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -285,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes encoding shards in parallel")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_prepare)
+
+    from freetf.training.ray_ready import DEFAULT_AGENT, DEFAULT_DASHBOARD
+
+    p = sub.add_parser("wait-ray", help="wait until a Ray head takes `ray job submit`")
+    p.add_argument("--dashboard", default=DEFAULT_DASHBOARD, type=non_empty,
+                   help=f"the head's dashboard (default {DEFAULT_DASHBOARD})")
+    p.add_argument("--agent", default=DEFAULT_AGENT, type=non_empty,
+                   help=f"the head's dashboard agent (default {DEFAULT_AGENT})")
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds")
+    p.set_defaults(func=_wait_ray)
     return parser
 
 

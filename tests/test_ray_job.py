@@ -12,8 +12,9 @@ import time
 import pytest
 
 from freetf.tracking import mlflow_client
+from freetf.training.ray_ready import wait_for_job_agent
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 def free_port() -> int:
@@ -69,13 +70,16 @@ def ray_head(tmp_path):
     # A token of the test's own: a fresh machine has no ~/.ray/auth_token.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     try:
         subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
                         f"--port={gcs}", "--num-cpus=2", f"--dashboard-port={dash}",
-                        "--dashboard-host=127.0.0.1", "--object-store-memory=300000000",
-                        "--disable-usage-stats"],
+                        "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+                        "--object-store-memory=300000000", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=180)
+        # `ray start` returns before the head's job agent is up: wait for it (bounded).
+        wait_for_job_agent(f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{agent}",
+                           timeout_s=240)
         yield f"http://127.0.0.1:{dash}", env
     finally:
         stop_cluster(gcs)
@@ -92,11 +96,7 @@ def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
                "--set", f"tracking.mlflow.tracking_uri=sqlite:///{db}",
                "--set", f"scaling.storage_path={tmp_path}/ray_results",
                "--set", "tracking.mlflow.experiment=job-e2e"]
-    for _ in range(12):  # the head's job agent comes up a little after `ray start` returns
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-        if "No available agent" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(5)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     client = mlflow_client(f"sqlite:///{db}")
@@ -104,4 +104,4 @@ def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["train/steps_done"] == 4
-    assert time.time() - start < 400
+    assert time.time() - start < 420
