@@ -267,7 +267,7 @@ def test_clip_grad_norm_returns_the_unclipped_norm_when_off():
     model(torch.ones(1, 3)).sum().backward()
     expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
     grads = [p.grad.clone() for p in model.parameters()]
-    assert clip_grad_norm(model.parameters(), 0).item() == pytest.approx(expected.item())
+    assert clip_grad_norm(model.parameters(), 0).item() == pytest.approx(expected.item(), rel=1e-5)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
 
 
