@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from freetf import load_config
+
+# The console scripts the tests run (ray, mlflow, freetf) are this interpreter's, found
+# beside it, whether or not its environment is activated.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                      os.environ.get("PATH", "")])
 
 TINY_MODEL = [
     "model.vocab_size=32", "model.hidden_dim=32", "model.num_layers=4", "model.num_heads=4",
