@@ -22,9 +22,11 @@ class FakeHead:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
-                if self.path == "/api/version":
+                if self.path == "/api/gcs_healthz":
                     head.polls["version"] += 1
-                    self._send(200, '{"ray_version": "x"}')
+                    self._send(200, "success")
+                elif self.path == "/api/version":  # needs the cluster's token
+                    self._send(401, "Unauthorized")
                 elif self.path == "/api/local_raylet_healthz":
                     head.polls["health"] += 1
                     ready = head.polls["health"] > late
@@ -63,7 +65,8 @@ def head():
 
 def test_answers_needs_200_and_the_expected_body(head):
     h = head(agent_body="raylet: failed")
-    assert answers(f"{h.url}/api/version")
+    assert answers(f"{h.url}/api/gcs_healthz", expect="success")
+    assert not answers(f"{h.url}/api/version")  # 401
     assert not answers(f"{h.url}/missing")  # 404
     assert answers(f"{h.url}/api/local_raylet_healthz", expect="raylet")
     assert not answers(f"{h.url}/api/local_raylet_healthz", expect="success")

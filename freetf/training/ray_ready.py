@@ -5,7 +5,9 @@ jobs) is up; a submission in that window fails with ``No available agent to subm
 (HTTP 500).  Ray's own readiness probes (KubeRay's) ask two HTTP endpoints, and so does
 :func:`wait_for_job_agent`:
 
-- the dashboard, ``{dashboard}/api/version``: the job API answers;
+- the dashboard, ``{dashboard}/api/gcs_healthz``: the job API is served and its GCS is
+  alive (a health endpoint: it answers without the cluster's auth token, which
+  ``/api/version`` does not);
 - the head's agent, ``{agent}/api/local_raylet_healthz``: the agent serves and its raylet
   is alive (the agent registers itself for jobs right after its HTTP server starts; the
   job API then waits up to 10 s for that registration on its own).
@@ -34,7 +36,7 @@ def answers(url: str, expect: str = "", timeout_s: float = 2.0) -> bool:
 
 
 def job_agent_ready(dashboard: str = DEFAULT_DASHBOARD, agent: str = DEFAULT_AGENT) -> bool:
-    return (answers(f"{dashboard.rstrip('/')}/api/version")
+    return (answers(f"{dashboard.rstrip('/')}/api/gcs_healthz", expect="success")
             and answers(f"{agent.rstrip('/')}/api/local_raylet_healthz", expect="success"))
 
 
