@@ -336,16 +336,43 @@ class DiagnosticsConfig:
     leak_kl_factor: float = 2.0  # raw KL above factor * free_bits ...
     leak_gap_nats: float = 0.5  # ... or CE gap above this = leaking
     # Synthetic task: free generations (Z from the prior) read for validity at the final
-    # evaluation (eval/valid_rate); 0 = off.
-    free_generations: int = 64
-    # Sweep verdicts (freetf.evaluation.verdicts): a difference is "clear" when it exceeds
-    # noise_z times its noise, the noise estimated from the seeds of the baseline.
+    # evaluation (eval/valid_rate, with its Wilson interval); 0 = off.
+    free_generations: int = 256
+    # Use of Z (freetf.evaluation.latent_use): posterior redraws per row for the shuffle
+    # gain eval/use_nats (0 = not measured), prior draws of the importance-weighted
+    # honest bound eval/ce_iw_nats.
+    use_redraws: int = 2
+    iw_prior_draws: int = 4
+    # Sweep verdicts (freetf.evaluation.verdicts), tolerances fixed in advance:
+    # used: the use interval lies above use_tol_nats (nats per token);
+    # leaking: the validity interval lies leak_valid_tol below the baseline's, or the
+    # validity is below broken_valid; without validity (real data), the honest bound's
+    # interval lies leak_cost_tol_nats above the baseline's CE.
+    use_tol_nats: float = 0.002
+    leak_valid_tol: float = 0.1
+    broken_valid: float = 0.2
+    leak_cost_tol_nats: float = 0.02
+    # What Z encodes (synthetic task): a class of tokens (position, noise) counts when
+    # its use interval lies above regime_tol_nats per token of the class.
+    regime_tol_nats: float = 0.05
+    # A trial is converged when its last converge_evals evaluations agree: posterior CE
+    # within converge_ce_nats and KL within converge_kl_bits (max - min); a synthetic
+    # baseline also needs its CE within floor_tol_nats of the exact floor.
+    converge_evals: int = 3
+    converge_ce_nats: float = 0.005
+    converge_kl_bits: float = 0.1
+    floor_tol_nats: float = 0.01
+    # The earlier seed-spread rule's margin (in noise units); kept for old configs only.
     noise_z: float = 2.0
 
     def validate(self, path: str) -> None:
         _non_negative(self, path, "active_bit_threshold_nats", "collapsed_kl_nats",
                       "collapsed_gap_nats", "leak_kl_factor", "leak_gap_nats",
-                      "free_generations", "noise_z")
+                      "free_generations", "noise_z", "use_redraws", "use_tol_nats",
+                      "leak_valid_tol", "broken_valid", "leak_cost_tol_nats",
+                      "converge_ce_nats", "converge_kl_bits", "floor_tol_nats",
+                      "regime_tol_nats")
+        _positive(self, path, "iw_prior_draws", "converge_evals")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,10 @@ from freetf.config import Config
 from freetf.data.datasets import DataBundle, build_data
 from freetf.data.stream import BatchStream
 from freetf.evaluation.diagnostics import latent_diagnostics, verdict
+from freetf.evaluation.measures import task_measures, validity_interval
 from freetf.evaluation.samples import sample_texts
 from freetf.evaluation.synthetic_eval import free_generation_validity
+from freetf.evaluation.verdicts import plateau
 from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
 from freetf.training.checkpoint import (
@@ -296,6 +298,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             with unsharded(raw_model):  # FSDP: rank 0 alone decodes the samples
                 metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
                                         samples=last and ctx.is_main))
+            d = cfg.diagnostics  # has it converged?  its last evaluations agree
+            metrics.update(plateau([*ctx.history, metrics], d.converge_evals,
+                                   d.converge_ce_nats, d.converge_kl_bits))
             model.train()
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             report = {k: v for k, v in metrics.items() if not isinstance(v, str | list)}
@@ -334,12 +339,15 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
         torch.manual_seed(cfg.training.seed + 17)  # same eval noise each time
         result: dict[str, Any] = latent_diagnostics(model, batches, cfg, device)
         result.update(bits_per_byte(result, data.bytes_per_token))
+        result.update(task_measures(model, batches, cfg, result))
         result["eval/verdict"] = verdict(result, cfg, free_bits_nats)
         if samples:
             result["eval/samples"] = sample_texts(model, data, cfg, device)
         if samples and cfg.data.dataset_name == "synthetic" and cfg.diagnostics.free_generations:
             result["eval/valid_rate"] = free_generation_validity(
                 model, cfg.diagnostics.free_generations, seed=cfg.training.seed + 17)
+            result.update(validity_interval(result["eval/valid_rate"],
+                                            cfg.diagnostics.free_generations))
     return result
 
 

@@ -1,0 +1,60 @@
+"""The evaluation's measures on the synthetic task: the exact floor of the evaluated rows,
+the use of Z by token class, the honest bound, the validity interval and the plateau."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from freetf import load_config
+from freetf.data.datasets import build_data
+from freetf.data.stream import BatchStream
+from freetf.evaluation.synthetic_bayes import bayes_floor_nats
+from freetf.model.transformer import FreeTransformer
+from freetf.training.context import TrainContext
+from freetf.training.loop import evaluate, train_loop
+
+pytestmark = pytest.mark.timeout(120)
+
+TINY_SYNTHETIC = ["model.hidden_dim=32", "model.num_layers=2", "model.num_heads=2",
+                  "data.num_samples=256", "data.val_samples=64", "training.batch_size=16",
+                  "training.eval_batches=2", "diagnostics.free_generations=32",
+                  "scaling.use_ray=false", "checkpoint.every_steps=0"]
+
+
+@pytest.mark.parametrize("latent", [0, 4])
+def test_an_evaluation_logs_the_floor_of_its_own_rows_and_the_use_of_z(latent):
+    cfg = load_config("configs/synthetic.yaml", [*TINY_SYNTHETIC, f"model.latent_dim={latent}"])
+    data = build_data(cfg)
+    model = FreeTransformer(cfg.model)
+    m = evaluate(model, data, cfg, torch.device("cpu"), cfg.training.free_bits_nats,
+                 samples=True)
+    val = BatchStream(data.val, cfg.training.batch_size, seed=cfg.data.seed, drop_last=True)
+    rows = np.concatenate([next(val).numpy() for _ in range(2)])  # the evaluated rows
+    assert m["eval/floor_nats"] == pytest.approx(bayes_floor_nats(rows), abs=1e-12)
+    ce = m["eval/ce_posterior_nats" if latent else "eval/ce_prior_nats"]
+    assert m["eval/excess_nats"] == pytest.approx(ce - m["eval/floor_nats"], abs=1e-12)
+    assert 0 <= m["eval/valid_low"] <= m["eval/valid_rate"] <= m["eval/valid_high"] <= 1
+    assert m["eval/valid_draws"] == 32
+    if latent:
+        assert m["eval/use_rows"] == 32
+        for name in ("use", "use_position", "use_noise", "use_letter", "ce_iw"):
+            assert m[f"eval/{name}_low_nats"] <= m[f"eval/{name}_nats"] \
+                <= m[f"eval/{name}_high_nats"], name
+        assert m["eval/excess_iw_nats"] == pytest.approx(m["eval/ce_iw_nats"]
+                                                         - m["eval/floor_nats"], abs=1e-12)
+    else:
+        assert not any(k.startswith("eval/use") or k.startswith("eval/ce_iw") for k in m)
+
+
+def test_the_loop_logs_the_plateau_at_every_evaluation():
+    cfg = load_config("configs/synthetic.yaml", [
+        *TINY_SYNTHETIC, "training.max_steps=6", "training.eval_every=2",
+        "training.log_every=2", "diagnostics.converge_evals=2",
+        "diagnostics.converge_ce_nats=100", "diagnostics.converge_kl_bits=100"])
+    result = train_loop(cfg, TrainContext())
+    evals = [h for h in result.history if "eval/ce_prior_nats" in h]
+    assert [h["eval/converged"] for h in evals] == [0.0, 1.0, 1.0]  # 2 evaluations needed
+    spread = abs(evals[2]["eval/ce_posterior_nats"] - evals[1]["eval/ce_posterior_nats"])
+    assert evals[2]["eval/plateau_ce_nats"] == pytest.approx(spread)
