@@ -4,12 +4,12 @@ table, the boundary report and the phase diagram).  No Ray cluster, no training.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
-from ray.tune.search import Searcher
 
 from freetf.sweeps import analysis
 from freetf.sweeps.boundary import LATENT_KEY, SEED_KEY, BoundarySearch
@@ -17,7 +17,6 @@ from freetf.sweeps.boundary import LATENT_KEY, SEED_KEY, BoundarySearch
 pytestmark = pytest.mark.timeout(120)
 
 KEY = "training.free_bits_bits"
-CE_NOISE = 0.01  # seed-to-seed spread of the honest CE (nats)
 
 
 def _sigmoid(a: float) -> float:
@@ -26,65 +25,56 @@ def _sigmoid(a: float) -> float:
 
 def fake_trainable(config: dict, rng: np.random.Generator, x_c: float, x_l: float,
                    slope: float = 2.0) -> dict[str, float]:
-    """Final metrics of a trial: collapsed with P = sigmoid(-slope (x - x_c)), else
-    leaking with P = sigmoid(slope (x - x_l)) (x = log2 kappa); noisy CE everywhere."""
-    ce = 1.0 + rng.normal(0.0, CE_NOISE)
+    """Final metrics of a trial: collapsed (no use) with P = sigmoid(-slope (x - x_c)),
+    else leaking (free generations invalid) with P = sigmoid(slope (x - x_l)), else used
+    (x = log2 kappa).  The coverage test's simulator (boundary_sim) is the realistic one."""
+    base = {"eval/ce_prior_nats": 0.3, "eval/valid_rate": 0.95, "eval/valid_low": 0.92,
+            "eval/valid_high": 0.97, "eval/converged": 1.0, "eval/excess_nats": 0.003}
     if config[LATENT_KEY] == 0:
-        return {"eval/ce_prior_nats": ce, "eval/valid_rate": 0.95}
+        return base
     x = math.log2(config[KEY])
-    if rng.random() < _sigmoid(-slope * (x - x_c)):
-        return {"eval/ce_prior_nats": ce, "eval/ce_gap_nats": abs(rng.normal(0, 0.002)),
-                "eval/mutual_info_nats": 0.001, "eval/valid_rate": 0.95}
-    leak = rng.random() < _sigmoid(slope * (x - x_l))
-    return {"eval/ce_prior_nats": ce + (0.3 if leak else 0.0), "eval/ce_gap_nats": 0.15,
-            "eval/mutual_info_nats": 0.3, "eval/valid_rate": 0.95}
+    if rng.random() < float(_sigmoid(-slope * (x - x_c))):
+        return {**base, "eval/use_low_nats": -0.001, "eval/use_nats": 0.0}
+    if rng.random() < float(_sigmoid(slope * (x - x_l))):
+        return {**base, "eval/use_low_nats": 0.05, "eval/valid_rate": 0.1,
+                "eval/valid_low": 0.07, "eval/valid_high": 0.14}
+    return {**base, "eval/use_low_nats": 0.05, "eval/use_nats": 0.06}
 
 
 def _search(probes: int = 8, settings=None) -> BoundarySearch:
     return BoundarySearch(KEY, -6.0, 3.0, settings or [{"training.kl_weight": 1.0}],
-                          {KEY: 1.0, "training.kl_weight": 1.0}, 8, [0, 1, 2], probes, 3,
-                          z=2.0)
+                          {KEY: 1.0, "training.kl_weight": 1.0}, 8, [0, 1, 2], probes, 3)
 
 
-def drive(search: BoundarySearch, rng: np.random.Generator, x_c: float, x_l: float,
-          concurrency: int = 2) -> list[dict]:
-    """Tune's loop in miniature: keep ``concurrency`` trials running, finish them in a
-    random order; returns the configs in the order they were suggested."""
-    running: dict[str, dict] = {}
-    suggested = []
-    while True:
-        while len(running) < concurrency:
-            trial_id = f"t{len(suggested)}"
-            config = search.suggest(trial_id)
-            if config is None or config == Searcher.FINISHED:
-                break
-            running[trial_id] = config
-            suggested.append(config)
-        if not running:
-            return suggested
-        trial_id = sorted(running)[rng.integers(len(running))]
-        search.on_trial_complete(trial_id, fake_trainable(running.pop(trial_id), rng,
-                                                          x_c, x_l))
+def test_the_search_narrows_known_sharp_boundaries():
+    """Sharp boundaries and noiseless verdicts: the intervals hold the truth and are
+    narrow (the calibrated coverage test is tests/test_boundary_coverage.py)."""
+    from test_boundary_coverage import drive
 
-
-def test_the_search_finds_known_boundaries_within_its_intervals():
-    """Over 40 fake sweeps with random boundaries, each truth lies in the reported 95%
-    interval at least 90% of the time, and the intervals are narrower than the range."""
-    hits = {"collapse": 0, "leak": 0}
-    widths = []
-    reps = 40
-    for rep in range(reps):
+    for rep in range(5):
         rng = np.random.default_rng(rep)
         x_c, x_l = rng.uniform(-5.5, -3.0), rng.uniform(0.0, 2.0)
         search = _search()
-        suggested = drive(search, rng, x_c, x_l)
-        assert len(suggested) == search.budget == 3 + 8 * 3
+        run = functools.partial(fake_trainable, rng=rng, x_c=x_c, x_l=x_l, slope=50.0)
+        assert drive(search, run, rng) == search.budget == 3 + 8 * 3
         fits = search.fits(0, confidence=0.95)
-        hits["collapse"] += fits["collapse"].contains(x_c)
-        hits["leak"] += fits["leak"].contains(x_l)
-        widths += [f.high_log2 - f.low_log2 for f in fits.values()]
-    assert hits["collapse"] >= 0.9 * reps and hits["leak"] >= 0.9 * reps, hits
-    assert np.median(widths) < 3.0  # of a 9-unit range: the search did narrow it
+        assert fits["collapse"].contains(x_c) and fits["leak"].contains(x_l)
+        assert max(f.high_log2 - f.low_log2 for f in fits.values()) < 2.5  # of 9 units
+
+
+def test_unconverged_probes_are_not_verdicts():
+    search = _search(probes=3)
+    configs = [search.suggest(f"t{i}") for i in range(12)]
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(configs):
+        m = fake_trainable(c, rng, -3.0, 1.0)
+        if c[LATENT_KEY] and i % 2:
+            m["eval/converged"] = 0.0
+        search.on_trial_complete(f"t{i}", m)
+    xs, labels = search.observations(0)
+    probes = [c for c in configs if c[LATENT_KEY]]
+    assert len(xs) == len([i for i, c in enumerate(configs) if c[LATENT_KEY] and not i % 2])
+    assert len(probes) == 9 and "unconverged" not in labels
 
 
 def test_baselines_first_then_every_seed_of_each_probe():
@@ -155,7 +145,7 @@ def _frame(x_c: float = -3.0, seeds: int = 3) -> pd.DataFrame:
 
 def test_analyse_labels_trials_against_their_seed_baselines_and_fits_boundaries(tmp_path):
     df = _frame()
-    found = analysis.analyse(df, KEY, z=2.0, confidence=0.9, range_log2=(-6.0, 2.0))
+    found = analysis.analyse(df, KEY, confidence=0.9, range_log2=(-6.0, 2.0))
     trials = found.trials.set_index("run_id")
     assert set(trials[trials["model_kind"] == "baseline"]["verdict"]) == {"baseline"}
     ft = trials[trials["model_kind"] == "free_transformer"]
@@ -183,8 +173,23 @@ def test_analyse_labels_trials_against_their_seed_baselines_and_fits_boundaries(
     assert "kappa_c" in paths["boundaries"].read_text()
 
 
-def test_without_two_baseline_seeds_there_is_no_noise_and_no_boundary(tmp_path):
-    found = analysis.analyse(_frame(seeds=1), KEY)
-    assert not found.noise.known and not found.boundaries
-    assert set(found.trials["verdict"]) == {"active", "baseline"}
-    assert analysis.write_analysis(found, tmp_path)["phase"].is_file()
+def test_unconverged_baselines_mark_the_boundaries_and_unconverged_trials_are_left_out(
+        tmp_path):
+    df = _frame()
+    ft = df["model_kind"] == "free_transformer"
+    df.loc[ft & (df["free_bits_bits"] == 1.0), "eval/converged"] = 0.0
+    found = analysis.analyse(df, KEY, confidence=0.9, range_log2=(-6.0, 2.0))
+    assert found.converged
+    judged = found.trials[found.trials["model_kind"] == "free_transformer"]
+    assert set(judged[judged["free_bits_bits"] == 1.0]["verdict"]) == {"unconverged"}
+    assert found.boundaries[0].collapse.trials == 12  # 15 probes less the 3 unconverged
+    off_floor = df["model_kind"] == "baseline"
+    df.loc[off_floor & (df["seed"] == 1), "eval/excess_nats"] = 0.05
+    found = analysis.analyse(df, KEY, confidence=0.9, range_log2=(-6.0, 2.0))
+    assert not found.converged and len(found.unconverged_baselines) == 1
+    assert all("UNCONVERGED" in line for line in found.summary_lines()[:2])
+    parent, _ = analysis.mlflow_records(found)
+    assert parent["metrics"]["boundary/converged"] == 0.0
+    assert parent["tags"]["freetf.kappa_c"].endswith("[unconverged baselines]")
+    paths = analysis.write_analysis(found, tmp_path)
+    assert '"converged": false' in paths["boundaries_json"].read_text()

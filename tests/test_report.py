@@ -180,8 +180,9 @@ def test_report_cli_errors_name_the_problem(tmp_path, capsys):
 
 def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
     """A boundary sweep in MLflow: two baseline seeds and a Free Transformer per kappa
-    in {1/64, 1/4, 4} bits and seed, whose outcomes are collapsed, used and leaking
-    against the baselines; their own per-trial verdict tags all say ``active``."""
+    in {1/64, 1/4, 4} bits and seed, whose measurements are collapsed (no use), used and
+    leaking (broken generation) against the baselines; their own per-trial verdict tags
+    all say ``active``."""
     from freetf.sweeps.spec import load_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -194,12 +195,13 @@ def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
         spec = load_sweep(Path(__file__).parent.parent / "configs" / "search_kl.yaml")
         client.log_text(parent, spec.to_yaml(), "search_space.yaml")
     baseline_ce = {0: 1.00, 1: 1.02}
-    trials = [(None, seed, baseline_ce[seed], 0.0, 0.0) for seed in (0, 1)]
+    # (kappa, seed, honest CE, use interval's low end, valid rate, its interval)
+    trials = [(None, seed, baseline_ce[seed], None, 0.95, 0.92, 0.97) for seed in (0, 1)]
     for seed in (0, 1):
-        trials += [(1 / 64, seed, baseline_ce[seed] + 0.001, 0.0, 0.0),  # collapsed
-                   (0.25, seed, baseline_ce[seed] + 0.01, 0.8, 0.9),  # used: gap, no cost
-                   (4.0, seed, baseline_ce[seed] + 3.0, 1.5, 2.5)]  # leaking: a cost
-    for kappa, seed, ce, gap, mi in trials:
+        trials += [(1 / 64, seed, baseline_ce[seed] + 0.001, 0.0, 0.95, 0.92, 0.97),  # no use
+                   (0.25, seed, baseline_ce[seed] + 0.01, 0.05, 0.9, 0.86, 0.93),  # used
+                   (4.0, seed, baseline_ce[seed] + 3.0, 0.5, 0.05, 0.03, 0.08)]  # broken
+    for kappa, seed, ce, use_low, valid, valid_low, valid_high in trials:
         sampled = {"training.seed": seed, "model.latent_dim": 0 if kappa is None else 8,
                    "training.free_bits_bits": 1.0 if kappa is None else kappa}
         run_id = client.create_run(exp, run_name=f"b/{kappa},{seed}").info.run_id
@@ -208,11 +210,13 @@ def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
                 "freetf.model_kind": "baseline" if kappa is None else "free_transformer",
                 "freetf.sampled": json.dumps(sampled)}
         params = {**sampled, "training.kl_weight": 1.0}
+        values = {"eval/ce_prior_nats": ce, "eval/valid_rate": valid,
+                  "eval/valid_low": valid_low, "eval/valid_high": valid_high,
+                  "eval/converged": 1.0, **({} if use_low is None else
+                                            {"eval/use_low_nats": use_low})}
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()],
-                         metrics=[Metric("eval/ce_prior_nats", ce, 0, 300),
-                                  Metric("eval/ce_gap_nats", gap, 0, 300),
-                                  Metric("eval/mutual_info_nats", mi, 0, 300)])
+                         metrics=[Metric(k, v, 0, 300) for k, v in values.items()])
         client.set_terminated(run_id, "FINISHED")
     return uri
 

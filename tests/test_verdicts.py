@@ -1,4 +1,4 @@
-"""Tests for freetf.evaluation.verdicts: noise from the seeds, verdicts, boundary fits."""
+"""Tests for freetf.evaluation.verdicts: the verdict rule, convergence, boundary fits."""
 
 from __future__ import annotations
 
@@ -8,55 +8,95 @@ import numpy as np
 import pytest
 
 from freetf.evaluation import verdicts
-from freetf.evaluation.verdicts import Noise, Outcome
+from freetf.evaluation.verdicts import Outcome, Tolerances
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_pooled_sd_is_the_within_group_spread():
-    sd, dof = verdicts.pooled_sd([[1.0, 2.0, 3.0], [10.0, 12.0], [5.0]])
-    # squares: 2 (around 2) + 2 (around 11) over 2 + 1 dof
-    assert dof == 3 and sd == pytest.approx(math.sqrt(4.0 / 3.0))
-    assert math.isnan(verdicts.pooled_sd([[1.0], [2.0]])[0])
+# dyadic values: the edge cases are exact in binary
+TOL = Tolerances(use_nats=0.002, leak_valid=0.125, broken_valid=0.2, leak_cost_nats=0.03125)
+BASE = Outcome(1.0, valid_rate=0.95, valid_low=0.875, valid_high=0.97, converged=1.0)
 
 
-def test_noise_comes_from_the_baseline_seeds():
-    groups = [[Outcome(1.00, valid_rate=1.0), Outcome(1.02, valid_rate=1.0),
-               Outcome(1.04, valid_rate=1.0)]]
-    noise = verdicts.estimate_noise(groups, z=2.0, generations=64)
-    assert noise.ce_nats == pytest.approx(0.02) and noise.dof == 2
-    # every baseline generation valid: the binomial error of 64 reads, Laplace-smoothed
-    p = 65 / 66
-    assert noise.valid == pytest.approx(math.sqrt(p * (1 - p) / 64))
-    # a t quantile: a spread from 3 seeds is itself uncertain (wider than z = 2)
-    assert noise.k == pytest.approx(4.5265, abs=1e-3)
-    assert noise.cost_margin_nats == pytest.approx(noise.k * math.sqrt(2) * 0.02)
-    assert not verdicts.estimate_noise([[Outcome(1.0)]], z=2.0).known
-
-
-NOISE = Noise(ce_nats=0.01, valid=0.02, z=2.0, dof=1000)  # k ~ 2.0
-BASE = Outcome(1.0, valid_rate=0.9)
+def used(**kw) -> Outcome:
+    values = dict(ce_prior_nats=1.0, use_low_nats=0.01, valid_rate=0.9, valid_low=0.86,
+                  valid_high=0.93, converged=1.0)
+    return Outcome(**{**values, **kw})
 
 
 @pytest.mark.parametrize("trial, expected", [
-    # Z spends KL but buys nothing: collapsed whatever the KL (gap, MI within noise)
-    (Outcome(1.0, ce_gap_nats=0.015, mutual_info_nats=0.0, valid_rate=0.9), "collapsed"),
-    (Outcome(1.5, ce_gap_nats=0.0, mutual_info_nats=0.015, valid_rate=0.2), "collapsed"),
-    # used: a clear gap at no clear cost
-    (Outcome(1.02, ce_gap_nats=0.1, mutual_info_nats=0.3, valid_rate=0.9), "used"),
-    (Outcome(1.0, ce_gap_nats=0.0, mutual_info_nats=0.3, valid_rate=0.9), "used"),
-    # leaking: honest CE clearly above the baseline's, or validity clearly below
-    (Outcome(1.03, ce_gap_nats=0.1, mutual_info_nats=0.3, valid_rate=0.9), "leaking"),
-    (Outcome(1.0, ce_gap_nats=0.1, mutual_info_nats=0.3, valid_rate=0.8), "leaking"),
-    (Outcome(1.0, ce_gap_nats=0.1, mutual_info_nats=0.3), "used"),  # validity not read
+    (used(), "used"),
+    # the use interval must lie above the tolerance, whatever the MI, KL or gap
+    (used(use_low_nats=0.002), "collapsed"),
+    (used(use_low_nats=0.0021), "used"),
+    (used(use_low_nats=-0.01, mutual_info_nats=0.3, ce_gap_nats=0.2), "collapsed"),
+    (used(use_low_nats=math.nan), "collapsed"),  # not measured: no evidence of use
+    # a single prior draw's CE far above the baseline is Jensen's gap, not a leak
+    (used(ce_prior_nats=1.5), "used"),
+    # broken free generation: leaking, used or not
+    (used(valid_rate=0.19, valid_low=0.15, valid_high=0.24), "leaking"),
+    (used(use_low_nats=0.0, valid_rate=0.19, valid_low=0.15, valid_high=0.24), "leaking"),
+    (used(valid_rate=0.2, valid_low=0.15, valid_high=0.9), "used"),  # on the edge: not
+    # the validity interval a stated amount below the baseline's
+    (used(valid_rate=0.7, valid_low=0.65, valid_high=0.74), "leaking"),  # < 0.875 - 0.125
+    (used(valid_rate=0.7, valid_low=0.65, valid_high=0.75), "used"),  # == 0.75: not
+    # no validity (real data): the honest bound's interval above the baseline's CE
+    (used(valid_rate=math.nan, ce_iw_low_nats=1.032), "leaking"),
+    (used(valid_rate=math.nan, ce_iw_low_nats=1.03125), "used"),
+    (used(valid_rate=math.nan), "used"),  # no bound measured either
+    # no verdict from a run whose last evaluations still move
+    (used(converged=0.0), "unconverged"),
+    (used(converged=math.nan), "used"),  # not measured (older runs)
 ])
 def test_classify(trial, expected):
-    assert verdicts.classify(trial, BASE, NOISE) == expected
+    assert verdicts.classify(trial, BASE, TOL) == expected
 
 
-def test_classify_needs_a_noise_estimate():
-    with pytest.raises(ValueError, match=">= 2 baseline seeds"):
-        verdicts.classify(BASE, BASE, Noise(math.nan, math.nan, 2.0, 0))
+def test_tolerances_come_from_the_config():
+    from freetf import load_config
+
+    d = load_config(overrides=["diagnostics.use_tol_nats=0.01",
+                               "diagnostics.leak_valid_tol=0.2",
+                               "diagnostics.broken_valid=0.3",
+                               "diagnostics.leak_cost_tol_nats=0.05",
+                               "diagnostics.floor_tol_nats=0.02"]).diagnostics
+    assert Tolerances.from_config(d) == Tolerances(0.01, 0.2, 0.3, 0.05, 0.02)
+    assert Tolerances.from_config(load_config().diagnostics) == Tolerances()
+
+
+@pytest.mark.parametrize("baseline, expected", [
+    (Outcome(1.0, converged=1.0, excess_nats=0.005, valid_rate=0.9), True),
+    (Outcome(1.0, converged=0.0, excess_nats=0.005, valid_rate=0.9), False),  # moving
+    (Outcome(1.0, converged=1.0, excess_nats=0.0101, valid_rate=0.9), False),  # off floor
+    (Outcome(1.0, converged=1.0, excess_nats=0.01, valid_rate=0.8), True),  # on the edges
+    (Outcome(1.0, converged=1.0, excess_nats=0.005, valid_rate=0.79), False),  # invalid
+    (Outcome(1.0), True),  # real data: no floor, no validity, not measured
+])
+def test_baseline_converged(baseline, expected):
+    assert verdicts.baseline_converged(baseline, TOL) is expected
+
+
+def test_plateau_reads_the_last_evaluations_only():
+    def ev(step, ce, kl=1.0, post=None):
+        h = {"step": step, "eval/ce_prior_nats": ce, "eval/kl_bits": kl}
+        if post is not None:
+            h["eval/ce_posterior_nats"] = post
+        return h
+    train_only = {"step": 5, "train/loss": 3.0}
+    history = [ev(100, 2.0), train_only, ev(200, 1.0), ev(300, 1.004), ev(400, 0.998)]
+    got = verdicts.plateau(history, evals=3, ce_nats=0.01, kl_bits=0.1)
+    assert got["eval/plateau_ce_nats"] == pytest.approx(0.006)
+    assert got["eval/plateau_kl_bits"] == 0.0 and got["eval/converged"] == 1.0
+    assert verdicts.plateau(history, 4, 0.01, 0.1)["eval/converged"] == 0.0  # 2.0 is in
+    assert verdicts.plateau(history[:3], 3, 0.01, 0.1)["eval/converged"] == 0.0  # 2 evals
+    moving_kl = [ev(1, 1.0, kl=1.0), ev(2, 1.0, kl=1.2), ev(3, 1.0, kl=1.15)]
+    assert verdicts.plateau(moving_kl, 3, 0.01, 0.1)["eval/converged"] == 0.0
+    assert verdicts.plateau(moving_kl, 3, 0.01, 0.2)["eval/converged"] == 1.0
+    # a Free Transformer: the posterior CE, not the single-draw prior CE
+    ft = [ev(1, 1.5, post=1.0), ev(2, 1.2, post=1.001), ev(3, 1.6, post=1.002)]
+    assert verdicts.plateau(ft, 3, 0.01, 0.1)["eval/converged"] == 1.0
+    empty = verdicts.plateau([train_only], 3, 0.01, 0.1)
+    assert empty["eval/converged"] == 0.0 and math.isnan(empty["eval/plateau_ce_nats"])
 
 
 def test_changes_baseline():
@@ -93,3 +133,17 @@ def test_probe_information_peaks_between_disagreeing_verdicts():
     best = candidates[int(np.argmax(gain))]
     assert -4 <= best <= 0  # inside the bracket, not at a probed end
     assert gain[0] < gain.max() / 2 and gain[-1] < gain.max() / 2
+
+
+@pytest.mark.parametrize("pos, noise, valid, expected", [
+    (0.0, 0.0, 0.9, "nothing"),
+    (0.06, 0.0, 0.9, "position"),
+    (0.05, 0.0, 0.9, "nothing"),  # on the tolerance: not above it
+    (0.0, 0.3, 0.9, "noise"),
+    (0.5, 0.3, 0.9, "position+noise"),
+    (0.5, 0.3, 0.19, "broken"),
+    (math.nan, math.nan, 0.9, ""),  # not the synthetic task
+])
+def test_regime(pos, noise, valid, expected):
+    trial = Outcome(1.0, valid_rate=valid, use_position_low_nats=pos, use_noise_low_nats=noise)
+    assert verdicts.regime(trial, Tolerances(regime_nats=0.05)) == expected

@@ -1,27 +1,23 @@
-"""Sweep verdicts against a baseline, with noise margins estimated from the seeds.
+"""Sweep verdicts of converged trials, with tolerances fixed in advance; the boundaries.
 
-A Free Transformer trial of a sweep is compared with the same model without a latent
-(``model.latent_dim = 0``), trained identically with the same seed:
+A Free Transformer trial of a sweep is judged on its own measurements, each with an
+interval from its own noise (rows resampled, Z redrawn: :mod:`freetf.evaluation.latent_use`),
+against tolerances that are config keys (``diagnostics.*``), not margins estimated from
+the spread of a few baseline seeds:
 
-- *cost*: its honest cross-entropy (Z from the prior, ``eval/ce_prior_nats``) minus the
-  baseline's of its seed: what conditioning on Z costs free generation;
-- *benefit*: the prior-posterior CE gap (``eval/ce_gap_nats``) and the mutual information
-  I(X; Z) (``eval/mutual_info_nats``): whether the decoder uses Z at all.
+- ``unconverged``: its last evaluations still move (``eval/converged`` = 0, the plateau of
+  :func:`plateau`): no verdict is taken from it;
+- ``leaking``: free generation breaks: its validity (Z from the prior) is below
+  ``broken_valid``, or its interval lies ``leak_valid_tol`` below the baseline's (same
+  seed); without a validity (real data), the honest importance-weighted bound's
+  interval lies ``leak_cost_tol_nats`` above the baseline's CE;
+- ``used``: the decoder uses Z: the shuffle gain's interval (``eval/use_low_nats``) lies
+  above ``use_tol_nats``;
+- ``collapsed`` otherwise: no use of Z the measurement can tell from zero.
 
-How large a difference must be to count is not a constant: the *noise* is the spread of
-the baseline's honest CE across seeds (pooled over baseline groups, ``s_ce``), and of its
-free-generation validity (at least the binomial standard error of the number of
-generations read).  A difference is clear when it exceeds k noise units, with k the
-Student-t quantile, at the degrees of freedom of ``s_ce``, of the normal quantile
-``z = diagnostics.noise_z`` (2 by default: 4.5 with three seeds, 2.4 with eight):
-
-- ``collapsed``: gap <= k s_ce and MI <= k s_ce: the decoder gains no more from Z than
-  seeds move the CE anyway, whatever the KL (bits spent on input-independent biases are
-  not information);
-- ``leaking``: not collapsed, and the cost > k sqrt(2) s_ce (the difference of two
-  seeds' CEs has sqrt(2) times their noise), or the validity of free generations is
-  below the baseline's by more than k sqrt(2) s_valid;
-- ``used`` otherwise: Z carries information the decoder uses, at no clear cost.
+The mutual information and the single-draw honest CE stay diagnostics: MI <= KL <= kappa
+made an MI arm a KL threshold in disguise, MI counts information the decoder never reads,
+and one prior draw's CE pays Jensen's gap, not a leak (docs/sweeps.md).
 
 The boundaries of a sweep are fitted to these verdicts along x = log2(kappa):
 P(collapsed | x) falls and P(leaking | x) rises through a logistic curve
@@ -37,12 +33,13 @@ numpy and scipy: no Ray, MLflow or torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 VERDICTS = ("collapsed", "used", "leaking")
+UNCONVERGED = "unconverged"
 # Keys that do not change a model without latent: a baseline is shared across them.
 LATENT_ONLY_KEYS = ("training.kl_weight", "training.free_bits", "training.free_bits_bits",
                     "training.kl_annealing.", "training.free_bits_schedule.",
@@ -66,12 +63,20 @@ def changes_baseline(key: str) -> bool:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A trial's final evaluation (NaN where not measured; a baseline has no gap / MI)."""
+    """A trial's final evaluation (NaN where not measured; a baseline has no use)."""
 
     ce_prior_nats: float
     ce_gap_nats: float = math.nan
     mutual_info_nats: float = math.nan
     valid_rate: float = math.nan
+    use_low_nats: float = math.nan  # the shuffle gain's interval, low end
+    ce_iw_low_nats: float = math.nan  # the honest bound's interval, low end
+    valid_low: float = math.nan
+    valid_high: float = math.nan
+    excess_nats: float = math.nan  # CE above the task's exact floor (synthetic)
+    converged: float = math.nan  # 1: plateaued, 0: still moving, NaN: not measured
+    use_position_low_nats: float = math.nan  # use on the position tokens (synthetic)
+    use_noise_low_nats: float = math.nan  # use on the "!" tokens (synthetic)
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, float]) -> Outcome:
@@ -79,97 +84,102 @@ class Outcome:
             value = metrics.get(key)
             return math.nan if value is None else float(value)
         return cls(get("eval/ce_prior_nats"), get("eval/ce_gap_nats"),
-                   get("eval/mutual_info_nats"), get("eval/valid_rate"))
+                   get("eval/mutual_info_nats"), get("eval/valid_rate"),
+                   get("eval/use_low_nats"), get("eval/ce_iw_low_nats"),
+                   get("eval/valid_low"), get("eval/valid_high"), get("eval/excess_nats"),
+                   get("eval/converged"), get("eval/use_position_low_nats"),
+                   get("eval/use_noise_low_nats"))
 
 
 @dataclass(frozen=True)
-class Noise:
-    """Noise of a sweep's measurements, from its baseline seeds."""
+class Tolerances:
+    """The verdict's tolerances, fixed in advance (``diagnostics.*``, documented)."""
 
-    ce_nats: float  # seed standard deviation of the baseline's honest CE (pooled)
-    valid: float  # of its free-generation validity (NaN: not measured)
-    z: float
-    dof: int  # degrees of freedom of ce_nats (baseline trials minus groups)
+    use_nats: float = 0.002
+    leak_valid: float = 0.1
+    broken_valid: float = 0.2
+    leak_cost_nats: float = 0.02
+    floor_nats: float = 0.01  # a synthetic baseline's CE within this of the floor
+    baseline_valid: float = 0.8  # a synthetic baseline's validity at least this
+    regime_nats: float = 0.05  # use on one class of tokens (nats per such token)
 
-    @property
-    def known(self) -> bool:
-        return math.isfinite(self.ce_nats) and self.dof > 0
-
-    @property
-    def k(self) -> float:
-        """The margin in noise units: the Student-t quantile, at ``dof``, of the normal's
-        quantile ``z`` (a standard deviation from 2 seeds is itself uncertain)."""
-        from scipy import stats
-
-        return float(stats.t.ppf(stats.norm.cdf(self.z), self.dof))
-
-    @property
-    def benefit_margin_nats(self) -> float:
-        return self.k * self.ce_nats
-
-    @property
-    def cost_margin_nats(self) -> float:
-        return self.k * math.sqrt(2.0) * self.ce_nats
-
-    @property
-    def valid_margin(self) -> float:
-        return self.k * math.sqrt(2.0) * self.valid
-
-
-def pooled_sd(groups: Iterable[Sequence[float]]) -> tuple[float, int]:
-    """Pooled within-group standard deviation (ddof 1) and its degrees of freedom."""
-    squares, dof = 0.0, 0
-    for values in groups:
-        values = [v for v in values if math.isfinite(v)]
-        if len(values) >= 2:
-            mean = sum(values) / len(values)
-            squares += sum((v - mean) ** 2 for v in values)
-            dof += len(values) - 1
-    return (math.sqrt(squares / dof) if dof else math.nan), dof
-
-
-def estimate_noise(baseline_groups: Iterable[Sequence[Outcome]], z: float,
-                   generations: int = 0) -> Noise:
-    """Noise of the baseline outcomes, one group per baseline setting (its seeds).
-
-    Unknown (NaN) with fewer than two seeds in every group.  The validity noise is the
-    seed spread, at least the binomial standard error of ``generations`` reads at the
-    baselines' mean rate (Laplace-smoothed, so a rate of 1 still has noise).
-    """
-    groups = [list(g) for g in baseline_groups]
-    ce_sd, dof = pooled_sd([o.ce_prior_nats for o in g] for g in groups)
-    rates = [o.valid_rate for g in groups for o in g if math.isfinite(o.valid_rate)]
-    valid = math.nan
-    if rates:
-        seed_sd, _ = pooled_sd([o.valid_rate for o in g] for g in groups)
-        binomial = 0.0
-        if generations > 0:
-            p = (sum(rates) / len(rates) * generations + 1) / (generations + 2)
-            binomial = math.sqrt(p * (1 - p) / generations)
-        valid = max(seed_sd if math.isfinite(seed_sd) else 0.0, binomial)
-    return Noise(ce_sd, valid, z, dof)
+    @classmethod
+    def from_config(cls, diagnostics) -> Tolerances:
+        d = diagnostics
+        return cls(d.use_tol_nats, d.leak_valid_tol, d.broken_valid, d.leak_cost_tol_nats,
+                   d.floor_tol_nats, regime_nats=d.regime_tol_nats)
 
 
 def cost_nats(trial: Outcome, baseline: Outcome) -> float:
-    """Honest CE above the baseline of the same seed (nats per token)."""
+    """Single-draw honest CE above the baseline of the same seed (a diagnostic)."""
     return trial.ce_prior_nats - baseline.ce_prior_nats
 
 
-def classify(trial: Outcome, baseline: Outcome, noise: Noise) -> str:
-    """``collapsed`` / ``leaking`` / ``used`` (module docstring); needs a known noise."""
-    if not noise.known:
-        raise ValueError("the noise is unknown: the sweep needs >= 2 baseline seeds")
-    margin = noise.benefit_margin_nats
-    gap, mi = trial.ce_gap_nats, trial.mutual_info_nats
-    if not (gap > margin) and not (mi > margin):  # NaN (not measured) counts as 0
-        return "collapsed"
-    if cost_nats(trial, baseline) > noise.cost_margin_nats:
+def classify(trial: Outcome, baseline: Outcome, tol: Tolerances) -> str:
+    """``unconverged`` / ``leaking`` / ``used`` / ``collapsed`` (module docstring)."""
+    if trial.converged == 0.0:
+        return UNCONVERGED
+    if math.isfinite(trial.valid_rate):
+        if trial.valid_rate < tol.broken_valid:
+            return "leaking"
+        if (math.isfinite(trial.valid_high) and math.isfinite(baseline.valid_low)
+                and trial.valid_high < baseline.valid_low - tol.leak_valid):
+            return "leaking"
+    elif trial.ce_iw_low_nats - baseline.ce_prior_nats > tol.leak_cost_nats:  # NaN: False
         return "leaking"
-    if (math.isfinite(trial.valid_rate) and math.isfinite(baseline.valid_rate)
-            and math.isfinite(noise.valid)
-            and baseline.valid_rate - trial.valid_rate > noise.valid_margin):
-        return "leaking"
-    return "used"
+    if trial.use_low_nats > tol.use_nats:
+        return "used"
+    return "collapsed"
+
+
+REGIMES = ("nothing", "position", "noise", "position+noise", "broken")
+
+
+def regime(trial: Outcome, tol: Tolerances) -> str:
+    """What Z encodes on the synthetic task, the paper's Figure 4 rows: ``broken`` free
+    generation (valid < ``broken_valid``), else which token classes the decoder reads from
+    Z: the target's position (its first visible letter and the "_" before it), the "!"
+    noise, both, or ``nothing`` (use intervals above ``regime_nats`` per class token).
+    "" without the per-class measurements (not the synthetic task)."""
+    if math.isfinite(trial.valid_rate) and trial.valid_rate < tol.broken_valid:
+        return "broken"
+    if not (math.isfinite(trial.use_position_low_nats) or math.isfinite(trial.use_noise_low_nats)):
+        return ""
+    position = trial.use_position_low_nats > tol.regime_nats
+    noise = trial.use_noise_low_nats > tol.regime_nats
+    return {(False, False): "nothing", (True, False): "position", (False, True): "noise",
+            (True, True): "position+noise"}[(position, noise)]
+
+
+def baseline_converged(baseline: Outcome, tol: Tolerances) -> bool:
+    """A baseline is a reference once plateaued and, where the task has an exact floor
+    and a validity, within ``floor_nats`` of the floor and valid >= ``baseline_valid``."""
+    if baseline.converged == 0.0:
+        return False
+    if math.isfinite(baseline.excess_nats) and baseline.excess_nats > tol.floor_nats:
+        return False
+    return not (math.isfinite(baseline.valid_rate)
+                and baseline.valid_rate < tol.baseline_valid)
+
+
+def plateau(history: Sequence[Mapping[str, float]], evals: int, ce_nats: float,
+            kl_bits: float) -> dict[str, float]:
+    """Has a run converged?  Over its last ``evals`` evaluations (``history``: one dict
+    per logged step, evaluations carrying ``eval/ce_prior_nats``), the spread (max - min)
+    of the CE (posterior Z where measured, else the plain CE) and of the KL in bits.
+
+    Returns ``eval/plateau_ce_nats``, ``eval/plateau_kl_bits`` and ``eval/converged``
+    (1.0 when both spreads are within their tolerances over ``evals`` evaluations, 0.0
+    otherwise, also with fewer evaluations).
+    """
+    evaluated = [h for h in history if "eval/ce_prior_nats" in h][-evals:]
+    ce = [h.get("eval/ce_posterior_nats", h["eval/ce_prior_nats"]) for h in evaluated]
+    kl = [h.get("eval/kl_bits", 0.0) for h in evaluated]
+    spread_ce = max(ce) - min(ce) if ce else math.nan
+    spread_kl = max(kl) - min(kl) if kl else math.nan
+    ok = len(evaluated) >= evals and spread_ce <= ce_nats and spread_kl <= kl_bits
+    return {"eval/plateau_ce_nats": spread_ce, "eval/plateau_kl_bits": spread_kl,
+            "eval/converged": 1.0 if ok else 0.0}
 
 
 # ----------------------------------------------------------------------------- boundaries

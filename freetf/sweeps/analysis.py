@@ -3,17 +3,19 @@
 From the runs of a sweep (:func:`freetf.sweeps.report.collect_runs`, one row per trial),
 with its baseline trials (``model.latent_dim = 0``, one per seed and baseline setting):
 
-- each Free Transformer trial gets its *cost* (``cost_nats``: honest CE minus its seed's
-  baseline) and its verdict (``verdict``: collapsed / used / leaking, with the noise of
-  the baseline seeds, :mod:`freetf.evaluation.verdicts`); the per-trial fixed-threshold
-  verdict stays in ``verdict_fixed``;
+- each Free Transformer trial gets its *cost* (``cost_nats``: single-draw honest CE minus
+  its seed's baseline, a diagnostic) and its verdict (``verdict``: unconverged /
+  collapsed / used / leaking, from its own intervals against fixed tolerances,
+  :mod:`freetf.evaluation.verdicts`); the per-trial fixed-threshold verdict stays in
+  ``verdict_fixed``;
 - per setting of the other searched keys, the collapse onset kappa_c and the leak onset
   kappa_l with their credible intervals (:func:`freetf.evaluation.verdicts.fit_boundary`);
 - :func:`write_analysis` writes ``boundaries.md``, ``boundaries.json``, ``verdicts.csv``
   and the phase diagram (:mod:`freetf.sweeps.phase`) into the sweep's report folder.
 
-A sweep without baselines on two seeds or more has no noise estimate: it keeps the
-per-trial verdicts and gets no boundaries.
+Baselines are the reference: one that has not converged (still moving, or on the
+synthetic task above the exact floor or generating invalid sequences) marks the sweep's
+boundaries ``unconverged`` in every table, line and MLflow tag.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from freetf.evaluation import verdicts
-from freetf.evaluation.verdicts import BoundaryFit, Noise, Outcome
+from freetf.evaluation.verdicts import BoundaryFit, Outcome, Tolerances
 from freetf.sweeps.report import FREE_BITS
 from freetf.tracking.sweep_runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
 
@@ -51,22 +53,30 @@ class SettingBoundaries:
 
 @dataclass
 class SweepAnalysis:
-    trials: pd.DataFrame  # the runs with cost_nats, verdict (seeded), verdict_fixed
-    noise: Noise
+    trials: pd.DataFrame  # the runs with cost_nats, verdict, verdict_fixed
+    tolerances: Tolerances
     key: str
     boundaries: list[SettingBoundaries] = field(default_factory=list)
+    baselines: int = 0  # finished baseline trials
+    unconverged_baselines: list[str] = field(default_factory=list)  # their run names
+
+    @property
+    def converged(self) -> bool:
+        return self.baselines > 0 and not self.unconverged_baselines
 
     def summary_lines(self) -> list[str]:
-        """The boundaries first, then the noise they were judged with."""
+        """The boundaries first, then what they were judged with."""
+        mark = "" if self.converged else " [UNCONVERGED baselines]"
         lines = []
         for b in self.boundaries:
-            lines.append(f"kappa_c (collapse onset) at {b.label}: {b.collapse.text()}")
-            lines.append(f"kappa_l (leak onset)     at {b.label}: {b.leak.text()}")
-        n = self.noise
-        if n.known:
-            lines.append(f"noise: baseline honest CE varies {n.ce_nats:.3g} nats across seeds "
-                         f"({n.dof} dof); clear = gap or MI > {n.benefit_margin_nats:.3g}, "
-                         f"cost > {n.cost_margin_nats:.3g} nats")
+            lines.append(f"kappa_c (collapse onset) at {b.label}: {b.collapse.text()}{mark}")
+            lines.append(f"kappa_l (leak onset)     at {b.label}: {b.leak.text()}{mark}")
+        if self.unconverged_baselines:
+            lines.append(f"baselines not converged: {', '.join(self.unconverged_baselines)}"
+                         " (train longer: training.max_steps)")
+        t = self.tolerances
+        lines.append(f"rule: used = use interval above {t.use_nats:g} nats/token; leaking = "
+                     f"valid < {t.broken_valid:g} or {t.leak_valid:g} below the baseline's")
         return lines
 
 
@@ -81,13 +91,15 @@ def _x_column(df: pd.DataFrame, key: str) -> pd.Series:
     return df[column].astype(float).map(lambda v: math.log2(v) if v > 0 else math.nan)
 
 
-def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits", z: float = 2.0,
-            generations: int = 0, confidence: float = 0.95,
+def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
+            tolerances: Tolerances | None = None, confidence: float = 0.95,
             range_log2: tuple[float, float] | None = None) -> SweepAnalysis:
-    """Verdicts against the baselines and, with a noise estimate, the boundaries."""
+    """Verdicts against the baselines and the boundaries (module docstring)."""
+    tol = tolerances or Tolerances()
     df = df.copy()
     df["verdict_fixed"] = df.get("verdict", pd.Series(dtype=object))
     df["cost_nats"] = math.nan
+    df["regime"] = ""
     sampled = [c for c in df.columns if c.startswith("sampled.")]
     settings = [c for c in sampled if c[len("sampled."):] not in (key, *NOT_SETTING)]
     own = [c for c in settings if verdicts.changes_baseline(c[len("sampled."):])]
@@ -98,18 +110,17 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits", z: float = 2
     groups: dict[tuple, dict[float, Outcome]] = {}
     for i in df.index[is_base]:
         groups.setdefault(tuple(df.loc[i, own]), {})[df.loc[i, "seed"]] = outcomes[i]
-    noise = verdicts.estimate_noise([list(g.values()) for g in groups.values()], z, generations)
     df.loc[is_base, "verdict"] = "baseline"
-    result = SweepAnalysis(df, noise, key)
-    if not noise.known:
-        log.info("no noise estimate (baselines on < 2 seeds): per-trial verdicts kept")
-        return result
+    result = SweepAnalysis(df, tol, key, baselines=int(is_base.sum()))
+    result.unconverged_baselines = [str(df.loc[i, "run_name"]) for i in df.index[is_base]
+                                    if not verdicts.baseline_converged(outcomes[i], tol)]
     for i in df.index[ended & ~is_base & (df["model_kind"] != "baseline")]:
         baseline = groups.get(tuple(df.loc[i, own]), {}).get(df.loc[i, "seed"])
         if baseline is not None:
             df.loc[i, "cost_nats"] = verdicts.cost_nats(outcomes[i], baseline)
-            df.loc[i, "verdict"] = verdicts.classify(outcomes[i], baseline, noise)
-    judged = df[df["cost_nats"].notna()]
+            df.loc[i, "verdict"] = verdicts.classify(outcomes[i], baseline, tol)
+            df.loc[i, "regime"] = verdicts.regime(outcomes[i], tol)
+    judged = df[df["cost_nats"].notna() & (df["verdict"] != verdicts.UNCONVERGED)]
     if judged.empty:
         return result
     x = _x_column(judged, key)
@@ -147,6 +158,7 @@ def boundaries_json(analysis: SweepAnalysis) -> list[dict[str, Any]]:
             row[name] = {"bits": est, "low_bits": low, "high_bits": high,
                          "confidence": fit.confidence, "trials": fit.trials,
                          "below_range": fit.below_range, "above_range": fit.above_range}
+        row["converged"] = analysis.converged
         rows.append(row)
     return rows
 
@@ -162,8 +174,8 @@ def write_analysis(analysis: SweepAnalysis, out_dir: str | Path) -> dict[str, Pa
     text = "\n".join([boundaries_table(analysis), "", *analysis.summary_lines()])
     paths["boundaries"].write_text(text + "\n")
     paths["boundaries_json"].write_text(json.dumps(
-        {"noise": {"ce_nats": analysis.noise.ce_nats, "dof": analysis.noise.dof,
-                   "valid": analysis.noise.valid, "z": analysis.noise.z},
+        {"tolerances": asdict(analysis.tolerances), "converged": analysis.converged,
+         "unconverged_baselines": analysis.unconverged_baselines,
          "boundaries": boundaries_json(analysis)}, indent=2, default=str) + "\n")
     analysis.trials.to_csv(paths["verdicts"], index=False)
     paths["phase"] = plot_phase_diagram(analysis, out / "phase_diagram.png")
@@ -171,7 +183,7 @@ def write_analysis(analysis: SweepAnalysis, out_dir: str | Path) -> dict[str, Pa
 
 
 def analyse_sweep(runs: pd.DataFrame, sweep, base) -> SweepAnalysis:
-    """:func:`analyse` with the sweep's key, noise z, generations and range."""
+    """:func:`analyse` with the sweep's key, tolerances and range."""
     key = sweep.boundary.key
     dims = {d.key: d for d in sweep.space}
     range_log2 = None
@@ -181,7 +193,7 @@ def analyse_sweep(runs: pd.DataFrame, sweep, base) -> SweepAnalysis:
         range_log2 = log2_range(dims[key].values)
     elif key not in dims and "training.free_bits" in dims:
         key = "training.free_bits"
-    return analyse(runs, key, base.diagnostics.noise_z, base.diagnostics.free_generations,
+    return analyse(runs, key, Tolerances.from_config(base.diagnostics),
                    sweep.boundary.confidence, range_log2)
 
 
@@ -196,11 +208,10 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
             est, low, high = fit.bits
             metrics.update({f"{prefix}{name}_bits": est, f"{prefix}{name}_low_bits": low,
                             f"{prefix}{name}_high_bits": high})
-            tags[f"freetf.{name}" + ("" if single else f".{b.label}")] = fit.text()
-    if analysis.noise.known:
-        metrics.update({"boundary/noise_ce_nats": analysis.noise.ce_nats,
-                        "boundary/margin_benefit_nats": analysis.noise.benefit_margin_nats,
-                        "boundary/margin_cost_nats": analysis.noise.cost_margin_nats})
+            tags[f"freetf.{name}" + ("" if single else f".{b.label}")] = (
+                fit.text() + ("" if analysis.converged else " [unconverged baselines]"))
+    metrics["boundary/converged"] = 1.0 if analysis.converged else 0.0
+    tags["freetf.boundary_converged"] = str(analysis.converged).lower()
     children = {}  # the verdict as a tag and as eval/verdict_code (freetf.tracking)
     for row in analysis.trials.to_dict("records"):
         if isinstance(row.get("cost_nats"), float) and math.isfinite(row["cost_nats"]):
@@ -208,7 +219,8 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
                 "metrics": {"eval/cost_nats": row["cost_nats"],
                             VERDICT_METRIC: verdict_code(row["verdict"])},
                 "tags": {VERDICT_TAG: row["verdict"],
-                         "freetf.verdict_fixed": row["verdict_fixed"]}}
+                         "freetf.verdict_fixed": row["verdict_fixed"],
+                         **({"freetf.regime": row["regime"]} if row.get("regime") else {})}}
         elif row.get("verdict") == "baseline":
             children[row["run_id"]] = {"metrics": {VERDICT_METRIC: verdict_code("baseline")},
                                        "tags": {VERDICT_TAG: "baseline"}}

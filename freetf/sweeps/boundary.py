@@ -16,7 +16,7 @@ searched key: ``kl_weight``, the annealing type, ...) it probes x = log2(kappa):
    far, so Tune's concurrency is kept.
 
 The verdicts (collapsed / used / leaking) are those of :mod:`freetf.evaluation.verdicts`,
-with the noise of the baselines' seeds; a probe waits for the baselines.  Each trial's
+against each trial's baseline of the same seed; a probe waits for the baselines.  Each trial's
 config holds the searched keys plus ``training.seed`` and ``model.latent_dim``
 (:func:`trial_keys`), so every trial has its own key and MLflow run.
 """
@@ -57,19 +57,21 @@ class BoundarySearch(Searcher):
 
     def __init__(self, key: str, low_log2: float, high_log2: float,
                  settings: list[dict[str, Any]], base_values: dict[str, Any], latent_dim: int,
-                 seeds: list[int], probes: int, initial: int, z: float,
-                 generations: int = 0, metric: str | None = None, mode: str | None = None):
+                 seeds: list[int], probes: int, initial: int,
+                 tolerances: verdicts.Tolerances | None = None, metric: str | None = None,
+                 mode: str | None = None):
         super().__init__(metric=metric, mode=mode)
         if not low_log2 < high_log2:
             raise ValueError(f"empty kappa range [2^{low_log2}, 2^{high_log2}]")
         if not 2 <= initial <= probes:
             raise ValueError(f"need 2 <= initial={initial} <= probes={probes}")
         if len(seeds) < 2:
-            raise ValueError(f"{len(seeds)} seed(s): the noise needs >= 2")
+            raise ValueError(f"{len(seeds)} seed(s): a boundary needs >= 2 seeds per probe")
         self.key, self.low, self.high = key, float(low_log2), float(high_log2)
         self.settings = [dict(s) for s in settings] or [{}]
         self.base_values, self.latent_dim = dict(base_values), int(latent_dim)
-        self.seeds, self.probes, self.z, self.generations = list(seeds), probes, z, generations
+        self.seeds, self.probes = list(seeds), probes
+        self.tolerances = tolerances or verdicts.Tolerances()
         self.queue: list[dict[str, Any]] = []  # trial specs waiting for a slot
         self.live: dict[str, dict[str, Any]] = {}  # trial_id -> spec
         self.done: list[tuple[dict[str, Any], Outcome | None]] = []  # (spec, None: failed)
@@ -149,22 +151,23 @@ class BoundarySearch(Searcher):
 
     # ------------------------------------------------------------------ verdicts, probes
 
-    def noise(self) -> verdicts.Noise:
-        groups = [[o for spec, o in self.done if o is not None and spec["role"] == "baseline"
-                   and spec["setting"] == b] for b in self._baseline_settings()]
-        return verdicts.estimate_noise(groups, self.z, self.generations)
+    def _baselines_in(self) -> bool:
+        """Every baseline setting has at least one finished baseline."""
+        return all(any(o is not None and spec["role"] == "baseline" and spec["setting"] == b
+                       for spec, o in self.done) for b in self._baseline_settings())
 
     def observations(self, index: int) -> tuple[list[float], list[str]]:
         """(x, verdict) of the finished probes of setting ``index`` (with a baseline)."""
-        noise = self.noise()
         baselines = {spec["seed"]: o for spec, o in self.done if o is not None
                      and spec["role"] == "baseline" and spec["setting"] == self._baseline_of(index)}
         xs, labels = [], []
         for spec, outcome in self.done:
             if (spec["role"] == "probe" and spec["index"] == index and outcome is not None
-                    and spec["seed"] in baselines and noise.known):
-                xs.append(spec["x"])
-                labels.append(verdicts.classify(outcome, baselines[spec["seed"]], noise))
+                    and spec["seed"] in baselines):
+                label = verdicts.classify(outcome, baselines[spec["seed"]], self.tolerances)
+                if label != verdicts.UNCONVERGED:
+                    xs.append(spec["x"])
+                    labels.append(label)
         return xs, labels
 
     def fits(self, index: int, confidence: float = 0.9) -> dict[str, verdicts.BoundaryFit]:
@@ -178,7 +181,7 @@ class BoundarySearch(Searcher):
         """Place the next probe of the setting with the fewest, once the baselines are in."""
         waiting = [i for i in range(len(self.settings)) if len(self.placed[i]) < self.probes]
         baselines_live = any(s["role"] == "baseline" for s in self.live.values())
-        if not waiting or baselines_live or not self.noise().known:
+        if not waiting or baselines_live or not self._baselines_in():
             return
         index = min(waiting, key=lambda i: len(self.placed[i]))
         self._place(index, self.next_probe(index))
@@ -227,7 +230,7 @@ def from_sweep(sweep, base) -> BoundarySearch:
     return BoundarySearch(
         spec.key, low, high, sweep.settings, {d.key: flat[d.key] for d in sweep.space},
         base.model.latent_dim, seeds(sweep), spec.probes, spec.initial,
-        base.diagnostics.noise_z, base.diagnostics.free_generations,
+        verdicts.Tolerances.from_config(base.diagnostics),
         metric=sweep.search.metric, mode=sweep.search.mode)
 
 

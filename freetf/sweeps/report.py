@@ -34,7 +34,14 @@ LN2 = math.log(2.0)
 METRICS = ("train/steps_done", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_nats",
            "eval/ce_posterior_nats", "eval/ce_gap_nats", "eval/active_bits",
            "eval/mutual_info_nats", "eval/valid_rate", "train/kl_nats", "train/loss",
-           "eval/bpb_prior", "eval/bpb_posterior")
+           "eval/bpb_prior", "eval/bpb_posterior",
+           # use of Z, the honest bound, the exact floor, validity, convergence
+           "eval/use_nats", "eval/use_low_nats", "eval/use_high_nats", "eval/ce_iw_nats",
+           "eval/ce_iw_low_nats", "eval/ce_iw_high_nats", "eval/valid_low", "eval/valid_high",
+           "eval/floor_nats", "eval/excess_nats", "eval/excess_iw_nats", "eval/converged",
+           "eval/plateau_ce_nats", "eval/plateau_kl_bits", "eval/use_position_nats",
+           "eval/use_noise_nats", "eval/use_letter_nats", "eval/use_other_nats",
+           "eval/use_position_low_nats", "eval/use_noise_low_nats")
 VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "used": "tab:green",
                   "leaking": "tab:red", "diverged": "black", "failed": "tab:gray",
                   "interrupted": "tab:olive", "unknown": "tab:gray", "baseline": "tab:purple"}
