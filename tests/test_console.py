@@ -53,7 +53,8 @@ def _run_grid(console: SweepConsole, clock: Clock) -> None:
             for trial in trials:
                 console.on_trial_result(0, [], trial, {
                     "step": step, "train/loss": 1.0, "train/grad_norm": 3.0, "train/lr": 1e-3,
-                    "train/kl_bits": 0.5, **({"eval/ce_gap_nats": 0.25, "eval/kl_bits": 0.75,
+                    "train/kl_bits": 0.5, **({"eval/use_nats": 0.25, "eval/kl_bits": 0.75,
+                                              "eval/valid_rate": 0.9,
                                               "eval/verdict": "active"} if step % 50 == 0
                                              else {})})
         for trial in trials:
@@ -67,8 +68,10 @@ def test_grid_sweep_prints_one_line_per_trial_and_tables_at_doubling_intervals()
     ended = [line for line in lines if line.startswith("[")]
     assert len(ended) == 8
     assert ended[0].startswith("[1/8 trials ended, ")
-    assert "kappa 0.0156 bits, kl_weight 0.1, seed 0: active at step 300, KL 0.75 bits, " \
-           "CE gap 0.25 nats" in ended[0]
+    # measurements, no verdict word (a verdict needs the baseline: the summary's)
+    assert "kappa 0.0156 bits, kl_weight 0.1, seed 0: ended at step 300, KL 0.75 bits, " \
+           "use 0.25 nats, valid 0.9" in ended[0]
+    assert "active" not in stream.getvalue()
     assert ended[-1].startswith("[8/8 trials ended, 4m00s elapsed]")
     # 240 s of reports: tables (progress + header + 2 running trials) after 60 and 180 s
     tables = [i for i, line in enumerate(lines) if line.startswith("  kappa bits")]
@@ -76,7 +79,7 @@ def test_grid_sweep_prints_one_line_per_trial_and_tables_at_doubling_intervals()
     assert lines[tables[0] - 1].startswith("0/8 trials ended, 1m00s elapsed, about 3m04s left")
     assert lines[tables[1] - 1].startswith("4/8 trials ended, 3m00s elapsed")
     assert lines[tables[0]].split() == ["kappa", "bits", "kl_weight", "seed", "step", "KL",
-                                        "bits", "CE", "gap", "nats", "verdict"]
+                                        "bits", "use", "nats", "state"]
     assert len(lines) == 8 + 2 * 4
     text = stream.getvalue()
     for chatter in ("train/loss", "grad_norm", "train/lr", "lr "):
@@ -124,12 +127,12 @@ def test_stopped_failed_and_baseline_trials_say_so():
                                              STOP_REASON: "collapsed"})
     console.on_trial_complete(0, [], stopped)
     console.on_trial_error(0, [], failed)
-    console.on_trial_result(0, [], baseline, {"step": 300, "eval/verdict": "collapsed"})
+    console.on_trial_result(0, [], baseline, {"step": 300, "eval/verdict": "baseline"})
     console.on_trial_complete(0, [], baseline)
     lines = stream.getvalue().splitlines()
     assert "collapsed (stopped) at step 170, KL 0.001 bits" in lines[0]
     assert "kappa 4 bits, kl_weight 1, seed 0, latent_dim=8: failed at step 0" in lines[1]
-    assert "baseline, kl_weight 1, seed 0, latent_dim=0: collapsed at step 300" in lines[2]
+    assert "baseline, kl_weight 1, seed 0, latent_dim=0: ended at step 300" in lines[2]
 
 
 def test_verbose_leaves_the_console_to_ray():
@@ -195,5 +198,5 @@ def test_boundary_search_lines_show_each_trials_seed_and_baselines_without_kappa
         console.on_trial_result(0, [], trial, {"step": 20, "eval/verdict": verdict})
         console.on_trial_complete(0, [], trial)
     baseline, ft = [line for line in stream.getvalue().splitlines() if line.startswith("[")]
-    assert "seed 0, latent_dim=0: baseline" in baseline and "kappa" not in baseline
-    assert "kappa 0.25 bits, kl_weight 1, seed 2, latent_dim=8: active" in ft
+    assert "seed 0, latent_dim=0: ended" in baseline and "kappa" not in baseline
+    assert "kappa 0.25 bits, kl_weight 1, seed 2, latent_dim=8: ended" in ft

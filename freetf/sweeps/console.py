@@ -6,8 +6,9 @@ By default a sweep prints what a person reads while it runs:
   estimate of the time left, from the steps trained so far);
 - a table of the running trials after ``status_every_s``, then at doubling intervals up
   to five minutes (a long sweep stays short): kappa (bits), ``kl_weight``, seed, step,
-  raw KL (bits per token), the prior/posterior CE gap (nats) and the verdict of the last
-  evaluation.
+  raw KL (bits per token), the decoder's use of Z (``eval/use_nats``, nats per token) and
+  the validity of free generations at the last evaluation.  No verdict word: a verdict
+  needs the trial's baseline and comes in the sweep's summary.
 
 Ray's and the libraries' own output (Tune's status tables, the trial processes'
 per-report dumps and log lines, MLflow's database set-up) is hidden: :func:`setup_console`
@@ -100,7 +101,7 @@ class SweepConsole(tune.Callback):
         kl = result.get("eval/kl_bits", result.get("train/kl_bits"))
         if kl is not None:
             row["kl_bits"] = kl
-        for key, name in (("eval/ce_gap_nats", "gap_nats"), ("eval/verdict", "verdict")):
+        for key, name in (("eval/use_nats", "use_nats"), ("eval/valid_rate", "valid")):
             if result.get(key) is not None:
                 row[name] = result[key]
         if result.get(STOP_REASON):
@@ -141,7 +142,7 @@ class SweepConsole(tune.Callback):
         lines = [self.progress()]
         if rows:
             lines += _table(["kappa bits", "kl_weight", "seed", "step", "KL bits",
-                             "CE gap nats", "verdict", *(["point"] if self._others() else [])],
+                             "use nats", "state", *(["point"] if self._others() else [])],
                             [self._cells(r) for r in rows])
         return "\n".join(lines)
 
@@ -159,7 +160,7 @@ class SweepConsole(tune.Callback):
             self._write(f"[{self.progress()}] {self._describe(row)}")
 
     def _describe(self, row: dict[str, Any]) -> str:
-        """``kappa 0.25 bits, kl_weight 1, seed 0: active at step 300, KL 0.245 bits, ...``"""
+        """``kappa 0.25 bits, kl_weight 1, seed 0: ended at step 300, KL 0.245 bits, ...``"""
         cells = self._cells(row)
         point = ", ".join(part for part in (
             f"kappa {cells[0]} bits" if cells[0] != "-" else "baseline",
@@ -168,8 +169,10 @@ class SweepConsole(tune.Callback):
         text = f"{point}: {verdict} at step {row['step']}"
         if row["kl_bits"] is not None:
             text += f", KL {cells[4]} bits"
-        if row["gap_nats"] is not None:
-            text += f", CE gap {cells[5]} nats"
+        if row["use_nats"] is not None:
+            text += f", use {cells[5]} nats"
+        if row["valid"] is not None:
+            text += f", valid {_num(row['valid'])}"
         return text
 
     def _cells(self, row: dict[str, Any]) -> list[str]:
@@ -178,7 +181,7 @@ class SweepConsole(tune.Callback):
             verdict = f"{row['stop'] if row['stop'] != 'asha' else verdict} (stopped)"
         step = f"{row['step']}/{self.max_steps}" if self.max_steps else str(row["step"])
         cells = [_num(row["kappa_bits"]), _num(row["kl_weight"]), str(row["seed"]), step,
-                 _num(row["kl_bits"]), _num(row["gap_nats"]), verdict]
+                 _num(row["kl_bits"]), _num(row["use_nats"]), verdict]
         if self._others():
             cells.append(",".join(f"{k.rsplit('.', 1)[-1]}={_num(row['sampled'].get(k))}"
                                   for k in self._others()))
@@ -197,8 +200,8 @@ class SweepConsole(tune.Callback):
             row = self.rows[trial.trial_id] = {
                 "sampled": sampled, "kl_weight": cfg.training.kl_weight,
                 "kappa_bits": cfg.training.free_bits_nats / LN2 if cfg.model.has_latent else None,
-                "seed": cfg.training.seed, "step": 0, "kl_bits": None, "gap_nats": None,
-                "verdict": None, "stop": None, "ended": False}
+                "seed": cfg.training.seed, "step": 0, "kl_bits": None, "use_nats": None,
+                "valid": None, "verdict": None, "stop": None, "ended": False}
         return row
 
     def _write(self, text: str) -> None:
