@@ -26,10 +26,11 @@ pytestmark = pytest.mark.timeout(120)
 T_975_DOF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
 
 
-def trial(kind, kappa, seed, prior, posterior=math.nan, kl=math.nan, status="FINISHED"):
+def trial(kind, kappa, seed, prior, posterior=math.nan, kl=math.nan, status="FINISHED",
+          use_low=0.01):
     return {"model_kind": kind, "free_bits_bits": kappa, "seed": float(seed),
             "status": status, "eval/bpb_prior": prior, "eval/bpb_posterior": posterior,
-            "eval/kl_bits": kl}
+            "eval/kl_bits": kl, "eval/use_nats": use_low + 0.002, "eval/use_low_nats": use_low}
 
 
 def runs() -> pd.DataFrame:
@@ -40,6 +41,8 @@ def runs() -> pd.DataFrame:
              for s, p in [(0, 2.0), (1, 2.2), (2, 2.3)]]
     rows.append(trial("free_transformer", 4.0, 3, 9.9, status="FAILED"))  # not counted
     rows.append(trial("free_transformer", 0.125, 7, 1.0))  # no baseline of seed 7
+    rows += [trial("free_transformer", 1.0, s, p, use_low=u)  # Z unused by every seed
+             for s, p, u in [(0, 0.9, 0.0), (1, 1.0, 0.002), (2, 1.1, -0.01)]]
     return pd.DataFrame(rows)
 
 
@@ -53,8 +56,12 @@ def hand_stats(xs):
 
 def test_rows_match_a_hand_computation():
     rows = compare_rows(runs())
-    assert [r["kappa_bits"] for r in rows] == [None, 0.125, 0.5, 4.0]
-    base, lone, half, four = rows
+    assert [r["kappa_bits"] for r in rows] == [None, 0.125, 0.5, 1.0, 4.0]
+    base, lone, half, one, four = rows
+    # kappa 1: better than the baseline on paper, but no seed's decoder uses Z
+    assert one["used_seeds"] == 0 and one["claim"] == "untested: Z unused"
+    assert one["delta_bpb"]["high"] < 0  # what claim_verdict alone would call "better"
+    assert half["used_seeds"] == 3 and half["use_nats"]["mean"] == pytest.approx(0.012)
     mean, sd, low, high = hand_stats([1.00, 1.10, 1.20])
     assert base["bpb_prior"]["n"] == 3 and base["seeds"] == [0, 1, 2]
     assert (base["bpb_prior"]["mean"], base["bpb_prior"]["sd"]) == pytest.approx((mean, sd))
@@ -100,14 +107,17 @@ def test_report_files(tmp_path):
     rows = compare_rows(runs())
     paths = write_compare(rows, tmp_path, "# header", {"wall_s": 12.5})
     text = paths["compare_table"].read_text()
-    assert text.startswith("# header") and "| baseline | 0,1,2 | 1.100 ± 0.100 |" in text
-    assert "| 0.5 | 0,1,2 | 1.157 ± 0.129 |" in text and "+10.2%" in text
+    assert text.startswith("# header") and "| baseline | 0,1,2 | – | – | 1.100 ± 0.100 |" \
+        in text
+    assert "| 0.5 | 0,1,2 | 3/3 | 0.0120 ± 0.0000 | 1.157 ± 0.129 |" in text
+    assert "+10.2%" in text and "| 1 | 0,1,2 | 0/3 |" in text and "untested: Z unused" in text
     saved = json.loads(paths["compare_json"].read_text())
-    assert saved["wall_s"] == 12.5 and len(saved["rows"]) == 4
+    assert saved["wall_s"] == 12.5 and len(saved["rows"]) == 5
     csv = pd.read_csv(paths["compare_csv"])
-    assert list(csv["bpb_prior_n"]) == [3, 1, 3, 3]
+    assert list(csv["bpb_prior_n"]) == [3, 1, 3, 3, 3]
+    assert list(csv["used_seeds"].fillna(-1)) == [-1, 1, 3, 0, 3]
     assert paths["compare_figure"].stat().st_size > 10_000
-    assert markdown_table(rows).count("\n") == 5
+    assert markdown_table(rows).count("\n") == 6
 
 
 @pytest.mark.parametrize("name,trials,seeds,kappas,latent", [

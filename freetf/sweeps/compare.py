@@ -7,10 +7,13 @@ the folder is missing), every trial an MLflow child run of the sweep's parent ru
 sweep is :func:`freetf.sweeps.sweep.run_sweep` (a boundary search whose probes are all
 placed at the start: a fixed grid plus the baselines); this module adds:
 
-- :func:`compare_rows`: per kappa, over the seeds, the honest bits per byte (Z from the
-  prior) with its mean, sample standard deviation and t-interval, the posterior bits per
-  byte, the KL, and the paired difference to the baseline of the same seed (same data
-  order, same validation batches) with its t-interval;
+- :func:`compare_rows`: per kappa, over the seeds, first whether the decoder uses Z at
+  all (the shuffle gain ``eval/use_nats`` and how many seeds' use interval lies above
+  ``use_tol_nats``), then the honest bits per byte (Z from the prior) with its mean,
+  sample standard deviation and t-interval, the posterior bits per byte, the KL, and the
+  paired difference to the baseline of the same seed (same data order, same validation
+  batches) with its t-interval.  A claim about a kappa where no seed uses Z is
+  ``untested``: a decoder that ignores Z is a baseline, whatever its numbers;
 - the comparison with the independent replication's trend (honest NLL per kappa, as a
   relative increase over its baseline, since units differ) and with the paper's claim
   (the Free Transformer no worse than the baseline at kappa <= 1 bit);
@@ -34,6 +37,8 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 BPB_PRIOR, BPB_POSTERIOR, KL_BITS = "eval/bpb_prior", "eval/bpb_posterior", "eval/kl_bits"
+USE, USE_LOW = "eval/use_nats", "eval/use_low_nats"  # the decoder's use of Z
+USE_TOL_NATS = 0.002  # diagnostics.use_tol_nats: a seed uses Z when its interval is above
 # The independent replication's honest NLL (Z from the prior) per kappa in bits; None is
 # the baseline.  Compared as a relative increase over its baseline (its units differ).
 REPLICATION_NLL = {None: 1.510, 0.125: 1.559, 0.5: 1.664, 1.0: 1.819, 2.0: 2.242, 4.0: 3.379}
@@ -67,7 +72,8 @@ def claim_verdict(delta: dict[str, float]) -> str:
     return "no difference"
 
 
-def compare_rows(trials: pd.DataFrame, confidence: float = 0.95) -> list[dict[str, Any]]:
+def compare_rows(trials: pd.DataFrame, confidence: float = 0.95,
+                 use_tol_nats: float = USE_TOL_NATS) -> list[dict[str, Any]]:
     """One row for the baseline, then one per kappa (ascending), from the sweep's runs.
 
     ``trials``: :func:`freetf.sweeps.report.collect_runs`'s table (``model_kind``,
@@ -84,7 +90,8 @@ def compare_rows(trials: pd.DataFrame, confidence: float = 0.95) -> list[dict[st
     for kappa, group in sorted(ft.groupby("free_bits_bits"), key=lambda kv: kv[0]):
         deltas = [v - base_by_seed[s] for s, v in zip(group["seed"], group[BPB_PRIOR],
                                                      strict=True) if s in base_by_seed]
-        row = _row(float(kappa), group, confidence, interval(deltas, confidence))
+        row = _row(float(kappa), group, confidence, interval(deltas, confidence),
+                   use_tol_nats)
         row["relative_increase"] = row["bpb_prior"]["mean"] / base_mean - 1
         rep = _replication(float(kappa))
         row["replication_relative_increase"] = rep / rep_base - 1 if rep is not None \
@@ -100,7 +107,8 @@ def _replication(kappa: float) -> float | None:
 
 
 def _row(kappa: float | None, group: pd.DataFrame, confidence: float,
-         delta: dict[str, float] | None) -> dict[str, Any]:
+         delta: dict[str, float] | None, use_tol_nats: float = USE_TOL_NATS
+         ) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kappa_bits": kappa, "seeds": sorted(int(s) for s in group["seed"]),
         "bpb_prior": interval(list(group[BPB_PRIOR]), confidence),
@@ -110,10 +118,16 @@ def _row(kappa: float | None, group: pd.DataFrame, confidence: float,
         "per_seed": {int(s): float(v) for s, v in zip(group["seed"], group[BPB_PRIOR],
                                                       strict=True)},
     }
+    if kappa is not None:
+        use = group[USE] if USE in group else pd.Series(dtype=float)
+        low = group[USE_LOW] if USE_LOW in group else pd.Series(dtype=float)
+        row["use_nats"] = interval(list(use), confidence)
+        row["used_seeds"] = int((low > use_tol_nats).sum())
     if delta is not None:
         row["delta_bpb"] = delta
         if kappa <= CLAIM_MAX_KAPPA_BITS + 1e-9:
-            row["claim"] = claim_verdict(delta)
+            row["claim"] = (claim_verdict(delta) if row["used_seeds"]
+                            else "untested: Z unused")
     return row
 
 
@@ -138,14 +152,18 @@ def _pct(value: float) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], confidence: float = 0.95) -> str:
-    header = ["κ (bits)", "seeds", "honest bits/byte (Z ~ prior)", f"{confidence:.0%} t-interval",
+    header = ["κ (bits)", "seeds", "seeds using Z", "use of Z (nats/token)",
+              "honest bits/byte (Z ~ prior)", f"{confidence:.0%} t-interval",
               "posterior bits/byte", "KL (bits/token)", "Δ vs baseline, paired",
               f"Δ {confidence:.0%} t-interval", "rel. increase", "replication", "κ ≤ 1 claim"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         delta = row.get("delta_bpb")
         cells = ["baseline" if row["kappa_bits"] is None else f"{row['kappa_bits']:g}",
-                 ",".join(str(s) for s in row["seeds"]), _pm(row["bpb_prior"]),
+                 ",".join(str(s) for s in row["seeds"]),
+                 f"{row['used_seeds']}/{len(row['seeds'])}" if "used_seeds" in row else "–",
+                 _pm(row["use_nats"], 4) if "use_nats" in row else "–",
+                 _pm(row["bpb_prior"]),
                  _ci(row["bpb_prior"]), _pm(row["bpb_posterior"]), _pm(row["kl_bits"]),
                  _pm(delta, 4) if delta else "–", _ci(delta, 4) if delta else "–",
                  _pct(row["relative_increase"]), _pct(row["replication_relative_increase"]),
@@ -162,6 +180,9 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         for name in ("bpb_prior", "bpb_posterior", "kl_bits", "delta_bpb"):
             for stat, value in (row.get(name) or {}).items():
                 item[f"{name}_{stat}"] = value
+        for stat, value in (row.get("use_nats") or {}).items():
+            item[f"use_nats_{stat}"] = value
+        item["used_seeds"] = row.get("used_seeds", math.nan)
         item.update({k: row.get(k, "") for k in ("relative_increase",
                                                   "replication_relative_increase", "claim")})
         flat.append(item)
