@@ -193,3 +193,33 @@ def test_unconverged_baselines_mark_the_boundaries_and_unconverged_trials_are_le
     assert parent["tags"]["freetf.kappa_c"].endswith("[unconverged baselines]")
     paths = analysis.write_analysis(found, tmp_path)
     assert '"converged": false' in paths["boundaries_json"].read_text()
+
+
+def test_boundaries_over_training_from_the_histories(tmp_path):
+    """kappa(t): at step 100 no trial uses Z yet (every verdict collapsed), at step 300 the
+    final verdicts; the collapse onset moves up the range and then settles."""
+    df = _frame()
+    metrics = ["eval/ce_prior_nats", "eval/use_low_nats", "eval/valid_rate",
+               "eval/valid_low", "eval/valid_high", "eval/excess_nats"]
+    early = df[["run_id", *metrics]].assign(step=100)
+    early["eval/use_low_nats"] = -0.001  # no use anywhere
+    early["eval/valid_rate"], early["eval/valid_low"], early["eval/valid_high"] = \
+        0.95, 0.92, 0.97
+    histories = pd.concat([early] + [df[["run_id", *metrics]].assign(step=s)
+                                     for s in (200, 300, 400)], ignore_index=True)
+    found = analysis.analyse(df, KEY, confidence=0.9, range_log2=(-6.0, 2.0),
+                             histories=histories)
+    over = found.over_training
+    assert sorted(over["step"].unique()) == [100, 200, 300, 400]
+    c = over[over["kind"] == "collapse"].set_index("step")
+    assert c.loc[100, "median_log2"] > 2.0  # all collapsed: the onset above the range
+    assert -4 <= c.loc[400, "median_log2"] <= -2 and c.loc[400, "trials"] == 15
+    (b,) = found.boundaries
+    assert c.loc[400, "median_log2"] == pytest.approx(b.collapse.median_log2)
+    assert any("kappa_c settled" in line for line in found.summary_lines())
+    parent, _ = analysis.mlflow_records(found)
+    steps = {(k, s) for k, _, s in parent["steps"]}
+    assert ("boundary_t/kappa_c_bits", 100) in steps and len(parent["steps"]) == 4 * 2 * 3
+    paths = analysis.write_analysis(found, tmp_path)
+    assert paths["over_training"].read_bytes().startswith(b"\x89PNG")
+    assert len(pd.read_csv(paths["over_training_csv"])) == 8

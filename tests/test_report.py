@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -240,3 +241,19 @@ def test_report_judges_a_sweep_against_its_own_baselines(tmp_path, capsys, caplo
         assert verdicts[(4.0, seed)] == "leaking"
     assert (judged["model_kind"] == "baseline").sum() == 2
     assert (folder / "boundaries.md").is_file() and (folder / "phase_diagram.png").is_file()
+
+
+def test_collect_histories_reads_every_logged_step(tmp_path):
+    uri = _baseline_sweep(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    runs = report.collect_runs(client, "sweeps", sweep="b")
+    run_id = runs["run_id"].iloc[0]
+    client.log_metric(run_id, "eval/valid_rate", 0.5, step=100)
+    found = report.collect_histories(client, list(runs["run_id"]),
+                                     ("eval/valid_rate", "eval/use_low_nats"))
+    assert len(found) == len(runs) + 1 and set(found["step"]) == {100, 300}
+    first = found[found["run_id"] == run_id].set_index("step")
+    assert first.loc[100, "eval/valid_rate"] == 0.5
+    assert np.isnan(first.loc[100, "eval/use_low_nats"])
+    baselines = set(runs[runs["model_kind"] == "baseline"]["run_id"])
+    assert found[found["run_id"].isin(baselines)]["eval/use_low_nats"].isna().all()

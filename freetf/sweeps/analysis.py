@@ -31,6 +31,7 @@ import pandas as pd
 
 from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import BoundaryFit, Outcome, Tolerances
+from freetf.sweeps import over_training
 from freetf.sweeps.report import FREE_BITS
 from freetf.tracking.sweep_runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
 
@@ -59,6 +60,8 @@ class SweepAnalysis:
     boundaries: list[SettingBoundaries] = field(default_factory=list)
     baselines: int = 0  # finished baseline trials
     unconverged_baselines: list[str] = field(default_factory=list)  # their run names
+    # kappa_c(t), kappa_l(t): freetf.sweeps.over_training's rows with the setting's label
+    over_training: pd.DataFrame | None = None
 
     @property
     def converged(self) -> bool:
@@ -71,6 +74,13 @@ class SweepAnalysis:
         for b in self.boundaries:
             lines.append(f"kappa_c (collapse onset) at {b.label}: {b.collapse.text()}{mark}")
             lines.append(f"kappa_l (leak onset)     at {b.label}: {b.leak.text()}{mark}")
+        if self.over_training is not None and not self.over_training.empty:
+            for label, part in self.over_training.groupby("label"):
+                done = over_training.estimate_converged(part)
+                lines.append(f"over training at {label}: " + ", ".join(
+                    f"{name} {'settled' if done[kind] else 'still moving'}" for kind, name in
+                    (("collapse", "kappa_c"), ("leak", "kappa_l")))
+                    + " (last 3 evaluations within 0.5 log2)")
         if self.unconverged_baselines:
             lines.append(f"baselines not converged: {', '.join(self.unconverged_baselines)}"
                          " (train longer: training.max_steps)")
@@ -93,8 +103,11 @@ def _x_column(df: pd.DataFrame, key: str) -> pd.Series:
 
 def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
             tolerances: Tolerances | None = None, confidence: float = 0.95,
-            range_log2: tuple[float, float] | None = None) -> SweepAnalysis:
-    """Verdicts against the baselines and the boundaries (module docstring)."""
+            range_log2: tuple[float, float] | None = None,
+            histories: pd.DataFrame | None = None) -> SweepAnalysis:
+    """Verdicts against the baselines and the boundaries (module docstring); with the
+    trials' ``histories`` (:func:`freetf.sweeps.report.collect_histories`), the
+    boundaries at every evaluation step too (``over_training``)."""
     tol = tolerances or Tolerances()
     df = df.copy()
     df["verdict_fixed"] = df.get("verdict", pd.Series(dtype=object))
@@ -135,6 +148,17 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
                 for kind, name in (("collapse", "collapsed"), ("leak", "leaking"))}
         setting = {c[len("sampled."):]: v for c, v in zip(settings, values, strict=True)}
         result.boundaries.append(SettingBoundaries(setting, fits["collapse"], fits["leak"]))
+        if histories is not None and not histories.empty:
+            own_values = tuple(v for c, v in zip(settings, values, strict=True) if c in own)
+            bases = df[is_base & df[own].apply(tuple, axis=1).eq(own_values)] if own \
+                else df[is_base]
+            probes = df[df["cost_nats"].notna() & df.index.isin(group.index)]
+            members = pd.concat([bases, probes])
+            over = over_training.boundaries_over_training(
+                histories, members, _x_column(members, key), tol, confidence, (low, high))
+            over["label"] = result.boundaries[-1].label
+            parts = [result.over_training] if result.over_training is not None else []
+            result.over_training = pd.concat([*parts, over], ignore_index=True)
     return result
 
 
@@ -178,11 +202,19 @@ def write_analysis(analysis: SweepAnalysis, out_dir: str | Path) -> dict[str, Pa
          "unconverged_baselines": analysis.unconverged_baselines,
          "boundaries": boundaries_json(analysis)}, indent=2, default=str) + "\n")
     analysis.trials.to_csv(paths["verdicts"], index=False)
+    if analysis.over_training is not None and not analysis.over_training.empty:
+        paths["over_training_csv"] = out / "boundaries_over_training.csv"
+        analysis.over_training.to_csv(paths["over_training_csv"], index=False)
+        paths["over_training"] = over_training.plot_over_training(
+            analysis.over_training[analysis.over_training["label"]
+                                   == analysis.over_training["label"].iloc[0]],
+            out / "boundaries_over_training.png", analysis.over_training["label"].iloc[0])
     paths["phase"] = plot_phase_diagram(analysis, out / "phase_diagram.png")
     return paths
 
 
-def analyse_sweep(runs: pd.DataFrame, sweep, base) -> SweepAnalysis:
+def analyse_sweep(runs: pd.DataFrame, sweep, base,
+                  histories: pd.DataFrame | None = None) -> SweepAnalysis:
     """:func:`analyse` with the sweep's key, tolerances and range."""
     key = sweep.boundary.key
     dims = {d.key: d for d in sweep.space}
@@ -194,7 +226,7 @@ def analyse_sweep(runs: pd.DataFrame, sweep, base) -> SweepAnalysis:
     elif key not in dims and "training.free_bits" in dims:
         key = "training.free_bits"
     return analyse(runs, key, Tolerances.from_config(base.diagnostics),
-                   sweep.boundary.confidence, range_log2)
+                   sweep.boundary.confidence, range_log2, histories)
 
 
 def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
@@ -211,6 +243,13 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
             tags[f"freetf.{name}" + ("" if single else f".{b.label}")] = (
                 fit.text() + ("" if analysis.converged else " [unconverged baselines]"))
     metrics["boundary/converged"] = 1.0 if analysis.converged else 0.0
+    steps = []  # kappa(t): the parent's boundary_t/* metrics, one point per evaluation
+    if single and analysis.over_training is not None:
+        for row in analysis.over_training.itertuples():
+            name = "kappa_c" if row.kind == "collapse" else "kappa_l"
+            steps += [(f"boundary_t/{name}_bits", 2.0 ** row.median_log2, row.step),
+                      (f"boundary_t/{name}_low_bits", 2.0 ** row.low_log2, row.step),
+                      (f"boundary_t/{name}_high_bits", 2.0 ** row.high_log2, row.step)]
     tags["freetf.boundary_converged"] = str(analysis.converged).lower()
     children = {}  # the verdict as a tag and as eval/verdict_code (freetf.tracking)
     for row in analysis.trials.to_dict("records"):
@@ -224,7 +263,7 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
         elif row.get("verdict") == "baseline":
             children[row["run_id"]] = {"metrics": {VERDICT_METRIC: verdict_code("baseline")},
                                        "tags": {VERDICT_TAG: "baseline"}}
-    return {"metrics": metrics, "tags": tags}, children
+    return {"metrics": metrics, "tags": tags, "steps": steps}, children
 
 
 def _metric_safe(text: str) -> str:

@@ -79,6 +79,18 @@ def collect_runs(client, experiment: str, sweep: str | None = None) -> pd.DataFr
     return runs_frame(runs)
 
 
+def collect_histories(client, run_ids: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
+    """Every logged value of ``keys`` of the runs, long format: ``run_id``, ``step`` and
+    one column per key (NaN where a step did not log it)."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for run_id in run_ids:
+        for key in keys:
+            for metric in client.get_metric_history(run_id, key):
+                rows.setdefault((run_id, metric.step), {"run_id": run_id,
+                                                        "step": metric.step})[key] = metric.value
+    return pd.DataFrame(list(rows.values()), columns=["run_id", "step", *keys])
+
+
 def runs_frame(runs: list) -> pd.DataFrame:
     """The :func:`collect_runs` table of MLflow ``Run`` objects."""
     from freetf.tracking import run_config
@@ -341,6 +353,7 @@ def analyse_sweeps(client, experiment: str, df: pd.DataFrame,
 
     from freetf.config import ConfigError
     from freetf.sweeps import analysis
+    from freetf.sweeps.over_training import HISTORY_METRICS
     from freetf.sweeps.runs import find_parent
     from freetf.sweeps.spec import SweepError, load_sweep
     from freetf.tracking import run_artifact_text
@@ -349,6 +362,7 @@ def analyse_sweeps(client, experiment: str, df: pd.DataFrame,
     for name, runs in df.groupby("sweep", sort=True):
         if not (runs["model_kind"] == "baseline").any():
             continue
+        histories = collect_histories(client, list(runs["run_id"]), HISTORY_METRICS)
         parent = find_parent(client, experiment, name)
         text = run_artifact_text(client, parent.info.run_id, "search_space.yaml") \
             if parent is not None else None
@@ -358,11 +372,11 @@ def analyse_sweeps(client, experiment: str, df: pd.DataFrame,
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "sweep.yaml").write_text(text)
                 spec = load_sweep(Path(tmp) / "sweep.yaml")
-                result = analysis.analyse_sweep(runs, spec, spec.base())
+                result = analysis.analyse_sweep(runs, spec, spec.base(), histories)
         except (SweepError, ConfigError, OSError) as err:
             log.info("sweep %s: its spec is not usable here (%s); analysed with the "
                      "defaults", name, err)
-            result = analysis.analyse(runs)
+            result = analysis.analyse(runs, histories=histories)
         paths = analysis.write_analysis(result, out / name)
         found[name] = [analysis.boundaries_table(result), *result.summary_lines(),
                        f"boundaries:    {paths['boundaries']}",

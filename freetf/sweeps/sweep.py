@@ -177,7 +177,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     brings back Tune's status tables and the trial processes' output.  ``callbacks``:
     more Tune callbacks.
     """
-    from freetf.sweeps import analysis, report
+    from freetf.sweeps import analysis, over_training, report
     from freetf.tracking import (
         log_sweep_analysis,
         log_sweep_summary,
@@ -240,7 +240,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
              "; interrupted, continue it with --resume" if interrupted else "")
     close_open_runs(client, context, results, interrupted)
     runs = report.collect_runs(client, experiment, sweep=sweep.name)
-    found = analysis.analyse_sweep(runs, sweep, base)  # verdicts against the baselines
+    histories = report.collect_histories(client, list(runs["run_id"]),
+                                         over_training.HISTORY_METRICS)
+    found = analysis.analyse_sweep(runs, sweep, base, histories)  # against the baselines
     log_sweep_analysis(client, context.parent_run_id, *analysis.mlflow_records(found))
     paths = report.write_report(client, found.trials, sweep.report_path)
     paths.update(analysis.write_analysis(found, sweep.report_path))

@@ -106,8 +106,9 @@ def log_sweep_analysis(client, parent_run_id: str, parent: dict[str, dict[str, A
                        children: dict[str, dict[str, dict[str, Any]]]) -> None:
     """A sweep's analysis into MLflow: ``parent`` = {"metrics", "params", "tags"} on the
     sweep's parent run (the boundaries: sortable in the runs table), ``children`` =
-    {run_id: {"metrics", "tags"}} on its trial runs (their seed-calibrated verdicts).
-    Metrics are logged at step 0; a failed write is logged, never raised."""
+    {run_id: {"metrics", "tags"}} on its trial runs (their verdicts).  Metrics are
+    logged at step 0, but the parent's optional ``"steps"``: (key, value, step) triples,
+    e.g. the boundaries at every evaluation; a failed write is logged, never raised."""
     now = int(time.time() * 1000)
 
     def entities(values: dict[str, dict[str, Any]]) -> dict[str, list]:
@@ -116,9 +117,14 @@ def log_sweep_analysis(client, parent_run_id: str, parent: dict[str, dict[str, A
                 "params": [Param(k, str(v)) for k, v in values.get("params", {}).items()],
                 "tags": [RunTag(k, str(v)[:MAX_TAG_VALUE_CHARS])
                          for k, v in values.get("tags", {}).items()]}
+    parent = {**parent, "metrics": dict(parent.get("metrics", {}))}
+    steps = [Metric(k, float(v), now, int(step)) for k, v, step in parent.pop("steps", [])]
     for run_id, values in [(parent_run_id, parent), *children.items()]:
         try:
             client.log_batch(run_id, **entities(values))
+            if run_id == parent_run_id and steps:  # metrics with a history (kappa(t))
+                for start in range(0, len(steps), 1000):
+                    client.log_batch(run_id, metrics=steps[start:start + 1000])
         except MlflowException as err:
             logger.warning("could not log the sweep analysis to run %s: %s", run_id, err)
 
