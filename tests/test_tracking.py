@@ -128,7 +128,13 @@ def test_sqlite_run_roundtrip(sqlite_uri: str, tmp_path: Path) -> None:
     assert tags["freetf.model_kind"] == "free_transformer"
     assert tags["freetf.latent_bits"] == "16"
     assert tags["purpose"] == "unit" and tags["stage"] == "done"
-    assert len(tags["git.commit"]) == 40  # the package lives in a git checkout
+    from freetf.tracking.tracker import _git_commit
+
+    commit = _git_commit()  # None outside a git checkout (an sdist, a copied tree)
+    if commit is None:
+        assert "git.commit" not in tags
+    else:
+        assert tags["git.commit"] == commit and len(commit) == 40
     names = {a.path for a in client.list_artifacts(tracker.run_id)}
     assert {"config.yaml", "extra", "notes"} <= names
     config_file = client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))
@@ -402,3 +408,15 @@ def test_a_local_store_is_refused_on_a_cluster_of_several_hosts() -> None:
             tracking.check_store_shared_by(uri, two)
         tracking.check_store_shared_by(uri, {"10.0.0.1"})  # one host: the file is shared
     tracking.check_store_shared_by("http://10.0.0.1:5000", two)
+
+
+def test_git_commit_is_optional_outside_a_checkout(monkeypatch, tmp_path):
+    """An sdist or a copied tree has no .git: no commit, no error."""
+    import subprocess
+
+    from freetf.tracking import tracker as tracker_module
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, "git", stderr="not a git repository")
+    monkeypatch.setattr(tracker_module.subprocess, "run", no_git)
+    assert tracker_module._git_commit() is None
