@@ -58,3 +58,18 @@ def test_the_loop_logs_the_plateau_at_every_evaluation():
     assert [h["eval/converged"] for h in evals] == [0.0, 1.0, 1.0]  # 2 evaluations needed
     spread = abs(evals[2]["eval/ce_posterior_nats"] - evals[1]["eval/ce_posterior_nats"])
     assert evals[2]["eval/plateau_ce_nats"] == pytest.approx(spread)
+
+
+@pytest.mark.parametrize("kl_bits, kl_frac, converged", [(0.0, 0.0, 0.0), (0.0, 1e4, 1.0),
+                                                          (1e4, 0.0, 1.0)])
+def test_the_kl_tolerance_is_the_larger_of_bits_and_a_share_of_kappa(kl_bits, kl_frac,
+                                                                     converged):
+    cfg = load_config("configs/synthetic.yaml", [
+        *TINY_SYNTHETIC, "training.max_steps=4", "training.eval_every=2",
+        "training.log_every=2", "diagnostics.converge_evals=2",
+        "diagnostics.converge_ce_nats=100", f"diagnostics.converge_kl_bits={kl_bits}",
+        f"diagnostics.converge_kl_frac={kl_frac}", "diagnostics.free_generations=0"])
+    result = train_loop(cfg, TrainContext())
+    last = [h for h in result.history if "eval/ce_prior_nats" in h][-1]
+    assert last["eval/plateau_kl_bits"] > 0  # the KL moved between the two evaluations
+    assert last["eval/converged"] == converged

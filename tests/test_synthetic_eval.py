@@ -106,9 +106,9 @@ def test_pipeline_on_a_tiny_trained_model(tmp_path):
     from freetf.training.checkpoint import load_model
 
     model, _, _ = load_model(result.checkpoint)
-    # the loop reads free generations at the final evaluation only, as this function does
+    # the loop reads free generations at every evaluation, as this function does
     evals = [h for h in result.history if "eval/ce_prior_nats" in h]
-    assert [("eval/valid_rate" in h) for h in evals] == [False, True]
+    assert [("eval/valid_rate" in h) for h in evals] == [True, True]
     assert evals[-1]["eval/valid_rate"] == free_generation_validity(
         model, cfg.diagnostics.free_generations, seed=cfg.training.seed + 17)
     metrics = figure4_metrics(model, groups=2, per_group=4)
@@ -276,3 +276,19 @@ def test_a_measurement_that_is_missing_or_zero_fails_its_row():
     assert _ratio(_measured(spread=(4.0, 3.0)), "position_spread") == 0.75
     assert reproduces(1 / 64, {}) is False and reproduces(1.0, {}) is False
     assert reproduces(8.0, {"shared/valid_rate": 0.0}) is False  # no free generations
+
+
+def test_generation_stats_against_hand_counts():
+    from freetf.evaluation.synthetic_eval import TASK_START_SD, generation_stats
+
+    texts = ["K>" + put("KKKKKKKK", 4),  # valid, start 4, no noise
+             "K>" + put("!!", 40)[:50] + put("KKKKKKKK", 50)[50:],  # valid, start 50, 2 "!"
+             "K>" + put("KKKKKKKA", 5)]  # not valid: not counted in the statistics
+    got = generation_stats([read_sequence(t) for t in texts])
+    assert got["eval/valid_rate"] == pytest.approx(2 / 3)
+    assert got["eval/gen_start_mean"] == pytest.approx(27.0)
+    assert got["eval/gen_start_sd"] == pytest.approx(23.0)  # population sd of 4 and 50
+    assert got["eval/gen_noise_rate"] == pytest.approx(2 / 128)
+    assert TASK_START_SD == pytest.approx(16.4520, abs=1e-4)
+    empty = generation_stats([read_sequence(texts[2])])
+    assert empty["eval/valid_rate"] == 0 and math.isnan(empty["eval/gen_noise_rate"])

@@ -124,7 +124,7 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
     torch.manual_seed(3 + 17)
     expected = latent_diagnostics(model, batches, cfg, "cpu")
     samples = sample_texts(model, data, cfg, torch.device("cpu"))
-    valid = free_generation_validity(model, 6, seed=3 + 17)
+    valid = free_generation_validity(model, 6, seed=3 + 17)  # what the loop's reading gives
     final = result.metrics
     for key, value in expected.items():
         assert final[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
@@ -175,12 +175,15 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
         kappas.append(free_bits_nats)
         return "spied"
 
-    def free_generation_validity(model, num, seed):
+    def free_generations(model, num, seed):
+        from freetf.evaluation.synthetic_eval import read_sequence
+
         generations.append((num, seed))
-        return 0.5
+        valid = [read_sequence("K>" + "_" * s + "KKKKKKKK" + "_" * (56 - s)) for s in (0, 4)]
+        return valid + [read_sequence("K>" + "A" * 64)] * 2  # half valid
 
     monkeypatch.setattr(train_mod, "verdict", verdict)
-    monkeypatch.setattr(train_mod, "free_generation_validity", free_generation_validity)
+    monkeypatch.setattr(train_mod, "free_generations", free_generations)
     cfg = tiny(tmp_path, "training.max_steps=7", "training.log_every=4", "training.eval_every=3",
                "checkpoint.every_steps=5", "checkpoint.keep=5", f"checkpoint.metric={metric}",
                "data.seed=7", "data.num_workers=1", "diagnostics.free_generations=2",
@@ -214,12 +217,14 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
     assert list(ctx.marks.values()) == sorted(ctx.marks.values())
     assert streams[0] == {"seed": 7, "num_workers": 1}  # then the evaluations' val streams
     assert ctx.model.gradient_checkpointing
-    # the verdict at the scheduled kappa of the step evaluated, free generations once
+    # the verdict at the scheduled kappa of the step evaluated, free generations at each
     kappa = cfg.training.free_bits_nats
     schedule = {step: 1.0 + (kappa - 1.0) * (step - 1) / 7 for step in evaluated}
     assert kappas == pytest.approx([schedule[step] for step in evaluated])
-    assert generations == [(2, 2 + 17)]
+    assert generations == [(2, 2 + 17)] * len(evaluated)
     assert result.metrics["eval/valid_rate"] == 0.5
+    assert result.metrics["eval/valid_draws"] == 4  # the readings returned
+    assert result.metrics["eval/gen_start_mean"] == 2.0
     progress = [r.getMessage().split(" loss")[0] for r in caplog.records
                 if r.name == "freetf.training.loop" and r.getMessage().startswith("step ")]
     assert progress == ["step 4/7"]  # the console's progress line at log steps only

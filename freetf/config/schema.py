@@ -356,11 +356,13 @@ class DiagnosticsConfig:
     # its use interval lies above regime_tol_nats per token of the class.
     regime_tol_nats: float = 0.05
     # A trial is converged when its last converge_evals evaluations agree: posterior CE
-    # within converge_ce_nats and KL within converge_kl_bits (max - min); a synthetic
-    # baseline also needs its CE within floor_tol_nats of the exact floor.
+    # within converge_ce_nats and KL within the larger of converge_kl_bits and
+    # converge_kl_frac of kappa (max - min; under its cap the KL moves freely); a
+    # synthetic baseline also needs its CE within floor_tol_nats of the exact floor.
     converge_evals: int = 3
     converge_ce_nats: float = 0.005
     converge_kl_bits: float = 0.1
+    converge_kl_frac: float = 0.15
     floor_tol_nats: float = 0.01
     # The earlier seed-spread rule's margin (in noise units); kept for old configs only.
     noise_z: float = 2.0
@@ -370,7 +372,8 @@ class DiagnosticsConfig:
                       "collapsed_gap_nats", "leak_kl_factor", "leak_gap_nats",
                       "free_generations", "noise_z", "use_redraws", "use_tol_nats",
                       "leak_valid_tol", "broken_valid", "leak_cost_tol_nats",
-                      "converge_ce_nats", "converge_kl_bits", "floor_tol_nats",
+                      "converge_ce_nats", "converge_kl_bits", "converge_kl_frac",
+                      "floor_tol_nats",
                       "regime_tol_nats")
         _positive(self, path, "iw_prior_draws", "converge_evals")
 

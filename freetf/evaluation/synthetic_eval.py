@@ -27,7 +27,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from freetf.data.datasets import SYNTHETIC_SEQ_LEN, CharTokenizer, parse_synthetic
+from freetf.data.datasets import (
+    SYNTHETIC_BODY_LEN,
+    SYNTHETIC_SEQ_LEN,
+    CharTokenizer,
+    parse_synthetic,
+)
 from freetf.model.transformer import FreeTransformer
 
 
@@ -103,9 +108,9 @@ def figure4_metrics(model: FreeTransformer, letter: str = "K", groups: int = 16,
 
 
 @torch.no_grad()
-def free_generation_validity(model: FreeTransformer, num: int, seed: int = 0,
-                             temperature: float = 1.0) -> float:
-    """Fraction of ``num`` free generations that are valid (:func:`read_sequence`).
+def free_generations(model: FreeTransformer, num: int, seed: int = 0,
+                     temperature: float = 1.0) -> list[SequenceReading]:
+    """``num`` free generations, read (:func:`read_sequence`).
 
     Free generation is the paper's setting: each sequence gets its own prompt
     "<letter>>" (letters drawn uniformly) and Z drawn from the uniform prior at every
@@ -131,8 +136,34 @@ def free_generation_validity(model: FreeTransformer, num: int, seed: int = 0,
         rows = model.generate(prompt, SYNTHETIC_SEQ_LEN - prompt.shape[1],
                               temperature=temperature, z=z)
     model.train(was_training)
-    texts = [tokenizer.decode(r) for r in rows.tolist()]
-    return sum(read_sequence(t).valid for t in texts) / num
+    return [read_sequence(tokenizer.decode(r)) for r in rows.tolist()]
+
+
+def free_generation_validity(model: FreeTransformer, num: int, seed: int = 0,
+                             temperature: float = 1.0) -> float:
+    """Fraction of ``num`` free generations that are valid (:func:`free_generations`)."""
+    return sum(r.valid for r in free_generations(model, num, seed, temperature)) / num
+
+
+# The generator's own statistics: a start uniform on 0..56 (sd sqrt((57^2 - 1) / 12)) and
+# "!" on each body position with probability 1/16.
+TASK_START_SD = math.sqrt((57 ** 2 - 1) / 12)
+
+
+def generation_stats(readings: list[SequenceReading]) -> dict[str, float]:
+    """What free generations look like against the task's generator: ``eval/valid_rate``,
+    and over the valid ones the target start's mean and standard deviation
+    (``eval/gen_start_mean``, ``eval/gen_start_sd``; the task: 28 and 16.45) and the
+    share of body positions holding "!" (``eval/gen_noise_rate``; the task: 1/16)."""
+    valid = [r for r in readings if r.valid]
+    starts = [r.target_start for r in valid if r.target_start is not None]
+    body = SYNTHETIC_BODY_LEN * len(valid)
+    out = {"eval/valid_rate": len(valid) / len(readings) if readings else math.nan,
+           "eval/gen_start_mean": statistics.fmean(starts) if starts else math.nan,
+           "eval/gen_start_sd": statistics.pstdev(starts) if len(starts) >= 2 else math.nan,
+           "eval/gen_noise_rate": (sum(len(r.noise) for r in valid) / body
+                                   if valid else math.nan)}
+    return out
 
 
 def render_groups(model: FreeTransformer, letter: str = "K", groups: int = 2,

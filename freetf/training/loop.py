@@ -27,7 +27,7 @@ from freetf.data.stream import BatchStream
 from freetf.evaluation.diagnostics import latent_diagnostics, verdict
 from freetf.evaluation.measures import task_measures, validity_interval
 from freetf.evaluation.samples import sample_texts
-from freetf.evaluation.synthetic_eval import free_generation_validity
+from freetf.evaluation.synthetic_eval import free_generations, generation_stats
 from freetf.evaluation.verdicts import plateau
 from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
@@ -297,10 +297,13 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
         if want_eval:
             with unsharded(raw_model):  # FSDP: rank 0 alone decodes the samples
                 metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
-                                        samples=last and ctx.is_main))
+                                        samples=last and ctx.is_main,
+                                        generations=ctx.is_main))
             d = cfg.diagnostics  # has it converged?  its last evaluations agree
+            kl_tol = max(d.converge_kl_bits, d.converge_kl_frac * sched["free_bits_nats"]
+                         / math.log(2.0))
             metrics.update(plateau([*ctx.history, metrics], d.converge_evals,
-                                   d.converge_ce_nats, d.converge_kl_bits))
+                                   d.converge_ce_nats, kl_tol))
             model.train()
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             report = {k: v for k, v in metrics.items() if not isinstance(v, str | list)}
@@ -325,12 +328,16 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
 
 
 def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torch.device,
-             free_bits_nats: float, samples: bool = False) -> dict[str, Any]:
-    """Validation diagnostics (CE with prior / posterior Z, KL, MI ...) and a verdict.
+             free_bits_nats: float, samples: bool = False, generations: bool = False
+             ) -> dict[str, Any]:
+    """Validation diagnostics (CE with prior / posterior Z, KL, MI ...), the use of Z, the
+    honest bound, the exact floor (synthetic task) and a per-trial verdict.
 
-    ``samples`` (the final evaluation, on rank 0) adds decoded samples and, on the
-    synthetic task, ``eval/valid_rate``: the validity of free generations (Z from the
-    prior, ``diagnostics.free_generations`` of them; a few seconds on a CPU).
+    ``samples`` (the final evaluation, on rank 0) adds decoded samples; ``generations``
+    (every evaluation, on rank 0), on the synthetic task, what free generations look like
+    (Z from the prior, ``diagnostics.free_generations`` of them; under a second on a CPU):
+    ``eval/valid_rate`` with its Wilson interval, the target start's mean and spread and
+    the noise rate (:func:`freetf.evaluation.synthetic_eval.generation_stats`).
     """
     val = BatchStream(data.val, min(cfg.training.batch_size, len(data.val)), seed=cfg.data.seed,
                       drop_last=True)
@@ -343,11 +350,11 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
         result["eval/verdict"] = verdict(result, cfg, free_bits_nats)
         if samples:
             result["eval/samples"] = sample_texts(model, data, cfg, device)
-        if samples and cfg.data.dataset_name == "synthetic" and cfg.diagnostics.free_generations:
-            result["eval/valid_rate"] = free_generation_validity(
-                model, cfg.diagnostics.free_generations, seed=cfg.training.seed + 17)
-            result.update(validity_interval(result["eval/valid_rate"],
-                                            cfg.diagnostics.free_generations))
+        draws = cfg.diagnostics.free_generations
+        if (samples or generations) and cfg.data.dataset_name == "synthetic" and draws:
+            readings = free_generations(model, draws, seed=cfg.training.seed + 17)
+            result.update(generation_stats(readings))
+            result.update(validity_interval(result["eval/valid_rate"], len(readings)))
     return result
 
 
