@@ -80,6 +80,7 @@ def test_collapse_table_has_a_row_per_trial(runs):
     table = report.collapse_table(report.runs_frame(runs))
     lines = table.splitlines()
     assert lines[0].startswith("| trial | annealing | free bits (bits) | kl_weight | seed |")
+    assert "| verdict | regime | KL (bits/token) | use of Z (nats/token) | valid |" in lines[0]
     assert len(lines) == 2 + 5
     assert "stopped at step 10 (asha)" in table
     assert "| collapsed |" in table and "| leaking |" in table

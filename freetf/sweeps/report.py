@@ -146,23 +146,25 @@ def _free_bits_bits(params: dict[str, str]) -> float:
 
 
 def collapse_table(df: pd.DataFrame) -> str:
-    """The trials as a markdown table: schedule, kappa, weight, verdict, KL, CE gap."""
+    """The trials as a markdown table: schedule, kappa, weight, verdict and regime, KL,
+    the use of Z, the validity of free generations, the single-draw honest CE."""
     if df.empty:
         return "(no trial runs)"
     extra = [c for c in df.columns if c.startswith("sampled.")
              and c[len("sampled."):] not in ("training.kl_weight", "training.free_bits_bits",
                                             "training.free_bits", "training.kl_annealing.type")]
     header = ["trial", "annealing", "free bits (bits)", "kl_weight",
-              *[c[len("sampled."):].rsplit(".", 1)[-1] for c in extra], "verdict",
-              "KL (bits/token)", "CE gap (nats)", "CE prior (nats)", "active bits", "ended"]
+              *[c[len("sampled."):].rsplit(".", 1)[-1] for c in extra], "verdict", "regime",
+              "KL (bits/token)", "use of Z (nats/token)", "valid", "CE prior (nats)", "ended"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for values in df.to_dict("records"):
         cells = [values["run_name"].split("/", 1)[-1], values[ANNEALING],
                  _fmt(values[FREE_BITS]), _fmt(values[KL_WEIGHT]),
                  *[_fmt(values[c]) for c in extra], values["verdict"],
-                 _fmt(values["eval/kl_bits"]), _fmt(values["eval/ce_gap_nats"]),
-                 _fmt(values["eval/ce_prior_nats"]), _fmt(values["eval/active_bits"], "g"),
-                 _ended(values)]
+                 values.get("regime") or "-", _fmt(values["eval/kl_bits"]),
+                 _fmt(values.get("eval/use_nats", math.nan)),
+                 _fmt(values.get("eval/valid_rate", math.nan), ".3g"),
+                 _fmt(values["eval/ce_prior_nats"]), _ended(values)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
