@@ -1,4 +1,4 @@
-"""A sweep's trials against their baselines: seed-calibrated verdicts and the boundaries.
+"""A sweep's trials against their baselines: verdicts of converged trials and the boundaries.
 
 From the runs of a sweep (:func:`freetf.sweeps.report.collect_runs`, one row per trial),
 with its baseline trials (``model.latent_dim = 0``, one per seed and baseline setting):

@@ -5,8 +5,9 @@ Three panels, x = free bits kappa (bits, log2 axis):
 1. P(used) over (kappa, kl_weight): one square per probe, coloured by the fraction of
    its seeds whose verdict is ``used``; the collapse onset kappa_c (blue) and the leak
    onset kappa_l (red) of each kl_weight drawn at their median with their interval;
-2. the cost (honest CE minus the seed's baseline, nats) against kappa: mean and seed
-   standard deviation per probe, one line per setting; the band is the cost margin;
+2. the single-draw cost (honest CE minus the seed's baseline, nats; a diagnostic, not
+   the leak rule) against kappa: mean and seed standard deviation per probe, one line
+   per setting;
 3. the validity of free generations (Z from the prior) against kappa, same error bars,
    with the baselines' mean as a dashed line.
 """

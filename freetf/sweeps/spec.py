@@ -372,8 +372,8 @@ def _check_boundary(sweep: SweepConfig, base: Config) -> None:
             raise SweepError(f"space.{dim.key}: the boundary search sets it (boundary.seeds, "
                              f"baselines with model.latent_dim=0); remove it from the space")
     if b.seeds < 2:
-        raise SweepError(f"boundary.seeds={b.seeds} must be >= 2: the noise margins are "
-                         f"estimated from the seeds")
+        raise SweepError(f"boundary.seeds={b.seeds} must be >= 2: one seed per probe "
+                         f"cannot tell a boundary from a seed's own learning event")
     if not 2 <= b.initial <= b.probes:
         raise SweepError(f"boundary.initial={b.initial} must be in [2, boundary.probes="
                          f"{b.probes}]")
