@@ -16,6 +16,12 @@ from freetf import load_config
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
                                       os.environ.get("PATH", "")])
 
+# Ray Train restarts a worker group that has not started within this many seconds (60 by
+# default): under load (two CPU-bound processes beside the suite) a worker's torch import
+# alone took longer, and the group restarted until the test's timeout.  Inherited by the
+# local Ray clusters the tests start.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
 TINY_MODEL = [
     "model.vocab_size=32", "model.hidden_dim=32", "model.num_layers=4", "model.num_heads=4",
     "model.num_kv_heads=2", "model.max_seq_len=66", "model.latent_dim=4",

@@ -6,6 +6,8 @@ Ray instance for all its tests and shuts it down at the end.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -385,3 +387,23 @@ def test_a_sqlite_store_is_refused_before_any_run_on_a_multi_host_cluster(tmp_pa
     with pytest.raises(TrackingError, match=r"spans 2 hosts .*mlflow server"):
         run_training(cfg_for(tmp_path, "training.max_steps=1", "scaling.run_name=hosts"))
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "300"), ("42", "42")])
+def test_a_local_ray_gives_worker_groups_time_to_start_on_a_loaded_machine(
+        monkeypatch, preset, expected):
+    """Ray Train's 60-s worker-group start-up timeout is raised for a local Ray (its
+    processes inherit the environment), unless the user set it."""
+    import freetf.training.ray_train as ray_train
+
+    key = ray_train.WORKER_GROUP_START_TIMEOUT_ENV
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(key, raising=False)
+    if preset is not None:
+        monkeypatch.setenv(key, preset)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "unset")  # restored by monkeypatch
+    seen = {}
+    monkeypatch.setattr(ray_train.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_train.ray, "init", lambda **kw: seen.update(os.environ))
+    ray_train.init_ray(num_cpus=1)
+    assert seen[key] == expected

@@ -203,11 +203,19 @@ def init_ray(num_cpus: float | None = None, quiet: bool = False,
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # Ray Train gives a worker group 60 s to start, then restarts it: on a loaded machine
+    # (torch's import alone can take that long) it restarts for ever.  A local Ray's
+    # processes inherit this environment; a value the user set is kept.
+    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, str(WORKER_GROUP_START_TIMEOUT_S))
     with loopback_only():
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
                  include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  runtime_env={"worker_process_setup_hook": setup_hook} if setup_hook else None,
                  **settings)
+
+
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_GROUP_START_TIMEOUT_S = 300
 
 
 @contextlib.contextmanager
