@@ -6,8 +6,7 @@ Bayes floor and the validity interval of free generations.
 exactly the evaluated rows and tokens (:mod:`freetf.evaluation.synthetic_bayes`);
 ``eval/excess_nats``: the model's CE above it (Z from the posterior for a Free
 Transformer, the plain CE for a baseline); ``eval/excess_iw_nats``: the honest bound
-above it.  ``eval/valid_low`` / ``eval/valid_high``: the Wilson interval of
-``eval/valid_rate`` over ``diagnostics.free_generations`` draws.
+above it.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from freetf.config import Config
-from freetf.evaluation.latent_use import latent_use, wilson_interval
+from freetf.evaluation.latent_use import latent_use
 
 
 def is_synthetic(cfg: Config) -> bool:
@@ -53,9 +52,3 @@ def task_measures(model, batches: Sequence[torch.Tensor], cfg: Config,
         if "eval/ce_iw_nats" in out:
             out["eval/excess_iw_nats"] = out["eval/ce_iw_nats"] - floor
     return out
-
-
-def validity_interval(rate: float, num: int) -> dict[str, float]:
-    """``eval/valid_low`` / ``eval/valid_high``: Wilson 95% of ``rate`` over ``num`` draws."""
-    low, high = wilson_interval(round(rate * num), num)
-    return {"eval/valid_low": low, "eval/valid_high": high, "eval/valid_draws": float(num)}

@@ -151,14 +151,21 @@ TASK_START_SD = math.sqrt((57 ** 2 - 1) / 12)
 
 
 def generation_stats(readings: list[SequenceReading]) -> dict[str, float]:
-    """What free generations look like against the task's generator: ``eval/valid_rate``,
-    and over the valid ones the target start's mean and standard deviation
-    (``eval/gen_start_mean``, ``eval/gen_start_sd``; the task: 28 and 16.45) and the
-    share of body positions holding "!" (``eval/gen_noise_rate``; the task: 1/16)."""
+    """What free generations look like against the task's generator: ``eval/valid_rate``
+    with its Wilson 95% interval (``eval/valid_low``, ``eval/valid_high``, over
+    ``eval/valid_draws`` readings), and over the valid ones the target start's mean and
+    standard deviation (``eval/gen_start_mean``, ``eval/gen_start_sd``; the task: 28 and
+    16.45) and the share of body positions holding "!" (``eval/gen_noise_rate``; the task:
+    1/16)."""
     valid = [r for r in readings if r.valid]
     starts = [r.target_start for r in valid if r.target_start is not None]
     body = SYNTHETIC_BODY_LEN * len(valid)
+    from freetf.evaluation.latent_use import wilson_interval
+
+    low, high = wilson_interval(len(valid), len(readings))
     out = {"eval/valid_rate": len(valid) / len(readings) if readings else math.nan,
+           "eval/valid_low": low, "eval/valid_high": high,
+           "eval/valid_draws": float(len(readings)),
            "eval/gen_start_mean": statistics.fmean(starts) if starts else math.nan,
            "eval/gen_start_sd": statistics.pstdev(starts) if len(starts) >= 2 else math.nan,
            "eval/gen_noise_rate": (sum(len(r.noise) for r in valid) / body

@@ -162,6 +162,15 @@ def baseline_converged(baseline: Outcome, tol: Tolerances) -> bool:
                 and baseline.valid_rate < tol.baseline_valid)
 
 
+def run_plateau(history: Sequence[Mapping[str, float]], diagnostics,
+                kappa_bits: float) -> dict[str, float]:
+    """:func:`plateau` with a run's ``diagnostics`` tolerances: the KL's is the larger of
+    ``converge_kl_bits`` and ``converge_kl_frac`` of kappa (under its cap the KL wanders)."""
+    d = diagnostics
+    return plateau(history, d.converge_evals, d.converge_ce_nats,
+                   max(d.converge_kl_bits, d.converge_kl_frac * kappa_bits))
+
+
 def plateau(history: Sequence[Mapping[str, float]], evals: int, ce_nats: float,
             kl_bits: float) -> dict[str, float]:
     """Has a run converged?  Over its last ``evals`` evaluations (``history``: one dict

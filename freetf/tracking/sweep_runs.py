@@ -117,8 +117,7 @@ def log_sweep_analysis(client, parent_run_id: str, parent: dict[str, dict[str, A
                 "params": [Param(k, str(v)) for k, v in values.get("params", {}).items()],
                 "tags": [RunTag(k, str(v)[:MAX_TAG_VALUE_CHARS])
                          for k, v in values.get("tags", {}).items()]}
-    parent = {**parent, "metrics": dict(parent.get("metrics", {}))}
-    steps = [Metric(k, float(v), now, int(step)) for k, v, step in parent.pop("steps", [])]
+    steps = [Metric(k, float(v), now, int(step)) for k, v, step in parent.get("steps", [])]
     for run_id, values in [(parent_run_id, parent), *children.items()]:
         try:
             client.log_batch(run_id, **entities(values))

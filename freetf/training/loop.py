@@ -25,10 +25,10 @@ from freetf.config import Config
 from freetf.data.datasets import DataBundle, build_data
 from freetf.data.stream import BatchStream
 from freetf.evaluation.diagnostics import latent_diagnostics, verdict
-from freetf.evaluation.measures import task_measures, validity_interval
+from freetf.evaluation.measures import is_synthetic, task_measures
 from freetf.evaluation.samples import sample_texts
 from freetf.evaluation.synthetic_eval import free_generations, generation_stats
-from freetf.evaluation.verdicts import plateau
+from freetf.evaluation.verdicts import run_plateau
 from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
 from freetf.training.checkpoint import (
@@ -299,11 +299,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                 metrics.update(evaluate(raw_model, data, cfg, device, sched["free_bits_nats"],
                                         samples=last and ctx.is_main,
                                         generations=ctx.is_main))
-            d = cfg.diagnostics  # has it converged?  its last evaluations agree
-            kl_tol = max(d.converge_kl_bits, d.converge_kl_frac * sched["free_bits_nats"]
-                         / math.log(2.0))
-            metrics.update(plateau([*ctx.history, metrics], d.converge_evals,
-                                   d.converge_ce_nats, kl_tol))
+            metrics.update(run_plateau([*ctx.history, metrics], cfg.diagnostics,
+                                       sched["free_bits_nats"] / math.log(2.0)))
             model.train()
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             report = {k: v for k, v in metrics.items() if not isinstance(v, str | list)}
@@ -351,10 +348,9 @@ def evaluate(model: FreeTransformer, data: DataBundle, cfg: Config, device: torc
         if samples:
             result["eval/samples"] = sample_texts(model, data, cfg, device)
         draws = cfg.diagnostics.free_generations
-        if (samples or generations) and cfg.data.dataset_name == "synthetic" and draws:
-            readings = free_generations(model, draws, seed=cfg.training.seed + 17)
-            result.update(generation_stats(readings))
-            result.update(validity_interval(result["eval/valid_rate"], len(readings)))
+        if (samples or generations) and is_synthetic(cfg) and draws:
+            result.update(generation_stats(free_generations(model, draws,
+                                                            seed=cfg.training.seed + 17)))
     return result
 
 
