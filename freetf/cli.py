@@ -199,7 +199,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from freetf.sweeps.report import report_command
+    from freetf.results.report import report_command
 
     return report_command(args)
 

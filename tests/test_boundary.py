@@ -1,5 +1,5 @@
 """Tests for freetf.sweeps.boundary (the boundary search, against a fake noisy trainable
-whose boundaries are known) and freetf.sweeps.analysis / phase (verdicts from a runs
+whose boundaries are known) and freetf.results.analysis / phase (verdicts from a runs
 table, the boundary report and the phase diagram).  No Ray cluster, no training."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from freetf.sweeps import analysis
+from freetf.results import analysis
 from freetf.sweeps.boundary import LATENT_KEY, SEED_KEY, BoundarySearch
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,7 +124,7 @@ def test_one_baseline_per_seed_is_shared_by_the_kl_weights():
 
 
 def _frame(x_c: float = -3.0, seeds: int = 3) -> pd.DataFrame:
-    """A runs table (freetf.sweeps.report.collect_runs' columns) of a fake sweep."""
+    """A runs table (freetf.results.report.collect_runs' columns) of a fake sweep."""
     rng = np.random.default_rng(0)
     rows = []
     probes = [-6.0, -4.0, -2.0, 0.0, 2.0]

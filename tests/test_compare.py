@@ -1,4 +1,4 @@
-"""The code-corpus comparison (freetf.sweeps.compare): its statistics against a hand
+"""The code-corpus comparison (freetf.experiments.compare): its statistics against a hand
 computation, its spec (kappa grid x seeds + baselines), its report files, and (heavy)
 the whole command on a tiny prepared corpus."""
 
@@ -10,8 +10,7 @@ import math
 import pandas as pd
 import pytest
 
-from freetf.sweeps import boundary
-from freetf.sweeps.compare import (
+from freetf.experiments.compare import (
     REPLICATION_NLL,
     claim_verdict,
     compare_rows,
@@ -19,6 +18,7 @@ from freetf.sweeps.compare import (
     markdown_table,
     write_compare,
 )
+from freetf.sweeps import boundary
 from freetf.sweeps.spec import load_sweep
 
 pytestmark = pytest.mark.timeout(120)
@@ -148,7 +148,7 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     """The smoke spec on a tiny BPE corpus: 6 trials in MLflow, the table on the parent."""
     from conftest import prepared_code_corpus
 
-    from freetf.sweeps.compare import main
+    from freetf.experiments.compare import main
     from freetf.tracking import mlflow_client
 
     data = prepared_code_corpus(tmp_path, files=30, repeats=40)
@@ -184,7 +184,7 @@ def _config(name):
 def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
     """ensure_prepared: the recipe into the sweep's data folder, with a progress line;
     the second call finds meta.json and prepares nothing."""
-    from freetf.sweeps import compare
+    from freetf.experiments import compare
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from freetf.cli import main as cli_main
-from freetf.sweeps import report
+from freetf.results import report
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,7 +225,7 @@ def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
 
 @pytest.mark.parametrize("with_spec", [True, False])
 def test_report_judges_a_sweep_against_its_own_baselines(tmp_path, capsys, caplog, with_spec):
-    caplog.set_level("INFO", logger="freetf.sweeps.report")
+    caplog.set_level("INFO", logger="freetf.results.report")
     uri = _baseline_sweep(tmp_path, with_spec)
     code = report.report_command(argparse.Namespace(
         experiment="sweeps", tracking_uri=uri, out=tmp_path / "reports", sweep="b"))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from freetf.sweeps.reproduce import main, markdown_table
+from freetf.experiments.reproduce import main, markdown_table
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -69,7 +69,7 @@ def test_markdown_table_marks_missing_values():
 
 
 def test_summary_counts_reproducing_seeds_and_gives_mean_and_sd():
-    from freetf.sweeps.reproduce import summarise, summary_table
+    from freetf.experiments.reproduce import summarise, summary_table
 
     def row(kappa, seed, ce, ok, spread=10.0):
         return {"kappa_bits": kappa, "seed": seed, "ce_prior": ce, "reproduces": ok,
@@ -93,7 +93,7 @@ def test_summary_counts_reproducing_seeds_and_gives_mean_and_sd():
 
 
 def test_summary_separates_the_studys_options():
-    from freetf.sweeps.reproduce import summarise, summary_table
+    from freetf.experiments.reproduce import summarise, summary_table
 
     rows = [{"kappa_bits": 1.0, "seed": s, "options": opt, "ce_prior": ce, "reproduces": ok}
             for s, opt, ce, ok in [(0, "", 0.5, False), (1, "", 0.7, False),

@@ -19,7 +19,7 @@ import ray
 from mlflow import MlflowClient
 
 from freetf.evaluation.diagnostics import VERDICTS
-from freetf.sweeps import report
+from freetf.results import report
 from freetf.sweeps import sweep as sweep_mod
 from freetf.sweeps.sweep import (
     CollapseStopper,

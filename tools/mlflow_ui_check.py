@@ -60,7 +60,7 @@ def smoke_sweep_store(root: Path) -> tuple[str, str]:
 def synthetic_store(root: Path) -> tuple[str, str]:
     """A sweep of the smoke grid whose trials log made-up curves (one per verdict), through
     the same tracking code as a real sweep; no training, no Ray.  For checking the UI."""
-    from freetf.sweeps import report
+    from freetf.results import report
     from freetf.sweeps.sweep import (
         TAG_KEY,
         TAG_ROLE,

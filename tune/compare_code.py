@@ -7,13 +7,13 @@
 
 Prepares Python's standard library into data/stdlib-bpe4k first if it is missing.  Writes
 reports/compare_code/compare.{md,csv,json,png}, also logged to the sweep's MLflow parent
-run; the logic lives in freetf.sweeps.compare.
+run; the logic lives in freetf.experiments.compare.
 """
 
 import sys
 from pathlib import Path
 
-from freetf.sweeps.compare import main
+from freetf.experiments.compare import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

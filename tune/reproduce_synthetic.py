@@ -11,7 +11,7 @@ Writes docs/synthetic_reproduction.{md,png,json}; the logic lives in freetf.repr
 import sys
 from pathlib import Path
 
-from freetf.sweeps.reproduce import main
+from freetf.experiments.reproduce import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

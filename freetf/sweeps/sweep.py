@@ -162,7 +162,7 @@ class SweepResult:
     runs: Any  # pandas DataFrame, one row per trial (freetf.report.collect_runs)
     report: dict[str, Path]
     interrupted: bool
-    analysis: Any = None  # freetf.sweeps.analysis.SweepAnalysis: verdicts, boundaries
+    analysis: Any = None  # freetf.results.analysis.SweepAnalysis: verdicts, boundaries
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
@@ -177,7 +177,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     brings back Tune's status tables and the trial processes' output.  ``callbacks``:
     more Tune callbacks.
     """
-    from freetf.sweeps import analysis, over_training, report
+    from freetf.results import analysis, over_training, report
     from freetf.tracking import (
         log_sweep_analysis,
         log_sweep_summary,
@@ -354,7 +354,7 @@ def _saved_spec(sweep: SweepConfig) -> SweepConfig:
 def main(argv: list[str] | None = None, default_config: str | Path | None = None,
          smoke_config: str | Path | None = None) -> int:
     """``search_kl.py [--config YAML | --smoke] [--set KEY=VALUE ...] [--resume]``."""
-    from freetf.sweeps import report
+    from freetf.results import report
     from freetf.tracking import TrackingError, mlflow_client
 
     parser = argparse.ArgumentParser(description="Ray Tune sweep over KL weight, free bits "

@@ -138,7 +138,7 @@ def kl_vs_kappa_figure(runs):
     """Each trial's final raw eval KL against its kappa (bits per token, log axes, the
     line KL = kappa), and its CE gap (posterior below prior, nats), coloured by verdict.
 
-    ``runs``: a :func:`freetf.sweeps.report.collect_runs` frame.
+    ``runs``: a :func:`freetf.results.report.collect_runs` frame.
     """
     fig, axes = _figure(11, 4.0, 1, 2)
     ax_kl, ax_gap = axes[0]

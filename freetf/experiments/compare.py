@@ -76,7 +76,7 @@ def compare_rows(trials: pd.DataFrame, confidence: float = 0.95,
                  use_tol_nats: float = USE_TOL_NATS) -> list[dict[str, Any]]:
     """One row for the baseline, then one per kappa (ascending), from the sweep's runs.
 
-    ``trials``: :func:`freetf.sweeps.report.collect_runs`'s table (``model_kind``,
+    ``trials``: :func:`freetf.results.report.collect_runs`'s table (``model_kind``,
     ``free_bits_bits``, ``seed``, ``status`` and the eval metrics).  Only finished trials
     count; a Free Transformer trial's difference needs its seed's baseline.
     """
@@ -347,7 +347,7 @@ def _shown(path: str | None) -> str:
 
 
 def _finished_sweep(sweep) -> tuple[pd.DataFrame, str | None]:
-    from freetf.sweeps.report import collect_runs
+    from freetf.results.report import collect_runs
     from freetf.sweeps.runs import find_parent
     from freetf.tracking import mlflow_client
 

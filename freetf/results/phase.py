@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from freetf.sweeps.report import KL_WEIGHT, _save
+from freetf.results.report import KL_WEIGHT, _save
 
 
 def _probe_stats(df: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -29,7 +29,7 @@ def _probe_stats(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def plot_phase_diagram(analysis, path: str | Path) -> Path:
-    from freetf.sweeps.analysis import _x_column
+    from freetf.results.analysis import _x_column
 
     df = analysis.trials
     judged = df[df["cost_nats"].notna()].copy() if "cost_nats" in df else df.iloc[:0]

@@ -1,6 +1,6 @@
 """A sweep's trials against their baselines: verdicts of converged trials and the boundaries.
 
-From the runs of a sweep (:func:`freetf.sweeps.report.collect_runs`, one row per trial),
+From the runs of a sweep (:func:`freetf.results.report.collect_runs`, one row per trial),
 with its baseline trials (``model.latent_dim = 0``, one per seed and baseline setting):
 
 - each Free Transformer trial gets its *cost* (``cost_nats``: single-draw honest CE minus
@@ -11,7 +11,7 @@ with its baseline trials (``model.latent_dim = 0``, one per seed and baseline se
 - per setting of the other searched keys, the collapse onset kappa_c and the leak onset
   kappa_l with their credible intervals (:func:`freetf.evaluation.verdicts.fit_boundary`);
 - :func:`write_analysis` writes ``boundaries.md``, ``boundaries.json``, ``verdicts.csv``
-  and the phase diagram (:mod:`freetf.sweeps.phase`) into the sweep's report folder.
+  and the phase diagram (:mod:`freetf.results.phase`) into the sweep's report folder.
 
 Baselines are the reference: one that has not converged (still moving, or on the
 synthetic task above the exact floor or generating invalid sequences) marks the sweep's
@@ -31,8 +31,8 @@ import pandas as pd
 
 from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import BoundaryFit, Outcome, Tolerances
-from freetf.sweeps import over_training
-from freetf.sweeps.report import FREE_BITS
+from freetf.results import over_training
+from freetf.results.report import FREE_BITS
 from freetf.tracking.sweep_runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class SweepAnalysis:
     boundaries: list[SettingBoundaries] = field(default_factory=list)
     baselines: int = 0  # finished baseline trials
     unconverged_baselines: list[str] = field(default_factory=list)  # their run names
-    # kappa_c(t), kappa_l(t): freetf.sweeps.over_training's rows with the setting's label
+    # kappa_c(t), kappa_l(t): freetf.results.over_training's rows with the setting's label
     over_training: pd.DataFrame | None = None
 
     @property
@@ -106,7 +106,7 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
             range_log2: tuple[float, float] | None = None,
             histories: pd.DataFrame | None = None) -> SweepAnalysis:
     """Verdicts against the baselines and the boundaries (module docstring); with the
-    trials' ``histories`` (:func:`freetf.sweeps.report.collect_histories`), the
+    trials' ``histories`` (:func:`freetf.results.report.collect_histories`), the
     boundaries at every evaluation step too (``over_training``)."""
     tol = tolerances or Tolerances()
     df = df.copy()
@@ -189,7 +189,7 @@ def boundaries_json(analysis: SweepAnalysis) -> list[dict[str, Any]]:
 
 def write_analysis(analysis: SweepAnalysis, out_dir: str | Path) -> dict[str, Path]:
     """``boundaries.md`` / ``.json``, ``verdicts.csv`` and ``phase_diagram.png``."""
-    from freetf.sweeps.phase import plot_phase_diagram
+    from freetf.results.phase import plot_phase_diagram
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ shows, so it is not required here).  An estimate is called *converged* when its 
 ``last`` evaluations agree: their medians within ``tol_log2`` of each other.
 
 pandas, numpy and matplotlib: no Ray, no MLflow (the histories come from
-:func:`freetf.sweeps.report.collect_histories`).
+:func:`freetf.results.report.collect_histories`).
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ def report_command(args) -> int:
 
 def analyse_sweeps(client, experiment: str, df: pd.DataFrame,
                    out: Path) -> dict[str, list[str]]:
-    """The sweep's own analysis (:func:`freetf.sweeps.analysis.analyse_sweep`) for each
+    """The sweep's own analysis (:func:`freetf.results.analysis.analyse_sweep`) for each
     sweep of ``df`` that trained baselines: verdicts against them, kappa_c / kappa_l,
     written to ``out/<sweep>/`` (``boundaries.md``, ``verdicts.csv``, the phase diagram).
 
@@ -354,8 +354,8 @@ def analyse_sweeps(client, experiment: str, df: pd.DataFrame,
     import tempfile
 
     from freetf.config import ConfigError
-    from freetf.sweeps import analysis
-    from freetf.sweeps.over_training import HISTORY_METRICS
+    from freetf.results import analysis
+    from freetf.results.over_training import HISTORY_METRICS
     from freetf.sweeps.runs import find_parent
     from freetf.sweeps.spec import SweepError, load_sweep
     from freetf.tracking import run_artifact_text
