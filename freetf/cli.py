@@ -199,9 +199,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from freetf.results.report import report_command
+    from freetf.results.report import ReportError
+    from freetf.sweeps.reporting import report
 
-    return report_command(args)
+    try:
+        print(report(args.experiment, args.tracking_uri, args.out, args.sweep))
+    except ReportError as err:
+        raise UserError(str(err)) from None
+    return 0
 
 
 def _wait_ray(args: argparse.Namespace) -> int:

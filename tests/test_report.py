@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from freetf.cli import main as cli_main
 from freetf.results import report
+from freetf.sweeps import reporting
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -159,10 +159,7 @@ def _store(tmp_path: Path) -> str:
 
 def test_report_command_reads_mlflow_alone(tmp_path, capsys):
     uri = _store(tmp_path)
-    code = report.report_command(argparse.Namespace(
-        experiment="sweeps", tracking_uri=uri, out=tmp_path / "reports"))
-    out = capsys.readouterr().out
-    assert code == 0
+    out = reporting.report("sweeps", uri, tmp_path / "reports")
     assert "kl_weight=0.1" in out and "| leaking |" in out and "| collapsed |" in out
     assert "2 trials" in out
     assert f"mlflow ui --backend-store-uri {uri}" in out
@@ -225,12 +222,9 @@ def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
 
 @pytest.mark.parametrize("with_spec", [True, False])
 def test_report_judges_a_sweep_against_its_own_baselines(tmp_path, capsys, caplog, with_spec):
-    caplog.set_level("INFO", logger="freetf.results.report")
+    caplog.set_level("INFO", logger="freetf.sweeps.reporting")
     uri = _baseline_sweep(tmp_path, with_spec)
-    code = report.report_command(argparse.Namespace(
-        experiment="sweeps", tracking_uri=uri, out=tmp_path / "reports", sweep="b"))
-    out = capsys.readouterr().out
-    assert code == 0
+    out = reporting.report("sweeps", uri, tmp_path / "reports", sweep="b")
     assert "sweep b: verdicts against its baselines" in out and "kappa_c" in out
     assert ("analysed with the defaults" in caplog.text) is not with_spec  # spec read back
     folder = tmp_path / "reports" / "b" / "b"

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from freetf.evaluation.diagnostics import VERDICTS
 from freetf.results import report
 from freetf.sweeps import sweep as sweep_mod
+from freetf.sweeps.runs import space_params
 from freetf.sweeps.sweep import (
     CollapseStopper,
     StopperSpec,
@@ -32,7 +33,7 @@ from freetf.sweeps.sweep import (
     trial_key,
     trial_run_name,
 )
-from freetf.tracking import space_params, verdict_code
+from freetf.tracking import verdict_code
 
 pytestmark = pytest.mark.timeout(600)
 

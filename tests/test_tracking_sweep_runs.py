@@ -1,5 +1,7 @@
-"""Tests for freetf.tracking.sweep_runs and freetf.tracking.figures: verdict codes, the
-sweep parent's params and summary, the overlay figures (real sqlite MLflow store, no Ray)."""
+"""Tests for freetf.tracking.runs, freetf.tracking.figures and a sweep's summary
+(freetf.results.summary, freetf.results.sweep_figures, freetf.sweeps.runs.space_params):
+verdict codes, the sweep parent's params and summary, the overlay figures (real sqlite
+MLflow store, no Ray)."""
 
 from __future__ import annotations
 
@@ -11,23 +13,19 @@ import pytest
 from mlflow import MlflowClient
 
 from freetf.config import load_config
+from freetf.results.summary import log_sweep_summary, verdict_counts
+from freetf.results.sweep_figures import kl_vs_kappa_figure, sweep_curves_figure
+from freetf.sweeps.runs import space_params
 from freetf.sweeps.spec import load_sweep
 from freetf.tracking import (
     VERDICT_METRIC,
     log_files_to_run,
-    log_sweep_summary,
     log_verdict,
     make_tracker,
     set_verdict,
-    space_params,
     verdict_code,
 )
-from freetf.tracking.figures import (
-    kl_vs_kappa_figure,
-    sweep_curves_figure,
-    training_curves_figure,
-)
-from freetf.tracking.sweep_runs import verdict_counts
+from freetf.tracking.figures import training_curves_figure
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -61,6 +61,8 @@ def synthetic_store(root: Path) -> tuple[str, str]:
     """A sweep of the smoke grid whose trials log made-up curves (one per verdict), through
     the same tracking code as a real sweep; no training, no Ray.  For checking the UI."""
     from freetf.results import report
+    from freetf.results.summary import log_sweep_summary
+    from freetf.sweeps.runs import space_params
     from freetf.sweeps.sweep import (
         TAG_KEY,
         TAG_ROLE,
@@ -69,13 +71,7 @@ def synthetic_store(root: Path) -> tuple[str, str]:
         trial_key,
         trial_run_name,
     )
-    from freetf.tracking import (
-        log_sweep_summary,
-        log_verdict,
-        make_tracker,
-        mlflow_client,
-        space_params,
-    )
+    from freetf.tracking import log_verdict, make_tracker, mlflow_client
 
     sweep = load_sweep(SMOKE, _store_settings(root))
     base = sweep.base()

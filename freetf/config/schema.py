@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from freetf.config.tree import _fail, _to_plain, apply_overrides
+from freetf.config.tree import _fail, _to_plain, apply_overrides, build_section
 
 LN2 = math.log(2.0)
 # model.vocab_size when a config leaves it out: the vocabulary of its data (the synthetic
@@ -415,10 +415,11 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, overrides: list[str] | dict[str, Any]) -> Config:
-        """A new validated config with dotted overrides applied."""
-        from freetf.config import from_dict
-
-        return from_dict(apply_overrides(self.to_dict(), overrides))
+        """A new validated config with dotted overrides applied (``model.vocab_size`` is
+        in ``to_dict()``: there is no default to fill in, unlike ``from_dict``)."""
+        config = build_section(Config, apply_overrides(self.to_dict(), overrides), "")
+        config.validate()
+        return config
 
 
 def _check_fsdp(cfg: Config) -> None:

@@ -348,8 +348,7 @@ def _shown(path: str | None) -> str:
 
 def _finished_sweep(sweep) -> tuple[pd.DataFrame, str | None]:
     from freetf.results.report import collect_runs
-    from freetf.sweeps.runs import find_parent
-    from freetf.tracking import mlflow_client
+    from freetf.tracking import find_parent, mlflow_client
 
     base = sweep.base()
     tracking = base.tracking.mlflow

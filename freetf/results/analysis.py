@@ -32,8 +32,8 @@ import pandas as pd
 from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import BoundaryFit, Outcome, Tolerances
 from freetf.results import over_training
-from freetf.results.report import FREE_BITS
-from freetf.tracking.sweep_runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
+from freetf.results.columns import log2_range, x_column
+from freetf.tracking.runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,6 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _x_column(df: pd.DataFrame, key: str) -> pd.Series:
-    """log2 of the boundary key (free bits: in bits whether searched in bits or nats)."""
-    column = FREE_BITS if key in ("training.free_bits_bits", "training.free_bits") \
-        else f"sampled.{key}"
-    return df[column].astype(float).map(lambda v: math.log2(v) if v > 0 else math.nan)
-
-
 def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
             tolerances: Tolerances | None = None, confidence: float = 0.95,
             range_log2: tuple[float, float] | None = None,
@@ -136,13 +129,13 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
     judged = df[df["cost_nats"].notna() & (df["verdict"] != verdicts.UNCONVERGED)]
     if judged.empty:
         return result
-    x = _x_column(judged, key)
+    x = x_column(judged, key)
     low, high = range_log2 or (float(x.min()), float(x.max()))
     if not low < high:
         return result
     for values, group in judged.groupby(settings, dropna=False) if settings else [((), judged)]:
         values = values if isinstance(values, tuple) else (values,)
-        gx = list(_x_column(group, key))
+        gx = list(x_column(group, key))
         fits = {kind: verdicts.fit_boundary(kind, gx, list(group["verdict"] == name),
                                             low, high, confidence)
                 for kind, name in (("collapse", "collapsed"), ("leak", "leaking"))}
@@ -155,7 +148,7 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
             probes = df[df["cost_nats"].notna() & df.index.isin(group.index)]
             members = pd.concat([bases, probes])
             over = over_training.boundaries_over_training(
-                histories, members, _x_column(members, key), tol, confidence, (low, high))
+                histories, members, x_column(members, key), tol, confidence, (low, high))
             over["label"] = result.boundaries[-1].label
             parts = [result.over_training] if result.over_training is not None else []
             result.over_training = pd.concat([*parts, over], ignore_index=True)
@@ -220,8 +213,6 @@ def analyse_sweep(runs: pd.DataFrame, sweep, base,
     dims = {d.key: d for d in sweep.space}
     range_log2 = None
     if sweep.search.method == "boundary":
-        from freetf.sweeps.boundary import log2_range
-
         range_log2 = log2_range(dims[key].values)
     elif key not in dims and "training.free_bits" in dims:
         key = "training.free_bits"

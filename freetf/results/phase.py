@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from freetf.results.report import KL_WEIGHT, _save
+from freetf.results.columns import KL_WEIGHT, save_figure, x_column
 
 
 def _probe_stats(df: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -29,8 +29,6 @@ def _probe_stats(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def plot_phase_diagram(analysis, path: str | Path) -> Path:
-    from freetf.results.analysis import _x_column
-
     df = analysis.trials
     judged = df[df["cost_nats"].notna()].copy() if "cost_nats" in df else df.iloc[:0]
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -48,8 +46,8 @@ def plot_phase_diagram(analysis, path: str | Path) -> Path:
         for ax in axes:
             ax.text(0.5, 0.5, "no trials judged against a baseline", ha="center",
                     transform=ax.transAxes)
-        return _save(fig, path)
-    judged["_kappa"] = 2.0 ** _x_column(judged, analysis.key)
+        return save_figure(fig, path)
+    judged["_kappa"] = 2.0 ** x_column(judged, analysis.key)
     settings = [c for c in judged.columns if c.startswith("sampled.") and c[8:] not in
                 (analysis.key, "training.seed", "model.latent_dim")]
     judged["_label"] = judged[settings].apply(
@@ -102,4 +100,4 @@ def plot_phase_diagram(analysis, path: str | Path) -> Path:
     ax_valid.set(ylabel="valid free generations", ylim=(-0.05, 1.05),
                  title="validity with Z from the prior")
     fig.suptitle(f"Phase diagram ({len(judged)} trials against their baselines)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

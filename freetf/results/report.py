@@ -11,7 +11,8 @@ into pandas) and draws where Z collapses, is used, or leaks:
 - :func:`plot_collapse_map`: verdicts over (free bits, kl_weight), one panel per
   KL-annealing schedule;
 - :func:`plot_kl_traces`: the raw KL per token against step of one run per verdict;
-- :func:`write_report`: all of it on disk; :func:`report_command`: ``freetf report``.
+- :func:`write_report`: all of it on disk; :mod:`freetf.sweeps.reporting` puts
+  it together for ``freetf report``.
 
 MLflow is reached only through :func:`freetf.tracking.mlflow_client`.
 """
@@ -21,11 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from freetf.results.columns import ANNEALING, FREE_BITS, KL_WEIGHT, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,6 @@ VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "used": "tab:g
 # freetf.diagnostics.VERDICTS, then the sweep's own: stopper, crash, Ctrl-C, no evaluation.
 VERDICT_ORDER = ("collapsed", "active", "used", "leaking", "baseline", "diverged", "failed",
                  "interrupted", "unknown")
-# The axes and panels of the map: (column, config param it is read from).
-KL_WEIGHT, FREE_BITS, ANNEALING = "kl_weight", "free_bits_bits", "kl_annealing"
 
 
 class ReportError(LookupError):
@@ -198,13 +198,6 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, list(axes)
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
-
-
 def plot_collapse_map(df: pd.DataFrame, path: str | Path) -> Path:
     """Verdicts over (free bits in bits, kl_weight), log axes, one panel per annealing.
 
@@ -242,7 +235,7 @@ def plot_collapse_map(df: pd.DataFrame, path: str | Path) -> Path:
         fig.legend(handles=handles, loc="outside right center", title="verdict")
     fig.suptitle("Collapse map\nfilled: ran to the end, hollow: stopped early; "
                  "label: final raw KL (bits/token)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def representative_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -276,7 +269,7 @@ def plot_kl_traces(client, df: pd.DataFrame, path: str | Path) -> Path:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no KL history", ha="center", transform=ax.transAxes)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- report
@@ -312,75 +305,3 @@ def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
              if experiment_id is None else
              f"               then open {runs_page_url(experiment_id)}"]
     return "\n".join(lines)
-
-
-def report_command(args) -> int:
-    """``freetf report --experiment NAME [--tracking-uri URI] [--out DIR] [--sweep NAME]``."""
-    from freetf.config import load_config
-    from freetf.tracking import mlflow_client, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(load_config(
-        overrides={"tracking.mlflow.tracking_uri": args.tracking_uri}))
-    sweep = getattr(args, "sweep", None)
-    try:
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-            raise ReportError(f"no MLflow store at {uri}; pass --tracking-uri")
-        client = mlflow_client(uri)
-        df = collect_runs(client, args.experiment, sweep=sweep)
-        if df.empty:
-            raise ReportError(f"experiment {args.experiment!r} at {uri} has no sweep trial "
-                              f"runs (tag freetf.role=trial)")
-    except ReportError as err:
-        print(f"freetf report: error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out) / (sweep or args.experiment)
-    paths = write_report(client, df, out)
-    experiment_id = client.get_experiment_by_name(args.experiment).experiment_id
-    print(summary_text(df, paths, uri, args.experiment, experiment_id))
-    for name, lines in analyse_sweeps(client, args.experiment, df, out).items():
-        print("", f"sweep {name}: verdicts against its baselines", *lines, sep="\n")
-    return 0
-
-
-def analyse_sweeps(client, experiment: str, df: pd.DataFrame,
-                   out: Path) -> dict[str, list[str]]:
-    """The sweep's own analysis (:func:`freetf.results.analysis.analyse_sweep`) for each
-    sweep of ``df`` that trained baselines: verdicts against them, kappa_c / kappa_l,
-    written to ``out/<sweep>/`` (``boundaries.md``, ``verdicts.csv``, the phase diagram).
-
-    The sweep's spec is read back from its parent run (``search_space.yaml``); where
-    that is gone (or its base config is not on this machine) the defaults stand in.
-    Returns each analysed sweep's console lines."""
-    import tempfile
-
-    from freetf.config import ConfigError
-    from freetf.results import analysis
-    from freetf.results.over_training import HISTORY_METRICS
-    from freetf.sweeps.runs import find_parent
-    from freetf.sweeps.spec import SweepError, load_sweep
-    from freetf.tracking import run_artifact_text
-
-    found: dict[str, list[str]] = {}
-    for name, runs in df.groupby("sweep", sort=True):
-        if not (runs["model_kind"] == "baseline").any():
-            continue
-        histories = collect_histories(client, list(runs["run_id"]), HISTORY_METRICS)
-        parent = find_parent(client, experiment, name)
-        text = run_artifact_text(client, parent.info.run_id, "search_space.yaml") \
-            if parent is not None else None
-        try:
-            if text is None:
-                raise SweepError("no search_space.yaml on the sweep's parent run")
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "sweep.yaml").write_text(text)
-                spec = load_sweep(Path(tmp) / "sweep.yaml")
-                result = analysis.analyse_sweep(runs, spec, spec.base(), histories)
-        except (SweepError, ConfigError, OSError) as err:
-            log.info("sweep %s: its spec is not usable here (%s); analysed with the "
-                     "defaults", name, err)
-            result = analysis.analyse(runs, histories=histories)
-        paths = analysis.write_analysis(result, out / name)
-        found[name] = [analysis.boundaries_table(result), *result.summary_lines(),
-                       f"boundaries:    {paths['boundaries']}",
-                       f"phase diagram: {paths['phase']}"]
-    return found

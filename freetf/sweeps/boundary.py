@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import pickle
 from typing import Any
 
@@ -34,6 +33,7 @@ from ray.tune.search import Searcher
 
 from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import Outcome
+from freetf.results.columns import log2_range  # noqa: F401 - the public API
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +210,6 @@ _VERDICT = {"collapse": "collapsed", "leak": "leaking"}
 def kappa_bits(x: float) -> float:
     """kappa in bits of x = log2(kappa), rounded to 6 significant digits (stable keys)."""
     return float(f"{2.0 ** x:.6g}")
-
-
-def log2_range(values: tuple) -> tuple[float, float]:
-    """The searched range of log2(kappa) from a space entry's values."""
-    low, high = min(float(v) for v in values), max(float(v) for v in values)
-    if low <= 0:
-        raise ValueError(f"kappa must be > 0 bits, got {low}")
-    return math.log2(low), math.log2(high)
 
 
 def from_sweep(sweep, base) -> BoundarySearch:

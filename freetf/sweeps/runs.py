@@ -1,5 +1,6 @@
-"""A sweep's child runs in MLflow, from the driver: find the parent, count the trials
-that ended, and close the runs that Tune left open (stopped, failed or cut off)."""
+"""A sweep's runs in MLflow, from the driver: the parent's params (the search space, not
+the base config's values, which would read as the sweep's), the trials that ended, and
+the runs that Tune left open (stopped, failed or cut off), closed."""
 
 from __future__ import annotations
 
@@ -7,22 +8,11 @@ import json
 
 from freetf.sweeps.trainable import (
     TAG_KEY,
-    TAG_ROLE,
-    TAG_SWEEP,
     TrialContext,
     child_runs,
     trial_key,
 )
-
-
-def find_parent(client, experiment: str, name: str):
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs([found.experiment_id], max_results=10,
-                              filter_string=f"tags.`{TAG_SWEEP}` = '{name}' "
-                                            f"and tags.`{TAG_ROLE}` = 'sweep'")
-    return min(runs, key=lambda r: r.info.start_time) if runs else None
+from freetf.tracking.params import format_value, searched_names
 
 
 def ended_trials(results, keys: tuple[str, ...], ended_in_mlflow: set[str]) -> int:
@@ -77,3 +67,20 @@ def close_open_runs(client, context: TrialContext, results, interrupted: bool) -
         else:
             set_verdict(client, run_id, "interrupted" if interrupted else "unknown", step)
             client.set_terminated(run_id, "KILLED")
+
+
+def space_params(sweep) -> dict[str, str]:
+    """The parent run's params: each searched key's domain under ``space.<name>``, with
+    the name its trials log it under (``space.free_bits_bits = grid [0.015625, 1, 4]``),
+    and the search settings."""
+    names = searched_names([d.key for d in sweep.space])
+    params = {}
+    for dim in sweep.space:
+        values = ", ".join(format_value(v) for v in dim.values)
+        params[f"space.{names[dim.key]}"] = f"{dim.kind} [{values}]"
+    params.update({"sweep.method": sweep.search.method, "sweep.metric": sweep.search.metric,
+                   "sweep.trials": str(sweep.expected_trials),
+                   "sweep.keys": ",".join(d.key for d in sweep.space)})
+    if sweep.search.method != "grid":
+        params["sweep.num_samples"] = str(sweep.search.num_samples)
+    return params

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ray import tune
 
 from freetf.config import (
     Config,
@@ -65,6 +64,8 @@ class Dimension:
     values: tuple
 
     def domain(self, method: str) -> Any:
+        from ray import tune  # here: parsing a spec imports no Ray
+
         if self.kind == "grid":
             return tune.choice(list(self.values)) if method == "optuna" else \
                 tune.grid_search(list(self.values))
@@ -152,7 +153,7 @@ class SweepConfig:
     def base(self) -> Config:
         """The resolved base config every trial starts from (absolute paths)."""
         from freetf.config import load_config
-        from freetf.training.ray_train import absolute_paths
+        from freetf.training.paths import absolute_paths
 
         overrides = dict(self.overrides)
         overrides.update({"scaling.use_ray": True, "tracking.mlflow.enabled": True})

@@ -38,7 +38,7 @@ from freetf.sweeps.runs import (  # noqa: F401 - ended_trials: the public API
     close_open_runs,
     ended_trial_keys,
     ended_trials,
-    find_parent,
+    space_params,
 )
 from freetf.sweeps.search import search_algorithm
 from freetf.sweeps.spec import (  # noqa: F401 - load_sweep, SweepError: the public API
@@ -178,13 +178,8 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     more Tune callbacks.
     """
     from freetf.results import analysis, over_training, report
-    from freetf.tracking import (
-        log_sweep_analysis,
-        log_sweep_summary,
-        make_tracker,
-        mlflow_client,
-        space_params,
-    )
+    from freetf.results.summary import log_sweep_summary
+    from freetf.tracking import find_parent, log_sweep_analysis, make_tracker, mlflow_client
 
     # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

@@ -20,8 +20,10 @@ Modules: :mod:`~freetf.tracking.store` (URIs, client, experiments),
 :mod:`~freetf.tracking.sinks` (the MLflow, TensorBoard and W&B backends),
 :mod:`~freetf.tracking.tracker` (:class:`Tracker`, :func:`make_tracker`),
 :mod:`~freetf.tracking.params` (the params a run logs, the config tag),
-:mod:`~freetf.tracking.sweep_runs` (verdict codes, a sweep parent's params and summary)
-and :mod:`~freetf.tracking.figures` (overlays of logged metrics).
+:mod:`~freetf.tracking.runs` (runs no tracker holds: verdict tags and codes, batches,
+artifacts, a sweep's parent), :mod:`~freetf.tracking.tags` (every tag name freetf writes)
+and :mod:`~freetf.tracking.figures` (overlays of logged metrics).  What is particular to
+sweeps lives with them (:mod:`freetf.sweeps`, :mod:`freetf.results`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,21 @@ import mlflow  # noqa: F401 - tests patch freetf.tracking.mlflow.MlflowClient
 from freetf.tracking.figures import (
     CURVE_METRICS,
     metric_history,
-    plot_kl_vs_kappa,
-    plot_sweep_curves,
     plot_training_curves,
 )
 from freetf.tracking.params import CONFIG_TAG, run_config, run_params
+from freetf.tracking.runs import (
+    VERDICT_CODES,
+    VERDICT_METRIC,
+    VERDICT_TAG,
+    find_parent,
+    log_files_to_run,
+    log_sweep_analysis,
+    log_verdict,
+    run_artifact_text,
+    set_verdict,
+    verdict_code,
+)
 from freetf.tracking.sinks import (
     MAX_BUFFERED_METRICS,
     MAX_METRICS_PER_BATCH,
@@ -58,19 +70,6 @@ from freetf.tracking.store import (
     resolve_tracking_uri,
     runs_page_url,
 )
-from freetf.tracking.sweep_runs import (
-    VERDICT_CODES,
-    VERDICT_METRIC,
-    VERDICT_TAG,
-    log_files_to_run,
-    log_sweep_analysis,
-    log_sweep_summary,
-    log_verdict,
-    run_artifact_text,
-    set_verdict,
-    space_params,
-    verdict_code,
-)
 from freetf.tracking.tracker import (
     RUN_STATUSES,
     NullTracker,
@@ -88,10 +87,10 @@ __all__ = [
     "TENSORBOARD_ALIASES", "VERDICT_CODES", "VERDICT_METRIC", "VERDICT_TAG", "WANDB_ALIASES",
     "NullTracker", "SkipLoggedSteps", "Tracker", "TrackingError", "_param_strings",
     "check_store_shared_by", "check_tracking_server", "end_active_run", "last_logged_step",
-    "log_files_to_run", "log_sweep_analysis", "log_sweep_summary", "log_verdict",
+    "find_parent", "log_files_to_run", "log_sweep_analysis", "log_verdict",
     "make_tracker", "metric_history", "mlflow_client", "preload_store_modules",
     "run_artifact_text",
-    "plot_kl_vs_kappa", "plot_sweep_curves", "plot_training_curves", "resolve_tracking_uri",
-    "run_config", "run_params", "runs_page_url", "set_verdict", "space_params",
+    "plot_training_curves", "resolve_tracking_uri",
+    "run_config", "run_params", "runs_page_url", "set_verdict",
     "verdict_code",
 ]

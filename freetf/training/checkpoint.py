@@ -22,9 +22,7 @@ never code.  The same directory is what Ray Train uploads as a ``ray.train.Check
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,12 +31,23 @@ from typing import Any
 import torch
 
 from freetf.config import Config, ConfigError, load_config
-from freetf.training.sharded_checkpoint import SHARDS_DIR, consolidated_model_state, is_sharded
+from freetf.training.checkpoint_files import (  # noqa: F401 - the file names: public API
+    CONFIG_FILE,
+    DATA_META_FILE,
+    LATEST_FILE,
+    META_FILE,
+    SHARDS_DIR,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    is_sharded,
+    publish,
+    replace_dir,
+    write_files,
+)
+from freetf.training.sharded_checkpoint import consolidated_model_state
 
 log = logging.getLogger(__name__)
 
-STATE_FILE, CONFIG_FILE, META_FILE, LATEST_FILE = "state.pt", "config.yaml", "meta.json", "latest"
-TOKENIZER_FILE, DATA_META_FILE = "tokenizer.json", "data_meta.json"
 
 
 class CheckpointError(RuntimeError):
@@ -53,36 +62,11 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Confi
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         write_files(tmp, state, config, meta)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def write_files(directory: Path, state: dict[str, Any], config: Config,
-                meta: dict[str, Any] | None) -> None:
-    """``state.pt``, ``config.yaml``, ``meta.json`` and the prepared data's tokenizer
-    (:func:`_copy_tokenizer`) into an existing ``directory``."""
-    torch.save(state, directory / STATE_FILE)
-    (directory / CONFIG_FILE).write_text(config.to_yaml())
-    (directory / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=float))
-    _copy_tokenizer(config, directory)
-
-
-def _copy_tokenizer(config: Config, directory: Path) -> None:
-    """The prepared data's tokenizer.json and meta.json (as data_meta.json), if any."""
-    from freetf.data.datasets import prepared_folder
-
-    folder = prepared_folder(config)
-    if folder is None or not (folder / "meta.json").is_file():
-        return
-    shutil.copyfile(folder / "meta.json", directory / DATA_META_FILE)
-    name = json.loads((folder / "meta.json").read_text()).get("tokenizer", {}).get("file")
-    if name:
-        shutil.copyfile(folder / name, directory / TOKENIZER_FILE)
 
 
 def load_tokenizer(path: str | Path, config: Config):
@@ -113,9 +97,7 @@ def save_to_root(root: str | Path, step: int, state: dict[str, Any], config: Con
     """Save ``root/step_NNNNNN``, point ``root/latest`` at it, keep the newest ``keep``."""
     root = Path(root)
     path = write_checkpoint(root / f"step_{step:06d}", state, config, meta)
-    _atomic_write_text(root / LATEST_FILE, path.name)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(root, path, keep)
     return path
 
 
@@ -191,12 +173,6 @@ def _load_failure(err: Exception) -> str:
         return (f"it holds objects that are not tensors or plain data ({detail}); freetf "
                 f"loads checkpoints as data only and never runs code stored in them")
     return f"the file is damaged or not a freetf checkpoint ({detail})"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_states(device: torch.device) -> dict[str, torch.Tensor | None]:

@@ -38,6 +38,7 @@ from freetf.training.checkpoint import (
     rng_states,
     save_to_root,
 )
+from freetf.training.checkpoint_files import is_sharded
 from freetf.training.context import LogWindow, TrainContext, TrainResult
 from freetf.training.optim import amp_dtype, build_optimizer
 from freetf.training.parallel import clip_grad_norm, gradient_sync, is_fsdp, unsharded
@@ -47,7 +48,6 @@ from freetf.training.schedules import (
     schedule_values,
 )
 from freetf.training.sharded_checkpoint import (
-    is_sharded,
     load_full_into_sharded,
     load_sharded,
     save_sharded,

@@ -39,6 +39,7 @@ from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
 from freetf.training.context import TrainContext
 from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
 from freetf.training.parallel import apply_fsdp, is_fsdp
+from freetf.training.paths import absolute_paths, absolute_storage
 from freetf.training.preflight import check_before_training
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         checkpoint_score_order=cfg.checkpoint.mode)
     run_config = ray.train.RunConfig(
         name=run_name(cfg),
-        storage_path=storage_path or _absolute_storage(sc.storage_path),
+        storage_path=storage_path or absolute_storage(sc.storage_path),
         checkpoint_config=checkpoint_config,
         failure_config=ray.train.FailureConfig(
             max_failures=sc.max_failures, controller_failure_limit=controller_failure_limit),
@@ -375,29 +376,4 @@ def run_name(cfg: Config) -> str:
 
 def run_directory(cfg: Config) -> Path:
     """``storage_path/<run name>``: where a (local) Ray Train run keeps its checkpoints."""
-    return Path(_absolute_storage(cfg.scaling.storage_path)) / run_name(cfg)
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """Resolve every relative path and the tracking URI before workers chdir away."""
-    from freetf.tracking import resolve_tracking_uri
-
-    overrides: dict[str, Any] = {
-        "checkpoint.dir": str(Path(cfg.checkpoint.dir).expanduser().resolve()),
-        "scaling.storage_path": _absolute_storage(cfg.scaling.storage_path),
-    }
-    if cfg.tracking.mlflow.enabled:
-        overrides["tracking.mlflow.tracking_uri"] = resolve_tracking_uri(cfg)
-    if cfg.data.path:
-        overrides["data.path"] = str(Path(cfg.data.path).expanduser().resolve())
-    if cfg.tracking.tensorboard.enabled:
-        overrides["tracking.tensorboard.log_dir"] = str(
-            Path(cfg.tracking.tensorboard.log_dir).expanduser().resolve())
-    return cfg.replace(overrides)
-
-
-def _absolute_storage(path: str) -> str:
-    """Workers chdir into the Ray session folder: resolve local paths before launch."""
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
+    return Path(absolute_storage(cfg.scaling.storage_path)) / run_name(cfg)

@@ -20,7 +20,6 @@ process with no process group (``freetf generate`` / ``eval``).
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -32,13 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from freetf.config import Config
-
-SHARDS_DIR = "shards"
-
-
-def is_sharded(path: str | Path) -> bool:
-    """Does the checkpoint directory ``path`` keep its weights in DCP shards?"""
-    return (Path(path) / SHARDS_DIR).is_dir()
+from freetf.training.checkpoint_files import SHARDS_DIR, publish, replace_dir, write_files
 
 
 def _barrier() -> None:
@@ -70,8 +63,6 @@ def save_sharded(root: str | Path, step: int, model: nn.Module,
     """
     import torch.distributed.checkpoint as dcp
 
-    from freetf.training.checkpoint import LATEST_FILE, _atomic_write_text, write_files
-
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.partial"
@@ -83,20 +74,12 @@ def save_sharded(root: str | Path, step: int, model: nn.Module,
         write_files(tmp, state, config, {**meta, "format": "sharded"})
     _barrier()
     if rank == 0:
-        _replace(tmp, final)
-        _atomic_write_text(root / LATEST_FILE, final.name)
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
+        publish(root, final, keep)
     _barrier()
     if tmp.exists():  # a root of this rank's own: its shards are still in tmp
-        _replace(tmp, final)
+        replace_dir(tmp, final)
     return final
-
-
-def _replace(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,34 @@
+"""What the results modules share: the runs table's axis columns, log2 of the boundary key
+and how a figure is written."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+# The axes and panels of the map: (column, config param it is read from).
+KL_WEIGHT, FREE_BITS, ANNEALING = "kl_weight", "free_bits_bits", "kl_annealing"
+
+
+def x_column(df: pd.DataFrame, key: str) -> pd.Series:
+    """log2 of the boundary key (free bits: in bits whether searched in bits or nats)."""
+    column = FREE_BITS if key in ("training.free_bits_bits", "training.free_bits") \
+        else f"sampled.{key}"
+    return df[column].astype(float).map(lambda v: math.log2(v) if v > 0 else math.nan)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def log2_range(values: tuple) -> tuple[float, float]:
+    """The searched range of log2(kappa) from a space entry's values."""
+    low, high = min(float(v) for v in values), max(float(v) for v in values)
+    if low <= 0:
+        raise ValueError(f"kappa must be > 0 bits, got {low}")
+    return math.log2(low), math.log2(high)
