@@ -142,7 +142,7 @@ def _new_token_budget(requested: int | None, prompt_len: int, cfg) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from freetf.data.datasets import build_data
     from freetf.training.checkpoint import load_model
-    from freetf.training.loop import evaluate
+    from freetf.training.evaluate import evaluate
 
     model, cfg, state = load_model(args.checkpoint)
     if args.set:

@@ -13,7 +13,8 @@ from freetf.data.stream import BatchStream
 from freetf.evaluation.synthetic_bayes import bayes_floor_nats
 from freetf.model.transformer import FreeTransformer
 from freetf.training.context import TrainContext
-from freetf.training.loop import evaluate, train_loop
+from freetf.training.evaluate import evaluate
+from freetf.training.loop import train_loop
 
 pytestmark = pytest.mark.timeout(120)
 

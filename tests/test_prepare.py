@@ -191,7 +191,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_bits_per_byte():
-    from freetf.training.loop import bits_per_byte
+    from freetf.training.evaluate import bits_per_byte
 
     out = bits_per_byte({"eval/ce_prior_nats": 2 * math.log(2),
                          "eval/ce_posterior_nats": math.log(2)}, bytes_per_token=4.0)

@@ -139,7 +139,7 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
 
 
 def test_bits_per_byte_divides_by_the_bytes_per_token():
-    from freetf.training.loop import bits_per_byte
+    from freetf.training.evaluate import bits_per_byte
 
     metrics = {"eval/ce_prior_nats": 2.0, "eval/ce_posterior_nats": 1.0, "eval/kl_nats": 5.0}
     assert bits_per_byte(metrics, 4.0) == {"eval/bpb_prior": 2.0 / math.log(2) / 4.0,
@@ -157,6 +157,7 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
                                                                        evaluated):
     import json
 
+    import freetf.training.evaluate as eval_mod
     import freetf.training.loop as train_mod
     from freetf.data.stream import BatchStream
     from freetf.model.transformer import FreeTransformer
@@ -169,6 +170,7 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
             streams.append(kwargs)
 
     monkeypatch.setattr(train_mod, "BatchStream", SpiedStream)
+    monkeypatch.setattr(eval_mod, "BatchStream", SpiedStream)
     kappas, generations = [], []
 
     def verdict(metrics, cfg, free_bits_nats):
@@ -182,8 +184,8 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
         valid = [read_sequence("K>" + "_" * s + "KKKKKKKK" + "_" * (56 - s)) for s in (0, 4)]
         return valid + [read_sequence("K>" + "A" * 64)] * 2  # half valid
 
-    monkeypatch.setattr(train_mod, "verdict", verdict)
-    monkeypatch.setattr(train_mod, "free_generations", free_generations)
+    monkeypatch.setattr(eval_mod, "verdict", verdict)
+    monkeypatch.setattr(eval_mod, "free_generations", free_generations)
     cfg = tiny(tmp_path, "training.max_steps=7", "training.log_every=4", "training.eval_every=3",
                "checkpoint.every_steps=5", "checkpoint.keep=5", f"checkpoint.metric={metric}",
                "data.seed=7", "data.num_workers=1", "diagnostics.free_generations=2",

@@ -55,7 +55,7 @@ SUMMARY = [key for key, _, _ in COLUMNS if key not in ("kappa_bits", "seed", "ve
 def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
             device: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
     """Figure 4 metrics, KL and CE gap of one trained checkpoint, and its sample groups."""
-    from freetf.training.loop import evaluate
+    from freetf.training.evaluate import evaluate
 
     model, cfg, _ = load_model(checkpoint, device)
     torch.manual_seed(seed)
