@@ -55,7 +55,7 @@ def _run_grid(console: SweepConsole, clock: Clock) -> None:
                     "step": step, "train/loss": 1.0, "train/grad_norm": 3.0, "train/lr": 1e-3,
                     "train/kl_bits": 0.5, **({"eval/use_nats": 0.25, "eval/kl_bits": 0.75,
                                               "eval/valid_rate": 0.9,
-                                              "eval/verdict": "active"} if step % 50 == 0
+                                              "eval/verdict": "used"} if step % 50 == 0
                                              else {})})
         for trial in trials:
             console.on_trial_complete(0, [], trial)
@@ -71,7 +71,7 @@ def test_grid_sweep_prints_one_line_per_trial_and_tables_at_doubling_intervals()
     # measurements, no verdict word (a verdict needs the baseline: the summary's)
     assert "kappa 0.0156 bits, kl_weight 0.1, seed 0: ended at step 300, KL 0.75 bits, " \
            "use 0.25 nats, valid 0.9" in ended[0]
-    assert "active" not in stream.getvalue()
+    assert "used" not in stream.getvalue()
     assert ended[-1].startswith("[8/8 trials ended, 4m00s elapsed]")
     # 240 s of reports: tables (progress + header + 2 running trials) after 60 and 180 s
     tables = [i for i, line in enumerate(lines) if line.startswith("  kappa bits")]

@@ -349,17 +349,17 @@ def metrics(kl: float, gap: float) -> dict[str, float]:
 @pytest.mark.parametrize(("kl", "gap", "expected"), [
     (0.0, 0.0, "collapsed"),
     (0.009, -0.009, "collapsed"),
-    (0.01, 0.0, "active"),  # kl on the collapse threshold: not collapsed
-    (0.0, 0.01, "active"),  # gap on the collapse threshold
-    (0.0, -0.01, "active"),
-    (0.3, 0.1, "active"),
-    (LEAK_KL, 0.1, "active"),  # kl on the leak threshold: not leaking
+    (0.01, 0.0, "used"),  # kl on the collapse threshold: not collapsed
+    (0.0, 0.01, "used"),  # gap on the collapse threshold
+    (0.0, -0.01, "used"),
+    (0.3, 0.1, "used"),
+    (LEAK_KL, 0.1, "used"),  # kl on the leak threshold: not leaking
     (math.nextafter(LEAK_KL, math.inf), 0.1, "leaking"),
     (5.0, 0.0, "leaking"),
-    (0.3, 0.5, "active"),  # gap on the leak threshold
+    (0.3, 0.5, "used"),  # gap on the leak threshold
     (0.3, math.nextafter(0.5, math.inf), "leaking"),
     (0.005, 2.0, "leaking"),  # tiny KL but the posterior buys a large CE gain
-    (0.3, -3.0, "active"),  # prior Z better than posterior Z is not a leak
+    (0.3, -3.0, "used"),  # prior Z better than posterior Z is not a leak
 ])
 def test_verdict_branches_and_boundaries(kl, gap, expected):
     assert verdict(metrics(kl, gap), CFG) == expected
@@ -368,18 +368,18 @@ def test_verdict_branches_and_boundaries(kl, gap, expected):
 def test_verdict_uses_the_free_bits_passed_in():
     m = metrics(1.0, 0.1)
     assert verdict(m, CFG) == "leaking"  # 1.0 > 2 * log(2) / 2
-    assert verdict(m, CFG, free_bits_nats=1.0) == "active"  # scheduled kappa = 1 nat
-    assert verdict(m, CFG.replace(["training.free_bits=0.6"])) == "active"
+    assert verdict(m, CFG, free_bits_nats=1.0) == "used"  # scheduled kappa = 1 nat
+    assert verdict(m, CFG.replace(["training.free_bits=0.6"])) == "used"
     # kappa = 0 is floored, so the KL threshold is tiny but positive
     assert verdict(metrics(0.02, 0.0), CFG, free_bits_nats=0.0) == "leaking"
     floor = CFG.diagnostics.leak_kl_factor * MIN_FREE_BITS_NATS
     with_floor = CFG.replace(["diagnostics.collapsed_kl_nats=0.0"])
-    assert verdict(metrics(floor, 0.1), with_floor, free_bits_nats=0.0) == "active"
+    assert verdict(metrics(floor, 0.1), with_floor, free_bits_nats=0.0) == "used"
 
 
 def test_verdict_uses_the_configured_thresholds():
     loose = CFG.replace(["diagnostics.collapsed_kl_nats=0.5", "diagnostics.collapsed_gap_nats=0.2"])
-    assert verdict(metrics(0.3, 0.1), CFG) == "active"
+    assert verdict(metrics(0.3, 0.1), CFG) == "used"
     assert verdict(metrics(0.3, 0.1), loose) == "collapsed"
     strict = CFG.replace(["diagnostics.leak_gap_nats=0.05"])
     assert verdict(metrics(0.3, 0.1), strict) == "leaking"

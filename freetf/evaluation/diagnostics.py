@@ -19,7 +19,7 @@ training (logits[:, :-1] against ids[:, 1:]; KL over the same positions):
 - CE with Z from the prior, from the posterior, and from the posterior of another row
   of the batch (shuffled), and their gap.
 
-``verdict`` maps those numbers to ``collapsed`` / ``active`` / ``leaking`` (or
+``verdict`` maps those numbers to ``collapsed`` / ``used`` / ``leaking`` (or
 ``baseline``) with the thresholds of ``cfg.diagnostics``.
 
 Pure torch: no Ray, MLflow or torch.distributed.
@@ -42,7 +42,7 @@ from freetf.model.mapper import bits_to_codes, code_bits, code_log_probs, sample
 
 logger = logging.getLogger(__name__)
 
-VERDICTS = ("collapsed", "active", "leaking", "baseline")
+VERDICTS = ("collapsed", "used", "leaking", "baseline")  # "active": the old word for used
 # Floor of the free-bits budget in the leak test, so that kappa = 0 does not make the
 # KL threshold exactly 0 (any positive KL would then read as a leak).
 MIN_FREE_BITS_NATS = 1e-6
@@ -143,7 +143,7 @@ def verdict(metrics: dict[str, float], cfg: Config,
     - ``leaking``: KL > d.leak_kl_factor * max(kappa, MIN_FREE_BITS_NATS) OR
       gap > d.leak_gap_nats (Z carries far more than the budget, or the posterior Z
       buys a CE the prior cannot);
-    - ``active`` otherwise.
+    - ``used`` otherwise.
 
     All comparisons are strict: a value exactly on a threshold is not collapsed and not
     leaking.  A negative gap (prior Z better than posterior Z) is never a leak.  With
@@ -165,7 +165,7 @@ def verdict(metrics: dict[str, float], cfg: Config,
         return "collapsed"
     if kl > d.leak_kl_factor * max(kappa, MIN_FREE_BITS_NATS) or gap > d.leak_gap_nats:
         return "leaking"
-    return "active"
+    return "used"
 
 
 # ----------------------------------------------------------------------------- internals

@@ -2,7 +2,7 @@
 
 A sweep over ``kl_weight``, the free bits kappa and the annealing schedules
 (:mod:`freetf.sweep`) leaves one MLflow child run per trial, tagged with the latent
-verdict of :func:`freetf.diagnostics.verdict` (collapsed / active / leaking, §3.3 of
+verdict of :func:`freetf.evaluation.diagnostics.verdict` (collapsed / used / leaking, §3.3 of
 arXiv:2510.17558).  This module reads those runs back (``MlflowClient.search_runs``
 into pandas) and draws where Z collapses, is used, or leaks:
 
