@@ -119,6 +119,11 @@ def test_an_incomplete_export_is_refused_by_name(checkpoint, tmp_path, capsys):
             assert main([*command, "--checkpoint", str(folder)]) == 2
             err = capsys.readouterr().err
             assert needle in err and err.count("\n") == 1, err
+    out = export_checkpoint(checkpoint, tmp_path / "edited")
+    export = json.loads((out / "freetf.json").read_text())
+    (out / "freetf.json").write_text(json.dumps({**export, "tokenizer": {"kind": "characters"}}))
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "K>"]) == 2
+    assert "is not one freetf writes" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -128,11 +128,12 @@ def read_tokenizer(directory: Path, described: dict[str, Any]) -> Tokenizer:
             raise PretrainedError(f"{directory} holds no {path.name}, the BPE tokenizer its "
                                   f"{EXPORT_FILE} names")
         return BPETokenizer.from_file(path)
-    if kind == "characters":
+    if kind == "characters" and isinstance(described.get("alphabet"), str):
         return CharTokenizer(described["alphabet"])
     if kind == "bytes":
         return ByteTokenizer()
-    raise PretrainedError(f"{directory / EXPORT_FILE}: unknown tokenizer kind {kind!r}")
+    raise PretrainedError(f"{directory / EXPORT_FILE}: the tokenizer {described!r} is not "
+                          f"one freetf writes (bpe, characters with an alphabet, bytes)")
 
 
 def read_export(directory: Path) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu"
 def load_inference_tokenizer(path: str | Path, config: Config) -> Tokenizer:
     """The tokenizer of a checkpoint (:func:`load_tokenizer`) or of an exported folder."""
     if is_exported(path):
-        return read_tokenizer(Path(path), read_export(Path(path))["tokenizer"])
+        return read_tokenizer(Path(path), read_export(Path(path)).get("tokenizer", {}))
     return load_tokenizer(path, config)
 
 
