@@ -1,4 +1,4 @@
-"""``freetf`` command line: train, generate, eval, report, prepare, plan, wait-ray.
+"""``freetf`` command line: train, generate, eval, export, report, prepare, plan, wait-ray.
 
 User mistakes (missing file, bad YAML, unknown key, corrupt checkpoint, a prompt outside
 the vocabulary, an unreachable tracking server) end with a one-paragraph message and
@@ -87,10 +87,10 @@ def _print_summary(cfg, summary) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from freetf.training.checkpoint import load_model, load_tokenizer
+    from freetf.training.export import load_inference_model, load_inference_tokenizer
 
-    model, cfg, _ = load_model(args.checkpoint)
-    tokenizer = load_tokenizer(args.checkpoint, cfg)
+    model, cfg, _ = load_inference_model(args.checkpoint)
+    tokenizer = load_inference_tokenizer(args.checkpoint, cfg)
     try:
         ids = tokenizer.encode(args.prompt)
     except ValueError as err:
@@ -141,16 +141,16 @@ def _new_token_budget(requested: int | None, prompt_len: int, cfg) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from freetf.data.datasets import build_data
-    from freetf.training.checkpoint import load_model
     from freetf.training.evaluate import evaluate
+    from freetf.training.export import load_inference_model
 
-    model, cfg, state = load_model(args.checkpoint)
+    model, cfg, step = load_inference_model(args.checkpoint)
     if args.set:
         cfg = cfg.replace(args.set)
     data = build_data(cfg)
     result = evaluate(model, data, cfg, next(model.parameters()).device,
                       cfg.training.free_bits_nats, samples=args.samples)
-    result["step"] = state.get("step")
+    result["step"] = step
     if args.json:
         print(json.dumps(result, indent=2, default=float))
         return 0
@@ -162,6 +162,19 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"{key:<28} {value:.4f}")
         else:
             print(f"{key:<28} {value}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from freetf.training.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, force=args.force)
+    except ExportError as err:
+        raise UserError(str(err)) from None
+    print(f"exported {args.checkpoint} to {out}: load it with "
+          f"FreeTransformer.from_pretrained({str(out)!r}) or "
+          f"freetf generate --checkpoint {out}")
     return 0
 
 
@@ -244,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted config override, e.g. training.kl_weight=0.2 (repeatable)")
     p.set_defaults(func=_train)
 
+    checkpoint_help = "a checkpoint, a checkpoint root, or a folder from `freetf export`"
     p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, type=non_empty)
+    p.add_argument("--checkpoint", required=True, type=non_empty, help=checkpoint_help)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=positive_int,
                    help="default: fill the context up to data.max_seq_len")
@@ -259,11 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="latent diagnostics and perplexity of a checkpoint")
-    p.add_argument("--checkpoint", required=True, type=non_empty)
+    p.add_argument("--checkpoint", required=True, type=non_empty, help=checkpoint_help)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--samples", action="store_true", help="also print generations")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="a checkpoint as safetensors + JSON "
+                       "(FreeTransformer.from_pretrained; no pickle)")
+    p.add_argument("--checkpoint", required=True, type=non_empty,
+                   help="a checkpoint or checkpoint root: in-process, Ray Train or sharded")
+    p.add_argument("--out", required=True, type=non_empty, help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("report", help="collapse map of a sweep, from MLflow alone")
     p.add_argument("--experiment", required=True, type=non_empty)
@@ -317,12 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from freetf.model.pretrained import PretrainedError
     from freetf.tracking import TrackingError
     from freetf.training.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (UserError, ConfigError, CheckpointError, TrackingError, FileNotFoundError) as err:
+    except (UserError, ConfigError, CheckpointError, PretrainedError, TrackingError,
+            FileNotFoundError) as err:
         print(f"freetf {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

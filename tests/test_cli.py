@@ -93,6 +93,9 @@ def test_bad_yaml_via_python_m(tmp_path):
     (["generate", "--checkpoint", "", "--prompt", "K>"], "argument --checkpoint: must not be"),
     (["eval", "--checkpoint", ""], "argument --checkpoint: must not be empty"),
     (["report", "--experiment", " "], "argument --experiment: must not be empty"),
+    (["export", "--checkpoint", "", "--out", "x"], "argument --checkpoint: must not be"),
+    (["export", "--checkpoint", "c", "--out", " "], "argument --out: must not be empty"),
+    (["export", "--checkpoint", "c"], "the following arguments are required: --out"),
 ])
 def test_flag_ranges_are_argparse_errors(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

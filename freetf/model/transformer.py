@@ -5,7 +5,8 @@ Llama-style blocks (RMSNorm, RoPE, SwiGLU, grouped-query attention through
 encoder block with a learned query zeta reads their output and emits H bit logits per
 token; the binary mapper turns them into a code Z_t whose embedding r_t enters the keys
 and values of block ``B/2 + 1`` only.  ``latent_dim = 0`` is the baseline: the same
-decoder with no encoder, mapper or injection.
+decoder with no encoder, mapper or injection.  ``save_pretrained`` / ``from_pretrained``
+(:mod:`freetf.model.pretrained`) write and read a folder of safetensors and JSON.
 
 This module imports only torch: no Ray, MLflow or torch.distributed.
 """
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from freetf.config import ModelConfig
 from freetf.model.mapper import BinaryMapper
+from freetf.model.pretrained import PretrainedMixin
 
 
 class RotaryEmbedding(nn.Module):
@@ -156,7 +158,7 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
-class FreeTransformer(nn.Module):
+class FreeTransformer(PretrainedMixin, nn.Module):
     """Decoder conditioned on a per-token binary latent Z (Algorithm 2).
 
     ``forward(input_ids, mode="training")`` returns ``(logits, z_logits)``: in training
