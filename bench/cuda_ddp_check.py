@@ -1,6 +1,6 @@
 """CUDA check of the training loop: NCCL DDP + bf16 autocast, against an fp32 run.
 
-Runs :func:`freetf.train.train_loop` on the GPU inside a NCCL process group (world size
+Runs :func:`freetf.training.loop.train_loop` on the GPU inside a NCCL process group (world size
 1: the same DDP wrapping and all-reduce path as a multi-GPU run), once with the default
 AMP (bf16 autocast on CUDA) and once in fp32, on the synthetic task, and prints the
 tokens/s and final losses of both.  Needs no Ray and no MLflow.

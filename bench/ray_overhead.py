@@ -8,7 +8,7 @@ local Ray (``init_ray``) and one ``TorchTrainer.fit`` end to end minus its train
 (start-up, worker placement, teardown).  Target: Ray/in-process >= 0.9.
 
 Per-trial overhead of a Tune sweep of TorchTrainer trials (``resources.trial_runner=train``):
-two sweeps through ``freetf.sweep.run_sweep`` (the
+two sweeps through ``freetf.sweeps.sweep.run_sweep`` (the
 smoke spec, trials of 2 training steps run one at a time, ASHA and the stopper off), one
 of 1 trial and one of ``1 + --tune-trials``; the difference of their wall times over the
 extra trials is what a trial costs beyond its training: the trial actor, the Train

@@ -4,6 +4,8 @@ not reach the sweep engine or Ray do not (docs/architecture.md)."""
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +135,49 @@ def test_a_room_imports_nothing_above_it(room, above):
                 if module == room or module.startswith(f"{room}.")
                 for target in targets if target.startswith(above)}
     assert not reaching
+
+
+def _named_paths() -> dict[str, set[str]]:
+    """Every dotted ``freetf.`` name in the docs, the README, docstrings and comments ->
+    the files naming it."""
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "bench" / "README.md"]
+    for folder in ("freetf", "tune", "tools", "bench"):
+        files += (ROOT / folder).rglob("*.py")
+    found: dict[str, set[str]] = {}
+    for path in files:
+        for name in re.findall(r"\bfreetf(?:\.[A-Za-z_]\w*)+", path.read_text()):
+            found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def _resolves(name: str) -> bool:
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_freetf_path_named_in_docs_and_docstrings_imports():
+    from freetf.tracking import tags
+
+    not_paths = {v for v in vars(tags).values() if isinstance(v, str)} | {"freetf.json"}
+    stale = {name: sorted(where) for name, where in _named_paths().items()
+             if not any(name == t or name.startswith(f"{t}.") for t in not_paths)
+             and not re.search(r"\.x_", name)  # mutmut's mutant names (x_<function>)
+             and not _resolves(name)}
+    assert not stale
+
+
+def test_a_stale_path_is_found(tmp_path):
+    assert _resolves("freetf.results.report.collect_runs")
+    assert not _resolves("freetf.report.collect_runs")
+    assert not _resolves("freetf.results.report.no_such_name")

@@ -5,7 +5,7 @@
     python tune/search_kl.py --set training.max_steps=100 --set search.seed=1
     python tune/search_kl.py --resume             # continue an interrupted sweep
 
-The logic lives in :mod:`freetf.sweep`; see docs/sweeps.md.
+The logic lives in :mod:`freetf.sweeps`; see docs/sweeps.md.
 """
 
 import sys

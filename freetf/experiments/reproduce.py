@@ -2,7 +2,7 @@
 
 Train the synthetic task at several free-bits thresholds kappa (a Ray Tune grid, every
 run in MLflow; or in-process where Ray is not installed, e.g. on a bare GPU box), then
-measure each trained model with the Figure 4 protocol of :mod:`freetf.synthetic_eval`
+measure each trained model with the Figure 4 protocol of :mod:`freetf.evaluation.synthetic_eval`
 and write a markdown table, a figure and the sample groups to ``docs/``.
 """
 

@@ -34,6 +34,7 @@ from freetf.evaluation.verdicts import BoundaryFit, Outcome, Tolerances
 from freetf.results import over_training
 from freetf.results.columns import log2_range, x_column
 from freetf.tracking.runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
+from freetf.tracking.tags import BOUNDARY_CONVERGED, KAPPA_C, KAPPA_L, REGIME, VERDICT_FIXED
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
             est, low, high = fit.bits
             metrics.update({f"{prefix}{name}_bits": est, f"{prefix}{name}_low_bits": low,
                             f"{prefix}{name}_high_bits": high})
-            tags[f"freetf.{name}" + ("" if single else f".{b.label}")] = (
+            tags[{"kappa_c": KAPPA_C, "kappa_l": KAPPA_L}[name]
+                 + ("" if single else f".{b.label}")] = (
                 fit.text() + ("" if analysis.converged else " [unconverged baselines]"))
     metrics["boundary/converged"] = 1.0 if analysis.converged else 0.0
     steps = []  # kappa(t): the parent's boundary_t/* metrics, one point per evaluation
@@ -241,7 +243,7 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
             steps += [(f"boundary_t/{name}_bits", 2.0 ** row.median_log2, row.step),
                       (f"boundary_t/{name}_low_bits", 2.0 ** row.low_log2, row.step),
                       (f"boundary_t/{name}_high_bits", 2.0 ** row.high_log2, row.step)]
-    tags["freetf.boundary_converged"] = str(analysis.converged).lower()
+    tags[BOUNDARY_CONVERGED] = str(analysis.converged).lower()
     children = {}  # the verdict as a tag and as eval/verdict_code (freetf.tracking)
     for row in analysis.trials.to_dict("records"):
         if isinstance(row.get("cost_nats"), float) and math.isfinite(row["cost_nats"]):
@@ -249,8 +251,8 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
                 "metrics": {"eval/cost_nats": row["cost_nats"],
                             VERDICT_METRIC: verdict_code(row["verdict"])},
                 "tags": {VERDICT_TAG: row["verdict"],
-                         "freetf.verdict_fixed": row["verdict_fixed"],
-                         **({"freetf.regime": row["regime"]} if row.get("regime") else {})}}
+                         VERDICT_FIXED: row["verdict_fixed"],
+                         **({REGIME: row["regime"]} if row.get("regime") else {})}}
         elif row.get("verdict") == "baseline":
             children[row["run_id"]] = {"metrics": {VERDICT_METRIC: verdict_code("baseline")},
                                        "tags": {VERDICT_TAG: "baseline"}}

@@ -1,7 +1,7 @@
 """The collapse map of a sweep, from MLflow alone.
 
 A sweep over ``kl_weight``, the free bits kappa and the annealing schedules
-(:mod:`freetf.sweep`) leaves one MLflow child run per trial, tagged with the latent
+(:mod:`freetf.sweeps.sweep`) leaves one MLflow child run per trial, tagged with the latent
 verdict of :func:`freetf.evaluation.diagnostics.verdict` (collapsed / used / leaking, §3.3 of
 arXiv:2510.17558).  This module reads those runs back (``MlflowClient.search_runs``
 into pandas) and draws where Z collapses, is used, or leaks:
@@ -47,7 +47,8 @@ METRICS = ("train/steps_done", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_na
 VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "used": "tab:green",
                   "leaking": "tab:red", "diverged": "black", "failed": "tab:gray",
                   "interrupted": "tab:olive", "unknown": "tab:gray", "baseline": "tab:purple"}
-# freetf.diagnostics.VERDICTS, then the sweep's own: stopper, crash, Ctrl-C, no evaluation.
+# freetf.evaluation.diagnostics.VERDICTS, then the sweep's own: stopper, crash, Ctrl-C,
+# no evaluation.
 VERDICT_ORDER = ("collapsed", "active", "used", "leaking", "baseline", "diverged", "failed",
                  "interrupted", "unknown")
 

@@ -4,7 +4,7 @@ Sections: ``base_config`` + ``overrides`` (the trials' config), ``space`` (any d
 config key: ``grid``, ``choice``, ``uniform``, ``loguniform``, ``randint``), ``search``,
 ``asha``, ``stopper``, ``resources``, ``mlflow``.  Every searched key and grid value is
 checked against the base config at load; errors name the key.  Used by
-:mod:`freetf.sweep`.
+:mod:`freetf.sweeps.sweep`.
 """
 
 from __future__ import annotations

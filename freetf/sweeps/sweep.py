@@ -12,7 +12,7 @@ schedules locates the boundary between them.  One sweep is:
 - one MLflow parent run per sweep and one child run per trial, found again by its tags
   (``freetf.sweep``, ``freetf.trial_key``) so a resumed sweep (``resume=True``,
   ``Tuner.restore``) reuses its runs and never duplicates a finished trial;
-- at the end, the collapse map of :mod:`freetf.report`, logged to the parent run.
+- at the end, the collapse map of :mod:`freetf.results.report`, logged to the parent run.
 
 Tune kills a trial stopped by ASHA or by the stopper without running the code after its
 training: the driver closes its child run instead (KILLED,
@@ -159,7 +159,7 @@ class SweepResult:
     parent_run_id: str
     tracking_uri: str
     experiment: str
-    runs: Any  # pandas DataFrame, one row per trial (freetf.report.collect_runs)
+    runs: Any  # pandas DataFrame, one row per trial (freetf.results.report.collect_runs)
     report: dict[str, Path]
     interrupted: bool
     analysis: Any = None  # freetf.results.analysis.SweepAnalysis: verdicts, boundaries

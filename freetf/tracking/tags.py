@@ -24,3 +24,4 @@ STOPPED_AT_STEP = "freetf.stopped_at_step"
 VERDICT_FIXED = "freetf.verdict_fixed"  # the per-run fixed-threshold verdict, kept beside
 REGIME = "freetf.regime"                # what Z encodes (synthetic task)
 BOUNDARY_CONVERGED = "freetf.boundary_converged"
+KAPPA_C, KAPPA_L = "freetf.kappa_c", "freetf.kappa_l"  # on the parent: the printed boundary

@@ -1,4 +1,4 @@
-"""Ray Train wiring: run :func:`freetf.train.train_loop` under ``TorchTrainer``.
+"""Ray Train wiring: run :func:`freetf.training.loop.train_loop` under ``TorchTrainer``.
 
 Ray touches the loop at four points (Ray's own pattern): the device, ``prepare_model``
 (DDP: gloo on CPU, NCCL on GPU; or ``shard_model``, FSDP2, with scaling.strategy=fsdp,
