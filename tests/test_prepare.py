@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from freetf import ConfigError, load_config
+from freetf.data import documents
 from freetf.data import prepare as prep
 from freetf.data.datasets import build_data, build_tokenizer
 from freetf.data.prepare import PrepareError, PrepareSpec, prepare, token_dtype
@@ -174,7 +175,7 @@ def test_jsonl_and_parquet_inputs(tmp_path):
 
 
 def test_stdlib_is_a_real_code_corpus():
-    files = prep.stdlib_files()
+    files = documents.stdlib_files()
     assert len(files) > 200
     assert sum(f.stat().st_size for f in files) > 3_000_000  # several MB of real code
     assert not any("test" in f.parts[-2:-1] for f in files)
