@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freetf.config import Config, ConfigError
+from freetf.data.token_files import max_token_id, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +275,6 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
         return CharTokenizer()
     folder = prepared_folder(cfg)
     if folder is not None:
-        from freetf.data.prepare import read_meta
         from freetf.data.tokenization import BPETokenizer
 
         meta = read_meta(folder)
@@ -285,8 +285,6 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
 
 def _prepared_data(cfg: Config, folder: Path) -> tuple[Dataset, Dataset, float]:
     """Train / val block datasets of a prepared folder (its own document split)."""
-    from freetf.data.prepare import read_meta
-
     meta = read_meta(folder)
     datasets = []
     for split in ("train", "val"):
@@ -353,8 +351,6 @@ def check_vocabulary(cfg: Config) -> None:
     name = cfg.data.dataset_name
     folder = prepared_folder(cfg)
     if folder is not None:  # freetf prepare's output: its meta.json names the vocabulary
-        from freetf.data.prepare import read_meta
-
         size = read_meta(folder)["vocab_size"]
         if vocab != size:
             raise ConfigError(f"model.vocab_size={vocab} does not match the vocabulary of the "
@@ -378,16 +374,3 @@ def check_vocabulary(cfg: Config) -> None:
                           f"data.dataset_name={name!r}: the model {harm}. Set "
                           f"model.vocab_size={size}, or leave it out (it defaults to the "
                           f"data's vocabulary)")
-
-
-def max_token_id(path: str | Path, chunk_tokens: int = 1 << 24) -> int:
-    """The largest id in a uint16 token file, read in chunks (never loaded whole)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path {path} does not exist (expected a uint16 .bin "
-                                f"token file)")
-    tokens = np.memmap(path, dtype="<u2", mode="r") if path.stat().st_size >= 2 else []
-    highest = -1
-    for begin in range(0, len(tokens), chunk_tokens):
-        highest = max(highest, int(tokens[begin:begin + chunk_tokens].max()))
-    return highest

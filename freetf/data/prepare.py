@@ -37,11 +37,11 @@ import numpy as np
 from tqdm import tqdm
 
 from freetf.data.documents import PrepareError, iter_documents
+from freetf.data.token_files import META_FORMAT
 from freetf.data.tokenization import BPETokenizer, train_bpe
 
 logger = logging.getLogger(__name__)
 
-META_FORMAT = "freetf-tokens/1"
 BYTE_END_OF_DOCUMENT = 0  # NUL: the byte tokenizer's document separator
 
 
@@ -255,15 +255,3 @@ def _assemble(shards: Path, split: str, target: Path) -> dict:
                 stats[key] += value
     os.replace(tmp, target)
     return stats
-
-
-def read_meta(folder: str | Path) -> dict:
-    """The metadata of a prepared folder (``meta.json``), checked."""
-    path = Path(folder) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no meta.json: prepare it with "
-                                f"`freetf prepare ... --out {folder}`")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != META_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {META_FORMAT!r}")
-    return meta
