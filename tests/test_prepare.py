@@ -174,6 +174,42 @@ def test_jsonl_and_parquet_inputs(tmp_path):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 10
 
 
+def test_files_that_are_not_utf8_text_are_skipped_counted_and_named(corpus, tmp_path, caplog):
+    (corpus / "blob.py").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00" * 50)
+    (corpus / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
+    with caplog.at_level("WARNING", logger="freetf.data.prepare"):
+        meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25), tmp_path / "s",
+                       progress=False)
+    docs = split_documents(tmp_path / "s", "train", meta) + \
+        split_documents(tmp_path / "s", "val", meta)
+    assert sorted(docs) == sorted(TEXTS)  # no U+FFFD, no NUL turned into extra documents
+    assert meta["decoding"] == {
+        "errors": "strict", "skipped": 2, "replaced": 0,
+        "problems": [f"{name} ({why})" for name, why in sorted(
+            [("blob.py", "binary: a NUL byte at offset 7"),
+             ("latin1.txt", "not UTF-8: byte 0xe9 at offset 3")],
+            key=lambda doc: prep.is_validation(doc[0], 0.25, 0))]}
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("skipped 2 documents that are not UTF-8 text: ")
+    assert "blob.py (binary" in warning and "latin1.txt (not UTF-8" in warning
+    assert warning.endswith("--encoding-errors replace keeps text that is not UTF-8")
+
+    meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25,
+                               encoding_errors="replace"), tmp_path / "r", progress=False)
+    docs = split_documents(tmp_path / "r", "train", meta) + \
+        split_documents(tmp_path / "r", "val", meta)
+    assert sorted(docs) == sorted(TEXTS + ["caf\ufffd cr\ufffdme\n"])  # binary still skipped
+    assert (meta["decoding"]["skipped"], meta["decoding"]["replaced"]) == (1, 1)
+
+
+def test_nothing_left_after_skipping_is_an_error(tmp_path):
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01" * 10)
+    with pytest.raises(PrepareError, match=r"no text to prepare: skipped 1 document that .*/"
+                                           r"blob.txt \(binary: a NUL byte at offset 0\)"):
+        prepare(PrepareSpec((str(tmp_path / "blob.txt"),), "byte"), tmp_path / "o",
+                progress=False)
+
+
 def test_stdlib_is_a_real_code_corpus():
     files = documents.stdlib_files()
     assert len(files) > 200

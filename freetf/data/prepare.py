@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from freetf.data.documents import PrepareError, iter_documents
+from freetf.data.documents import ENCODING_ERRORS, Loader, PrepareError, iter_documents
 from freetf.data.token_files import META_FORMAT
 from freetf.data.tokenization import BPETokenizer, train_bpe
 
 logger = logging.getLogger(__name__)
 
 BYTE_END_OF_DOCUMENT = 0  # NUL: the byte tokenizer's document separator
+MAX_PROBLEMS_KEPT = 100  # documents named in meta.json's decoding.problems
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class PrepareSpec:
     seed: int = 0
     text_field: str = "text"
     shard_docs: int = 256
+    # "strict": a file that is not UTF-8 is skipped; "replace": kept, U+FFFD for what
+    # does not decode.  Binary files (NUL bytes) are skipped either way.
+    encoding_errors: str = "strict"
 
 
 def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
@@ -74,9 +78,10 @@ def _init_worker(tokenizer_json: str | None) -> None:
     _WORKER_TOKENIZER = BPETokenizer.from_str(tokenizer_json) if tokenizer_json else None
 
 
-def _encode_shard(job: tuple[Path, list[str], str]) -> Path:
-    """Encode one shard's documents (each followed by the separator) and write it."""
-    path, texts, dtype = job
+def _encode_shard(job: tuple[Path, list[str], str, dict]) -> Path:
+    """Encode one shard's documents (each followed by the separator) and write it with
+    its statistics (``decoding``: the documents skipped or repaired on reading)."""
+    path, texts, dtype, decoding = job
     if _WORKER_TOKENIZER is None:
         pieces = [np.append(np.frombuffer(t.encode("utf-8"), np.uint8), BYTE_END_OF_DOCUMENT)
                   for t in texts]
@@ -86,7 +91,7 @@ def _encode_shard(job: tuple[Path, list[str], str]) -> Path:
                   for ids in _WORKER_TOKENIZER.encode_batch(texts)]
     ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     stats = {"documents": len(texts), "tokens": int(ids.size),
-             "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+             "bytes": sum(len(t.encode("utf-8")) for t in texts), **decoding}
     _atomic_write(path.with_suffix(".json"), json.dumps(stats).encode())
     _atomic_write(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
     return path
@@ -144,13 +149,20 @@ def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
         for job in jobs:
             _encode_shard(job)
 
-    splits = {split: _assemble(shards, split, out / f"{split}.bin") for split in ("train", "val")}
+    decoding = {"errors": spec.encoding_errors, "skipped": 0, "replaced": 0, "problems": []}
+    splits = {split: _assemble(shards, split, out / f"{split}.bin", decoding)
+              for split in ("train", "val")}
+    if decoding["skipped"] and not any(stats["documents"] for stats in splits.values()):
+        raise PrepareError(f"no text to prepare: {decoding_summary(decoding)}")
+    if decoding["skipped"] or decoding["replaced"]:
+        logger.warning("%s", decoding_summary(decoding))
     for split, stats in splits.items():
         if stats["documents"] == 0:
+            skipped = f", {decoding['skipped']} skipped" if decoding["skipped"] else ""
             raise PrepareError(f"no document fell in the {split} split "
-                               f"({sum(s['documents'] for s in splits.values())} documents, "
-                               f"--val-fraction {spec.val_fraction}): add documents or "
-                               f"change --val-fraction")
+                               f"({sum(s['documents'] for s in splits.values())} documents"
+                               f"{skipped}, --val-fraction {spec.val_fraction}): add documents "
+                               f"or change --val-fraction")
     meta = {
         "format": META_FORMAT,
         "tokenizer": {"kind": _tokenizer_kind(spec), "vocab_size": vocab_size,
@@ -160,6 +172,7 @@ def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
         "vocab_size": vocab_size,
         "dtype": dtype,
         "splits": splits,
+        "decoding": decoding,
         "spec": _spec_dict(spec),
     }
     _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
@@ -173,6 +186,9 @@ def _validate(spec: PrepareSpec, workers: int) -> None:
         raise PrepareError(f"--val-fraction {spec.val_fraction}: must be in (0, 1)")
     if spec.shard_docs < 1:
         raise PrepareError(f"--shard-docs {spec.shard_docs}: must be >= 1")
+    if spec.encoding_errors not in ENCODING_ERRORS:
+        raise PrepareError(f"--encoding-errors {spec.encoding_errors!r}: expected one of "
+                           f"{', '.join(ENCODING_ERRORS)}")
     if workers < 1:
         raise PrepareError(f"--workers {workers}: must be >= 1")
     if _tokenizer_kind(spec) == "file" and not Path(spec.tokenizer).is_file():
@@ -206,10 +222,11 @@ def _tokenizer(spec: PrepareSpec, out: Path, progress: bool) -> BPETokenizer | N
     if kind == "file":
         shutil.copyfile(spec.tokenizer, saved)
         return BPETokenizer.from_file(saved)
-    docs = tqdm(iter_documents(spec.inputs, spec.text_field), desc="training BPE",
-                unit="doc", disable=not progress)
-    texts = (load() for doc_id, load in docs
-             if not is_validation(doc_id, spec.val_fraction, spec.seed))
+    docs = tqdm(iter_documents(spec.inputs, spec.text_field, spec.encoding_errors),
+                desc="training BPE", unit="doc", disable=not progress)
+    loaded = (load() for doc_id, load in docs
+              if not is_validation(doc_id, spec.val_fraction, spec.seed))
+    texts = (doc.text for doc in loaded if doc.text is not None)
     tokenizer = train_bpe(texts, spec.vocab_size)
     tmp = out / "tokenizer.json.tmp"
     tokenizer.save(tmp)
@@ -218,24 +235,32 @@ def _tokenizer(spec: PrepareSpec, out: Path, progress: bool) -> BPETokenizer | N
 
 
 def _shard_jobs(spec: PrepareSpec, shards: Path, dtype: str, progress: bool
-                ) -> Iterator[tuple[Path, list[str], str]]:
+                ) -> Iterator[tuple[Path, list[str], str, dict]]:
     """Shards of ``shard_docs`` documents per split; finished shards are skipped unread."""
-    buffers: dict[str, list[Callable[[], str]]] = {"train": [], "val": []}
+    buffers: dict[str, list[tuple[str, Loader]]] = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
 
     def flush(split: str):
-        loaders, buffers[split] = buffers[split], []
+        docs, buffers[split] = buffers[split], []
         path = shards / f"{split}-{counts[split]:06d}.bin"
         counts[split] += 1
         if path.exists() and path.with_suffix(".json").exists():
             return None  # finished by an earlier run
-        return path, [load() for load in loaders], dtype
+        texts, decoding = [], {"skipped": 0, "replaced": 0, "problems": []}
+        for doc_id, load in docs:
+            doc = load()
+            if doc.text is not None:
+                texts.append(doc.text)
+            if doc.problem is not None:
+                decoding["skipped" if doc.text is None else "replaced"] += 1
+                decoding["problems"].append(f"{doc_id} ({doc.problem})")
+        return path, texts, dtype, decoding
 
-    docs = tqdm(iter_documents(spec.inputs, spec.text_field), desc="encoding", unit="doc",
-                disable=not progress)
+    docs = tqdm(iter_documents(spec.inputs, spec.text_field, spec.encoding_errors),
+                desc="encoding", unit="doc", disable=not progress)
     for doc_id, load in docs:
         split = "val" if is_validation(doc_id, spec.val_fraction, spec.seed) else "train"
-        buffers[split].append(load)
+        buffers[split].append((doc_id, load))
         if len(buffers[split]) == spec.shard_docs and (job := flush(split)) is not None:
             yield job
     for split in ("train", "val"):
@@ -243,15 +268,41 @@ def _shard_jobs(spec: PrepareSpec, shards: Path, dtype: str, progress: bool
             yield job
 
 
-def _assemble(shards: Path, split: str, target: Path) -> dict:
-    """Concatenate a split's shards in order into ``target``; their summed statistics."""
+def _assemble(shards: Path, split: str, target: Path, decoding: dict) -> dict:
+    """Concatenate a split's shards in order into ``target``; their summed statistics
+    (what was skipped or replaced on reading is added to ``decoding``)."""
     stats = {"file": target.name, "documents": 0, "tokens": 0, "bytes": 0}
     tmp = target.with_name(target.name + ".tmp")
     with tmp.open("wb") as dst:
         for shard in sorted(shards.glob(f"{split}-*.bin")):
             with shard.open("rb") as src:
                 shutil.copyfileobj(src, dst)
-            for key, value in json.loads(shard.with_suffix(".json").read_text()).items():
-                stats[key] += value
+            shard_stats = json.loads(shard.with_suffix(".json").read_text())
+            for key in ("documents", "tokens", "bytes"):
+                stats[key] += shard_stats[key]
+            decoding["skipped"] += shard_stats["skipped"]
+            decoding["replaced"] += shard_stats["replaced"]
+            decoding["problems"] = (decoding["problems"] + shard_stats["problems"]
+                                    )[:MAX_PROBLEMS_KEPT]
     os.replace(tmp, target)
     return stats
+
+
+def decoding_summary(decoding: dict, shown: int = 5) -> str:
+    """One line: how many documents were skipped or repaired on reading, and which."""
+    def documents(n: int) -> str:
+        return f"{n} document{'s' if n != 1 else ''}"
+
+    counts = []
+    if decoding["skipped"]:
+        counts.append(f"skipped {documents(decoding['skipped'])} that are not UTF-8 text")
+    if decoding["replaced"]:
+        counts.append(f"replaced what does not decode as UTF-8 by U+FFFD in "
+                      f"{documents(decoding['replaced'])}")
+    problems = decoding["problems"]
+    more = decoding["skipped"] + decoding["replaced"] - min(len(problems), shown)
+    names = ", ".join(problems[:shown]) + (f" and {more} more (meta.json: decoding)"
+                                           if more else "")
+    hint = ("; --encoding-errors replace keeps text that is not UTF-8"
+            if decoding["errors"] == "strict" else "")
+    return f"{' and '.join(counts)}: {names}{hint}"
