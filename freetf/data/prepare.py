@@ -16,9 +16,11 @@ Output folder::
 
 The split is by document (a hash of the document's id and the seed), so no file is in
 both.  Documents are encoded in shards of ``shard_docs`` documents, each written
-atomically under ``shards/``: an interrupted run started again with the same arguments
-skips the shards it finished.  ``meta.json`` is written last; training reads it, so
-``model.vocab_size`` is checked against the data before the first step.
+atomically under ``<out>.partial/shards/``: an interrupted run started again with the
+same arguments skips the shards it finished.  ``meta.json`` is written last and the
+folder is then renamed to ``<out>``: a folder without ``meta.json`` is never left at
+``<out>``.  Training reads ``meta.json`` and checks the token files against it (sizes,
+largest id) and ``model.vocab_size`` against the data before the first step.
 """
 
 from __future__ import annotations
@@ -113,28 +115,87 @@ def token_dtype(vocab_size: int) -> str:
 
 def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
             progress: bool = True) -> dict:
-    """Tokenize ``spec.inputs`` into ``out_dir``; returns the metadata (also meta.json)."""
+    """Tokenize ``spec.inputs`` into ``out_dir``; returns the metadata (also meta.json).
+
+    The work is done in the sibling ``<out_dir>.partial``, renamed to ``out_dir`` once
+    complete, so a failed run leaves no folder that looks prepared.  An interrupted run
+    (or one stopped by the system: a full disk) keeps its finished shards there and the
+    same command resumes from them; a run stopped by its input (:class:`PrepareError`)
+    removes it, since the input has to change.
+    """
     _validate(spec, workers)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {out} is a file, not a folder")
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("spec") != _spec_dict(spec):
-            raise PrepareError(f"--out {out} already holds data prepared with other "
-                               f"settings; choose another --out")
+    out = Path(os.path.abspath(out_dir))
+    if (meta := _already_prepared(out, spec)) is not None:
         logger.info("%s is already prepared", out)
         return meta
-    shards = out / "shards"
+    partial = out.with_name(out.name + ".partial")
+    _check_unfinished(partial, spec)
+    created = partial  # and the missing folders above it, removed with it on an error
+    while not created.parent.exists():
+        created = created.parent
+    try:
+        meta = _prepare_into(partial, spec, workers, progress)
+    except PrepareError:
+        shutil.rmtree(created, ignore_errors=True)
+        raise
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        kept = (f"; the finished shards are kept in {partial}: the same command resumes from "
+                f"them" if (partial / "shards").is_dir() else "")
+        raise PrepareError(f"{where}{err.strerror or err}{kept}") from err
+    except BaseException:
+        if partial.is_dir():
+            logger.warning("stopped: the finished shards are kept in %s; the same command "
+                           "resumes from them (delete it to start over)", partial)
+        raise
+    os.replace(partial, out)  # also in the place of an empty folder (POSIX rename)
+    return meta
+
+
+def _already_prepared(out: Path, spec: PrepareSpec) -> dict | None:
+    """The metadata of ``out`` if it holds this preparation; None if ``out`` is missing or
+    an empty folder; else why it cannot be the output (:class:`PrepareError`)."""
+    from freetf.training.preflight import unwritable  # the run's own output check
+
+    why = unwritable(out) or unwritable(out.parent)
+    if why:
+        raise PrepareError(f"--out {out}: {why}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except FileNotFoundError:
+        raise PrepareError(f"--out {out} is a folder that holds no prepared data (no "
+                           f"meta.json): choose another --out or delete it") from None
+    except (OSError, ValueError) as err:
+        raise PrepareError(f"--out {out}: its meta.json cannot be read ({err}): choose "
+                           f"another --out or delete it") from None
+    if not isinstance(meta, dict) or meta.get("spec") != _spec_dict(spec):
+        raise PrepareError(f"--out {out} already holds data prepared with other "
+                           f"settings; choose another --out")
+    return meta
+
+
+def _check_unfinished(partial: Path, spec: PrepareSpec) -> None:
+    """An unfinished preparation in ``partial`` must be this one to be resumed."""
+    try:
+        saved = json.loads((partial / "prepare.json").read_text())
+    except (OSError, ValueError):
+        return  # none, or one stopped before it wrote its settings: nothing to reuse
+    if saved != _spec_dict(spec):
+        raise PrepareError(f"{partial} holds an unfinished preparation with other settings: "
+                           f"delete it, or finish it with the command that started it")
+
+
+def _prepare_into(folder: Path, spec: PrepareSpec, workers: int, progress: bool) -> dict:
+    """Shards under ``folder/shards`` (those already there are kept), then the token
+    files and ``meta.json``; the shards are removed once assembled."""
+    shards = folder / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    spec_path = out / "prepare.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != _spec_dict(spec):
-        raise PrepareError(f"--out {out} holds an unfinished preparation with other "
-                           f"settings; choose another --out or delete it")
+    spec_path = folder / "prepare.json"
     _atomic_write(spec_path, json.dumps(_spec_dict(spec), indent=2).encode())
 
-    tokenizer = _tokenizer(spec, out, progress)
+    tokenizer = _tokenizer(spec, folder, progress)
     vocab_size = 256 if tokenizer is None else tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
     jobs = _shard_jobs(spec, shards, dtype, progress)
@@ -150,7 +211,7 @@ def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
             _encode_shard(job)
 
     decoding = {"errors": spec.encoding_errors, "skipped": 0, "replaced": 0, "problems": []}
-    splits = {split: _assemble(shards, split, out / f"{split}.bin", decoding)
+    splits = {split: _assemble(shards, split, folder / f"{split}.bin", decoding)
               for split in ("train", "val")}
     if decoding["skipped"] and not any(stats["documents"] for stats in splits.values()):
         raise PrepareError(f"no text to prepare: {decoding_summary(decoding)}")
@@ -175,7 +236,7 @@ def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
         "decoding": decoding,
         "spec": _spec_dict(spec),
     }
-    _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    _atomic_write(folder / "meta.json", json.dumps(meta, indent=2).encode())
     shutil.rmtree(shards, ignore_errors=True)
     spec_path.unlink(missing_ok=True)
     return meta
@@ -220,8 +281,13 @@ def _tokenizer(spec: PrepareSpec, out: Path, progress: bool) -> BPETokenizer | N
     if saved.exists():
         return BPETokenizer.from_file(saved)
     if kind == "file":
+        try:
+            tokenizer = BPETokenizer.from_file(spec.tokenizer)
+        except Exception as err:  # tokenizers raises a bare Exception
+            raise PrepareError(f"--tokenizer {spec.tokenizer}: not a tokenizer.json that "
+                               f"Hugging Face tokenizers reads ({err})") from None
         shutil.copyfile(spec.tokenizer, saved)
-        return BPETokenizer.from_file(saved)
+        return tokenizer
     docs = tqdm(iter_documents(spec.inputs, spec.text_field, spec.encoding_errors),
                 desc="training BPE", unit="doc", disable=not progress)
     loaded = (load() for doc_id, load in docs
