@@ -8,7 +8,8 @@ of the running interpreter's standard library: real code on every machine, no do
 
 Output folder::
 
-    meta.json        tokenizer, vocabulary size, dtype, tokens / bytes / documents per split
+    meta.json        tokenizer, vocabulary size, dtype, tokens / bytes / documents and the
+                     largest id per split, the documents skipped on reading (decoding)
     train.bin        token ids, little-endian uint16 (uint32 when the vocabulary needs it)
     val.bin          the validation split: whole documents, none of them in train.bin
     tokenizer.json   the BPE tokenizer (bpe or a tokenizer file), used by training and
@@ -93,7 +94,8 @@ def _encode_shard(job: tuple[Path, list[str], str, dict]) -> Path:
                   for ids in _WORKER_TOKENIZER.encode_batch(texts)]
     ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     stats = {"documents": len(texts), "tokens": int(ids.size),
-             "bytes": sum(len(t.encode("utf-8")) for t in texts), **decoding}
+             "bytes": sum(len(t.encode("utf-8")) for t in texts),
+             "max_id": int(ids.max()) if ids.size else -1, **decoding}
     _atomic_write(path.with_suffix(".json"), json.dumps(stats).encode())
     _atomic_write(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
     return path
@@ -337,7 +339,7 @@ def _shard_jobs(spec: PrepareSpec, shards: Path, dtype: str, progress: bool
 def _assemble(shards: Path, split: str, target: Path, decoding: dict) -> dict:
     """Concatenate a split's shards in order into ``target``; their summed statistics
     (what was skipped or replaced on reading is added to ``decoding``)."""
-    stats = {"file": target.name, "documents": 0, "tokens": 0, "bytes": 0}
+    stats = {"file": target.name, "documents": 0, "tokens": 0, "bytes": 0, "max_id": -1}
     tmp = target.with_name(target.name + ".tmp")
     with tmp.open("wb") as dst:
         for shard in sorted(shards.glob(f"{split}-*.bin")):
@@ -346,6 +348,7 @@ def _assemble(shards: Path, split: str, target: Path, decoding: dict) -> dict:
             shard_stats = json.loads(shard.with_suffix(".json").read_text())
             for key in ("documents", "tokens", "bytes"):
                 stats[key] += shard_stats[key]
+            stats["max_id"] = max(stats["max_id"], shard_stats["max_id"])
             decoding["skipped"] += shard_stats["skipped"]
             decoding["replaced"] += shard_stats["replaced"]
             decoding["problems"] = (decoding["problems"] + shard_stats["problems"]
