@@ -208,8 +208,9 @@ def test_files_that_are_not_utf8_text_are_skipped_counted_and_named(corpus, tmp_
 
 def test_nothing_left_after_skipping_is_an_error(tmp_path):
     (tmp_path / "blob.txt").write_bytes(b"\x00\x01" * 10)
-    with pytest.raises(PrepareError, match=r"no text to prepare: skipped 1 document that .*/"
-                                           r"blob.txt \(binary: a NUL byte at offset 0\)"):
+    with pytest.raises(PrepareError, match=r"no text to prepare: skipped 1 document that is "
+                                           r"not UTF-8 text: .*/blob.txt \(binary: a NUL byte "
+                                           r"at offset 0\)"):
         prepare(PrepareSpec((str(tmp_path / "blob.txt"),), "byte"), tmp_path / "o",
                 progress=False)
 

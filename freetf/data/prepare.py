@@ -364,7 +364,8 @@ def decoding_summary(decoding: dict, shown: int = 5) -> str:
 
     counts = []
     if decoding["skipped"]:
-        counts.append(f"skipped {documents(decoding['skipped'])} that are not UTF-8 text")
+        verb = "is" if decoding["skipped"] == 1 else "are"
+        counts.append(f"skipped {documents(decoding['skipped'])} that {verb} not UTF-8 text")
     if decoding["replaced"]:
         counts.append(f"replaced what does not decode as UTF-8 by U+FFFD in "
                       f"{documents(decoding['replaced'])}")
