@@ -183,7 +183,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     spec = PrepareSpec(inputs=tuple(args.inputs), tokenizer=args.tokenizer,
                        vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                       seed=args.seed, text_field=args.text_field, shard_docs=args.shard_docs)
+                       seed=args.seed, text_field=args.text_field, shard_docs=args.shard_docs,
+                       encoding_errors=args.encoding_errors)
     try:
         meta = prepare(spec, args.out, workers=args.workers, progress=not args.quiet)
     except PrepareError as err:
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_plan)
 
+    from freetf.data.documents import ENCODING_ERRORS
+
     p = sub.add_parser("prepare", help="tokenize a corpus into training shards (+ meta.json)")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="folders, files, globs, .jsonl / .parquet files, hf:NAME[:SPLIT], or "
@@ -319,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSONL / Parquet / HF text column")
     p.add_argument("--shard-docs", type=positive_int, default=256,
                    help="documents per shard (the unit of resumption)")
+    p.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+                   help="a file that is not UTF-8: skip it (strict, the default; it is named "
+                   "in a summary) or keep it with U+FFFD for what does not decode (replace). "
+                   "Binary files (NUL bytes) are skipped either way")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="processes encoding shards in parallel")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

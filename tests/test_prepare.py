@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
 from freetf import ConfigError, load_config
+from freetf.data import documents
 from freetf.data import prepare as prep
 from freetf.data.datasets import build_data, build_tokenizer
 from freetf.data.prepare import PrepareError, PrepareSpec, prepare, token_dtype
@@ -83,8 +85,8 @@ def test_an_interrupted_run_resumes_and_skips_finished_shards(corpus, tmp_path, 
     monkeypatch.setattr(prep, "_encode_shard", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare(spec, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out" / "meta.json").exists()
-    done = {p.name for p in (tmp_path / "out" / "shards").glob("*.bin")}
+    assert not (tmp_path / "out").exists()  # nothing that looks prepared
+    done = {p.name for p in (tmp_path / "out.partial" / "shards").glob("*.bin")}
     assert len(done) == 3
     calls.clear()
     monkeypatch.setattr(prep, "_encode_shard", lambda job: (calls.append(job[0].name),
@@ -93,6 +95,9 @@ def test_an_interrupted_run_resumes_and_skips_finished_shards(corpus, tmp_path, 
     assert not done & set(calls)  # finished shards were not encoded again
     for name in ("train.bin", "val.bin"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out", "ref"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin",
+                                                                    "val.bin"]
     with pytest.raises(PrepareError, match="other settings"):
         prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.5), tmp_path / "out",
                 progress=False)
@@ -173,21 +178,195 @@ def test_jsonl_and_parquet_inputs(tmp_path):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 10
 
 
+def test_files_that_are_not_utf8_text_are_skipped_counted_and_named(corpus, tmp_path, caplog):
+    (corpus / "blob.py").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00" * 50)
+    (corpus / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
+    with caplog.at_level("WARNING", logger="freetf.data.prepare"):
+        meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25), tmp_path / "s",
+                       progress=False)
+    docs = split_documents(tmp_path / "s", "train", meta) + \
+        split_documents(tmp_path / "s", "val", meta)
+    assert sorted(docs) == sorted(TEXTS)  # no U+FFFD, no NUL turned into extra documents
+    assert meta["decoding"] == {
+        "errors": "strict", "skipped": 2, "replaced": 0,
+        "problems": [f"{name} ({why})" for name, why in sorted(
+            [("blob.py", "binary: a NUL byte at offset 7"),
+             ("latin1.txt", "not UTF-8: byte 0xe9 at offset 3")],
+            key=lambda doc: prep.is_validation(doc[0], 0.25, 0))]}
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("skipped 2 documents that are not UTF-8 text: ")
+    assert "blob.py (binary" in warning and "latin1.txt (not UTF-8" in warning
+    assert warning.endswith("--encoding-errors replace keeps text that is not UTF-8")
+
+    meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25,
+                               encoding_errors="replace"), tmp_path / "r", progress=False)
+    docs = split_documents(tmp_path / "r", "train", meta) + \
+        split_documents(tmp_path / "r", "val", meta)
+    assert sorted(docs) == sorted(TEXTS + ["caf\ufffd cr\ufffdme\n"])  # binary still skipped
+    assert (meta["decoding"]["skipped"], meta["decoding"]["replaced"]) == (1, 1)
+
+
+def test_nothing_left_after_skipping_is_an_error(tmp_path):
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01" * 10)
+    with pytest.raises(PrepareError, match=r"no text to prepare: skipped 1 document that is "
+                                           r"not UTF-8 text: .*/blob.txt \(binary: a NUL byte "
+                                           r"at offset 0\)"):
+        prepare(PrepareSpec((str(tmp_path / "blob.txt"),), "byte"), tmp_path / "o",
+                progress=False)
+
+
 def test_stdlib_is_a_real_code_corpus():
-    files = prep.stdlib_files()
+    files = documents.stdlib_files()
     assert len(files) > 200
     assert sum(f.stat().st_size for f in files) > 3_000_000  # several MB of real code
     assert not any("test" in f.parts[-2:-1] for f in files)
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def _jsonl(tmp_path, second: bytes) -> list[str]:
+    (tmp_path / "docs.jsonl").write_bytes(b'{"text": "fine"}\n' + second + b"\n")
+    return [str(tmp_path / "docs.jsonl")]
+
+
+def _out_under_a_file(tmp_path) -> list[str]:
+    (tmp_path / "afile").write_text("a file, not a folder")
+    return _texts(tmp_path) + ["--out", str(tmp_path / "afile" / "sub")]
+
+
+def _out_is_a_file(tmp_path) -> list[str]:
+    (tmp_path / "afile").write_text("a file, not a folder")
+    return _texts(tmp_path) + ["--out", str(tmp_path / "afile")]
+
+
+def _only_a_binary_file(tmp_path) -> list[str]:
+    (tmp_path / "b.py").write_bytes(b"\x00\x01")
+    return [str(tmp_path / "b.py")]
+
+
+def _unreadable(tmp_path, monkeypatch) -> list[str]:
+    """A file the OS refuses to read (planted: permissions do not bind root)."""
+    real = type(tmp_path).read_bytes
+
+    def read_bytes(path):
+        if path.name == "m0.py":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(type(tmp_path), "read_bytes", read_bytes)
+    return _texts(tmp_path)
+
+
+def _other_unfinished(tmp_path) -> list[str]:
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "prepare.json").write_text('{"seed": 99}')
+    return _texts(tmp_path)
+
+
+def _texts(tmp_path) -> list[str]:
+    (tmp_path / "c").mkdir(exist_ok=True)
+    for i in range(4):
+        (tmp_path / "c" / f"m{i}.py").write_text(f"x = {i}\n")
+    return [str(tmp_path / "c")]
+
+
+def _out_holds(tmp_path, name: str, text: str) -> list[str]:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / name).write_text(text)
+    return _texts(tmp_path)
+
+
+PREPARE_FAILURES = {  # argv built in tmp_path -> what the one line says
+    "out under a file": (_out_under_a_file, r"afile is a file, not a folder, so \S*sub "
+                                            r"cannot be created"),
+    "out is a file": (_out_is_a_file, r"afile is a file, not a folder$"),
+    "jsonl null": (lambda t: _jsonl(t, b'{"text": null}'),
+                   r"docs.jsonl:2: the text field is null, not a string"),
+    "jsonl number": (lambda t: _jsonl(t, b'{"text": 12345}'),
+                     r"docs.jsonl:2: the text field is a number \(12345\), not a string"),
+    "jsonl object": (lambda t: _jsonl(t, b'{"text": {"nested": 1}}'),
+                     r"docs.jsonl:2: the text field is an object, not a string"),
+    "jsonl not utf-8": (lambda t: _jsonl(t, b'{"text": "caf\xe9"}'),
+                        r"docs.jsonl:2: not UTF-8: byte 0xe9 at column 14"),
+    "jsonl not json": (lambda t: _jsonl(t, b'{"text": '), r"docs.jsonl:2: not valid JSON"),
+    "only a binary file": (_only_a_binary_file,
+                           r"no text to prepare: skipped 1 document .*b.py \(binary"),
+    "missing input": (lambda t: [str(t / "missing")], r"missing: no such file"),
+    "unreadable input": (_unreadable, r"m0.py: cannot read it \(Permission denied\)"),
+    "broken tokenizer": (lambda t: _texts(t) + ["--tokenizer", str(t / "c" / "m0.py")],
+                         r"--tokenizer \S*m0.py: not a tokenizer.json"),
+    "no validation document": (lambda t: _texts(t) + ["--val-fraction", "1e-9"],
+                               r"no document fell in the val split"),
+    "out holds other files": (lambda t: _out_holds(t, "notes.txt", "mine"),
+                              r"out is a folder that holds no prepared data \(no meta.json\)"),
+    "out holds a broken meta.json": (lambda t: _out_holds(t, "meta.json", '{"format": '),
+                                     r"out: its meta.json cannot be read"),
+    "an unfinished run with other settings": (
+        _other_unfinished, r"out.partial holds an unfinished preparation with other settings"),
+    "out in folders that do not exist yet": (  # made for the run, removed with it
+        lambda t: [str(t / "missing"), "--out", str(t / "new" / "deeper" / "out")],
+        r"missing: no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREPARE_FAILURES))
+def test_prepare_failures_are_one_line_and_leave_no_output(case, tmp_path, monkeypatch, capsys):
     from freetf.cli import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["prepare", "x", "--out", str(tmp_path / "o"), "--vocab-size", "0"])
-    assert exc.value.code == 2
-    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    build, needle = PREPARE_FAILURES[case]
+    args = build(tmp_path, monkeypatch) if build is _unreadable else build(tmp_path)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["prepare", *args, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("freetf prepare: error: ")
+    assert re.search(needle, err), err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing left behind
+
+
+def test_the_output_takes_the_place_of_an_empty_folder_or_new_ones(corpus, tmp_path):
+    spec = PrepareSpec((str(corpus),), "byte", val_fraction=0.25)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "new" / "deeper" / "out"):
+        prepare(spec, out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+        assert not out.with_name(out.name + ".partial").exists()
+    assert prepare(spec, tmp_path / "empty", progress=False)["spec"]["seed"] == 0  # done: kept
+
+
+def test_argparse_errors(tmp_path):
+    from freetf.cli import main
+
+    for flag, value in (("--vocab-size", "0"), ("--encoding-errors", "ignore")):
+        with pytest.raises(SystemExit) as exc:
+            main(["prepare", "x", "--out", str(tmp_path / "o"), flag, value])
+        assert exc.value.code == 2
+
+
+def test_a_system_error_keeps_the_finished_shards_and_says_where(corpus, tmp_path,
+                                                                 monkeypatch, capsys):
+    from freetf.cli import main
+
+    real, calls = prep._encode_shard, []
+
+    def disk_full(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(job[0]))
+        return real(job)
+
+    monkeypatch.setattr(prep, "_encode_shard", disk_full)
+    out = tmp_path / "out"
+    argv = ["prepare", str(corpus), "--out", str(out), "--shard-docs", "4", "--val-fraction",
+            "0.25", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"No space left on device; the finished shards are kept in {out}.partial" in err
+    assert not out.exists() and len(list((tmp_path / "out.partial/shards").glob("*.bin"))) == 2
+    monkeypatch.setattr(prep, "_encode_shard", real)
+    assert main(argv) == 0  # the same command resumes and finishes
+    assert (out / "meta.json").is_file() and not (tmp_path / "out.partial").exists()
 
 
 def test_bits_per_byte():

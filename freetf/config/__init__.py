@@ -13,7 +13,6 @@ Units: ``training.free_bits`` is in **nats per token** (the guide's unit);
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -82,8 +81,13 @@ def _default_vocab_from_data(data: Any) -> Any:
     vocab = DATA_VOCAB_SIZES.get(section.get("dataset_name", DataConfig.dataset_name))
     meta = Path(str(section.get("path"))) / "meta.json"  # a folder made by freetf prepare
     if section.get("dataset_name") == "tokens" and section.get("path") and meta.is_file():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            vocab = int(json.loads(meta.read_text())["vocab_size"])
+        try:
+            found = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # damaged: the data check names it before training
+            found = None
+        size = found.get("vocab_size") if isinstance(found, dict) else None
+        if type(size) is int and size >= 1:
+            vocab = size
     if vocab is None:
         return data  # an unknown dataset_name: build_section names it
     return {**data, "model": {**model, "vocab_size": vocab}}

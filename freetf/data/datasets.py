@@ -20,6 +20,13 @@ import torch
 from torch.utils.data import Dataset
 
 from freetf.config import Config, ConfigError
+from freetf.data.token_files import (
+    SPLITS,
+    check_token_files,
+    check_token_ids,
+    max_token_id,
+    read_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +281,6 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
         return CharTokenizer()
     folder = prepared_folder(cfg)
     if folder is not None:
-        from freetf.data.prepare import read_meta
         from freetf.data.tokenization import BPETokenizer
 
         meta = read_meta(folder)
@@ -283,23 +289,28 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
     return ByteTokenizer()
 
 
+def _prepared_splits(cfg: Config, folder: Path) -> tuple[dict, dict[str, int]]:
+    """A prepared folder's metadata, checked with its token files, and the number of
+    blocks of ``data.max_seq_len`` in each split (at least one)."""
+    meta = read_meta(folder)
+    check_token_files(folder, meta)
+    blocks = {}
+    for split in SPLITS:
+        tokens = meta["splits"][split]["tokens"]
+        blocks[split] = tokens // cfg.data.max_seq_len
+        if blocks[split] < 1:
+            raise ConfigError(f"data.path {folder}: the {split} split holds {tokens} tokens, "
+                              f"less than one block of data.max_seq_len={cfg.data.max_seq_len}")
+    return meta, blocks
+
+
 def _prepared_data(cfg: Config, folder: Path) -> tuple[Dataset, Dataset, float]:
     """Train / val block datasets of a prepared folder (its own document split)."""
-    from freetf.data.prepare import read_meta
-
-    meta = read_meta(folder)
-    datasets = []
-    for split in ("train", "val"):
-        info = meta["splits"][split]
-        blocks = info["tokens"] // cfg.data.max_seq_len
-        if blocks < 1:
-            raise ValueError(f"data.path {folder}: the {split} split holds {info['tokens']} "
-                             f"tokens, less than one block of data.max_seq_len="
-                             f"{cfg.data.max_seq_len}")
-        datasets.append(BlockDataset(folder / info["file"], cfg.data.max_seq_len, 0, blocks,
-                                     meta["dtype"]))
-    val = meta["splits"]["val"]
-    return datasets[0], datasets[1], val["bytes"] / max(val["tokens"], 1)
+    meta, blocks = _prepared_splits(cfg, folder)
+    train, val = (BlockDataset(folder / meta["splits"][split]["file"], cfg.data.max_seq_len,
+                               0, blocks[split], meta["dtype"]) for split in SPLITS)
+    info = meta["splits"]["val"]
+    return train, val, info["bytes"] / info["tokens"]
 
 
 def build_data(cfg: Config) -> DataBundle:
@@ -342,20 +353,32 @@ def build_data(cfg: Config) -> DataBundle:
     return DataBundle(train, val, tokenizer, bytes_per_token)
 
 
+def check_data(cfg: Config) -> None:
+    """The data against the config, before any MLflow run or Ray worker starts (the run's
+    preflight): a prepared folder's meta.json and token files, each split at least one
+    block long, then the vocabulary and the largest id (:func:`check_vocabulary`)."""
+    folder = prepared_folder(cfg)
+    if folder is not None:
+        _prepared_splits(cfg, folder)
+    check_vocabulary(cfg)
+
+
 def check_vocabulary(cfg: Config) -> None:
     """``model.vocab_size`` against the data, before any training step.
 
     Synthetic and text data are decoded by a tokenizer: the model's vocabulary must be
     the tokenizer's, or the model samples ids that nothing can decode.  A token file is
-    decoded by nobody here: every id in it must be below ``model.vocab_size``.
+    decoded by nobody here: every id in it must be below ``model.vocab_size``.  A
+    prepared folder's meta.json names its vocabulary, and its files are scanned for ids
+    outside it.
     """
     vocab = cfg.model.vocab_size
     name = cfg.data.dataset_name
     folder = prepared_folder(cfg)
     if folder is not None:  # freetf prepare's output: its meta.json names the vocabulary
-        from freetf.data.prepare import read_meta
-
-        size = read_meta(folder)["vocab_size"]
+        meta = read_meta(folder)
+        check_token_ids(folder, meta)  # first: ids outside meta.json's vocabulary mean damage
+        size = meta["vocab_size"]
         if vocab != size:
             raise ConfigError(f"model.vocab_size={vocab} does not match the vocabulary of the "
                               f"data in {folder} ({size}, meta.json): set "
@@ -378,16 +401,3 @@ def check_vocabulary(cfg: Config) -> None:
                           f"data.dataset_name={name!r}: the model {harm}. Set "
                           f"model.vocab_size={size}, or leave it out (it defaults to the "
                           f"data's vocabulary)")
-
-
-def max_token_id(path: str | Path, chunk_tokens: int = 1 << 24) -> int:
-    """The largest id in a uint16 token file, read in chunks (never loaded whole)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path {path} does not exist (expected a uint16 .bin "
-                                f"token file)")
-    tokens = np.memmap(path, dtype="<u2", mode="r") if path.stat().st_size >= 2 else []
-    highest = -1
-    for begin in range(0, len(tokens), chunk_tokens):
-        highest = max(highest, int(tokens[begin:begin + chunk_tokens].max()))
-    return highest

@@ -8,7 +8,8 @@ of the running interpreter's standard library: real code on every machine, no do
 
 Output folder::
 
-    meta.json        tokenizer, vocabulary size, dtype, tokens / bytes / documents per split
+    meta.json        tokenizer, vocabulary size, dtype, tokens / bytes / documents and the
+                     largest id per split, the documents skipped on reading (decoding)
     train.bin        token ids, little-endian uint16 (uint32 when the vocabulary needs it)
     val.bin          the validation split: whole documents, none of them in train.bin
     tokenizer.json   the BPE tokenizer (bpe or a tokenizer file), used by training and
@@ -16,21 +17,21 @@ Output folder::
 
 The split is by document (a hash of the document's id and the seed), so no file is in
 both.  Documents are encoded in shards of ``shard_docs`` documents, each written
-atomically under ``shards/``: an interrupted run started again with the same arguments
-skips the shards it finished.  ``meta.json`` is written last; training reads it, so
-``model.vocab_size`` is checked against the data before the first step.
+atomically under ``<out>.partial/shards/``: an interrupted run started again with the
+same arguments skips the shards it finished.  ``meta.json`` is written last and the
+folder is then renamed to ``<out>``: a folder without ``meta.json`` is never left at
+``<out>``.  Training reads ``meta.json`` and checks the token files against it (sizes,
+largest id) and ``model.vocab_size`` against the data before the first step.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -38,21 +39,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from freetf.data.documents import ENCODING_ERRORS, Loader, PrepareError, iter_documents
+from freetf.data.token_files import META_FORMAT
 from freetf.data.tokenization import BPETokenizer, train_bpe
 
 logger = logging.getLogger(__name__)
 
-META_FORMAT = "freetf-tokens/1"
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java",
-                 ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".tex", ".json", ".yaml", ".yml",
-                 ".toml", ".html", ".css")
 BYTE_END_OF_DOCUMENT = 0  # NUL: the byte tokenizer's document separator
-_SKIPPED_STDLIB_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__",
-                        "lib2to3", "turtledemo"}
-
-
-class PrepareError(ValueError):
-    """Bad arguments or inputs to ``freetf prepare`` (the CLI prints one line)."""
+MAX_PROBLEMS_KEPT = 100  # documents named in meta.json's decoding.problems
 
 
 @dataclass(frozen=True)
@@ -66,101 +60,9 @@ class PrepareSpec:
     seed: int = 0
     text_field: str = "text"
     shard_docs: int = 256
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def stdlib_files() -> list[Path]:
-    """The standard library's ``.py`` files (tests, IDLE and site-packages left out)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py")
-                  if not _SKIPPED_STDLIB_DIRS & set(p.relative_to(root).parts[:-1]))
-
-
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
-
-
-def _file_documents(paths: list[Path], root: Path | None
-                    ) -> Iterator[tuple[str, Callable[[], str]]]:
-    """A file's id is its path relative to the input folder: the split does not change
-    when the corpus moves."""
-    for path in paths:
-        yield str(path.relative_to(root) if root else path), (lambda p=path: _read_text(p))
-
-
-def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, Callable[[], str]]]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PrepareError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise PrepareError(f"{path}:{i + 1}: no {field!r} field (set --text-field)")
-            text = str(record[field])
-            yield f"{path.name}#{i}", (lambda t=text: t)
-
-
-def _parquet_documents(path: Path, field: str) -> Iterator[tuple[str, Callable[[], str]]]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    if field not in table.column_names:
-        raise PrepareError(f"{path}: no column {field!r} (columns: {table.column_names}; "
-                           f"set --text-field)")
-    for i, text in enumerate(table.column(field).to_pylist()):
-        yield f"{path.name}#{i}", (lambda t=str(text): t)
-
-
-def _hf_documents(spec: str, field: str) -> Iterator[tuple[str, Callable[[], str]]]:
-    try:
-        import datasets
-    except ImportError:
-        raise PrepareError(f"{spec}: Hugging Face datasets need the `datasets` package "
-                           f"(pip install 'freetf[hf]')") from None
-    name, _, split = spec[3:].partition(":")
-    data = datasets.load_dataset(name, split=split or "train")
-    if field not in data.column_names:
-        raise PrepareError(f"{spec}: no column {field!r} (columns: {data.column_names}; "
-                           f"set --text-field)")
-    for i, text in enumerate(data[field]):
-        yield f"{spec}#{i}", (lambda t=str(text): t)
-
-
-def iter_documents(inputs: tuple[str, ...], text_field: str = "text"
-                   ) -> Iterator[tuple[str, Callable[[], str]]]:
-    """(document id, text loader) for every document of every input, in a fixed order."""
-    if not inputs:
-        raise PrepareError("no inputs: give folders, files, globs, 'stdlib' or hf:NAME")
-    for item in inputs:
-        path = Path(item)
-        if item == "stdlib":
-            yield from _file_documents(stdlib_files(), Path(sysconfig.get_paths()["stdlib"]))
-        elif item.startswith("hf:"):
-            yield from _hf_documents(item, text_field)
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-            if not files:
-                raise PrepareError(f"{item}: a folder with no text or code files "
-                                   f"({', '.join(TEXT_SUFFIXES[:6])}, ...)")
-            yield from _file_documents(files, path)
-        elif path.suffix == ".jsonl" and path.is_file():
-            yield from _jsonl_documents(path, text_field)
-        elif path.suffix == ".parquet" and path.is_file():
-            yield from _parquet_documents(path, text_field)
-        elif path.is_file():
-            yield from _file_documents([path], None)
-        else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            files = [p for p in matches if p.is_file()]
-            if not files:
-                raise PrepareError(f"{item}: no such file, folder or matching glob")
-            yield from _file_documents(files, None)
+    # "strict": a file that is not UTF-8 is skipped; "replace": kept, U+FFFD for what
+    # does not decode.  Binary files (NUL bytes) are skipped either way.
+    encoding_errors: str = "strict"
 
 
 def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
@@ -179,9 +81,10 @@ def _init_worker(tokenizer_json: str | None) -> None:
     _WORKER_TOKENIZER = BPETokenizer.from_str(tokenizer_json) if tokenizer_json else None
 
 
-def _encode_shard(job: tuple[Path, list[str], str]) -> Path:
-    """Encode one shard's documents (each followed by the separator) and write it."""
-    path, texts, dtype = job
+def _encode_shard(job: tuple[Path, list[str], str, dict]) -> Path:
+    """Encode one shard's documents (each followed by the separator) and write it with
+    its statistics (``decoding``: the documents skipped or repaired on reading)."""
+    path, texts, dtype, decoding = job
     if _WORKER_TOKENIZER is None:
         pieces = [np.append(np.frombuffer(t.encode("utf-8"), np.uint8), BYTE_END_OF_DOCUMENT)
                   for t in texts]
@@ -191,7 +94,8 @@ def _encode_shard(job: tuple[Path, list[str], str]) -> Path:
                   for ids in _WORKER_TOKENIZER.encode_batch(texts)]
     ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     stats = {"documents": len(texts), "tokens": int(ids.size),
-             "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+             "bytes": sum(len(t.encode("utf-8")) for t in texts),
+             "max_id": int(ids.max()) if ids.size else -1, **decoding}
     _atomic_write(path.with_suffix(".json"), json.dumps(stats).encode())
     _atomic_write(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
     return path
@@ -213,28 +117,87 @@ def token_dtype(vocab_size: int) -> str:
 
 def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
             progress: bool = True) -> dict:
-    """Tokenize ``spec.inputs`` into ``out_dir``; returns the metadata (also meta.json)."""
+    """Tokenize ``spec.inputs`` into ``out_dir``; returns the metadata (also meta.json).
+
+    The work is done in the sibling ``<out_dir>.partial``, renamed to ``out_dir`` once
+    complete, so a failed run leaves no folder that looks prepared.  An interrupted run
+    (or one stopped by the system: a full disk) keeps its finished shards there and the
+    same command resumes from them; a run stopped by its input (:class:`PrepareError`)
+    removes it, since the input has to change.
+    """
     _validate(spec, workers)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {out} is a file, not a folder")
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("spec") != _spec_dict(spec):
-            raise PrepareError(f"--out {out} already holds data prepared with other "
-                               f"settings; choose another --out")
+    out = Path(os.path.abspath(out_dir))
+    if (meta := _already_prepared(out, spec)) is not None:
         logger.info("%s is already prepared", out)
         return meta
-    shards = out / "shards"
+    partial = out.with_name(out.name + ".partial")
+    _check_unfinished(partial, spec)
+    created = partial  # and the missing folders above it, removed with it on an error
+    while not created.parent.exists():
+        created = created.parent
+    try:
+        meta = _prepare_into(partial, spec, workers, progress)
+    except PrepareError:
+        shutil.rmtree(created, ignore_errors=True)
+        raise
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        kept = (f"; the finished shards are kept in {partial}: the same command resumes from "
+                f"them" if (partial / "shards").is_dir() else "")
+        raise PrepareError(f"{where}{err.strerror or err}{kept}") from err
+    except BaseException:
+        if partial.is_dir():
+            logger.warning("stopped: the finished shards are kept in %s; the same command "
+                           "resumes from them (delete it to start over)", partial)
+        raise
+    os.replace(partial, out)  # also in the place of an empty folder (POSIX rename)
+    return meta
+
+
+def _already_prepared(out: Path, spec: PrepareSpec) -> dict | None:
+    """The metadata of ``out`` if it holds this preparation; None if ``out`` is missing or
+    an empty folder; else why it cannot be the output (:class:`PrepareError`)."""
+    from freetf.training.preflight import unwritable  # the run's own output check
+
+    why = unwritable(out) or unwritable(out.parent)
+    if why:
+        raise PrepareError(f"--out {out}: {why}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except FileNotFoundError:
+        raise PrepareError(f"--out {out} is a folder that holds no prepared data (no "
+                           f"meta.json): choose another --out or delete it") from None
+    except (OSError, ValueError) as err:
+        raise PrepareError(f"--out {out}: its meta.json cannot be read ({err}): choose "
+                           f"another --out or delete it") from None
+    if not isinstance(meta, dict) or meta.get("spec") != _spec_dict(spec):
+        raise PrepareError(f"--out {out} already holds data prepared with other "
+                           f"settings; choose another --out")
+    return meta
+
+
+def _check_unfinished(partial: Path, spec: PrepareSpec) -> None:
+    """An unfinished preparation in ``partial`` must be this one to be resumed."""
+    try:
+        saved = json.loads((partial / "prepare.json").read_text())
+    except (OSError, ValueError):
+        return  # none, or one stopped before it wrote its settings: nothing to reuse
+    if saved != _spec_dict(spec):
+        raise PrepareError(f"{partial} holds an unfinished preparation with other settings: "
+                           f"delete it, or finish it with the command that started it")
+
+
+def _prepare_into(folder: Path, spec: PrepareSpec, workers: int, progress: bool) -> dict:
+    """Shards under ``folder/shards`` (those already there are kept), then the token
+    files and ``meta.json``; the shards are removed once assembled."""
+    shards = folder / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    spec_path = out / "prepare.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != _spec_dict(spec):
-        raise PrepareError(f"--out {out} holds an unfinished preparation with other "
-                           f"settings; choose another --out or delete it")
+    spec_path = folder / "prepare.json"
     _atomic_write(spec_path, json.dumps(_spec_dict(spec), indent=2).encode())
 
-    tokenizer = _tokenizer(spec, out, progress)
+    tokenizer = _tokenizer(spec, folder, progress)
     vocab_size = 256 if tokenizer is None else tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
     jobs = _shard_jobs(spec, shards, dtype, progress)
@@ -249,13 +212,20 @@ def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
         for job in jobs:
             _encode_shard(job)
 
-    splits = {split: _assemble(shards, split, out / f"{split}.bin") for split in ("train", "val")}
+    decoding = {"errors": spec.encoding_errors, "skipped": 0, "replaced": 0, "problems": []}
+    splits = {split: _assemble(shards, split, folder / f"{split}.bin", decoding)
+              for split in ("train", "val")}
+    if decoding["skipped"] and not any(stats["documents"] for stats in splits.values()):
+        raise PrepareError(f"no text to prepare: {decoding_summary(decoding)}")
+    if decoding["skipped"] or decoding["replaced"]:
+        logger.warning("%s", decoding_summary(decoding))
     for split, stats in splits.items():
         if stats["documents"] == 0:
+            skipped = f", {decoding['skipped']} skipped" if decoding["skipped"] else ""
             raise PrepareError(f"no document fell in the {split} split "
-                               f"({sum(s['documents'] for s in splits.values())} documents, "
-                               f"--val-fraction {spec.val_fraction}): add documents or "
-                               f"change --val-fraction")
+                               f"({sum(s['documents'] for s in splits.values())} documents"
+                               f"{skipped}, --val-fraction {spec.val_fraction}): add documents "
+                               f"or change --val-fraction")
     meta = {
         "format": META_FORMAT,
         "tokenizer": {"kind": _tokenizer_kind(spec), "vocab_size": vocab_size,
@@ -265,9 +235,10 @@ def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
         "vocab_size": vocab_size,
         "dtype": dtype,
         "splits": splits,
+        "decoding": decoding,
         "spec": _spec_dict(spec),
     }
-    _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    _atomic_write(folder / "meta.json", json.dumps(meta, indent=2).encode())
     shutil.rmtree(shards, ignore_errors=True)
     spec_path.unlink(missing_ok=True)
     return meta
@@ -278,6 +249,9 @@ def _validate(spec: PrepareSpec, workers: int) -> None:
         raise PrepareError(f"--val-fraction {spec.val_fraction}: must be in (0, 1)")
     if spec.shard_docs < 1:
         raise PrepareError(f"--shard-docs {spec.shard_docs}: must be >= 1")
+    if spec.encoding_errors not in ENCODING_ERRORS:
+        raise PrepareError(f"--encoding-errors {spec.encoding_errors!r}: expected one of "
+                           f"{', '.join(ENCODING_ERRORS)}")
     if workers < 1:
         raise PrepareError(f"--workers {workers}: must be >= 1")
     if _tokenizer_kind(spec) == "file" and not Path(spec.tokenizer).is_file():
@@ -309,12 +283,18 @@ def _tokenizer(spec: PrepareSpec, out: Path, progress: bool) -> BPETokenizer | N
     if saved.exists():
         return BPETokenizer.from_file(saved)
     if kind == "file":
+        try:
+            tokenizer = BPETokenizer.from_file(spec.tokenizer)
+        except Exception as err:  # tokenizers raises a bare Exception
+            raise PrepareError(f"--tokenizer {spec.tokenizer}: not a tokenizer.json that "
+                               f"Hugging Face tokenizers reads ({err})") from None
         shutil.copyfile(spec.tokenizer, saved)
-        return BPETokenizer.from_file(saved)
-    docs = tqdm(iter_documents(spec.inputs, spec.text_field), desc="training BPE",
-                unit="doc", disable=not progress)
-    texts = (load() for doc_id, load in docs
-             if not is_validation(doc_id, spec.val_fraction, spec.seed))
+        return tokenizer
+    docs = tqdm(iter_documents(spec.inputs, spec.text_field, spec.encoding_errors),
+                desc="training BPE", unit="doc", disable=not progress)
+    loaded = (load() for doc_id, load in docs
+              if not is_validation(doc_id, spec.val_fraction, spec.seed))
+    texts = (doc.text for doc in loaded if doc.text is not None)
     tokenizer = train_bpe(texts, spec.vocab_size)
     tmp = out / "tokenizer.json.tmp"
     tokenizer.save(tmp)
@@ -323,24 +303,32 @@ def _tokenizer(spec: PrepareSpec, out: Path, progress: bool) -> BPETokenizer | N
 
 
 def _shard_jobs(spec: PrepareSpec, shards: Path, dtype: str, progress: bool
-                ) -> Iterator[tuple[Path, list[str], str]]:
+                ) -> Iterator[tuple[Path, list[str], str, dict]]:
     """Shards of ``shard_docs`` documents per split; finished shards are skipped unread."""
-    buffers: dict[str, list[Callable[[], str]]] = {"train": [], "val": []}
+    buffers: dict[str, list[tuple[str, Loader]]] = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
 
     def flush(split: str):
-        loaders, buffers[split] = buffers[split], []
+        docs, buffers[split] = buffers[split], []
         path = shards / f"{split}-{counts[split]:06d}.bin"
         counts[split] += 1
         if path.exists() and path.with_suffix(".json").exists():
             return None  # finished by an earlier run
-        return path, [load() for load in loaders], dtype
+        texts, decoding = [], {"skipped": 0, "replaced": 0, "problems": []}
+        for doc_id, load in docs:
+            doc = load()
+            if doc.text is not None:
+                texts.append(doc.text)
+            if doc.problem is not None:
+                decoding["skipped" if doc.text is None else "replaced"] += 1
+                decoding["problems"].append(f"{doc_id} ({doc.problem})")
+        return path, texts, dtype, decoding
 
-    docs = tqdm(iter_documents(spec.inputs, spec.text_field), desc="encoding", unit="doc",
-                disable=not progress)
+    docs = tqdm(iter_documents(spec.inputs, spec.text_field, spec.encoding_errors),
+                desc="encoding", unit="doc", disable=not progress)
     for doc_id, load in docs:
         split = "val" if is_validation(doc_id, spec.val_fraction, spec.seed) else "train"
-        buffers[split].append(load)
+        buffers[split].append((doc_id, load))
         if len(buffers[split]) == spec.shard_docs and (job := flush(split)) is not None:
             yield job
     for split in ("train", "val"):
@@ -348,27 +336,43 @@ def _shard_jobs(spec: PrepareSpec, shards: Path, dtype: str, progress: bool
             yield job
 
 
-def _assemble(shards: Path, split: str, target: Path) -> dict:
-    """Concatenate a split's shards in order into ``target``; their summed statistics."""
-    stats = {"file": target.name, "documents": 0, "tokens": 0, "bytes": 0}
+def _assemble(shards: Path, split: str, target: Path, decoding: dict) -> dict:
+    """Concatenate a split's shards in order into ``target``; their summed statistics
+    (what was skipped or replaced on reading is added to ``decoding``)."""
+    stats = {"file": target.name, "documents": 0, "tokens": 0, "bytes": 0, "max_id": -1}
     tmp = target.with_name(target.name + ".tmp")
     with tmp.open("wb") as dst:
         for shard in sorted(shards.glob(f"{split}-*.bin")):
             with shard.open("rb") as src:
                 shutil.copyfileobj(src, dst)
-            for key, value in json.loads(shard.with_suffix(".json").read_text()).items():
-                stats[key] += value
+            shard_stats = json.loads(shard.with_suffix(".json").read_text())
+            for key in ("documents", "tokens", "bytes"):
+                stats[key] += shard_stats[key]
+            stats["max_id"] = max(stats["max_id"], shard_stats["max_id"])
+            decoding["skipped"] += shard_stats["skipped"]
+            decoding["replaced"] += shard_stats["replaced"]
+            decoding["problems"] = (decoding["problems"] + shard_stats["problems"]
+                                    )[:MAX_PROBLEMS_KEPT]
     os.replace(tmp, target)
     return stats
 
 
-def read_meta(folder: str | Path) -> dict:
-    """The metadata of a prepared folder (``meta.json``), checked."""
-    path = Path(folder) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no meta.json: prepare it with "
-                                f"`freetf prepare ... --out {folder}`")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != META_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {META_FORMAT!r}")
-    return meta
+def decoding_summary(decoding: dict, shown: int = 5) -> str:
+    """One line: how many documents were skipped or repaired on reading, and which."""
+    def documents(n: int) -> str:
+        return f"{n} document{'s' if n != 1 else ''}"
+
+    counts = []
+    if decoding["skipped"]:
+        verb = "is" if decoding["skipped"] == 1 else "are"
+        counts.append(f"skipped {documents(decoding['skipped'])} that {verb} not UTF-8 text")
+    if decoding["replaced"]:
+        counts.append(f"replaced what does not decode as UTF-8 by U+FFFD in "
+                      f"{documents(decoding['replaced'])}")
+    problems = decoding["problems"]
+    more = decoding["skipped"] + decoding["replaced"] - min(len(problems), shown)
+    names = ", ".join(problems[:shown]) + (f" and {more} more (meta.json: decoding)"
+                                           if more else "")
+    hint = ("; --encoding-errors replace keeps text that is not UTF-8"
+            if decoding["errors"] == "strict" else "")
+    return f"{' and '.join(counts)}: {names}{hint}"

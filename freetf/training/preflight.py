@@ -2,7 +2,8 @@
 
 ``check_before_training(cfg)`` looks at every place the run will write (the checkpoint
 folder in-process, ``scaling.storage_path`` under Ray, the MLflow store when it is a
-local file, TensorBoard's log dir) and at the model's vocabulary against the data.  It
+local file, TensorBoard's log dir) and at the data: a prepared folder's files against its
+meta.json, and the model's vocabulary against the data (``check_data``).  It
 writes nothing: a folder that does not exist yet passes when its nearest existing parent
 is a folder the run may write in.  Each problem is one line naming the key and the fix.
 """
@@ -23,9 +24,9 @@ def check_before_training(cfg: Config) -> None:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError("the run cannot write where it would:\n  " + "\n  ".join(problems))
-    from freetf.data.datasets import check_vocabulary
+    from freetf.data.datasets import check_data
 
-    check_vocabulary(cfg)
+    check_data(cfg)
 
 
 def output_problems(cfg: Config) -> list[str]:
