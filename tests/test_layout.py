@@ -127,6 +127,8 @@ def test_parsing_a_sweep_spec_imports_no_ray():
     ("freetf.results", ("freetf.sweeps", "freetf.experiments", "freetf.training")),
     ("freetf.model", ("freetf.training", "freetf.tracking", "freetf.sweeps", "freetf.data")),
     ("freetf.evaluation", ("freetf.training", "freetf.tracking", "freetf.sweeps")),
+    ("freetf.data", ("freetf.training", "freetf.tracking", "freetf.sweeps", "freetf.model")),
+    ("freetf.config", ("freetf.model", "freetf.data", "freetf.training", "freetf.tracking")),
 ])
 def test_a_room_imports_nothing_above_it(room, above):
     """Not even inside a function (docs/architecture.md: what each package may import)."""

@@ -7,8 +7,9 @@ import pytest
 from freetf import load_config
 from freetf.cli import main
 from freetf.config import ConfigError
+from freetf.files import unwritable
 from freetf.training import ray_train
-from freetf.training.preflight import check_before_training, output_problems, unwritable
+from freetf.training.preflight import check_before_training, output_problems
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -157,7 +157,7 @@ def prepare(spec: PrepareSpec, out_dir: str | Path, workers: int = 1,
 def _already_prepared(out: Path, spec: PrepareSpec) -> dict | None:
     """The metadata of ``out`` if it holds this preparation; None if ``out`` is missing or
     an empty folder; else why it cannot be the output (:class:`PrepareError`)."""
-    from freetf.training.preflight import unwritable  # the run's own output check
+    from freetf.files import unwritable  # the run's own output check
 
     why = unwritable(out) or unwritable(out.parent)
     if why:

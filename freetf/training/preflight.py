@@ -10,11 +10,11 @@ is a folder the run may write in.  Each problem is one line naming the key and t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 from freetf.config import Config, ConfigError
+from freetf.files import unwritable
 
 
 def check_before_training(cfg: Config) -> None:
@@ -51,28 +51,6 @@ def output_problems(cfg: Config) -> list[str]:
         if why:
             problems.append(f"{what}: {why}")
     return problems
-
-
-def unwritable(path: Path, is_file: bool = False) -> str | None:
-    """Why ``path`` (a folder, or a file if ``is_file``) cannot be written, or None."""
-    path = path.expanduser().absolute()
-    if path.exists():
-        if is_file and path.is_dir():
-            return f"{path} is a folder, not a file"
-        if not is_file and not path.is_dir():
-            return f"{path} is a file, not a folder"
-        target = path if not is_file else path.parent
-        if not os.access(target, os.W_OK | os.X_OK) or (is_file and not os.access(path, os.W_OK)):
-            return f"no permission to write {path}"
-        return None
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is a file, not a folder, so {path} cannot be created"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"no permission to create {path} in {parent}"
-    return None
 
 
 def _local_mlflow_store(cfg: Config) -> tuple[str, Path, bool] | None:
