@@ -252,3 +252,46 @@ def test_compute_loss_defaults_and_another_ignore_index():
     assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-6)  # kappa = 0
     assert total.item() == pytest.approx(ce.item() + kl.item(), rel=1e-6)  # weight 1
     assert torch.allclose(parts["kl_per_bit_nats"], kl_per_bit(z)[0, 2], rtol=1e-6)
+
+
+def test_the_sequence_hinge_pools_a_rows_budget_over_its_tokens():
+    # row 0: 0.1 + 0.9 = 1.0 against 2 x 0.5 -> 0; row 1: 1.5 + 0.5 = 2.0 against 1.0 -> 1.0
+    kl = torch.tensor([[0.1, 0.9], [1.5, 0.5]], dtype=torch.float64)
+    assert free_bits_kl(kl, 0.5, per="sequence").item() == pytest.approx(1.0 / 4)
+    assert free_bits_kl(kl, 0.5).item() == pytest.approx((0.4 + 1.0) / 4)  # per token
+    mask = torch.tensor([[True, False], [True, True]])  # row 0: 0.1 against 0.5 -> 0
+    assert free_bits_kl(kl, 0.5, mask, per="sequence").item() == pytest.approx(1.0 / 3)
+    with pytest.raises(ValueError, match="'token' or 'sequence'"):
+        free_bits_kl(kl, 0.5, per="batch")
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.lists(st.tuples(st.floats(0, 5), st.booleans()), min_size=1,
+                              max_size=6), min_size=1, max_size=4),
+       kappa=st.floats(0, 3))
+def test_the_sequence_hinge_against_a_reference(rows, kappa):
+    width = max(len(r) for r in rows)
+    kl = torch.zeros(len(rows), width, dtype=torch.float64)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        for t, (value, kept) in enumerate(row):
+            kl[b, t], mask[b, t] = value, kept
+    scored = [[v for v, kept in row if kept] for row in rows]
+    tokens = sum(len(s) for s in scored)
+    expected = sum(max(0.0, sum(s) - kappa * len(s)) for s in scored) / max(tokens, 1)
+    pooled = free_bits_kl(kl, kappa, mask, per="sequence").item()
+    assert pooled == pytest.approx(expected, abs=1e-9)
+    # pooling never costs more than the per-token hinge, and they agree under the budget
+    assert pooled <= free_bits_kl(kl, kappa, mask).item() + 1e-12
+
+
+def test_compute_loss_passes_the_hinge_kind_on():
+    torch.manual_seed(0)
+    logits, z_logits = torch.randn(2, 5, 7), 3 * torch.randn(2, 5, 4)
+    targets = torch.randint(0, 7, (2, 5))
+    kl_t = kl_per_token(z_logits)
+    kappa = float(kl_t.mean())
+    for per in ("token", "sequence"):
+        total, parts = compute_loss(logits, z_logits, targets, 1.0, kappa, free_bits_per=per)
+        assert parts["kl"].item() == pytest.approx(free_bits_kl(kl_t, kappa, per=per).item())
+    assert free_bits_kl(kl_t, kappa, per="sequence") < free_bits_kl(kl_t, kappa)

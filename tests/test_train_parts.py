@@ -181,3 +181,22 @@ def test_step_noise_slices_one_draw_per_step_by_rank_and_micro_batch():
     assert not torch.equal(step_noise(cfg, 6, 8, 6, 0, 1), one)  # a new draw each step
     assert not torch.equal(one[0], one[1])
     assert step_noise(cfg.replace(["model.latent_dim=0"]), 5, 8, 6, 0, 1) is None
+
+
+@pytest.mark.parametrize("per", ["token", "sequence"])
+def test_the_loop_hinges_free_bits_as_configured(tmp_path, monkeypatch, per):
+    from train_helpers import tiny
+
+    import freetf.training.loop as loop
+    from freetf.model.losses import compute_loss
+    from freetf.training.loop import train_loop
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("free_bits_per"))
+        return compute_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_loss", spy)
+    train_loop(tiny(tmp_path, "training.max_steps=2", f"training.free_bits_per={per}"))
+    assert seen and set(seen) == {per}

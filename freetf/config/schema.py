@@ -165,6 +165,9 @@ class TrainingConfig:
     kl_weight: float = 1.0
     free_bits: float = LN2 / 2  # nats per token (the guide's unit)
     free_bits_bits: float | None = None  # same threshold in bits; wins when set
+    # token: eq. 5, each token's KL hinged at kappa (the paper); sequence: an ablation, the
+    # KL summed over a sequence's tokens hinged at T kappa (tokens may pool their budget)
+    free_bits_per: Literal["token", "sequence"] = "token"
     grad_clip: float = 1.0  # 0 = off
     grad_accum_steps: int = 1
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU

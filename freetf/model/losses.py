@@ -44,13 +44,22 @@ def kl_per_token(z_logits: torch.Tensor) -> torch.Tensor:
 
 
 def free_bits_kl(kl_tokens: torch.Tensor, free_bits_nats: float,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 5: per-token hinge max(0, KL_t - kappa), THEN the mean over tokens.  -> scalar."""
-    hinged = torch.clamp(kl_tokens - free_bits_nats, min=0.0)
-    if mask is None:
-        return hinged.mean()
-    mask = mask.to(hinged.dtype)
-    return (hinged * mask).sum() / mask.sum().clamp(min=1.0)
+                 mask: torch.Tensor | None = None, per: str = "token") -> torch.Tensor:
+    """Eq. 5: per-token hinge max(0, KL_t - kappa), THEN the mean over tokens.  -> scalar.
+
+    ``per="sequence"`` (an ablation, not the paper's loss): each sequence's KL summed over
+    its n_b scored tokens is hinged at n_b kappa, and the sum over sequences is divided by
+    the scored tokens, so the two agree whenever no token exceeds kappa and the pooled
+    hinge is never above the per-token one.  ``kl_tokens`` (B, T), ``mask`` (B, T) or None.
+    """
+    if per not in ("token", "sequence"):
+        raise ValueError(f"free bits per {per!r}: expected 'token' or 'sequence'")
+    mask = torch.ones_like(kl_tokens) if mask is None else mask.to(kl_tokens.dtype)
+    tokens = mask.sum().clamp(min=1.0)
+    if per == "token":
+        return (torch.clamp(kl_tokens - free_bits_nats, min=0.0) * mask).sum() / tokens
+    per_row = (kl_tokens * mask).sum(-1) - free_bits_nats * mask.sum(-1)  # (B,)
+    return torch.clamp(per_row, min=0.0).sum() / tokens
 
 
 @dataclass(frozen=True)
@@ -151,8 +160,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def compute_loss(logits: torch.Tensor, z_logits: torch.Tensor | None, targets: torch.Tensor,
                  kl_weight: float = 1.0, free_bits_nats: float = 0.0,
-                 ignore_index: int = -100) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """total = reconstruction + kl_weight * mean_t max(0, KL_t - kappa).
+                 ignore_index: int = -100, free_bits_per: str = "token"
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """total = reconstruction + kl_weight * mean_t max(0, KL_t - kappa)
+    (``free_bits_per="sequence"``: the pooled hinge of :func:`free_bits_kl`).
 
     ``targets`` are aligned with ``logits`` (already shifted by the caller); positions
     equal to ``ignore_index`` count neither in the cross-entropy nor in the KL.
@@ -167,7 +178,7 @@ def compute_loss(logits: torch.Tensor, z_logits: torch.Tensor | None, targets: t
     mask = targets != ignore_index  # (B, T)
     per_bit = kl_per_bit(z_logits)  # (B, T, H)
     kl_tokens = per_bit.sum(-1)  # (B, T)
-    hinged = free_bits_kl(kl_tokens, free_bits_nats, mask)
+    hinged = free_bits_kl(kl_tokens, free_bits_nats, mask, free_bits_per)
     total = recon + kl_weight * hinged
     denom = mask.sum().clamp(min=1)
     raw_nats = (kl_tokens.detach() * mask).sum() / denom

@@ -245,7 +245,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                                             tcfg.cross_entropy_chunk_tokens)
                     loss, parts = compute_loss(
                         logits[:, :-1], None if z_logits is None else z_logits[:, :-1],
-                        ids[:, 1:], sched["kl_weight"], sched["free_bits_nats"])
+                        ids[:, 1:], sched["kl_weight"], sched["free_bits_nats"],
+                        free_bits_per=tcfg.free_bits_per)
                 scaler.scale(loss / tcfg.grad_accum_steps).backward()  # outside autocast
             for key, value in parts.items():
                 if value.dim() == 0:
