@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+
+# Loggers whose INFO (and Ray's WARNING) lines are chatter on a sweep's console.
+QUIET_LOGGERS = {"ray": logging.ERROR, "ray.tune": logging.ERROR, "ray.train": logging.ERROR,
+                 "mlflow": logging.WARNING, "alembic": logging.WARNING,
+                 "urllib3": logging.WARNING, "filelock": logging.WARNING}
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -29,3 +35,14 @@ def setup_logging(level: int = logging.INFO) -> None:
                                                datefmt="%H:%M:%S"))
         handler._freetf = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+
+
+def setup_console(verbose: bool = False) -> None:
+    """Logging for a sweep's console: freetf at INFO (DEBUG if ``verbose``); Ray, Tune,
+    MLflow and alembic at WARNING/ERROR, and Ray's Python warnings off, unless ``verbose``."""
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
