@@ -39,7 +39,12 @@ from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
 from freetf.training.context import TrainContext
 from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
 from freetf.training.parallel import apply_fsdp, is_fsdp
-from freetf.training.paths import absolute_paths, absolute_storage
+from freetf.training.paths import (  # noqa: F401 - run_name: ray_train's API too
+    absolute_paths,
+    absolute_storage,
+    run_directory,
+    run_name,
+)
 from freetf.training.preflight import check_before_training
 
 log = logging.getLogger(__name__)
@@ -367,13 +372,3 @@ def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
     if points:
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(plot(points, Path(tmp) / "training_curves.png"))
-
-
-def run_name(cfg: Config) -> str:
-    """The Ray Train run's name: its folder under ``scaling.storage_path``."""
-    return cfg.scaling.run_name or cfg.tracking.mlflow.run_name or "freetf"
-
-
-def run_directory(cfg: Config) -> Path:
-    """``storage_path/<run name>``: where a (local) Ray Train run keeps its checkpoints."""
-    return Path(absolute_storage(cfg.scaling.storage_path)) / run_name(cfg)
