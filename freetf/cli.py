@@ -44,11 +44,13 @@ def _train(args: argparse.Namespace) -> int:
         overrides += ["scaling.use_gpu=true", "training.device=cuda"]
     if args.no_ray:
         overrides.append("scaling.use_ray=false")
-    cfg = load_config(args.config, overrides)
-    from freetf.training.loop import NonFiniteLossError
-    from freetf.training.ray_train import run_training
+    from freetf.training.run_folder import with_default_run_name
 
-    summary = run_training(cfg, resume=args.resume)
+    cfg = with_default_run_name(load_config(args.config, overrides), args.config)
+    from freetf.training import ray_train
+    from freetf.training.loop import NonFiniteLossError
+
+    summary = ray_train.run_training(cfg, resume=args.resume, fresh=args.fresh)
     if isinstance(summary.error, NonFiniteLossError):
         print(f"freetf train: {summary.error.explain(cfg, summary.checkpoint)}",
               file=sys.stderr)
@@ -253,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 AMP")
     p.add_argument("--no-ray", action="store_true", help="run the loop in-process")
     p.add_argument("--resume", type=non_empty,
-                   help="checkpoint (or checkpoint root) of a stopped run")
+                   help="checkpoint (or checkpoint root) of a stopped run (a run continues "
+                   "the checkpoints in its own folder without it)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in a new folder beside the run's (NAME-2, NAME-3 ...), "
+                   "keeping the old one as it is")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted config override, e.g. training.kl_weight=0.2 (repeatable)")
     p.set_defaults(func=_train)

@@ -35,7 +35,6 @@ import torch.distributed
 
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
-from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
 from freetf.training.context import TrainContext
 from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
 from freetf.training.parallel import apply_fsdp, is_fsdp
@@ -45,7 +44,7 @@ from freetf.training.paths import (  # noqa: F401 - run_name: ray_train's API to
     run_directory,
     run_name,
 )
-from freetf.training.preflight import check_before_training
+from freetf.training.run_folder import plan_run
 
 log = logging.getLogger(__name__)
 
@@ -306,18 +305,18 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         run_config=run_config)
 
 
-def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
-    """Train ``cfg`` through Ray Train with an MLflow run; in-process if ``use_ray`` is off."""
+def run_training(cfg: Config, resume: str | None = None, *, fresh: bool = False) -> RunSummary:
+    """Train ``cfg`` through Ray Train with an MLflow run; in-process if ``use_ray`` is off.
+
+    Before Ray or any worker starts, :func:`~freetf.training.run_folder.plan_run` checks
+    the outputs and the data and decides the run's folder: the run continues the latest
+    checkpoint there if it is of the same model (``fresh``: a new folder beside it).
+    """
     from freetf.tracking import CURVE_METRICS, make_tracker, metric_history, plot_training_curves
 
-    if resume is not None:
-        try:
-            resume = str(resolve_checkpoint(resume).resolve())
-        except CheckpointError as err:
-            raise CheckpointError(f"--resume: {err}") from None
     start = time.perf_counter()
-    cfg = absolute_paths(cfg)
-    check_before_training(cfg)  # every output location and the vocabulary, before any step
+    plan = plan_run(cfg, resume, fresh)
+    cfg, resume = plan.cfg, plan.resume
     if cfg.scaling.use_ray:
         init_ray()
         if cfg.tracking.mlflow.enabled:
