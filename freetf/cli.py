@@ -23,7 +23,7 @@ from freetf.cli_types import (
     probability,
 )
 from freetf.config import ConfigError, load_config
-from freetf.logs import setup_logging
+from freetf.logs import setup_console, setup_logging
 
 
 class UserError(Exception):
@@ -48,42 +48,21 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = with_default_run_name(load_config(args.config, overrides), args.config)
     from freetf.training import ray_train
+    from freetf.training.console import TrainConsole
     from freetf.training.loop import NonFiniteLossError
 
-    summary = ray_train.run_training(cfg, resume=args.resume, fresh=args.fresh)
+    # After importing Ray and MLflow, which set their loggers' levels on import.
+    setup_console(args.verbose, level=logging.WARNING)  # the console says what freetf's INFO would
+    console = TrainConsole(verbose=args.verbose)
+    summary = ray_train.run_training(cfg, resume=args.resume, fresh=args.fresh, console=console)
     if isinstance(summary.error, NonFiniteLossError):
-        print(f"freetf train: {summary.error.explain(cfg, summary.checkpoint)}",
+        print(f"freetf train: {summary.error.explain(console.cfg, summary.checkpoint)}",
               file=sys.stderr)
         return 1
     if summary.error is not None:
         raise summary.error
-    _print_summary(cfg, summary)
+    console.summary(summary)
     return 0
-
-
-def _print_summary(cfg, summary) -> None:
-    metrics = summary.metrics
-    keys = ["train/loss", "train/ce_nats", "train/kl_nats", "train/kl_bits",
-            "eval/ce_prior_nats", "eval/ce_posterior_nats", "eval/ce_gap_nats", "eval/ppl_prior",
-            "eval/active_bits", "train/tokens_per_s"]
-    print(f"\nfinished {metrics.get('step', '?')} steps in {summary.wall_s:.0f} s")
-    for key in keys:
-        if key in metrics:
-            print(f"  {key:<24} {metrics[key]:.4f}")
-    if "eval/verdict" in metrics:
-        print(f"  {'latent verdict':<24} {metrics['eval/verdict']}")
-    for text in metrics.get("eval/samples", [])[:4]:
-        print(f"  sample: {text}")
-    if summary.checkpoint:
-        print(f"checkpoint: {summary.checkpoint}")
-    if summary.run_id:
-        from freetf.tracking import mlflow_client, resolve_tracking_uri, runs_page_url
-
-        uri = resolve_tracking_uri(cfg)
-        experiment_id = mlflow_client(uri).get_run(summary.run_id).info.experiment_id
-        print(f"MLflow run {summary.run_id} in experiment '{cfg.tracking.mlflow.experiment}'; "
-              f"compare runs with: mlflow ui --backend-store-uri {uri}\n"
-              f"  then open {runs_page_url(experiment_id)}")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -238,7 +217,8 @@ def _wait_ray(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetf", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging (train: also Ray's and the workers' output)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (through Ray Train by default)")
@@ -262,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "keeping the old one as it is")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted config override, e.g. training.kl_weight=0.2 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="freetf's log, and Ray's and the workers' output")
     p.set_defaults(func=_train)
 
     checkpoint_help = "a checkpoint, a checkpoint root, or a folder from `freetf export`"

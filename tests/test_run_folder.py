@@ -122,6 +122,7 @@ def test_a_run_continues_in_its_folder_and_a_finished_one_says_so(tmp_path, caps
     first = (tmp_path / "ckpt" / "step_000002").stat().st_ino
     assert main([*argv, "--max-steps", "4"]) == 0
     out = capsys.readouterr().out
+    assert f"continuing from {tmp_path / 'ckpt' / 'step_000002'} (step 2)" in out
     assert f"checkpoint: {tmp_path / 'ckpt' / 'step_000004'}" in out
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == \
         ["step_000002", "step_000004"]
