@@ -146,6 +146,25 @@ def test_fresh_starts_in_a_new_folder_and_keeps_the_old_one(tmp_path, capsys):
     assert old.is_dir()
 
 
+def test_resume_into_a_folder_with_checkpoints_of_its_own_is_refused(tmp_path, capsys):
+    """Ray Train would continue from the folder's own latest checkpoint and ignore
+    --resume (in-process the two runs' steps would mix): refused, --fresh the way out."""
+    argv = ["train", "--config", "configs/tiny.yaml", "--no-ray", *SMALL, *NO_MLFLOW]
+    assert main([*argv, "--max-steps", "2", "--set", f"checkpoint.dir={tmp_path / 'other'}"]) == 0
+    save_to_root(tmp_path / "ckpt", 4, {"step": 4}, _tiny(tmp_path, *SMALL[1::2]), {"step": 4})
+    capsys.readouterr()
+    resume = ["--resume", str(tmp_path / "other"), "--max-steps", "3",
+              "--set", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    assert main([*argv, *resume]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: the run's folder {tmp_path / 'ckpt'} holds its own checkpoints " \
+           "(latest: step 4)" in err and "--fresh" in err, err
+    assert main([*argv, *resume, "--fresh"]) == 0
+    out = capsys.readouterr().out
+    assert f"continuing from {tmp_path / 'other' / 'step_000002'} (step 2)" in out
+    assert f"checkpoint: {tmp_path / 'ckpt-2' / 'step_000003'}" in out
+
+
 def test_what_counts_as_another_model(tmp_path):
     from freetf.training.run_folder import model_differences
 

@@ -15,10 +15,12 @@ folder.  :func:`plan_run` then looks in the folder:
   out, ``--fresh`` or a folder of its own (``--set scaling.run_name=NAME``, in-process
   ``--set checkpoint.dir=DIR``).
 
+An explicit ``--resume`` checkpoint is held to the same model check, and refused when the
+folder holds checkpoints of its own (Ray Train would continue from those instead).
+
 ``--fresh`` moves and deletes nothing: the run starts in the first unused folder beside
 the old one (``tiny-2``, ``tiny-3`` ...), so every checkpoint path printed or logged to
-MLflow before stays valid.  An explicit ``--resume`` checkpoint is held to the same model
-check.  Nothing here imports Ray.
+MLflow before stays valid.  Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ def plan_run(cfg: Config, resume: str | None = None, fresh: bool = False) -> Run
                                  f"({_listed(differences)}): start afresh in a new folder "
                                  f"beside it with --fresh, or give this run its own with "
                                  f"{_own_folder_flag(cfg)}")
+        if resume is not None and Path(resume) != latest.resolve():
+            # Ray Train would restore the folder's own latest, ignoring --resume; in-process
+            # the two runs' step folders would mix
+            raise RunFolderError(f"--resume: the run's folder {shown_path(folder)} holds its "
+                                 f"own checkpoints (latest: step {checkpoint_step(latest)}): "
+                                 f"continue from there without --resume, or start from "
+                                 f"{shown_path(resume)} in a new folder with --fresh")
     start = resume or (str(latest) if latest is not None else None)
     step = checkpoint_step(Path(start)) if start else 0
     max_steps = cfg.training.max_steps
