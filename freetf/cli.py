@@ -23,7 +23,7 @@ from freetf.cli_types import (
     probability,
 )
 from freetf.config import ConfigError, load_config
-from freetf.logs import setup_logging
+from freetf.logs import setup_console, setup_logging
 
 
 class UserError(Exception):
@@ -44,44 +44,25 @@ def _train(args: argparse.Namespace) -> int:
         overrides += ["scaling.use_gpu=true", "training.device=cuda"]
     if args.no_ray:
         overrides.append("scaling.use_ray=false")
-    cfg = load_config(args.config, overrides)
-    from freetf.training.loop import NonFiniteLossError
-    from freetf.training.ray_train import run_training
+    from freetf.training.run_folder import with_default_run_name
 
-    summary = run_training(cfg, resume=args.resume)
+    cfg = with_default_run_name(load_config(args.config, overrides), args.config)
+    from freetf.training import ray_train
+    from freetf.training.console import TrainConsole
+    from freetf.training.loop import NonFiniteLossError
+
+    # After importing Ray and MLflow, which set their loggers' levels on import.
+    setup_console(args.verbose, level=logging.WARNING)  # the console says what freetf's INFO would
+    console = TrainConsole(verbose=args.verbose)
+    summary = ray_train.run_training(cfg, resume=args.resume, fresh=args.fresh, console=console)
     if isinstance(summary.error, NonFiniteLossError):
-        print(f"freetf train: {summary.error.explain(cfg, summary.checkpoint)}",
+        print(f"freetf train: {summary.error.explain(console.cfg, summary.checkpoint)}",
               file=sys.stderr)
         return 1
     if summary.error is not None:
         raise summary.error
-    _print_summary(cfg, summary)
+    console.summary(summary)
     return 0
-
-
-def _print_summary(cfg, summary) -> None:
-    metrics = summary.metrics
-    keys = ["train/loss", "train/ce_nats", "train/kl_nats", "train/kl_bits",
-            "eval/ce_prior_nats", "eval/ce_posterior_nats", "eval/ce_gap_nats", "eval/ppl_prior",
-            "eval/active_bits", "train/tokens_per_s"]
-    print(f"\nfinished {metrics.get('step', '?')} steps in {summary.wall_s:.0f} s")
-    for key in keys:
-        if key in metrics:
-            print(f"  {key:<24} {metrics[key]:.4f}")
-    if "eval/verdict" in metrics:
-        print(f"  {'latent verdict':<24} {metrics['eval/verdict']}")
-    for text in metrics.get("eval/samples", [])[:4]:
-        print(f"  sample: {text}")
-    if summary.checkpoint:
-        print(f"checkpoint: {summary.checkpoint}")
-    if summary.run_id:
-        from freetf.tracking import mlflow_client, resolve_tracking_uri, runs_page_url
-
-        uri = resolve_tracking_uri(cfg)
-        experiment_id = mlflow_client(uri).get_run(summary.run_id).info.experiment_id
-        print(f"MLflow run {summary.run_id} in experiment '{cfg.tracking.mlflow.experiment}'; "
-              f"compare runs with: mlflow ui --backend-store-uri {uri}\n"
-              f"  then open {runs_page_url(experiment_id)}")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -236,7 +217,8 @@ def _wait_ray(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetf", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging (train: also Ray's and the workers' output)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (through Ray Train by default)")
@@ -253,9 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 AMP")
     p.add_argument("--no-ray", action="store_true", help="run the loop in-process")
     p.add_argument("--resume", type=non_empty,
-                   help="checkpoint (or checkpoint root) of a stopped run")
+                   help="checkpoint (or checkpoint root) of a stopped run (a run continues "
+                   "the checkpoints in its own folder without it)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in a new folder beside the run's (NAME-2, NAME-3 ...), "
+                   "keeping the old one as it is")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted config override, e.g. training.kl_weight=0.2 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="freetf's log, and Ray's and the workers' output")
     p.set_defaults(func=_train)
 
     checkpoint_help = "a checkpoint, a checkpoint root, or a folder from `freetf export`"

@@ -19,37 +19,20 @@ of it back, and then :class:`SweepConsole` stays silent.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
-import warnings
 from typing import IO, Any
 
 from ray import tune
 
 from freetf.config import Config, apply_overrides, from_dict
-from freetf.logs import setup_logging
+from freetf.logs import QUIET_LOGGERS, setup_console  # noqa: F401 - the sweep's API
 from freetf.sweeps.spec import STOP_REASON, SweepConfig
 
-# Loggers whose INFO (and Ray's WARNING) lines are chatter on a sweep's console.
-QUIET_LOGGERS = {"ray": logging.ERROR, "ray.tune": logging.ERROR, "ray.train": logging.ERROR,
-                 "mlflow": logging.WARNING, "alembic": logging.WARNING,
-                 "urllib3": logging.WARNING, "filelock": logging.WARNING}
 STATUS_EVERY_S = 60.0  # the first status table; then at doubling intervals ...
 STATUS_MAX_S = 300.0  # ... up to this
 LN2 = math.log(2.0)
-
-
-def setup_console(verbose: bool = False) -> None:
-    """Logging for a sweep's console: freetf at INFO (DEBUG if ``verbose``); Ray, Tune,
-    MLflow and alembic at WARNING/ERROR, and Ray's Python warnings off, unless ``verbose``."""
-    setup_logging(logging.DEBUG if verbose else logging.INFO)
-    if verbose:
-        return
-    for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
-    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
 
 
 class SweepConsole(tune.Callback):

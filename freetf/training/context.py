@@ -9,6 +9,7 @@ subclass it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ class TrainContext:
     # Wall-clock times (time.time()) of a run's milestones, for a runner to report
     # (bench/ray_overhead.py draws a trial's timeline from them).
     marks: dict[str, float] = field(default_factory=dict)
+    # The optimizer steps the run will train to (set by the loop once the data is built).
+    total_steps: int | None = None
+    # Called with every report's metrics and total_steps, in-process (``freetf train``'s
+    # console: freetf.training.console.TrainConsole.report).
+    listener: Callable[[dict[str, Any], int | None], None] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -106,6 +112,8 @@ class TrainContext:
         """Hand a result to the runner.  ``essential``: eval, checkpoint or final results,
         which a runner must not drop (plain log points it may thin out)."""
         self.history.append(dict(metrics))
+        if self.listener is not None:
+            self.listener(metrics, self.total_steps)
 
     def checkpoint_root(self, cfg: Config) -> Path:
         return Path(cfg.checkpoint.dir).resolve()

@@ -168,7 +168,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     data = data or build_data(cfg)
     stream = BatchStream(data.train, tcfg.batch_size, ctx.rank, ctx.world_size,
                          seed=cfg.data.seed, num_workers=cfg.data.num_workers)
-    steps = total_steps(cfg, stream.steps_per_epoch)
+    steps = ctx.total_steps = total_steps(cfg, stream.steps_per_epoch)
     ctx.mark("data_built")
 
     raw_model = FreeTransformer(cfg.model).to(device)
@@ -192,7 +192,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                  tcfg.batch_size * ctx.world_size * tcfg.grad_accum_steps,
                  cfg.data.max_seq_len, device)
         if tracker is not None:
-            tracker.log_params({"num_parameters": counts["total"]})
+            tracker.log_params({"num_parameters": counts["total"], "total_steps": steps})
 
     guard = NonFiniteGuard(tcfg.max_consecutive_nonfinite, device)
     # Fused AdamW skips a non-finite update on the device (found_inf), so the loop never

@@ -1,6 +1,6 @@
 """A run's paths made absolute before it is launched: Ray's workers chdir into the session
 folder, so every relative path of the config is resolved in the launching process (no Ray
-here: parsing a sweep spec uses it too)."""
+here: parsing a sweep spec uses it too); and the Ray Train run's name and folder."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def absolute_storage(path: str) -> str:
     if "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
+
+
+def run_name(cfg: Config) -> str:
+    """The Ray Train run's name: its folder under ``scaling.storage_path``."""
+    return cfg.scaling.run_name or cfg.tracking.mlflow.run_name or "freetf"
+
+
+def run_directory(cfg: Config) -> Path:
+    """``storage_path/<run name>``: where a (local) Ray Train run keeps its checkpoints."""
+    return Path(absolute_storage(cfg.scaling.storage_path)) / run_name(cfg)

@@ -35,12 +35,17 @@ import torch.distributed
 
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
-from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
+from freetf.training.console import MlflowProgress, TrainConsole
 from freetf.training.context import TrainContext
 from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
 from freetf.training.parallel import apply_fsdp, is_fsdp
-from freetf.training.paths import absolute_paths, absolute_storage
-from freetf.training.preflight import check_before_training
+from freetf.training.paths import (  # noqa: F401 - run_name: ray_train's API too
+    absolute_paths,
+    absolute_storage,
+    run_directory,
+    run_name,
+)
+from freetf.training.run_folder import plan_run
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +141,11 @@ class RayTrainContext(TrainContext):
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
-    setup_logging()
     cfg = from_dict(loop_config["config"])
     # Local mode (num_workers=0) persists no reported checkpoint: write them in place.
     local_mode = cfg.scaling.num_workers == 0
+    if not local_mode:  # (local mode runs in the driver, whose console is set up already)
+        setup_logging(propagate=False)  # Ray Train's root logger would print each line again
     quiet_stop = bool(loop_config.get("quiet_nonfinite_stop"))
     ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
                           persist_root=run_directory(cfg) if local_mode else None,
@@ -301,20 +307,25 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         run_config=run_config)
 
 
-def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
-    """Train ``cfg`` through Ray Train with an MLflow run; in-process if ``use_ray`` is off."""
+def run_training(cfg: Config, resume: str | None = None, *, fresh: bool = False,
+                 console: TrainConsole | None = None) -> RunSummary:
+    """Train ``cfg`` through Ray Train with an MLflow run; in-process if ``use_ray`` is off.
+
+    Before Ray or any worker starts, :func:`~freetf.training.run_folder.plan_run` checks
+    the outputs and the data and decides the run's folder: the run continues the latest
+    checkpoint there if it is of the same model (``fresh``: a new folder beside it).
+    ``console``: shows the run's progress (under Ray read back from MLflow) and starts Ray
+    quietly unless the console is verbose.
+    """
     from freetf.tracking import CURVE_METRICS, make_tracker, metric_history, plot_training_curves
 
-    if resume is not None:
-        try:
-            resume = str(resolve_checkpoint(resume).resolve())
-        except CheckpointError as err:
-            raise CheckpointError(f"--resume: {err}") from None
     start = time.perf_counter()
-    cfg = absolute_paths(cfg)
-    check_before_training(cfg)  # every output location and the vocabulary, before any step
+    plan = plan_run(cfg, resume, fresh)
+    cfg, resume = plan.cfg, plan.resume
+    if console is not None:
+        console.start(plan)
     if cfg.scaling.use_ray:
-        init_ray()
+        init_ray(quiet=console is not None and not console.verbose)
         if cfg.tracking.mlflow.enabled:
             check_tracking_store(cfg.tracking.mlflow.tracking_uri)
     tracker = make_tracker(cfg, rank=0) if cfg.tracking.mlflow.enabled else None
@@ -325,7 +336,8 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     history: list[dict[str, Any]] = []
     try:
         if cfg.scaling.use_ray:
-            result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
+            with _progress(console, tracker):
+                result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
             error = result.error
             metrics = dict(result.metrics or {})
             if NONFINITE_STOP_KEY in metrics:
@@ -338,8 +350,11 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
                 history = result.metrics_dataframe.to_dict("records")
             checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
         else:
-            res = train_loop(cfg, TrainContext(resume_from=resume), tracker=tracker)
-            metrics, checkpoint, history = res.metrics, res.checkpoint, res.history
+            context = TrainContext(resume_from=resume,
+                                   listener=console.report if console is not None else None)
+            res = train_loop(cfg, context, tracker=tracker)
+            metrics = {**res.metrics, "step": res.step}
+            checkpoint, history = res.checkpoint, res.history
     except NonFiniteLossError as err:
         error, checkpoint = err, err.checkpoint  # the in-process loop's last checkpoint
     except BaseException as err:  # noqa: BLE001 - closed below, re-raised by the caller
@@ -350,6 +365,13 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
             tracker.finish("FINISHED" if error is None else
                            "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
     return RunSummary(metrics, checkpoint, run_id, error, time.perf_counter() - start)
+
+
+def _progress(console: TrainConsole | None, tracker) -> contextlib.AbstractContextManager:
+    """Under Ray: the console's progress, read from the run's MLflow metrics."""
+    if console is None or tracker is None or tracker.client is None:
+        return contextlib.nullcontext()
+    return MlflowProgress(tracker.client, tracker.run_id, console)
 
 
 def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
@@ -367,13 +389,3 @@ def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
     if points:
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(plot(points, Path(tmp) / "training_curves.png"))
-
-
-def run_name(cfg: Config) -> str:
-    """The Ray Train run's name: its folder under ``scaling.storage_path``."""
-    return cfg.scaling.run_name or cfg.tracking.mlflow.run_name or "freetf"
-
-
-def run_directory(cfg: Config) -> Path:
-    """``storage_path/<run name>``: where a (local) Ray Train run keeps its checkpoints."""
-    return Path(absolute_storage(cfg.scaling.storage_path)) / run_name(cfg)
