@@ -120,6 +120,25 @@ def test_report_files(tmp_path):
     assert markdown_table(rows).count("\n") == 6
 
 
+def test_the_command_writes_the_sweeps_report_folder_by_default(tmp_path, monkeypatch):
+    """``--report-only`` of the smoke spec: compare.* in reports/<sweep name>/, not docs/;
+    ``--out`` moves them."""
+    from freetf.experiments import compare
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    monkeypatch.setattr(compare, "_finished_sweep", lambda sweep: (runs(), None))
+    spec = _config("compare_code_smoke.yaml")
+    assert compare.main(["--smoke", "--report-only"], default_spec=None, smoke_spec=spec) == 0
+    names = ["compare.csv", "compare.json", "compare.md", "compare.png"]
+    assert sorted(p.name for p in (tmp_path / "reports" / "compare_code_smoke").iterdir()) \
+        == names
+    assert not any((tmp_path / "docs").iterdir())
+    assert compare.main(["--smoke", "--report-only", "--out", "elsewhere"], default_spec=None,
+                        smoke_spec=spec) == 0
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == names
+
+
 @pytest.mark.parametrize("name,trials,seeds,kappas,latent", [
     ("compare_code", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 8),
     ("compare_code_smoke", 6, [0, 1], [0.125, 4.0], 4),

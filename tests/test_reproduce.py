@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from freetf.experiments.reproduce import main, markdown_table
 
 pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_in_process_pipeline_writes_table_and_figure(tmp_path):
@@ -61,6 +64,50 @@ def test_merge_names_a_missing_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--merge: no such file: {tmp_path / 'absent.json'}" in err
     assert "Traceback" not in err
+
+
+def _fake_rows():
+    nan = float("nan")
+    return [{"kappa_bits": kappa, "seed": 0, "ce_prior": 0.5, "reproduces": None,
+             "independent/position_spread": nan, "shared/position_spread": nan,
+             "independent/noise_overlap": 0.1, "shared/noise_overlap": 0.1,
+             "independent/valid_rate": 1.0, "shared/valid_rate": 1.0}
+            for kappa in (None, 0.015625)]
+
+
+@pytest.mark.parametrize("mode", ["smoke", "in_process"])
+def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monkeypatch, mode):
+    """``--smoke`` (as the README suggests) writes the sweep's report folder, an in-process
+    run ``reports/``; the committed docs/synthetic_reproduction.* are left as they were."""
+    from types import SimpleNamespace
+
+    import freetf.tracking
+    from freetf.experiments import reproduce
+    from freetf.sweeps.spec import load_sweep
+
+    monkeypatch.chdir(tmp_path)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for suffix in ("md", "png", "json"):
+        (docs / f"synthetic_reproduction.{suffix}").write_text("the committed result")
+    sweep = load_sweep(ROOT / "configs" / "reproduce_synthetic_smoke.yaml")
+    logged = []
+    tracker = SimpleNamespace(log_artifact=lambda path, folder: logged.append(Path(path)),
+                              finish=lambda status: None)
+    monkeypatch.setattr(freetf.tracking, "make_tracker", lambda cfg, run_id: tracker)
+    monkeypatch.setattr(reproduce, "reproduce_with_tune", lambda *a: (
+        _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p")))
+    monkeypatch.setattr(reproduce, "reproduce_in_process", lambda *a, **k: (_fake_rows(), {}))
+    argv = ["--smoke"] if mode == "smoke" else ["--in-process", "--config",
+                                                str(ROOT / "configs" / "tiny.yaml")]
+    assert main(argv, default_spec=None, smoke_spec=ROOT / "configs" /
+                "reproduce_synthetic_smoke.yaml") == 0
+    out = tmp_path / "reports" / ("reproduce_synthetic_smoke" if mode == "smoke" else "")
+    written = sorted(p.name for p in out.glob("synthetic_reproduction.*"))
+    assert written == ["synthetic_reproduction.json", "synthetic_reproduction.md",
+                       "synthetic_reproduction.png"]
+    assert all(p.read_text() == "the committed result" for p in docs.iterdir())
+    assert [p.parent for p in logged] == ([out] * 3 if mode == "smoke" else [])
 
 
 def test_markdown_table_marks_missing_values():
@@ -121,9 +168,8 @@ def test_the_tune_path_end_to_end(tmp_path, monkeypatch):
     spec = Path(__file__).resolve().parent.parent / "configs" / "reproduce_synthetic_smoke.yaml"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    assert main(["--set", f"mlflow.tracking_uri={uri}", "--out", str(tmp_path), "--name", "r"],
-                default_spec=spec) == 0
-    rows = json.loads((tmp_path / "r.json").read_text())
+    assert main(["--set", f"mlflow.tracking_uri={uri}", "--name", "r"], default_spec=spec) == 0
+    rows = json.loads((tmp_path / "reports" / "reproduce_synthetic_smoke" / "r.json").read_text())
     assert [(r["kappa_bits"], r["seed"]) for r in rows] == [
         (None, 0), (None, 1), (0.015625, 0), (0.015625, 1), (1.0, 0), (1.0, 1)]
     client = mlflow_client(uri)

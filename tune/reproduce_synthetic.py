@@ -5,7 +5,8 @@
     python tune/reproduce_synthetic.py --resume    # continue an interrupted run
     python tune/reproduce_synthetic.py --in-process --device cuda --config configs/synthetic.yaml
 
-Writes docs/synthetic_reproduction.{md,png,json}; the logic lives in freetf.experiments.reproduce.
+Writes reports/<sweep name>/synthetic_reproduction.{md,png,json} (--out docs: the committed
+docs/synthetic_reproduction.*); the logic lives in freetf.experiments.reproduce.
 """
 
 import sys

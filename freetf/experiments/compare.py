@@ -18,7 +18,8 @@ placed at the start: a fixed grid plus the baselines); this module adds:
   relative increase over its baseline, since units differ) and with the paper's claim
   (the Free Transformer no worse than the baseline at kappa <= 1 bit);
 - :func:`write_compare`: ``compare.md`` / ``.csv`` / ``.json`` and ``compare.png`` in the
-  sweep's report folder, logged to the parent run under ``report/``.
+  sweep's report folder (``reports/<sweep name>/``, or ``--out``; never ``docs/`` unless
+  asked), logged to the parent run under ``report/``.
 """
 
 from __future__ import annotations
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--report-only", action="store_true",
                    help="no training: the table and figure of a finished sweep, from MLflow")
+    p.add_argument("--out", type=Path,
+                   help="folder of compare.{md,csv,json,png} (default: the sweep's report "
+                   "folder, reports/<sweep name>)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_console(args.verbose)
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
     command = " ".join(["python", *(sys.argv if argv is None else ["tune/compare_code.py",
                                                                    *argv])])
     header = _header(sweep, rows, wall_s if not args.report_only else None, command)
-    paths = write_compare(rows, sweep.report_path, header,
+    paths = write_compare(rows, args.out or sweep.report_path, header,
                           {"command": command, "wall_s": None if args.report_only else wall_s,
                            "sweep": sweep.name, "parent_run_id": parent})
     _log_to_parent(sweep, parent, paths)

@@ -3,7 +3,9 @@
 Train the synthetic task at several free-bits thresholds kappa (a Ray Tune grid, every
 run in MLflow; or in-process where Ray is not installed, e.g. on a bare GPU box), then
 measure each trained model with the Figure 4 protocol of :mod:`freetf.evaluation.synthetic_eval`
-and write a markdown table, a figure and the sample groups to ``docs/``.
+and write a markdown table, a figure and the sample groups: by default to the sweep's report
+folder (``reports/<sweep name>/``; in-process and ``--merge``: ``reports/``), to ``docs/``
+only when asked (``--out docs``), so that a smoke run never replaces the committed result.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from freetf.training.checkpoint import load_model
 log = logging.getLogger(__name__)
 
 KAPPAS_BITS = (1 / 64, 1 / 8, 1.0, 8.0)
+DEFAULT_OUT = Path("reports")  # in-process and --merge; a sweep writes to its report folder
 COLUMNS = [  # (key, header, format)
     ("kappa_bits", "κ (bits)", "{:.4g}"),
     ("seed", "seed", "{:d}"),
@@ -301,7 +304,10 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
                    help="in-process: skip the baselines (latent_dim = 0) trained per seed")
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--per-group", type=int, default=16)
-    p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--out", type=Path,
+                   help="folder of the table, figure and JSON (default: the sweep's report "
+                   "folder, reports/<sweep name>; in-process and --merge: reports); "
+                   "--out docs rewrites the committed docs/synthetic_reproduction.*")
     p.add_argument("--name", default="synthetic_reproduction")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--note", default="", help="a paragraph written under the table's header")
@@ -313,7 +319,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
         missing = [str(f) for f in args.merge if not f.is_file()]
         if missing:
             p.error(f"--merge: no such file: {', '.join(missing)}")
-        return merge(args.merge, args.out, args.name, args.note)
+        return merge(args.merge, args.out or DEFAULT_OUT, args.name, args.note)
     start = time.perf_counter()
     if args.in_process:
         base = load_config(args.config, args.set)
@@ -322,6 +328,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
                                              baseline=not args.no_baseline)
         size = base
         tracker = None
+        out = args.out or DEFAULT_OUT
     else:
         spec = args.config or (smoke_spec if args.smoke else default_spec)
         rows, samples, result = reproduce_with_tune(spec, args.set, args.resume, args.groups,
@@ -330,6 +337,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
         from freetf.tracking import make_tracker
 
         tracker = make_tracker(size, run_id=result.parent_run_id)
+        out = args.out or result.sweep.report_path
     wall = time.perf_counter() - start
     m, t = size.model, size.training
     header = (f"# Synthetic task (§4.1): what Z carries as free bits grow\n\n"
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
               f"{'CPU' if args.device == 'cpu' else args.device}."
               + (f" Non-default options: {', '.join(options)}." if (options := changed_knobs(size))
                  else "")) + (f"\n\n{args.note}" if args.note else "")
-    paths = write_outputs(rows, samples, args.out, args.name, header)
+    paths = write_outputs(rows, samples, out, args.name, header)
     if tracker is not None:
         for path in paths.values():
             tracker.log_artifact(path, "reproduction")
