@@ -145,7 +145,7 @@ def test_the_command_writes_the_sweeps_report_folder_by_default(tmp_path, monkey
     ("compare_code_gpu", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 16),
 ])
 def test_spec_is_the_kappa_grid_times_seeds_plus_baselines(name, trials, seeds, kappas, latent):
-    sweep = load_sweep(f"configs/{name}.yaml")
+    sweep = load_sweep(f"freetf/configs/{name}.yaml")
     base = sweep.base()
     assert sweep.expected_trials == trials
     assert not sweep.stopper.enabled and not sweep.asha.enabled  # every trial to the end
@@ -197,7 +197,7 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
 def _config(name):
     from pathlib import Path
 
-    return Path(__file__).resolve().parent.parent / "configs" / name
+    return Path(__file__).resolve().parent.parent / "freetf" / "configs" / name
 
 
 def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
@@ -212,13 +212,13 @@ def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(compare, "STDLIB_RECIPE",
                         {"inputs": (str(corpus),), "tokenizer": "bpe", "vocab_size": 300})
     data = tmp_path / "data"
-    sweep = load_sweep("configs/compare_code_smoke.yaml", [f"data.path={data}"])
+    sweep = load_sweep("freetf/configs/compare_code_smoke.yaml", [f"data.path={data}"])
     assert compare.ensure_prepared(sweep, workers=1)
     assert f"preparing the corpus: Python's standard library -> {data}" in \
         capsys.readouterr().out
     meta = json.loads((data / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "bpe" and (data / "tokenizer.json").is_file()
-    assert load_sweep("configs/compare_code_smoke.yaml",  # the vocabulary follows the data
+    assert load_sweep("freetf/configs/compare_code_smoke.yaml",  # the vocabulary follows the data
                       [f"data.path={data}"]).base().model.vocab_size == meta["vocab_size"]
     assert meta["vocab_size"] != 256
     assert not compare.ensure_prepared(sweep, workers=1)

@@ -14,7 +14,8 @@ from freetf import ConfigError, load_config
 from freetf.config import flatten
 
 pytestmark = pytest.mark.timeout(60)
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+SHIPPED = Path(__file__).parent.parent / "freetf" / "configs"
+CONFIGS = sorted(SHIPPED.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -29,7 +30,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_guide_config_is_the_guides_schema():
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "free_transformer.yaml")
+    cfg = load_config(SHIPPED / "free_transformer.yaml")
     assert cfg.model.vocab_size == 50000 and cfg.model.latent_dim == 32
     assert cfg.training.learning_rate == 1e-4  # YAML reads "1e-4" as a string: coerced
     assert cfg.training.free_bits_nats == 0.5

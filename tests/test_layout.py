@@ -117,7 +117,7 @@ def test_tracking_and_results_import_neither_the_sweep_engine_nor_ray():
 
 def test_parsing_a_sweep_spec_imports_no_ray():
     modules = _imported_after("from freetf.sweeps.spec import load_sweep\n"
-                              "load_sweep('configs/search_kl.yaml')")
+                              "load_sweep('freetf/configs/search_kl.yaml')")
     assert not {m for m in modules if m == "ray" or m.startswith("ray.")}
 
 

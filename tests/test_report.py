@@ -191,7 +191,7 @@ def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
     client.set_tag(parent, "freetf.role", "sweep")
     client.set_tag(parent, "freetf.sweep", "b")
     if with_spec:
-        spec = load_sweep(Path(__file__).parent.parent / "configs" / "search_kl.yaml")
+        spec = load_sweep(Path(__file__).parent.parent / "freetf" / "configs" / "search_kl.yaml")
         client.log_text(parent, spec.to_yaml(), "search_space.yaml")
     baseline_ce = {0: 1.00, 1: 1.02}
     # (kappa, seed, honest CE, use interval's low end, valid rate, its interval)

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_in_process_pipeline_writes_table_and_figure(tmp_path):
-    code = main(["--in-process", "--config", "configs/tiny.yaml", "--kappas", "0.015625", "8",
+    code = main(["--in-process", "--config", "freetf/configs/tiny.yaml", "--kappas", "0.015625",
+                 "8",
                  "--seeds", "0", "--groups", "1", "--per-group", "3", "--out", str(tmp_path),
                  "--name", "r",
                  "--set", "training.max_steps=3", "--set", f"checkpoint.dir={tmp_path}/ck",
@@ -90,7 +91,7 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
     docs.mkdir()
     for suffix in ("md", "png", "json"):
         (docs / f"synthetic_reproduction.{suffix}").write_text("the committed result")
-    sweep = load_sweep(ROOT / "configs" / "reproduce_synthetic_smoke.yaml")
+    sweep = load_sweep(ROOT / "freetf" / "configs" / "reproduce_synthetic_smoke.yaml")
     logged = []
     tracker = SimpleNamespace(log_artifact=lambda path, folder: logged.append(Path(path)),
                               finish=lambda status: None)
@@ -99,8 +100,8 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
         _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p")))
     monkeypatch.setattr(reproduce, "reproduce_in_process", lambda *a, **k: (_fake_rows(), {}))
     argv = ["--smoke"] if mode == "smoke" else ["--in-process", "--config",
-                                                str(ROOT / "configs" / "tiny.yaml")]
-    assert main(argv, default_spec=None, smoke_spec=ROOT / "configs" /
+                                                str(ROOT / "freetf" / "configs" / "tiny.yaml")]
+    assert main(argv, default_spec=None, smoke_spec=ROOT / "freetf" / "configs" /
                 "reproduce_synthetic_smoke.yaml") == 0
     out = tmp_path / "reports" / ("reproduce_synthetic_smoke" if mode == "smoke" else "")
     written = sorted(p.name for p in out.glob("synthetic_reproduction.*"))
@@ -161,11 +162,9 @@ def test_summary_separates_the_studys_options():
 def test_the_tune_path_end_to_end(tmp_path, monkeypatch):
     """The smoke spec through Ray Tune: 2 baselines and 2 kappas x 2 seeds in MLflow, each
     measured, the files logged to the sweep's parent run."""
-    from pathlib import Path
-
     from freetf.tracking import mlflow_client
 
-    spec = Path(__file__).resolve().parent.parent / "configs" / "reproduce_synthetic_smoke.yaml"
+    spec = ROOT / "freetf" / "configs" / "reproduce_synthetic_smoke.yaml"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
     assert main(["--set", f"mlflow.tracking_uri={uri}", "--name", "r"], default_spec=spec) == 0

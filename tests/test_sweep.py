@@ -37,7 +37,7 @@ from freetf.tracking import verdict_code
 
 pytestmark = pytest.mark.timeout(600)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 DEFAULT, SMOKE = CONFIGS / "search_kl.yaml", CONFIGS / "search_kl_smoke.yaml"
 # The smoke file as a grid with ASHA and the stopper (it ships as a boundary search).
 GRID = ["search.method=grid", "space.training.free_bits_bits={grid: [0.015625, 1.0, 4.0]}",

@@ -29,7 +29,7 @@ from freetf.tracking.figures import training_curves_figure
 
 pytestmark = pytest.mark.timeout(120)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -20,11 +20,11 @@ from freetf.training.checkpoint import load_model
 
 pytestmark = pytest.mark.timeout(600)
 
-SMOKE = Path(__file__).resolve().parent.parent / "configs" / "search_kl_smoke.yaml"
+SMOKE = Path(__file__).resolve().parent.parent / "freetf" / "configs" / "search_kl_smoke.yaml"
 
 
 def test_reset_process_state_gives_every_trial_a_fresh_process_state(tmp_path, monkeypatch):
-    cfg = load_config("configs/tiny.yaml", ["training.seed=3", "scaling.cpus_per_worker=2"])
+    cfg = load_config("freetf/configs/tiny.yaml", ["training.seed=3", "scaling.cpus_per_worker=2"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     random.random(), np.random.rand(), torch.rand(3)  # a previous trial drew from each
     torch.set_num_threads(1)
@@ -119,7 +119,7 @@ from freetf.tracking import make_tracker, mlflow_client
 from freetf.training.context import TrainContext
 from freetf.training.loop import train_loop
 before = set(sys.modules)
-cfg = load_config("configs/tiny.yaml", ["training.max_steps=2", "training.log_every=1",
+cfg = load_config("freetf/configs/tiny.yaml", ["training.max_steps=2", "training.log_every=1",
                   "training.eval_every=2", "checkpoint.dir=" + sys.argv[2] + "/ckpt",
                   "tracking.mlflow.tracking_uri=sqlite:///" + sys.argv[2] + "/mlflow.db"])
 client = mlflow_client(cfg.tracking.mlflow.tracking_uri)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from tools.mlflow_ui_pages import UICheckError, check_ui  # noqa: E402 - after sys.path
 
-SMOKE = ROOT / "configs" / "search_kl_smoke.yaml"
+SMOKE = ROOT / "freetf" / "configs" / "search_kl_smoke.yaml"
 
 
 # ----------------------------------------------------------------------------- stores

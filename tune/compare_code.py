@@ -15,7 +15,7 @@ from pathlib import Path
 
 from freetf.experiments.compare import main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 
 if __name__ == "__main__":
     sys.exit(main(default_spec=CONFIGS / "compare_code.yaml",

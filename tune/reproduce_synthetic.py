@@ -3,7 +3,8 @@
     python tune/reproduce_synthetic.py             # Tune grid over kappa in {1/64, 1/8, 1, 8} bits
     python tune/reproduce_synthetic.py --smoke     # a minute: the pipeline, not the result
     python tune/reproduce_synthetic.py --resume    # continue an interrupted run
-    python tune/reproduce_synthetic.py --in-process --device cuda --config configs/synthetic.yaml
+    python tune/reproduce_synthetic.py --in-process --device cuda \
+        --config freetf/configs/synthetic.yaml
 
 Writes reports/<sweep name>/synthetic_reproduction.{md,png,json} (--out docs: the committed
 docs/synthetic_reproduction.*); the logic lives in freetf.experiments.reproduce.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from freetf.experiments.reproduce import main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 
 if __name__ == "__main__":
     sys.exit(main(default_spec=CONFIGS / "reproduce_synthetic.yaml",

@@ -1,7 +1,7 @@
 """Sweep kl_weight, free bits and their schedules with Ray Tune; draw the collapse map.
 
-    python tune/search_kl.py                      # the default sweep (configs/search_kl.yaml)
-    python tune/search_kl.py --smoke              # one minute (configs/search_kl_smoke.yaml)
+    python tune/search_kl.py          # the default sweep (freetf/configs/search_kl.yaml)
+    python tune/search_kl.py --smoke  # one minute (freetf/configs/search_kl_smoke.yaml)
     python tune/search_kl.py --set training.max_steps=100 --set search.seed=1
     python tune/search_kl.py --resume             # continue an interrupted sweep
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from freetf.sweeps.sweep import main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 
 if __name__ == "__main__":
     sys.exit(main(default_config=CONFIGS / "search_kl.yaml",

@@ -184,7 +184,7 @@ def reproduce_in_process(base: Config, kappas_bits: tuple[float, ...], seeds: tu
 
 def reproduce_with_tune(spec: str | Path, overrides: list[str], resume: bool, groups: int,
                         per_group: int) -> tuple[list, dict, Any]:
-    """The Ray Tune grid over kappa (``configs/reproduce_synthetic.yaml``), then measure."""
+    """The Ray Tune grid over kappa (``freetf/configs/reproduce_synthetic.yaml``), then measure."""
     from freetf.sweeps.sweep import load_sweep, run_sweep
     from freetf.tracking import mlflow_client
 
