@@ -25,6 +25,9 @@ from freetf.cli_types import (
 from freetf.config import ConfigError, load_config
 from freetf.logs import setup_logging
 
+CONFIG_HELP = ("a YAML config, or the name of a shipped one (tiny, synthetic, code, ...: "
+               "freetf/configs/<name>.yaml); default: built-in defaults")
+
 
 class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
@@ -240,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (through Ray Train by default)")
-    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--batch-size", type=positive_int, help="per-worker batch size")
     p.add_argument("--learning-rate", type=positive_float)
     p.add_argument("--num-epochs", type=positive_int)
@@ -297,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
 
     p = sub.add_parser("plan", help="memory per GPU under DDP and FSDP, from a config")
-    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--num-workers", type=positive_int, default=1, help="GPUs (one a worker)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), help="default: both, side by side")
     p.add_argument("--gpu-gib", type=positive_float,
