@@ -123,7 +123,7 @@ def test_report_files(tmp_path):
 def test_the_command_writes_the_sweeps_report_folder_by_default(tmp_path, monkeypatch):
     """``--report-only`` of the smoke spec: compare.* in reports/<sweep name>/, not docs/;
     ``--out`` moves them."""
-    from freetf.experiments import compare
+    from freetf.commands import compare
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "docs").mkdir()
@@ -167,7 +167,7 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     """The smoke spec on a tiny BPE corpus: 6 trials in MLflow, the table on the parent."""
     from conftest import prepared_code_corpus
 
-    from freetf.experiments.compare import main
+    from freetf.commands.compare import main
     from freetf.tracking import mlflow_client
 
     data = prepared_code_corpus(tmp_path, files=30, repeats=40)

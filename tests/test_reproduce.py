@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from freetf.experiments.reproduce import main, markdown_table
+from freetf.commands.reproduce import main
+from freetf.experiments.reproduce import markdown_table
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -83,7 +84,7 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
     from types import SimpleNamespace
 
     import freetf.tracking
-    from freetf.experiments import reproduce
+    from freetf.commands import reproduce
     from freetf.sweeps.spec import load_sweep
 
     monkeypatch.chdir(tmp_path)

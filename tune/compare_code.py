@@ -13,7 +13,7 @@ run; the logic lives in freetf.experiments.compare.
 import sys
 from pathlib import Path
 
-from freetf.experiments.compare import main
+from freetf.commands.compare import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 

@@ -13,7 +13,7 @@ docs/synthetic_reproduction.*); the logic lives in freetf.experiments.reproduce.
 import sys
 from pathlib import Path
 
-from freetf.experiments.reproduce import main
+from freetf.commands.reproduce import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 

@@ -11,7 +11,7 @@ The logic lives in :mod:`freetf.sweeps`; see docs/sweeps.md.
 import sys
 from pathlib import Path
 
-from freetf.sweeps.sweep import main
+from freetf.commands.sweep import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 
