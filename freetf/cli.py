@@ -1,4 +1,5 @@
-"""``freetf`` command line: train, generate, eval, export, report, prepare, plan, wait-ray.
+"""``freetf`` command line: train, generate, eval, export, sweep, reproduce, compare, report,
+prepare, plan, wait-ray.
 
 User mistakes (missing file, bad YAML, unknown key, corrupt checkpoint, a prompt outside
 the vocabulary, an unreachable tracking server) end with a one-paragraph message and
@@ -291,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_export)
 
+    from freetf.commands import compare, reproduce, sweep
+
+    for name, command in (("sweep", sweep), ("reproduce", reproduce), ("compare", compare)):
+        p = sub.add_parser(name, help=command.HELP, description=command.HELP)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
+
     p = sub.add_parser("report", help="collapse map of a sweep, from MLflow alone")
     p.add_argument("--experiment", required=True, type=non_empty)
     p.add_argument("--sweep", type=non_empty,
@@ -348,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     from freetf.model.pretrained import PretrainedError
     from freetf.tracking import TrackingError

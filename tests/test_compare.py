@@ -123,19 +123,18 @@ def test_report_files(tmp_path):
 def test_the_command_writes_the_sweeps_report_folder_by_default(tmp_path, monkeypatch):
     """``--report-only`` of the smoke spec: compare.* in reports/<sweep name>/, not docs/;
     ``--out`` moves them."""
+    from freetf.cli import main
     from freetf.commands import compare
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "docs").mkdir()
     monkeypatch.setattr(compare, "_finished_sweep", lambda sweep: (runs(), None))
-    spec = _config("compare_code_smoke.yaml")
-    assert compare.main(["--smoke", "--report-only"], default_spec=None, smoke_spec=spec) == 0
+    assert main(["compare", "--smoke", "--report-only"]) == 0
     names = ["compare.csv", "compare.json", "compare.md", "compare.png"]
     assert sorted(p.name for p in (tmp_path / "reports" / "compare_code_smoke").iterdir()) \
         == names
     assert not any((tmp_path / "docs").iterdir())
-    assert compare.main(["--smoke", "--report-only", "--out", "elsewhere"], default_spec=None,
-                        smoke_spec=spec) == 0
+    assert main(["compare", "--smoke", "--report-only", "--out", "elsewhere"]) == 0
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == names
 
 
@@ -167,7 +166,7 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     """The smoke spec on a tiny BPE corpus: 6 trials in MLflow, the table on the parent."""
     from conftest import prepared_code_corpus
 
-    from freetf.commands.compare import main
+    from freetf.cli import main
     from freetf.tracking import mlflow_client
 
     data = prepared_code_corpus(tmp_path, files=30, repeats=40)
@@ -175,11 +174,10 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--smoke", "--set", f"data.path={data}", "--set", "model.vocab_size=300",
             "--set", f"mlflow.tracking_uri={uri}"]
-    spec = _config("compare_code_smoke.yaml")
-    assert main(argv, default_spec=None, smoke_spec=spec) == 0
+    assert main(["compare", *argv]) == 0
     out = capsys.readouterr().out
     assert "| baseline | 0,1 |" in out and "| 4 | 0,1 |" in out
-    assert main([*argv, "--report-only"], default_spec=None, smoke_spec=spec) == 0
+    assert main(["compare", *argv, "--report-only"]) == 0
     again = capsys.readouterr().out
     assert [x for x in again.splitlines() if x.startswith("|")] == \
         [x for x in out.splitlines() if x.startswith("|")]  # the same table, from MLflow
@@ -192,12 +190,6 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     names = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/compare.md", "report/compare.csv", "report/compare.json",
             "report/compare.png"} <= names
-
-
-def _config(name):
-    from pathlib import Path
-
-    return Path(__file__).resolve().parent.parent / "freetf" / "configs" / name
 
 
 def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from freetf.commands.reproduce import main
+from freetf.cli import main
 from freetf.experiments.reproduce import markdown_table
 
 pytestmark = pytest.mark.timeout(300)
@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_in_process_pipeline_writes_table_and_figure(tmp_path):
-    code = main(["--in-process", "--config", "freetf/configs/tiny.yaml", "--kappas", "0.015625",
-                 "8",
+    code = main(["reproduce", "--in-process", "--config", "freetf/configs/tiny.yaml",
+                 "--kappas", "0.015625", "8",
                  "--seeds", "0", "--groups", "1", "--per-group", "3", "--out", str(tmp_path),
                  "--name", "r",
                  "--set", "training.max_steps=3", "--set", f"checkpoint.dir={tmp_path}/ck",
@@ -50,7 +50,7 @@ def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
 
     (tmp_path / "a.json").write_text(json.dumps([row(None, 1, 0.3), row(0.5, 1, 0.4)]))
     (tmp_path / "b.json").write_text(json.dumps([row(0.5, 0, 0.6), row(None, 0, 0.5)]))
-    assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+    assert main(["reproduce", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                  "--out", str(tmp_path), "--name", "m", "--note", "GPU, 3 processes."]) == 0
     rows = json.loads((tmp_path / "m.json").read_text())
     assert [(r["kappa_bits"], r["seed"]) for r in rows] == [(None, 0), (None, 1), (0.5, 0),
@@ -61,10 +61,10 @@ def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
 
 
 def test_merge_names_a_missing_file(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--merge", str(tmp_path / "absent.json"), "--out", str(tmp_path)])
+    assert main(["reproduce", "--merge", str(tmp_path / "absent.json"), "--out",
+                 str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"--merge: no such file: {tmp_path / 'absent.json'}" in err
+    assert f"freetf reproduce: error: --merge: no such file: {tmp_path / 'absent.json'}" in err
     assert "Traceback" not in err
 
 
@@ -84,7 +84,7 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
     from types import SimpleNamespace
 
     import freetf.tracking
-    from freetf.commands import reproduce
+    from freetf.experiments import reproduce
     from freetf.sweeps.spec import load_sweep
 
     monkeypatch.chdir(tmp_path)
@@ -100,10 +100,8 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
     monkeypatch.setattr(reproduce, "reproduce_with_tune", lambda *a: (
         _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p")))
     monkeypatch.setattr(reproduce, "reproduce_in_process", lambda *a, **k: (_fake_rows(), {}))
-    argv = ["--smoke"] if mode == "smoke" else ["--in-process", "--config",
-                                                str(ROOT / "freetf" / "configs" / "tiny.yaml")]
-    assert main(argv, default_spec=None, smoke_spec=ROOT / "freetf" / "configs" /
-                "reproduce_synthetic_smoke.yaml") == 0
+    argv = ["--smoke"] if mode == "smoke" else ["--in-process", "--config", "tiny"]
+    assert main(["reproduce", *argv]) == 0
     out = tmp_path / "reports" / ("reproduce_synthetic_smoke" if mode == "smoke" else "")
     written = sorted(p.name for p in out.glob("synthetic_reproduction.*"))
     assert written == ["synthetic_reproduction.json", "synthetic_reproduction.md",
@@ -165,10 +163,10 @@ def test_the_tune_path_end_to_end(tmp_path, monkeypatch):
     measured, the files logged to the sweep's parent run."""
     from freetf.tracking import mlflow_client
 
-    spec = ROOT / "freetf" / "configs" / "reproduce_synthetic_smoke.yaml"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    assert main(["--set", f"mlflow.tracking_uri={uri}", "--name", "r"], default_spec=spec) == 0
+    assert main(["reproduce", "--smoke", "--set", f"mlflow.tracking_uri={uri}", "--name", "r"]) \
+        == 0
     rows = json.loads((tmp_path / "reports" / "reproduce_synthetic_smoke" / "r.json").read_text())
     assert [(r["kappa_bits"], r["seed"]) for r in rows] == [
         (None, 0), (None, 1), (0.015625, 0), (0.015625, 1), (1.0, 0), (1.0, 1)]

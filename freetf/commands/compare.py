@@ -1,62 +1,56 @@
-"""``python tune/compare_code.py``: the baseline against the Free Transformer across kappa
-on real code; the statistics and files are :mod:`freetf.experiments.compare`'s."""
+"""``freetf compare`` (alias ``python tune/compare_code.py``): the baseline against the Free
+Transformer across kappa on real code (Python's standard library, prepared first if its
+folder is missing); the statistics and files are :mod:`freetf.experiments.compare`'s."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+from freetf.commands import add_sweep_arguments, command_line, sweep_spec
 
-from freetf.experiments.compare import (
-    compare_rows,
-    ensure_prepared,
-    markdown_table,
-    write_compare,
-)
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT, SMOKE = "compare_code", "compare_code_smoke"  # shipped sweeps (freetf/configs)
+HELP = "the baseline against the Free Transformer across kappa, on Python's standard library"
 
 
-def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
-         smoke_spec: str | Path | None = None) -> int:
-    from freetf.config import ConfigError
-    from freetf.sweeps.console import setup_console
-    from freetf.sweeps.sweep import load_sweep, run_sweep
-    from freetf.tracking import TrackingError
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, help=f"sweep YAML (default: {default_spec})")
-    p.add_argument("--smoke", action="store_true", help=f"the pipeline, small ({smoke_spec})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="sweep or base-config override, e.g. training.max_steps=3000")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_sweep_arguments(p, DEFAULT, SMOKE)
     p.add_argument("--report-only", action="store_true",
                    help="no training: the table and figure of a finished sweep, from MLflow")
     p.add_argument("--out", type=Path,
                    help="folder of compare.{md,csv,json,png} (default: the sweep's report "
                    "folder, reports/<sweep name>)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from freetf.experiments.compare import (
+        compare_rows,
+        ensure_prepared,
+        markdown_table,
+        write_compare,
+    )
+    from freetf.sweeps.console import setup_console
+    from freetf.sweeps.sweep import load_sweep, run_sweep
+
     setup_console(args.verbose)
-    path = args.config or (smoke_spec if args.smoke else default_spec)
+    path = sweep_spec(args, DEFAULT, SMOKE)
     start = time.perf_counter()
-    try:
-        sweep = load_sweep(path, args.set)
-        if not args.report_only:
-            if ensure_prepared(sweep):  # model.vocab_size follows the prepared data
-                sweep = load_sweep(path, args.set)
-            result = run_sweep(sweep, resume=args.resume, verbose=args.verbose)
-            trials, parent = result.runs, result.parent_run_id
-        else:
-            trials, parent = _finished_sweep(sweep)
-    except (ConfigError, TrackingError) as err:
-        print(f"{p.prog}: error: {err}", file=sys.stderr)
-        return 2
+    sweep = load_sweep(path, args.set)
+    if not args.report_only:
+        if ensure_prepared(sweep):  # model.vocab_size follows the prepared data
+            sweep = load_sweep(path, args.set)
+        result = run_sweep(sweep, resume=args.resume, verbose=args.verbose)
+        trials, parent = result.runs, result.parent_run_id
+    else:
+        trials, parent = _finished_sweep(sweep)
     wall_s = time.perf_counter() - start
     rows = compare_rows(trials)
-    command = " ".join(["python", *(sys.argv if argv is None else ["tune/compare_code.py",
-                                                                   *argv])])
+    command = command_line(args)
     header = _header(sweep, rows, wall_s if not args.report_only else None, command)
     paths = write_compare(rows, args.out or sweep.report_path, header,
                           {"command": command, "wall_s": None if args.report_only else wall_s,

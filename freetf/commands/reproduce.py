@@ -1,5 +1,9 @@
-"""``python tune/reproduce_synthetic.py``: the paper's synthetic experiment (§4.1, Figure 4)
-as a measured table; the training and measurements are :mod:`freetf.experiments.reproduce`'s.
+"""``freetf reproduce`` (alias ``python tune/reproduce_synthetic.py``): the paper's synthetic
+experiment (§4.1, Figure 4) as a measured table; the training and measurements are
+:mod:`freetf.experiments.reproduce`'s.
+
+The table, figure and JSON go to the sweep's report folder (``reports/<sweep name>/``;
+in-process and ``--merge``: ``reports/``), to ``docs/`` only with ``--out docs``.
 """
 
 from __future__ import annotations
@@ -8,27 +12,16 @@ import argparse
 import time
 from pathlib import Path
 
-from freetf.config import load_config
-from freetf.experiments.reproduce import (
-    DEFAULT_OUT,
-    KAPPAS_BITS,
-    changed_knobs,
-    merge,
-    reproduce_in_process,
-    reproduce_with_tune,
-    summary_table,
-    write_outputs,
-)
+DEFAULT, SMOKE = "reproduce_synthetic", "reproduce_synthetic_smoke"  # shipped sweeps
+HELP = "the paper's synthetic experiment (Figure 4) as a measured table"
+KAPPAS_BITS = (1 / 64, 1 / 8, 1.0, 8.0)  # in-process: the paper's four kappas
 
 
-def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
-         smoke_spec: str | Path | None = None) -> int:
-    from freetf.logs import setup_logging
-
-    setup_logging()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, help="sweep spec (Tune) or train config (in-process)")
-    p.add_argument("--smoke", action="store_true", help="a minute-sized pipeline check")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path,
+                   help=f"a sweep YAML or shipped sweep name (Tune; default: {DEFAULT}), or "
+                   "with --in-process a train config or its name (e.g. synthetic)")
+    p.add_argument("--smoke", action="store_true", help=f"a minute-sized pipeline check ({SMOKE})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--in-process", action="store_true",
                    help="no Ray/MLflow: train one run after another (e.g. on a GPU box)")
@@ -49,46 +42,56 @@ def main(argv: list[str] | None = None, default_spec: str | Path | None = None,
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="no training: one table from the rows of earlier runs' JSON files "
                         "(e.g. one process per seed on a GPU box)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from freetf.config import load_config
+    from freetf.experiments import reproduce as experiment
+
     if args.merge:
         missing = [str(f) for f in args.merge if not f.is_file()]
         if missing:
-            p.error(f"--merge: no such file: {', '.join(missing)}")
-        return merge(args.merge, args.out or DEFAULT_OUT, args.name, args.note)
+            raise FileNotFoundError(f"--merge: no such file: {', '.join(missing)}")
+        return experiment.merge(args.merge, args.out or experiment.DEFAULT_OUT, args.name,
+                                args.note)
     start = time.perf_counter()
     if args.in_process:
         base = load_config(args.config, args.set)
-        rows, samples = reproduce_in_process(base, tuple(args.kappas), tuple(args.seeds),
-                                             args.groups, args.per_group, args.device,
-                                             baseline=not args.no_baseline)
+        rows, samples = experiment.reproduce_in_process(
+            base, tuple(args.kappas), tuple(args.seeds), args.groups, args.per_group,
+            args.device, baseline=not args.no_baseline)
         size = base
         tracker = None
-        out = args.out or DEFAULT_OUT
+        out = args.out or experiment.DEFAULT_OUT
     else:
-        spec = args.config or (smoke_spec if args.smoke else default_spec)
-        rows, samples, result = reproduce_with_tune(spec, args.set, args.resume, args.groups,
-                                                    args.per_group)
+        spec = args.config or (SMOKE if args.smoke else DEFAULT)
+        rows, samples, result = experiment.reproduce_with_tune(spec, args.set, args.resume,
+                                                               args.groups, args.per_group)
         size = result.sweep.base()
         from freetf.tracking import make_tracker
 
         tracker = make_tracker(size, run_id=result.parent_run_id)
         out = args.out or result.sweep.report_path
     wall = time.perf_counter() - start
-    m, t = size.model, size.training
-    header = (f"# Synthetic task (§4.1): what Z carries as free bits grow\n\n"
-              f"Model: d={m.hidden_dim}, {m.num_layers} layers, {m.num_heads} heads, "
-              f"H={m.latent_dim} latent bits ({m.mapper} mapper); {t.max_steps} steps of "
-              f"batch {t.batch_size} x 66 tokens, kl_weight {t.kl_weight}; "
-              f"Figure 4 protocol with {args.groups} groups of {args.per_group} sequences "
-              f"(prompt \"K>\"). Wall time {wall / 60:.1f} min on "
-              f"{'CPU' if args.device == 'cpu' else args.device}."
-              + (f" Non-default options: {', '.join(options)}." if (options := changed_knobs(size))
-                 else "")) + (f"\n\n{args.note}" if args.note else "")
-    paths = write_outputs(rows, samples, out, args.name, header)
+    paths = experiment.write_outputs(rows, samples, out, args.name,
+                                     _header(size, args, wall, experiment.changed_knobs(size)))
     if tracker is not None:
         for path in paths.values():
             tracker.log_artifact(path, "reproduction")
         tracker.finish("FINISHED")
-    print(summary_table(rows))
+    print(experiment.summary_table(rows))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} in {wall / 60:.1f} min")
     return 0
+
+
+def _header(size, args: argparse.Namespace, wall: float, options: list[str]) -> str:
+    m, t = size.model, size.training
+    return (f"# Synthetic task (§4.1): what Z carries as free bits grow\n\n"
+            f"Model: d={m.hidden_dim}, {m.num_layers} layers, {m.num_heads} heads, "
+            f"H={m.latent_dim} latent bits ({m.mapper} mapper); {t.max_steps} steps of "
+            f"batch {t.batch_size} x 66 tokens, kl_weight {t.kl_weight}; "
+            f"Figure 4 protocol with {args.groups} groups of {args.per_group} sequences "
+            f"(prompt \"K>\"). Wall time {wall / 60:.1f} min on "
+            f"{'CPU' if args.device == 'cpu' else args.device}."
+            + (f" Non-default options: {', '.join(options)}." if options else "")
+            + (f"\n\n{args.note}" if args.note else ""))

@@ -1,6 +1,6 @@
 """The baseline against the Free Transformer across free bits, on a real corpus.
 
-``python tune/compare_code.py`` (``freetf/configs/compare_code.yaml``): a Ray Tune sweep of the
+``freetf compare`` (``freetf/configs/compare_code.yaml``): a Ray Tune sweep of the
 baseline (``model.latent_dim = 0``) and the Free Transformer at kappa in {1/8, 1/4, 1/2,
 1, 2, 4} bits, three seeds each, on Python's standard-library source (prepared here if
 the folder is missing), every trial an MLflow child run of the sweep's parent run.  The

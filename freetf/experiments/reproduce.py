@@ -32,7 +32,6 @@ from freetf.training.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
-KAPPAS_BITS = (1 / 64, 1 / 8, 1.0, 8.0)
 DEFAULT_OUT = Path("reports")  # in-process and --merge; a sweep writes to its report folder
 COLUMNS = [  # (key, header, format)
     ("kappa_bits", "κ (bits)", "{:.4g}"),
