@@ -87,6 +87,15 @@ def test_collapse_table_has_a_row_per_trial(runs):
     assert report.collapse_table(report.runs_frame([])) == "(no trial runs)"
 
 
+def test_the_table_names_a_trial_by_its_whole_run_name(runs):
+    """``kappa=1/4 s1`` whole (its "/" is kappa's); a run named before those names loses its
+    sweep's prefix (``s/b`` -> ``b``)."""
+    runs[0].info.run_name = "kappa=1/64 s0"
+    rows = report.collapse_table(report.runs_frame(runs)).splitlines()[2:]
+    assert {row.split(" | ")[0] for row in rows} == {"| kappa=1/64 s0", "| b", "| c", "| d",
+                                                     "| e"}
+
+
 def test_representative_run_is_the_median_kl_of_its_verdict(runs):
     picks = report.representative_runs(report.runs_frame(runs))
     assert list(picks["verdict"]) == ["collapsed", "active", "leaking"]

@@ -81,7 +81,7 @@ def synthetic_store(root: Path) -> tuple[str, str]:
     steps = base.training.max_steps
     for kappa, verdict in ((0.015625, "collapsed"), (1.0, "active"), (4.0, "leaking")):
         sampled = {"training.free_bits_bits": kappa, "training.kl_weight": 1.0}
-        name = trial_run_name(sweep.name, sampled)
+        name = trial_run_name(sampled, sweep.named_keys)
         cfg = base.replace({**sampled, "tracking.mlflow.run_name": name})
         child = make_tracker(cfg, parent_run_id=parent.run_id, run_name=name, searched=keys,
                              tags={TAG_SWEEP: sweep.name, TAG_ROLE: "trial",

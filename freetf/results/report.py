@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from freetf.results.columns import ANNEALING, FREE_BITS, KL_WEIGHT, save_figure
+from freetf.results.columns import ANNEALING, FREE_BITS, KL_WEIGHT, save_figure, trial_label
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def collapse_table(df: pd.DataFrame) -> str:
               "KL (bits/token)", "use of Z (nats/token)", "valid", "CE prior (nats)", "ended"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for values in df.to_dict("records"):
-        cells = [values["run_name"].split("/", 1)[-1], values[ANNEALING],
+        cells = [trial_label(values), values[ANNEALING],
                  _fmt(values[FREE_BITS]), _fmt(values[KL_WEIGHT]),
                  *[_fmt(values[c]) for c in extra], values["verdict"],
                  values.get("regime") or "-", _fmt(values["eval/kl_bits"]),
@@ -257,7 +257,7 @@ def plot_kl_traces(client, df: pd.DataFrame, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     for row in representative_runs(df).to_dict("records") if not df.empty else []:
         color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
-        label = f"{row['verdict']}: {row['run_name'].split('/', 1)[-1]}"
+        label = f"{row['verdict']}: {trial_label(row)}"
         for key, style, name in (("train/kl_nats", "-", label),
                                  ("train/free_bits_nats", "--", None)):
             history = sorted(client.get_metric_history(row["run_id"], key),

@@ -138,6 +138,19 @@ class SweepConfig:
         return keys
 
     @property
+    def named_keys(self) -> tuple[str, ...]:
+        """The keys whose values tell this sweep's trials apart, which a trial's run name
+        shows (:func:`freetf.sweeps.trainable.trial_run_name`): the searched keys with more
+        than one value, and the boundary search's seeds (its baselines are named as such)."""
+        keys = tuple(d.key for d in self.space if d.kind not in ("grid", "choice")
+                     or len(d.values) > 1)
+        if self.search.method == "boundary":
+            from freetf.sweeps.boundary import SEED_KEY
+
+            return (*keys, SEED_KEY)
+        return keys
+
+    @property
     def expected_trials(self) -> int:
         if self.search.method == "boundary":
             from freetf.evaluation.verdicts import changes_baseline

@@ -214,7 +214,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
         base=base.to_dict(), keys=sweep.trial_keys,
         train_storage=str(sweep.train_dir),
         controller_failure_limit=sweep.resources.controller_failure_limit,
-        runner=sweep.trial_runner(base))
+        runner=sweep.trial_runner(base), named_keys=sweep.named_keys)
     console = SweepConsole(sweep, base, verbose=verbose)
     try:
         results = _tuner(sweep, base, context, resume, [console, *callbacks], verbose).fit()
