@@ -46,12 +46,14 @@ def recorded(monkeypatch):
     def run_sweep(sweep, resume=False, verbose=False):
         calls.append(SimpleNamespace(sweep=sweep, resume=resume, verbose=verbose))
         return SimpleNamespace(tracking_uri="sqlite:///x.db", experiment="e", analysis=None,
-                               runs=None, report={}, interrupted=calls.interrupt)
+                               runs=None, report={}, interrupted=calls.interrupt,
+                               runs_view="v1")
 
     monkeypatch.setattr(freetf.sweeps.sweep, "run_sweep", run_sweep)
     monkeypatch.setattr(freetf.tracking, "mlflow_client", lambda uri: SimpleNamespace(
         get_experiment_by_name=lambda name: SimpleNamespace(experiment_id="1")))
-    monkeypatch.setattr(freetf.results.report, "summary_text", lambda *a: "the summary")
+    monkeypatch.setattr(freetf.results.report, "summary_text",
+                        lambda *a: f"the summary, view {a[-1]}")
     return calls
 
 
@@ -71,7 +73,7 @@ def test_sweep_runs_the_shipped_sweep_or_the_one_named(recorded, tmp_path, monke
     (call,) = recorded
     assert call.sweep.name == name and call.sweep.base().training.max_steps == max_steps
     assert (call.resume, call.verbose) == (resume, verbose)
-    assert "the summary" in capsys.readouterr().out
+    assert "the summary, view v1" in capsys.readouterr().out  # the sweep's saved view
 
 
 def test_an_interrupted_sweep_says_how_to_resume_it(recorded, capsys):

@@ -142,6 +142,10 @@ def test_write_report_writes_every_file(runs, tmp_path):
     text = report.summary_text(report.runs_frame(runs), paths, "sqlite:///x.db", "exp")
     assert "mlflow ui --backend-store-uri sqlite:///x.db" in text
     assert str(paths["map"]) in text and "3 active" in text
+    linked = report.summary_text(report.runs_frame(runs), paths, "sqlite:///x.db", "exp", "4",
+                                 view="freetf-v")  # the sweep's saved view
+    assert linked.endswith("then open http://127.0.0.1:5000/#/experiments/4/runs?"
+                           "workflowType=machine_learning&viewStateShareKey=freetf-v")
 
 
 def _store(tmp_path: Path) -> str:

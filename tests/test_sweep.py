@@ -178,6 +178,19 @@ def _context(max_steps: int = 100) -> TrialContext:
                         controller_failure_limit=1)
 
 
+def test_a_store_that_refuses_the_view_does_not_fail_the_sweep(caplog):
+    """The saved view is a convenience: a finished sweep prints the plain link instead."""
+    from types import SimpleNamespace
+
+    def refuse(*args):
+        raise RuntimeError("tag value too long")
+
+    client = SimpleNamespace(get_run=lambda run_id: SimpleNamespace(
+        info=SimpleNamespace(experiment_id="1")), set_experiment_tag=refuse)
+    assert sweep_mod._save_view(client, "p", load_sweep(SMOKE)) is None
+    assert "could not save the sweep's MLflow view: tag value too long" in caplog.text
+
+
 def test_stopper_stops_collapse_after_patience_and_divergence():
     spec = StopperSpec(collapse_after_steps=20, collapse_kl_nats=0.01, collapse_patience=2,
                        diverge_loss=10.0)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     experiment = mlflow_client(result.tracking_uri).get_experiment_by_name(result.experiment)
     print("\n".join([*result.analysis.summary_lines(), ""]) if result.analysis else "", end="")
     print(report.summary_text(result.runs, result.report, result.tracking_uri,
-                              result.experiment, experiment.experiment_id))
+                              result.experiment, experiment.experiment_id, result.runs_view))
     if result.interrupted:
         print(f"\nThe sweep was interrupted; continue it with: "
               f"{command_line(args, drop=('--resume',))} --resume")

@@ -290,9 +290,11 @@ def write_report(client, df: pd.DataFrame, out_dir: str | Path) -> dict[str, Pat
 
 
 def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
-                 experiment: str, experiment_id: str | None = None) -> str:
+                 experiment: str, experiment_id: str | None = None,
+                 view: str | None = None) -> str:
     """The console summary: table, verdict counts, file paths, the ``mlflow ui`` line
-    and (given ``experiment_id``) the link to the runs table in the model-training view."""
+    and (given ``experiment_id``) the link to the runs table in the model-training view,
+    opening saved view ``view`` (:func:`freetf.results.summary.save_sweep_view`) if given."""
     from freetf.tracking import runs_page_url
 
     counts = df["verdict"].value_counts() if not df.empty else pd.Series(dtype=int)
@@ -304,5 +306,5 @@ def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
              f"compare runs:  mlflow ui --backend-store-uri {tracking_uri}",
              f"               then open experiment '{experiment}' at http://127.0.0.1:5000"
              if experiment_id is None else
-             f"               then open {runs_page_url(experiment_id)}"]
+             f"               then open {runs_page_url(experiment_id, view=view)}"]
     return "\n".join(lines)

@@ -161,6 +161,7 @@ class SweepResult:
     report: dict[str, Path]
     interrupted: bool
     analysis: Any = None  # freetf.results.analysis.SweepAnalysis: verdicts, boundaries
+    runs_view: str | None = None  # the trials' saved view in MLflow's UI (runs_page_url)
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
@@ -242,9 +243,23 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     for path in paths.values():
         tracker.log_artifact(path, "report")
     paths.update(log_sweep_summary(tracker, client, found.trials, sweep.report_path))
+    view = _save_view(client, context.parent_run_id, sweep)
     tracker.finish("KILLED" if interrupted else "FINISHED")
     return SweepResult(sweep, context.parent_run_id, uri, experiment, found.trials, paths,
-                       interrupted, found)
+                       interrupted, found, view)
+
+
+def _save_view(client, parent_run_id: str, sweep: SweepConfig) -> str | None:
+    """The trials' view of MLflow's runs table (:func:`save_sweep_view`), or None if the
+    store refused it (a link without it still opens the runs table)."""
+    from freetf.results.summary import save_sweep_view
+
+    try:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        return save_sweep_view(client, experiment_id, sweep.name, sweep.named_keys)
+    except Exception as err:  # never fail a finished sweep over a view
+        log.warning("could not save the sweep's MLflow view: %s", err)
+        return None
 
 
 def _init_ray(verbose: bool, tracking_uri: str, preload: bool = False) -> None:
