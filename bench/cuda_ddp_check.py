@@ -32,7 +32,7 @@ class NcclContext(TrainContext):
 
 
 def run(amp: str, steps: int, extra: list[str]) -> dict:
-    cfg = load_config("configs/synthetic.yaml", [
+    cfg = load_config("freetf/configs/synthetic.yaml", [
         f"training.max_steps={steps}", f"training.amp={amp}", "training.device=cuda",
         "training.log_every=50", "training.eval_every=0", "tracking.mlflow.enabled=false",
         "checkpoint.dir=/tmp/freetf-cuda-check", "scaling.use_ray=false", *extra])

@@ -31,7 +31,7 @@ fi
 timeout 240 python3 bench/fsdp_vs_ddp.py --steps 60 --rounds 2 --json "$OUT/fsdp_vs_ddp.json" \
   > "$OUT/fsdp_vs_ddp.log" 2>&1; echo "fsdp_vs_ddp rc=$?"
 timeout ${REPRO_TIMEOUT:-240} python3 tune/reproduce_synthetic.py --in-process --device cuda \
-  --config configs/synthetic.yaml --groups 16 --per-group 16 --out "$OUT" --name repro_gpu \
+  --config freetf/configs/synthetic.yaml --groups 16 --per-group 16 --out "$OUT" --name repro_gpu \
   --set model.hidden_dim=256 --set model.num_layers=6 --set model.latent_dim=16 \
   --set training.batch_size=64 --set training.max_steps=${REPRO_STEPS:-1500} --set training.eval_every=0 \
   --set training.log_every=250 --set checkpoint.every_steps=0 --set checkpoint.dir=/tmp/repro \

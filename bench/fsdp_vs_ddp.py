@@ -56,7 +56,7 @@ class StrategyContext(TrainContext):
 
 def run(strategy: str, device: torch.device, steps: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("configs/synthetic.yaml", [
+        cfg = load_config("freetf/configs/synthetic.yaml", [
             f"scaling.strategy={strategy}", f"training.device={device.type}",
             f"training.max_steps={steps}", f"training.log_every={max(1, steps // 6)}",
             "training.eval_every=0", "tracking.mlflow.enabled=false",

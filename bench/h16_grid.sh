@@ -5,12 +5,12 @@
 # per seed, in parallel on the one GPU, then one merged table.  About 10 minutes on an H200
 # (estimate; STEPS and LR_MULT override).  Run from the repository root:
 #   OUT=out bash bench/h16_grid.sh
-#   DEVICE=cpu CONFIG=configs/tiny.yaml STEPS=3 NGROUPS=2 bash bench/h16_grid.sh   # a check
+#   DEVICE=cpu CONFIG=freetf/configs/tiny.yaml STEPS=3 NGROUPS=2 bash bench/h16_grid.sh   # a check
 set -u
 OUT="${OUT:-device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEPS="${STEPS:-1500}"; LR_MULT="${LR_MULT:-10}"; DEVICE="${DEVICE:-cuda}"
-CONFIG="${CONFIG:-configs/synthetic.yaml}"; NGROUPS="${NGROUPS:-16}"
+CONFIG="${CONFIG:-freetf/configs/synthetic.yaml}"; NGROUPS="${NGROUPS:-16}"
 for seed in 0 1 2; do
   timeout "${SEED_TIMEOUT:-540}" python3 tune/reproduce_synthetic.py --in-process --device "$DEVICE" \
     --config "$CONFIG" --groups "$NGROUPS" --per-group "$NGROUPS" --seeds $seed --out "$OUT" --name "h16_s$seed" \

@@ -1,6 +1,6 @@
 """Ray overhead (item 5): TorchTrainer with 1 worker vs the in-process loop, Ray start-up.
 
-Runs the same config (``configs/synthetic.yaml`` shape unless ``--tiny``) twice per round,
+Runs the same config (``freetf/configs/synthetic.yaml`` shape unless ``--tiny``) twice per round,
 in-process and through ``TorchTrainer`` (1 worker, the whole machine's CPUs), alternating
 the order between rounds.  Steady-state tokens/s is the median of the loop's own
 ``train/tokens_per_s`` log points after the first (warm-up) one.  Also timed: starting a
@@ -28,7 +28,7 @@ runner, each with a fresh local Ray, one after the other in one invocation:
 - ``new``: the default, the loop in the trial process, processes reused, and the
   libraries a trial needs imported as each process starts (``trial_runner=auto``
   resolves to in_trial, ``reuse_actors=true``, ``preload=true``);
-- ``default``: the main job itself, ``configs/search_kl.yaml`` (a boundary search of 18
+- ``default``: the main job itself, ``freetf/configs/search_kl.yaml`` (a boundary search of 18
   trials) on the default path.
 
 Per trial: wall time on Tune's clock (the driver's ``on_trial_start`` to
@@ -90,7 +90,7 @@ def main() -> None:
     from freetf.training.ray_train import build_trainer, init_ray
 
     steps = 12 if args.tiny else 150
-    config = "configs/tiny.yaml" if args.tiny else "configs/synthetic.yaml"
+    config = "freetf/configs/tiny.yaml" if args.tiny else "freetf/configs/synthetic.yaml"
     tmp = Path(tempfile.mkdtemp(prefix="freetf-bench-ray-"))
     cpus = os.cpu_count() or 2
     cfg = load_config(config, [
@@ -154,7 +154,7 @@ def tune_trial_overhead(tmp: Path, extra_trials: int) -> float:
     def sweep_s(trials: int) -> float:
         weights = ", ".join(str(0.1 * (i + 1)) for i in range(trials))
         name = f"bench-trials-{trials}"
-        sweep = load_sweep("configs/search_kl_smoke.yaml", [
+        sweep = load_sweep("freetf/configs/search_kl_smoke.yaml", [
             "training.max_steps=2", "training.log_every=1", "training.eval_batches=1",
             f"tracking.mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             f"storage_path={tmp}/tune", f"report_dir={tmp}/reports",
@@ -177,7 +177,7 @@ def tune_trial_overhead(tmp: Path, extra_trials: int) -> float:
 # ----------------------------------------------------------------------------- sweep paths
 
 GRID8 = Path(__file__).resolve().parent / "search_kl_grid8.yaml"
-DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "search_kl.yaml"
+DEFAULT = Path(__file__).resolve().parents[1] / "freetf" / "configs" / "search_kl.yaml"
 SWEEP_PATHS = {  # name: (spec, settings)
     "old": (GRID8, ["resources.trial_runner=train", "resources.reuse_actors=false"]),
     "in_trial_fresh": (GRID8, ["resources.trial_runner=in_trial",
@@ -200,7 +200,8 @@ def compare_sweep_paths(tmp: Path, paths: list[str], tiny: bool) -> dict:
     """Run the grid sweep once per path (see the module docstring)."""
     root = Path(__file__).resolve().parents[1]
     out = {"specs": {name: str(SWEEP_PATHS[name][0].relative_to(root) if not tiny else
-                               "configs/search_kl_smoke.yaml") for name in paths}, "paths": {}}
+                               "freetf/configs/search_kl_smoke.yaml") for name in paths},
+           "paths": {}}
     for name in paths:
         out["paths"][name] = _sweep_path(tmp / name, name, tiny)
     if "old" in out["paths"] and "new" in out["paths"]:
@@ -235,7 +236,7 @@ def _sweep_path(tmp: Path, name: str, tiny: bool) -> dict:
         settings += ["training.max_steps=4", "training.log_every=2", "training.eval_every=2",
                      "stopper.enabled=false", "asha.enabled=false"]
     clock = TrialClock()
-    sweep = load_sweep("configs/search_kl_smoke.yaml" if tiny else SWEEP_PATHS[name][0],
+    sweep = load_sweep("freetf/configs/search_kl_smoke.yaml" if tiny else SWEEP_PATHS[name][0],
                        settings)
     start = time.perf_counter()
     try:

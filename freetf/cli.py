@@ -1,4 +1,5 @@
-"""``freetf`` command line: train, generate, eval, export, report, prepare, plan, wait-ray.
+"""``freetf`` command line: train, generate, eval, export, sweep, reproduce, compare, report,
+prepare, plan, wait-ray.
 
 User mistakes (missing file, bad YAML, unknown key, corrupt checkpoint, a prompt outside
 the vocabulary, an unreachable tracking server) end with a one-paragraph message and
@@ -24,6 +25,9 @@ from freetf.cli_types import (
 )
 from freetf.config import ConfigError, load_config
 from freetf.logs import setup_console, setup_logging
+
+CONFIG_HELP = ("a YAML config, or the name of a shipped one (tiny, synthetic, code, ...: "
+               "freetf/configs/<name>.yaml); default: built-in defaults")
 
 
 class UserError(Exception):
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (through Ray Train by default)")
-    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--batch-size", type=positive_int, help="per-worker batch size")
     p.add_argument("--learning-rate", type=positive_float)
     p.add_argument("--num-epochs", type=positive_int)
@@ -276,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_export)
 
+    from freetf.commands import compare, reproduce, sweep
+
+    for name, command in (("sweep", sweep), ("reproduce", reproduce), ("compare", compare)):
+        p = sub.add_parser(name, help=command.HELP, description=command.HELP)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
+
     p = sub.add_parser("report", help="collapse map of a sweep, from MLflow alone")
     p.add_argument("--experiment", required=True, type=non_empty)
     p.add_argument("--sweep", type=non_empty,
@@ -285,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
 
     p = sub.add_parser("plan", help="memory per GPU under DDP and FSDP, from a config")
-    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--num-workers", type=positive_int, default=1, help="GPUs (one a worker)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), help="default: both, side by side")
     p.add_argument("--gpu-gib", type=positive_float,
@@ -333,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     from freetf.model.pretrained import PretrainedError
     from freetf.tracking import TrackingError

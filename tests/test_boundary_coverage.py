@@ -18,7 +18,7 @@ LOW, HIGH = -6.0, 2.0  # the default sweep's kappa range, 1/64 .. 4 bits
 
 
 def default_search() -> BoundarySearch:
-    """configs/search_kl.yaml's budget: 3 seeds, 5 probes of which 3 initial."""
+    """freetf/configs/search_kl.yaml's budget: 3 seeds, 5 probes of which 3 initial."""
     return BoundarySearch(KEY, LOW, HIGH, [{"training.kl_weight": 1.0}],
                           {KEY: 1.0, "training.kl_weight": 1.0}, 8, [0, 1, 2], 5, 3)
 

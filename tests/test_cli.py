@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
-    code = main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "6",
+    code = main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray", "--max-steps", "6",
                  "--batch-size", "4", "--learning-rate", "1e-3",
                  "--set", f"checkpoint.dir={out / 'ckpt'}",
                  "--set", "tracking.mlflow.enabled=false"])
@@ -39,7 +39,7 @@ def test_generate_and_eval(trained, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["train", "--config", "missing.yaml"], "config file not found"),
-    (["train", "--config", "configs/tiny.yaml", "--set", "model.bogus=1"],
+    (["train", "--config", "freetf/configs/tiny.yaml", "--set", "model.bogus=1"],
      "unknown config key model.bogus"),
     (["generate", "--checkpoint", "nowhere", "--prompt", "A>"], "checkpoint not found"),
 ])
@@ -133,7 +133,7 @@ def _printed_checkpoint(out: str) -> str:
 
 
 def test_generate_from_the_printed_checkpoint_in_process(tmp_path, capsys):
-    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "2",
+    assert main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray", "--max-steps", "2",
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", "tracking.mlflow.enabled=false"]) == 0
     printed = _printed_checkpoint(capsys.readouterr().out)
@@ -179,7 +179,7 @@ def _nan_from_call(monkeypatch, first_bad: int) -> None:
 def test_nonfinite_stop_says_what_happened_and_where_the_checkpoint_is(tmp_path, monkeypatch,
                                                                         capsys):
     _nan_from_call(monkeypatch, first_bad=6)
-    code = main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "20",
+    code = main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray", "--max-steps", "20",
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", "checkpoint.every_steps=4",
                  "--set", "training.max_consecutive_nonfinite=3",
@@ -196,7 +196,7 @@ def test_nonfinite_stop_says_what_happened_and_where_the_checkpoint_is(tmp_path,
 
 def test_nonfinite_stop_without_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     _nan_from_call(monkeypatch, first_bad=1)
-    code = main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "20",
+    code = main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray", "--max-steps", "20",
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", "training.max_consecutive_nonfinite=3",
                  "--set", "training.grad_clip=0", "--set", "tracking.mlflow.enabled=false"])
@@ -217,7 +217,7 @@ def test_ctrl_c_during_training_ends_quietly_and_marks_the_run_killed(tmp_path, 
 
     monkeypatch.setattr(ray_train, "train_loop", interrupted)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray",
+    assert main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray",
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", f"tracking.mlflow.tracking_uri={uri}"]) == 130
     err = capsys.readouterr().err
@@ -235,7 +235,7 @@ def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_
     from conftest import prepared_code_corpus
 
     data = prepared_code_corpus(tmp_path)
-    assert main(["train", "--config", "configs/code.yaml", "--no-ray", "--max-steps", "2",
+    assert main(["train", "--config", "freetf/configs/code.yaml", "--no-ray", "--max-steps", "2",
                  "--set", f"data.path={data}", "--set", "model.hidden_dim=32",
                  "--set", "model.num_layers=1", "--set", "model.num_heads=2",
                  "--set", "model.latent_dim=2", "--set", "model.max_seq_len=16",

@@ -120,13 +120,31 @@ def test_report_files(tmp_path):
     assert markdown_table(rows).count("\n") == 6
 
 
+def test_the_command_writes_the_sweeps_report_folder_by_default(tmp_path, monkeypatch):
+    """``--report-only`` of the smoke spec: compare.* in reports/<sweep name>/, not docs/;
+    ``--out`` moves them."""
+    from freetf.cli import main
+    from freetf.commands import compare
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    monkeypatch.setattr(compare, "_finished_sweep", lambda sweep: (runs(), None))
+    assert main(["compare", "--smoke", "--report-only"]) == 0
+    names = ["compare.csv", "compare.json", "compare.md", "compare.png"]
+    assert sorted(p.name for p in (tmp_path / "reports" / "compare_code_smoke").iterdir()) \
+        == names
+    assert not any((tmp_path / "docs").iterdir())
+    assert main(["compare", "--smoke", "--report-only", "--out", "elsewhere"]) == 0
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == names
+
+
 @pytest.mark.parametrize("name,trials,seeds,kappas,latent", [
     ("compare_code", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 8),
     ("compare_code_smoke", 6, [0, 1], [0.125, 4.0], 4),
     ("compare_code_gpu", 21, [0, 1, 2], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], 16),
 ])
 def test_spec_is_the_kappa_grid_times_seeds_plus_baselines(name, trials, seeds, kappas, latent):
-    sweep = load_sweep(f"configs/{name}.yaml")
+    sweep = load_sweep(f"freetf/configs/{name}.yaml")
     base = sweep.base()
     assert sweep.expected_trials == trials
     assert not sweep.stopper.enabled and not sweep.asha.enabled  # every trial to the end
@@ -148,7 +166,7 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     """The smoke spec on a tiny BPE corpus: 6 trials in MLflow, the table on the parent."""
     from conftest import prepared_code_corpus
 
-    from freetf.experiments.compare import main
+    from freetf.cli import main
     from freetf.tracking import mlflow_client
 
     data = prepared_code_corpus(tmp_path, files=30, repeats=40)
@@ -156,11 +174,10 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--smoke", "--set", f"data.path={data}", "--set", "model.vocab_size=300",
             "--set", f"mlflow.tracking_uri={uri}"]
-    spec = _config("compare_code_smoke.yaml")
-    assert main(argv, default_spec=None, smoke_spec=spec) == 0
+    assert main(["compare", *argv]) == 0
     out = capsys.readouterr().out
     assert "| baseline | 0,1 |" in out and "| 4 | 0,1 |" in out
-    assert main([*argv, "--report-only"], default_spec=None, smoke_spec=spec) == 0
+    assert main(["compare", *argv, "--report-only"]) == 0
     again = capsys.readouterr().out
     assert [x for x in again.splitlines() if x.startswith("|")] == \
         [x for x in out.splitlines() if x.startswith("|")]  # the same table, from MLflow
@@ -175,12 +192,6 @@ def test_the_command_end_to_end(tmp_path, monkeypatch, capsys):
             "report/compare.png"} <= names
 
 
-def _config(name):
-    from pathlib import Path
-
-    return Path(__file__).resolve().parent.parent / "configs" / name
-
-
 def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
     """ensure_prepared: the recipe into the sweep's data folder, with a progress line;
     the second call finds meta.json and prepares nothing."""
@@ -193,13 +204,13 @@ def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(compare, "STDLIB_RECIPE",
                         {"inputs": (str(corpus),), "tokenizer": "bpe", "vocab_size": 300})
     data = tmp_path / "data"
-    sweep = load_sweep("configs/compare_code_smoke.yaml", [f"data.path={data}"])
+    sweep = load_sweep("freetf/configs/compare_code_smoke.yaml", [f"data.path={data}"])
     assert compare.ensure_prepared(sweep, workers=1)
     assert f"preparing the corpus: Python's standard library -> {data}" in \
         capsys.readouterr().out
     meta = json.loads((data / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "bpe" and (data / "tokenizer.json").is_file()
-    assert load_sweep("configs/compare_code_smoke.yaml",  # the vocabulary follows the data
+    assert load_sweep("freetf/configs/compare_code_smoke.yaml",  # the vocabulary follows the data
                       [f"data.path={data}"]).base().model.vocab_size == meta["vocab_size"]
     assert meta["vocab_size"] != 256
     assert not compare.ensure_prepared(sweep, workers=1)

@@ -14,7 +14,8 @@ from freetf import ConfigError, load_config
 from freetf.config import flatten
 
 pytestmark = pytest.mark.timeout(60)
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+SHIPPED = Path(__file__).parent.parent / "freetf" / "configs"
+CONFIGS = sorted(SHIPPED.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -29,11 +30,59 @@ def test_every_shipped_config_loads(path):
 
 
 def test_guide_config_is_the_guides_schema():
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "free_transformer.yaml")
+    cfg = load_config(SHIPPED / "free_transformer.yaml")
     assert cfg.model.vocab_size == 50000 and cfg.model.latent_dim == 32
     assert cfg.training.learning_rate == 1e-4  # YAML reads "1e-4" as a string: coerced
     assert cfg.training.free_bits_nats == 0.5
     assert cfg.optimizer.betas == (0.9, 0.95) and cfg.optimizer.eps == 1e-8
+
+
+def test_the_shipped_configs_are_package_data_found_through_importlib_resources():
+    """freetf/configs is what importlib.resources finds in the package; the wheel takes every
+    file of it (pyproject's package-data); the repository's configs/ is the same folder."""
+    import fnmatch
+    import tomllib
+    from importlib.resources import files
+
+    from freetf.config import shipped_configs, shipped_dir
+
+    found = files("freetf").joinpath("configs")
+    assert shipped_dir() == found and found.samefile(SHIPPED)
+    assert shipped_configs() == [p.stem for p in CONFIGS]
+    assert {"search_kl", "search_kl_smoke", "reproduce_synthetic", "compare_code", "tiny",
+            "synthetic"} <= set(shipped_configs())
+    root = SHIPPED.parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["freetf"]
+    assert all(any(fnmatch.fnmatch(f"configs/{p.name}", pat) for pat in patterns)
+               for p in SHIPPED.iterdir())
+    assert (root / "configs").resolve() == SHIPPED.resolve()
+
+
+def test_a_config_is_a_file_or_the_name_of_a_shipped_one(tmp_path, monkeypatch):
+    from freetf.config import config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_path("tiny") == config_path("tiny.yaml") == SHIPPED / "tiny.yaml"
+    assert load_config("tiny") == load_config(SHIPPED / "tiny.yaml")
+    (tmp_path / "tiny.yaml").write_text("model: {hidden_dim: 48}\n")  # a file wins
+    assert config_path("tiny.yaml") == Path("tiny.yaml")
+    assert load_config("tiny.yaml").model.hidden_dim == 48
+    assert load_config("tiny").model.hidden_dim == 32  # no file named "tiny": shipped
+    for missing in ("configs/tiny.yaml", "nope", str(tmp_path / "synthetic.yaml"), ""):
+        with pytest.raises(ConfigError, match=r"config file not found: .*synthetic, tiny\)"):
+            config_path(missing)
+
+
+def test_a_shipped_sweep_by_name_finds_its_base_config_beside_it(tmp_path, monkeypatch):
+    from freetf.sweeps.spec import SweepError, load_sweep
+
+    monkeypatch.chdir(tmp_path)  # nothing here: the names are the package's
+    sweep = load_sweep("search_kl_smoke")
+    assert Path(sweep.base_config) == SHIPPED.resolve() / "tiny.yaml"
+    assert sweep.base().training.max_steps == 20
+    with pytest.raises(SweepError, match="sweep file not found: search_kl_smok "):
+        load_sweep("search_kl_smok")
 
 
 def test_dotted_overrides_and_bits_unit():

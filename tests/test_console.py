@@ -17,7 +17,7 @@ from freetf.sweeps.spec import STOP_REASON, load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID8 = ROOT / "bench" / "search_kl_grid8.yaml"
-SMOKE_BOUNDARY = ROOT / "configs" / "search_kl_smoke.yaml"
+SMOKE_BOUNDARY = ROOT / "freetf" / "configs" / "search_kl_smoke.yaml"
 
 
 class Clock:

@@ -34,7 +34,7 @@ NON_DEFAULTS = ["model.rope_theta=500.0", "model.norm_eps=0.1", "model.injection
 def checkpoint(tmp_path_factory):
     """A real checkpoint: two steps of ``freetf train --no-ray`` on the synthetic task."""
     out = tmp_path_factory.mktemp("export")
-    argv = ["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "2",
+    argv = ["train", "--config", "freetf/configs/tiny.yaml", "--no-ray", "--max-steps", "2",
             "--set", f"checkpoint.dir={out / 'ckpt'}", "--set", "tracking.mlflow.enabled=false"]
     for override in NON_DEFAULTS:
         argv += ["--set", override]
@@ -110,7 +110,8 @@ def test_export_refuses_what_it_cannot_do_in_one_line(checkpoint, tmp_path, caps
 
 
 def test_an_incomplete_export_is_refused_by_name(checkpoint, tmp_path, capsys):
-    FreeTransformer(load_config("configs/tiny.yaml").model).save_pretrained(tmp_path / "bare")
+    tiny = load_config("freetf/configs/tiny.yaml")
+    FreeTransformer(tiny.model).save_pretrained(tmp_path / "bare")
     out = export_checkpoint(checkpoint, tmp_path / "exported")
     (out / "model.safetensors").unlink()
     for folder, needle in ((tmp_path / "bare", "no freetf.json"),
@@ -131,7 +132,7 @@ def test_a_sharded_checkpoint_exports_its_consolidated_weights(tmp_path):
     """The FSDP format (DCP shards), written by save_sharded in one process."""
     from freetf.training.sharded_checkpoint import save_sharded
 
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config("freetf/configs/tiny.yaml")
     model = FreeTransformer(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters())
     path = save_sharded(tmp_path / "ckpt", 3, model, optimizer, {"step": 3}, cfg,

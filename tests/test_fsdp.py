@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def tiny(root, *extra):
-    return load_config("configs/tiny.yaml", [
+    return load_config("freetf/configs/tiny.yaml", [
         f"checkpoint.dir={root}/ckpt", "tracking.mlflow.enabled=false", "training.log_every=1",
         "training.max_steps=10", "data.num_samples=256", "diagnostics.free_generations=0",
         # clipping active at every step: a norm over this rank's shards alone would clip
@@ -274,7 +274,7 @@ def test_clip_grad_norm_returns_the_unclipped_norm_when_off():
 def test_mixed_precision_policy_only_for_amp_on_cuda():
     from freetf.training.parallel import mixed_precision
 
-    cfg = load_config("configs/tiny.yaml", ["scaling.strategy=fsdp"])
+    cfg = load_config("freetf/configs/tiny.yaml", ["scaling.strategy=fsdp"])
     policy = mixed_precision(cfg, torch.device("cuda"))  # amp=auto: bf16 on CUDA
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
     assert mixed_precision(cfg, torch.device("cpu")) is None

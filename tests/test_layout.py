@@ -116,9 +116,25 @@ def test_tracking_and_results_import_neither_the_sweep_engine_nor_ray():
 
 
 def test_parsing_a_sweep_spec_imports_no_ray():
-    modules = _imported_after("from freetf.sweeps.spec import load_sweep\n"
-                              "load_sweep('configs/search_kl.yaml')")
-    assert not {m for m in modules if m == "ray" or m.startswith("ray.")}
+    """``from freetf.sweeps import load_sweep, run_sweep`` too: run_sweep loads Ray when
+    first used."""
+    for code in ("from freetf.sweeps.spec import load_sweep\n"
+                 "load_sweep('freetf/configs/search_kl.yaml')",
+                 "from freetf.sweeps import load_sweep\nload_sweep('search_kl')"):
+        modules = _imported_after(code)
+        assert not {m for m in modules if m == "ray" or m.startswith("ray.")}
+    public = _imported_after("from freetf.sweeps import load_sweep, run_sweep, SweepResult\n"
+                             "import freetf.sweeps.sweep as driver\n"
+                             "assert run_sweep is driver.run_sweep\n"
+                             "assert SweepResult is driver.SweepResult")
+    assert "ray" in public
+
+
+def test_the_command_line_loads_no_ray_before_a_command_runs():
+    """``freetf --help`` and every parser (the study commands' too) import neither Ray nor
+    MLflow: freetf/commands import them inside ``run``."""
+    modules = _imported_after("from freetf.cli import build_parser\nbuild_parser()")
+    assert not {m for m in modules if m.split(".")[0] in ("ray", "mlflow", "pandas")}
 
 
 @pytest.mark.parametrize("room, above", [

@@ -26,7 +26,8 @@ TINY_SYNTHETIC = ["model.hidden_dim=32", "model.num_layers=2", "model.num_heads=
 
 @pytest.mark.parametrize("latent", [0, 4])
 def test_an_evaluation_logs_the_floor_of_its_own_rows_and_the_use_of_z(latent):
-    cfg = load_config("configs/synthetic.yaml", [*TINY_SYNTHETIC, f"model.latent_dim={latent}"])
+    cfg = load_config("freetf/configs/synthetic.yaml",
+                      [*TINY_SYNTHETIC, f"model.latent_dim={latent}"])
     data = build_data(cfg)
     model = FreeTransformer(cfg.model)
     m = evaluate(model, data, cfg, torch.device("cpu"), cfg.training.free_bits_nats,
@@ -50,7 +51,7 @@ def test_an_evaluation_logs_the_floor_of_its_own_rows_and_the_use_of_z(latent):
 
 
 def test_the_loop_logs_the_plateau_at_every_evaluation():
-    cfg = load_config("configs/synthetic.yaml", [
+    cfg = load_config("freetf/configs/synthetic.yaml", [
         *TINY_SYNTHETIC, "training.max_steps=6", "training.eval_every=2",
         "training.log_every=2", "diagnostics.converge_evals=2",
         "diagnostics.converge_ce_nats=100", "diagnostics.converge_kl_bits=100"])
@@ -65,7 +66,7 @@ def test_the_loop_logs_the_plateau_at_every_evaluation():
                                                           (1e4, 0.0, 1.0)])
 def test_the_kl_tolerance_is_the_larger_of_bits_and_a_share_of_kappa(kl_bits, kl_frac,
                                                                      converged):
-    cfg = load_config("configs/synthetic.yaml", [
+    cfg = load_config("freetf/configs/synthetic.yaml", [
         *TINY_SYNTHETIC, "training.max_steps=4", "training.eval_every=2",
         "training.log_every=2", "diagnostics.converge_evals=2",
         "diagnostics.converge_ce_nats=100", f"diagnostics.converge_kl_bits={kl_bits}",

@@ -1,4 +1,4 @@
-"""freetf plan: memory per GPU against a hand count of configs/tiny.yaml."""
+"""freetf plan: memory per GPU against a hand count of freetf/configs/tiny.yaml."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from freetf.training.memory_plan import GIB, count_parameters, memory_plan
 
 pytestmark = pytest.mark.timeout(60)
 
-# configs/tiny.yaml by hand: vocab 29, D 32, 2 blocks, 2 heads (D_kv = D), H = 4, tied
+# freetf/configs/tiny.yaml by hand: vocab 29, D 32, 2 blocks, 2 heads (D_kv = D), H = 4, tied
 # embeddings, SwiGLU width F = 64 * ceil(8 * 32 / 3 / 64) = 128.
 D, F, V, H = 32, 128, 29, 4
 BLOCK = D + 4 * D * D + D + 3 * D * F  # two norms, wq wk wv wo, w1 w3 w2
@@ -23,17 +23,17 @@ PER_BLOCK = (5 * D + 2 * D + 4 * F) * E
 
 
 def test_parameter_counts_are_the_models():
-    counts = count_parameters(load_config("configs/tiny.yaml"))
+    counts = count_parameters(load_config("freetf/configs/tiny.yaml"))
     assert counts.total == TOTAL == 51044
     assert counts.largest_unit == BLOCK == 16448 and ROOT < BLOCK
     # a large vocabulary makes the root (embeddings + tied LM head) the largest unit
-    wide = count_parameters(load_config("configs/tiny.yaml", ["model.vocab_size=1000"]))
+    wide = count_parameters(load_config("freetf/configs/tiny.yaml", ["model.vocab_size=1000"]))
     assert wide.largest_unit == ROOT + (1000 - V) * D
 
 
 @pytest.mark.parametrize("workers", [1, 2, 8])
 def test_plan_matches_a_hand_count(workers):
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config("freetf/configs/tiny.yaml")
     ddp, fsdp = (memory_plan(cfg, workers, s) for s in ("ddp", "fsdp"))
     assert ddp.rows["parameters (fp32)"] == 4 * TOTAL
     assert ddp.rows["AdamW state (fp32)"] == 8 * TOTAL
@@ -54,7 +54,7 @@ def test_plan_matches_a_hand_count(workers):
 
 
 def test_plan_follows_precision_chunked_loss_and_dense_mapper():
-    base = load_config("configs/tiny.yaml")
+    base = load_config("freetf/configs/tiny.yaml")
     fp32 = memory_plan(base.replace(["training.amp=off"]), 1, "ddp")
     assert fp32.rows["activations"] == TOKENS * (D * 4 + 3 * (7 * D + 4 * F) * 4 + V * 12)
     chunked = memory_plan(base.replace(["training.cross_entropy=chunked"]), 1, "ddp")
@@ -67,7 +67,7 @@ def test_plan_follows_precision_chunked_loss_and_dense_mapper():
 def test_plan_command_prints_both_strategies_and_whether_they_fit(capsys):
     from freetf.cli import main
 
-    assert main(["plan", "--config", "configs/tiny.yaml", "--num-workers", "2",
+    assert main(["plan", "--config", "freetf/configs/tiny.yaml", "--num-workers", "2",
                  "--gpu-gib", "0.0016"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[-4:] == ["ddp", "x2", "fsdp", "x2"]
@@ -76,5 +76,5 @@ def test_plan_command_prints_both_strategies_and_whether_they_fit(capsys):
     assert float(rows["total"][0]) == pytest.approx(total / GIB, abs=0.005)
     # 1.72 MB: DDP needs 1.88 MB even checkpointed, FSDP over 2 workers 1.61 MB
     assert rows["fits 0.0016 GiB"] == ["no", "ckpt"]
-    assert main(["plan", "--config", "configs/tiny.yaml", "--strategy", "fsdp"]) == 0
+    assert main(["plan", "--config", "freetf/configs/tiny.yaml", "--strategy", "fsdp"]) == 0
     assert "ddp" not in capsys.readouterr().out

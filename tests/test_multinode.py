@@ -96,7 +96,7 @@ def test_two_node_run_survives_losing_a_node_with_every_step_logged_once(
 
     cluster, worker = two_node_cluster
     steps = 120
-    cfg = load_config("configs/tiny.yaml", [
+    cfg = load_config("freetf/configs/tiny.yaml", [
         f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         f"scaling.storage_path={tmp_path}/shared", "scaling.run_name=two_nodes",
         f"checkpoint.dir={tmp_path}/ckpt", "scaling.num_workers=2",
@@ -136,7 +136,7 @@ def test_a_sweep_spreads_its_trials_over_both_nodes(tmp_path, two_node_cluster):
     from freetf.sweeps.spec import load_sweep
     from freetf.sweeps.sweep import run_sweep
 
-    sweep = load_sweep("configs/search_kl_smoke.yaml", [
+    sweep = load_sweep("freetf/configs/search_kl_smoke.yaml", [
         f"storage_path={tmp_path}/shared", f"report_dir={tmp_path}/reports",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow.sweep_name=two_nodes",
         "search.method=grid", "asha.enabled=false", "stopper.enabled=false",

@@ -33,7 +33,7 @@ def no_training(monkeypatch):
 
 
 def tiny(tmp_path, *extra):
-    return load_config("configs/tiny.yaml", [
+    return load_config("freetf/configs/tiny.yaml", [
         f"checkpoint.dir={tmp_path / 'ckpt'}", f"scaling.storage_path={tmp_path / 'rr'}",
         f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra])
 
@@ -47,7 +47,7 @@ def tiny(tmp_path, *extra):
 ])
 def test_each_unwritable_output_fails_before_training(key, value, use_ray, tmp_path, blocker,
                                                        no_training, capsys):
-    argv = ["train", "--config", "configs/tiny.yaml",
+    argv = ["train", "--config", "freetf/configs/tiny.yaml",
             "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
             "--set", f"scaling.storage_path={tmp_path / 'rr'}",
             "--set", f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -94,7 +94,7 @@ def test_remote_storage_and_servers_are_not_local_paths(tmp_path):
 
 
 def test_vocabulary_is_checked_before_training(tmp_path, no_training, capsys):
-    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray",
+    assert main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray",
                  "--set", "model.vocab_size=256",
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", "tracking.mlflow.enabled=false"]) == 2

@@ -379,13 +379,13 @@ def test_bits_per_byte():
 
 
 def test_code_config_trains_on_prepared_data(corpus, tmp_path):
-    """configs/code.yaml on a prepared folder: training runs and reports bits per byte."""
+    """freetf/configs/code.yaml on a prepared folder: training runs and reports bits per byte."""
     from freetf.training.loop import train_loop
 
     out = tmp_path / "bpe"
     prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), out,
             progress=False)
-    cfg = load_config("configs/code.yaml", [  # model.vocab_size follows meta.json
+    cfg = load_config("freetf/configs/code.yaml", [  # model.vocab_size follows meta.json
         f"data.path={out}", "data.max_seq_len=32", "model.max_seq_len=32",
         "model.hidden_dim=32", "model.num_layers=2", "model.num_heads=2",
         "training.batch_size=2", "training.max_steps=3", "training.eval_batches=1",

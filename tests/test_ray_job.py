@@ -91,7 +91,7 @@ def test_ray_job_submit_trains_and_logs(ray_head, tmp_path):
     address, env = ray_head
     db = tmp_path / "mlflow.db"
     command = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-               "freetf", "train", "--config", "configs/tiny.yaml",
+               "freetf", "train", "--config", "freetf/configs/tiny.yaml",
                "--set", "training.max_steps=4",
                "--set", f"tracking.mlflow.tracking_uri=sqlite:///{db}",
                "--set", f"scaling.storage_path={tmp_path}/ray_results",

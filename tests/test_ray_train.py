@@ -26,7 +26,7 @@ def _ray(local_ray):
 
 
 def cfg_for(tmp_path, *extra):
-    return load_config("configs/tiny.yaml", [
+    return load_config("freetf/configs/tiny.yaml", [
         f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         f"scaling.storage_path={tmp_path}/ray_results", f"checkpoint.dir={tmp_path}/ckpt",
         "scaling.cpus_per_worker=0.5", "training.log_every=1", "data.num_samples=256", *extra])
@@ -273,7 +273,7 @@ def test_loopback_check_sees_a_wildcard_socket():
 def _train_and_generate_from_the_printed_checkpoint(tmp_path, capsys, num_workers):
     from freetf.cli import main
 
-    assert main(["train", "--config", "configs/tiny.yaml", "--max-steps", "4",
+    assert main(["train", "--config", "freetf/configs/tiny.yaml", "--max-steps", "4",
                  "--num-workers", str(num_workers),
                  "--set", f"scaling.storage_path={tmp_path}/ray_results",
                  "--set", f"scaling.run_name=printed{num_workers}",
@@ -302,7 +302,7 @@ def test_one_worker_prints_a_checkpoint_that_generate_reads(tmp_path, capsys):
 def _diverging_train(tmp_path, num_workers, *extra):
     from freetf.cli import main
 
-    return main(["train", "--config", "configs/tiny.yaml", "--max-steps", "20",
+    return main(["train", "--config", "freetf/configs/tiny.yaml", "--max-steps", "20",
                  "--num-workers", str(num_workers),
                  "--set", f"scaling.storage_path={tmp_path}/ray_results",
                  "--set", f"scaling.run_name=nf{num_workers}",

@@ -87,6 +87,15 @@ def test_collapse_table_has_a_row_per_trial(runs):
     assert report.collapse_table(report.runs_frame([])) == "(no trial runs)"
 
 
+def test_the_table_names_a_trial_by_its_whole_run_name(runs):
+    """``kappa=1/4 s1`` whole (its "/" is kappa's); a run named before those names loses its
+    sweep's prefix (``s/b`` -> ``b``)."""
+    runs[0].info.run_name = "kappa=1/64 s0"
+    rows = report.collapse_table(report.runs_frame(runs)).splitlines()[2:]
+    assert {row.split(" | ")[0] for row in rows} == {"| kappa=1/64 s0", "| b", "| c", "| d",
+                                                     "| e"}
+
+
 def test_representative_run_is_the_median_kl_of_its_verdict(runs):
     picks = report.representative_runs(report.runs_frame(runs))
     assert list(picks["verdict"]) == ["collapsed", "active", "leaking"]
@@ -133,6 +142,10 @@ def test_write_report_writes_every_file(runs, tmp_path):
     text = report.summary_text(report.runs_frame(runs), paths, "sqlite:///x.db", "exp")
     assert "mlflow ui --backend-store-uri sqlite:///x.db" in text
     assert str(paths["map"]) in text and "3 active" in text
+    linked = report.summary_text(report.runs_frame(runs), paths, "sqlite:///x.db", "exp", "4",
+                                 view="freetf-v")  # the sweep's saved view
+    assert linked.endswith("then open http://127.0.0.1:5000/#/experiments/4/runs?"
+                           "workflowType=machine_learning&viewStateShareKey=freetf-v")
 
 
 def _store(tmp_path: Path) -> str:
@@ -191,7 +204,7 @@ def _baseline_sweep(tmp_path: Path, with_spec: bool = True) -> str:
     client.set_tag(parent, "freetf.role", "sweep")
     client.set_tag(parent, "freetf.sweep", "b")
     if with_spec:
-        spec = load_sweep(Path(__file__).parent.parent / "configs" / "search_kl.yaml")
+        spec = load_sweep(Path(__file__).parent.parent / "freetf" / "configs" / "search_kl.yaml")
         client.log_text(parent, spec.to_yaml(), "search_space.yaml")
     baseline_ce = {0: 1.00, 1: 1.02}
     # (kappa, seed, honest CE, use interval's low end, valid rate, its interval)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from freetf.experiments.reproduce import main, markdown_table
+from freetf.cli import main
+from freetf.experiments.reproduce import markdown_table
 
 pytestmark = pytest.mark.timeout(300)
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_in_process_pipeline_writes_table_and_figure(tmp_path):
-    code = main(["--in-process", "--config", "configs/tiny.yaml", "--kappas", "0.015625", "8",
+    code = main(["reproduce", "--in-process", "--config", "freetf/configs/tiny.yaml",
+                 "--kappas", "0.015625", "8",
                  "--seeds", "0", "--groups", "1", "--per-group", "3", "--out", str(tmp_path),
                  "--name", "r",
                  "--set", "training.max_steps=3", "--set", f"checkpoint.dir={tmp_path}/ck",
@@ -45,7 +50,7 @@ def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
 
     (tmp_path / "a.json").write_text(json.dumps([row(None, 1, 0.3), row(0.5, 1, 0.4)]))
     (tmp_path / "b.json").write_text(json.dumps([row(0.5, 0, 0.6), row(None, 0, 0.5)]))
-    assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+    assert main(["reproduce", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                  "--out", str(tmp_path), "--name", "m", "--note", "GPU, 3 processes."]) == 0
     rows = json.loads((tmp_path / "m.json").read_text())
     assert [(r["kappa_bits"], r["seed"]) for r in rows] == [(None, 0), (None, 1), (0.5, 0),
@@ -56,11 +61,53 @@ def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
 
 
 def test_merge_names_a_missing_file(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--merge", str(tmp_path / "absent.json"), "--out", str(tmp_path)])
+    assert main(["reproduce", "--merge", str(tmp_path / "absent.json"), "--out",
+                 str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"--merge: no such file: {tmp_path / 'absent.json'}" in err
+    assert f"freetf reproduce: error: --merge: no such file: {tmp_path / 'absent.json'}" in err
     assert "Traceback" not in err
+
+
+def _fake_rows():
+    nan = float("nan")
+    return [{"kappa_bits": kappa, "seed": 0, "ce_prior": 0.5, "reproduces": None,
+             "independent/position_spread": nan, "shared/position_spread": nan,
+             "independent/noise_overlap": 0.1, "shared/noise_overlap": 0.1,
+             "independent/valid_rate": 1.0, "shared/valid_rate": 1.0}
+            for kappa in (None, 0.015625)]
+
+
+@pytest.mark.parametrize("mode", ["smoke", "in_process"])
+def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monkeypatch, mode):
+    """``--smoke`` (as the README suggests) writes the sweep's report folder, an in-process
+    run ``reports/``; the committed docs/synthetic_reproduction.* are left as they were."""
+    from types import SimpleNamespace
+
+    import freetf.tracking
+    from freetf.experiments import reproduce
+    from freetf.sweeps.spec import load_sweep
+
+    monkeypatch.chdir(tmp_path)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for suffix in ("md", "png", "json"):
+        (docs / f"synthetic_reproduction.{suffix}").write_text("the committed result")
+    sweep = load_sweep(ROOT / "freetf" / "configs" / "reproduce_synthetic_smoke.yaml")
+    logged = []
+    tracker = SimpleNamespace(log_artifact=lambda path, folder: logged.append(Path(path)),
+                              finish=lambda status: None)
+    monkeypatch.setattr(freetf.tracking, "make_tracker", lambda cfg, run_id: tracker)
+    monkeypatch.setattr(reproduce, "reproduce_with_tune", lambda *a: (
+        _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p")))
+    monkeypatch.setattr(reproduce, "reproduce_in_process", lambda *a, **k: (_fake_rows(), {}))
+    argv = ["--smoke"] if mode == "smoke" else ["--in-process", "--config", "tiny"]
+    assert main(["reproduce", *argv]) == 0
+    out = tmp_path / "reports" / ("reproduce_synthetic_smoke" if mode == "smoke" else "")
+    written = sorted(p.name for p in out.glob("synthetic_reproduction.*"))
+    assert written == ["synthetic_reproduction.json", "synthetic_reproduction.md",
+                       "synthetic_reproduction.png"]
+    assert all(p.read_text() == "the committed result" for p in docs.iterdir())
+    assert [p.parent for p in logged] == ([out] * 3 if mode == "smoke" else [])
 
 
 def test_markdown_table_marks_missing_values():
@@ -114,16 +161,13 @@ def test_summary_separates_the_studys_options():
 def test_the_tune_path_end_to_end(tmp_path, monkeypatch):
     """The smoke spec through Ray Tune: 2 baselines and 2 kappas x 2 seeds in MLflow, each
     measured, the files logged to the sweep's parent run."""
-    from pathlib import Path
-
     from freetf.tracking import mlflow_client
 
-    spec = Path(__file__).resolve().parent.parent / "configs" / "reproduce_synthetic_smoke.yaml"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    assert main(["--set", f"mlflow.tracking_uri={uri}", "--out", str(tmp_path), "--name", "r"],
-                default_spec=spec) == 0
-    rows = json.loads((tmp_path / "r.json").read_text())
+    assert main(["reproduce", "--smoke", "--set", f"mlflow.tracking_uri={uri}", "--name", "r"]) \
+        == 0
+    rows = json.loads((tmp_path / "reports" / "reproduce_synthetic_smoke" / "r.json").read_text())
     assert [(r["kappa_bits"], r["seed"]) for r in rows] == [
         (None, 0), (None, 1), (0.015625, 0), (0.015625, 1), (1.0, 0), (1.0, 1)]
     client = mlflow_client(uri)

@@ -33,11 +33,12 @@ from freetf.sweeps.sweep import (
     trial_key,
     trial_run_name,
 )
+from freetf.sweeps.trainable import kappa_text
 from freetf.tracking import verdict_code
 
 pytestmark = pytest.mark.timeout(600)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 DEFAULT, SMOKE = CONFIGS / "search_kl.yaml", CONFIGS / "search_kl_smoke.yaml"
 # The smoke file as a grid with ASHA and the stopper (it ships as a boundary search).
 GRID = ["search.method=grid", "space.training.free_bits_bits={grid: [0.015625, 1.0, 4.0]}",
@@ -145,10 +146,29 @@ def test_trial_keys_and_names_are_stable():
     b = {"training.free_bits_bits": 0.25, "training.kl_weight": 0.1}
     assert trial_key(a) == trial_key(b)
     assert trial_key(a) != trial_key({**b, "training.kl_weight": 1.0})
-    assert trial_run_name("s", a) == "s/free_bits_bits=0.25,kl_weight=0.1"
-    both = {"training.kl_annealing.type": "linear", "training.free_bits_schedule.type": "cosine"}
-    assert trial_run_name("s", both) == \
-        "s/training.free_bits_schedule.type=cosine,training.kl_annealing.type=linear"
+    assert trial_run_name(a) == trial_run_name(b) == "kappa=1/4 kl_weight=0.1"
+
+
+@pytest.mark.parametrize("spec, settings, named", [
+    (DEFAULT, [], ("training.free_bits_bits", "training.seed")),  # kl_weight: one value
+    (SMOKE, GRID, ("training.free_bits_bits",)),
+    (SMOKE, [*GRID, "space.training.kl_weight={grid: [0.1, 1.0]}",
+             "space.training.seed={grid: [0, 1]}"],
+     ("training.free_bits_bits", "training.kl_weight", "training.seed")),
+])
+def test_run_names_show_the_keys_whose_values_differ(spec, settings, named):
+    """SweepConfig.named_keys: what a trial's run name shows; the context carries them."""
+    sweep = load_sweep(spec, settings)
+    assert sweep.named_keys == named
+    context = TrialContext(sweep_name="s", parent_run_id="p", tracking_uri="sqlite:///x",
+                           base=sweep.base().to_dict(), keys=sweep.trial_keys,
+                           train_storage="/tmp", controller_failure_limit=1,
+                           named_keys=sweep.named_keys)
+    sampled = {"training.free_bits_bits": 0.25, "training.kl_weight": 1.0, "training.seed": 1,
+               "model.latent_dim": 4}
+    sampled = {k: v for k, v in sampled.items() if k in sweep.trial_keys}
+    name = context.trial_config(sampled).tracking.mlflow.run_name
+    assert name == trial_run_name(sampled, named) and name.startswith("kappa=1/4")
 
 
 def _context(max_steps: int = 100) -> TrialContext:
@@ -156,6 +176,19 @@ def _context(max_steps: int = 100) -> TrialContext:
                         base={"training": {"max_steps": max_steps}},
                         keys=("training.kl_weight",), train_storage="/tmp",
                         controller_failure_limit=1)
+
+
+def test_a_store_that_refuses_the_view_does_not_fail_the_sweep(caplog):
+    """The saved view is a convenience: a finished sweep prints the plain link instead."""
+    from types import SimpleNamespace
+
+    def refuse(*args):
+        raise RuntimeError("tag value too long")
+
+    client = SimpleNamespace(get_run=lambda run_id: SimpleNamespace(
+        info=SimpleNamespace(experiment_id="1")), set_experiment_tag=refuse)
+    assert sweep_mod._save_view(client, "p", load_sweep(SMOKE)) is None
+    assert "could not save the sweep's MLflow view: tag value too long" in caplog.text
 
 
 def test_stopper_stops_collapse_after_patience_and_divergence():
@@ -304,7 +337,8 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["freetf.sweep"] == sweep.name
         assert tags["freetf.verdict"] in VERDICTS
-        assert child.info.run_name.startswith(f"{sweep.name}/")
+        sampled = json.loads(tags["freetf.sampled"])  # the grid's only varying key: kappa
+        assert child.info.run_name == f"kappa={kappa_text(sampled['training.free_bits_bits'])}"
         assert {"free_bits_bits", "log2_free_bits_bits", "kl_weight", "seed", "latent_dim",
                 "max_steps"} <= set(params) and len(params) < 25  # not the whole config
         assert json.loads(tags["freetf.config"])["training.max_steps"] == \

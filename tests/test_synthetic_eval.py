@@ -98,7 +98,7 @@ def test_free_generation_validity_reads_prior_generations(latent_dim):
 
 
 def test_pipeline_on_a_tiny_trained_model(tmp_path):
-    cfg = load_config("configs/tiny.yaml", [f"checkpoint.dir={tmp_path}",
+    cfg = load_config("freetf/configs/tiny.yaml", [f"checkpoint.dir={tmp_path}",
                                              "tracking.mlflow.enabled=false",
                                              "training.max_steps=10",
                                              "training.eval_every=5"])
@@ -132,7 +132,7 @@ def test_shared_z_is_one_code_sequence_per_group(monkeypatch):
 
     from freetf.model.transformer import FreeTransformer
 
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config("freetf/configs/tiny.yaml")
     model = FreeTransformer(cfg.model)
     seen = []
     real = model.generate

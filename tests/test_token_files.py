@@ -171,7 +171,7 @@ def test_training_on_damage_stops_before_any_run(case, use_ray, folder, tmp_path
 def test_a_split_shorter_than_a_block_stops_before_any_run(folder, tmp_path, no_run, capsys):
     val_tokens = read_meta(folder)["splits"]["val"]["tokens"]
     block = val_tokens + 1
-    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray",
+    assert main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray",
                  "--set", "data.dataset_name=tokens", "--set", f"data.path={folder}",
                  "--set", f"data.max_seq_len={block}", "--set", f"model.max_seq_len={block}",
                  "--set", "model.vocab_size=256", "--set", "tracking.mlflow.enabled=false",

@@ -21,7 +21,9 @@ from freetf.tracking import (
     make_tracker,
     run_config,
     run_params,
+    runs_column,
     runs_page_url,
+    save_runs_view,
 )
 from freetf.tracking.params import config_tag, format_value, short_names
 
@@ -148,3 +150,35 @@ def test_runs_page_url_opens_the_model_training_view() -> None:
     url = runs_page_url("7", "http://host:9/", "tags.`freetf.sweep` = 's'")
     assert url.startswith("http://host:9/#/experiments/7/runs?workflowType=machine_learning&")
     assert "searchFilter=tags.%60freetf.sweep%60+%3D+%27s%27" in url
+
+
+def test_a_saved_view_is_the_experiment_tag_mlflows_ui_reads(sqlite_uri) -> None:
+    """MLflow 3.17's UI (Views, Share) keeps a runs-page view in the experiment tag
+    ``mlflow.sharedViewState.<id>``: ``{name, createdAt, updatedAt, state}``, ``state`` the
+    page's state as a JSON string; ``viewStateShareKey=<id>`` in the URL opens it."""
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("views")
+    columns = [runs_column("tags", "freetf.verdict"), runs_column("params", "seed"),
+               runs_column("metrics", "eval/kl_bits")]
+    assert columns == ["tags.`freetf.verdict`", "params.`seed`", "metrics.`eval/kl_bits`"]
+    view = save_runs_view(client, experiment, "v-1", "s: trials", columns,
+                          "tags.`freetf.sweep` = 's'")
+    envelope = json.loads(client.get_experiment(experiment).tags["mlflow.sharedViewState.v-1"])
+    assert envelope["name"] == "s: trials" and envelope["createdAt"] == envelope["updatedAt"]
+    assert json.loads(envelope["state"]) == {"selectedColumns": columns,
+                                             "searchFilter": "tags.`freetf.sweep` = 's'"}
+    save_runs_view(client, experiment, view, "s: trials", columns[:1],  # the same id: replaced
+                   group_by_tag="freetf.verdict")
+    tags = client.get_experiment(experiment).tags
+    assert [k for k in tags if k.startswith("mlflow.sharedViewState.")] == [
+        "mlflow.sharedViewState.v-1"]
+    assert json.loads(json.loads(tags["mlflow.sharedViewState.v-1"])["state"]) == {
+        "selectedColumns": columns[:1], "groupBy": "tag.average.freetf.verdict"}
+    assert runs_page_url(experiment, view=view).endswith(
+        "/runs?workflowType=machine_learning&viewStateShareKey=v-1")
+    with pytest.raises(ValueError, match="give search_filter or view"):
+        runs_page_url(experiment, search_filter="x", view=view)  # the UI would drop the view
+    with pytest.raises(ValueError, match="letters, digits"):
+        save_runs_view(client, experiment, "a b", "n", columns)
+    with pytest.raises(ValueError, match="not 'param'"):
+        runs_column("param", "seed")

@@ -5,6 +5,7 @@ MLflow store, no Ray)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from freetf.config import load_config
-from freetf.results.summary import log_sweep_summary, verdict_counts
+from freetf.results.summary import log_sweep_summary, save_sweep_view, verdict_counts
 from freetf.results.sweep_figures import kl_vs_kappa_figure, sweep_curves_figure
 from freetf.sweeps.runs import space_params
 from freetf.sweeps.spec import load_sweep
@@ -29,7 +30,7 @@ from freetf.tracking.figures import training_curves_figure
 
 pytestmark = pytest.mark.timeout(120)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -175,3 +176,23 @@ def test_sweep_summary_on_the_parent(sqlite_uri: str, tmp_path: Path) -> None:
     assert run.data.metrics["sweep/trials_baseline"] == 1
     logged = {Path(a.path).name for a in client.list_artifacts(parent.run_id, "report")}
     assert logged == {"kl_vs_kappa.png", "trial_curves.png"}
+
+
+def test_a_sweeps_view_shows_its_trials_with_the_compared_columns(sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("e")
+    view = save_sweep_view(client, experiment, "search_kl", ["training.kl_weight"])
+    assert view == save_sweep_view(client, experiment, "search_kl",  # the boundary search's
+                                   ["training.free_bits_bits", "training.seed"])
+    assert view != save_sweep_view(client, experiment, "other", ["training.kl_weight"])
+    envelope = json.loads(client.get_experiment(experiment).tags[
+        f"mlflow.sharedViewState.{view}"])
+    state = json.loads(envelope["state"])  # the second save replaced the first
+    assert envelope["name"] == "search_kl: trials"
+    assert state["searchFilter"] == \
+        "tags.`freetf.role` = 'trial' and tags.`freetf.sweep` = 'search_kl'"
+    assert state["groupBy"] == "tag.average.freetf.verdict"  # trials by verdict, not nested
+    assert state["selectedColumns"] == [
+        "tags.`freetf.verdict`", "params.`free_bits_bits`", "params.`seed`",
+        "metrics.`eval/use_nats`", "metrics.`eval/kl_bits`", "metrics.`eval/ce_prior_nats`",
+        "metrics.`eval/valid_rate`", "metrics.`eval/verdict_code`"]

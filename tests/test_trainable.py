@@ -20,11 +20,54 @@ from freetf.training.checkpoint import load_model
 
 pytestmark = pytest.mark.timeout(600)
 
-SMOKE = Path(__file__).resolve().parent.parent / "configs" / "search_kl_smoke.yaml"
+SMOKE = Path(__file__).resolve().parent.parent / "freetf" / "configs" / "search_kl_smoke.yaml"
+
+
+KAPPA, KL, SEED, LATENT, LR = ("training.free_bits_bits", "training.kl_weight", "training.seed",
+                               "model.latent_dim", "training.learning_rate")
+BOUNDARY = (KAPPA, SEED)  # the boundary search's named keys (a kl_weight of one value)
+
+
+@pytest.mark.parametrize("sampled, shown, name", [
+    # kappa in bits: a fraction where exact, else 3 significant digits
+    ({KAPPA: 0.25, KL: 1.0, SEED: 1, LATENT: 8}, BOUNDARY, "kappa=1/4 s1"),
+    ({KAPPA: 0.015625, KL: 1.0, SEED: 0, LATENT: 8}, BOUNDARY, "kappa=1/64 s0"),
+    ({KAPPA: 0.375, SEED: 2}, BOUNDARY, "kappa=3/8 s2"),
+    ({KAPPA: 2 ** -10, SEED: 2}, BOUNDARY, "kappa=1/1024 s2"),
+    ({KAPPA: 2 ** -11, SEED: 2}, BOUNDARY, "kappa=0.000488 s2"),  # past 1/1024: digits
+    ({KAPPA: 2 ** -2.5, SEED: 2}, BOUNDARY, "kappa=0.177 s2"),  # an adaptive probe
+    ({KAPPA: 0.1, SEED: 0}, BOUNDARY, "kappa=0.1 s0"),  # not a binary fraction
+    ({KAPPA: 1.0, SEED: 0}, BOUNDARY, "kappa=1 s0"),
+    ({KAPPA: 4.0, SEED: 5}, BOUNDARY, "kappa=4 s5"),
+    ({KAPPA: 2 ** 1.5, SEED: 0}, BOUNDARY, "kappa=2.83 s0"),
+    ({KAPPA: np.float64(0.25), SEED: np.int64(1)}, BOUNDARY, "kappa=1/4 s1"),  # Tune's types
+    # baselines: what changes a model without latent, then the seed
+    ({KAPPA: 0.5, KL: 1.0, SEED: 2, LATENT: 0}, BOUNDARY, "baseline s2"),
+    ({KAPPA: 0.5, KL: 0.1, LR: 1e-3, SEED: 0, LATENT: 0}, (KAPPA, KL, LR, SEED),
+     "baseline learning_rate=0.001 s0"),
+    # other searched keys by their param names, after kappa
+    ({KAPPA: 0.25, KL: 0.1, SEED: 1, LATENT: 8}, (KAPPA, KL, SEED), "kappa=1/4 kl_weight=0.1 s1"),
+    ({KAPPA: 0.25, KL: 0.1}, None, "kappa=1/4 kl_weight=0.1"),  # default: every key
+    ({KL: 0.1, "training.kl_annealing.type": "linear"}, None, "kl_annealing=linear kl_weight=0.1"),
+    ({KAPPA: 1.0, LATENT: 16}, (KAPPA, LATENT), "kappa=1 latent_dim=16"),
+    ({KAPPA: 1.0, LATENT: 0}, (KAPPA, LATENT), "baseline"),
+    ({"training.free_bits": 0.0108}, None, "free_bits_nats=0.0108"),
+])
+def test_run_names_start_with_what_tells_the_trials_apart(sampled, shown, name):
+    from freetf.sweeps.trainable import trial_run_name
+
+    assert trial_run_name(sampled, shown) == name
+
+
+def test_a_run_name_with_nothing_to_show_is_the_trials_key():
+    from freetf.sweeps.trainable import trial_key, trial_run_name
+
+    sampled = {KL: 1.0}
+    assert trial_run_name(sampled, ()) == f"trial {trial_key(sampled)}"
 
 
 def test_reset_process_state_gives_every_trial_a_fresh_process_state(tmp_path, monkeypatch):
-    cfg = load_config("configs/tiny.yaml", ["training.seed=3", "scaling.cpus_per_worker=2"])
+    cfg = load_config("freetf/configs/tiny.yaml", ["training.seed=3", "scaling.cpus_per_worker=2"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     random.random(), np.random.rand(), torch.rand(3)  # a previous trial drew from each
     torch.set_num_threads(1)
@@ -119,7 +162,7 @@ from freetf.tracking import make_tracker, mlflow_client
 from freetf.training.context import TrainContext
 from freetf.training.loop import train_loop
 before = set(sys.modules)
-cfg = load_config("configs/tiny.yaml", ["training.max_steps=2", "training.log_every=1",
+cfg = load_config("freetf/configs/tiny.yaml", ["training.max_steps=2", "training.log_every=1",
                   "training.eval_every=2", "checkpoint.dir=" + sys.argv[2] + "/ckpt",
                   "tracking.mlflow.tracking_uri=sqlite:///" + sys.argv[2] + "/mlflow.db"])
 client = mlflow_client(cfg.tracking.mlflow.tracking_uri)

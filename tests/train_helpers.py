@@ -9,7 +9,7 @@ from freetf.training.context import TrainContext
 
 
 def tiny(tmp_path, *extra):
-    return load_config("configs/tiny.yaml", [
+    return load_config("freetf/configs/tiny.yaml", [
         f"checkpoint.dir={tmp_path / 'ckpt'}", "tracking.mlflow.enabled=false",
         "training.log_every=1", "scaling.use_ray=false", *extra])
 

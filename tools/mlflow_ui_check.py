@@ -12,6 +12,8 @@ chromium-driver``; or set CHROMIUM / CHROMEDRIVER) and selenium (the ``ui`` extr
 It starts ``mlflow ui`` on a free port of 127.0.0.1 and checks, failing with a message
 naming what it did not find:
 
+0. the link the sweep prints (its saved view, :func:`freetf.results.summary.save_sweep_view`)
+   opens the sweep's trials grouped by verdict, each by its name, with the view's columns;
 1. the runs page link (:func:`freetf.tracking.runs_page_url`) opens the runs table in the
    model-training view, with the sweep's parent run;
 2. expanding the parent lists every trial run by name;
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from tools.mlflow_ui_pages import UICheckError, check_ui  # noqa: E402 - after sys.path
 
-SMOKE = ROOT / "configs" / "search_kl_smoke.yaml"
+SMOKE = ROOT / "freetf" / "configs" / "search_kl_smoke.yaml"
 
 
 # ----------------------------------------------------------------------------- stores
@@ -61,7 +63,7 @@ def synthetic_store(root: Path) -> tuple[str, str]:
     """A sweep of the smoke grid whose trials log made-up curves (one per verdict), through
     the same tracking code as a real sweep; no training, no Ray.  For checking the UI."""
     from freetf.results import report
-    from freetf.results.summary import log_sweep_summary
+    from freetf.results.summary import log_sweep_summary, save_sweep_view
     from freetf.sweeps.runs import space_params
     from freetf.sweeps.sweep import (
         TAG_KEY,
@@ -81,7 +83,7 @@ def synthetic_store(root: Path) -> tuple[str, str]:
     steps = base.training.max_steps
     for kappa, verdict in ((0.015625, "collapsed"), (1.0, "active"), (4.0, "leaking")):
         sampled = {"training.free_bits_bits": kappa, "training.kl_weight": 1.0}
-        name = trial_run_name(sweep.name, sampled)
+        name = trial_run_name(sampled, sweep.named_keys)
         cfg = base.replace({**sampled, "tracking.mlflow.run_name": name})
         child = make_tracker(cfg, parent_run_id=parent.run_id, run_name=name, searched=keys,
                              tags={TAG_SWEEP: sweep.name, TAG_ROLE: "trial",
@@ -105,6 +107,8 @@ def synthetic_store(root: Path) -> tuple[str, str]:
     for path in report.write_report(client, runs, sweep.report_path).values():
         parent.log_artifact(path, "report")
     log_sweep_summary(parent, client, runs, sweep.report_path)
+    experiment_id = client.get_run(parent.run_id).info.experiment_id
+    save_sweep_view(client, experiment_id, sweep.name, sweep.named_keys)  # as run_sweep does
     parent.finish()
     return base.tracking.mlflow.tracking_uri, base.tracking.mlflow.experiment
 

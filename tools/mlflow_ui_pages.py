@@ -128,6 +128,25 @@ def _runs(client, experiment: str, sweep: str | None):
     return found.experiment_id, parent, children
 
 
+def _sweep_view(client, experiment_id: str, sweep: str) -> tuple[str, list[str]]:
+    """The id of the sweep's saved view (``<sweep>: trials``) and the names of the columns
+    it shows that the experiment has (the table leaves out a column no run logged)."""
+    from freetf.tracking.store import SAVED_VIEW_TAG
+
+    experiment = client.get_experiment(experiment_id)
+    logged = {key for run in client.search_runs([experiment_id], max_results=1000)
+              for key in (*run.data.params, *run.data.metrics)}
+    for key, value in experiment.tags.items():
+        if key.startswith(SAVED_VIEW_TAG) and json.loads(value).get("name") == \
+                f"{sweep}: trials":
+            state = json.loads(json.loads(value)["state"])
+            names = [c.split(".", 1)[1].strip("`") for c in state["selectedColumns"]
+                     if c.startswith(("params.", "metrics."))]
+            return key[len(SAVED_VIEW_TAG):], [n for n in names if n in logged]
+    raise UICheckError(f"sweep_view: experiment {experiment.name!r} has no saved view "
+                       f"'{sweep}: trials'")
+
+
 def check_ui(ui: str, tracking_uri: str, experiment: str, sweep: str | None,
              shots: Path) -> list[str]:
     """Run the checks against ``mlflow ui`` at ``ui``; what was seen, one line per check."""
@@ -140,7 +159,19 @@ def check_ui(ui: str, tracking_uri: str, experiment: str, sweep: str | None,
     driver = chromium(1600, 900)
     page = Page(driver, shots)
     try:
+        # 0. The sweep's link opens its saved view: the trials by verdict, with its columns.
+        view, columns = _sweep_view(client, experiment_id, parent.info.run_name)
+        page.open(runs_page_url(experiment_id, ui, view=view), *names.values(), "Group: ",
+                  step="sweep_view")
+        page.wait_for_text(*names.values(), *columns, step="sweep_view",
+                           absent=("Detect Issues",))
+        seen.append(f"the sweep's link opens its view: {len(names)} trials grouped by "
+                    f"verdict, by name, with the columns {', '.join(columns)}")
+        page.screenshot("sweep_view")
+
         # 1. The link opens the runs table (model-training view) with the sweep's parent.
+        driver.get("about:blank")  # a new page: from a shared view, 3.17's UI changing only
+        # the URL's #fragment to this link stayed on its loading placeholder (seen here)
         page.open(runs_page_url(experiment_id, ui), "Run Name", parent.info.run_name,
                   step="runs_table")
         if "/runs" not in driver.current_url:

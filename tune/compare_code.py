@@ -1,4 +1,5 @@
-"""The baseline against the Free Transformer at kappa in {1/8, ..., 4} bits on real code.
+"""``freetf compare``: the baseline against the Free Transformer at kappa in {1/8, ..., 4}
+bits on real code.  This script is an alias of the command, for a checkout:
 
     python tune/compare_code.py                # 21 trials (3 baselines + 6 kappas x 3 seeds)
     python tune/compare_code.py --smoke        # the pipeline in a few minutes, not the result
@@ -7,16 +8,13 @@
 
 Prepares Python's standard library into data/stdlib-bpe4k first if it is missing.  Writes
 reports/compare_code/compare.{md,csv,json,png}, also logged to the sweep's MLflow parent
-run; the logic lives in freetf.experiments.compare.
+run.  The command is :mod:`freetf.commands.compare`, the logic
+:mod:`freetf.experiments.compare`.
 """
 
 import sys
-from pathlib import Path
 
-from freetf.experiments.compare import main
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from freetf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(default_spec=CONFIGS / "compare_code.yaml",
-                  smoke_spec=CONFIGS / "compare_code_smoke.yaml"))
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -1,20 +1,19 @@
-"""Reproduce the paper's synthetic experiment (§4.1, Figure 4) as a measured table.
+"""``freetf reproduce``: the paper's synthetic experiment (§4.1, Figure 4) as a measured
+table.  This script is an alias of the command, for a checkout:
 
     python tune/reproduce_synthetic.py             # Tune grid over kappa in {1/64, 1/8, 1, 8} bits
     python tune/reproduce_synthetic.py --smoke     # a minute: the pipeline, not the result
     python tune/reproduce_synthetic.py --resume    # continue an interrupted run
-    python tune/reproduce_synthetic.py --in-process --device cuda --config configs/synthetic.yaml
+    python tune/reproduce_synthetic.py --in-process --device cuda --config synthetic
 
-Writes docs/synthetic_reproduction.{md,png,json}; the logic lives in freetf.experiments.reproduce.
+Writes reports/<sweep name>/synthetic_reproduction.{md,png,json} (--out docs: the committed
+docs/synthetic_reproduction.*).  The command is :mod:`freetf.commands.reproduce`, the logic
+:mod:`freetf.experiments.reproduce`.
 """
 
 import sys
-from pathlib import Path
 
-from freetf.experiments.reproduce import main
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from freetf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(default_spec=CONFIGS / "reproduce_synthetic.yaml",
-                  smoke_spec=CONFIGS / "reproduce_synthetic_smoke.yaml"))
+    sys.exit(main(["reproduce", *sys.argv[1:]]))

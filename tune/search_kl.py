@@ -1,20 +1,18 @@
-"""Sweep kl_weight, free bits and their schedules with Ray Tune; draw the collapse map.
+"""``freetf sweep``: sweep kl_weight, free bits and their schedules with Ray Tune; draw the
+collapse map.  This script is an alias of the command, for a checkout:
 
-    python tune/search_kl.py                      # the default sweep (configs/search_kl.yaml)
-    python tune/search_kl.py --smoke              # one minute (configs/search_kl_smoke.yaml)
+    python tune/search_kl.py          # the default sweep (freetf/configs/search_kl.yaml)
+    python tune/search_kl.py --smoke  # one minute (freetf/configs/search_kl_smoke.yaml)
     python tune/search_kl.py --set training.max_steps=100 --set search.seed=1
-    python tune/search_kl.py --resume             # continue an interrupted sweep
+    python tune/search_kl.py --resume # continue an interrupted sweep
 
-The logic lives in :mod:`freetf.sweeps`; see docs/sweeps.md.
+The command is :mod:`freetf.commands.sweep`, the logic :mod:`freetf.sweeps`; see
+docs/sweeps.md.
 """
 
 import sys
-from pathlib import Path
 
-from freetf.sweeps.sweep import main
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from freetf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=CONFIGS / "search_kl.yaml",
-                  smoke_config=CONFIGS / "search_kl_smoke.yaml"))
+    sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -38,6 +38,7 @@ from freetf.config.schema import (
     TrainingConfig,
     WandbConfig,
 )
+from freetf.config.shipped import config_path, shipped_configs, shipped_dir
 from freetf.config.tree import (
     ConfigError,
     apply_overrides,
@@ -53,14 +54,18 @@ __all__ = [
     "FreeBitsScheduleConfig", "KLAnnealingConfig", "MlflowConfig", "ModelConfig",
     "OptimizerConfig", "ScalingConfig", "SchedulerConfig", "TensorBoardConfig",
     "TrackingConfig", "TrainingConfig", "WandbConfig", "apply_overrides", "build_section",
-    "flatten", "from_dict", "load_config", "read_yaml_mapping", "split_override",
+    "config_path", "flatten", "from_dict", "load_config", "read_yaml_mapping",
+    "shipped_configs", "shipped_dir", "split_override",
 ]
 
 
 def load_config(path: str | Path | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load a YAML config (None = defaults) and apply ``dotted.key=value`` overrides."""
-    data = read_yaml_mapping(path) if path is not None else {}
+    """Load a YAML config (None = defaults) and apply ``dotted.key=value`` overrides.
+
+    ``path``: a YAML file, or the name of a shipped config (``"synthetic"``; see
+    :func:`freetf.config.shipped.config_path`)."""
+    data = read_yaml_mapping(config_path(path)) if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))
 
 

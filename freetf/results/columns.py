@@ -19,6 +19,14 @@ def x_column(df: pd.DataFrame, key: str) -> pd.Series:
     return df[column].astype(float).map(lambda v: math.log2(v) if v > 0 else math.nan)
 
 
+def trial_label(row: dict) -> str:
+    """A trial's name in tables and figures: its run name, without the sweep's name that
+    runs named before the current names carried in front (``search_kl/free_bits_bits=...``;
+    now ``kappa=1/4 s1``, :func:`freetf.sweeps.trainable.trial_run_name`)."""
+    name, sweep = str(row["run_name"]), str(row.get("sweep") or "")
+    return name[len(sweep) + 1:] if sweep and name.startswith(f"{sweep}/") else name
+
+
 def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

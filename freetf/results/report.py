@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from freetf.results.columns import ANNEALING, FREE_BITS, KL_WEIGHT, save_figure
+from freetf.results.columns import ANNEALING, FREE_BITS, KL_WEIGHT, save_figure, trial_label
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def collapse_table(df: pd.DataFrame) -> str:
               "KL (bits/token)", "use of Z (nats/token)", "valid", "CE prior (nats)", "ended"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for values in df.to_dict("records"):
-        cells = [values["run_name"].split("/", 1)[-1], values[ANNEALING],
+        cells = [trial_label(values), values[ANNEALING],
                  _fmt(values[FREE_BITS]), _fmt(values[KL_WEIGHT]),
                  *[_fmt(values[c]) for c in extra], values["verdict"],
                  values.get("regime") or "-", _fmt(values["eval/kl_bits"]),
@@ -257,7 +257,7 @@ def plot_kl_traces(client, df: pd.DataFrame, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     for row in representative_runs(df).to_dict("records") if not df.empty else []:
         color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
-        label = f"{row['verdict']}: {row['run_name'].split('/', 1)[-1]}"
+        label = f"{row['verdict']}: {trial_label(row)}"
         for key, style, name in (("train/kl_nats", "-", label),
                                  ("train/free_bits_nats", "--", None)):
             history = sorted(client.get_metric_history(row["run_id"], key),
@@ -290,9 +290,11 @@ def write_report(client, df: pd.DataFrame, out_dir: str | Path) -> dict[str, Pat
 
 
 def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
-                 experiment: str, experiment_id: str | None = None) -> str:
+                 experiment: str, experiment_id: str | None = None,
+                 view: str | None = None) -> str:
     """The console summary: table, verdict counts, file paths, the ``mlflow ui`` line
-    and (given ``experiment_id``) the link to the runs table in the model-training view."""
+    and (given ``experiment_id``) the link to the runs table in the model-training view,
+    opening saved view ``view`` (:func:`freetf.results.summary.save_sweep_view`) if given."""
     from freetf.tracking import runs_page_url
 
     counts = df["verdict"].value_counts() if not df.empty else pd.Series(dtype=int)
@@ -304,5 +306,5 @@ def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
              f"compare runs:  mlflow ui --backend-store-uri {tracking_uri}",
              f"               then open experiment '{experiment}' at http://127.0.0.1:5000"
              if experiment_id is None else
-             f"               then open {runs_page_url(experiment_id)}"]
+             f"               then open {runs_page_url(experiment_id, view=view)}"]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from freetf.results.columns import trial_label
 from freetf.tracking.figures import (
     CURVE_METRICS,
     draw_ce,
@@ -87,7 +88,7 @@ def sweep_curves_figure(client, runs, max_trials: int = 16):
         color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
         draw_kl(ax_kl, history, color=color)
         draw_ce(ax_ce, history, baseline_ce)
-        name = str(row["run_name"]).split("/", 1)[-1]
+        name = trial_label(row)
         ax_kl.set_title(f"{name}: {row['verdict']}", color=color, fontsize=9, loc="left")
         finish_axes((ax_kl, ax_ce))
     fig.suptitle("Per trial: raw KL vs kappa (bits/token) | CE prior vs posterior"

@@ -25,6 +25,7 @@ from freetf.config import (
     ConfigError,
     apply_overrides,
     build_section,
+    config_path,
     flatten,
     read_yaml_mapping,
     split_override,
@@ -137,6 +138,19 @@ class SweepConfig:
         return keys
 
     @property
+    def named_keys(self) -> tuple[str, ...]:
+        """The keys whose values tell this sweep's trials apart, which a trial's run name
+        shows (:func:`freetf.sweeps.trainable.trial_run_name`): the searched keys with more
+        than one value, and the boundary search's seeds (its baselines are named as such)."""
+        keys = tuple(d.key for d in self.space if d.kind not in ("grid", "choice")
+                     or len(d.values) > 1)
+        if self.search.method == "boundary":
+            from freetf.sweeps.boundary import SEED_KEY
+
+            return (*keys, SEED_KEY)
+        return keys
+
+    @property
     def expected_trials(self) -> int:
         if self.search.method == "boundary":
             from freetf.evaluation.verdicts import changes_baseline
@@ -186,13 +200,16 @@ def load_sweep(path: str | Path | None = None,
                overrides: list[str] | None = None) -> SweepConfig:
     """Load a sweep YAML (None: defaults) and apply ``--set`` style overrides.
 
+    ``path``: a sweep YAML, or the name of a shipped one (``"search_kl"``,
+    ``"search_kl_smoke"``, ``"reproduce_synthetic"``, ``"compare_code"``, ...).
+
     ``space.<dotted key>=...`` and the keys of :data:`SWEEP_SECTIONS` change the sweep;
     any other key (``training.max_steps=50``) is a base-config override.  Every key of
     the space is checked against the base config; errors name the key.
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = config_path(path, "sweep", SweepError)
         raw = read_yaml_mapping(path, "sweep", SweepError)
     raw = _with_overrides(raw, overrides or [])
     unknown = sorted(set(raw) - set(SWEEP_SECTIONS))

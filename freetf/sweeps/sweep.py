@@ -21,19 +21,17 @@ training: the driver closes its child run instead (KILLED,
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from freetf.config import Config, ConfigError
-from freetf.sweeps.console import SweepConsole, setup_console
+from freetf.config import Config
+from freetf.sweeps.console import SweepConsole
 from freetf.sweeps.runs import (  # noqa: F401 - ended_trials: the public API
     close_open_runs,
     ended_trial_keys,
@@ -163,6 +161,7 @@ class SweepResult:
     report: dict[str, Path]
     interrupted: bool
     analysis: Any = None  # freetf.results.analysis.SweepAnalysis: verdicts, boundaries
+    runs_view: str | None = None  # the trials' saved view in MLflow's UI (runs_page_url)
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
@@ -216,7 +215,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
         base=base.to_dict(), keys=sweep.trial_keys,
         train_storage=str(sweep.train_dir),
         controller_failure_limit=sweep.resources.controller_failure_limit,
-        runner=sweep.trial_runner(base))
+        runner=sweep.trial_runner(base), named_keys=sweep.named_keys)
     console = SweepConsole(sweep, base, verbose=verbose)
     try:
         results = _tuner(sweep, base, context, resume, [console, *callbacks], verbose).fit()
@@ -244,9 +243,23 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     for path in paths.values():
         tracker.log_artifact(path, "report")
     paths.update(log_sweep_summary(tracker, client, found.trials, sweep.report_path))
+    view = _save_view(client, context.parent_run_id, sweep)
     tracker.finish("KILLED" if interrupted else "FINISHED")
     return SweepResult(sweep, context.parent_run_id, uri, experiment, found.trials, paths,
-                       interrupted, found)
+                       interrupted, found, view)
+
+
+def _save_view(client, parent_run_id: str, sweep: SweepConfig) -> str | None:
+    """The trials' view of MLflow's runs table (:func:`save_sweep_view`), or None if the
+    store refused it (a link without it still opens the runs table)."""
+    from freetf.results.summary import save_sweep_view
+
+    try:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        return save_sweep_view(client, experiment_id, sweep.name, sweep.named_keys)
+    except Exception as err:  # never fail a finished sweep over a view
+        log.warning("could not save the sweep's MLflow view: %s", err)
+        return None
 
 
 def _init_ray(verbose: bool, tracking_uri: str, preload: bool = False) -> None:
@@ -341,46 +354,3 @@ def _saved_spec(sweep: SweepConfig) -> SweepConfig:
         log.warning("--resume continues sweep %s with the spec it started with (%s), not "
                     "the one given now", sweep.name, path)
     return saved
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None, default_config: str | Path | None = None,
-         smoke_config: str | Path | None = None) -> int:
-    """``search_kl.py [--config YAML | --smoke] [--set KEY=VALUE ...] [--resume]``."""
-    from freetf.results import report
-    from freetf.tracking import TrackingError, mlflow_client
-
-    parser = argparse.ArgumentParser(description="Ray Tune sweep over KL weight, free bits "
-                                     "and their schedules, with a collapse map in MLflow")
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"sweep YAML (default: {default_config})")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"the one-minute smoke sweep ({smoke_config})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override: space.<key>={grid: [...]}, search.num_samples=4, "
-                             "or a base-config key such as training.max_steps=50")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted sweep of the same name")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="Ray's and Tune's own output too (status tables, trial logs)")
-    args = parser.parse_args(argv)
-    setup_console(args.verbose)
-    path = args.config or (smoke_config if args.smoke else default_config)
-    try:
-        result = run_sweep(load_sweep(path, args.set), resume=args.resume,
-                           verbose=args.verbose)
-    except (ConfigError, TrackingError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    experiment = mlflow_client(result.tracking_uri).get_experiment_by_name(result.experiment)
-    print("\n".join([*result.analysis.summary_lines(), ""]) if result.analysis else "", end="")
-    print(report.summary_text(result.runs, result.report, result.tracking_uri,
-                              result.experiment, experiment.experiment_id))
-    if result.interrupted:
-        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        print(f"\nThe sweep was interrupted; continue it with: "
-              f"{' '.join([parser.prog, *again, '--resume'])}")
-        return 130
-    return 0

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ import torch
 from ray import tune
 
 from freetf.config import Config, apply_overrides, from_dict
+from freetf.evaluation.verdicts import changes_baseline
+from freetf.sweeps.boundary import LATENT_KEY, SEED_KEY
+from freetf.tracking.params import searched_names
 from freetf.training.context import TrainContext
 from freetf.training.loop import train_loop
 
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 
 TAG_SWEEP, TAG_ROLE, TAG_KEY = "freetf.sweep", "freetf.role", "freetf.trial_key"
 TAG_NODE = "freetf.ray_node"  # the Ray node id the trial's process ran on (its last try)
+KAPPA_KEY = "training.free_bits_bits"  # named first in a trial's run name, as kappa
+MAX_KAPPA_DENOMINATOR = 1024  # kappa as n/d down to 2^-10 bits
 
 
 # ----------------------------------------------------------------------------- trials
@@ -54,18 +60,53 @@ def trial_key(sampled: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def trial_run_name(sweep_name: str, sampled: dict[str, Any]) -> str:
-    """``<sweep>/<key>=<value>,...``, with the shortest unambiguous key names."""
-    labels = {k: k.rsplit(".", 1)[-1] for k in sampled}
-    if len(set(labels.values())) < len(labels):
-        labels = {k: k for k in sampled}
-    parts = [f"{labels[k]}={_short(v)}" for k, v in sorted(sampled.items())]
-    return f"{sweep_name}/{','.join(parts)}"
+def trial_run_name(sampled: dict[str, Any], shown: tuple[str, ...] | None = None) -> str:
+    """What tells this trial from the sweep's others, first (MLflow's Run Name column shows
+    the start of a name): ``kappa=1/4 s1``, ``baseline s1``, ``kappa=0.177 kl_weight=0.1
+    s2``.
+
+    kappa (``training.free_bits_bits``) in bits first, as a fraction where that is exact
+    (``1/64``, ``3/8``) and to 3 significant digits otherwise; a trial without latent
+    (``model.latent_dim = 0``) is ``baseline``, followed only by the keys that change a
+    baseline; then the other keys of ``shown`` by their param names (``kl_weight=0.1``);
+    the seed last (``s1``).  ``shown``: the keys whose values differ between the sweep's
+    trials (:attr:`SweepConfig.named_keys`; default: every sampled key).  The trial's
+    identity is its key, in the tag ``freetf.trial_key``; two trials that differ only
+    below 3 digits can share a name.
+    """
+    shown = tuple(sampled) if shown is None else tuple(k for k in shown if k in sampled)
+    baseline = sampled.get(LATENT_KEY) == 0
+    keys = [k for k in shown if k not in (KAPPA_KEY, SEED_KEY, LATENT_KEY)
+            and not (baseline and not changes_baseline(k))]
+    names = searched_names(keys)
+    parts = []
+    if baseline:
+        parts.append("baseline")
+    elif KAPPA_KEY in shown:
+        parts.append(f"kappa={kappa_text(sampled[KAPPA_KEY])}")
+    if LATENT_KEY in shown and not baseline:
+        parts.append(f"latent_dim={_plain(sampled[LATENT_KEY])}")
+    parts += [f"{names[k]}={_short(sampled[k])}" for k in sorted(keys, key=names.get)]
+    if SEED_KEY in shown:
+        parts.append(f"s{_plain(sampled[SEED_KEY])}")
+    return " ".join(parts) or f"trial {trial_key(sampled)}"
+
+
+def kappa_text(bits: Any) -> str:
+    """kappa in bits for a reader: ``1/64``, ``3/8``, ``1``, ``8``; else 3 significant
+    digits (``0.177``, ``2.83``)."""
+    value = float(_plain(bits))
+    if value.is_integer():
+        return str(int(value))
+    exact = Fraction(value)
+    if 0 < value < 1 and exact.denominator <= MAX_KAPPA_DENOMINATOR:
+        return f"{exact.numerator}/{exact.denominator}"
+    return f"{value:.3g}"
 
 
 def _short(value: Any) -> str:
     value = _plain(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _plain(value: Any) -> Any:
@@ -85,11 +126,14 @@ class TrialContext:
     train_storage: str
     controller_failure_limit: int
     runner: str = "train"  # in_trial | train (SweepConfig.trial_runner)
+    # the keys a run's name shows (SweepConfig.named_keys); None (a context pickled before
+    # there were any): every searched key
+    named_keys: tuple[str, ...] | None = None
 
     def trial_config(self, sampled: dict[str, Any]) -> Config:
         key = trial_key(sampled)
         return from_dict(apply_overrides(self.base, {
-            **sampled, "tracking.mlflow.run_name": trial_run_name(self.sweep_name, sampled),
+            **sampled, "tracking.mlflow.run_name": trial_run_name(sampled, self.named_keys),
             "scaling.run_name": f"trial-{key}"}))
 
     def max_steps(self, sampled: dict[str, Any]) -> int:

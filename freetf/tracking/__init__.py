@@ -68,7 +68,9 @@ from freetf.tracking.store import (
     mlflow_client,
     preload_store_modules,
     resolve_tracking_uri,
+    runs_column,
     runs_page_url,
+    save_runs_view,
 )
 from freetf.tracking.tracker import (
     RUN_STATUSES,
@@ -91,6 +93,6 @@ __all__ = [
     "make_tracker", "metric_history", "mlflow_client", "preload_store_modules",
     "run_artifact_text",
     "plot_training_curves", "resolve_tracking_uri",
-    "run_config", "run_params", "runs_page_url", "set_verdict",
-    "verdict_code",
+    "run_config", "run_params", "runs_column", "runs_page_url", "save_runs_view",
+    "set_verdict", "verdict_code",
 ]

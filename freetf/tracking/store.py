@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +28,10 @@ MODEL_TRAINING_KIND = "custom_model_development"
 # tracking must not stall training that long. Used only when the user has not set these.
 HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# The experiment-tag prefix of the runs page's saved and shared views in MLflow 3.17's UI
+# (mlflow/server/js: EXPERIMENT_PAGE_VIEW_STATE_SHARE_TAG_PREFIX); a view's id follows it.
+SAVED_VIEW_TAG = "mlflow.sharedViewState."
+VIEW_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class TrackingError(RuntimeError):
@@ -144,17 +151,56 @@ def _experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
 
 
 def runs_page_url(experiment_id: str, ui: str = "http://127.0.0.1:5000",
-                  search_filter: str | None = None) -> str:
+                  search_filter: str | None = None, view: str | None = None) -> str:
     """The MLflow UI's runs table of an experiment, in the model-training view.
 
     MLflow 3.17's UI picks the view from the ``workflowType`` URL parameter (and then
     remembers it in the browser), not from the experiment tag: without it an experiment
-    opens on the GenAI traces overview.
+    opens on the GenAI traces overview.  ``view``: a saved view's id
+    (:func:`save_runs_view`), which the UI opens with its filter and columns; the URL
+    itself carries a filter and an order, never the columns.
     """
+    if search_filter and view:
+        raise ValueError("a saved view carries its own filter: give search_filter or view")
     query = {"workflowType": "machine_learning"}
     if search_filter:
         query["searchFilter"] = search_filter
+    if view:
+        query["viewStateShareKey"] = view
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(query)}"
+
+
+def runs_column(kind: str, name: str) -> str:
+    """A runs-table column as MLflow's UI names it: ``params.`seed```,
+    ``metrics.`eval/kl_bits```, ``tags.`freetf.verdict```."""
+    if kind not in ("attributes", "params", "metrics", "tags"):
+        raise ValueError(f"a runs-table column is attributes, params, metrics or tags, "
+                         f"not {kind!r}")
+    return f"{kind}.`{name}`"
+
+
+def save_runs_view(client, experiment_id: str, view_id: str, name: str,
+                   columns: list[str], search_filter: str | None = None,
+                   group_by_tag: str | None = None) -> str:
+    """Save a view of the runs table (its columns, filter and grouping) as MLflow 3.17's UI
+    saves one (**Views** > **Save as new view**, or **Share**): the experiment tag
+    ``mlflow.sharedViewState.<view_id>`` holding ``{name, createdAt, updatedAt, state}``,
+    ``state`` the page's state as JSON (columns from :func:`runs_column`; ``group_by_tag``:
+    the runs grouped by that tag's value, each group open, as **Group by** does).  The UI
+    lists it under **Views** by ``name`` and opens it from :func:`runs_page_url`
+    (``view=``); saving the same ``view_id`` again replaces it.  Returns ``view_id``."""
+    if not VIEW_ID.fullmatch(view_id):
+        raise ValueError(f"view id {view_id!r}: letters, digits, '-' and '_' only")
+    state: dict[str, Any] = {"selectedColumns": list(columns)}
+    if search_filter:
+        state["searchFilter"] = search_filter
+    if group_by_tag:
+        state["groupBy"] = f"tag.average.{group_by_tag}"  # the UI's <mode>.<aggregate>.<key>
+    now = int(time.time() * 1000)
+    envelope = {"name": name, "createdAt": now, "updatedAt": now,
+                "state": json.dumps(state, separators=(",", ":"))}
+    client.set_experiment_tag(experiment_id, f"{SAVED_VIEW_TAG}{view_id}", json.dumps(envelope))
+    return view_id
 
 
 def _artifact_location(uri: str) -> str | None:
