@@ -52,3 +52,15 @@ def setup_console(verbose: bool = False, level: int = logging.INFO) -> None:
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+
+
+def duration(seconds: float) -> str:
+    """A console's elapsed or remaining time: ``42s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

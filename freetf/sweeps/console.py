@@ -27,7 +27,7 @@ from typing import IO, Any
 from ray import tune
 
 from freetf.config import Config, apply_overrides, from_dict
-from freetf.logs import QUIET_LOGGERS, setup_console  # noqa: F401 - the sweep's API
+from freetf.logs import QUIET_LOGGERS, duration, setup_console  # noqa: F401 - the sweep's API
 from freetf.sweeps.spec import STOP_REASON, SweepConfig
 
 STATUS_EVERY_S = 60.0  # the first status table; then at doubling intervals ...
@@ -110,13 +110,13 @@ class SweepConsole(tune.Callback):
     def progress(self) -> str:
         """``3/8 trials ended, 1m40s elapsed, about 2m50s left``."""
         elapsed = self.clock() - self._start if self._start is not None else 0.0
-        text = f"{self.ended}/{self.total or '?'} trials ended, {_duration(elapsed)} elapsed"
+        text = f"{self.ended}/{self.total or '?'} trials ended, {duration(elapsed)} elapsed"
         if self.total and self.max_steps:
             running = sum(min(r["step"], self.max_steps) / self.max_steps
                           for r in self.rows.values() if not r["ended"])
             fraction = min(1.0, (self.ended + running) / self.total)
             if 0 < fraction < 1 and elapsed >= 1:
-                text += f", about {_duration(elapsed * (1 - fraction) / fraction)} left"
+                text += f", about {duration(elapsed * (1 - fraction) / fraction)} left"
         return text
 
     def status_table(self) -> str:
@@ -209,14 +209,3 @@ def _num(value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

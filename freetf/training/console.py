@@ -34,6 +34,7 @@ import time
 from typing import IO, Any
 
 from freetf.config import Config
+from freetf.logs import duration
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class TrainConsole:
         start_time, start_step = self._anchor or (now, step)
         if self.total_steps and start_step < step < self.total_steps and now > start_time:
             rate = (step - start_step) / (now - start_time)
-            parts.append(f"about {_duration((self.total_steps - step) / rate)} left")
+            parts.append(f"about {duration((self.total_steps - step) / rate)} left")
         return "  ".join(parts)
 
     def _write(self, text: str) -> None:
@@ -302,14 +303,3 @@ def _count(value: float) -> str:
         if value >= size:
             return f"{value / size:.1f}{unit}"
     return f"{value:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
