@@ -28,6 +28,7 @@ from freetf.evaluation.synthetic_eval import (
     render_groups,
     reproduces,
 )
+from freetf.tracking import tags
 from freetf.training.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def reproduce_with_tune(spec: str | Path, overrides: list[str], resume: bool, gr
     client = mlflow_client(result.tracking_uri)
     rows, samples = [], {}
     for run_id in result.runs["run_id"]:
-        checkpoint = client.get_run(run_id).data.tags.get("freetf.checkpoint")
+        checkpoint = client.get_run(run_id).data.tags.get(tags.CHECKPOINT)
         if not checkpoint or not Path(checkpoint).exists():
             log.warning("trial run %s has no checkpoint; skipped", run_id)
             continue

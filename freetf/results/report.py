@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from freetf.results.columns import ANNEALING, FREE_BITS, KL_WEIGHT, save_figure, trial_label
+from freetf.tracking import tags
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +99,23 @@ def runs_frame(runs: list) -> pd.DataFrame:
 
     rows = []
     for run in runs:
-        params, tags, metrics = run_config(run), run.data.tags, run.data.metrics
+        params, run_tags, metrics = run_config(run), run.data.tags, run.data.metrics
         row: dict[str, Any] = {
             "run_id": run.info.run_id, "run_name": run.info.run_name,
-            "sweep": tags.get("freetf.sweep", ""), "trial_key": tags.get("freetf.trial_key", ""),
-            "status": run.info.status, "verdict": tags.get("freetf.verdict", "unknown"),
-            "stopped_early": tags.get("freetf.stopped_early") == "true",
-            "stop_reason": tags.get("freetf.stop_reason", "")
-            if tags.get("freetf.stopped_early") == "true" else "",
-            "stopped_at_step": _number(tags.get("freetf.stopped_at_step")),
+            "sweep": run_tags.get(tags.SWEEP, ""), "trial_key": run_tags.get(tags.TRIAL_KEY, ""),
+            "status": run.info.status, "verdict": run_tags.get(tags.VERDICT, "unknown"),
+            "stopped_early": run_tags.get(tags.STOPPED_EARLY) == "true",
+            "stop_reason": run_tags.get(tags.STOP_REASON, "")
+            if run_tags.get(tags.STOPPED_EARLY) == "true" else "",
+            "stopped_at_step": _number(run_tags.get(tags.STOPPED_AT_STEP)),
             KL_WEIGHT: _number(params.get("training.kl_weight")),
             FREE_BITS: _free_bits_bits(params),
             ANNEALING: params.get("training.kl_annealing.type", "constant"),
             "free_bits_schedule": params.get("training.free_bits_schedule.type", "constant"),
-            "model_kind": tags.get("freetf.model_kind", ""),
+            "model_kind": run_tags.get(tags.MODEL_KIND, ""),
             "seed": _number(params.get("training.seed")),
         }
-        for key, value in json.loads(tags.get("freetf.sampled", "{}")).items():
+        for key, value in json.loads(run_tags.get(tags.SAMPLED, "{}")).items():
             row[f"sampled.{key}"] = value
         for key in METRICS:
             row[key] = metrics.get(key, math.nan)

@@ -12,6 +12,7 @@ from freetf.sweeps.trainable import (
     child_runs,
     trial_key,
 )
+from freetf.tracking import tags
 from freetf.tracking.params import format_value, searched_names
 
 
@@ -27,7 +28,7 @@ def ended_trials(results, keys: tuple[str, ...], ended_in_mlflow: set[str]) -> i
 
 def run_ended(run) -> bool:
     """A trial's MLflow run says it ended: FINISHED, or stopped early by ASHA / the stopper."""
-    return run.info.status == "FINISHED" or run.data.tags.get("freetf.stopped_early") == "true"
+    return run.info.status == "FINISHED" or run.data.tags.get(tags.STOPPED_EARLY) == "true"
 
 
 def ended_trial_keys(client, parent_run_id: str) -> set[str]:
@@ -48,16 +49,16 @@ def close_open_runs(client, context: TrialContext, results, interrupted: bool) -
         if result.config:
             last[trial_key({k: result.config.get(k) for k in context.keys})] = result
     for run in child_runs(client, context.parent_run_id):
-        tags = run.data.tags
+        run_tags = run.data.tags
         if run_ended(run):
             continue
-        result = last.get(tags.get(TAG_KEY))
+        result = last.get(run_tags.get(TAG_KEY))
         metrics = dict(result.metrics or {}) if result is not None else {}
-        sampled = json.loads(tags.get("freetf.sampled", "{}"))
+        sampled = json.loads(run_tags.get(tags.SAMPLED, "{}"))
         step = metrics.get("step", run.data.metrics.get("train/steps_done", 0))
         run_id = run.info.run_id
         if step >= context.max_steps(sampled):  # trained; stopped before closing its run
-            if tags.get("freetf.verdict") in (None, "failed") and metrics.get("eval/verdict"):
+            if run_tags.get(tags.VERDICT) in (None, "failed") and metrics.get("eval/verdict"):
                 set_verdict(client, run_id, metrics["eval/verdict"], step)
             client.set_terminated(run_id, "FINISHED")
         elif result is not None and result.error is not None:

@@ -60,6 +60,7 @@ from freetf.sweeps.trainable import (  # noqa: F401 - trial_run_name: the public
     trial_key,
     trial_run_name,
 )
+from freetf.tracking import tags
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ class EarlyStopRecorder(tune.Callback):
             run = find_trial_run(self._client, self.context.parent_run_id, trial_key(sampled))
             if run is None:
                 return
-            for tag, value in (("freetf.stopped_early", "true"), ("freetf.stop_reason", reason),
-                               ("freetf.stopped_at_step", str(result.get("step")))):
+            for tag, value in ((tags.STOPPED_EARLY, "true"), (tags.STOP_REASON, reason),
+                               (tags.STOPPED_AT_STEP, str(result.get("step")))):
                 self._client.set_tag(run.info.run_id, tag, value)
             set_verdict(self._client, run.info.run_id, verdict or "unknown", result.get("step"))
             self._client.set_terminated(run.info.run_id, "KILLED")

@@ -38,14 +38,15 @@ from ray import tune
 from freetf.config import Config, apply_overrides, from_dict
 from freetf.evaluation.verdicts import changes_baseline
 from freetf.sweeps.boundary import LATENT_KEY, SEED_KEY
+from freetf.tracking import tags
 from freetf.tracking.params import searched_names
 from freetf.training.context import TrainContext
 from freetf.training.loop import train_loop
 
 log = logging.getLogger(__name__)
 
-TAG_SWEEP, TAG_ROLE, TAG_KEY = "freetf.sweep", "freetf.role", "freetf.trial_key"
-TAG_NODE = "freetf.ray_node"  # the Ray node id the trial's process ran on (its last try)
+TAG_SWEEP, TAG_ROLE, TAG_KEY = tags.SWEEP, tags.ROLE, tags.TRIAL_KEY
+TAG_NODE = tags.RAY_NODE  # the Ray node id the trial's process ran on (its last try)
 KAPPA_KEY = "training.free_bits_bits"  # named first in a trial's run name, as kappa
 MAX_KAPPA_DENOMINATOR = 1024  # kappa as n/d down to 2^-10 bits
 
@@ -164,18 +165,18 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                  existing.info.run_id)
         metrics = existing.data.metrics
         tune.report({**metrics, "step": metrics.get("train/steps_done", 0),
-                     "eval/verdict": existing.data.tags.get("freetf.verdict", "")})
+                     "eval/verdict": existing.data.tags.get(tags.VERDICT, "")})
         return
     marks["imports"] = time.time()
     tracker = make_tracker(
         cfg, run_id=existing.info.run_id if existing else None,
         parent_run_id=context.parent_run_id, run_name=cfg.tracking.mlflow.run_name,
         tags={TAG_SWEEP: context.sweep_name, TAG_ROLE: "trial", TAG_KEY: key,
-              "freetf.sampled": json.dumps(sampled), "freetf.stopped_early": "false",
+              tags.SAMPLED: json.dumps(sampled), tags.STOPPED_EARLY: "false",
               TAG_NODE: ray.get_runtime_context().get_node_id()},
         searched=context.keys)
-    if existing is not None and "freetf.error" in existing.data.tags:  # from a cut-off try
-        client.delete_tag(tracker.run_id, "freetf.error")
+    if existing is not None and tags.ERROR in existing.data.tags:  # from a cut-off try
+        client.delete_tag(tracker.run_id, tags.ERROR)
     marks["mlflow_run"] = time.time()
     try:
         if context.runner == "in_trial":
@@ -186,8 +187,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         # Tune stopping the trial (ASHA, stopper) also lands here (SystemExit in the
         # trial's thread, or the trainer's resources removed): the driver has then
         # already closed the run as stopped early.
-        if client.get_run(tracker.run_id).data.tags.get("freetf.stopped_early") != "true":
-            tracker.set_tags({"freetf.error": f"{type(err).__name__}: {err}"})
+        if client.get_run(tracker.run_id).data.tags.get(tags.STOPPED_EARLY) != "true":
+            tracker.set_tags({tags.ERROR: f"{type(err).__name__}: {err}"})
             log_verdict(tracker, "failed")
             tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
