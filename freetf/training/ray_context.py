@@ -1,0 +1,114 @@
+"""The training loop's view of a Ray Train worker (:class:`RayTrainContext`).
+
+The loop (:mod:`freetf.training.loop`) talks to its runner through a
+:class:`~freetf.training.context.TrainContext`; this one reports through
+``ray.train.report``, resumes from ``ray.train.get_checkpoint`` and prepares the model
+for DDP or FSDP over Ray Train's process group.  Used by the workers that
+:mod:`freetf.training.ray_train` starts.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed
+
+from freetf.config import Config
+from freetf.training.context import TrainContext
+from freetf.training.parallel import apply_fsdp, is_fsdp
+
+
+class RayTrainContext(TrainContext):
+    """The loop's view of a Ray Train worker."""
+
+    def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0,
+                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False) -> None:
+        """``persist_root``: write checkpoints there and keep them (Ray Train's local
+        mode, which runs the loop in the driver and persists nothing it is handed).
+        ``quiet_nonfinite_stop``: report a non-finite stop with a checkpoint (below)."""
+        ctx = ray.train.get_context()
+        super().__init__(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                         device=ray.train.torch.get_device(), resume_from=resume_from)
+        self._tmp = Path(tempfile.mkdtemp(prefix="freetf-ckpt-"))
+        self._persist_root = persist_root
+        # Ray Train's Result holds the latest checkpointed report only: a non-finite stop
+        # reaches the driver as a checkpoint of the last finite weights (loop.py).
+        self.checkpoint_at_nonfinite_stop = quiet_nonfinite_stop
+        self.report_interval_s = report_interval_s
+        self._last_report = -math.inf
+        self.marks["process_start"] = psutil.Process().create_time()
+
+    def shard_model(self, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+        """scaling.strategy=fsdp: FSDP2 over Ray Train's process group (parallel.py)."""
+        if cfg.scaling.strategy != "fsdp":
+            return model
+        return apply_fsdp(model, cfg, self.device)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if is_fsdp(model):  # sharded already: no DDP on top
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def _report_due(self) -> bool:
+        """Has ``report_interval_s`` passed since the last report?  Rank 0's clock decides
+        for all: ``ray.train.report`` is a collective, so every rank must call it alike."""
+        if self.report_interval_s <= 0:
+            return True
+        due = time.monotonic() - self._last_report >= self.report_interval_s
+        if self.world_size > 1:
+            flag = torch.tensor([float(due)], device=self.device)  # CUDA under NCCL
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:  # fresh start, or --resume from a stopped run
+            return Path(self.resume_from) if self.resume_from else None
+        local = checkpoint.to_directory(str(self._tmp / "restore"))
+        return Path(local)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def checkpoint_root(self, cfg: Config) -> Path:
+        if self._persist_root is not None:
+            return self._persist_root
+        return self._tmp / "out"  # Ray persists what is reported into storage_path
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
+               essential: bool = True) -> None:
+        """``ray.train.report``, thinned to one metric-only report per ``report_interval_s``.
+
+        Ray Train (2.60, v2) hands each result to the controller through a one-slot queue
+        that the controller drains when it polls the workers (every
+        ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): a second report within
+        that interval blocks the training thread until the next poll.  Reporting every
+        log step capped training at one log interval per poll (0.70x the in-process
+        tokens/s in bench/ray_overhead.py; 0.92-0.99x with this thinning).  The skipped
+        points are not lost: rank 0 logs every log step to MLflow, which the plots read.
+        """
+        self.history.append(dict(metrics))
+        if not essential and not self._report_due():
+            return
+        self._last_report = time.monotonic()
+        checkpoint = (ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+                      if checkpoint_dir is not None else None)
+        ray.train.report({**metrics, **self.timeline()}, checkpoint=checkpoint,
+                         checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
+        if checkpoint_dir is not None and self._persist_root is None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has its own copy
