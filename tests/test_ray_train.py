@@ -101,6 +101,31 @@ def test_failure_without_retries_marks_the_run_failed(tmp_path):
     assert client.get_run(summary.run_id).info.status == "FAILED"
 
 
+def test_no_scratch_folder_outlives_a_local_mode_run(tmp_path, monkeypatch):
+    """Ray Train's local mode runs the worker in this process: the system temp dir (here
+    an empty test folder) is empty again after a run that ends, one that resumes and one
+    that fails."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def left():  # torch's compile cache (torchinductor_<user>) is meant to stay
+        return [p for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+
+    def run(*extra, resume=None):
+        return run_training(cfg_for(tmp_path, "scaling.num_workers=0", "scaling.run_name=tmp",
+                                    "tracking.mlflow.enabled=false", *extra), resume=resume)
+
+    ended = run("training.max_steps=2")
+    assert ended.error is None and left() == []
+    resumed = run("training.max_steps=4", resume=str(ended.checkpoint))
+    assert resumed.error is None and resumed.metrics["step"] == 4 and left() == []
+    failed = run("training.max_steps=4", "training.fail_at_step=1")
+    assert failed.error is not None and left() == []
+
+
 def test_metric_only_reports_are_thinned_but_essential_ones_always_go(monkeypatch, tmp_path):
     import ray.train
     import ray.train.torch

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch.distributed
 from freetf.config import Config
 from freetf.training.context import TrainContext
 from freetf.training.parallel import apply_fsdp, is_fsdp
+from freetf.training.scratch import make_scratch, remove_scratch
 
 
 class RayTrainContext(TrainContext):
@@ -39,7 +39,7 @@ class RayTrainContext(TrainContext):
         ctx = ray.train.get_context()
         super().__init__(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                          device=ray.train.torch.get_device(), resume_from=resume_from)
-        self._tmp = Path(tempfile.mkdtemp(prefix="freetf-ckpt-"))
+        self._tmp = make_scratch("freetf-ckpt-")  # removed by close()
         self._persist_root = persist_root
         # Ray Train's Result holds the latest checkpointed report only: a non-finite stop
         # reaches the driver as a checkpoint of the last finite weights (loop.py).
@@ -112,3 +112,8 @@ class RayTrainContext(TrainContext):
                          checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
         if checkpoint_dir is not None and self._persist_root is None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has its own copy
+
+    def close(self) -> None:
+        """Remove this worker's scratch folder: the checkpoints staged for Ray (each is
+        removed once Ray has copied it, a failed one at once) and the ``restore/`` copy."""
+        remove_scratch(self._tmp)

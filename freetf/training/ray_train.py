@@ -53,19 +53,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
                           persist_root=run_directory(cfg) if local_mode else None,
                           quiet_nonfinite_stop=quiet_stop)
-    tracker = None
-    if ctx.is_main and loop_config.get("run_id"):
-        from freetf.tracking import SkipLoggedSteps, last_logged_step, make_tracker
-
-        tracker = make_tracker(cfg, rank=0, run_id=loop_config["run_id"])
-        # A restart after a worker failure replays the steps after its checkpoint, or
-        # every step when the failure came before Ray registered any checkpoint (a node
-        # lost right after writing one): the run's MLflow points tell which were logged.
-        logged = last_logged_step(tracker)
-        if logged:
-            tracker = SkipLoggedSteps(tracker, logged)
     try:
-        train_loop(cfg, ctx, tracker=tracker)
+        train_loop(cfg, ctx, tracker=_worker_tracker(cfg, ctx, loop_config.get("run_id")))
     except NonFiniteLossError:
         # Reported with its checkpoint by the loop; every rank stops at the same step (the
         # gradient norm is all-reduced).  Returning, not raising, keeps Ray from printing
@@ -73,6 +62,22 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         # still raise: Tune records them as failed.)
         if not quiet_stop:
             raise
+    finally:
+        ctx.close()
+
+
+def _worker_tracker(cfg: Config, ctx: RayTrainContext, run_id: str | None):
+    """Rank 0 logs into the driver's MLflow run; other ranks log nothing."""
+    if not ctx.is_main or not run_id:
+        return None
+    from freetf.tracking import SkipLoggedSteps, last_logged_step, make_tracker
+
+    tracker = make_tracker(cfg, rank=0, run_id=run_id)
+    # A restart after a worker failure replays the steps after its checkpoint, or
+    # every step when the failure came before Ray registered any checkpoint (a node
+    # lost right after writing one): the run's MLflow points tell which were logged.
+    logged = last_logged_step(tracker)
+    return SkipLoggedSteps(tracker, logged) if logged else tracker
 
 
 @dataclass
