@@ -227,6 +227,45 @@ def test_ctrl_c_during_training_ends_quietly_and_marks_the_run_killed(tmp_path, 
     assert run.info.status == "KILLED"
 
 
+def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                 capsys):
+    """The disk fills at the second checkpoint: one line (what, where, why, the last good
+    checkpoint), exit 2, the run FAILED in MLflow, and the last good checkpoint loads."""
+    import errno
+
+    from freetf.tracking import mlflow_client
+    from freetf.training import checkpoint_files
+    from freetf.training.checkpoint import load_checkpoint
+
+    real_open, opened = open, []
+
+    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
+        if mode == "wb":
+            opened.append(path)
+            if len(opened) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_files, "open", open_on_a_filling_disk, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "6",
+                 "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.every_steps=2",
+                 "--set", f"tracking.mlflow.tracking_uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("freetf train:")]
+    assert line == (f"freetf train: error: cannot write the checkpoint {ckpt / 'step_000004'}: "
+                    f"No space left on device; the last good checkpoint is "
+                    f"{ckpt / 'step_000002'} (continue from it with --resume "
+                    f"{ckpt / 'step_000002'})")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000002"]
+    assert load_checkpoint(ckpt)[0]["step"] == 2
+    client = mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
+    assert run.info.status == "FAILED"
+
+
 def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_path, capsys):
     """A model trained on prepared BPE data: the checkpoint holds tokenizer.json and the
     data's meta, so generate decodes with the BPE after the data folder is gone."""

@@ -207,6 +207,9 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
     for step, path, _, reported in ctx.reports:  # meta.json: the report's numbers
         if path is not None:
             meta = json.loads((path / "meta.json").read_text())
+            files = meta.pop("files")  # and the checkpoint's other files, with their sizes
+            assert files == {p.name: p.stat().st_size for p in path.iterdir()
+                             if p.name != "meta.json"}
             assert meta == {k: v for k, v in reported.items()
                             if not isinstance(v, str | list)}, step
     assert [step for step, _ in tracker.metrics] == [3, 4, 5, 6, 7]

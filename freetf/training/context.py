@@ -101,6 +101,10 @@ class TrainContext:
         """Every rank's ``obj``, in rank order (a collective: all ranks call it)."""
         return [obj]
 
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj``, on every rank (a collective: all ranks call it)."""
+        return obj
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
                essential: bool = True) -> None:
         """Hand a result to the runner.  ``essential``: eval, checkpoint or final results,

@@ -164,7 +164,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     scheduler = build_lr_scheduler(optimizer, tcfg.warmup_steps, steps, cfg.scheduler.min_lr,
                                    cfg.scheduler.type)
     torch.manual_seed(tcfg.seed * 1000 + ctx.rank)  # dropout and prior samples, per rank
-    start_step = resume_state(ctx, raw_model, optimizer, scheduler, stream, device)
+    start_step, resumed = resume_state(ctx, raw_model, optimizer, scheduler, stream, device)
     model = ctx.prepare_model(torch.compile(raw_model) if tcfg.compile else raw_model)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -199,7 +199,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                                              sched["free_bits_nats"])
                     report.update({k: v for k, v in evaluated.items() if not isinstance(v, str)})
                 err.checkpoint = save_state(ctx, cfg, raw_model, optimizer, scheduler,
-                                            stream, at_step, report, device)
+                                            stream, at_step, report, device,
+                                            checkpoint or resumed)
                 ctx.report(report, err.checkpoint)
             raise
     tokens_since, t_since = 0, time.perf_counter()
@@ -290,7 +291,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             report["step"] = done  # Tune's time attribute, and the checkpoint's
             if want_ckpt:
                 checkpoint = save_state(ctx, cfg, raw_model, optimizer, scheduler, stream,
-                                        done, report, device)
+                                        done, report, device, checkpoint or resumed)
             if last:
                 ctx.mark("train_end")  # before the final report, which carries the marks
             ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None,

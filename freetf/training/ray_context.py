@@ -85,6 +85,13 @@ class RayTrainContext(TrainContext):
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
 
+    def from_main(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def checkpoint_root(self, cfg: Config) -> Path:
         if self._persist_root is not None:
             return self._persist_root
