@@ -1,11 +1,13 @@
-"""RayTrainContext without a Ray cluster: its scratch folder, and the orphans of killed
-workers.  (tests/test_ray_train.py runs it inside real Ray Train workers.)"""
+"""RayTrainContext without a Ray cluster: its scratch folder and the orphans of killed
+workers, the checkpoints it persists.
+(tests/test_ray_train.py runs it inside real Ray Train workers.)"""
 
 from __future__ import annotations
 
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +90,110 @@ def _pid_of_an_ended_process() -> int:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     return int(proc.stdout)
+
+
+class FakeStorage:
+    """Ray Train's StorageContext on a local folder: its copy into ``<run>/<name>`` is
+    file by file, and with ``room`` bytes left it fails partway as a full disk does."""
+
+    def __init__(self, run, room=None):
+        import pyarrow.fs
+
+        self.run, self.room = run, room
+        self.storage_filesystem = pyarrow.fs.LocalFileSystem()
+
+    def build_checkpoint_path_from_name(self, name):
+        return str(self.run / name)
+
+    def persist_current_checkpoint(self, checkpoint, name):
+        import errno
+
+        import ray.train
+
+        dest = self.run / name
+        dest.mkdir(parents=True)
+        for source in sorted(p for p in Path(checkpoint.path).iterdir()):
+            data = source.read_bytes()
+            if self.room is not None and len(data) > self.room:
+                (dest / source.name).write_bytes(data[: self.room])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            (dest / source.name).write_bytes(data)
+            self.room = None if self.room is None else self.room - len(data)
+        return ray.train.Checkpoint.from_directory(str(dest))
+
+
+class WithStorage(OneWorker):
+    def __init__(self, storage):
+        self.storage = storage
+
+    def get_storage(self):
+        return self.storage
+
+
+def _staged_checkpoint(root, step):
+    from freetf import load_config
+    from freetf.training.checkpoint import save_to_root
+
+    return save_to_root(root, step, {"step": step, "w": torch.ones(5000)}, load_config())
+
+
+def test_a_persisted_checkpoint_appears_only_once_complete(scratch_tmp, tmp_path, monkeypatch):
+    """Ray copies the reported checkpoint under a temporary name, renamed once complete:
+    a copy cut short by a full disk leaves nothing in storage_path and is one
+    CheckpointWriteError; a whole one loads from its final name."""
+    import ray.train
+
+    from freetf.training.checkpoint import CheckpointWriteError, load_checkpoint
+    from freetf.training.ray_context import RayTrainContext
+
+    run = tmp_path / "ray_results" / "run"
+    run.mkdir(parents=True)
+    storage = FakeStorage(run)
+    monkeypatch.setattr(ray.train, "get_context", lambda: WithStorage(storage))
+    ctx = RayTrainContext()
+    staged = _staged_checkpoint(tmp_path / "staged", 2)
+    persisted = ctx.persist(ray.train.Checkpoint.from_directory(str(staged)), staged.name)
+    assert persisted.path == str(run / "step_000002")
+    assert load_checkpoint(run / "step_000002")[0]["step"] == 2
+    storage.room = 3000  # the disk fills during the next copy
+    staged = _staged_checkpoint(tmp_path / "staged", 4)
+    with pytest.raises(CheckpointWriteError) as info:
+        ctx.persist(ray.train.Checkpoint.from_directory(str(staged)), staged.name)
+    assert str(info.value).startswith(f"cannot write the checkpoint {run / 'step_000004'}: "
+                                      f"No space left on device;")
+    assert sorted(p.name for p in run.iterdir()) == ["step_000002"]
+    ctx.close()
+
+
+def test_a_failed_persist_stops_every_rank(scratch_tmp, tmp_path, monkeypatch):
+    """Rank 0 alone persists a full checkpoint: when it fails, the other ranks (which
+    reported none) raise the same error at that report, instead of training on into a
+    collective rank 0 never joins."""
+    import ray.train
+
+    from freetf.training.checkpoint import CheckpointWriteError
+    from freetf.training.ray_context import RayTrainContext
+
+    class RankOne(OneWorker):
+        def get_world_rank(self):
+            return 1
+
+        def get_world_size(self):
+            return 2
+
+    failed = CheckpointWriteError(tmp_path / "step_000004", "No space left on device")
+    broadcasts = []
+
+    def broadcast_object_list(box, src):
+        assert src == 0
+        broadcasts.append(box[0])
+        box[0] = failed  # what rank 0 sends
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: RankOne())
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: None)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+    ctx = RayTrainContext()
+    with pytest.raises(CheckpointWriteError, match="step_000004: No space left"):
+        ctx.report({"step": 4}, None, essential=True)
+    assert broadcasts == [None]  # this rank's own report went through
+    ctx.close()

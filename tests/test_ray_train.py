@@ -7,6 +7,7 @@ Ray instance for all its tests and shuts it down at the end.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -375,6 +376,65 @@ def test_nonfinite_stop_with_a_worker_points_at_the_persisted_checkpoint(tmp_pat
     assert checkpoint.startswith(f"{tmp_path}/ray_results/nf1/step_")
     state, _ = load_checkpoint(checkpoint)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def _in_a_small_tmpfs(folder, size, argv, then):
+    """``freetf <argv>`` with a ``size`` tmpfs mounted at ``folder``, in a mount namespace
+    of its own (``unshare --mount``, as root), then the shell command ``then`` there
+    (the tmpfs goes with the namespace).  -> (freetf's exit code, its output, then's
+    output).  The test is skipped where the mount is refused."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    folder.mkdir()
+    mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(folder))}"
+    probe = (subprocess.run(["unshare", "--mount", "sh", "-c", mount], capture_output=True,
+                            text=True) if shutil.which("unshare") else None)
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip() if probe else 'no unshare'}")
+    train = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "freetf", *argv])
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c",
+                           f"{mount} && {train} 2>&1; echo \"@@exit $?\"; {then}"],
+                          capture_output=True, text=True, timeout=600)
+    out, _, after = proc.stdout.partition("@@exit ")
+    code, _, after = after.partition("\n")
+    return int(code), out + proc.stderr, after
+
+
+@pytest.mark.heavy
+def test_a_full_storage_path_is_one_line_naming_the_last_persisted_checkpoint(tmp_path):
+    """scaling.storage_path on a 5 MB tmpfs that fills during Ray's copy of a checkpoint:
+    one line names it, the cause and the last persisted checkpoint, no traceback; the
+    storage holds whole checkpoints only, and the named one loads (before: four
+    tracebacks, and a step_000050 with a 0-byte config.yaml beside the good step_000040)."""
+    import sys
+
+    storage = tmp_path / "full"
+    run = storage / "run"
+    code, out, after = _in_a_small_tmpfs(storage, "5m", [
+        "train", "--config", "configs/tiny.yaml", "--max-steps", "40", "--num-workers", "1",
+        "--set", "model.hidden_dim=64", "--set", "checkpoint.every_steps=2",
+        "--set", "checkpoint.keep=100", "--set", "checkpoint.metric=step",
+        "--set", "checkpoint.mode=max", "--set", f"scaling.storage_path={storage}",
+        "--set", "scaling.run_name=run", "--set", "scaling.cpus_per_worker=0.5",
+        "--set", "tracking.mlflow.enabled=false"],
+        then=f"ls -a {run}; {sys.executable} -c 'from freetf.training.checkpoint import "
+             f"load_checkpoint; print(\"step\", load_checkpoint(\"{run}\")[0][\"step\"])'")
+    assert code == 2, out
+    assert "Traceback" not in out
+    [line] = [x for x in out.splitlines() if x.startswith("freetf train:")]
+    found = re.fullmatch(rf"freetf train: error: cannot write the checkpoint {run}/step_(\d+): "
+                         rf"No space left on device; the last good checkpoint is "
+                         rf"{run}/step_(\d+) \(continue from it with --resume \S+\)", line)
+    assert found, line
+    failed, good = int(found[1]), int(found[2])
+    assert failed > good
+    listing = after.split()
+    assert [x for x in listing if x.startswith(("step_", ".step_"))] == [
+        f"step_{s:06d}" for s in range(2, good + 1, 2)], after
+    assert f"step {good}" in after  # the newest whole checkpoint, as the root resolves
 
 
 @pytest.mark.heavy

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,10 @@ def write_failure(err: BaseException) -> str | None:
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError):
-            return seen.strerror or str(seen) or type(seen).__name__
+            if isinstance(seen.errno, int):  # pyarrow's strerror is a paragraph
+                return os.strerror(seen.errno)
+            number = re.search(r"\[errno (\d+)\]", str(seen), re.IGNORECASE)
+            return os.strerror(int(number[1])) if number else str(seen) or type(seen).__name__
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -5,6 +5,11 @@ The loop (:mod:`freetf.training.loop`) talks to its runner through a
 ``ray.train.report``, resumes from ``ray.train.get_checkpoint`` and prepares the model
 for DDP or FSDP over Ray Train's process group.  Used by the workers that
 :mod:`freetf.training.ray_train` starts.
+
+A reported checkpoint reaches ``scaling.storage_path`` under a temporary name and is
+renamed once Ray's copy is complete (:meth:`RayTrainContext.persist`), so a copy cut
+short (a full disk) never looks like a checkpoint; the failure is a
+``CheckpointWriteError`` on every rank.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 import torch.distributed
 
 from freetf.config import Config
+from freetf.training.checkpoint import CheckpointWriteError
+from freetf.training.checkpoint_files import is_sharded, write_failure
 from freetf.training.context import TrainContext
 from freetf.training.parallel import apply_fsdp, is_fsdp
 from freetf.training.scratch import make_scratch, remove_scratch
@@ -32,7 +39,8 @@ class RayTrainContext(TrainContext):
     """The loop's view of a Ray Train worker."""
 
     def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0,
-                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False) -> None:
+                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False
+                 ) -> None:
         """``persist_root``: write checkpoints there and keep them (Ray Train's local
         mode, which runs the loop in the driver and persists nothing it is handed).
         ``quiet_nonfinite_stop``: report a non-finite stop with a checkpoint (below)."""
@@ -115,12 +123,71 @@ class RayTrainContext(TrainContext):
         self._last_report = time.monotonic()
         checkpoint = (ray.train.Checkpoint.from_directory(str(checkpoint_dir))
                       if checkpoint_dir is not None else None)
-        ray.train.report({**metrics, **self.timeline()}, checkpoint=checkpoint,
-                         checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
+        error = None
+        try:
+            ray.train.report({**metrics, **self.timeline()}, checkpoint=checkpoint,
+                             checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None,
+                             checkpoint_upload_fn=self.persist if self._persist_root is None
+                             else None)
+        except CheckpointWriteError as err:
+            error = err
+        if essential:  # rank 0 alone persists a full checkpoint: the others stop with it
+            error = self.from_main(error)
+        if error is not None:
+            raise error
         if checkpoint_dir is not None and self._persist_root is None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has its own copy
+
+    def persist(self, checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        """Ray's ``checkpoint_upload_fn``: Ray's own copy into ``storage_path/<run>``,
+        made as ``.<name>.partial`` and renamed to ``name`` once complete (on a local or
+        mounted ``storage_path`` a rename; on object stores a copy).  A sharded
+        checkpoint is reported by every rank into one folder: the ranks agree that
+        every copy is done before rank 0 renames it.  -> the persisted checkpoint."""
+        storage = ray.train.get_context().get_storage()
+        fs = storage.storage_filesystem
+        partial, final = (storage.build_checkpoint_path_from_name(n)
+                          for n in (f".{name}.partial", name))
+        shared = self.world_size > 1 and is_sharded(Path(checkpoint.path))
+        cause = _attempt(storage.persist_current_checkpoint, checkpoint, f".{name}.partial")
+        causes = self.all_gather(cause) if shared else [cause]
+        if not shared or self.is_main:
+            cause = next((c for c in causes if c is not None), None)
+            cause = cause or _attempt(_rename_dir, fs, partial, final)
+            if cause is not None:
+                _attempt(_delete_dir, fs, partial)
+        if shared:
+            cause = self.from_main(cause)
+        if cause is not None:
+            raise CheckpointWriteError(final, cause)
+        return ray.train.Checkpoint(filesystem=fs, path=final)
 
     def close(self) -> None:
         """Remove this worker's scratch folder: the checkpoints staged for Ray (each is
         removed once Ray has copied it, a failed one at once) and the ``restore/`` copy."""
         remove_scratch(self._tmp)
+
+
+def _attempt(fn, *args) -> str | None:
+    """Run ``fn``: None if it worked, else why it failed, in a few words."""
+    try:
+        fn(*args)
+    except Exception as err:
+        cause = write_failure(err)
+        if cause is None:
+            lines = str(err).strip().splitlines()
+            cause = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        return cause
+    return None
+
+
+def _rename_dir(fs, src: str, dst: str) -> None:
+    _delete_dir(fs, dst)  # a retried run reporting this step again
+    fs.move(src, dst)
+
+
+def _delete_dir(fs, path: str) -> None:
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(path)

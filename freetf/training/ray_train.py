@@ -30,7 +30,7 @@ import ray.train.torch
 
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
-from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
+from freetf.training.checkpoint import CheckpointError, CheckpointWriteError, resolve_checkpoint
 from freetf.training.context import TrainContext
 from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
 from freetf.training.paths import absolute_paths, absolute_storage
@@ -43,27 +43,43 @@ log = logging.getLogger(__name__)
 OBJECT_STORE_BYTES = 256 * 1024 ** 2
 
 
-def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker."""
+def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Entry point of each Ray Train worker.  -> (with ``quiet_stops``) how the run
+    stopped, if it stopped early: rank 0's return value is the driver's ``Result``'s."""
     setup_logging()
     cfg = from_dict(loop_config["config"])
     # Local mode (num_workers=0) persists no reported checkpoint: write them in place.
     local_mode = cfg.scaling.num_workers == 0
-    quiet_stop = bool(loop_config.get("quiet_nonfinite_stop"))
+    quiet = bool(loop_config.get("quiet_stops"))
     ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
                           persist_root=run_directory(cfg) if local_mode else None,
-                          quiet_nonfinite_stop=quiet_stop)
+                          quiet_nonfinite_stop=quiet)
+    # Returning, not raising, keeps Ray from printing tracebacks and from retrying a run
+    # that would stop again; every rank stops at the same step.  (Sweep trials raise:
+    # Tune records them as failed.)
     try:
         train_loop(cfg, ctx, tracker=_worker_tracker(cfg, ctx, loop_config.get("run_id")))
-    except NonFiniteLossError:
-        # Reported with its checkpoint by the loop; every rank stops at the same step (the
-        # gradient norm is all-reduced).  Returning, not raising, keeps Ray from printing
-        # tracebacks and from retrying a run that would diverge again.  (Sweep trials
-        # still raise: Tune records them as failed.)
-        if not quiet_stop:
+    except NonFiniteLossError:  # reported with its checkpoint by the loop
+        if not quiet:
             raise
+    except CheckpointWriteError as err:  # the last good checkpoint is Ray's latest
+        if not quiet:
+            raise
+        return {"write_error": [str(err.path), err.cause]}
     finally:
         ctx.close()
+    return None
+
+
+def _worker_outcome(value: Any, checkpoint: Path | None) -> BaseException | None:
+    """The stop that rank 0's :func:`_worker_loop` returned, if any, with ``checkpoint``
+    (Ray's latest persisted one) as the checkpoint to continue from."""
+    if not isinstance(value, dict):
+        return None
+    if "write_error" in value:
+        path, cause = value["write_error"]
+        return CheckpointWriteError(path, cause, checkpoint)
+    return None
 
 
 def _worker_tracker(cfg: Config, ctx: RayTrainContext, run_id: str | None):
@@ -179,13 +195,14 @@ def check_tracking_store(uri: str) -> None:
 
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
                   callbacks: list | None = None, storage_path: str | None = None,
-                  controller_failure_limit: int = -1, quiet_nonfinite_stop: bool = False):
+                  controller_failure_limit: int = -1, quiet_stops: bool = False):
     """A ``TorchTrainer`` for ``cfg`` (scaling, checkpoints and failures from config).
 
     ``controller_failure_limit``: worker-group start-ups that may fail (e.g. time out for
     lack of CPUs) before the run fails; -1 (Ray's default) retries forever.
-    ``quiet_nonfinite_stop``: a non-finite stop ends the run normally, its last report
-    carrying ``stopped/nonfinite_steps`` and a checkpoint (what ``run_training`` reads).
+    ``quiet_stops``: a non-finite stop ends the run normally, its last report carrying
+    ``stopped/nonfinite_steps`` and a checkpoint; a failed checkpoint write ends it too,
+    told by rank 0's return value (what ``run_training`` reads).
     """
     sc = cfg.scaling
     use_gpu = sc.use_gpu
@@ -207,7 +224,7 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
     return ray.train.torch.TorchTrainer(
         _worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume,
-                           "quiet_nonfinite_stop": quiet_nonfinite_stop},
+                           "quiet_stops": quiet_stops},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
@@ -239,9 +256,10 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     history: list[dict[str, Any]] = []
     try:
         if cfg.scaling.use_ray:
-            result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
-            error = result.error
+            result = build_trainer(cfg, run_id, resume, quiet_stops=True).fit()
             metrics = dict(result.metrics or {})
+            checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+            error = result.error or _worker_outcome(result.return_value, checkpoint)
             if NONFINITE_STOP_KEY in metrics:
                 error = NonFiniteLossError(int(metrics[NONFINITE_STOP_KEY]),
                                            int(metrics["step"]))
@@ -250,7 +268,6 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
                 history = metric_history(tracker.client, run_id, CURVE_METRICS)
             elif result.metrics_dataframe is not None:
                 history = result.metrics_dataframe.to_dict("records")
-            checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
         else:
             res = train_loop(cfg, TrainContext(resume_from=resume), tracker=tracker)
             metrics, checkpoint, history = res.metrics, res.checkpoint, res.history
