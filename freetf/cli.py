@@ -47,8 +47,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     from freetf.training.loop import NonFiniteLossError
     from freetf.training.ray_train import run_training
+    from freetf.training.stop import TrainingStopped
 
     summary = run_training(cfg, resume=args.resume)
+    if isinstance(summary.error, TrainingStopped):  # SIGTERM / SIGINT: 143 / 130
+        print(f"freetf train: {summary.error.explain()}", file=sys.stderr)
+        return summary.error.exit_code
     if isinstance(summary.error, NonFiniteLossError):
         print(f"freetf train: {summary.error.explain(cfg, summary.checkpoint)}",
               file=sys.stderr)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import train_until_signal
 
 from freetf.cli import main
 
@@ -264,6 +265,37 @@ def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(tmp_path, monke
     client = mlflow_client(uri)
     [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_training_at_a_step_with_a_checkpoint(tmp_path, signame, code):
+    """``freetf train --no-ray`` sent SIGTERM (what Slurm, Kubernetes and Ray's
+    autoscaler send) or SIGINT mid-run: it finishes the step, saves a checkpoint, marks
+    the MLflow run KILLED and exits 128 + the signal's number with one line."""
+    import re
+    import signal
+
+    from freetf.tracking import mlflow_client
+    from freetf.training.checkpoint import load_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code_seen, err = train_until_signal(
+        ["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "100000",
+         "--set", "training.log_every=1", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+         "--set", f"tracking.mlflow.tracking_uri={uri}"], "step 3/100000",
+        getattr(signal, signame))
+    assert code_seen == code, err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("freetf train:")]
+    found = re.fullmatch(rf"freetf train: stopped by {signame} after step (\d+); checkpoint: "
+                         r"(\S+) \(continue with --resume \2\)", line)
+    assert found, line
+    step, checkpoint = int(found[1]), Path(found[2])
+    assert step >= 3 and checkpoint == tmp_path / "ckpt" / f"step_{step:06d}"
+    assert load_checkpoint(checkpoint)[0]["step"] == step
+    client = mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
+    assert run.info.status == "KILLED"
 
 
 def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_path, capsys):

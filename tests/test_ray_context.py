@@ -1,5 +1,5 @@
 """RayTrainContext without a Ray cluster: its scratch folder and the orphans of killed
-workers, the checkpoints it persists.
+workers, the checkpoints it persists, the stop it hears from the driver.
 (tests/test_ray_train.py runs it inside real Ray Train workers.)"""
 
 from __future__ import annotations
@@ -197,3 +197,52 @@ def test_a_failed_persist_stops_every_rank(scratch_tmp, tmp_path, monkeypatch):
         ctx.report({"step": 4}, None, essential=True)
     assert broadcasts == [None]  # this rank's own report went through
     ctx.close()
+
+
+def test_rank_zero_polls_the_drivers_stop_and_every_rank_follows_it(scratch_tmp,
+                                                                      monkeypatch):
+    """The driver publishes a stop in Ray's key-value store: rank 0 reads it at most
+    every STOP_POLL_S; with several ranks, only at sync points, where rank 0's answer is
+    broadcast (all ranks stop at the same step)."""
+    import signal
+
+    import ray.train
+
+    from freetf.training import ray_context
+    from freetf.training.ray_context import RayTrainContext
+
+    published, reads, clock = {}, [], [0.0]
+
+    def read_stop(key):
+        reads.append(clock[0])
+        return published.get(key)
+
+    monkeypatch.setattr(ray_context, "read_stop", read_stop)
+    monkeypatch.setattr(ray_context.time, "monotonic", lambda: clock[0])
+    ctx = RayTrainContext(stop_key="k")
+    for step in range(1, 5):  # a step every 0.2 s
+        clock[0] = 0.2 * step
+        assert ctx.requested_stop(sync_point=False) is None
+    assert reads == [0.2, 0.8]  # at most every STOP_POLL_S
+    published["k"] = int(signal.SIGTERM)
+    clock[0] = 1.4
+    assert ctx.requested_stop(sync_point=False) == signal.SIGTERM
+    ctx.close()
+
+    class RankZeroOfTwo(OneWorker):
+        def get_world_size(self):
+            return 2
+
+    sent = []
+
+    def broadcast_object_list(box, src):
+        sent.append(box[0])
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: RankZeroOfTwo())
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+    two = RayTrainContext(stop_key="k")
+    clock[0] = 10.0
+    assert two.requested_stop(sync_point=False) is None and sent == []  # no collective
+    assert two.requested_stop(sync_point=True) == signal.SIGTERM
+    assert sent == [signal.SIGTERM]
+    two.close()

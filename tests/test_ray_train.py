@@ -378,6 +378,39 @@ def test_nonfinite_stop_with_a_worker_points_at_the_persisted_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.heavy
+def test_sigterm_stops_the_workers_at_a_step_and_marks_the_run_killed(tmp_path):
+    """SIGTERM to the driver of a run with a worker (a scheduler's stop): the driver
+    hands the stop to the worker, which finishes its step and checkpoints; Ray persists
+    it.  Exit 143, one line naming the persisted checkpoint, the MLflow run KILLED, and
+    no C++ stack dump (before: Ray's own SIGTERM handler, exit 134, run FAILED)."""
+    import re
+    import signal
+
+    from train_helpers import train_until_signal
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, out = train_until_signal(
+        ["train", "--config", "configs/tiny.yaml", "--max-steps", "100000",
+         "--num-workers", "1", "--set", "training.log_every=1",
+         "--set", f"scaling.storage_path={tmp_path}/ray_results",
+         "--set", "scaling.run_name=term", "--set", "scaling.cpus_per_worker=0.5",
+         "--set", f"tracking.mlflow.tracking_uri={uri}"], "step 3/100000", signal.SIGTERM,
+        timeout_s=500)
+    assert code == 143, out
+    for sign in ("Traceback", "Aborted", "Stack trace", "*** SIG"):
+        assert sign not in out, out
+    [line] = [x for x in out.splitlines() if x.startswith("freetf train:")]
+    found = re.fullmatch(r"freetf train: stopped by SIGTERM after step (\d+); checkpoint: "
+                         r"(\S+) \(continue with --resume \2\)", line)
+    assert found, line
+    assert found[2] == f"{tmp_path}/ray_results/term/step_{int(found[1]):06d}"
+    assert load_checkpoint(found[2])[0]["step"] == int(found[1])
+    client = mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 def _in_a_small_tmpfs(folder, size, argv, then):
     """``freetf <argv>`` with a ``size`` tmpfs mounted at ``folder``, in a mount namespace
     of its own (``unshare --mount``, as root), then the shell command ``then`` there

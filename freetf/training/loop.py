@@ -33,6 +33,7 @@ from freetf.training.loop_state import resume_state, save_state
 from freetf.training.optim import amp_dtype, build_optimizer
 from freetf.training.parallel import clip_grad_norm, gradient_sync, is_fsdp, unsharded
 from freetf.training.schedules import build_lr_scheduler, schedule_values
+from freetf.training.stop import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +266,17 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             ctx.mark("first_step")
         if last:
             ctx.mark("last_step")
-        want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+        # A stop asked by a signal (stop.py) ends the run here, with a checkpoint; ranks
+        # agree on it at log steps (the context's business), so all stop alike.
+        stop = ctx.requested_stop(sync_point=done % tcfg.log_every == 0 or last)
+        want_ckpt = (last or stop is not None
+                     or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0))
         # A checkpoint kept by an eval metric (checkpoint.metric) needs that metric beside it.
         want_eval = (last or (tcfg.eval_every and done % tcfg.eval_every == 0)
                      or (want_ckpt and cfg.checkpoint.metric.startswith("eval/")))
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             nonfinite_total = check_nonfinite(done)  # before any save
-        if done % tcfg.log_every == 0 or last:
+        if done % tcfg.log_every == 0 or last or stop is not None:
             elapsed = time.perf_counter() - t_since
             metrics = _train_metrics(window.means(), sched, optimizer, tokens_since / elapsed,
                                      nonfinite_total, stream.epoch)
@@ -302,6 +307,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                          metrics.get("train/ce_nats", float("nan")),
                          metrics.get("train/kl_nats", 0.0),
                          metrics.get("train/tokens_per_s", 0.0))
+        if stop is not None and not last:
+            stream.close()
+            raise TrainingStopped(stop, done, checkpoint)
     stream.close()
     return TrainResult(steps, metrics, ctx.history, checkpoint, nonfinite_total)
 

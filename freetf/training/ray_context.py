@@ -6,10 +6,15 @@ The loop (:mod:`freetf.training.loop`) talks to its runner through a
 for DDP or FSDP over Ray Train's process group.  Used by the workers that
 :mod:`freetf.training.ray_train` starts.
 
-A reported checkpoint reaches ``scaling.storage_path`` under a temporary name and is
-renamed once Ray's copy is complete (:meth:`RayTrainContext.persist`), so a copy cut
-short (a full disk) never looks like a checkpoint; the failure is a
-``CheckpointWriteError`` on every rank.
+Two things the driver and the workers share beyond Ray Train's own channels:
+
+- a reported checkpoint reaches ``scaling.storage_path`` under a temporary name and is
+  renamed once Ray's copy is complete (:meth:`RayTrainContext.persist`), so a copy cut
+  short (a full disk) never looks like a checkpoint; the failure is a
+  ``CheckpointWriteError`` on every rank;
+- a stop asked by a signal (:mod:`freetf.training.stop`) goes from the driver to the
+  workers through Ray's key-value store (:func:`publish_stop`, read by rank 0 at most
+  every ``STOP_POLL_S``), and rank 0 hands it to the other ranks at log steps.
 """
 
 from __future__ import annotations
@@ -33,17 +38,36 @@ from freetf.training.checkpoint_files import is_sharded, write_failure
 from freetf.training.context import TrainContext
 from freetf.training.parallel import apply_fsdp, is_fsdp
 from freetf.training.scratch import make_scratch, remove_scratch
+from freetf.training.stop import requested_signal
+
+STOP_NAMESPACE = "freetf"  # Ray's key-value store: <stop key> -> the signal's number
+STOP_POLL_S = 0.5  # how often rank 0 asks the store
+
+
+def publish_stop(key: str, signum: int) -> None:
+    """Ask the workers that poll ``key`` to stop (the driver, in its signal handler)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, str(signum), namespace=STOP_NAMESPACE)
+
+
+def read_stop(key: str) -> int | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    value = _internal_kv_get(key, namespace=STOP_NAMESPACE)
+    return int(value) if value else None
 
 
 class RayTrainContext(TrainContext):
     """The loop's view of a Ray Train worker."""
 
     def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0,
-                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False
-                 ) -> None:
+                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False,
+                 stop_key: str | None = None) -> None:
         """``persist_root``: write checkpoints there and keep them (Ray Train's local
         mode, which runs the loop in the driver and persists nothing it is handed).
-        ``quiet_nonfinite_stop``: report a non-finite stop with a checkpoint (below)."""
+        ``quiet_nonfinite_stop``: report a non-finite stop with a checkpoint (below).
+        ``stop_key``: where the driver publishes a stop (:func:`publish_stop`)."""
         ctx = ray.train.get_context()
         super().__init__(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                          device=ray.train.torch.get_device(), resume_from=resume_from)
@@ -54,6 +78,7 @@ class RayTrainContext(TrainContext):
         self.checkpoint_at_nonfinite_stop = quiet_nonfinite_stop
         self.report_interval_s = report_interval_s
         self._last_report = -math.inf
+        self._stop_key, self._stop_polled = stop_key, -math.inf
         self.marks["process_start"] = psutil.Process().create_time()
 
     def shard_model(self, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
@@ -99,6 +124,19 @@ class RayTrainContext(TrainContext):
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def requested_stop(self, sync_point: bool) -> int | None:
+        """This process's stop (local mode: the loop runs in the driver) or the driver's,
+        read by rank 0; with several ranks, rank 0's answer at sync points only."""
+        if self.world_size > 1 and not sync_point:
+            return None
+        signum = requested_signal()
+        now = time.monotonic()
+        if (signum is None and self.is_main and self._stop_key
+                and now - self._stop_polled >= STOP_POLL_S):
+            self._stop_polled = now
+            signum = read_stop(self._stop_key)
+        return self.from_main(signum)
 
     def checkpoint_root(self, cfg: Config) -> Path:
         if self._persist_root is not None:

@@ -15,11 +15,13 @@ creates the run, hands its id to the workers (rank 0 logs metrics into it), and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,8 @@ from freetf.training.context import TrainContext
 from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
 from freetf.training.paths import absolute_paths, absolute_storage
 from freetf.training.preflight import check_before_training
-from freetf.training.ray_context import RayTrainContext
+from freetf.training.ray_context import RayTrainContext, publish_stop
+from freetf.training.stop import TrainingStopped, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     quiet = bool(loop_config.get("quiet_stops"))
     ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
                           persist_root=run_directory(cfg) if local_mode else None,
-                          quiet_nonfinite_stop=quiet)
+                          quiet_nonfinite_stop=quiet, stop_key=loop_config.get("stop_key"))
     # Returning, not raising, keeps Ray from printing tracebacks and from retrying a run
     # that would stop again; every rank stops at the same step.  (Sweep trials raise:
     # Tune records them as failed.)
@@ -62,6 +65,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     except NonFiniteLossError:  # reported with its checkpoint by the loop
         if not quiet:
             raise
+    except TrainingStopped as err:  # reported with its checkpoint by the loop
+        if not quiet:
+            raise
+        return {"stopped": err.signum, "step": err.step}
     except CheckpointWriteError as err:  # the last good checkpoint is Ray's latest
         if not quiet:
             raise
@@ -76,6 +83,8 @@ def _worker_outcome(value: Any, checkpoint: Path | None) -> BaseException | None
     (Ray's latest persisted one) as the checkpoint to continue from."""
     if not isinstance(value, dict):
         return None
+    if "stopped" in value:
+        return TrainingStopped(int(value["stopped"]), int(value["step"]), checkpoint)
     if "write_error" in value:
         path, cause = value["write_error"]
         return CheckpointWriteError(path, cause, checkpoint)
@@ -193,16 +202,28 @@ def check_tracking_store(uri: str) -> None:
     check_store_shared_by(uri, cluster_hosts())
 
 
+class _StoppableTrainer(ray.train.torch.TorchTrainer):
+    """A ``TorchTrainer`` that leaves SIGINT to :func:`freetf.training.stop.stop_on_signals`
+    (the workers finish their step and checkpoint): Ray Train's own handler (Ray 2.60's
+    ``_register_sigint_handler``, set in ``fit``) aborts the workers at once instead."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        return None
+
+
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
                   callbacks: list | None = None, storage_path: str | None = None,
-                  controller_failure_limit: int = -1, quiet_stops: bool = False):
+                  controller_failure_limit: int = -1, quiet_stops: bool = False,
+                  stop_key: str | None = None):
     """A ``TorchTrainer`` for ``cfg`` (scaling, checkpoints and failures from config).
 
     ``controller_failure_limit``: worker-group start-ups that may fail (e.g. time out for
     lack of CPUs) before the run fails; -1 (Ray's default) retries forever.
     ``quiet_stops``: a non-finite stop ends the run normally, its last report carrying
-    ``stopped/nonfinite_steps`` and a checkpoint; a failed checkpoint write ends it too,
-    told by rank 0's return value (what ``run_training`` reads).
+    ``stopped/nonfinite_steps`` and a checkpoint; a stop asked by a signal and a failed
+    checkpoint write end it too, told by rank 0's return value (what ``run_training``
+    reads).  ``stop_key``: the workers stop when the driver publishes it
+    (:func:`freetf.training.ray_context.publish_stop`); SIGINT is then left to the driver.
     """
     sc = cfg.scaling
     use_gpu = sc.use_gpu
@@ -221,10 +242,11 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         failure_config=ray.train.FailureConfig(
             max_failures=sc.max_failures, controller_failure_limit=controller_failure_limit),
         callbacks=callbacks)
-    return ray.train.torch.TorchTrainer(
+    trainer = _StoppableTrainer if stop_key else ray.train.torch.TorchTrainer
+    return trainer(
         _worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume,
-                           "quiet_stops": quiet_stops},
+                           "quiet_stops": quiet_stops, "stop_key": stop_key},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
@@ -254,24 +276,30 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
     metrics: dict[str, Any] = {}
     checkpoint: Path | None = None
     history: list[dict[str, Any]] = []
+    # SIGTERM / SIGINT: the loop stops at its next step with a checkpoint (stop.py); under
+    # Ray the workers hear of it through Ray's key-value store.  (Installed after
+    # ray.init, whose own SIGTERM handler exits at once.)
+    stop_key = f"stop-{uuid.uuid4().hex}" if cfg.scaling.use_ray else None
     try:
-        if cfg.scaling.use_ray:
-            result = build_trainer(cfg, run_id, resume, quiet_stops=True).fit()
-            metrics = dict(result.metrics or {})
-            checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
-            error = result.error or _worker_outcome(result.return_value, checkpoint)
-            if NONFINITE_STOP_KEY in metrics:
-                error = NonFiniteLossError(int(metrics[NONFINITE_STOP_KEY]),
-                                           int(metrics["step"]))
-            # Ray's results are thinned (report_interval_s); MLflow has every log step.
-            if tracker is not None and tracker.client is not None:
-                history = metric_history(tracker.client, run_id, CURVE_METRICS)
-            elif result.metrics_dataframe is not None:
-                history = result.metrics_dataframe.to_dict("records")
-        else:
-            res = train_loop(cfg, TrainContext(resume_from=resume), tracker=tracker)
-            metrics, checkpoint, history = res.metrics, res.checkpoint, res.history
-    except NonFiniteLossError as err:
+        with stop_on_signals(functools.partial(publish_stop, stop_key) if stop_key else None):
+            if cfg.scaling.use_ray:
+                result = build_trainer(cfg, run_id, resume, quiet_stops=True,
+                                       stop_key=stop_key).fit()
+                metrics = dict(result.metrics or {})
+                checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+                error = result.error or _worker_outcome(result.return_value, checkpoint)
+                if NONFINITE_STOP_KEY in metrics:
+                    error = NonFiniteLossError(int(metrics[NONFINITE_STOP_KEY]),
+                                               int(metrics["step"]))
+                # Ray's results are thinned (report_interval_s); MLflow has every log step.
+                if tracker is not None and tracker.client is not None:
+                    history = metric_history(tracker.client, run_id, CURVE_METRICS)
+                elif result.metrics_dataframe is not None:
+                    history = result.metrics_dataframe.to_dict("records")
+            else:
+                res = train_loop(cfg, TrainContext(resume_from=resume), tracker=tracker)
+                metrics, checkpoint, history = res.metrics, res.checkpoint, res.history
+    except (NonFiniteLossError, TrainingStopped) as err:
         error, checkpoint = err, err.checkpoint  # the in-process loop's last checkpoint
     except BaseException as err:  # noqa: BLE001 - closed below, re-raised by the caller
         error = err
@@ -279,7 +307,8 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
         if tracker is not None:
             log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
             tracker.finish("FINISHED" if error is None else
-                           "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+                           "KILLED" if isinstance(error, KeyboardInterrupt | TrainingStopped)
+                           else "FAILED")
     return RunSummary(metrics, checkpoint, run_id, error, time.perf_counter() - start)
 
 
