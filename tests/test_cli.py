@@ -137,7 +137,9 @@ def test_generate_from_the_printed_checkpoint_in_process(tmp_path, capsys):
     assert main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "2",
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", "tracking.mlflow.enabled=false"]) == 0
-    printed = _printed_checkpoint(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "\nfinished 2 steps in " in out  # the step count, as under Ray (it said '?')
+    printed = _printed_checkpoint(out)
     assert main(["generate", "--checkpoint", printed, "--prompt", "K>", "--num-samples",
                  "1"]) == 0
     assert capsys.readouterr().out.startswith("K>")

@@ -298,7 +298,8 @@ def run_training(cfg: Config, resume: str | None = None) -> RunSummary:
                     history = result.metrics_dataframe.to_dict("records")
             else:
                 res = train_loop(cfg, TrainContext(resume_from=resume), tracker=tracker)
-                metrics, checkpoint, history = res.metrics, res.checkpoint, res.history
+                metrics = res.metrics | {"step": res.step}  # as Ray's reports have it
+                checkpoint, history = res.checkpoint, res.history
     except (NonFiniteLossError, TrainingStopped) as err:
         error, checkpoint = err, err.checkpoint  # the in-process loop's last checkpoint
     except BaseException as err:  # noqa: BLE001 - closed below, re-raised by the caller
