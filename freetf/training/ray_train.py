@@ -60,8 +60,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # Returning, not raising, keeps Ray from printing tracebacks and from retrying a run
     # that would stop again; every rank stops at the same step.  (Sweep trials raise:
     # Tune records them as failed.)
+    tracker = None
     try:
-        train_loop(cfg, ctx, tracker=_worker_tracker(cfg, ctx, loop_config.get("run_id")))
+        tracker = _worker_tracker(cfg, ctx, loop_config.get("run_id"))
+        train_loop(cfg, ctx, tracker=tracker)
     except NonFiniteLossError:  # reported with its checkpoint by the loop
         if not quiet:
             raise
@@ -74,6 +76,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             raise
         return {"write_error": [str(err.path), err.cause]}
     finally:
+        if tracker is not None:  # the driver ends the run; what this worker buffered goes now
+            tracker.flush()
         ctx.close()
     return None
 
