@@ -44,6 +44,8 @@ from freetf.training.checkpoint_files import (  # noqa: F401 - the file names: p
     SHARDS_DIR,
     STATE_FILE,
     TOKENIZER_FILE,
+    CheckpointError,
+    CheckpointWriteError,
     incomplete_reason,
     is_sharded,
     publish,
@@ -55,34 +57,6 @@ from freetf.training.sharded_checkpoint import consolidated_model_state
 
 log = logging.getLogger(__name__)
 
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or unreadable."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint that could not be written: a full disk, a lost mount, no permission.
-
-    ``path``: where it was going; ``cause``: why, in a few words; ``last_good``: the
-    newest whole checkpoint of the run (None: none was saved), which the runner fills
-    in (under Ray, the persisted one).  The message is one line.
-    """
-
-    def __init__(self, path: str | Path, cause: str, last_good: str | Path | None = None,
-                 ) -> None:
-        self.path, self.cause = Path(path), cause
-        self.last_good = Path(last_good) if last_good is not None else None
-        super().__init__(str(self.path))
-
-    def __reduce__(self):
-        return type(self), (self.path, self.cause, self.last_good)
-
-    def __str__(self) -> str:
-        where = (f"the last good checkpoint is {self.last_good} (continue from it with "
-                 f"--resume {self.last_good})" if self.last_good is not None else
-                 "no checkpoint of this run was saved before")
-        return f"cannot write the checkpoint {self.path}: {self.cause}; {where}"
 
 
 def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Config,

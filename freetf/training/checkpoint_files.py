@@ -32,6 +32,34 @@ SHARDS_DIR = "shards"
 FILES_KEY = "files"  # meta.json: every other file of the checkpoint, with its size
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unreadable."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written: a full disk, a lost mount, no permission.
+
+    ``path``: where it was going; ``cause``: why, in a few words; ``last_good``: the
+    newest whole checkpoint of the run (None: none was saved), which the runner fills
+    in (under Ray, the persisted one).  The message is one line.
+    """
+
+    def __init__(self, path: str | Path, cause: str, last_good: str | Path | None = None,
+                 ) -> None:
+        self.path, self.cause = Path(path), cause
+        self.last_good = Path(last_good) if last_good is not None else None
+        super().__init__(str(self.path))
+
+    def __reduce__(self):
+        return type(self), (self.path, self.cause, self.last_good)
+
+    def __str__(self) -> str:
+        where = (f"the last good checkpoint is {self.last_good} (continue from it with "
+                 f"--resume {self.last_good})" if self.last_good is not None else
+                 "no checkpoint of this run was saved before")
+        return f"cannot write the checkpoint {self.path}: {self.cause}; {where}"
+
+
 def is_sharded(path: str | Path) -> bool:
     """Does the checkpoint directory ``path`` keep its weights in DCP shards?"""
     return (Path(path) / SHARDS_DIR).is_dir()

@@ -33,6 +33,7 @@ from torch import nn
 from freetf.config import Config
 from freetf.training.checkpoint_files import (
     SHARDS_DIR,
+    CheckpointWriteError,
     publish,
     replace_dir,
     write_failure,
@@ -122,8 +123,6 @@ def _fail_together(causes: list[str | None], err: BaseException | None, final: P
                    tmp: Path) -> None:
     """Raise CheckpointWriteError if any rank's cause is set (every rank sees the same
     list); re-raise ``err`` if it was not an I/O failure."""
-    from freetf.training.checkpoint import CheckpointWriteError
-
     cause = next((c for c in causes if c is not None), None)
     if cause is None:
         if err is not None:
