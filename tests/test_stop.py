@@ -14,7 +14,12 @@ from train_helpers import losses, tiny
 from freetf.training.checkpoint import load_checkpoint
 from freetf.training.context import TrainContext
 from freetf.training.loop import train_loop
-from freetf.training.stop import TrainingStopped, requested_signal, stop_on_signals
+from freetf.training.stop import (
+    TrainingStopped,
+    requested_signal,
+    sigterm_as,
+    stop_on_signals,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,3 +72,21 @@ def test_a_stop_ends_the_loop_at_the_next_step_with_a_checkpoint_to_resume_from(
                                                        rel=1e-6)
     ours, theirs = (load_checkpoint(r.checkpoint)[0]["model"] for r in (resumed, uninterrupted))
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
+
+
+def test_sigterm_takes_tunes_stop_while_a_sweep_runs():
+    """Ray Tune stops a sweep gracefully (state saved, resumable) on SIGINT and SIGUSR1
+    only: while the sweep runs, SIGTERM calls Tune's SIGUSR1 handler; with none there it
+    is a KeyboardInterrupt (the sweep's own cleanup), never the default exit."""
+    before, seen = signal.getsignal(signal.SIGTERM), []
+    saved = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        with sigterm_as(signal.SIGUSR1) as came:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGUSR1] and came == [signal.SIGTERM]
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        with pytest.raises(KeyboardInterrupt), sigterm_as(signal.SIGUSR1):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGUSR1, saved)
+    assert signal.getsignal(signal.SIGTERM) == before

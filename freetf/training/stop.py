@@ -11,6 +11,9 @@ at the next step boundary, saves a checkpoint, reports it and raises
 once: SIGINT raises ``KeyboardInterrupt`` (``freetf train: interrupted``), SIGTERM takes
 its default action (the process ends, its MLflow run stays RUNNING).
 
+A Ray Tune sweep stops on SIGINT by itself (Tune saves its state and the sweep can be
+resumed); :func:`sigterm_as` gives SIGTERM the same stop.
+
 The flag is this process's: the loop reads it through its context
 (:meth:`freetf.training.context.TrainContext.requested_stop`), and a runner whose loop
 runs elsewhere forwards it (``on_request``; Ray Train: the driver publishes it for the
@@ -121,3 +124,28 @@ def _at_once(signum: int) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def sigterm_as(signum: int) -> Iterator[list[int]]:
+    """While the block runs, SIGTERM calls the Python handler that ``signum`` has then
+    (Ray Tune's SIGUSR1 handler is its Ctrl-C stop), or raises KeyboardInterrupt if it
+    has none.  -> a list that holds SIGTERM once one came (main thread only)."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def handle(received: int, frame) -> None:
+        came.append(received)
+        target = signal.getsignal(signum)
+        if not callable(target) or target is handle:
+            raise KeyboardInterrupt
+        log.warning("SIGTERM: stopping as on Ctrl-C")
+        target(signum, frame)
+
+    saved = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGTERM, saved)
