@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -324,6 +325,11 @@ def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_
     assert main(["generate", "--checkpoint", str(printed), "--prompt", prompt,
                  "--num-samples", "1", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith(prompt)
-    (printed / "tokenizer.json").unlink()  # neither the checkpoint's nor the data's: refused
+    # a checkpoint from before tokenizer.json was copied (meta.json does not list it),
+    # whose data folder is gone: neither the checkpoint's tokenizer nor the data's, refused
+    (printed / "tokenizer.json").unlink()
+    meta = json.loads((printed / "meta.json").read_text())
+    del meta["files"]["tokenizer.json"]
+    (printed / "meta.json").write_text(json.dumps(meta))
     assert main(["generate", "--checkpoint", str(printed), "--prompt", prompt]) == 2
     assert "holds no tokenizer.json" in capsys.readouterr().err
