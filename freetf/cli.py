@@ -54,11 +54,15 @@ def _train(args: argparse.Namespace) -> int:
     from freetf.training import ray_train
     from freetf.training.console import TrainConsole
     from freetf.training.loop import NonFiniteLossError
+    from freetf.training.stop import TrainingStopped
 
     # After importing Ray and MLflow, which set their loggers' levels on import.
     setup_console(args.verbose, level=logging.WARNING)  # the console says what freetf's INFO would
     console = TrainConsole(verbose=args.verbose)
     summary = ray_train.run_training(cfg, resume=args.resume, fresh=args.fresh, console=console)
+    if isinstance(summary.error, TrainingStopped):  # SIGTERM / SIGINT: 143 / 130
+        print(f"freetf train: {summary.error.explain()}", file=sys.stderr)
+        return summary.error.exit_code
     if isinstance(summary.error, NonFiniteLossError):
         print(f"freetf train: {summary.error.explain(console.cfg, summary.checkpoint)}",
               file=sys.stderr)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import json
+import shutil
+
 import pytest
 import torch
 
 from freetf import FreeTransformer, load_config
+from freetf.training import checkpoint_files
 from freetf.training.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     load_checkpoint,
     load_model,
+    resolve_checkpoint,
     save_to_root,
     write_checkpoint,
 )
@@ -48,7 +56,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match="disk full"):
         write_checkpoint(tmp_path / "c", {"step": 2}, cfg)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "c")[0]["step"] == 1
@@ -62,7 +70,8 @@ def test_corrupt_and_missing_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a freetf checkpoint"):
         load_checkpoint(tmp_path / "empty")
     path = write_checkpoint(tmp_path / "c", {"step": 1}, load_config())
-    (path / "state.pt").write_bytes(b"garbage")
+    size = (path / "state.pt").stat().st_size  # damaged, not cut short (see below)
+    (path / "state.pt").write_bytes(b"garbage"[:1] * size)
     with pytest.raises(CheckpointError, match="cannot read") as info:
         load_checkpoint(path)
     assert "weights_only" not in str(info.value) and "likely succeed" not in str(info.value)
@@ -76,9 +85,108 @@ def test_code_in_a_checkpoint_is_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, path / "state.pt")
+    _restamp(path)  # a crafted checkpoint whose meta.json agrees with its files
     with pytest.raises(CheckpointError, match="never runs code") as info:
         load_checkpoint(path)
     # never the advice to retry with weights_only=False (it would run the file's code)
     message = str(info.value)
     assert "weights_only" not in message and "likely succeed" not in message
     assert "add_safe_globals" not in message and "print" in message
+
+
+def _restamp(path):
+    """Record the files' present sizes in meta.json, as a crafted checkpoint would."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"] = {name: (path / name).stat().st_size for name in meta["files"]}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+class FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, path, room):
+        self.file, self.room = open(path, "wb"), room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+def test_a_full_disk_is_one_error_naming_the_checkpoint_and_its_cause(tmp_path, monkeypatch):
+    """torch.save to a path says only 'unexpected pos' on a full disk; the checkpoint's
+    files are written through Python, so the error is the OS's, and nothing is left."""
+    cfg = load_config()
+    save_to_root(tmp_path, 2, {"step": 2}, cfg)
+    real_open = open
+    monkeypatch.setattr(checkpoint_files, "open", lambda path, mode="r", *a, **k:
+                        io.BufferedWriter(FullDisk(path, 100)) if mode == "wb"
+                        else real_open(path, mode, *a, **k), raising=False)
+    big = {"step": 4, "w": torch.zeros(10_000)}
+    with pytest.raises(CheckpointWriteError) as info:
+        save_to_root(tmp_path, 4, big, cfg)
+    message = str(info.value)
+    assert message == (f"cannot write the checkpoint {tmp_path / 'step_000004'}: No space "
+                       f"left on device; no checkpoint of this run was saved before")
+    assert "\n" not in message and "unexpected pos" not in message
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002"]
+    assert load_checkpoint(tmp_path)[0]["step"] == 2
+    info.value.last_good = tmp_path / "step_000002"  # the loop fills it in
+    assert str(info.value).endswith(f"the last good checkpoint is {tmp_path / 'step_000002'} "
+                                    f"(continue from it with --resume "
+                                    f"{tmp_path / 'step_000002'})")
+
+
+@pytest.mark.parametrize("cut", ["no meta.json", "state.pt cut short", "empty config.yaml",
+                                 "no tokenizer.json"])
+def test_a_checkpoint_copied_in_part_is_refused_and_the_complete_one_named(tmp_path, cut):
+    """Ray copies a checkpoint into storage_path file by file; a copy cut short (a full
+    disk) is refused by generate, resume and export, which name the complete one."""
+    cfg = load_config()
+    for step in (2, 4):
+        save_to_root(tmp_path, step, {"step": step, "w": torch.ones(1000)}, cfg)
+    (tmp_path / "latest").unlink()  # as in Ray Train's storage_path/<run>
+    broken = tmp_path / "step_000004"
+    if cut == "no meta.json":
+        (broken / "meta.json").unlink()
+    elif cut == "state.pt cut short":
+        data = (broken / "state.pt").read_bytes()
+        (broken / "state.pt").write_bytes(data[: len(data) // 2])
+    elif cut == "empty config.yaml":
+        (broken / "config.yaml").write_text("")
+    else:  # a file the checkpoint had (a prepared folder's tokenizer) did not arrive
+        meta = json.loads((broken / "meta.json").read_text())
+        meta["files"]["tokenizer.json"] = 1234
+        (broken / "meta.json").write_text(json.dumps(meta))
+    complete = tmp_path / "step_000002"
+    with pytest.raises(CheckpointError, match="is incomplete") as info:
+        load_checkpoint(broken)
+    assert str(info.value).endswith(f"the newest complete checkpoint beside it is {complete}")
+    assert resolve_checkpoint(tmp_path) == complete  # a root: its newest complete one
+    assert load_checkpoint(tmp_path)[0]["step"] == 2
+    shutil.rmtree(complete)
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_from_before_the_file_list_still_loads(tmp_path):
+    path = write_checkpoint(tmp_path / "c", {"step": 3}, load_config())
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["files"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert load_checkpoint(path)[0]["step"] == 3
+    (path / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="config.yaml missing"):
+        load_checkpoint(path)

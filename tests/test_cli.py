@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import train_until_signal
 
 from freetf.cli import main
 
@@ -136,7 +138,9 @@ def test_generate_from_the_printed_checkpoint_in_process(tmp_path, capsys):
     assert main(["train", "--config", "freetf/configs/tiny.yaml", "--no-ray", "--max-steps", "2",
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", "tracking.mlflow.enabled=false"]) == 0
-    printed = _printed_checkpoint(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "\nfinished 2 steps in " in out  # the step count, as under Ray (it said '?')
+    printed = _printed_checkpoint(out)
     assert main(["generate", "--checkpoint", printed, "--prompt", "K>", "--num-samples",
                  "1"]) == 0
     assert capsys.readouterr().out.startswith("K>")
@@ -227,6 +231,76 @@ def test_ctrl_c_during_training_ends_quietly_and_marks_the_run_killed(tmp_path, 
     assert run.info.status == "KILLED"
 
 
+def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                 capsys):
+    """The disk fills at the second checkpoint: one line (what, where, why, the last good
+    checkpoint), exit 2, the run FAILED in MLflow, and the last good checkpoint loads."""
+    import errno
+
+    from freetf.tracking import mlflow_client
+    from freetf.training import checkpoint_files
+    from freetf.training.checkpoint import load_checkpoint
+
+    real_open, opened = open, []
+
+    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
+        if mode == "wb":
+            opened.append(path)
+            if len(opened) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_files, "open", open_on_a_filling_disk, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "6",
+                 "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.every_steps=2",
+                 "--set", f"tracking.mlflow.tracking_uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("freetf train:")]
+    assert line == (f"freetf train: error: cannot write the checkpoint {ckpt / 'step_000004'}: "
+                    f"No space left on device; the last good checkpoint is "
+                    f"{ckpt / 'step_000002'} (continue from it with --resume "
+                    f"{ckpt / 'step_000002'})")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000002"]
+    assert load_checkpoint(ckpt)[0]["step"] == 2
+    client = mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_training_at_a_step_with_a_checkpoint(tmp_path, signame, code):
+    """``freetf train --no-ray`` sent SIGTERM (what Slurm, Kubernetes and Ray's
+    autoscaler send) or SIGINT mid-run: it finishes the step, saves a checkpoint, marks
+    the MLflow run KILLED and exits 128 + the signal's number with one line."""
+    import re
+    import signal
+
+    from freetf.tracking import mlflow_client
+    from freetf.training.checkpoint import load_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code_seen, err = train_until_signal(
+        ["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "100000",
+         "--set", "training.log_every=1", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+         "--set", f"tracking.mlflow.tracking_uri={uri}"], "step 3/100000",
+        getattr(signal, signame))
+    assert code_seen == code, err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("freetf train:")]
+    found = re.fullmatch(rf"freetf train: stopped by {signame} after step (\d+); checkpoint: "
+                         r"(\S+) \(continue with --resume \2\)", line)
+    assert found, line
+    step, checkpoint = int(found[1]), Path(found[2])
+    assert step >= 3 and checkpoint == tmp_path / "ckpt" / f"step_{step:06d}"
+    assert load_checkpoint(checkpoint)[0]["step"] == step
+    client = mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_path, capsys):
     """A model trained on prepared BPE data: the checkpoint holds tokenizer.json and the
     data's meta, so generate decodes with the BPE after the data folder is gone."""
@@ -251,6 +325,11 @@ def test_generate_needs_no_data_folder_the_checkpoint_carries_the_tokenizer(tmp_
     assert main(["generate", "--checkpoint", str(printed), "--prompt", prompt,
                  "--num-samples", "1", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith(prompt)
-    (printed / "tokenizer.json").unlink()  # neither the checkpoint's nor the data's: refused
+    # a checkpoint from before tokenizer.json was copied (meta.json does not list it),
+    # whose data folder is gone: neither the checkpoint's tokenizer nor the data's, refused
+    (printed / "tokenizer.json").unlink()
+    meta = json.loads((printed / "meta.json").read_text())
+    del meta["files"]["tokenizer.json"]
+    (printed / "meta.json").write_text(json.dumps(meta))
     assert main(["generate", "--checkpoint", str(printed), "--prompt", prompt]) == 2
     assert "holds no tokenizer.json" in capsys.readouterr().err

@@ -208,6 +208,8 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, two_ranks, c
     step3 = root / "step_000003"
     files = {p.name for p in (step3 / "shards").iterdir()}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= files  # each rank's own shards
+    listed = json.loads((step3 / "meta.json").read_text())["files"]  # the completion check's
+    assert {f"shards/{name}" for name in files} | {"state.pt", "config.yaml"} == set(listed)
     state, _ = load_checkpoint(step3, consolidate=False)
     assert "model" not in state and "optimizer" not in state and len(state["rng"]) == 2
     expected = {s: v for s, v in step_means(runs["two"]).items() if s > 3}

@@ -7,6 +7,7 @@ Ray instance for all its tests and shuts it down at the end.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -99,6 +100,31 @@ def test_failure_without_retries_marks_the_run_failed(tmp_path):
     assert summary.error is not None
     client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(summary.run_id).info.status == "FAILED"
+
+
+def test_no_scratch_folder_outlives_a_local_mode_run(tmp_path, monkeypatch):
+    """Ray Train's local mode runs the worker in this process: the system temp dir (here
+    an empty test folder) is empty again after a run that ends, one that resumes and one
+    that fails."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def left():  # torch's compile cache (torchinductor_<user>) is meant to stay
+        return [p for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+
+    def run(*extra, resume=None):
+        return run_training(cfg_for(tmp_path, "scaling.num_workers=0", "scaling.run_name=tmp",
+                                    "tracking.mlflow.enabled=false", *extra), resume=resume)
+
+    ended = run("training.max_steps=2")
+    assert ended.error is None and left() == []
+    resumed = run("training.max_steps=4", resume=str(ended.checkpoint))
+    assert resumed.error is None and resumed.metrics["step"] == 4 and left() == []
+    failed = run("training.max_steps=4", "training.fail_at_step=1")
+    assert failed.error is not None and left() == []
 
 
 def test_metric_only_reports_are_thinned_but_essential_ones_always_go(monkeypatch, tmp_path):
@@ -350,6 +376,98 @@ def test_nonfinite_stop_with_a_worker_points_at_the_persisted_checkpoint(tmp_pat
     assert checkpoint.startswith(f"{tmp_path}/ray_results/nf1/step_")
     state, _ = load_checkpoint(checkpoint)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.heavy
+def test_sigterm_stops_the_workers_at_a_step_and_marks_the_run_killed(tmp_path):
+    """SIGTERM to the driver of a run with a worker (a scheduler's stop): the driver
+    hands the stop to the worker, which finishes its step and checkpoints; Ray persists
+    it.  Exit 143, one line naming the persisted checkpoint, the MLflow run KILLED, and
+    no C++ stack dump (before: Ray's own SIGTERM handler, exit 134, run FAILED)."""
+    import re
+    import signal
+
+    from train_helpers import train_until_signal
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, out = train_until_signal(
+        ["train", "--config", "configs/tiny.yaml", "--max-steps", "100000",
+         "--num-workers", "1", "--set", "training.log_every=1",
+         "--set", f"scaling.storage_path={tmp_path}/ray_results",
+         "--set", "scaling.run_name=term", "--set", "scaling.cpus_per_worker=0.5",
+         "--set", f"tracking.mlflow.tracking_uri={uri}"], "step 3/100000", signal.SIGTERM,
+        timeout_s=500)
+    assert code == 143, out
+    for sign in ("Traceback", "Aborted", "Stack trace", "*** SIG"):
+        assert sign not in out, out
+    [line] = [x for x in out.splitlines() if x.startswith("freetf train:")]
+    found = re.fullmatch(r"freetf train: stopped by SIGTERM after step (\d+); checkpoint: "
+                         r"(\S+) \(continue with --resume \2\)", line)
+    assert found, line
+    assert found[2] == f"{tmp_path}/ray_results/term/step_{int(found[1]):06d}"
+    assert load_checkpoint(found[2])[0]["step"] == int(found[1])
+    client = mlflow_client(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("freetf-tiny").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+def _in_a_small_tmpfs(folder, size, argv, then):
+    """``freetf <argv>`` with a ``size`` tmpfs mounted at ``folder``, in a mount namespace
+    of its own (``unshare --mount``, as root), then the shell command ``then`` there
+    (the tmpfs goes with the namespace).  -> (freetf's exit code, its output, then's
+    output).  The test is skipped where the mount is refused."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    folder.mkdir()
+    mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(folder))}"
+    probe = (subprocess.run(["unshare", "--mount", "sh", "-c", mount], capture_output=True,
+                            text=True) if shutil.which("unshare") else None)
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip() if probe else 'no unshare'}")
+    train = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "freetf", *argv])
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c",
+                           f"{mount} && {train} 2>&1; echo \"@@exit $?\"; {then}"],
+                          capture_output=True, text=True, timeout=600)
+    out, _, after = proc.stdout.partition("@@exit ")
+    code, _, after = after.partition("\n")
+    return int(code), out + proc.stderr, after
+
+
+@pytest.mark.heavy
+def test_a_full_storage_path_is_one_line_naming_the_last_persisted_checkpoint(tmp_path):
+    """scaling.storage_path on a 5 MB tmpfs that fills during Ray's copy of a checkpoint:
+    one line names it, the cause and the last persisted checkpoint, no traceback; the
+    storage holds whole checkpoints only, and the named one loads (before: four
+    tracebacks, and a step_000050 with a 0-byte config.yaml beside the good step_000040)."""
+    import sys
+
+    storage = tmp_path / "full"
+    run = storage / "run"
+    code, out, after = _in_a_small_tmpfs(storage, "5m", [
+        "train", "--config", "configs/tiny.yaml", "--max-steps", "40", "--num-workers", "1",
+        "--set", "model.hidden_dim=64", "--set", "checkpoint.every_steps=2",
+        "--set", "checkpoint.keep=100", "--set", "checkpoint.metric=step",
+        "--set", "checkpoint.mode=max", "--set", f"scaling.storage_path={storage}",
+        "--set", "scaling.run_name=run", "--set", "scaling.cpus_per_worker=0.5",
+        "--set", "tracking.mlflow.enabled=false"],
+        then=f"ls -a {run}; {sys.executable} -c 'from freetf.training.checkpoint import "
+             f"load_checkpoint; print(\"step\", load_checkpoint(\"{run}\")[0][\"step\"])'")
+    assert code == 2, out
+    assert "Traceback" not in out
+    [line] = [x for x in out.splitlines() if x.startswith("freetf train:")]
+    found = re.fullmatch(rf"freetf train: error: cannot write the checkpoint {run}/step_(\d+): "
+                         rf"No space left on device; the last good checkpoint is "
+                         rf"{run}/step_(\d+) \(continue from it with --resume \S+\)", line)
+    assert found, line
+    failed, good = int(found[1]), int(found[2])
+    assert failed > good
+    listing = after.split()
+    assert [x for x in listing if x.startswith(("step_", ".step_"))] == [
+        f"step_{s:06d}" for s in range(2, good + 1, 2)], after
+    assert f"step {good}" in after  # the newest whole checkpoint, as the root resolves
 
 
 @pytest.mark.heavy

@@ -287,8 +287,9 @@ def _runs(sweep) -> tuple[MlflowClient, object, list]:
     return client, parents[0], children
 
 
-def _interrupt_after_first_finished_trial(sweep, stop: threading.Event) -> None:
-    """Ctrl-C (SIGINT to this process) once one trial run has FINISHED in MLflow."""
+def _interrupt_after_first_finished_trial(sweep, stop: threading.Event,
+                                          signum=signal.SIGINT) -> None:
+    """Ctrl-C (SIGINT to this process), or ``signum``, once one trial run has FINISHED."""
     client = MlflowClient(tracking_uri=sweep.mlflow.tracking_uri)
     experiment_name = sweep.base().tracking.mlflow.experiment
     while not stop.is_set():
@@ -296,7 +297,7 @@ def _interrupt_after_first_finished_trial(sweep, stop: threading.Event) -> None:
         if experiment is not None and client.search_runs(
                 [experiment.experiment_id],
                 "tags.`freetf.role` = 'trial' and attributes.status = 'FINISHED'"):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
             return
         time.sleep(0.5)
 
@@ -385,7 +386,8 @@ def test_a_finished_sweep_name_is_not_reused(smoke_sweep):
 @pytest.mark.ray
 @pytest.mark.heavy  # a second sweep, run twice: about 2 minutes on 2 cores
 @pytest.mark.parametrize("method", ["grid", "boundary"])
-def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path, method):
+def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path, method,
+                                                       signame="SIGINT"):
     """Both the variant generator and the boundary searcher (its saved state) resume.
     One trial at a time, long enough that the Ctrl-C lands while a later one runs."""
     sweep = _smoke(tmp_path, *(GRID if method == "grid" else []),
@@ -393,13 +395,14 @@ def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path, meth
                    "asha.enabled=false")
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_after_first_finished_trial,
-                               args=(sweep, stop), daemon=True)
+                               args=(sweep, stop, getattr(signal, signame)), daemon=True)
     watcher.start()
     try:
         first = run_sweep(sweep)
     finally:
         stop.set()
     assert first.interrupted, "the sweep ended before the Ctrl-C landed"
+    assert first.terminated == (signame == "SIGTERM")
     _, parent, children = _runs(sweep)
     assert parent.info.status == "KILLED"
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
@@ -428,6 +431,15 @@ def test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path, meth
             assert sorted(m.step for m in history) == list(
                 range(log_every, max_steps + 1, log_every))
     assert len(second.runs) == sweep.expected_trials
+
+
+@pytest.mark.ray
+@pytest.mark.heavy
+def test_resume_after_sigterm_does_not_duplicate_trials(local_ray, tmp_path):
+    """SIGTERM (a scheduler's stop) ends a sweep as Ctrl-C does: Tune saves its state,
+    the runs are closed, and the resumed sweep reattaches them (before: Ray's SIGTERM
+    handler ended the driver at once)."""
+    test_resume_after_ctrl_c_does_not_duplicate_trials(local_ray, tmp_path, "grid", "SIGTERM")
 
 
 @pytest.mark.ray

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -236,6 +237,104 @@ def test_start_failure_is_tracking_error(sqlite_uri: str,
     monkeypatch.setattr(tracking.mlflow.MlflowClient, "log_batch", broken)
     with pytest.raises(TrackingError, match="cannot start an MLflow run"):
         make_tracker(_config(sqlite_uri))
+
+
+def _fill_the_database(tracker) -> None:
+    """The sqlite store may grow no more (PRAGMA max_page_count): its writes fail with
+    the error a full disk gives, 'database or disk is full', through MLflow's own code."""
+    from sqlalchemy import event, text
+
+    engine = tracker.client._tracking_client.store.engine
+    with engine.connect() as connection:
+        pages = connection.execute(text("PRAGMA page_count")).scalar()
+    event.listen(engine, "connect", lambda dbapi, _: dbapi.execute(
+        f"PRAGMA max_page_count = {pages}"))
+    engine.dispose()  # new connections, with the limit
+
+
+def test_a_store_that_fills_mid_run_is_two_warnings_and_the_run_still_ends(
+        sqlite_uri: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capfd: pytest.CaptureFixture) -> None:
+    """No traceback per report (MLflow logs each database error with its traceback, 126
+    of them in the probe), a retry that backs off instead of one per log step, one
+    warning saying what is kept, one at the end saying what was not recorded; the run
+    is ended (the update needs no new page; on a full disk it cannot, next test)."""
+    tracker = make_tracker(_config(sqlite_uri))
+    attempts = {"n": 0}
+    real_log_batch = tracker.client.log_batch
+
+    def counted(*args: object, **kwargs: object) -> object:
+        attempts["n"] += 1
+        return real_log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", counted)
+    _fill_the_database(tracker)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 301):
+            tracker.log_metrics({f"train/m{i}": float(step + i) for i in range(14)}, step=step)
+        tracker.finish("FAILED")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "SQLAlchemy database error" not in err
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "failed (OperationalError: database or disk is full); buffering its metrics" \
+        in warnings[0]
+    assert re.search(r": \d+ metric points \(steps \d+ to 300\) not recorded "
+                     r"\(OperationalError: database or disk is full\); the run is marked "
+                     r"FAILED$", warnings[1]), warnings[1]
+    assert attempts["n"] < 20  # not one per log step
+    assert MlflowClient(sqlite_uri).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_a_run_the_store_cannot_end_says_how_to_end_it(
+        sqlite_uri: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On a full disk even ending the run fails: the warning says so and how to end it
+    later.  A Ray worker's tracker (the driver ends the run) says what it could not send."""
+    tracker = make_tracker(_config(sqlite_uri))
+    full = MlflowException("(sqlite3.OperationalError) database or disk is full\n[SQL: ...]")
+    monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(full))
+    monkeypatch.setattr(tracker.client, "set_terminated",
+                        lambda *a, **k: (_ for _ in ()).throw(full))
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        tracker.flush()
+        assert caplog.records[-1].getMessage().endswith(
+            "1 metric points (steps 1 to 1) not recorded (MlflowException: (sqlite3."
+            "OperationalError) database or disk is full)")
+        tracker.log_metrics({"train/loss": 0.5}, step=2)
+        tracker.finish("KILLED")
+    message = caplog.records[-1].getMessage()
+    assert message.endswith(
+        f"the run could not be ended (MlflowException: (sqlite3.OperationalError) database "
+        f"or disk is full) and shows RUNNING: end it with MlflowClient({sqlite_uri!r})"
+        f".set_terminated({tracker.run_id!r}, 'KILLED')"), message
+    assert "\n" not in message
+
+
+def test_a_store_that_cannot_be_created_is_one_line_and_leaves_no_empty_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sqlite store on a full disk: sqlite makes the file, then cannot write its tables
+    (before: an SQLAlchemy traceback, and a 0-byte file left)."""
+    from mlflow.exceptions import MlflowException as Wrapped
+
+    db = tmp_path / "m.db"
+
+    def full_disk(uri: str) -> None:
+        db.touch()
+        try:
+            raise OSError(28, "database or disk is full")
+        except OSError as cause:
+            raise Wrapped("(sqlite3.OperationalError) database or disk is full\n[SQL: \n"
+                          "CREATE TABLE experiments (\n...)]") from cause
+
+    monkeypatch.setattr(tracking.sinks, "mlflow_client", full_disk)
+    with pytest.raises(TrackingError) as info:
+        make_tracker(_config(f"sqlite:///{db}"))
+    assert str(info.value) == (f"cannot start an MLflow run at sqlite:///{db}: OSError: "
+                               f"[Errno 28] database or disk is full")
+    assert not db.exists()
 
 
 # ----------------------------------------------------------------------------- rank / null

@@ -207,6 +207,9 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
     for step, path, _, reported in ctx.reports:  # meta.json: the report's numbers
         if path is not None:
             meta = json.loads((path / "meta.json").read_text())
+            files = meta.pop("files")  # and the checkpoint's other files, with their sizes
+            assert files == {p.name: p.stat().st_size for p in path.iterdir()
+                             if p.name != "meta.json"}
             assert meta == {k: v for k, v in reported.items()
                             if not isinstance(v, str | list)}, step
     assert [step for step, _ in tracker.metrics] == [3, 4, 5, 6, 7]
@@ -259,10 +262,10 @@ def test_each_rank_seeds_its_own_generator_after_the_shared_weights(tmp_path, ca
 
     ctx = RankContext(rank=rank, world_size=2, others={1 - rank: None})
     cfg = tiny(tmp_path, "training.max_steps=1", "training.seed=3", "training.log_every=1")
-    with caplog.at_level("INFO", logger="freetf.training.loop"):
+    with caplog.at_level("INFO", logger="freetf.training"):
         train_loop(cfg, ctx)
-    console = [r.getMessage().split()[0] for r in caplog.records
-               if r.name == "freetf.training.loop"]
+    console = [r.getMessage().split()[0] for r in caplog.records  # loop and loop_state
+               if r.name.startswith("freetf.training.loop")]
     assert console == (["model:", "checkpoint:", "step"] if rank == 0 else [])  # rank 0 speaks
     torch.manual_seed(3 * 1000 + rank)
     assert torch.equal(ctx.rng_after_resume, torch.get_rng_state())

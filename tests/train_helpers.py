@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 
 from freetf import load_config
@@ -82,3 +85,31 @@ class RankContext(TrainContext):
     def prepare_model(self, model):
         self.rng_after_resume = torch.get_rng_state()
         return model
+
+
+def train_until_signal(argv, step_text, signum, timeout_s=240):
+    """Run ``freetf <argv>`` until its log shows ``step_text``, send ``signum`` to it,
+    wait.  -> (exit code, its output: stderr and stdout, with Ray's workers' lines)."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "freetf", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if step_text in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert seen.wait(timeout_s), "".join(lines)
+        proc.send_signal(signum)
+        proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    return proc.returncode, "".join(lines)

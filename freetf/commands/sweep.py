@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"\nThe sweep was interrupted; continue it with: "
               f"{command_line(args, drop=('--resume',))} --resume")
-        return 130
+        return 143 if result.terminated else 130
     return 0

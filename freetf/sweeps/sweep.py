@@ -17,6 +17,11 @@ schedules locates the boundary between them.  One sweep is:
 Tune kills a trial stopped by ASHA or by the stopper without running the code after its
 training: the driver closes its child run instead (KILLED,
 ``freetf.stopped_early=true``), from a Tune callback as soon as the trial stops.
+
+SIGINT (Ctrl-C) and SIGTERM stop a sweep alike: Tune stops its trials, saves its state
+and the sweep ends interrupted (exit 130, or 143 for SIGTERM), resumable with
+``--resume``.  (Tune itself handles SIGINT and SIGUSR1 only; SIGTERM would end the
+driver at once, through Ray's handler.)
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +67,7 @@ from freetf.sweeps.trainable import (  # noqa: F401 - trial_run_name: the public
     trial_run_name,
 )
 from freetf.tracking import tags
+from freetf.training.stop import sigterm_as
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +170,7 @@ class SweepResult:
     interrupted: bool
     analysis: Any = None  # freetf.results.analysis.SweepAnalysis: verdicts, boundaries
     runs_view: str | None = None  # the trials' saved view in MLflow's UI (runs_page_url)
+    terminated: bool = False  # interrupted by SIGTERM (not Ctrl-C)
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
@@ -219,7 +227,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
         runner=sweep.trial_runner(base), named_keys=sweep.named_keys)
     console = SweepConsole(sweep, base, verbose=verbose)
     try:
-        results = _tuner(sweep, base, context, resume, [console, *callbacks], verbose).fit()
+        with sigterm_as(signal.SIGUSR1) as terminated:  # Tune's Ctrl-C stop, for SIGTERM too
+            results = _tuner(sweep, base, context, resume, [console, *callbacks],
+                             verbose).fit()
     except BaseException as err:  # a second Ctrl-C, or Tune itself failed
         close_open_runs(client, context, None, interrupted=True)
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -229,7 +239,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     # also land after a trial closed its MLflow run but before Tune saw it end: MLflow
     # then knows it ended (and --resume will not run it again).
     done = ended_trials(results, context.keys, ended_trial_keys(client, context.parent_run_id))
-    interrupted = done < sweep.expected_trials
+    interrupted = done < sweep.expected_trials or bool(terminated)
     log.info("sweep %s: %d of %d trials ended (%d errors)%s", sweep.name, done,
              sweep.expected_trials, results.num_errors,
              "; interrupted, continue it with --resume" if interrupted else "")
@@ -247,7 +257,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     view = _save_view(client, context.parent_run_id, sweep)
     tracker.finish("KILLED" if interrupted else "FINISHED")
     return SweepResult(sweep, context.parent_run_id, uri, experiment, found.trials, paths,
-                       interrupted, found, view)
+                       interrupted, found, view, terminated=bool(terminated))
 
 
 def _save_view(client, parent_run_id: str, sweep: SweepConfig) -> str | None:

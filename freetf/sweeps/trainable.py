@@ -22,7 +22,6 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -42,6 +41,7 @@ from freetf.tracking import tags
 from freetf.tracking.params import searched_names
 from freetf.training.context import TrainContext
 from freetf.training.loop import train_loop
+from freetf.training.scratch import make_scratch, remove_scratch
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class TuneTrialContext(TrainContext):
         self.report_interval_s = report_interval_s
         self.last_checkpoint: Path | None = None  # as persisted by Tune
         self.resumed = False
-        self._tmp = Path(tempfile.mkdtemp(prefix="freetf-trial-"))
+        self._tmp = make_scratch("freetf-trial-")  # removed by close()
         self._last_report = -math.inf
         self.marks["process_start"] = psutil.Process().create_time()
 
@@ -280,7 +280,7 @@ class TuneTrialContext(TrainContext):
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        remove_scratch(self._tmp)
 
 
 def preload_trial_libraries() -> None:

@@ -109,8 +109,47 @@ def preload_store_modules() -> None:
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
+class _ReraisedDatabaseErrors(logging.Filter):
+    """MLflow's SQLAlchemy store logs every database error with its traceback and then
+    raises it to the caller (``mlflow.store.db.utils``: a full disk gave one traceback per
+    metric batch).  freetf's callers say what failed, in one line: the log is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+_DB_LOGGER = "mlflow.store.db.utils"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store, or None."""
+    db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    return Path(db) if db and db != ":memory:" else None
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An error in one line: MLflow's database errors carry the SQL and every bound
+    parameter (a thousand metrics) after their first line."""
+    lines = str(err).strip().splitlines()
+    line = lines[0] if lines else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def root_cause(err: BaseException) -> str:
+    """The error at the bottom of ``err``'s chain, in one line: MLflow wraps a database
+    error in SQLAlchemy's ("raised as a result of Query-invoked autoflush ...") wrapped in
+    its own; the bottom one says ``OperationalError: database or disk is full``."""
+    root = err
+    while (below := root.__cause__ or root.__context__) is not None and below is not root:
+        root = below
+    return f"{type(root).__name__}: {first_line(root)}"
+
+
 def mlflow_client(uri: str) -> mlflow.MlflowClient:
     """An MlflowClient for ``uri``, preparing local stores (sqlite folder, file opt-in)."""
+    db_logger = logging.getLogger(_DB_LOGGER)
+    if not any(isinstance(f, _ReraisedDatabaseErrors) for f in db_logger.filters):
+        db_logger.addFilter(_ReraisedDatabaseErrors())
     scheme = urlparse(uri).scheme
     if scheme == "file":
         # MLflow 3.x refuses file stores unless opted in; a file: URI is an explicit ask.

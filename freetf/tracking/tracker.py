@@ -83,6 +83,10 @@ class Tracker:
         """Store a matplotlib figure as the artifact ``filename`` (e.g. ``curves.png``)."""
         self._each("log_figure", fig, filename)
 
+    def flush(self) -> None:
+        """Send buffered data now (a process that ends without ending the run)."""
+        self._each("flush")
+
     def finish(self, status: str = "FINISHED") -> None:
         """Flush buffered data and end the run; later calls are no-ops."""
         if status not in RUN_STATUSES:

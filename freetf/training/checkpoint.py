@@ -16,8 +16,13 @@ files instead (:mod:`freetf.training.sharded_checkpoint`); loading consolidates 
 
 It is written into a temporary sibling and renamed into place, so a crash mid-save
 never leaves a broken checkpoint; the ``latest`` pointer file of a checkpoint root is
-replaced atomically too.  Loading uses ``torch.load(..., weights_only=True)``: data,
-never code.  The same directory is what Ray Train uploads as a ``ray.train.Checkpoint``.
+replaced atomically too.  A write that fails (a full disk) is a
+:class:`CheckpointWriteError` naming the checkpoint and the cause.  A checkpoint copied
+in part (Ray's copy into ``scaling.storage_path`` cut short) is refused when loaded, and
+a root without ``latest`` (Ray Train's ``storage_path/<run>``) resolves to its newest
+complete checkpoint (:func:`resolve_checkpoint`).  Loading uses
+``torch.load(..., weights_only=True)``: data, never code.  The same directory is what
+Ray Train uploads as a ``ray.train.Checkpoint``.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ from freetf.training.checkpoint_files import (  # noqa: F401 - the file names: p
     SHARDS_DIR,
     STATE_FILE,
     TOKENIZER_FILE,
+    CheckpointError,
+    CheckpointWriteError,
+    incomplete_reason,
     is_sharded,
     publish,
     replace_dir,
+    write_failure,
     write_files,
 )
 from freetf.training.sharded_checkpoint import consolidated_model_state
@@ -50,22 +59,24 @@ log = logging.getLogger(__name__)
 
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or unreadable."""
-
-
 def write_checkpoint(directory: str | Path, state: dict[str, Any], config: Config,
                      meta: dict[str, Any] | None = None) -> Path:
     """Write ``state`` + resolved ``config`` into ``directory`` atomically."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    except OSError as err:
+        raise CheckpointWriteError(directory, write_failure(err)) from err
     try:
         write_files(tmp, state, config, meta)
         replace_dir(tmp, directory)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        cause = write_failure(err) if isinstance(err, Exception) else None
+        if cause is None:
+            raise
+        raise CheckpointWriteError(directory, cause) from err
     return directory
 
 
@@ -97,21 +108,57 @@ def save_to_root(root: str | Path, step: int, state: dict[str, Any], config: Con
     """Save ``root/step_NNNNNN``, point ``root/latest`` at it, keep the newest ``keep``."""
     root = Path(root)
     path = write_checkpoint(root / f"step_{step:06d}", state, config, meta)
-    publish(root, path, keep)
+    try:
+        publish(root, path, keep)
+    except OSError as err:
+        raise CheckpointWriteError(root / LATEST_FILE, write_failure(err)) from err
     return path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a root holding ``latest``, -> the checkpoint directory."""
+    """A checkpoint directory, or a root, -> the checkpoint directory, if it is whole.
+
+    A root holding ``latest`` resolves to the checkpoint it names; a root without it
+    (Ray Train's ``storage_path/<run>``) to its newest complete ``step_*`` checkpoint.
+    An incomplete checkpoint is refused, naming the newest complete one beside it.
+    """
     path = Path(path)
     if (path / LATEST_FILE).is_file():
         path = path / (path / LATEST_FILE).read_text().strip()
+    elif path.is_dir() and not _has_checkpoint_files(path) and _steps(path):
+        newest = newest_complete(path)
+        if newest is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint (its "
+                                  f"{', '.join(p.name for p in _steps(path))} are incomplete)")
+        path = newest
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if not (path / STATE_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+    if not _has_checkpoint_files(path):
         raise CheckpointError(f"{path} is not a freetf checkpoint (needs {STATE_FILE} "
                               f"and {CONFIG_FILE})")
+    reason = incomplete_reason(path)
+    if reason is not None:
+        other = newest_complete(path.parent)
+        raise CheckpointError(
+            f"{path} is incomplete ({reason}: a write or copy that did not finish); "
+            + (f"the newest complete checkpoint beside it is {other}" if other is not None
+               else "there is no complete checkpoint beside it"))
     return path
+
+
+def newest_complete(root: Path) -> Path | None:
+    """The ``step_*`` checkpoint of ``root`` with the highest step that is whole."""
+    return next((p for p in reversed(_steps(root)) if incomplete_reason(p) is None), None)
+
+
+def _steps(root: Path) -> list[Path]:
+    """``root``'s ``step_<n>`` folders in step order."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _has_checkpoint_files(path: Path) -> bool:
+    return any((path / name).exists() for name in (STATE_FILE, CONFIG_FILE, META_FILE))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",

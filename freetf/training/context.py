@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from freetf.config import Config, ConfigError
+from freetf.training.stop import requested_signal
 
 
 class LogWindow:
@@ -106,6 +107,18 @@ class TrainContext:
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (a collective: all ranks call it)."""
         return [obj]
+
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj``, on every rank (a collective: all ranks call it)."""
+        return obj
+
+    def requested_stop(self, sync_point: bool) -> int | None:
+        """The signal that asked the run to stop (:mod:`freetf.training.stop`), or None.
+
+        Asked after every step, by every rank; ``sync_point`` (a log step or the last):
+        a runner with several ranks may answer only there, where the ranks agree.
+        """
+        return requested_signal()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
                essential: bool = True) -> None:

@@ -27,28 +27,13 @@ from freetf.data.stream import BatchStream
 from freetf.evaluation.verdicts import run_plateau
 from freetf.model.losses import HeadInputs, compute_loss
 from freetf.model.transformer import FreeTransformer
-from freetf.training.checkpoint import (
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng_states,
-    rng_states,
-    save_to_root,
-)
-from freetf.training.checkpoint_files import is_sharded
 from freetf.training.context import LogWindow, TrainContext, TrainResult
 from freetf.training.evaluate import evaluate
+from freetf.training.loop_state import resume_state, save_state
 from freetf.training.optim import amp_dtype, build_optimizer
 from freetf.training.parallel import clip_grad_norm, gradient_sync, is_fsdp, unsharded
-from freetf.training.schedules import (
-    build_lr_scheduler,
-    load_lr_scheduler_state,
-    schedule_values,
-)
-from freetf.training.sharded_checkpoint import (
-    load_full_into_sharded,
-    load_sharded,
-    save_sharded,
-)
+from freetf.training.schedules import build_lr_scheduler, schedule_values
+from freetf.training.stop import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +165,7 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
     scheduler = build_lr_scheduler(optimizer, tcfg.warmup_steps, steps, cfg.scheduler.min_lr,
                                    cfg.scheduler.type)
     torch.manual_seed(tcfg.seed * 1000 + ctx.rank)  # dropout and prior samples, per rank
-    start_step = _maybe_resume(ctx, raw_model, optimizer, scheduler, stream, device)
+    start_step, resumed = resume_state(ctx, raw_model, optimizer, scheduler, stream, device)
     model = ctx.prepare_model(torch.compile(raw_model) if tcfg.compile else raw_model)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -214,8 +199,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                         evaluated = evaluate(raw_model, data, cfg, device,
                                              sched["free_bits_nats"])
                     report.update({k: v for k, v in evaluated.items() if not isinstance(v, str)})
-                err.checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream,
-                                       at_step, report, device)
+                err.checkpoint = save_state(ctx, cfg, raw_model, optimizer, scheduler,
+                                            stream, at_step, report, device,
+                                            checkpoint or resumed)
                 ctx.report(report, err.checkpoint)
             raise
     tokens_since, t_since = 0, time.perf_counter()
@@ -281,13 +267,17 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
             ctx.mark("first_step")
         if last:
             ctx.mark("last_step")
-        want_ckpt = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+        # A stop asked by a signal (stop.py) ends the run here, with a checkpoint; ranks
+        # agree on it at log steps (the context's business), so all stop alike.
+        stop = ctx.requested_stop(sync_point=done % tcfg.log_every == 0 or last)
+        want_ckpt = (last or stop is not None
+                     or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0))
         # A checkpoint kept by an eval metric (checkpoint.metric) needs that metric beside it.
         want_eval = (last or (tcfg.eval_every and done % tcfg.eval_every == 0)
                      or (want_ckpt and cfg.checkpoint.metric.startswith("eval/")))
         if done % tcfg.log_every == 0 or want_eval or want_ckpt:
             nonfinite_total = check_nonfinite(done)  # before any save
-        if done % tcfg.log_every == 0 or last:
+        if done % tcfg.log_every == 0 or last or stop is not None:
             elapsed = time.perf_counter() - t_since
             metrics = _train_metrics(window.means(), sched, optimizer, tokens_since / elapsed,
                                      nonfinite_total, stream.epoch)
@@ -306,8 +296,8 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                 tracker.log_metrics(report | {"train/steps_done": done}, step=done)
             report["step"] = done  # Tune's time attribute, and the checkpoint's
             if want_ckpt:
-                checkpoint = _save(ctx, cfg, raw_model, optimizer, scheduler, stream, done,
-                                   report, device)
+                checkpoint = save_state(ctx, cfg, raw_model, optimizer, scheduler, stream,
+                                        done, report, device, checkpoint or resumed)
             if last:
                 ctx.mark("train_end")  # before the final report, which carries the marks
             ctx.report(metrics | {"step": done}, checkpoint if want_ckpt else None,
@@ -318,6 +308,9 @@ def train_loop(cfg: Config, context: TrainContext | None = None,
                          metrics.get("train/ce_nats", float("nan")),
                          metrics.get("train/kl_nats", 0.0),
                          metrics.get("train/tokens_per_s", 0.0))
+        if stop is not None and not last:
+            stream.close()
+            raise TrainingStopped(stop, done, checkpoint)
     stream.close()
     return TrainResult(steps, metrics, ctx.history, checkpoint, nonfinite_total)
 
@@ -340,42 +333,3 @@ def _train_metrics(means, sched, optimizer, tokens_per_s, nonfinite, epoch):
             "train/free_bits_bits": sched["free_bits_nats"] / math.log(2.0),
         })
     return metrics
-
-
-def _save(ctx, cfg, model, optimizer, scheduler, stream, step, metrics, device) -> Path | None:
-    rng = ctx.all_gather(rng_states(device))  # every rank's generators, in rank order
-    state = {"scheduler": scheduler.state_dict(), "step": step, "data": stream.state_dict(),
-             "rng": rng}
-    if is_fsdp(model):  # every rank writes its shards of the model and optimizer
-        path = save_sharded(ctx.checkpoint_root(cfg), step, model, optimizer, state, cfg,
-                            {"step": step, **metrics}, ctx.rank, keep=cfg.checkpoint.keep)
-        if ctx.is_main:
-            log.info("checkpoint: %s", path)
-        return path
-    state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-    if not ctx.is_main:
-        return None
-    path = save_to_root(ctx.checkpoint_root(cfg), step, state, cfg, {"step": step, **metrics},
-                        keep=cfg.checkpoint.keep)
-    log.info("checkpoint: %s", path)
-    return path
-
-
-def _maybe_resume(ctx, model, optimizer, scheduler, stream, device) -> int:
-    path = ctx.latest_checkpoint()
-    if path is None:
-        return 0
-    path = resolve_checkpoint(path)
-    state, _ = load_checkpoint(path, consolidate=False)
-    if is_sharded(path):  # any world size, FSDP or not: DCP reshards
-        load_sharded(path, model, optimizer)
-    elif is_fsdp(model):  # a full (DDP) checkpoint: each rank keeps its shards
-        load_full_into_sharded(state, model, optimizer)
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    load_lr_scheduler_state(scheduler, state["scheduler"])  # after the optimizer's state
-    stream.load_state_dict(state["data"])
-    restore_rng_states(state["rng"], ctx.rank, device)
-    log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])

@@ -15,37 +15,36 @@ creates the run, hands its id to the workers (rank 0 logs metrics into it), and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import os
-import shutil
 import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import ray
 import ray.train
 import ray.train.torch
-import torch
-import torch.distributed
 
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
+from freetf.training.checkpoint import CheckpointWriteError
 from freetf.training.console import MlflowProgress, TrainConsole
 from freetf.training.context import TrainContext
 from freetf.training.loop import NONFINITE_STOP_KEY, NonFiniteLossError, train_loop
-from freetf.training.parallel import apply_fsdp, is_fsdp
 from freetf.training.paths import (  # noqa: F401 - run_name: ray_train's API too
     absolute_paths,
     absolute_storage,
     run_directory,
     run_name,
 )
+from freetf.training.ray_context import RayTrainContext, publish_stop
 from freetf.training.run_folder import plan_run
+from freetf.training.stop import TrainingStopped, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -53,123 +52,68 @@ log = logging.getLogger(__name__)
 OBJECT_STORE_BYTES = 256 * 1024 ** 2
 
 
-class RayTrainContext(TrainContext):
-    """The loop's view of a Ray Train worker."""
-
-    def __init__(self, resume_from: str | None = None, report_interval_s: float = 0.0,
-                 persist_root: Path | None = None, quiet_nonfinite_stop: bool = False) -> None:
-        """``persist_root``: write checkpoints there and keep them (Ray Train's local
-        mode, which runs the loop in the driver and persists nothing it is handed).
-        ``quiet_nonfinite_stop``: report a non-finite stop with a checkpoint (below)."""
-        ctx = ray.train.get_context()
-        super().__init__(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                         device=ray.train.torch.get_device(), resume_from=resume_from)
-        self._tmp = Path(tempfile.mkdtemp(prefix="freetf-ckpt-"))
-        self._persist_root = persist_root
-        # Ray Train's Result holds the latest checkpointed report only: a non-finite stop
-        # reaches the driver as a checkpoint of the last finite weights (loop.py).
-        self.checkpoint_at_nonfinite_stop = quiet_nonfinite_stop
-        self.report_interval_s = report_interval_s
-        self._last_report = -math.inf
-        self.marks["process_start"] = psutil.Process().create_time()
-
-    def shard_model(self, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-        """scaling.strategy=fsdp: FSDP2 over Ray Train's process group (parallel.py)."""
-        if cfg.scaling.strategy != "fsdp":
-            return model
-        return apply_fsdp(model, cfg, self.device)
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if is_fsdp(model):  # sharded already: no DDP on top
-            return model
-        return ray.train.torch.prepare_model(model, move_to_device=False)
-
-    def _report_due(self) -> bool:
-        """Has ``report_interval_s`` passed since the last report?  Rank 0's clock decides
-        for all: ``ray.train.report`` is a collective, so every rank must call it alike."""
-        if self.report_interval_s <= 0:
-            return True
-        due = time.monotonic() - self._last_report >= self.report_interval_s
-        if self.world_size > 1:
-            flag = torch.tensor([float(due)], device=self.device)  # CUDA under NCCL
-            torch.distributed.broadcast(flag, src=0)
-            due = bool(flag.item())
-        return due
-
-    def latest_checkpoint(self) -> Path | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:  # fresh start, or --resume from a stopped run
-            return Path(self.resume_from) if self.resume_from else None
-        local = checkpoint.to_directory(str(self._tmp / "restore"))
-        return Path(local)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [obj]
-        gathered: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, obj)
-        return gathered
-
-    def checkpoint_root(self, cfg: Config) -> Path:
-        if self._persist_root is not None:
-            return self._persist_root
-        return self._tmp / "out"  # Ray persists what is reported into storage_path
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
-               essential: bool = True) -> None:
-        """``ray.train.report``, thinned to one metric-only report per ``report_interval_s``.
-
-        Ray Train (2.60, v2) hands each result to the controller through a one-slot queue
-        that the controller drains when it polls the workers (every
-        ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): a second report within
-        that interval blocks the training thread until the next poll.  Reporting every
-        log step capped training at one log interval per poll (0.70x the in-process
-        tokens/s in bench/ray_overhead.py; 0.92-0.99x with this thinning).  The skipped
-        points are not lost: rank 0 logs every log step to MLflow, which the plots read.
-        """
-        self.history.append(dict(metrics))
-        if not essential and not self._report_due():
-            return
-        self._last_report = time.monotonic()
-        checkpoint = (ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-                      if checkpoint_dir is not None else None)
-        ray.train.report({**metrics, **self.timeline()}, checkpoint=checkpoint,
-                         checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
-        if checkpoint_dir is not None and self._persist_root is None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has its own copy
-
-
-def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker."""
+def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Entry point of each Ray Train worker.  -> (with ``quiet_stops``) how the run
+    stopped, if it stopped early: rank 0's return value is the driver's ``Result``'s."""
     cfg = from_dict(loop_config["config"])
     # Local mode (num_workers=0) persists no reported checkpoint: write them in place.
     local_mode = cfg.scaling.num_workers == 0
     if not local_mode:  # (local mode runs in the driver, whose console is set up already)
         setup_logging(propagate=False)  # Ray Train's root logger would print each line again
-    quiet_stop = bool(loop_config.get("quiet_nonfinite_stop"))
+    quiet = bool(loop_config.get("quiet_stops"))
     ctx = RayTrainContext(loop_config.get("resume"), cfg.scaling.report_interval_s,
                           persist_root=run_directory(cfg) if local_mode else None,
-                          quiet_nonfinite_stop=quiet_stop)
+                          quiet_nonfinite_stop=quiet, stop_key=loop_config.get("stop_key"))
+    # Returning, not raising, keeps Ray from printing tracebacks and from retrying a run
+    # that would stop again; every rank stops at the same step.  (Sweep trials raise:
+    # Tune records them as failed.)
     tracker = None
-    if ctx.is_main and loop_config.get("run_id"):
-        from freetf.tracking import SkipLoggedSteps, last_logged_step, make_tracker
-
-        tracker = make_tracker(cfg, rank=0, run_id=loop_config["run_id"])
-        # A restart after a worker failure replays the steps after its checkpoint, or
-        # every step when the failure came before Ray registered any checkpoint (a node
-        # lost right after writing one): the run's MLflow points tell which were logged.
-        logged = last_logged_step(tracker)
-        if logged:
-            tracker = SkipLoggedSteps(tracker, logged)
     try:
+        tracker = _worker_tracker(cfg, ctx, loop_config.get("run_id"))
         train_loop(cfg, ctx, tracker=tracker)
-    except NonFiniteLossError:
-        # Reported with its checkpoint by the loop; every rank stops at the same step (the
-        # gradient norm is all-reduced).  Returning, not raising, keeps Ray from printing
-        # tracebacks and from retrying a run that would diverge again.  (Sweep trials
-        # still raise: Tune records them as failed.)
-        if not quiet_stop:
+    except NonFiniteLossError:  # reported with its checkpoint by the loop
+        if not quiet:
             raise
+    except TrainingStopped as err:  # reported with its checkpoint by the loop
+        if not quiet:
+            raise
+        return {"stopped": err.signum, "step": err.step}
+    except CheckpointWriteError as err:  # the last good checkpoint is Ray's latest
+        if not quiet:
+            raise
+        return {"write_error": [str(err.path), err.cause]}
+    finally:
+        if tracker is not None:  # the driver ends the run; what this worker buffered goes now
+            tracker.flush()
+        ctx.close()
+    return None
+
+
+def _worker_outcome(value: Any, checkpoint: Path | None) -> BaseException | None:
+    """The stop that rank 0's :func:`_worker_loop` returned, if any, with ``checkpoint``
+    (Ray's latest persisted one) as the checkpoint to continue from."""
+    if not isinstance(value, dict):
+        return None
+    if "stopped" in value:
+        return TrainingStopped(int(value["stopped"]), int(value["step"]), checkpoint)
+    if "write_error" in value:
+        path, cause = value["write_error"]
+        return CheckpointWriteError(path, cause, checkpoint)
+    return None
+
+
+def _worker_tracker(cfg: Config, ctx: RayTrainContext, run_id: str | None):
+    """Rank 0 logs into the driver's MLflow run; other ranks log nothing."""
+    if not ctx.is_main or not run_id:
+        return None
+    from freetf.tracking import SkipLoggedSteps, last_logged_step, make_tracker
+
+    tracker = make_tracker(cfg, rank=0, run_id=run_id)
+    # A restart after a worker failure replays the steps after its checkpoint, or
+    # every step when the failure came before Ray registered any checkpoint (a node
+    # lost right after writing one): the run's MLflow points tell which were logged.
+    logged = last_logged_step(tracker)
+    return SkipLoggedSteps(tracker, logged) if logged else tracker
 
 
 @dataclass
@@ -269,15 +213,28 @@ def check_tracking_store(uri: str) -> None:
     check_store_shared_by(uri, cluster_hosts())
 
 
+class _StoppableTrainer(ray.train.torch.TorchTrainer):
+    """A ``TorchTrainer`` that leaves SIGINT to :func:`freetf.training.stop.stop_on_signals`
+    (the workers finish their step and checkpoint): Ray Train's own handler (Ray 2.60's
+    ``_register_sigint_handler``, set in ``fit``) aborts the workers at once instead."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        return None
+
+
 def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = None,
                   callbacks: list | None = None, storage_path: str | None = None,
-                  controller_failure_limit: int = -1, quiet_nonfinite_stop: bool = False):
+                  controller_failure_limit: int = -1, quiet_stops: bool = False,
+                  stop_key: str | None = None):
     """A ``TorchTrainer`` for ``cfg`` (scaling, checkpoints and failures from config).
 
     ``controller_failure_limit``: worker-group start-ups that may fail (e.g. time out for
     lack of CPUs) before the run fails; -1 (Ray's default) retries forever.
-    ``quiet_nonfinite_stop``: a non-finite stop ends the run normally, its last report
-    carrying ``stopped/nonfinite_steps`` and a checkpoint (what ``run_training`` reads).
+    ``quiet_stops``: a non-finite stop ends the run normally, its last report carrying
+    ``stopped/nonfinite_steps`` and a checkpoint; a stop asked by a signal and a failed
+    checkpoint write end it too, told by rank 0's return value (what ``run_training``
+    reads).  ``stop_key``: the workers stop when the driver publishes it
+    (:func:`freetf.training.ray_context.publish_stop`); SIGINT is then left to the driver.
     """
     sc = cfg.scaling
     use_gpu = sc.use_gpu
@@ -296,10 +253,11 @@ def build_trainer(cfg: Config, run_id: str | None = None, resume: str | None = N
         failure_config=ray.train.FailureConfig(
             max_failures=sc.max_failures, controller_failure_limit=controller_failure_limit),
         callbacks=callbacks)
-    return ray.train.torch.TorchTrainer(
+    trainer = _StoppableTrainer if stop_key else ray.train.torch.TorchTrainer
+    return trainer(
         _worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "resume": resume,
-                           "quiet_nonfinite_stop": quiet_nonfinite_stop},
+                           "quiet_stops": quiet_stops, "stop_key": stop_key},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
@@ -334,28 +292,34 @@ def run_training(cfg: Config, resume: str | None = None, *, fresh: bool = False,
     metrics: dict[str, Any] = {}
     checkpoint: Path | None = None
     history: list[dict[str, Any]] = []
+    # SIGTERM / SIGINT: the loop stops at its next step with a checkpoint (stop.py); under
+    # Ray the workers hear of it through Ray's key-value store.  (Installed after
+    # ray.init, whose own SIGTERM handler exits at once.)
+    stop_key = f"stop-{uuid.uuid4().hex}" if cfg.scaling.use_ray else None
     try:
-        if cfg.scaling.use_ray:
-            with _progress(console, tracker):
-                result = build_trainer(cfg, run_id, resume, quiet_nonfinite_stop=True).fit()
-            error = result.error
-            metrics = dict(result.metrics or {})
-            if NONFINITE_STOP_KEY in metrics:
-                error = NonFiniteLossError(int(metrics[NONFINITE_STOP_KEY]),
-                                           int(metrics["step"]))
-            # Ray's results are thinned (report_interval_s); MLflow has every log step.
-            if tracker is not None and tracker.client is not None:
-                history = metric_history(tracker.client, run_id, CURVE_METRICS)
-            elif result.metrics_dataframe is not None:
-                history = result.metrics_dataframe.to_dict("records")
-            checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
-        else:
-            context = TrainContext(resume_from=resume,
-                                   listener=console.report if console is not None else None)
-            res = train_loop(cfg, context, tracker=tracker)
-            metrics = {**res.metrics, "step": res.step}
-            checkpoint, history = res.checkpoint, res.history
-    except NonFiniteLossError as err:
+        with stop_on_signals(functools.partial(publish_stop, stop_key) if stop_key else None):
+            if cfg.scaling.use_ray:
+                with _progress(console, tracker):
+                    result = build_trainer(cfg, run_id, resume, quiet_stops=True,
+                                           stop_key=stop_key).fit()
+                metrics = dict(result.metrics or {})
+                checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+                error = result.error or _worker_outcome(result.return_value, checkpoint)
+                if NONFINITE_STOP_KEY in metrics:
+                    error = NonFiniteLossError(int(metrics[NONFINITE_STOP_KEY]),
+                                               int(metrics["step"]))
+                # Ray's results are thinned (report_interval_s); MLflow has every log step.
+                if tracker is not None and tracker.client is not None:
+                    history = metric_history(tracker.client, run_id, CURVE_METRICS)
+                elif result.metrics_dataframe is not None:
+                    history = result.metrics_dataframe.to_dict("records")
+            else:
+                context = TrainContext(resume_from=resume, listener=console.report
+                                       if console is not None else None)
+                res = train_loop(cfg, context, tracker=tracker)
+                metrics = res.metrics | {"step": res.step}  # as Ray's reports have it
+                checkpoint, history = res.checkpoint, res.history
+    except (NonFiniteLossError, TrainingStopped) as err:
         error, checkpoint = err, err.checkpoint  # the in-process loop's last checkpoint
     except BaseException as err:  # noqa: BLE001 - closed below, re-raised by the caller
         error = err
@@ -363,7 +327,8 @@ def run_training(cfg: Config, resume: str | None = None, *, fresh: bool = False,
         if tracker is not None:
             log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
             tracker.finish("FINISHED" if error is None else
-                           "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+                           "KILLED" if isinstance(error, KeyboardInterrupt | TrainingStopped)
+                           else "FAILED")
     return RunSummary(metrics, checkpoint, run_id, error, time.perf_counter() - start)
 
 

@@ -31,7 +31,14 @@ import torch.distributed as dist
 from torch import nn
 
 from freetf.config import Config
-from freetf.training.checkpoint_files import SHARDS_DIR, publish, replace_dir, write_files
+from freetf.training.checkpoint_files import (
+    SHARDS_DIR,
+    CheckpointWriteError,
+    publish,
+    replace_dir,
+    write_failure,
+    write_files,
+)
 
 
 def _barrier() -> None:
@@ -58,8 +65,10 @@ def save_sharded(root: str | Path, step: int, model: nn.Module,
 
     ``state``: the rest of the training state (scheduler, data, step, RNG), written by
     rank 0.  The shards are written into a temporary sibling renamed into place once all
-    ranks are done, so a crash mid-save leaves no half checkpoint.  ``root`` may be
-    shared by the ranks or each rank's own (Ray Train: a local folder per worker).
+    ranks are done, so a crash mid-save leaves no half checkpoint; ``meta.json`` lists
+    every rank's shard files with their sizes.  ``root`` may be shared by the ranks or
+    each rank's own (Ray Train: a local folder per worker).  A failed write (a full
+    disk) raises :class:`~freetf.training.checkpoint.CheckpointWriteError` on every rank.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -69,17 +78,74 @@ def save_sharded(root: str | Path, step: int, model: nn.Module,
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     _barrier()
-    dcp.save(_model_and_optimizer(model, optimizer), checkpoint_id=tmp / SHARDS_DIR)
-    if rank == 0:  # state.pt, config.yaml and meta.json beside the shards
-        write_files(tmp, state, config, {**meta, "format": "sharded"})
-    _barrier()
-    if rank == 0:
-        replace_dir(tmp, final)
-        publish(root, final, keep)
-    _barrier()
+    try:
+        dcp.save(_model_and_optimizer(model, optimizer), checkpoint_id=tmp / SHARDS_DIR)
+    except BaseException as err:  # DCP raises on every rank when one rank's write fails
+        _fail_together([_dcp_failure(err)], err, final, tmp)
+    written = _gathered_sizes(tmp / SHARDS_DIR)
+    cause = (_attempt(write_files, tmp, state, config, {**meta, "format": "sharded"}, written)
+             if rank == 0 else None)  # state.pt, config.yaml and meta.json beside the shards
+    _fail_together(_gather(cause), None, final, tmp)
+    cause = _attempt(_publish, root, tmp, final, keep) if rank == 0 else None
+    _fail_together(_gather(cause), None, final, tmp)
     if tmp.exists():  # a root of this rank's own: its shards are still in tmp
         replace_dir(tmp, final)
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    replace_dir(tmp, final)
+    publish(root, final, keep)
+
+
+def _attempt(fn, *args) -> str | None:
+    """Run ``fn``: None if it worked, the cause of an I/O failure if not (else raise)."""
+    try:
+        fn(*args)
+    except Exception as err:
+        cause = write_failure(err)
+        if cause is None:
+            raise
+        return cause
+    return None
+
+
+def _dcp_failure(err: BaseException) -> str | None:
+    """The I/O cause inside DCP's CheckpointException (its ``failures``: rank -> error)."""
+    for failure in getattr(err, "failures", {}).values():
+        cause = write_failure(failure[0] if isinstance(failure, tuple) else failure)
+        if cause is not None:
+            return cause
+    return write_failure(err) if isinstance(err, Exception) else None
+
+
+def _fail_together(causes: list[str | None], err: BaseException | None, final: Path,
+                   tmp: Path) -> None:
+    """Raise CheckpointWriteError if any rank's cause is set (every rank sees the same
+    list); re-raise ``err`` if it was not an I/O failure."""
+    cause = next((c for c in causes if c is not None), None)
+    if cause is None:
+        if err is not None:
+            raise err
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointWriteError(final, cause) from err
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (just ``[obj]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _gathered_sizes(shards: Path) -> dict[str, int]:
+    """Every rank's shard files (``shards/<name>`` -> size): a rank sees its own only
+    when the ranks do not share ``root``."""
+    mine = {f"{SHARDS_DIR}/{p.name}": p.stat().st_size for p in shards.iterdir() if p.is_file()}
+    return {name: size for sizes in _gather(mine) for name, size in sizes.items()}
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

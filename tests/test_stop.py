@@ -1,0 +1,92 @@
+"""A clean stop on SIGTERM / SIGINT (freetf.training.stop): the handlers, and the loop
+that stops at the next step with a checkpoint a resume continues exactly from.
+(tests/test_cli.py sends the signals to a real ``freetf train``.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from train_helpers import losses, tiny
+
+from freetf.training.checkpoint import load_checkpoint
+from freetf.training.context import TrainContext
+from freetf.training.loop import train_loop
+from freetf.training.stop import (
+    TrainingStopped,
+    requested_signal,
+    sigterm_as,
+    stop_on_signals,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_the_first_signal_asks_for_a_stop_and_a_second_sigint_stops_at_once():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    forwarded = []
+    with stop_on_signals(forwarded.append):
+        os.kill(os.getpid(), signal.SIGTERM)  # the process lives on
+        assert requested_signal() == signal.SIGTERM and forwarded == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert forwarded == [signal.SIGTERM]  # forwarded once
+    assert requested_signal() is None
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_stop_ends_the_loop_at_the_next_step_with_a_checkpoint_to_resume_from(
+        tmp_path, monkeypatch):
+    """SIGTERM during step 3 (inside the loss): step 3 completes, is checkpointed and
+    reported, TrainingStopped names that checkpoint; resuming from it gives the losses
+    of an uninterrupted run."""
+    import freetf.training.loop as loop
+    from freetf.model.losses import compute_loss as real
+
+    calls = {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    cfg = tiny(tmp_path, "training.max_steps=6", "training.log_every=4")
+    uninterrupted = train_loop(cfg.replace([f"checkpoint.dir={tmp_path / 'ref'}"]))
+    monkeypatch.setattr(loop, "compute_loss", signalled)
+    ctx = TrainContext()
+    with stop_on_signals(), pytest.raises(TrainingStopped) as info:
+        train_loop(cfg, ctx)
+    stopped = info.value
+    assert (stopped.signum, stopped.step, stopped.exit_code) == (signal.SIGTERM, 3, 143)
+    assert stopped.checkpoint == tmp_path / "ckpt" / "step_000003"
+    assert str(stopped) == "stopped by SIGTERM after step 3"
+    assert ctx.history[-1]["step"] == 3 and "train/loss" in ctx.history[-1]  # reported
+    assert load_checkpoint(stopped.checkpoint)[0]["step"] == 3
+    monkeypatch.undo()
+    resumed = train_loop(cfg, TrainContext(resume_from=str(stopped.checkpoint)))
+    # step 6's loss is the mean over steps 5-6 in both runs (step 4's window differs)
+    assert losses(resumed.history)[6] == pytest.approx(losses(uninterrupted.history)[6],
+                                                       rel=1e-6)
+    ours, theirs = (load_checkpoint(r.checkpoint)[0]["model"] for r in (resumed, uninterrupted))
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
+
+
+def test_sigterm_takes_tunes_stop_while_a_sweep_runs():
+    """Ray Tune stops a sweep gracefully (state saved, resumable) on SIGINT and SIGUSR1
+    only: while the sweep runs, SIGTERM calls Tune's SIGUSR1 handler; with none there it
+    is a KeyboardInterrupt (the sweep's own cleanup), never the default exit."""
+    before, seen = signal.getsignal(signal.SIGTERM), []
+    saved = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        with sigterm_as(signal.SIGUSR1) as came:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGUSR1] and came == [signal.SIGTERM]
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        with pytest.raises(KeyboardInterrupt), sigterm_as(signal.SIGUSR1):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGUSR1, saved)
+    assert signal.getsignal(signal.SIGTERM) == before
