@@ -283,7 +283,8 @@ def test_a_signal_stops_training_at_a_step_with_a_checkpoint(tmp_path, signame, 
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code_seen, err = train_until_signal(
-        ["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "100000",
+        ["train", "--verbose", "--config", "configs/tiny.yaml", "--no-ray",
+         "--max-steps", "100000",
          "--set", "training.log_every=1", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
          "--set", f"tracking.mlflow.tracking_uri={uri}"], "step 3/100000",
         getattr(signal, signame))

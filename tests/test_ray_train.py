@@ -391,7 +391,7 @@ def test_sigterm_stops_the_workers_at_a_step_and_marks_the_run_killed(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     code, out = train_until_signal(
-        ["train", "--config", "configs/tiny.yaml", "--max-steps", "100000",
+        ["train", "--verbose", "--config", "configs/tiny.yaml", "--max-steps", "100000",
          "--num-workers", "1", "--set", "training.log_every=1",
          "--set", f"scaling.storage_path={tmp_path}/ray_results",
          "--set", "scaling.run_name=term", "--set", "scaling.cpus_per_worker=0.5",
