@@ -47,7 +47,7 @@ def recorded(monkeypatch):
         calls.append(SimpleNamespace(sweep=sweep, resume=resume, verbose=verbose))
         return SimpleNamespace(tracking_uri="sqlite:///x.db", experiment="e", analysis=None,
                                runs=None, report={}, interrupted=calls.interrupt,
-                               runs_view="v1")
+                               runs_view="v1", terminated=False)
 
     monkeypatch.setattr(freetf.sweeps.sweep, "run_sweep", run_sweep)
     monkeypatch.setattr(freetf.tracking, "mlflow_client", lambda uri: SimpleNamespace(

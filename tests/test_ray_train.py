@@ -123,7 +123,7 @@ def test_no_scratch_folder_outlives_a_local_mode_run(tmp_path, monkeypatch):
     assert ended.error is None and left() == []
     resumed = run("training.max_steps=4", resume=str(ended.checkpoint))
     assert resumed.error is None and resumed.metrics["step"] == 4 and left() == []
-    failed = run("training.max_steps=4", "training.fail_at_step=1")
+    failed = run("training.max_steps=4", "training.fail_at_step=1", "scaling.run_name=failing")
     assert failed.error is not None and left() == []
 
 
