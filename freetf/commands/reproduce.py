@@ -52,8 +52,11 @@ def run(args: argparse.Namespace) -> int:
         missing = [str(f) for f in args.merge if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"--merge: no such file: {', '.join(missing)}")
-        return experiment.merge(args.merge, args.out or experiment.DEFAULT_OUT, args.name,
-                                args.note)
+        rows, paths = experiment.merge(args.merge, args.out or experiment.DEFAULT_OUT,
+                                       args.name, args.note)
+        print(experiment.summary_table(rows))
+        print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+        return 0
     start = time.perf_counter()
     if args.in_process:
         base = load_config(args.config, args.set)

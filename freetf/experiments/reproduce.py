@@ -273,13 +273,12 @@ def write_outputs(rows: list[dict[str, Any]], samples: dict[str, str], out_dir: 
     return {"table": table, "figure": figure, "json": out_dir / f"{name}.json"}
 
 
-def merge(files: list[Path], out_dir: Path, name: str, note: str = "") -> int:
-    """Rewrite the table and figure from the rows of earlier runs (their JSON files)."""
+def merge(files: list[Path], out_dir: Path, name: str, note: str = ""
+          ) -> tuple[list[dict], dict[str, Path]]:
+    """Rewrite the table and figure from the rows of earlier runs (their JSON files).
+    -> (the merged rows, the files written)."""
     rows = sort_rows([row for path in files for row in json.loads(Path(path).read_text())])
     header = ("# Synthetic task (§4.1): what Z carries as free bits grow\n\n"
               f"Merged from {', '.join(Path(f).name for f in files)} (their sample groups "
               "are in their own tables)." + (f"\n\n{note}" if note else ""))
-    paths = write_outputs(rows, {}, out_dir, name, header)
-    print(summary_table(rows))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    return rows, write_outputs(rows, {}, out_dir, name, header)

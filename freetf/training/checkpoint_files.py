@@ -160,3 +160,20 @@ def publish(root: Path, path: Path, keep: int) -> None:
     atomic_write_text(root / LATEST_FILE, path.name)
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def attempt(fn, *args, any_error: bool = False) -> str | None:
+    """Run ``fn``: None if it worked, else the cause of its I/O failure in a few words
+    (:func:`write_failure`).  Another error is raised, or with ``any_error`` turned into
+    its first line too."""
+    try:
+        fn(*args)
+    except Exception as err:
+        cause = write_failure(err)
+        if cause is not None:
+            return cause
+        if not any_error:
+            raise
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return None

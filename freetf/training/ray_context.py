@@ -34,7 +34,7 @@ import torch.distributed
 
 from freetf.config import Config
 from freetf.training.checkpoint import CheckpointWriteError
-from freetf.training.checkpoint_files import is_sharded, write_failure
+from freetf.training.checkpoint_files import attempt, is_sharded
 from freetf.training.context import TrainContext
 from freetf.training.parallel import apply_fsdp, is_fsdp
 from freetf.training.scratch import make_scratch, remove_scratch
@@ -187,13 +187,14 @@ class RayTrainContext(TrainContext):
         partial, final = (storage.build_checkpoint_path_from_name(n)
                           for n in (f".{name}.partial", name))
         shared = self.world_size > 1 and is_sharded(Path(checkpoint.path))
-        cause = _attempt(storage.persist_current_checkpoint, checkpoint, f".{name}.partial")
+        cause = attempt(storage.persist_current_checkpoint, checkpoint, f".{name}.partial",
+                        any_error=True)
         causes = self.all_gather(cause) if shared else [cause]
         if not shared or self.is_main:
             cause = next((c for c in causes if c is not None), None)
-            cause = cause or _attempt(_rename_dir, fs, partial, final)
+            cause = cause or attempt(_rename_dir, fs, partial, final, any_error=True)
             if cause is not None:
-                _attempt(_delete_dir, fs, partial)
+                attempt(_delete_dir, fs, partial, any_error=True)
         if shared:
             cause = self.from_main(cause)
         if cause is not None:
@@ -204,19 +205,6 @@ class RayTrainContext(TrainContext):
         """Remove this worker's scratch folder: the checkpoints staged for Ray (each is
         removed once Ray has copied it, a failed one at once) and the ``restore/`` copy."""
         remove_scratch(self._tmp)
-
-
-def _attempt(fn, *args) -> str | None:
-    """Run ``fn``: None if it worked, else why it failed, in a few words."""
-    try:
-        fn(*args)
-    except Exception as err:
-        cause = write_failure(err)
-        if cause is None:
-            lines = str(err).strip().splitlines()
-            cause = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-        return cause
-    return None
 
 
 def _rename_dir(fs, src: str, dst: str) -> None:

@@ -34,6 +34,7 @@ from freetf.config import Config
 from freetf.training.checkpoint_files import (
     SHARDS_DIR,
     CheckpointWriteError,
+    attempt,
     publish,
     replace_dir,
     write_failure,
@@ -83,10 +84,10 @@ def save_sharded(root: str | Path, step: int, model: nn.Module,
     except BaseException as err:  # DCP raises on every rank when one rank's write fails
         _fail_together([_dcp_failure(err)], err, final, tmp)
     written = _gathered_sizes(tmp / SHARDS_DIR)
-    cause = (_attempt(write_files, tmp, state, config, {**meta, "format": "sharded"}, written)
+    cause = (attempt(write_files, tmp, state, config, {**meta, "format": "sharded"}, written)
              if rank == 0 else None)  # state.pt, config.yaml and meta.json beside the shards
     _fail_together(_gather(cause), None, final, tmp)
-    cause = _attempt(_publish, root, tmp, final, keep) if rank == 0 else None
+    cause = attempt(_publish, root, tmp, final, keep) if rank == 0 else None
     _fail_together(_gather(cause), None, final, tmp)
     if tmp.exists():  # a root of this rank's own: its shards are still in tmp
         replace_dir(tmp, final)
@@ -96,18 +97,6 @@ def save_sharded(root: str | Path, step: int, model: nn.Module,
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     replace_dir(tmp, final)
     publish(root, final, keep)
-
-
-def _attempt(fn, *args) -> str | None:
-    """Run ``fn``: None if it worked, the cause of an I/O failure if not (else raise)."""
-    try:
-        fn(*args)
-    except Exception as err:
-        cause = write_failure(err)
-        if cause is None:
-            raise
-        return cause
-    return None
 
 
 def _dcp_failure(err: BaseException) -> str | None:
