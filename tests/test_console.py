@@ -124,13 +124,13 @@ def test_stopped_failed_and_baseline_trials_say_so():
     for trial in (stopped, failed, baseline):
         console.on_trial_start(0, [], trial)
     console.on_trial_result(0, [], stopped, {"step": 170, "train/kl_bits": 0.001,
-                                             STOP_REASON: "collapsed"})
+                                             STOP_REASON: "low_kl"})
     console.on_trial_complete(0, [], stopped)
     console.on_trial_error(0, [], failed)
     console.on_trial_result(0, [], baseline, {"step": 300, "eval/verdict": "baseline"})
     console.on_trial_complete(0, [], baseline)
     lines = stream.getvalue().splitlines()
-    assert "collapsed (stopped) at step 170, KL 0.001 bits" in lines[0]
+    assert "low_kl (stopped) at step 170, KL 0.001 bits" in lines[0]
     assert "kappa 4 bits, kl_weight 1, seed 0, latent_dim=8: failed at step 0" in lines[1]
     assert "baseline, kl_weight 1, seed 0, latent_dim=0: ended at step 300" in lines[2]
 

@@ -16,13 +16,16 @@ from mlflow import MlflowClient
 from freetf.config import load_config
 from freetf.results.summary import log_sweep_summary, save_sweep_view, verdict_counts
 from freetf.results.sweep_figures import kl_vs_kappa_figure, sweep_curves_figure
-from freetf.sweeps.runs import space_params
+from freetf.results.report import runs_frame
+from freetf.sweeps.runs import close_open_runs, space_params
 from freetf.sweeps.spec import load_sweep
 from freetf.tracking import (
+    OUTCOMES,
     VERDICT_METRIC,
     log_files_to_run,
     log_verdict,
     make_tracker,
+    set_outcome,
     set_verdict,
     verdict_code,
 )
@@ -66,6 +69,79 @@ def test_verdict_is_a_tag_and_a_metric(sqlite_uri: str) -> None:
     assert run.data.metrics[VERDICT_METRIC] == 0
 
 
+def test_how_a_run_ended_is_a_tag_of_its_own_not_a_verdict(sqlite_uri: str) -> None:
+    """freetf.verdict holds what the run says about Z; freetf.outcome how it ended."""
+    tracker = _tracker(sqlite_uri)
+    client = MlflowClient(sqlite_uri)
+    for word in ("failed", "interrupted", "unknown", "stopped", "diverged", "finished"):
+        with pytest.raises(ValueError, match="set_outcome"):
+            set_verdict(client, tracker.run_id, word)
+        with pytest.raises(ValueError, match="set_outcome"):
+            log_verdict(tracker, word)
+    with pytest.raises(ValueError, match="not one of"):
+        set_outcome(client, tracker.run_id, "collapsed")
+    for outcome in OUTCOMES:
+        set_outcome(client, tracker.run_id, outcome)
+        assert client.get_run(tracker.run_id).data.tags["freetf.outcome"] == outcome
+    tracker.finish()
+    assert "freetf.verdict" not in client.get_run(tracker.run_id).data.tags
+
+
+def test_the_runs_table_reads_verdict_and_outcome_apart(sqlite_uri: str) -> None:
+    """Runs of today and runs that wrote the lifecycle word into freetf.verdict."""
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("e")
+    cases = {  # name: (tags, status, expected verdict, expected outcome)
+        "new failed": ({"freetf.outcome": "failed"}, "FAILED", "", "failed"),
+        "new stopped": ({"freetf.outcome": "stopped", "freetf.stopped_early": "true",
+                         "freetf.verdict": "collapsed"}, "KILLED", "collapsed", "stopped"),
+        "old failed": ({"freetf.verdict": "failed"}, "FAILED", "", "failed"),
+        "old diverged": ({"freetf.verdict": "diverged", "freetf.stopped_early": "true"},
+                         "KILLED", "", "stopped"),
+        "old interrupted": ({"freetf.verdict": "interrupted"}, "KILLED", "", "interrupted"),
+        "old finished": ({"freetf.verdict": "active"}, "FINISHED", "active", "finished"),
+        "old cut, no tag": ({}, "KILLED", "", "interrupted"),
+        "old stopped, no tag": ({"freetf.stopped_early": "true"}, "KILLED", "", "stopped"),
+        "running": ({}, "RUNNING", "", "unknown"),
+    }
+    for name, (run_tags, status, _, _) in cases.items():
+        run = client.create_run(experiment, run_name=name, tags=run_tags)
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    frame = runs_frame(client.search_runs([experiment])).set_index("run_name")
+    for name, (_, _, verdict, outcome) in cases.items():
+        assert (frame.loc[name, "verdict"], frame.loc[name, "outcome"]) == (verdict, outcome), \
+            name
+
+
+def test_closing_the_runs_tune_left_open_writes_outcomes_not_verdicts(sqlite_uri) -> None:
+    """A trained trial keeps its evaluation's verdict; a failed or cut-off one gets an
+    outcome and no verdict (they were tagged freetf.verdict = failed / interrupted)."""
+    from types import SimpleNamespace
+
+    from freetf.sweeps.trainable import trial_key
+
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("e")
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    keys = ("training.seed",)
+    context = SimpleNamespace(parent_run_id=parent, keys=keys, max_steps=lambda sampled: 100)
+    results, run_ids = [], {}
+    for seed, step, error in ((0, 100, None), (1, 40, RuntimeError("boom")), (2, 40, None)):
+        sampled = {"training.seed": seed}
+        run_ids[seed] = client.create_run(experiment, tags={
+            "mlflow.parentRunId": parent, "freetf.trial_key": trial_key(sampled),
+            "freetf.sampled": json.dumps(sampled)}).info.run_id
+        results.append(SimpleNamespace(config=sampled, error=error,
+                                       metrics={"step": step, "eval/verdict": "used"}))
+    close_open_runs(client, context, results, interrupted=True)
+    ended = {seed: client.get_run(run_id) for seed, run_id in run_ids.items()}
+    assert [(r.info.status, r.data.tags.get("freetf.outcome"), r.data.tags.get("freetf.verdict"))
+            for r in ended.values()] == [("FINISHED", "finished", "used"),
+                                         ("FAILED", "failed", None),
+                                         ("KILLED", "interrupted", None)]
+
+
 def test_artifacts_reach_an_ended_run_and_leave_its_status(sqlite_uri: str,
                                                           tmp_path: Path) -> None:
     tracker = _tracker(sqlite_uri)
@@ -99,7 +175,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 def test_verdict_counts() -> None:
     runs = _frame([{"verdict": "collapsed", "stopped_early": True}, {"verdict": "active"},
-                   {"verdict": "used"}, {"verdict": "failed"}])
+                   {"verdict": "used"}, {"verdict": "", "outcome": "failed"}])
     assert verdict_counts(runs) == {
         "sweep/trials": 4.0, "sweep/trials_collapsed": 1.0, "sweep/trials_used": 2.0,
         "sweep/trials_leaking": 0.0, "sweep/trials_failed": 1.0,

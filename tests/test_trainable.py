@@ -139,7 +139,7 @@ def test_a_failed_in_trial_run_is_retried_from_its_checkpoint_in_the_same_mlflow
     result = run_sweep(sweep)
     assert not result.interrupted
     (run,) = _children(sweep).values()
-    assert run.info.status == "FINISHED" and run.data.tags["freetf.verdict"] != "failed"
+    assert run.info.status == "FINISHED" and run.data.tags["freetf.outcome"] == "finished"
     assert "freetf.error" not in run.data.tags
     client = MlflowClient(tracking_uri=sweep.mlflow.tracking_uri)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]

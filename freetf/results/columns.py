@@ -1,5 +1,5 @@
-"""What the results modules share: the runs table's axis columns, log2 of the boundary key
-and how a figure is written."""
+"""What the results modules share: the runs table's axis columns, log2 of the boundary key,
+what a trial is drawn as, and how a figure is written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,30 @@ import pandas as pd
 
 # The axes and panels of the map: (column, config param it is read from).
 KL_WEIGHT, FREE_BITS, ANNEALING = "kl_weight", "free_bits_bits", "kl_annealing"
+
+VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "used": "tab:green",
+                  "leaking": "tab:red", "unconverged": "tab:orange", "baseline": "tab:purple",
+                  "stopped": "black", "failed": "tab:gray", "interrupted": "tab:olive",
+                  "unknown": "tab:gray"}
+# The verdicts (freetf.evaluation.verdicts), then how a trial without one ended
+# (freetf.tracking.OUTCOMES): what a trial is drawn and counted as (:func:`shown`).
+VERDICT_ORDER = ("collapsed", "active", "used", "leaking", "unconverged", "baseline",
+                 "stopped", "failed", "interrupted", "unknown")
+
+
+def shown(row) -> str:
+    """What a trial (a row of the runs table) is drawn and counted as: its verdict, else
+    how it ended."""
+    for key in ("verdict", "outcome"):
+        value = row.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return "unknown"
+
+
+def shown_column(df: pd.DataFrame) -> pd.Series:
+    """:func:`shown` of every row."""
+    return df.apply(shown, axis=1) if len(df) else pd.Series(dtype=object)
 
 
 def x_column(df: pd.DataFrame, key: str) -> pd.Series:

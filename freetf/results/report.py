@@ -27,7 +27,17 @@ from typing import Any
 
 import pandas as pd
 
-from freetf.results.columns import ANNEALING, FREE_BITS, KL_WEIGHT, save_figure, trial_label
+from freetf.results.columns import (
+    ANNEALING,
+    FREE_BITS,
+    KL_WEIGHT,
+    VERDICT_COLORS,
+    VERDICT_ORDER,
+    save_figure,
+    shown,
+    shown_column,
+    trial_label,
+)
 from freetf.tracking import tags
 
 log = logging.getLogger(__name__)
@@ -45,15 +55,6 @@ METRICS = ("train/steps_done", "eval/kl_nats", "eval/kl_bits", "eval/ce_prior_na
            "eval/plateau_ce_nats", "eval/plateau_kl_bits", "eval/use_position_nats",
            "eval/use_noise_nats", "eval/use_letter_nats", "eval/use_other_nats",
            "eval/use_position_low_nats", "eval/use_noise_low_nats")
-VERDICT_COLORS = {"collapsed": "tab:blue", "active": "tab:green", "used": "tab:green",
-                  "leaking": "tab:red", "diverged": "black", "failed": "tab:gray",
-                  "interrupted": "tab:olive", "unknown": "tab:gray", "baseline": "tab:purple"}
-# freetf.evaluation.diagnostics.VERDICTS, then the sweep's own: stopper, crash, Ctrl-C,
-# no evaluation.
-VERDICT_ORDER = ("collapsed", "active", "used", "leaking", "baseline", "diverged", "failed",
-                 "interrupted", "unknown")
-
-
 class ReportError(LookupError):
     """Nothing to report: unknown experiment, or no sweep runs in it."""
 
@@ -64,10 +65,11 @@ class ReportError(LookupError):
 def collect_runs(client, experiment: str, sweep: str | None = None) -> pd.DataFrame:
     """One row per trial run of ``experiment`` (of sweep ``sweep``, or of every sweep).
 
-    Columns: ``run_id``, ``run_name``, ``sweep``, ``trial_key``, ``status``, ``verdict``,
-    ``stopped_early``, ``stop_reason``, ``stopped_at_step``, ``kl_weight``,
-    ``free_bits_bits`` (kappa in bits, from ``training.free_bits_bits`` or
-    ``training.free_bits`` / log 2), ``kl_annealing`` and ``free_bits_schedule`` (types),
+    Columns: ``run_id``, ``run_name``, ``sweep``, ``trial_key``, ``status``, ``verdict``
+    (the latent verdict, "" if none), ``outcome`` (how it ended), ``stopped_early``,
+    ``stop_reason``, ``stopped_at_step``, ``kl_weight``, ``free_bits_bits`` (kappa in
+    bits, from ``training.free_bits_bits`` or ``training.free_bits`` / log 2),
+    ``kl_annealing`` and ``free_bits_schedule`` (types),
     one ``sampled.<key>`` column per searched key, and the final value of each of
     :data:`METRICS` (NaN when never logged).
     """
@@ -95,7 +97,7 @@ def collect_histories(client, run_ids: list[str], keys: tuple[str, ...]) -> pd.D
 
 def runs_frame(runs: list) -> pd.DataFrame:
     """The :func:`collect_runs` table of MLflow ``Run`` objects."""
-    from freetf.tracking import run_config
+    from freetf.tracking import run_config, run_outcome, run_verdict
 
     rows = []
     for run in runs:
@@ -103,7 +105,8 @@ def runs_frame(runs: list) -> pd.DataFrame:
         row: dict[str, Any] = {
             "run_id": run.info.run_id, "run_name": run.info.run_name,
             "sweep": run_tags.get(tags.SWEEP, ""), "trial_key": run_tags.get(tags.TRIAL_KEY, ""),
-            "status": run.info.status, "verdict": run_tags.get(tags.VERDICT, "unknown"),
+            "status": run.info.status, "verdict": run_verdict(run_tags),
+            "outcome": run_outcome(run_tags, run.info.status),
             "stopped_early": run_tags.get(tags.STOPPED_EARLY) == "true",
             "stop_reason": run_tags.get(tags.STOP_REASON, "")
             if run_tags.get(tags.STOPPED_EARLY) == "true" else "",
@@ -120,7 +123,8 @@ def runs_frame(runs: list) -> pd.DataFrame:
         for key in METRICS:
             row[key] = metrics.get(key, math.nan)
         rows.append(row)
-    columns = ["run_id", "run_name", "sweep", "trial_key", "status", "verdict", "stopped_early",
+    columns = ["run_id", "run_name", "sweep", "trial_key", "status", "verdict", "outcome",
+               "stopped_early",
                "stop_reason", "stopped_at_step", KL_WEIGHT, FREE_BITS, ANNEALING,
                "free_bits_schedule", "model_kind", "seed", *METRICS]
     frame = pd.DataFrame(rows)
@@ -162,7 +166,7 @@ def collapse_table(df: pd.DataFrame) -> str:
     for values in df.to_dict("records"):
         cells = [trial_label(values), values[ANNEALING],
                  _fmt(values[FREE_BITS]), _fmt(values[KL_WEIGHT]),
-                 *[_fmt(values[c]) for c in extra], values["verdict"],
+                 *[_fmt(values[c]) for c in extra], values["verdict"] or "-",
                  values.get("regime") or "-", _fmt(values["eval/kl_bits"]),
                  _fmt(values.get("eval/use_nats", math.nan)),
                  _fmt(values.get("eval/valid_rate", math.nan), ".3g"),
@@ -183,8 +187,9 @@ def _ended(values: dict[str, Any]) -> str:
         if isinstance(step, float) and math.isnan(step):
             step = values["train/steps_done"]
         return f"stopped at step {_fmt(step, 'g')} ({values['stop_reason']})"
-    return {"FINISHED": "finished", "RUNNING": "running"}.get(values["status"],
-                                                               values["status"].lower())
+    if values["status"] == "RUNNING":
+        return "running"
+    return values.get("outcome") or values["status"].lower()
 
 
 # ----------------------------------------------------------------------------- plots
@@ -222,7 +227,7 @@ def plot_collapse_map(df: pd.DataFrame, path: str | Path) -> Path:
         for (x, y), group in points[points[ANNEALING] == panel].groupby([FREE_BITS, KL_WEIGHT]):
             for i, row in enumerate(group.to_dict("records")):
                 shift = 2 ** (0.18 * (i - (len(group) - 1) / 2))
-                color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
+                color = VERDICT_COLORS.get(shown(row), "tab:gray")
                 ax.scatter([x * shift], [y], s=260, marker="s", edgecolors=color, linewidths=2,
                            facecolors="none" if row["stopped_early"] else color)
                 ax.annotate(_fmt(row["eval/kl_bits"], ".2g"), (x * shift, y),
@@ -230,7 +235,7 @@ def plot_collapse_map(df: pd.DataFrame, path: str | Path) -> Path:
                             fontsize=7)
         ax.margins(0.25)
     axes[0].set_ylabel("kl_weight (beta)")
-    present = [v for v in VERDICT_ORDER if v in set(points.get("verdict", []))]
+    present = [v for v in VERDICT_ORDER if v in set(shown_column(points))]
     handles = [axes[0].scatter([], [], s=80, marker="s", color=VERDICT_COLORS[v], label=v)
                for v in present]
     if handles:
@@ -243,8 +248,9 @@ def plot_collapse_map(df: pd.DataFrame, path: str | Path) -> Path:
 def representative_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One run per verdict: the one whose final raw KL is the verdict's median."""
     picks = []
-    for verdict in [v for v in VERDICT_ORDER if v in set(df["verdict"])]:
-        group = df[df["verdict"] == verdict]
+    labels = shown_column(df)
+    for verdict in [v for v in VERDICT_ORDER if v in set(labels)]:
+        group = df[labels == verdict]
         kl = group["eval/kl_nats"].fillna(group["train/kl_nats"])
         picks.append(group.loc[(kl - kl.median()).abs().fillna(math.inf).idxmin()])
     return pd.DataFrame(picks)
@@ -257,8 +263,8 @@ def plot_kl_traces(client, df: pd.DataFrame, path: str | Path) -> Path:
            title="KL(Q(Z|S) || P(Z)) of one run per verdict (dashed: free-bits kappa)")
     ax.grid(alpha=0.3)
     for row in representative_runs(df).to_dict("records") if not df.empty else []:
-        color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
-        label = f"{row['verdict']}: {trial_label(row)}"
+        color = VERDICT_COLORS.get(shown(row), "tab:gray")
+        label = f"{shown(row)}: {trial_label(row)}"
         for key, style, name in (("train/kl_nats", "-", label),
                                  ("train/free_bits_nats", "--", None)):
             history = sorted(client.get_metric_history(row["run_id"], key),
@@ -298,7 +304,7 @@ def summary_text(df: pd.DataFrame, paths: dict[str, Path], tracking_uri: str,
     opening saved view ``view`` (:func:`freetf.results.summary.save_sweep_view`) if given."""
     from freetf.tracking import runs_page_url
 
-    counts = df["verdict"].value_counts() if not df.empty else pd.Series(dtype=int)
+    counts = shown_column(df).value_counts()
     lines = [collapse_table(df), "",
              f"{len(df)} trials: " + (", ".join(f"{n} {v}" for v, n in counts.items())
                                       or "none"),

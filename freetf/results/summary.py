@@ -9,6 +9,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+from freetf.results.columns import shown_column
+
 logger = logging.getLogger(__name__)
 
 # The verdicts counted on the parent, under these names, even when no trial has them.
@@ -43,8 +45,9 @@ def save_sweep_view(client, experiment_id: str, sweep: str, named_keys) -> str:
 
 def verdict_counts(runs) -> dict[str, float]:
     """``sweep/trials`` and ``sweep/trials_<verdict>`` of a :func:`collect_runs` frame
-    (``active`` counted as ``used``), and ``sweep/trials_stopped_early``."""
-    verdicts = [{"active": "used"}.get(v, v) for v in runs["verdict"]] if len(runs) else []
+    (``active`` counted as ``used``; a trial without verdict by how it ended:
+    ``sweep/trials_failed``), and ``sweep/trials_stopped_early``."""
+    verdicts = [{"active": "used"}.get(v, v) for v in shown_column(runs)]
     counts: dict[str, float] = {"sweep/trials": float(len(verdicts))}
     for verdict in dict.fromkeys([*COUNTED_VERDICTS, *verdicts]):
         counts[f"sweep/trials_{verdict}"] = float(verdicts.count(verdict))

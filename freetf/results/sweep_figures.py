@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from freetf.results.columns import trial_label
+from freetf.results.columns import VERDICT_COLORS, shown, shown_column, trial_label
 from freetf.tracking.figures import (
     CURVE_METRICS,
     draw_ce,
@@ -21,9 +21,6 @@ from freetf.tracking.figures import (
     new_figure,
     save_figure,
 )
-
-VERDICT_COLORS = {"collapsed": "tab:blue", "used": "tab:green", "active": "tab:green",
-                  "leaking": "tab:red", "baseline": "tab:purple"}
 
 
 def plot_kl_vs_kappa(runs, path: str | Path) -> Path:
@@ -41,7 +38,7 @@ def kl_vs_kappa_figure(runs):
     ax_kl, ax_gap = axes[0]
     points = runs.dropna(subset=["free_bits_bits"]) if len(runs) else runs
     points = points[points["free_bits_bits"] > 0] if len(points) else points
-    for verdict, group in (points.groupby("verdict") if len(points) else []):
+    for verdict, group in (points.groupby(shown_column(points)) if len(points) else []):
         color = VERDICT_COLORS.get(verdict, "tab:gray")
         hollow = group["stopped_early"].astype(bool)
         for ax, key in ((ax_kl, "eval/kl_bits"), (ax_gap, "eval/ce_gap_nats")):
@@ -85,11 +82,11 @@ def sweep_curves_figure(client, runs, max_trials: int = 16):
         axes[0][0].text(0.5, 0.5, "no trial runs", ha="center", transform=axes[0][0].transAxes)
     for (ax_kl, ax_ce), row in zip(axes, trials.to_dict("records"), strict=False):
         history = metric_history(client, row["run_id"], CURVE_METRICS)
-        color = VERDICT_COLORS.get(row["verdict"], "tab:gray")
+        color = VERDICT_COLORS.get(shown(row), "tab:gray")
         draw_kl(ax_kl, history, color=color)
         draw_ce(ax_ce, history, baseline_ce)
         name = trial_label(row)
-        ax_kl.set_title(f"{name}: {row['verdict']}", color=color, fontsize=9, loc="left")
+        ax_kl.set_title(f"{name}: {shown(row)}", color=color, fontsize=9, loc="left")
         finish_axes((ax_kl, ax_ce))
     fig.suptitle("Per trial: raw KL vs kappa (bits/token) | CE prior vs posterior"
                  + (" vs baseline" if baseline_ce is not None else "") + " (nats/token)",

@@ -39,10 +39,10 @@ def ended_trial_keys(client, parent_run_id: str) -> set[str]:
 
 def close_open_runs(client, context: TrialContext, results, interrupted: bool) -> None:
     """End the child runs that Tune left open: trials stopped before closing their run,
-    and trials that Ctrl-C cut off (KILLED, verdict ``interrupted``: --resume reattaches
+    and trials that Ctrl-C cut off (KILLED, outcome ``interrupted``: --resume reattaches
     them).  A trial's own except-clause may have marked a cut-off run FAILED: Tune
     knows better, so only a trial that Tune saw fail stays FAILED."""
-    from freetf.tracking import set_verdict
+    from freetf.tracking import run_verdict, set_outcome, set_verdict
 
     last = {}
     for result in results or []:
@@ -58,15 +58,16 @@ def close_open_runs(client, context: TrialContext, results, interrupted: bool) -
         step = metrics.get("step", run.data.metrics.get("train/steps_done", 0))
         run_id = run.info.run_id
         if step >= context.max_steps(sampled):  # trained; stopped before closing its run
-            if run_tags.get(tags.VERDICT) in (None, "failed") and metrics.get("eval/verdict"):
+            if not run_verdict(run_tags) and metrics.get("eval/verdict"):
                 set_verdict(client, run_id, metrics["eval/verdict"], step)
+            set_outcome(client, run_id, "finished")
             client.set_terminated(run_id, "FINISHED")
         elif result is not None and result.error is not None:
             if run.info.status == "RUNNING":
-                set_verdict(client, run_id, "failed", step)
+                set_outcome(client, run_id, "failed")
                 client.set_terminated(run_id, "FAILED")
         else:
-            set_verdict(client, run_id, "interrupted" if interrupted else "unknown", step)
+            set_outcome(client, run_id, "interrupted" if interrupted else "unknown")
             client.set_terminated(run_id, "KILLED")
 
 

@@ -75,12 +75,13 @@ log = logging.getLogger(__name__)
 
 
 class CollapseStopper(tune.Stopper):
-    """Stop a trial once it is clearly collapsed or diverged (before ASHA would).
+    """Stop a trial once its KL stays near zero or its loss diverged (before ASHA would).
 
-    Collapsed: raw train KL (``train/kl_nats``) below ``collapse_kl_nats`` in
-    ``collapse_patience`` consecutive reports from step ``collapse_after_steps`` on.
-    Diverged: a train loss that is not finite or above ``diverge_loss``.  The reason is
-    written into the result (``freetf/stop_reason``) for :class:`EarlyStopRecorder`.
+    ``low_kl``: raw train KL (``train/kl_nats``) below ``collapse_kl_nats`` in
+    ``collapse_patience`` consecutive reports from step ``collapse_after_steps`` on (a
+    cheap sign of collapse, not the verdict: the trial gets none).  ``diverged``: a
+    train loss that is not finite or above ``diverge_loss``.  The reason is written into
+    the result (``freetf/stop_reason``) for :class:`EarlyStopRecorder`.
     A trial's final report is never stopped: that would only keep it from closing its run.
     """
 
@@ -104,7 +105,7 @@ class CollapseStopper(tune.Stopper):
         low = self._low_reports.get(trial_id, 0) + 1 if kl < self.spec.collapse_kl_nats else 0
         self._low_reports[trial_id] = low
         if low >= self.spec.collapse_patience:
-            result[STOP_REASON] = "collapsed"
+            result[STOP_REASON] = "low_kl"
             return True
         return False
 
@@ -116,9 +117,11 @@ class EarlyStopRecorder(tune.Callback):
     """Close the MLflow child run of a trial that Tune stopped early (ASHA, stopper).
 
     Such a trial is killed inside ``trainer.fit()``; its run is marked KILLED with tags
-    ``freetf.stopped_early=true``, ``freetf.stop_reason``, ``freetf.stopped_at_step`` and
-    ``freetf.verdict`` (the last evaluation's, or the stopper's reason).  Its worker may
-    log a few more steps before Ray has torn it down.
+    ``freetf.outcome=stopped``, ``freetf.stopped_early=true``, ``freetf.stop_reason``
+    (asha, low_kl, diverged), ``freetf.stopped_at_step`` and, stopped by ASHA, the last
+    evaluation's ``freetf.verdict`` (the stopper's reasons are not verdicts: a trial
+    whose KL stays low is not judged collapsed before its end).  Its worker may log a few
+    more steps before Ray has torn it down.
     """
 
     def __init__(self, context: TrialContext) -> None:
@@ -134,8 +137,8 @@ class EarlyStopRecorder(tune.Callback):
         if not result.get("done") or result.get("step", 0) >= self.context.max_steps(sampled):
             return
         reason = result.get(STOP_REASON, "asha")
-        verdict = result.get("eval/verdict") if reason == "asha" else reason
-        from freetf.tracking import mlflow_client, set_verdict
+        verdict = result.get("eval/verdict") if reason == "asha" else None
+        from freetf.tracking import mlflow_client, set_outcome, set_verdict
 
         try:
             if self._client is None:
@@ -146,7 +149,9 @@ class EarlyStopRecorder(tune.Callback):
             for tag, value in ((tags.STOPPED_EARLY, "true"), (tags.STOP_REASON, reason),
                                (tags.STOPPED_AT_STEP, str(result.get("step")))):
                 self._client.set_tag(run.info.run_id, tag, value)
-            set_verdict(self._client, run.info.run_id, verdict or "unknown", result.get("step"))
+            set_outcome(self._client, run.info.run_id, "stopped")
+            if verdict:
+                set_verdict(self._client, run.info.run_id, verdict, result.get("step"))
             self._client.set_terminated(run.info.run_id, "KILLED")
             log.debug("trial %s stopped early at step %s (%s, verdict %s)", trial_key(sampled),
                       result.get("step"), reason, verdict)

@@ -152,7 +152,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """
     marks = {"trial_start": time.time()}
     from freetf.logs import setup_logging
-    from freetf.tracking import log_verdict, make_tracker, mlflow_client
+    from freetf.tracking import make_tracker, mlflow_client
 
     setup_logging()
     sampled = {k: _plain(config[k]) for k in context.keys}
@@ -188,9 +188,10 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         # trial's thread, or the trainer's resources removed): the driver has then
         # already closed the run as stopped early.
         if client.get_run(tracker.run_id).data.tags.get(tags.STOPPED_EARLY) != "true":
-            tracker.set_tags({tags.ERROR: f"{type(err).__name__}: {err}"})
-            log_verdict(tracker, "failed")
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            cut = isinstance(err, KeyboardInterrupt)
+            tracker.set_tags({tags.ERROR: f"{type(err).__name__}: {err}",
+                              tags.OUTCOME: "interrupted" if cut else "failed"})
+            tracker.finish("KILLED" if cut else "FAILED")
         raise
     _finish_trial_run(tracker, client, metrics, checkpoint, history)
 
@@ -231,6 +232,7 @@ def _finish_trial_run(tracker, client, metrics: dict[str, Any], checkpoint: Path
     if history is None:  # Ray Train's reports are thinned: MLflow has every log step
         history = metric_history(client, tracker.run_id, CURVE_METRICS)
     log_run_artifacts(tracker, metrics, checkpoint, history, plot_training_curves)
+    tracker.set_tags({tags.OUTCOME: "finished"})
     tracker.finish("FINISHED")
 
 

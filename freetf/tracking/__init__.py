@@ -37,6 +37,8 @@ from freetf.tracking.figures import (
 )
 from freetf.tracking.params import CONFIG_TAG, run_config, run_params
 from freetf.tracking.runs import (
+    OUTCOME_TAG,
+    OUTCOMES,
     VERDICT_CODES,
     VERDICT_METRIC,
     VERDICT_TAG,
@@ -45,6 +47,9 @@ from freetf.tracking.runs import (
     log_sweep_analysis,
     log_verdict,
     run_artifact_text,
+    run_outcome,
+    run_verdict,
+    set_outcome,
     set_verdict,
     verdict_code,
 )
@@ -85,13 +90,14 @@ from freetf.tracking.tracker import (
 __all__ = [
     "CONFIG_TAG", "CURVE_METRICS", "EXPERIMENT_KIND_TAG", "HTTP_CLIENT_DEFAULTS",
     "MAX_BUFFERED_METRICS", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH",
-    "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "MODEL_TRAINING_KIND", "RUN_STATUSES",
+    "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "MODEL_TRAINING_KIND", "OUTCOMES",
+    "OUTCOME_TAG", "RUN_STATUSES",
     "TENSORBOARD_ALIASES", "VERDICT_CODES", "VERDICT_METRIC", "VERDICT_TAG", "WANDB_ALIASES",
     "NullTracker", "SkipLoggedSteps", "Tracker", "TrackingError", "_param_strings",
     "check_store_shared_by", "check_tracking_server", "end_active_run", "last_logged_step",
     "find_parent", "log_files_to_run", "log_sweep_analysis", "log_verdict",
     "make_tracker", "metric_history", "mlflow_client", "preload_store_modules",
-    "run_artifact_text",
+    "run_artifact_text", "run_outcome", "run_verdict", "set_outcome",
     "plot_training_curves", "resolve_tracking_uri",
     "run_config", "run_params", "runs_column", "runs_page_url", "save_runs_view",
     "set_verdict", "verdict_code",

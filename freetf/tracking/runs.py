@@ -3,7 +3,9 @@ verdicts as tags and numbers, batches of values, files.
 
 The latent verdict of a run is the tag ``freetf.verdict`` (a word, for filters such as
 ``tags.`freetf.verdict` = 'leaking'``) and the metric ``eval/verdict_code`` (a number, for
-compare plots to sort and colour by): :data:`VERDICT_CODES`.
+compare plots to sort and colour by): :data:`VERDICT_CODES`.  How a sweep's trial ended is
+another tag, ``freetf.outcome`` (:data:`OUTCOMES`): a trial that failed or was cut off
+has an outcome and no verdict.
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ from freetf.tracking.sinks import MAX_TAG_VALUE_CHARS
 
 logger = logging.getLogger(__name__)
 
-VERDICT_TAG, VERDICT_METRIC = tags.VERDICT, tags.VERDICT_METRIC
+VERDICT_TAG, VERDICT_METRIC, OUTCOME_TAG = tags.VERDICT, tags.VERDICT_METRIC, tags.OUTCOME
 # collapsed < used < leaking: the order of increasing use of Z.  "active" is the older
-# name of "used".  Every other verdict (baseline, diverged, failed, interrupted,
-# unknown) says nothing about the latent's use: NO_VERDICT_CODE.
+# name of "used".  The other verdicts (baseline, unconverged) say nothing about the
+# latent's use: NO_VERDICT_CODE.
 VERDICT_CODES = {"collapsed": 0, "used": 1, "active": 1, "leaking": 2}
 NO_VERDICT_CODE = -1
+# How a sweep trial ended: ran to its last step; stopped early by the stopper or ASHA
+# (tag freetf.stop_reason says which); failed (an error, retries spent); cut off by
+# Ctrl-C or SIGTERM (--resume continues it); or the driver could not tell.
+OUTCOMES = ("finished", "stopped", "failed", "interrupted", "unknown")
+# Sweeps before the outcome tag wrote these into freetf.verdict (diverged: the stopper).
+_OLD_OUTCOME_VERDICTS = {"failed": "failed", "interrupted": "interrupted",
+                         "unknown": "unknown", "diverged": "stopped"}
 
 
 def verdict_code(verdict: str | None) -> int:
@@ -35,16 +44,49 @@ def verdict_code(verdict: str | None) -> int:
     return VERDICT_CODES.get(verdict or "", NO_VERDICT_CODE)
 
 
+def run_verdict(run_tags: dict[str, str]) -> str:
+    """A run's latent verdict, "" if it has none (older runs' lifecycle words dropped)."""
+    verdict = run_tags.get(VERDICT_TAG, "")
+    return "" if verdict in _OLD_OUTCOME_VERDICTS else verdict
+
+
+def run_outcome(run_tags: dict[str, str], status: str) -> str:
+    """How a trial run ended (:data:`OUTCOMES`): its tag, else what an older run's verdict
+    tag or its MLflow status says (RUNNING: ``unknown``)."""
+    outcome = run_tags.get(OUTCOME_TAG) or _OLD_OUTCOME_VERDICTS.get(
+        run_tags.get(VERDICT_TAG, ""))
+    if outcome:
+        return outcome
+    if run_tags.get(tags.STOPPED_EARLY) == "true":
+        return "stopped"
+    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted"}.get(
+        status, "unknown")
+
+
+def set_outcome(client, run_id: str, outcome: str) -> None:
+    """Tag a run with how it ended (:data:`OUTCOMES`)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
+    client.set_tag(run_id, OUTCOME_TAG, outcome)
+
+
 def log_verdict(tracker, verdict: str, step: int | None = None) -> None:
     """Tag a tracked run with ``verdict`` and log its code at ``step`` (0 if None)."""
+    _check_verdict(verdict)
     tracker.set_tags({VERDICT_TAG: verdict})
     tracker.log_metrics({VERDICT_METRIC: verdict_code(verdict)}, step=int(step or 0))
 
 
 def set_verdict(client, run_id: str, verdict: str, step: int | None = None) -> None:
     """:func:`log_verdict` for a run that no tracker holds (the sweep driver's view)."""
+    _check_verdict(verdict)
     client.set_tag(run_id, VERDICT_TAG, verdict)
     client.log_metric(run_id, VERDICT_METRIC, verdict_code(verdict), step=int(step or 0))
+
+
+def _check_verdict(verdict: str) -> None:
+    if verdict in OUTCOMES or verdict in _OLD_OUTCOME_VERDICTS:
+        raise ValueError(f"{verdict!r} is how a run ended, not a verdict: set_outcome")
 
 
 def log_sweep_analysis(client, parent_run_id: str, parent: dict[str, dict[str, Any]],

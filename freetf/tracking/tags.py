@@ -9,6 +9,7 @@ MODEL_KIND = "freetf.model_kind"        # free_transformer | baseline
 LATENT_BITS = "freetf.latent_bits"      # H
 CHECKPOINT = "freetf.checkpoint"        # the last persisted checkpoint
 VERDICT = "freetf.verdict"              # the latent verdict (freetf.evaluation.verdicts)
+OUTCOME = "freetf.outcome"              # how a sweep trial ended (tracking.runs.OUTCOMES)
 VERDICT_METRIC = "eval/verdict_code"    # the verdict as a number (tracking.runs)
 ERROR = "freetf.error"                  # why a trial's try failed
 # a sweep's runs
