@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freetf import ConfigError, load_config
-from freetf.config import flatten
+from freetf.config import flatten, from_dict
 
 pytestmark = pytest.mark.timeout(60)
 SHIPPED = Path(__file__).parent.parent / "freetf" / "configs"
@@ -188,3 +188,36 @@ def test_unknown_override_keys_fail_with_their_full_path(section, name):
         return  # a real key or sub-section
     with pytest.raises(ConfigError, match=f"{section}.{name}"):
         load_config(overrides=[f"{section}.{name}=1"])
+
+
+def test_renamed_keys_still_work_say_so_once_and_refuse_both_names(caplog):
+    """One name for kappa's start per unit: ``initial_free_bits`` (nats, like
+    ``training.free_bits``) and ``initial_free_bits_bits`` (bits); ``initial_nats`` was
+    its old name."""
+    import logging
+
+    from freetf.config import tree
+
+    tree._SAID.clear()
+    key = "training.free_bits_schedule"
+    with caplog.at_level(logging.WARNING, logger="freetf.config.tree"):
+        old = load_config(overrides={f"{key}.type": "linear", f"{key}.initial_nats": 0.5})
+        again = load_config(overrides={f"{key}.type": "linear", f"{key}.initial_nats": 0.5})
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{key}.initial_nats is now called {key}.initial_free_bits "
+                    "(the old name still works)"]
+    new = load_config(overrides={f"{key}.type": "linear", f"{key}.initial_free_bits": 0.5})
+    assert old == again == new and new.training.free_bits_schedule.initial_nats == 0.5
+    bits = load_config(overrides={f"{key}.type": "linear",
+                                  f"{key}.initial_free_bits_bits": 2.0})
+    assert bits.training.free_bits_schedule.initial_nats == pytest.approx(2.0 * math.log(2))
+    assert f"{key}.initial_free_bits" in flatten(new.to_dict())
+    assert f"{key}.initial_nats" not in flatten(new.to_dict())
+    # an old name in an override replaces the file's value under the new name
+    assert new.replace({f"{key}.initial_nats": 0.25}).training.free_bits_schedule \
+        .initial_free_bits == 0.25
+    with pytest.raises(ConfigError, match=f"give only {key}.initial_free_bits"):
+        from_dict({"training": {"free_bits_schedule": {"initial_nats": 0.5,
+                                                       "initial_free_bits": 0.5}}})
+    with pytest.raises(ConfigError, match=f"{key}.initial_free_bits_bits"):
+        load_config(overrides={f"{key}.initial_free_bits_bits": -1.0})

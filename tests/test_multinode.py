@@ -140,7 +140,7 @@ def test_a_sweep_spreads_its_trials_over_both_nodes(tmp_path, two_node_cluster):
         f"storage_path={tmp_path}/shared", f"report_dir={tmp_path}/reports",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow.sweep_name=two_nodes",
         "search.method=grid", "asha.enabled=false", "stopper.enabled=false",
-        "resources.trial_cpu=0.01", "resources.worker_cpu=0.99",
+        "resources.cpus_per_trial=0.01", "resources.cpus_per_worker=0.99",
         "training.max_steps=30", "training.eval_every=30", "training.log_every=10",
         "space.training.free_bits_bits={grid: [0.25, 1.0]}",
         "space.training.kl_weight={grid: [0.1, 1.0]}"])

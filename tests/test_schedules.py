@@ -101,14 +101,14 @@ def test_kl_cyclical_period_and_shape():
 def test_free_bits_schedules():
     final = math.log(2) / 2
     assert free_bits_at(3, 10, final, FreeBitsScheduleConfig()) == final
-    none_start = FreeBitsScheduleConfig(type="linear", initial_nats=None)
+    none_start = FreeBitsScheduleConfig(type="linear", initial_free_bits=None)
     assert free_bits_at(3, 10, final, none_start) == final
-    linear = FreeBitsScheduleConfig(type="linear", initial_nats=2.0, steps=0)
+    linear = FreeBitsScheduleConfig(type="linear", initial_free_bits=2.0, steps=0)
     # the guide's get_free_bits(step, total, 2.0, 0.5)
     assert free_bits_at(0, 100, 0.5, linear) == 2.0
     assert free_bits_at(40, 100, 0.5, linear) == pytest.approx(2.0 * 0.6 + 0.5 * 0.4)
     assert free_bits_at(100, 100, 0.5, linear) == free_bits_at(300, 100, 0.5, linear) == 0.5
-    cosine = FreeBitsScheduleConfig(type="cosine", initial_nats=2.0, steps=20)
+    cosine = FreeBitsScheduleConfig(type="cosine", initial_free_bits=2.0, steps=20)
     values = [free_bits_at(s, 100, 0.5, cosine) for s in range(30)]
     assert all(a >= b for a, b in pairwise(values))
     assert values[10] == pytest.approx(1.25) and values[20:] == [0.5] * 10

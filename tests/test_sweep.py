@@ -42,7 +42,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "freetf" / "configs"
 DEFAULT, SMOKE = CONFIGS / "search_kl.yaml", CONFIGS / "search_kl_smoke.yaml"
 # The smoke file as a grid with ASHA and the stopper (it ships as a boundary search).
 GRID = ["search.method=grid", "space.training.free_bits_bits={grid: [0.015625, 1.0, 4.0]}",
-        "asha.enabled=true", "stopper.enabled=true", "resources.worker_cpu=0.99"]
+        "asha.enabled=true", "stopper.enabled=true", "resources.cpus_per_worker=0.99"]
 
 
 # ----------------------------------------------------------------------------- spec
@@ -62,6 +62,25 @@ def test_shipped_sweeps_load():
     grid = load_sweep(SMOKE, GRID)
     assert 2 <= grid.expected_trials <= 4 and grid.trial_keys == tuple(d.key for d in grid.space)
     assert smoke.base().training.max_steps <= 20
+
+
+def test_resources_take_the_scaling_names_and_the_old_ones_still_work(tmp_path, caplog):
+    """``resources.cpus_per_worker`` overrides ``scaling.cpus_per_worker`` (it was
+    ``worker_cpu``; ``trial_cpu`` and ``worker_gpu`` alike): an old name in ``--set``
+    replaces the shipped file's value, in a file it is read, both in one file is refused."""
+    new = load_sweep(SMOKE, ["resources.cpus_per_worker=0.5", "resources.cpus_per_trial=0.02"])
+    old = load_sweep(SMOKE, ["resources.worker_cpu=0.5", "resources.trial_cpu=0.02"])
+    assert new.resources == old.resources and new.base().scaling.cpus_per_worker == 0.5
+    assert load_sweep(SMOKE, ["resources.worker_gpu=0.25"]).resources.gpus_per_worker == 0.25
+    assert "resources.worker_gpu is now called resources.gpus_per_worker" in caplog.text
+    spec = tmp_path / "old.yaml"
+    spec.write_text(f"base_config: {SMOKE.parent / 'tiny.yaml'}\n"
+                    "space: {training.kl_weight: [1.0]}\nresources: {worker_cpu: 0.5}\n")
+    assert load_sweep(spec).resources.cpus_per_worker == 0.5
+    spec.write_text(spec.read_text().replace("{worker_cpu: 0.5}",
+                                             "{worker_cpu: 0.5, cpus_per_worker: 0.5}"))
+    with pytest.raises(SweepError, match="give only resources.cpus_per_worker"):
+        load_sweep(spec)
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -217,24 +236,26 @@ def test_concurrency_follows_the_cluster(monkeypatch):
     base = load_sweep(SMOKE, GRID).base()
     for workers, cpus, expected in ((1, 0.49, 4), (1, 0.99, 2), (2, 0.99, 1), (1, 1.0, 1)):
         cfg = base.replace({"scaling.num_workers": workers, "scaling.cpus_per_worker": cpus})
-        assert sweep_mod.max_concurrent_trials(cfg, trial_cpu=0.01) == expected
+        assert sweep_mod.max_concurrent_trials(cfg, cpus_per_trial=0.01) == expected
 
 
 def test_concurrency_follows_the_gpus_shared_by_fractional_workers(monkeypatch):
-    """resources.worker_gpu=0.25 puts four workers on a GPU: trials at once are
+    """resources.gpus_per_worker=0.25 puts four workers on a GPU: trials at once are
     min(CPUs / CPUs per trial, GPUs / GPUs per trial)."""
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
     for workers, gpu, cpu, expected in ((1, 0.25, 1.0, 8), (2, 0.25, 1.0, 4), (2, 1, 1.0, 1),
                                         (1, 0.25, 3.0, 5), (1, 0.5, 0.5, 4)):
         sweep = load_sweep(SMOKE, [*GRID, f"resources.num_workers={workers}",
-                                   f"resources.worker_gpu={gpu}", f"resources.worker_cpu={cpu}"])
+                                   f"resources.gpus_per_worker={gpu}",
+                                   f"resources.cpus_per_worker={cpu}"])
         base = sweep.base()
         assert base.scaling.use_gpu and base.scaling.gpus_per_worker == gpu
         assert sweep.trial_runner(base) == "train"
-        assert sweep_mod.max_concurrent_trials(base, trial_cpu=0.01) == expected, (workers, gpu)
+        assert sweep_mod.max_concurrent_trials(base, cpus_per_trial=0.01) == expected, \
+            (workers, gpu)
     for bad in ("0", "1.5"):
-        with pytest.raises(SweepError, match="resources.worker_gpu"):
-            load_sweep(SMOKE, [f"resources.worker_gpu={bad}"])
+        with pytest.raises(SweepError, match="resources.gpus_per_worker"):
+            load_sweep(SMOKE, [f"resources.gpus_per_worker={bad}"])
 
 
 def test_fsdp_trials_run_under_a_torch_trainer():
@@ -247,9 +268,10 @@ def test_fsdp_trials_run_under_a_torch_trainer():
 def test_trial_runner_auto_runs_one_cpu_worker_in_the_trial_and_more_under_train():
     one = load_sweep(SMOKE)
     assert one.trial_runner(one.base()) == "in_trial"
-    expected = one.resources.trial_cpu + one.resources.worker_cpu  # the trial runs the loop
+    # the trial runs the loop
+    expected = one.resources.cpus_per_trial + one.resources.cpus_per_worker
     assert sweep_mod.trial_resources(one, one.base()) == {"cpu": pytest.approx(expected)}
-    two = load_sweep(SMOKE, ["resources.num_workers=2", "resources.worker_cpu=0.5"])
+    two = load_sweep(SMOKE, ["resources.num_workers=2", "resources.cpus_per_worker=0.5"])
     assert two.trial_runner(two.base()) == "train"
     assert sweep_mod.trial_resources(two, two.base()) == {"cpu": 0.01}
     gpu = load_sweep(SMOKE, ["scaling.use_gpu=true"])

@@ -14,9 +14,9 @@ import pytest
 from mlflow import MlflowClient
 
 from freetf.config import load_config
+from freetf.results.report import runs_frame
 from freetf.results.summary import log_sweep_summary, save_sweep_view, verdict_counts
 from freetf.results.sweep_figures import kl_vs_kappa_figure, sweep_curves_figure
-from freetf.results.report import runs_frame
 from freetf.sweeps.runs import close_open_runs, space_params
 from freetf.sweeps.spec import load_sweep
 from freetf.tracking import (

@@ -61,7 +61,8 @@ def test_four_steps_and_the_final_evaluation_equal_a_reference_written_out(tmp_p
                "training.weight_decay=0.2", "training.kl_weight=0.7",
                "training.kl_annealing.type=linear", "training.kl_annealing.initial_weight=0.2",
                "training.free_bits_bits=0.03", "training.free_bits_schedule.type=linear",
-               "training.free_bits_schedule.initial_nats=0", "training.free_bits_schedule.steps=20",
+               "training.free_bits_schedule.initial_free_bits=0",
+               "training.free_bits_schedule.steps=20",
                "training.curriculum="
                "[{until_step: 2, max_seq_len: 34}]", "scheduler.min_lr=1e-4",
                "diagnostics.free_generations=6", "checkpoint.every_steps=0",
@@ -191,7 +192,7 @@ def test_reports_checkpoints_evaluations_and_marks_fall_on_their_steps(tmp_path,
                "data.seed=7", "data.num_workers=1", "diagnostics.free_generations=2",
                "training.gradient_checkpointing=true", "training.seed=2",
                "training.free_bits_schedule.type=linear",
-               "training.free_bits_schedule.initial_nats=1.0")
+               "training.free_bits_schedule.initial_free_bits=1.0")
     ctx, tracker = Recorder(), Tracker()
     with caplog.at_level("INFO", logger="freetf.training.loop"):
         result = train_loop(cfg, ctx, tracker)

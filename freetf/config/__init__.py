@@ -66,7 +66,7 @@ def load_config(path: str | Path | None = None,
     ``path``: a YAML file, or the name of a shipped config (``"synthetic"``; see
     :func:`freetf.config.shipped.config_path`)."""
     data = read_yaml_mapping(config_path(path)) if path is not None else {}
-    return from_dict(apply_overrides(data, overrides or []))
+    return from_dict(apply_overrides(data, overrides or [], Config))
 
 
 def from_dict(data: dict[str, Any]) -> Config:

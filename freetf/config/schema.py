@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -135,12 +135,25 @@ class KLAnnealingConfig:
 
 @dataclass(frozen=True)
 class FreeBitsScheduleConfig:
+    """kappa from a start value to ``training.free_bits`` (the guide's ``get_free_bits``);
+    the start is named like the end: ``initial_free_bits`` in nats, or
+    ``initial_free_bits_bits`` in bits (wins when set)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"initial_nats": "initial_free_bits"}
     type: Literal["constant", "linear", "cosine"] = "constant"
-    initial_nats: float | None = None  # start value; None = same as training.free_bits
+    initial_free_bits: float | None = None  # nats; None: no ramp (training.free_bits)
+    initial_free_bits_bits: float | None = None  # the same start in bits
     steps: int = 0  # steps to reach training.free_bits (0 = whole run)
 
+    @property
+    def initial_nats(self) -> float | None:
+        """The start in nats per token (None: no ramp)."""
+        if self.initial_free_bits_bits is not None:
+            return self.initial_free_bits_bits * LN2
+        return self.initial_free_bits
+
     def validate(self, path: str) -> None:
-        _non_negative(self, path, "initial_nats", "steps")
+        _non_negative(self, path, "initial_free_bits", "initial_free_bits_bits", "steps")
 
 
 @dataclass(frozen=True)
@@ -420,7 +433,7 @@ class Config:
     def replace(self, overrides: list[str] | dict[str, Any]) -> Config:
         """A new validated config with dotted overrides applied (``model.vocab_size`` is
         in ``to_dict()``: there is no default to fill in, unlike ``from_dict``)."""
-        config = build_section(Config, apply_overrides(self.to_dict(), overrides), "")
+        config = build_section(Config, apply_overrides(self.to_dict(), overrides, Config), "")
         config.validate()
         return config
 

@@ -8,6 +8,7 @@ Used by the freetf config (:mod:`freetf.config.schema`) and by the sweep spec
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -36,21 +39,64 @@ def read_yaml_mapping(path: str | Path, what: str = "config",
     return loaded or {}
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict:
-    """Apply ``["a.b=1", ...]`` or ``{"a.b": 1}`` to a nested dict (values parsed as YAML)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any],
+                    schema: type | None = None, path: str = "") -> dict:
+    """Apply ``["a.b=1", ...]`` or ``{"a.b": 1}`` to a nested dict (values parsed as YAML).
+
+    With ``schema`` (the dataclass ``data`` describes, at dotted ``path``), a key under an
+    old name (a section's ``RENAMED``) sets the new one and replaces the value under
+    either name."""
     data = _deep_copy(data)
     items = overrides.items() if isinstance(overrides, dict) else (
         split_override(o) for o in overrides)
     for key, value in items:
-        parts = key.split(".")
+        parts, section = key.split("."), None
+        if schema is not None:
+            parts, section = _current_names(schema, parts, path)
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
+        for name, current in getattr(section, "RENAMED", {}).items():
+            if current == parts[-1]:
+                node.pop(name, None)
         node[parts[-1]] = value
     return data
+
+
+def _current_names(schema: type, parts: list[str],
+                   path: str = "") -> tuple[list[str], type | None]:
+    """``parts`` of a dotted key with renamed ones under their new names (said once, the
+    key named from ``path``), and the section that holds the last one (None past the
+    schema's sections)."""
+    section: type | None = schema
+    names: list[str] = []
+    prefix = [path] if path else []
+    for i, part in enumerate(parts):
+        if section is None or not dataclasses.is_dataclass(section):
+            names.append(part)
+            section = None
+            continue
+        current = getattr(section, "RENAMED", {}).get(part)
+        if current is not None:
+            _say(".".join([*prefix, *names, part]), ".".join([*prefix, *names, current]))
+            part = current
+        names.append(part)
+        if i < len(parts) - 1:
+            section = _section_type(typing.get_type_hints(section).get(part))
+    return names, section
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass of a field's type hint (``X | None`` too), else None."""
+    if hint is not None and dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -102,6 +148,7 @@ def build_section(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = _renamed(cls, data, path)
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
@@ -111,6 +158,34 @@ def build_section(cls: type, data: Any, path: str) -> Any:
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
     return cls(**kwargs)
+
+
+def _renamed(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``data`` with the keys a section renamed (its ``RENAMED``: old name -> new name)
+    under their new names, saying so once per key; both names at once is an error."""
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    if not renamed or not set(data) & set(renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        where_old, where_new = (f"{path}.{old}", f"{path}.{new}") if path else (old, new)
+        if new in data:
+            raise ConfigError(f"{where_old} and {where_new} are the same setting (the "
+                              f"first is its old name): give only {where_new}")
+        data[new] = data.pop(old)
+        _say(where_old, where_new)
+    return data
+
+
+_SAID: set[str] = set()  # old names already warned about in this process
+
+
+def _say(old: str, new: str) -> None:
+    if old not in _SAID:
+        _SAID.add(old)
+        log.warning("%s is now called %s (the old name still works)", old, new)
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:

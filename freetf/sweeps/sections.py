@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class StopperSpec:
 
 @dataclass(frozen=True)
 class ResourcesSpec:
+    """What a trial holds; the per-worker keys override the base config's ``scaling.*``
+    keys of the same name."""
+
+    RENAMED: ClassVar[dict[str, str]] = {  # the names before they matched scaling.*
+        "trial_cpu": "cpus_per_trial", "worker_cpu": "cpus_per_worker",
+        "worker_gpu": "gpus_per_worker"}
     # auto: the loop runs in the trial process for 1-worker CPU trials (in_trial), under a
     # TorchTrainer otherwise (train).  See docs/sweeps.md, "Trial runners".
     trial_runner: Literal["auto", "in_trial", "train"] = "auto"
@@ -55,11 +61,11 @@ class ResourcesSpec:
     # in_trial on a local Ray: a worker process imports a trial's libraries when it starts,
     # before Tune starts the trial (trainable.preload_trial_libraries; docs/sweeps.md)
     preload: bool = True
-    trial_cpu: float = 0.01  # the trial process (in_trial: plus worker_cpu, as it trains)
-    worker_cpu: float | None = None  # None: the base scaling.cpus_per_worker
+    cpus_per_trial: float = 0.01  # the trial process (in_trial: plus cpus_per_worker)
+    cpus_per_worker: float | None = None  # None: the base scaling.cpus_per_worker
     # GPUs per Train worker, fractional to share a GPU (0.25: four trials' workers on one);
     # sets scaling.use_gpu.  None: the base scaling (use_gpu, gpus_per_worker).
-    worker_gpu: float | None = None
+    gpus_per_worker: float | None = None
     num_workers: int | None = None  # None: the base scaling.num_workers
     controller_failure_limit: int = 2  # a run whose workers cannot start fails, not hangs
     # Tune restarts a failed trial this often: its Train run resumes from its last

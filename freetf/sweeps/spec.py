@@ -47,6 +47,8 @@ STOP_REASON = "freetf/stop_reason"  # written into the Tune result by the stoppe
 SWEEP_SECTIONS = ("base_config", "overrides", "space", "search", "boundary", "asha",
                   "stopper", "resources", "mlflow", "storage_path", "report_dir")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+SECTION_TYPES = {"search": SearchSpec, "boundary": BoundarySpec, "asha": AshaSpec,
+                 "stopper": StopperSpec, "resources": ResourcesSpec, "mlflow": MlflowSweepSpec}
 
 
 class SweepError(ConfigError):
@@ -175,13 +177,13 @@ class SweepConfig:
             overrides["tracking.mlflow.experiment"] = self.mlflow.experiment
         if self.mlflow.tracking_uri:
             overrides["tracking.mlflow.tracking_uri"] = self.mlflow.tracking_uri
-        if self.resources.worker_cpu is not None:
-            overrides["scaling.cpus_per_worker"] = self.resources.worker_cpu
+        if self.resources.cpus_per_worker is not None:
+            overrides["scaling.cpus_per_worker"] = self.resources.cpus_per_worker
         if self.resources.num_workers is not None:
             overrides["scaling.num_workers"] = self.resources.num_workers
-        if self.resources.worker_gpu is not None:
+        if self.resources.gpus_per_worker is not None:
             overrides.update({"scaling.use_gpu": True, "training.device": "cuda",
-                              "scaling.gpus_per_worker": self.resources.worker_gpu})
+                              "scaling.gpus_per_worker": self.resources.gpus_per_worker})
         return absolute_paths(load_config(self.base_config, overrides))
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,9 +222,8 @@ def load_sweep(path: str | Path | None = None,
     if base_config is not None and path is not None and not Path(base_config).is_absolute():
         base_config = str((path.parent / base_config).resolve())
     try:  # the config tree's own schema checks: errors name the dotted key
-        sections = {name: build_section(cls, raw.get(name) or {}, name) for name, cls in (
-            ("search", SearchSpec), ("boundary", BoundarySpec), ("asha", AshaSpec),
-            ("stopper", StopperSpec), ("resources", ResourcesSpec), ("mlflow", MlflowSweepSpec))}
+        sections = {name: build_section(cls, raw.get(name) or {}, name)
+                    for name, cls in SECTION_TYPES.items()}
     except ConfigError as err:
         raise SweepError(str(err).replace("config key", "sweep key")) from None
     sweep = SweepConfig(
@@ -242,6 +243,9 @@ def _with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section, _, rest = key.partition(".")
         if section in ("space", "overrides") and rest:
             raw[section][rest] = value  # their keys are dotted config keys: kept whole
+        elif section in SECTION_TYPES and rest:  # an old name in --set replaces the file's
+            raw[section] = apply_overrides(raw.get(section) or {}, {rest: value},
+                                           SECTION_TYPES[section], section)
         elif section in SWEEP_SECTIONS:
             raw = apply_overrides(raw, {key: value})
         else:
@@ -353,13 +357,14 @@ def _validated(sweep: SweepConfig) -> SweepConfig:
     if sweep.resources.trial_runner == "in_trial" and base.scaling.strategy == "fsdp":
         raise SweepError("scaling.strategy=fsdp shards over Ray Train workers; set "
                          "resources.trial_runner=train")
-    gpu = sweep.resources.worker_gpu
+    gpu = sweep.resources.gpus_per_worker
     if gpu is not None and not (gpu > 0 and (gpu <= 1 or float(gpu).is_integer())):
         # Ray schedules a fraction of one GPU, or whole GPUs
-        raise SweepError(f"resources.worker_gpu={gpu} must be in (0, 1] (a share of one GPU) "
+        raise SweepError(f"resources.gpus_per_worker={gpu} must be in (0, 1] (a share of one GPU) "
                          f"or a whole number of GPUs")
-    if sweep.resources.trial_cpu < 0:
-        raise SweepError(f"resources.trial_cpu={sweep.resources.trial_cpu} must be >= 0")
+    if sweep.resources.cpus_per_trial < 0:
+        raise SweepError(f"resources.cpus_per_trial={sweep.resources.cpus_per_trial} "
+                         f"must be >= 0")
     if not sweep.name or "/" in sweep.name:
         raise SweepError(f"mlflow.sweep_name={sweep.name!r} must be a non-empty name "
                          f"without '/'")

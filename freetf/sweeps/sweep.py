@@ -293,19 +293,19 @@ def _init_ray(verbose: bool, tracking_uri: str, preload: bool = False) -> None:
 
 
 def trial_resources(sweep: SweepConfig, base: Config) -> dict[str, float]:
-    """What one trial process holds: ``trial_cpu``, plus its worker's share when the
+    """What one trial process holds: ``cpus_per_trial``, plus its worker's share when the
     loop runs in it (``in_trial``); under a TorchTrainer the workers hold their own."""
-    trial_cpu = sweep.resources.trial_cpu
+    cpus_per_trial = sweep.resources.cpus_per_trial
     if sweep.trial_runner(base) == "train":
-        return {"cpu": trial_cpu}
+        return {"cpu": cpus_per_trial}
     sc = base.scaling
-    return {"cpu": trial_cpu + sc.cpus_per_worker,
+    return {"cpu": cpus_per_trial + sc.cpus_per_worker,
             **({"gpu": sc.gpus_per_worker} if sc.use_gpu else {})}
 
 
 def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool,
            callbacks: list, verbose: bool):
-    trial_cpu = sweep.resources.trial_cpu
+    cpus_per_trial = sweep.resources.cpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     trial_resources(sweep, base))
     if resume:
@@ -321,7 +321,7 @@ def _tuner(sweep: SweepConfig, base: Config, context: TrialContext, resume: bool
             time_attr="step", metric=sweep.asha.metric or search.metric, mode=search.mode,
             max_t=base.training.max_steps - 1, grace_period=sweep.asha.grace_period,
             reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
-    concurrency = search.max_concurrent_trials or max_concurrent_trials(base, trial_cpu)
+    concurrency = search.max_concurrent_trials or max_concurrent_trials(base, cpus_per_trial)
     log.info("sweep %s: %d trials, at most %d at a time, Tune state in %s", sweep.name,
              sweep.expected_trials, concurrency, sweep.sweep_dir)
     in_trial = context.runner == "in_trial"
@@ -349,13 +349,13 @@ def _trial_dirname(trial) -> str:
     return f"trial-{trial_key(trial.config)}"
 
 
-def max_concurrent_trials(base: Config, trial_cpu: float) -> int:
+def max_concurrent_trials(base: Config, cpus_per_trial: float) -> int:
     """As many trials as the cluster's CPUs (and GPUs) hold at once, at least 1."""
     import ray
 
     sc = base.scaling
     available = ray.cluster_resources()
-    counts = [available.get("CPU", 1.0) / (trial_cpu + sc.num_workers * sc.cpus_per_worker)]
+    counts = [available.get("CPU", 1.0) / (cpus_per_trial + sc.num_workers * sc.cpus_per_worker)]
     if sc.use_gpu and sc.num_workers:
         counts.append(available.get("GPU", 0.0) / (sc.num_workers * sc.gpus_per_worker))
     return max(1, math.floor(min(counts) + 1e-9))
