@@ -27,6 +27,22 @@ def test_shapes_and_dtypes(tiny_model_cfg):
         model(ids, mode="eval")
 
 
+@pytest.mark.parametrize("guide, plain", [("training", "posterior"), ("inference", "prior")])
+def test_the_modes_have_the_names_of_where_z_comes_from(tiny_model_cfg, guide, plain):
+    """``posterior`` is ``training`` and ``prior`` is ``inference``: same draws, same
+    logits; the two sources of Z give different logits (the test can tell them apart)."""
+    model = FreeTransformer(tiny_model_cfg)
+    ids = torch.randint(0, 32, (3, 10), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for mode in (guide, plain, "prior" if plain == "posterior" else "posterior"):
+        torch.manual_seed(1)
+        outputs[mode] = model(ids, mode=mode)
+    assert torch.equal(outputs[guide][0], outputs[plain][0])
+    assert (outputs[guide][1] is None) == (outputs[plain][1] is None)
+    other = [m for m in outputs if m not in (guide, plain)][0]
+    assert not torch.allclose(outputs[plain][0], outputs[other][0])
+
+
 def test_encoder_is_position_aware(tiny_model_cfg):
     model = FreeTransformer(tiny_model_cfg)
     with torch.no_grad():  # trained-size encoder weights instead of init-size ones

@@ -158,13 +158,20 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
+# forward's modes: where Z comes from (the guide's names, and the same said plainly)
+_Z_FROM = {"training": "posterior", "posterior": "posterior",
+           "inference": "prior", "prior": "prior"}
+
+
 class FreeTransformer(PretrainedMixin, nn.Module):
     """Decoder conditioned on a per-token binary latent Z (Algorithm 2).
 
     ``forward(input_ids, mode="training")`` returns ``(logits, z_logits)``: in training
     mode Z is sampled from the encoder's posterior; in ``"inference"`` mode from the
-    uniform prior (``z_logits`` is None).  An explicit ``z`` (code indices, (B, T) or
-    broadcastable) conditions on a chosen Z in either mode.
+    uniform prior (``z_logits`` is None).  The modes say where Z comes from, so they may
+    be named so: ``mode="posterior"`` is ``"training"``, ``mode="prior"`` is
+    ``"inference"`` (the guide's names stay the default).  An explicit ``z`` (code
+    indices, (B, T) or broadcastable) conditions on a chosen Z in either mode.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -287,9 +294,10 @@ class FreeTransformer(PretrainedMixin, nn.Module):
                 return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(logits (B, T, V), z_logits (B, T, H) or None)``; with ``return_hidden`` the
         final normed hidden states (B, T, D) stand in for the logits."""
-        if mode not in ("training", "inference"):
-            raise ValueError(f"mode must be 'training' or 'inference', got {mode!r}")
-        sample = "posterior" if mode == "training" else "prior"
+        sample = _Z_FROM.get(mode)
+        if sample is None:
+            raise ValueError(f"mode must be 'training' (or 'posterior') or 'inference' (or "
+                             f"'prior'), got {mode!r}")
         logits, z_logits, _ = self.forward_codes(input_ids, z, sample, bit_noise,
                                                  return_hidden=return_hidden)
         return logits, z_logits
