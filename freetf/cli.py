@@ -25,6 +25,7 @@ from freetf.cli_types import (
 )
 from freetf.config import ConfigError, load_config
 from freetf.logs import setup_console, setup_logging
+from freetf.training.paths import OWN_FOLDER
 
 CONFIG_HELP = ("a YAML config, or the name of a shipped one (tiny, synthetic, code, ...: "
                "freetf/configs/<name>.yaml); default: built-in defaults")
@@ -242,9 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(FSDP2; see `freetf plan`)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 AMP")
     p.add_argument("--no-ray", action="store_true", help="run the loop in-process")
-    p.add_argument("--resume", type=non_empty,
-                   help="checkpoint (or checkpoint root) of a stopped run (a run continues "
-                   "the checkpoints in its own folder without it)")
+    p.add_argument("--resume", type=non_empty, nargs="?", const=OWN_FOLDER,
+                   metavar="CHECKPOINT",
+                   help="continue the run: alone, from its own folder's latest checkpoint (as "
+                   "a sweep's --resume; a run does this without the flag too, the flag says "
+                   "so if there is nothing to continue); with a path, from that checkpoint "
+                   "(or checkpoint root)")
     p.add_argument("--fresh", action="store_true",
                    help="start over in a new folder beside the run's (NAME-2, NAME-3 ...), "
                    "keeping the old one as it is")

@@ -133,6 +133,26 @@ def test_a_run_continues_in_its_folder_and_a_finished_one_says_so(tmp_path, caps
     assert "--fresh" in err and len(err.strip().splitlines()) == 1
 
 
+def test_resume_without_a_path_continues_the_runs_folder_as_a_sweeps_does(tmp_path, capsys):
+    """``--resume`` alone (the sweep's switch): nothing to continue is one line; then it
+    continues the folder's latest checkpoint; with --fresh it is refused."""
+    argv = ["train", "--config", "configs/tiny.yaml", "--no-ray", *SMALL, *NO_MLFLOW,
+            "--set", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    assert main([*argv, "--resume", "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"freetf train: error: --resume: nothing to continue in {tmp_path / 'ckpt'} "
+                   "(no complete checkpoint there): leave out --resume to start the run, or "
+                   "name the checkpoint to start from: --resume PATH")
+    assert not (tmp_path / "ckpt").exists()
+    assert main([*argv, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--max-steps", "4", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"continuing from {tmp_path / 'ckpt' / 'step_000002'} (step 2)" in out
+    assert main([*argv, "--max-steps", "6", "--resume", "--fresh"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
 def test_fresh_starts_in_a_new_folder_and_keeps_the_old_one(tmp_path, capsys):
     old = save_to_root(tmp_path / "ckpt", 20, {"step": 20}, _tiny(tmp_path, "model.latent_dim=8"),
                        {"step": 20})

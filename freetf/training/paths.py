@@ -10,6 +10,16 @@ from typing import Any
 from freetf.config import Config
 
 
+class _OwnFolder:
+    def __repr__(self) -> str:
+        return "OWN_FOLDER"
+
+
+# a run's resume: its own folder (``--resume`` without a path; not a string, which
+# argparse would pass through the flag's type, and no path can be mistaken for it)
+OWN_FOLDER: Any = _OwnFolder()
+
+
 def absolute_paths(cfg: Config) -> Config:
     """Resolve every relative path and the tracking URI before workers chdir away."""
     from freetf.tracking import resolve_tracking_uri

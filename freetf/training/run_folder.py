@@ -33,7 +33,7 @@ from typing import Any
 from freetf.config import Config, ConfigError, load_config
 from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
 from freetf.training.checkpoint_files import CONFIG_FILE, LATEST_FILE, META_FILE, TOKENIZER_FILE
-from freetf.training.paths import absolute_paths, run_directory
+from freetf.training.paths import OWN_FOLDER, absolute_paths, run_directory
 from freetf.training.preflight import check_before_training
 
 DEFAULT_RUN_NAME = "freetf"
@@ -85,7 +85,17 @@ def run_folder(cfg: Config) -> Path:
 def plan_run(cfg: Config, resume: str | None = None, fresh: bool = False) -> RunPlan:
     """Resolve paths, check every output and the data (:mod:`~freetf.training.preflight`),
     then decide the folder and what the run continues (the module's rules).  Raises
-    :class:`RunFolderError` (a :class:`CheckpointError`) or ``ConfigError``."""
+    :class:`RunFolderError` (a :class:`CheckpointError`) or ``ConfigError``.
+
+    ``resume``: a checkpoint (or checkpoint root) to start from; :data:`OWN_FOLDER`
+    (``--resume`` without a path, as a sweep's ``--resume``): continue the run in its own
+    folder, and say so if there is nothing there to continue."""
+    own = resume is OWN_FOLDER
+    if own:
+        if fresh:
+            raise RunFolderError("--resume continues the run in its folder and --fresh starts "
+                                 "one in a new folder: give one of them")
+        resume = None
     if resume is not None:
         try:
             resume = str(resolve_checkpoint(resume).resolve())
@@ -117,6 +127,10 @@ def plan_run(cfg: Config, resume: str | None = None, fresh: bool = False) -> Run
                                  f"own checkpoints (latest: step {checkpoint_step(latest)}): "
                                  f"continue from there without --resume, or start from "
                                  f"{shown_path(resume)} in a new folder with --fresh")
+    if own and latest is None:
+        raise RunFolderError(f"--resume: nothing to continue in {shown_path(folder)} (no "
+                             f"complete checkpoint there): leave out --resume to start the "
+                             f"run, or name the checkpoint to start from: --resume PATH")
     start = resume or (str(latest) if latest is not None else None)
     step = checkpoint_step(Path(start)) if start else 0
     max_steps = cfg.training.max_steps
