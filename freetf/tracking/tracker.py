@@ -21,6 +21,7 @@ from freetf.tracking.sinks import (
     _WandbSink,
 )
 from freetf.tracking.store import _quietly, check_tracking_server, resolve_tracking_uri
+from freetf.tracking.tags import LATENT_BITS, MODEL_KIND
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -137,8 +138,8 @@ def make_tracker(cfg: Config, *, rank: int = 0, run_id: str | None = None,
     tracking = cfg.tracking
     run_name = run_name or tracking.mlflow.run_name
     params = run_params(cfg, searched) if params is None else _param_strings(params)
-    all_tags = {"freetf.model_kind": "free_transformer" if cfg.model.has_latent else "baseline",
-                "freetf.latent_bits": str(cfg.model.latent_bits),
+    all_tags = {MODEL_KIND: "free_transformer" if cfg.model.has_latent else "baseline",
+                LATENT_BITS: str(cfg.model.latent_bits),
                 CONFIG_TAG: config_tag(cfg, MAX_TAG_VALUE_CHARS)}
     commit = _git_commit()
     if commit:

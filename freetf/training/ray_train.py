@@ -340,12 +340,14 @@ def _progress(console: TrainConsole | None, tracker) -> contextlib.AbstractConte
 
 
 def log_run_artifacts(tracker, metrics, checkpoint, history, plot) -> None:
+    from freetf.tracking import tags
+
     samples = metrics.get("eval/samples")
     if samples:
         tracker.log_text("\n".join(samples) + "\n", "samples.txt")
     if checkpoint is not None:
         tracker.log_text(f"{checkpoint}\n", "checkpoint_path.txt")
-        tracker.set_tags({"freetf.checkpoint": str(checkpoint)})
+        tracker.set_tags({tags.CHECKPOINT: str(checkpoint)})
     if metrics.get("eval/verdict"):
         from freetf.tracking import log_verdict
 
