@@ -513,6 +513,23 @@ def print_plan(source: str, install: list[Command], quick: list[Command],
                   f"{command.lineno}; {kind})")
 
 
+def dry_run(args: argparse.Namespace) -> int:
+    """Print what would run, from the README of the tree or of the repository's HEAD."""
+    try:
+        if args.tree:
+            source, readme = (f"the tree {args.tree.resolve()} as it is",
+                              (args.tree / "README.md").read_text())
+        else:
+            commit = _git(args.repo, "rev-parse", "HEAD").strip()
+            source, readme = (f"a fresh clone of {args.repo} at {commit[:7]}",
+                              _git(args.repo, "show", f"{commit}:README.md"))
+        print_plan(source, *plan(readme, args.install), args.skip_long)
+    except (ReadmeError, OSError, subprocess.CalledProcessError) as err:
+        print(f"quickstart_check: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
@@ -536,22 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the commands and the plan; run nothing")
     args = parser.parse_args(argv)
 
+    if args.dry_run:
+        return dry_run(args)
     began = time.monotonic()
-    try:
-        if args.dry_run:
-            if args.tree:
-                source, readme = (f"the tree {args.tree.resolve()} as it is",
-                                  (args.tree / "README.md").read_text())
-            else:
-                commit = _git(args.repo, "rev-parse", "HEAD").strip()
-                source, readme = (f"a fresh clone of {args.repo} at {commit[:7]}",
-                                  _git(args.repo, "show", f"{commit}:README.md"))
-            print_plan(source, *plan(readme, args.install), args.skip_long)
-            return 0
-    except (ReadmeError, OSError, subprocess.CalledProcessError) as err:
-        print(f"quickstart_check: {err}", file=sys.stderr)
-        return 2
-
     args.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="freetf-quickstart-", dir=args.dir))
     logs, work, env_dir = root / "logs", root / "work", root / "venv"
