@@ -3,6 +3,7 @@ take the screenshots of docs/mlflow.md.
 
     python tools/mlflow_ui_check.py                     # runs the smoke sweep (~1-2 min)
     python tools/mlflow_ui_check.py --synthetic         # a made-up sweep, no Ray (seconds)
+    python tools/mlflow_ui_check.py --synthetic --prefixed-names   # fails: names alike
     python tools/mlflow_ui_check.py --tracking-uri sqlite:///$PWD/mlflow.db \\
         --experiment freetf-search-kl                   # a sweep you already ran
     python tools/mlflow_ui_check.py --screenshots docs/img   # refresh the docs' images
@@ -13,10 +14,12 @@ It starts ``mlflow ui`` on a free port of 127.0.0.1 and checks, failing with a m
 naming what it did not find:
 
 0. the link the sweep prints (its saved view, :func:`freetf.results.summary.save_sweep_view`)
-   opens the sweep's trials grouped by verdict, each by its name, with the view's columns;
+   opens the sweep's trials grouped by verdict, each by its name, with the view's columns,
+   and the Run Name column shows each trial by a text of its own (as cut by the column's
+   width: ``kappa=1/4 s1``, not ``search_kl_smo...`` for every trial);
 1. the runs page link (:func:`freetf.tracking.runs_page_url`) opens the runs table in the
    model-training view, with the sweep's parent run;
-2. expanding the parent lists every trial run by name;
+2. expanding the parent lists every trial run by name, each shown apart;
 3. the filter ``tags.`freetf.verdict` = '<v>'`` keeps exactly the trials of that verdict,
    and ``metrics.`eval/verdict_code` = <code>`` the same ones;
 4. the ``eval/verdict_code`` and ``log2_free_bits_bits`` columns can be added to the table;
@@ -59,9 +62,12 @@ def smoke_sweep_store(root: Path) -> tuple[str, str]:
     return result.tracking_uri, result.experiment
 
 
-def synthetic_store(root: Path) -> tuple[str, str]:
+def synthetic_store(root: Path, prefixed_names: bool = False) -> tuple[str, str]:
     """A sweep of the smoke grid whose trials log made-up curves (one per verdict), through
-    the same tracking code as a real sweep; no training, no Ray.  For checking the UI."""
+    the same tracking code as a real sweep; no training, no Ray.  For checking the UI.
+    ``prefixed_names``: name the trials as sweeps once did, ``<sweep>/<key>=<value>,...``
+    (``search_kl_smoke/free_bits_bits=1,kl_weight=1``), which the Run Name column cuts to
+    the same text for every trial."""
     from freetf.results import report
     from freetf.results.summary import log_sweep_summary, save_sweep_view
     from freetf.sweeps.runs import space_params
@@ -83,7 +89,9 @@ def synthetic_store(root: Path) -> tuple[str, str]:
     steps = base.training.max_steps
     for kappa, verdict in ((0.015625, "collapsed"), (1.0, "active"), (4.0, "leaking")):
         sampled = {"training.free_bits_bits": kappa, "training.kl_weight": 1.0}
-        name = trial_run_name(sampled, sweep.named_keys)
+        name = (f"{sweep.name}/" + ",".join(f"{k.rsplit('.', 1)[1]}={v:.4g}"
+                                            for k, v in sampled.items())
+                if prefixed_names else trial_run_name(sampled, sweep.named_keys))
         cfg = base.replace({**sampled, "tracking.mlflow.run_name": name})
         child = make_tracker(cfg, parent_run_id=parent.run_id, run_name=name, searched=keys,
                              tags={TAG_SWEEP: sweep.name, TAG_ROLE: "trial",
@@ -169,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--tracking-uri", help="check a sweep already in this store")
     source.add_argument("--synthetic", action="store_true",
                         help="a made-up sweep through the tracking code, no training")
+    parser.add_argument("--prefixed-names", action="store_true",
+                        help="with --synthetic: name the trials <sweep>/<key>=<value>,... "
+                        "as sweeps once did (the check fails: the Run Name column shows "
+                        "every trial alike)")
     parser.add_argument("--experiment", default=None,
                         help="with --tracking-uri: the sweep's experiment")
     parser.add_argument("--sweep", default=None, help="the sweep's name (default: the newest)")
@@ -176,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(tempfile.gettempdir()) / "freetf-ui-screenshots",
                         help="write the screenshots here (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.prefixed_names and not args.synthetic:
+        parser.error("--prefixed-names goes with --synthetic")
 
     with tempfile.TemporaryDirectory(prefix="freetf-ui-") as tmp:
         root = Path(tmp)
@@ -183,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.experiment:
                 parser.error("--tracking-uri needs --experiment")
             uri, experiment = args.tracking_uri, args.experiment
+        elif args.synthetic:
+            uri, experiment = synthetic_store(root, args.prefixed_names)
         else:
-            uri, experiment = (synthetic_store if args.synthetic else smoke_sweep_store)(root)
+            uri, experiment = smoke_sweep_store(root)
         ui = MlflowUI(uri, root / "mlflow_ui.log")
         try:
             seen = check_ui(ui.url, uri, experiment, args.sweep, args.screenshots)

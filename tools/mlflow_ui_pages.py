@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import urllib.parse
+from collections import defaultdict
 from pathlib import Path
 
 from selenium.common.exceptions import TimeoutException
@@ -22,6 +23,47 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 WAIT_S = 120  # the UI loads slowly on a busy 2-core machine
 EXPAND_BUTTON = "button[data-component-id$='runnamecellrenderer.tsx_46']"
+# The Run Name cells' links to runs, each with its run id and the text a reader sees: the
+# characters laid out left of the cell's clipped right edge, less the width of the "…" that
+# text-overflow: ellipsis draws there (the DOM holds the whole name, and so does what
+# selenium's .text returns).
+SHOWN_RUN_NAMES = """
+const shown = [];
+const cells = ".ag-cell[col-id='attributes.`Run Name`'] a[href*='/runs/']";
+for (const link of document.querySelectorAll(cells)) {
+  const el = link.querySelector('span') || link;
+  const style = getComputedStyle(el);
+  let text = el.textContent;
+  if (el.scrollWidth > el.clientWidth) {
+    let right = el.getBoundingClientRect().left + el.clientLeft + el.clientWidth;
+    for (let e = el.parentElement; e; e = e.parentElement) {
+      if (getComputedStyle(e).overflowX !== 'visible') {
+        right = Math.min(right, e.getBoundingClientRect().right);
+      }
+    }
+    const ellipsis = style.textOverflow === 'ellipsis';
+    if (ellipsis) {
+      const ctx = document.createElement('canvas').getContext('2d');
+      ctx.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+      right -= ctx.measureText('\u2026').width;
+    }
+    const range = document.createRange();
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    let kept = '';
+    outer: for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (let i = 0; i < node.length; i++) {
+        range.setStart(node, i);
+        range.setEnd(node, i + 1);
+        if (range.getBoundingClientRect().right > right + 0.5) break outer;
+        kept += node.data[i];
+      }
+    }
+    text = kept + (ellipsis ? '\u2026' : '');
+  }
+  shown.push([link.getAttribute('href').split('/runs/')[1].split(/[/?]/)[0], text]);
+}
+return shown;
+"""
 # Columns a reader adds to compare trials: name in the column picker.
 COLUMNS = ("freetf.verdict", "eval/verdict_code", "log2_free_bits_bits", "eval/ce_gap_nats",
            "eval/kl_bits")
@@ -88,6 +130,53 @@ class Page:
                                  Image.LANCZOS)
         image.quantize(colors=256).save(path, optimize=True)
         return path
+
+
+def shown_run_names(page: Page) -> dict[str, str]:
+    """The Run Name column's text for each run the table lists, by run id, as shown (cut
+    by the column's width), the table scrolled from top to bottom (it draws only the rows
+    in view and a few around them)."""
+    driver = page.driver
+    viewport = ".ag-body-viewport"
+    shown: dict[str, str] = {}
+    driver.execute_script(f"document.querySelector('{viewport}').scrollTop = 0")
+    while True:
+        time.sleep(0.5)  # the grid draws the rows of a new scroll position
+        shown.update(driver.execute_script(SHOWN_RUN_NAMES))
+        moved = driver.execute_script(
+            f"const v = document.querySelector('{viewport}'); const top = v.scrollTop;"
+            "v.scrollTop = top + 0.8 * v.clientHeight; return v.scrollTop > top;")
+        if not moved:
+            break
+    driver.execute_script(f"document.querySelector('{viewport}').scrollTop = 0")
+    return shown
+
+
+def duplicate_names(shown: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The texts that more than one run of ``shown`` ((name, text shown) pairs) shows, each
+    with the names of those runs."""
+    names = defaultdict(list)
+    for name, text in shown:
+        names[text].append(name)
+    return {text: sorted(found) for text, found in names.items() if len(found) > 1}
+
+
+def check_names_shown(page: Page, names: dict[str, str], step: str) -> list[str]:
+    """Assert the Run Name column shows every run of ``names`` (run id -> name) by a text
+    of its own; those texts, in the order of ``names``."""
+    shown = shown_run_names(page)
+    missing = [names[run_id] for run_id in names if run_id not in shown]
+    if missing:
+        page.screenshot(f"failed_{step}")
+        raise UICheckError(f"{step}: the Run Name column does not list {missing}")
+    texts = [(names[run_id], shown[run_id]) for run_id in names]
+    same = duplicate_names(texts)
+    if same:
+        page.screenshot(f"failed_{step}")
+        raise UICheckError(f"{step}: the Run Name column shows several trials alike: "
+                           + "; ".join(f"{text!r} for {', '.join(found)}"
+                                       for text, found in same.items()))
+    return [text for _, text in texts]
 
 
 def chromium(width: int = 1400, height: int = 900):
@@ -167,6 +256,8 @@ def check_ui(ui: str, tracking_uri: str, experiment: str, sweep: str | None,
                            absent=("Detect Issues",))
         seen.append(f"the sweep's link opens its view: {len(names)} trials grouped by "
                     f"verdict, by name, with the columns {', '.join(columns)}")
+        shown = check_names_shown(page, names, "sweep_view")
+        seen.append(f"its Run Name column shows each trial apart: {', '.join(shown)}")
         page.screenshot("sweep_view")
 
         # 1. The link opens the runs table (model-training view) with the sweep's parent.
@@ -183,7 +274,9 @@ def check_ui(ui: str, tracking_uri: str, experiment: str, sweep: str | None,
         # 2. Expanding the parent lists every trial.
         page.wait_for(EXPAND_BUTTON, "expand_parent").click()
         page.wait_for_text(*names.values(), step="expand_parent")
-        seen.append(f"expanding the parent lists its {len(names)} trials by name")
+        shown = check_names_shown(page, names, "expand_parent")
+        seen.append(f"expanding the parent lists its {len(names)} trials by name, shown "
+                    f"apart: {', '.join(shown)}")
 
         # 3. The columns a reader compares can be added from the column picker.
         add_columns(page, COLUMNS)
