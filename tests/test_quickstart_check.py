@@ -1,6 +1,7 @@
-"""tools/quickstart_check.py: the README's Quick start as the commands it runs, each of
-them accepted by its command line, the runner's stop at the first failure, the store check;
-and (heavy) the Quick start run on a fresh clone."""
+"""tools/quickstart_check.py (with quickstart_readme.py and quickstart_store.py): the
+README's Quick start as the commands it runs, each of them accepted by its command line, the
+runner's stop at the first failure, the store check; and (heavy) the Quick start run on a
+fresh clone."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.quickstart_check import (  # noqa: E402 - after sys.path
-    CheckFailed,
+from tools.quickstart_check import main, run_steps  # noqa: E402 - after sys.path
+from tools.quickstart_readme import (  # noqa: E402 - after sys.path
     Command,
     ReadmeError,
-    check_store,
     extract_commands,
     listen_address,
-    main,
+)
+from tools.quickstart_store import (  # noqa: E402 - after sys.path
+    CheckFailed,
+    check_store,
     printed_references,
-    run_steps,
 )
 
 pytestmark = pytest.mark.timeout(120)

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -51,140 +49,18 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-LONG_MINUTES = 5.0  # a command whose comment says it takes this long or longer is long
-SERVERS = {("mlflow", "ui"), ("mlflow", "server")}
-# builtins whose effect a later line would need: each line runs in a shell of its own
-SHELL_STATE = {"cd", "pushd", "popd", "export", "unset", "source", ".", "set", "alias"}
+from tools.quickstart_readme import (  # noqa: E402 - after sys.path
+    LONG_MINUTES,
+    Command,
+    ReadmeError,
+    extract_commands,
+    listen_address,
+)
+from tools.quickstart_store import CheckFailed, check_store  # noqa: E402 - after sys.path
+
 UNSET = ("PYTHONPATH", "PYTHONHOME", "RAY_ADDRESS", "VIRTUAL_ENV", "MLFLOW_TRACKING_URI")
-
-
-class ReadmeError(ValueError):
-    """The README has no block of commands this script can run."""
-
-
-class CheckFailed(RuntimeError):
-    """A server did not answer, or did not list what the commands printed."""
-
-
-# ----------------------------------------------------------------------------- the README
-
-
-@dataclasses.dataclass(frozen=True)
-class Command:
-    """One command of a README block: the line as written, without its comment."""
-
-    line: str
-    comment: str = ""  # its comment and the comment-only lines below it, joined
-    lineno: int = 0    # in the README
-
-    @property
-    def argv(self) -> list[str]:
-        return shlex.split(self.line)
-
-    @property
-    def minutes(self) -> float | None:
-        """The time its comment gives, in minutes (``~14 min``, ``2 hours``), if any."""
-        found = re.search(r"(\d+(?:\.\d+)?)\s*(min|minutes?|h|hours?)\b", self.comment)
-        if found is None:
-            return None
-        return float(found[1]) * (60 if found[2].startswith("h") else 1)
-
-    @property
-    def long(self) -> bool:
-        return (self.minutes or 0) >= LONG_MINUTES
-
-    @property
-    def server(self) -> bool:
-        return tuple(self.argv[:2]) in SERVERS
-
-
-def fenced_block(readme: str, heading: str) -> list[tuple[int, str]]:
-    """The lines, with their numbers, of the first fenced block in section ``## heading``."""
-    lines = readme.splitlines()
-    start = next((i for i, text in enumerate(lines) if text.strip() == f"## {heading}"), None)
-    if start is None:
-        raise ReadmeError(f"the README has no '## {heading}' section")
-    block, inside = [], False
-    for i in range(start + 1, len(lines)):
-        text = lines[i]
-        if text.lstrip().startswith("```"):
-            if inside:
-                return block
-            inside = True
-        elif inside:
-            block.append((i + 1, text))
-        elif text.startswith("## "):
-            break
-    raise ReadmeError(f"'## {heading}' has no " + ("closed " if inside else "")
-                      + "fenced code block")
-
-
-def split_comment(text: str) -> tuple[str, str]:
-    """``text`` cut at its shell comment: a ``#`` outside quotes that starts a word."""
-    quote, escaped = "", False
-    for i, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\" and quote != "'":
-            escaped = True
-        elif quote:
-            quote = "" if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char == "#" and (i == 0 or text[i - 1].isspace()):
-            return text[:i].rstrip(), text[i + 1:].strip()
-    return text.rstrip(), ""
-
-
-def extract_commands(readme: str, heading: str = "Quick start") -> list[Command]:
-    """The commands of the first fenced block under ``## heading``, in order."""
-    commands: list[Command] = []
-    held, held_at = "", 0  # a line continued with a trailing backslash
-    above = False  # the line above is a command or its comment
-    for lineno, text in fenced_block(readme, heading):
-        if held:
-            text, lineno, held = held + " " + text.strip(), held_at, ""
-        line, comment = split_comment(text.strip())
-        if line.endswith("\\"):
-            held, held_at = line[:-1].rstrip(), lineno
-            continue
-        if not line:
-            if comment and above:  # a comment-only line goes on the command right above
-                last = commands[-1]
-                commands[-1] = dataclasses.replace(last, comment=f"{last.comment} {comment}"
-                                                   .strip())
-            above = above and bool(comment)
-            continue
-        above = True
-        try:
-            words = shlex.split(line)
-        except ValueError as err:
-            raise ReadmeError(f"README line {lineno}: {err}: {line}") from None
-        if words[0] in SHELL_STATE:
-            raise ReadmeError(f"README line {lineno}: `{line}` changes the shell for the "
-                              "lines after it, and each line runs in a shell of its own")
-        commands.append(Command(line, comment, lineno))
-    if held:
-        raise ReadmeError(f"README line {held_at}: a backslash continues past the block")
-    if not commands:
-        raise ReadmeError(f"the block under '## {heading}' holds no command")
-    return commands
-
-
-def listen_address(argv: list[str]) -> tuple[str, int]:
-    """Where ``mlflow ui`` / ``mlflow server`` with ``argv`` listens (its defaults:
-    127.0.0.1:5000)."""
-    host, port = "127.0.0.1", 5000
-    for i, word in enumerate(argv):
-        name, _, value = word.partition("=")
-        if not value and i + 1 < len(argv):
-            value = argv[i + 1]
-        if name in ("-h", "--host"):
-            host = value
-        elif name in ("-p", "--port"):
-            port = int(value)
-    return host, port
 
 
 # ----------------------------------------------------------------------------- running
@@ -298,97 +174,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-# ----------------------------------------------------------------------------- the store
-
-LINK = re.compile(r"(https?://[\w.:\-\[\]]+)/#/experiments/(\d+)/runs")
-RUN = re.compile(r"MLflow run ([0-9a-f]{32})\b")
-TRIALS = re.compile(r"^(\d+) trials: ", re.M)
-
-
-@dataclasses.dataclass
-class Printed:
-    """What the commands printed that a store must list."""
-
-    bases: set[str] = dataclasses.field(default_factory=set)        # where links point
-    experiments: set[str] = dataclasses.field(default_factory=set)  # linked experiment ids
-    runs: set[str] = dataclasses.field(default_factory=set)         # named run ids
-    sweeps: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (id, trials)
-
-
-def printed_references(outputs: list[str]) -> Printed:
-    """The links, run ids and sweep summaries (``N trials: ...`` followed by the link to
-    the sweep's experiment) in the commands' outputs."""
-    found = Printed()
-    for text in outputs:
-        for link in LINK.finditer(text):
-            found.bases.add(link[1])
-            found.experiments.add(link[2])
-        found.runs.update(RUN.findall(text))
-        for trials in TRIALS.finditer(text):
-            link = LINK.search(text, trials.end())
-            if link:
-                found.sweeps.append((link[2], int(trials[1])))
-    return found
-
-
-def rest(url: str, endpoint: str, body: dict | None = None) -> dict:
-    """MLflow's REST API 2.0: GET ``endpoint``, or POST ``body`` to it."""
-    request = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/{endpoint}", headers={"Content-Type": "application/json"},
-        data=None if body is None else json.dumps(body).encode())
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.load(response)
-    except OSError as err:
-        raise CheckFailed(f"{endpoint}: {err}") from None
-
-
-def check_store(url: str, written: str, outputs: list[str]) -> list[str]:
-    """Ask the server at ``url`` for what the commands printed: each experiment linked, each
-    run named, each sweep's newest parent run with as many trial runs as it counted.  The
-    links must point at ``written``, where the README's server command listens."""
-    sys.path.insert(0, str(ROOT))
-    from freetf.tracking.tags import ROLE
-
-    found = printed_references(outputs)
-    if not (found.experiments or found.runs):
-        raise CheckFailed("the commands before printed no MLflow link or run to look for")
-    elsewhere = found.bases - {written}
-    if elsewhere:
-        raise CheckFailed(f"the links printed point at {sorted(elsewhere)}, not at {written}")
-    listed = {e["experiment_id"]: e["name"]
-              for e in rest(url, "experiments/search", {"max_results": 1000})
-              .get("experiments", [])}
-    missing = sorted(found.experiments - set(listed))
-    if missing:
-        raise CheckFailed(f"experiments/search does not list the experiments {missing} "
-                          f"(it lists {listed})")
-    seen = [f"the links printed point at {written}, where the command as written listens",
-            "lists the experiments linked: "
-            + ", ".join(f"{listed[e]} ({e})" for e in sorted(found.experiments))]
-    for run_id in sorted(found.runs):
-        info = rest(url, f"runs/get?run_id={run_id}").get("run", {}).get("info", {})
-        if info.get("status") != "FINISHED":
-            raise CheckFailed(f"run {run_id}: status {info.get('status')}, not FINISHED")
-        seen.append(f"run {info.get('run_name')} ({run_id}) FINISHED")
-    for experiment, trials in found.sweeps:
-        parents = rest(url, "runs/search", {
-            "experiment_ids": [experiment], "filter": f"tags.`{ROLE}` = 'sweep'",
-            "order_by": ["attributes.start_time DESC"], "max_results": 1}).get("runs", [])
-        if not parents:
-            raise CheckFailed(f"experiment {listed[experiment]}: no sweep parent run")
-        parent = parents[0]["info"]
-        children = rest(url, "runs/search", {
-            "experiment_ids": [experiment], "max_results": 1000,
-            "filter": f"tags.`mlflow.parentRunId` = '{parent['run_id']}'"}).get("runs", [])
-        if len(children) != trials:
-            raise CheckFailed(f"sweep {parent['run_name']}: {len(children)} trial runs, "
-                              f"the sweep counted {trials}")
-        seen.append(f"sweep {parent['run_name']} in {listed[experiment]}: "
-                    f"{len(children)} trial runs, as counted")
-    return seen
 
 
 # ----------------------------------------------------------------------------- setting up
