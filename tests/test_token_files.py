@@ -168,6 +168,23 @@ def test_training_on_damage_stops_before_any_run(case, use_ray, folder, tmp_path
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_sweep_on_damage_stops_before_any_run(case, folder, tmp_path, no_run, capsys):
+    """``freetf sweep`` runs train's data check before MLflow and Ray (it ran every trial
+    into the damage, and ended with exit 0)."""
+    damage, needle = DAMAGE[case]
+    damage(folder)
+    settings = ["data.dataset_name=tokens", f"data.path={folder}", f"data.max_seq_len={BLOCK}",
+                f"model.max_seq_len={BLOCK}", "model.vocab_size=256",
+                f"storage_path={tmp_path / 'rr'}", f"report_dir={tmp_path / 'reports'}",
+                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(["sweep", "--smoke", *(f"--set={s}" for s in settings)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("freetf sweep: error: data.path ") and re.search(needle, err), err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_split_shorter_than_a_block_stops_before_any_run(folder, tmp_path, no_run, capsys):
     val_tokens = read_meta(folder)["splits"]["val"]["tokens"]
     block = val_tokens + 1

@@ -38,6 +38,7 @@ from ray import tune
 
 from freetf.config import Config
 from freetf.sweeps.console import SweepConsole
+from freetf.sweeps.lock import sweep_lock
 from freetf.sweeps.runs import (  # noqa: F401 - ended_trials: the public API
     close_open_runs,
     ended_trial_keys,
@@ -182,14 +183,24 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
               callbacks: list | tuple = ()) -> SweepResult:
     """Run (or, with ``resume``, continue) ``sweep`` on the local or joined Ray cluster.
 
-    A fresh sweep refuses a name that already has Tune state or an MLflow parent run;
+    The sweep holds its name's lock while it runs (:mod:`freetf.sweeps.lock`): a second
+    one of the name in the same storage folder is refused before Ray starts.  A fresh
+    sweep refuses a name that already has Tune state or an MLflow parent run;
     ``resume`` restores Tune's state (``Tuner.restore``) with the spec saved by the first
-    run and reattaches the parent and unfinished child runs.  Returns after the report
-    is written, also when the sweep was interrupted (Ctrl-C): ``interrupted`` is then set.
-    The console shows :class:`freetf.sweeps.console.SweepConsole`'s progress; ``verbose``
-    brings back Tune's status tables and the trial processes' output.  ``callbacks``:
-    more Tune callbacks.
+    run and reattaches the parent and unfinished child runs.  The base config's data is
+    checked before MLflow or Ray is touched (:func:`freetf.data.datasets.check_data`, as
+    ``freetf train`` does).  Returns after the report is written, also when the sweep was
+    interrupted (Ctrl-C): ``interrupted`` is then set.  The console shows
+    :class:`freetf.sweeps.console.SweepConsole`'s progress; ``verbose`` brings back Tune's
+    status tables and the trial processes' output.  ``callbacks``: more Tune callbacks.
     """
+    with sweep_lock(sweep):
+        return _run_sweep(sweep, resume, verbose, callbacks)
+
+
+def _run_sweep(sweep: SweepConfig, resume: bool, verbose: bool,
+               callbacks: list | tuple) -> SweepResult:
+    from freetf.data.datasets import check_data
     from freetf.results import analysis, over_training, report
     from freetf.results.summary import log_sweep_summary
     from freetf.tracking import find_parent, log_sweep_analysis, make_tracker, mlflow_client
@@ -209,6 +220,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     if resume:
         sweep = _saved_spec(sweep)
     base = sweep.base()
+    check_data(base)  # a damaged prepared folder: one line, before any run or trial
     uri, experiment = base.tracking.mlflow.tracking_uri, base.tracking.mlflow.experiment
     client = mlflow_client(uri)
     parent = find_parent(client, experiment, sweep.name)

@@ -9,6 +9,8 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlparse
@@ -17,6 +19,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from freetf.config import Config
+from freetf.files import lock_file
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +149,8 @@ def root_cause(err: BaseException) -> str:
 
 
 def mlflow_client(uri: str) -> mlflow.MlflowClient:
-    """An MlflowClient for ``uri``, preparing local stores (sqlite folder, file opt-in)."""
+    """An MlflowClient for ``uri``, preparing local stores (sqlite folder, file opt-in); a
+    sqlite store is opened under its :func:`schema_lock`."""
     db_logger = logging.getLogger(_DB_LOGGER)
     if not any(isinstance(f, _ReraisedDatabaseErrors) for f in db_logger.filters):
         db_logger.addFilter(_ReraisedDatabaseErrors())
@@ -156,14 +160,39 @@ def mlflow_client(uri: str) -> mlflow.MlflowClient:
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
             logger.info("using the file store %s: setting MLFLOW_ALLOW_FILE_STORE=true", uri)
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    elif uri.startswith("sqlite:///"):
-        db = uri[len("sqlite:///"):]
-        if db.startswith("/"):
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+    elif (db := sqlite_file(uri)) is not None:
+        if db.is_absolute():
+            db.parent.mkdir(parents=True, exist_ok=True)
+        with schema_lock(db):
+            return mlflow.MlflowClient(tracking_uri=uri)
     elif scheme in ("http", "https"):
         for name, value in HTTP_CLIENT_DEFAULTS.items():
             os.environ.setdefault(name, value)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+@contextmanager
+def schema_lock(db: Path) -> Iterator[None]:
+    """Hold ``<db>.lock`` (beside the sqlite file ``db``) while a client opens the store.
+
+    A process's first client of a store creates the schema of a new file, or upgrades an
+    old one (MLflow's alembic migrations, a few seconds); two processes doing it at once
+    break one of them (``table alembic_version already exists``, ``duplicate column name:
+    step``), as two sweeps started at once on a new ``mlflow.db`` did.  Later clients in
+    the process reuse MLflow's cached store and hold the lock for a moment.
+    Where no lock can be taken (not POSIX, a file system without locks, a folder this
+    process may not write) the store is opened without it.
+    """
+    try:
+        fd = lock_file(db.with_name(f"{db.name}.lock"))
+    except (NotImplementedError, OSError) as err:
+        logger.debug("opening %s without its schema lock: %s", db, err)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
