@@ -398,6 +398,24 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert result.report["map"].parent == sweep.report_path
 
 
+def test_run_sweep_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
+    """Tune's settings hold while the sweep runs, not in the calling process after it."""
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    monkeypatch.delenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", raising=False)
+    seen = []
+    monkeypatch.setattr(sweep_mod, "_run_sweep", lambda *a: seen.append(
+        (os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING"),
+         os.environ.get("RAY_AIR_NEW_OUTPUT"))) or "result")
+    sweep = _smoke(tmp_path)
+    assert run_sweep(sweep) == "result" and run_sweep(sweep, verbose=True) == "result"
+    assert seen == [("1", "0"), ("1", "1")]
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    assert "TUNE_DISABLE_STRICT_METRIC_CHECKING" not in os.environ
+    with pytest.raises(RuntimeError), sweep_mod.environment({"RAY_AIR_NEW_OUTPUT": "0"}):
+        raise RuntimeError  # restored on the way out of an error too
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+
+
 @pytest.mark.ray
 def test_a_finished_sweep_name_is_not_reused(smoke_sweep):
     sweep, _, _ = smoke_sweep

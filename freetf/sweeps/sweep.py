@@ -26,6 +26,7 @@ driver at once, through Ray's handler.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -194,8 +195,27 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     :class:`freetf.sweeps.console.SweepConsole`'s progress; ``verbose`` brings back Tune's
     status tables and the trial processes' output.  ``callbacks``: more Tune callbacks.
     """
-    with sweep_lock(sweep):
+    # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps;
+    # Tune's new output prints its experiment box even at verbose=0.
+    settings = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+                **({} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"})}
+    with sweep_lock(sweep), environment(settings):
         return _run_sweep(sweep, resume, verbose, callbacks)
+
+
+@contextlib.contextmanager
+def environment(settings: dict[str, str]):
+    """``os.environ`` with ``settings`` inside the block, as it was after it."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run_sweep(sweep: SweepConfig, resume: bool, verbose: bool,
@@ -205,10 +225,6 @@ def _run_sweep(sweep: SweepConfig, resume: bool, verbose: bool,
     from freetf.results.summary import log_sweep_summary
     from freetf.tracking import find_parent, log_sweep_analysis, make_tracker, mlflow_client
 
-    # Train reports carry the eval metrics (ASHA's, the search's) only at eval steps.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    if not verbose:  # Tune's new output prints its experiment box even at verbose=0
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     restorable = tune.Tuner.can_restore(str(sweep.sweep_dir))
     if resume and not restorable:
         raise SweepError(f"nothing to resume: no Tune state of sweep {sweep.name!r} in "
