@@ -212,3 +212,21 @@ def test_a_different_tokenizer_is_another_vocabulary(tmp_path):
     (data / "tokenizer.json").write_text((data / "tokenizer.json").read_text() + "\n")
     assert model_differences(cfg, cfg, checkpoint) == [
         f"the tokenizer (data.path {data} holds another tokenizer.json)"]
+
+
+def test_the_mlflow_run_is_named_after_the_runs_folder(tmp_path, capsys):
+    """The folder's name (``ckpt`` here, ``tiny`` by default), then ``ckpt-2`` with --fresh
+    (it was a random MLflow name); a name given in ``tracking.mlflow.run_name`` wins."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["train", "--config", "configs/tiny.yaml", "--no-ray", "--max-steps", "1", *SMALL,
+            "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            "--set", f"tracking.mlflow.tracking_uri={uri}"]
+    assert main(argv) == 0
+    assert main([*argv, "--fresh"]) == 0
+    assert main([*argv, "--fresh", "--set", "tracking.mlflow.run_name=mine"]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              order_by=["attributes.start_time ASC"])
+    assert [r.info.run_name for r in runs] == ["ckpt", "ckpt-2", "mine"]

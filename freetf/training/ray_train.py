@@ -286,7 +286,9 @@ def run_training(cfg: Config, resume: str | None = None, *, fresh: bool = False,
         init_ray(quiet=console is not None and not console.verbose)
         if cfg.tracking.mlflow.enabled:
             check_tracking_store(cfg.tracking.mlflow.tracking_uri)
-    tracker = make_tracker(cfg, rank=0) if cfg.tracking.mlflow.enabled else None
+    # the MLflow run is named after the run's folder (tiny, tiny-2 ...) unless named
+    name = cfg.tracking.mlflow.run_name or plan.folder.name
+    tracker = make_tracker(cfg, rank=0, run_name=name) if cfg.tracking.mlflow.enabled else None
     run_id = tracker.run_id if tracker is not None else None
     error: BaseException | None = None
     metrics: dict[str, Any] = {}
