@@ -48,6 +48,20 @@ def test_root_latest_and_keep(tmp_path):
     assert not list(tmp_path.glob(".step_*"))  # no temp dirs left behind
 
 
+def test_keep_and_latest_count_steps_as_numbers_past_six_digits(tmp_path):
+    """``step_1000000`` sorts before ``step_999999`` by name: pruning by name deleted the
+    newest checkpoint there, and a run folder's latest was the older one."""
+    from freetf.training.run_folder import latest_checkpoint
+
+    cfg = load_config()
+    for step in (999_998, 999_999, 1_000_000):
+        save_to_root(tmp_path, step, {"step": step}, cfg, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_1000000", "step_999999"]
+    assert load_checkpoint(tmp_path)[0]["step"] == 1_000_000
+    (tmp_path / "latest").unlink()  # Ray Train's folders: no pointer, the highest step
+    assert latest_checkpoint(tmp_path).name == "step_1000000"
+
+
 def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     cfg = load_config()
     write_checkpoint(tmp_path / "c", {"step": 1}, cfg)

@@ -50,6 +50,7 @@ from freetf.training.checkpoint_files import (  # noqa: F401 - the file names: p
     is_sharded,
     publish,
     replace_dir,
+    step_folders,
     write_failure,
     write_files,
 )
@@ -125,11 +126,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / LATEST_FILE).is_file():
         path = path / (path / LATEST_FILE).read_text().strip()
-    elif path.is_dir() and not _has_checkpoint_files(path) and _steps(path):
+    elif path.is_dir() and not _has_checkpoint_files(path) and step_folders(path):
         newest = newest_complete(path)
         if newest is None:
-            raise CheckpointError(f"{path} holds no complete checkpoint (its "
-                                  f"{', '.join(p.name for p in _steps(path))} are incomplete)")
+            names = ", ".join(p.name for p in step_folders(path))
+            raise CheckpointError(f"{path} holds no complete checkpoint (its {names} are "
+                                  f"incomplete)")
         path = newest
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -148,13 +150,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def newest_complete(root: Path) -> Path | None:
     """The ``step_*`` checkpoint of ``root`` with the highest step that is whole."""
-    return next((p for p in reversed(_steps(root)) if incomplete_reason(p) is None), None)
-
-
-def _steps(root: Path) -> list[Path]:
-    """``root``'s ``step_<n>`` folders in step order."""
-    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return next((p for p in reversed(step_folders(root)) if incomplete_reason(p) is None), None)
 
 
 def _has_checkpoint_files(path: Path) -> bool:

@@ -158,8 +158,15 @@ def replace_dir(src: Path, dst: Path) -> None:
 def publish(root: Path, path: Path, keep: int) -> None:
     """Point ``root/latest`` at the checkpoint ``path`` and keep the newest ``keep``."""
     atomic_write_text(root / LATEST_FILE, path.name)
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    for old in step_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def step_folders(root: Path) -> list[Path]:
+    """``root``'s ``step_<n>`` folders in step order (by number: ``step_1000000`` comes
+    after ``step_999999``, which its name sorts before)."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def attempt(fn, *args, any_error: bool = False) -> str | None:

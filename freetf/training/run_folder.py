@@ -32,7 +32,13 @@ from typing import Any
 
 from freetf.config import Config, ConfigError, load_config
 from freetf.training.checkpoint import CheckpointError, resolve_checkpoint
-from freetf.training.checkpoint_files import CONFIG_FILE, LATEST_FILE, META_FILE, TOKENIZER_FILE
+from freetf.training.checkpoint_files import (
+    CONFIG_FILE,
+    LATEST_FILE,
+    META_FILE,
+    TOKENIZER_FILE,
+    step_folders,
+)
 from freetf.training.paths import OWN_FOLDER, absolute_paths, run_directory
 from freetf.training.preflight import check_before_training
 
@@ -150,7 +156,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
             return resolve_checkpoint(folder)
         except CheckpointError:
             pass  # a dangling pointer: look at the step folders
-    steps = sorted(p for p in folder.glob("step_*") if (p / CONFIG_FILE).is_file())
+    steps = [p for p in step_folders(folder) if (p / CONFIG_FILE).is_file()]
     return steps[-1] if steps else None
 
 
