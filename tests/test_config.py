@@ -221,3 +221,92 @@ def test_renamed_keys_still_work_say_so_once_and_refuse_both_names(caplog):
                                                        "initial_free_bits": 0.5}}})
     with pytest.raises(ConfigError, match=f"{key}.initial_free_bits_bits"):
         load_config(overrides={f"{key}.initial_free_bits_bits": -1.0})
+
+
+def _coerced(key: str, value):
+    """The value ``key`` holds after ``from_dict``, or the ConfigError's message."""
+    section, name = key.rsplit(".", 1)
+    data: dict = {}
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[name] = value
+    try:
+        cfg = from_dict(data)
+    except ConfigError as err:
+        return str(err)
+    return flatten(cfg.to_dict())[key]
+
+
+ANY_VALUE = st.one_of(st.booleans(), st.integers(-10**400, 10**400),
+                      st.floats(allow_nan=True, allow_infinity=True),
+                      st.text(max_size=8), st.sampled_from(["1e-4", "-2.5E3", "nan", "inf",
+                                                            "-Infinity", "1_0", " 7 "]),
+                      st.none(), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=ANY_VALUE)
+def test_an_integer_key_takes_integers_and_whole_floats_only(value):
+    """``training.seed`` (an int, any value valid): booleans are not integers, a whole
+    float is its integer, huge integers stay exact."""
+    got = _coerced("training.seed", value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        assert got == value and type(got) is int
+    elif isinstance(value, float) and value.is_integer():
+        assert got == int(value) and type(got) is int
+    else:
+        assert got == f"training.seed={value!r} must be an integer"
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=ANY_VALUE)
+def test_a_number_key_takes_finite_numbers_and_their_text(value):
+    """``model.rope_theta`` (a float, any value valid): integers and number strings (YAML
+    1.1 reads "1e-4" as a string) become floats; booleans, other strings, infinities, NaN
+    and integers beyond the float range are refused, naming the key and the value."""
+    got = _coerced("model.rope_theta", value)
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            assert got == f"model.rope_theta={value!r} must be a number"
+            return
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        assert got == f"model.rope_theta={value!r} must be a number"
+        return
+    try:
+        float(number)
+    except OverflowError:
+        assert got == f"model.rope_theta={number!r} is too large for a float"
+        return
+    if not math.isfinite(number):
+        assert got == f"model.rope_theta={number!r} must be finite"
+    else:
+        assert got == float(number) and type(got) is float
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=ANY_VALUE)
+def test_a_boolean_key_takes_true_and_false_only(value):
+    got = _coerced("training.compile", value)
+    if isinstance(value, bool):
+        assert got is value
+    else:
+        assert got == f"training.compile={value!r} must be true or false"
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=ANY_VALUE)
+def test_a_string_key_takes_strings_and_an_optional_one_none(value):
+    got = _coerced("tracking.mlflow.experiment", value)
+    if isinstance(value, str):
+        assert got == value
+    else:
+        assert got == f"tracking.mlflow.experiment={value!r} must be a string"
+    optional = _coerced("tracking.mlflow.run_name", value)
+    if value is None or isinstance(value, str):
+        assert optional == value
+    else:
+        assert optional == f"tracking.mlflow.run_name={value!r} must be a string"
