@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -11,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freetf import ConfigError, load_config
-from freetf.config import flatten, from_dict
+from freetf.config import (
+    apply_overrides,
+    flatten,
+    from_dict,
+    read_yaml_mapping,
+    split_override,
+    tree,
+)
 
 pytestmark = pytest.mark.timeout(60)
 SHIPPED = Path(__file__).parent.parent / "freetf" / "configs"
@@ -310,3 +320,120 @@ def test_a_string_key_takes_strings_and_an_optional_one_none(value):
         assert optional == value
     else:
         assert optional == f"tracking.mlflow.run_name={value!r} must be a string"
+
+
+# ----------------------------------------------------------------------------- the generic tree
+
+
+@dataclass(frozen=True)
+class _Inner:
+    RENAMED: ClassVar[dict[str, str]] = {"old": "new"}
+    new: int = 0
+
+
+@dataclass(frozen=True)
+class _Outer:
+    inner: _Inner | None = None
+    n: int = 0
+
+
+def test_split_override_splits_at_the_first_equals_sign():
+    assert split_override("a.b=1") == ("a.b", 1)
+    assert split_override(" a.b =x=y") == ("a.b", "x=y")
+    assert split_override("a=") == ("a", None) and split_override("a=  ") == ("a", None)
+    assert split_override("a=[unclosed") == ("a", "[unclosed")  # not YAML: kept as text
+    with pytest.raises(ConfigError) as err:
+        split_override(" =1")
+    assert str(err.value) == "override ' =1' has an empty key"
+
+
+def test_read_yaml_mapping_names_the_file_and_what_it_holds(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError) as err:
+        read_yaml_mapping(missing)
+    assert str(err.value) == f"config file not found: {missing}"
+
+    class SpecError(ConfigError):
+        pass
+
+    with pytest.raises(SpecError) as err:
+        read_yaml_mapping(missing, "sweep", SpecError)
+    assert str(err.value) == f"sweep file not found: {missing}"
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError) as err:
+        read_yaml_mapping(listy)
+    assert str(err.value) == f"{listy} must hold a mapping at top level, got list"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert read_yaml_mapping(empty) == {}
+
+
+def test_overrides_under_a_schema_follow_renames_and_name_the_key_from_its_path(caplog):
+    """An old name sets the new one, said once with the key's full path; keys past the
+    schema's sections are kept as given."""
+    tree._SAID.clear()
+    data = {"inner": {"new": 1}, "n": 2}
+    with caplog.at_level(logging.WARNING, logger="freetf.config.tree"):
+        got = apply_overrides(data, {"inner.old": 3, "free.a": 4, "n": 5}, _Outer, "sec")
+    assert got == {"inner": {"new": 3}, "n": 5, "free": {"a": 4}}
+    assert data == {"inner": {"new": 1}, "n": 2}  # the input is left alone
+    assert [r.getMessage() for r in caplog.records] == [
+        "sec.inner.old is now called sec.inner.new (the old name still works)"]
+    assert apply_overrides({}, ["inner.old=6"], _Outer) == {"inner": {"new": 6}}
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({"n": 1}, {"n.x": 2})
+    assert str(err.value) == "override n.x: n is not a section"
+
+
+def test_replace_names_a_bad_key_from_the_top_of_the_tree():
+    cfg = load_config()
+    with pytest.raises(ConfigError) as err:
+        cfg.replace({"training.batch_size": "x"})
+    assert str(err.value) == "training.batch_size='x' must be an integer"
+    with pytest.raises(ConfigError, match=r"^unknown config key model\.nope \(value 1\)"):
+        cfg.replace(["model.nope=1"])
+
+
+@pytest.mark.parametrize("phase,message", [
+    ({"until_step": 0}, "training.curriculum[0].until_step=0 must be > 0"),
+    ({"until_step": 5, "max_seq_len": 0}, "training.curriculum[0].max_seq_len=0 must be > 0"),
+    ({"until_step": 5, "kl_weight": -1}, "training.curriculum[0].kl_weight=-1.0 must be >= 0"),
+])
+def test_a_curriculum_phase_is_checked_under_its_index(phase, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict({"training": {"curriculum": [phase]}})
+    assert str(err.value) == message
+
+
+FSDP = {"scaling.strategy": "fsdp", "scaling.num_workers": 2}
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"scaling.use_ray": False}, "scaling.strategy='fsdp' needs the distributed path: set "
+     "scaling.use_ray=true (or scaling.strategy=ddp)"),
+    ({"scaling.num_workers": 0}, "scaling.strategy='fsdp' needs Ray Train workers: set "
+     "scaling.num_workers >= 1 (0 is the local mode, with no process group)"),
+    ({"training.amp": "fp16"}, "training.amp='fp16' is not supported with "
+     "scaling.strategy=fsdp (no sharded gradient scaler); use training.amp=bf16"),
+    ({"scaling.fsdp_cpu_offload": True, "optimizer.fused": "fused"},
+     "optimizer.fused='fused' cannot step parameters offloaded to the CPU "
+     "(scaling.fsdp_cpu_offload=true); use optimizer.fused=auto"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={**FSDP, **extra})
+    assert str(err.value) == message
+
+
+def test_fsdp_accepts_its_edges():
+    """One worker, bf16 or off, CPU offload with a fused setting other than "fused", or
+    "fused" without offload; none of the refusals applies to ddp."""
+    for extra in ({"scaling.num_workers": 1}, {"training.amp": "bf16"},
+                  {"training.amp": "off"},
+                  {"scaling.fsdp_cpu_offload": True, "optimizer.fused": "foreach"},
+                  {"optimizer.fused": "fused"}):
+        assert load_config(overrides={**FSDP, **extra}).scaling.strategy == "fsdp"
+    ddp = {"scaling.use_ray": False, "scaling.num_workers": 0, "training.amp": "fp16",
+           "scaling.fsdp_cpu_offload": True, "optimizer.fused": "fused"}
+    assert load_config(overrides=ddp).scaling.strategy == "ddp"
