@@ -437,3 +437,57 @@ def test_fsdp_accepts_its_edges():
     ddp = {"scaling.use_ray": False, "scaling.num_workers": 0, "training.amp": "fp16",
            "scaling.fsdp_cpu_offload": True, "optimizer.fused": "fused"}
     assert load_config(overrides=ddp).scaling.strategy == "ddp"
+
+
+# Every key with a sign check, and its refused value as the message prints it.
+POSITIVE = {
+    "model.vocab_size": "0", "model.hidden_dim": "0", "model.num_layers": "0",
+    "model.num_heads": "0", "model.max_seq_len": "0",
+    "training.kl_annealing.cycles": "0",
+    "training.batch_size": "0", "training.learning_rate": "0.0", "training.num_epochs": "0",
+    "training.max_steps": "0", "training.grad_accum_steps": "0", "training.log_every": "0",
+    "training.eval_batches": "0", "training.max_consecutive_nonfinite": "0",
+    "optimizer.eps": "0.0", "optimizer.post_sampler_lr_mult": "0.0",
+    "data.max_seq_len": "0", "data.num_samples": "0", "data.val_samples": "0",
+    "checkpoint.keep": "0",
+    "scaling.cpus_per_worker": "0.0",
+    "diagnostics.iw_prior_draws": "0", "diagnostics.converge_evals": "0",
+}
+NON_NEGATIVE = {
+    "model.mapper_chunk_size": "-1", "model.post_sampler_init_std": "-1.0",
+    "model.readout_init_std": "-1.0",
+    "training.kl_annealing.initial_weight": "-1.0", "training.kl_annealing.warmup_steps": "-1",
+    "training.free_bits_schedule.initial_free_bits": "-1.0",
+    "training.free_bits_schedule.initial_free_bits_bits": "-1.0",
+    "training.free_bits_schedule.steps": "-1",
+    "training.warmup_steps": "-1", "training.weight_decay": "-1.0",
+    "training.kl_weight": "-1.0", "training.free_bits": "-1.0",
+    "training.free_bits_bits": "-1.0", "training.grad_clip": "-1.0",
+    "training.eval_every": "-1", "training.cross_entropy_chunk_tokens": "-1",
+    "scheduler.min_lr": "-1.0",
+    "data.num_workers": "-1",
+    "checkpoint.every_steps": "-1",
+    "scaling.num_workers": "-1", "scaling.gpus_per_worker": "-1.0",
+    "scaling.max_failures": "-1", "scaling.report_interval_s": "-1.0",
+    **{f"diagnostics.{name}": "-1.0" for name in (
+        "active_bit_threshold_nats", "collapsed_kl_nats", "collapsed_gap_nats",
+        "leak_kl_factor", "leak_gap_nats", "noise_z", "use_tol_nats", "leak_valid_tol",
+        "broken_valid", "leak_cost_tol_nats", "converge_ce_nats", "converge_kl_bits",
+        "converge_kl_frac", "floor_tol_nats", "regime_tol_nats")},
+    "diagnostics.free_generations": "-1", "diagnostics.use_redraws": "-1",
+}
+
+
+@pytest.mark.parametrize("key,shown", POSITIVE.items(), ids=list(POSITIVE))
+def test_a_positive_key_refuses_zero(key, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"{key}=0"])
+    assert str(err.value) == f"{key}={shown} must be > 0"
+
+
+@pytest.mark.parametrize("key,shown", NON_NEGATIVE.items(), ids=list(NON_NEGATIVE))
+def test_a_non_negative_key_refuses_minus_one_and_takes_zero(key, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"{key}=-1"])
+    assert str(err.value) == f"{key}={shown} must be >= 0"
+    assert flatten(load_config(overrides=[f"{key}=0"]).to_dict())[key] == 0
