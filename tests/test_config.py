@@ -155,6 +155,14 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_to_yaml_is_the_tree_in_field_order():
+    cfg = load_config(overrides={"training.kl_weight": 0.25})
+    text = cfg.to_yaml()
+    assert text.startswith("model:\n  vocab_size: 29\n  hidden_dim: 256\n")
+    assert yaml.safe_load(text) == cfg.to_dict()
+    assert from_dict(yaml.safe_load(text)) == cfg
+
+
 def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(AttributeError):
@@ -337,6 +345,21 @@ class _Outer:
     n: int = 0
 
 
+@dataclass(frozen=True)
+class _Top:
+    outer: _Outer
+
+
+def test_an_override_under_the_new_name_replaces_the_old_ones_value():
+    old = {"inner": {"old": 1, "n": 2}}
+    assert apply_overrides(old, ["inner.new=3"], _Outer) == {"inner": {"new": 3, "n": 2}}
+    assert apply_overrides(old, ["inner.old=3"], _Outer) == {"inner": {"new": 3, "n": 2}}
+    deeper = {"outer": {"inner": {"old": 1}}}
+    assert apply_overrides(deeper, {"outer.inner.new": 3}, _Top) == {
+        "outer": {"inner": {"new": 3}}}
+    assert apply_overrides(old, ["inner.new=3"]) == {"inner": {"old": 1, "n": 2, "new": 3}}
+
+
 def test_split_override_splits_at_the_first_equals_sign():
     assert split_override("a.b=1") == ("a.b", 1)
     assert split_override(" a.b =x=y") == ("a.b", "x=y")
@@ -375,8 +398,8 @@ def test_overrides_under_a_schema_follow_renames_and_name_the_key_from_its_path(
     tree._SAID.clear()
     data = {"inner": {"new": 1}, "n": 2}
     with caplog.at_level(logging.WARNING, logger="freetf.config.tree"):
-        got = apply_overrides(data, {"inner.old": 3, "free.a": 4, "n": 5}, _Outer, "sec")
-    assert got == {"inner": {"new": 3}, "n": 5, "free": {"a": 4}}
+        got = apply_overrides(data, {"inner.old": 3, "free.a.b": 4, "n": 5}, _Outer, "sec")
+    assert got == {"inner": {"new": 3}, "n": 5, "free": {"a": {"b": 4}}}
     assert data == {"inner": {"new": 1}, "n": 2}  # the input is left alone
     assert [r.getMessage() for r in caplog.records] == [
         "sec.inner.old is now called sec.inner.new (the old name still works)"]
@@ -384,6 +407,9 @@ def test_overrides_under_a_schema_follow_renames_and_name_the_key_from_its_path(
     with pytest.raises(ConfigError) as err:
         apply_overrides({"n": 1}, {"n.x": 2})
     assert str(err.value) == "override n.x: n is not a section"
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({"a": {"n": 1}}, {"a.n.x": 2})
+    assert str(err.value) == "override a.n.x: a.n is not a section"
 
 
 def test_replace_names_a_bad_key_from_the_top_of_the_tree():
