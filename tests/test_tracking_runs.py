@@ -178,6 +178,7 @@ def test_the_parent_of_a_sweep_is_its_earliest_sweep_run():
     client = Recorder(get_experiment_by_name=SimpleNamespace(experiment_id="7"),
                       search_runs=found)
     assert find_parent(client, "e", "s").info.run_id == "r10"
+    assert client.calls[0] == ("get_experiment_by_name", ("e",), {})
     assert client.calls[1] == ("search_runs", (["7"],), {
         "max_results": 10,
         "filter_string": "tags.`freetf.sweep` = 's' and tags.`freetf.role` = 'sweep'"})
