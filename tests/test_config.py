@@ -517,3 +517,39 @@ def test_a_non_negative_key_refuses_minus_one_and_takes_zero(key, shown):
         load_config(overrides=[f"{key}=-1"])
     assert str(err.value) == f"{key}={shown} must be >= 0"
     assert flatten(load_config(overrides=[f"{key}=0"]).to_dict())[key] == 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"training.kl_annealing.ratio": 0}, "training.kl_annealing.ratio=0.0 must be in (0, 1]"),
+    ({"training.kl_annealing.ratio": 1.5},
+     "training.kl_annealing.ratio=1.5 must be in (0, 1]"),
+    ({"optimizer.betas": [-0.1, 0.9]}, "optimizer.betas[0]=-0.1 must be in [0, 1)"),
+    ({"optimizer.betas": [0.9, 1.0]}, "optimizer.betas[1]=1.0 must be in [0, 1)"),
+    ({"data.val_fraction": 0}, "data.val_fraction=0.0 must be in (0, 1)"),
+    ({"data.val_fraction": 1}, "data.val_fraction=1.0 must be in (0, 1)"),
+    ({"data.dataset_name": "tokens", "data.path": ""},
+     "data.path='' is required when data.dataset_name='tokens'"),
+    ({"data.dataset_name": "text"}, "data.path=None is required when data.dataset_name='text'"),
+    ({"checkpoint.metric": "ce"}, "checkpoint.metric='ce' must be a logged metric: 'step', "
+     "'train/...' or 'eval/...' (e.g. eval/ce_prior_nats)"),
+    ({"checkpoint.metric": "Step"}, "checkpoint.metric='Step' must be a logged metric: "
+     "'step', 'train/...' or 'eval/...' (e.g. eval/ce_prior_nats)"),
+])
+def test_a_range_check_refuses_its_edges_by_name(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("overrides", [
+    {"training.kl_annealing.ratio": 1.0}, {"training.kl_annealing.ratio": 1e-9},
+    {"optimizer.betas": [0.0, 0.999]},
+    {"data.val_fraction": 1e-9}, {"data.val_fraction": 0.999},
+    {"data.dataset_name": "tokens", "data.path": "t.bin"},
+    {"checkpoint.metric": "step"}, {"checkpoint.metric": "train/loss"},
+    {"checkpoint.metric": "eval/ce_prior_nats"},
+], ids=str)
+def test_a_range_check_takes_its_edges(overrides):
+    cfg = flatten(load_config(overrides=overrides).to_dict())
+    for key, value in overrides.items():
+        assert cfg[key] == value
