@@ -25,7 +25,7 @@ from freetf.tracking import (
     runs_page_url,
     save_runs_view,
 )
-from freetf.tracking.params import config_tag, format_value, short_names
+from freetf.tracking.params import config_tag, format_value, kappa_params, short_names
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,6 +116,27 @@ def test_run_config_of_an_older_run_is_its_params() -> None:
 
     run = SimpleNamespace(data=SimpleNamespace(tags={}, params={"training.kl_weight": "0.1"}))
     assert run_config(run) == {"training.kl_weight": "0.1"}
+
+
+def test_kappa_zero_has_no_log2_param() -> None:
+    cfg = load_config(overrides={"training.free_bits": 0.0})
+    assert kappa_params(cfg) == {"free_bits_bits": "0"}
+    assert kappa_params(load_config(overrides={"training.free_bits_bits": 0.5})) == {
+        "free_bits_bits": "0.5", "log2_free_bits_bits": "-1"}
+
+
+def test_run_config_reads_a_null_as_none() -> None:
+    from types import SimpleNamespace
+
+    tag = json.dumps({"training.max_steps": None, "training.kl_weight": 0.1})
+    run = SimpleNamespace(data=SimpleNamespace(tags={CONFIG_TAG: tag}, params={"x": "1"}))
+    assert run_config(run) == {"training.max_steps": "None", "training.kl_weight": "0.1"}
+
+
+def test_a_config_tag_of_exactly_the_limit_is_whole() -> None:
+    text = config_tag(load_config(), 10 ** 6)
+    assert config_tag(load_config(), len(text)) == text
+    assert json.loads(config_tag(load_config(), len(text) - 1)) != json.loads(text)
 
 
 def test_a_long_config_tag_leaves_out_the_longest_values() -> None:
