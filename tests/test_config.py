@@ -553,3 +553,52 @@ def test_a_range_check_takes_its_edges(overrides):
     cfg = flatten(load_config(overrides=overrides).to_dict())
     for key, value in overrides.items():
         assert cfg[key] == value
+
+
+TEXT = {"data.dataset_name": "text", "data.path": "corpus.txt"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.num_heads": 7}, "model.num_heads=7 must divide model.hidden_dim=256"),
+    ({"model.hidden_dim": 24}, "model.num_heads=8 gives an odd head dim 3; RoPE needs it even"),
+    ({"model.num_kv_heads": 0},
+     "model.num_kv_heads=0 must be positive and divide model.num_heads=8"),
+    ({"model.num_kv_heads": 3},
+     "model.num_kv_heads=3 must be positive and divide model.num_heads=8"),
+    ({"model.latent_dim": -1}, "model.latent_dim=-1 must be >= 0 (0 = baseline)"),
+    ({"model.dropout": 1.0}, "model.dropout=1.0 must be in [0, 1)"),
+    ({"model.dropout": -0.1}, "model.dropout=-0.1 must be in [0, 1)"),
+    ({"model.injection_layer": 8}, "model.injection_layer=8 must be in [0, num_layers=8)"),
+    ({"model.injection_layer": -1}, "model.injection_layer=-1 must be in [0, num_layers=8)"),
+    ({"model.latent_dim": 21}, "model.latent_dim=21 is too large for the exact binary mapper "
+     "(its post-sampler has 2^21 rows); use model.mapper=factored, or latent_dim <= 20"),
+    ({"training.curriculum": [{"until_step": 5}, {"until_step": 5}]},
+     "training.curriculum[1].until_step=5 phases must end at increasing steps"),
+    ({"data.max_seq_len": 257}, "data.max_seq_len=257 exceeds model.max_seq_len=256"),
+    ({"training.curriculum": [{"until_step": 5, "max_seq_len": 67}]},
+     "training.curriculum[0].max_seq_len=67 exceeds data.max_seq_len=66"),
+    ({**TEXT, "model.vocab_size": 255},
+     "model.vocab_size=255 must be >= 256 for byte-level text data"),
+])
+def test_the_model_and_cross_section_checks_by_whole_message(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.num_kv_heads": 1}, {"model.num_kv_heads": 8}, {"model.hidden_dim": 16},
+    {"model.latent_dim": 0}, {"model.dropout": 0.0}, {"model.dropout": 0.99},
+    {"model.injection_layer": 0}, {"model.injection_layer": 7},
+    {"model.latent_dim": 20}, {"model.latent_dim": 64, "model.mapper": "factored"},
+    {"training.curriculum": [{"until_step": 1}, {"until_step": 2}]},
+    {"data.max_seq_len": 256},
+    {"training.curriculum": [{"until_step": 5, "max_seq_len": 66}]},
+    {**TEXT, "model.vocab_size": 256},
+], ids=str)
+def test_the_model_and_cross_section_checks_take_their_edges(overrides):
+    cfg = flatten(load_config(overrides=overrides).to_dict())
+    for key, value in overrides.items():
+        if key == "training.curriculum":  # a phase's unset keys read None
+            value = [{"max_seq_len": None, "kl_weight": None, **phase} for phase in value]
+        assert cfg[key] == value
