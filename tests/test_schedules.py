@@ -224,3 +224,39 @@ def test_a_restored_step_count_follows_this_runs_schedule():
     assert scheduler.last_epoch == 6
     assert new.param_groups[0]["lr"] == pytest.approx(lr_at(6, 1.0, 2, 20, 0.0))
     assert new.param_groups[0]["lr"] != pytest.approx(lr_at(6, 1.0, 2, 10, 0.0))
+
+
+def test_one_step_ramps_and_one_step_cycles():
+    one = KLAnnealingConfig(type="linear", initial_weight=0.2, warmup_steps=1)
+    assert [kl_weight_at(s, 10, 1.0, one) for s in (0, 1)] == [0.2, 1.0]
+    cyclical = KLAnnealingConfig(type="cyclical", initial_weight=0.2, cycles=1, ratio=0.5)
+    assert kl_weight_at(0, 1, 1.0, cyclical) == 0.2  # a run of one step: one cycle
+    assert kl_weight_at(-1, 0, 1.0, cyclical) == 1.0  # no steps: the end value
+    constant = FreeBitsScheduleConfig(type="constant", initial_free_bits=2.0, steps=10)
+    assert free_bits_at(0, 10, 0.5, constant) == 0.5  # a start without a ramp is unused
+
+
+def test_build_lr_scheduler_checks_the_kind_even_at_a_zero_lr_and_without_warmup():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    with pytest.raises(ValueError, match="scheduler type 'step'"):
+        build_lr_scheduler(optimizer, 2, 10, 0.0, "step")  # type: ignore[arg-type]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=0, total_steps=4, min_lr=0.0)
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5,
+                                 0.5 - 0.5 * math.cos(math.pi / 4), 0.0])
+
+
+def test_schedule_values_ramp_over_the_whole_run_when_no_steps_are_given():
+    cfg = load_config(overrides={
+        "training.kl_weight": 0.4, "training.free_bits": 0.5,
+        "training.kl_annealing": {"type": "linear", "initial_weight": 0.0, "warmup_steps": 0},
+        "training.free_bits_schedule": {"type": "linear", "initial_free_bits": 2.0,
+                                        "steps": 0}})
+    assert schedule_values(cfg, 25, 100) == {"kl_weight": pytest.approx(0.1),
+                                             "free_bits_nats": pytest.approx(1.625),
+                                             "max_seq_len": 66}
