@@ -260,3 +260,20 @@ def test_schedule_values_ramp_over_the_whole_run_when_no_steps_are_given():
     assert schedule_values(cfg, 25, 100) == {"kl_weight": pytest.approx(0.1),
                                              "free_bits_nats": pytest.approx(1.625),
                                              "max_seq_len": 66}
+
+
+def test_a_restored_groups_floor_is_min_lr_from_its_initial_lr():
+    """The factor is taken from the group's initial_lr: at the end the learning rate is
+    min_lr, not min_lr scaled by the restored lr."""
+    optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))],
+                                  "lr": 0.5, "initial_lr": 0.1}])
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=0, total_steps=2, min_lr=0.01)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_a_run_that_ends_with_its_warmup_is_at_min_lr_from_then():
+    assert lr_at(3, 1.0, 4, 4, 0.1) == pytest.approx(0.8)
+    assert lr_at(4, 1.0, 4, 4, 0.1) == 0.1
