@@ -91,6 +91,10 @@ def test_short_names_are_unique_suffixes(keys: list[str]) -> None:
     assert not clashes
 
 
+def test_a_whole_key_that_is_taken_keeps_its_whole_name() -> None:
+    assert short_names(["x", "a.x"], taken={"x"}) == {"x": "x", "a.x": "a.x"}
+
+
 def test_format_value() -> None:
     assert format_value(0.1 + 0.2) == "0.3"
     assert format_value(1 / 64) == "0.015625"
