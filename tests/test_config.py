@@ -6,7 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from freetf import ConfigError, load_config
 from freetf.config import (
     apply_overrides,
+    build_section,
     flatten,
     from_dict,
     read_yaml_mapping,
@@ -348,6 +349,48 @@ class _Outer:
 @dataclass(frozen=True)
 class _Top:
     outer: _Outer
+
+
+@dataclass(frozen=True)
+class _Two:
+    RENAMED: ClassVar[dict[str, str]] = {"a_old": "a", "b_old": "b"}
+    a: int = 0
+    b: int = 0
+    mode: Literal["on", "off", "auto"] = "auto"
+
+
+def test_old_names_in_a_mapping_are_built_under_the_new_ones_and_said_once(caplog):
+    tree._SAID.clear()
+    with caplog.at_level(logging.WARNING, logger="freetf.config.tree"):
+        assert build_section(_Two, {"b_old": 2}, "") == _Two(b=2)
+        assert build_section(_Two, {"a_old": 1, "b_old": 2}, "sec") == _Two(a=1, b=2)
+        cfg = from_dict({"training": {"free_bits_schedule": {"type": "linear",
+                                                              "initial_nats": 0.5}}})
+    assert cfg.training.free_bits_schedule.initial_free_bits == 0.5
+    key = "training.free_bits_schedule"
+    assert [r.getMessage() for r in caplog.records] == [
+        "b_old is now called b (the old name still works)",
+        "sec.a_old is now called sec.a (the old name still works)",
+        "sec.b_old is now called sec.b (the old name still works)",
+        f"{key}.initial_nats is now called {key}.initial_free_bits (the old name still works)"]
+
+
+def test_yaml_on_and_off_are_the_strings_where_a_choice_has_them():
+    assert build_section(_Two, {"mode": True}, "").mode == "on"
+    assert build_section(_Two, {"mode": False}, "").mode == "off"
+
+
+def test_build_section_names_the_top_of_the_tree_config():
+    for data, message in (([1], "config must be a mapping, got [1]"),
+                          ({"model": 3}, "model must be a mapping, got 3")):
+        with pytest.raises(ConfigError) as err:
+            from_dict(data)
+        assert str(err.value) == message
+    with pytest.raises(ConfigError) as err:
+        from_dict({"zz": 1, "aa": 2})
+    assert str(err.value) == ("unknown config key aa (value 2); known keys here: checkpoint, "
+                              "data, diagnostics, model, optimizer, scaling, scheduler, "
+                              "tracking, training")
 
 
 def test_an_override_under_the_new_name_replaces_the_old_ones_value():
