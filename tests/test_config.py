@@ -645,3 +645,19 @@ def test_the_model_and_cross_section_checks_take_their_edges(overrides):
         if key == "training.curriculum":  # a phase's unset keys read None
             value = [{"max_seq_len": None, "kl_weight": None, **phase} for phase in value]
         assert cfg[key] == value
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"training": {"amp": "fp8"}},
+     "training.amp='fp8' must be one of 'auto', 'bf16', 'fp16', 'off'"),
+    ({"training": {"curriculum": 3}}, "training.curriculum=3 must be a list"),
+    ({"training": {"curriculum": [{"until_step": 1}, {"until_step": "x"}]}},
+     "training.curriculum[1].until_step='x' must be an integer"),
+    ({"optimizer": {"betas": [0.9]}}, "optimizer.betas=[0.9] must be a list of 2 values"),
+    ({"optimizer": {"betas": 0.9}}, "optimizer.betas=0.9 must be a list of 2 values"),
+    ({"optimizer": {"betas": [0.9, "x"]}}, "optimizer.betas[1]='x' must be a number"),
+])
+def test_choices_lists_and_pairs_name_the_element(data, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    assert str(err.value) == message
