@@ -375,6 +375,17 @@ def test_old_names_in_a_mapping_are_built_under_the_new_ones_and_said_once(caplo
         f"{key}.initial_nats is now called {key}.initial_free_bits (the old name still works)"]
 
 
+@dataclass(frozen=True)
+class _Unsupported:
+    table: dict
+
+
+def test_a_field_type_the_tree_cannot_build_is_named_with_its_key():
+    with pytest.raises(TypeError) as err:
+        build_section(_Unsupported, {"table": {}}, "sec")
+    assert str(err.value) == "unsupported config type <class 'dict'> at sec.table"
+
+
 def test_yaml_on_and_off_are_the_strings_where_a_choice_has_them():
     assert build_section(_Two, {"mode": True}, "").mode == "on"
     assert build_section(_Two, {"mode": False}, "").mode == "off"
