@@ -25,7 +25,13 @@ from freetf.tracking import (
     runs_page_url,
     save_runs_view,
 )
-from freetf.tracking.params import config_tag, format_value, short_names
+from freetf.tracking.params import (
+    config_tag,
+    format_value,
+    kappa_params,
+    searched_names,
+    short_names,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,6 +91,10 @@ def test_short_names_are_unique_suffixes(keys: list[str]) -> None:
     assert not clashes
 
 
+def test_a_whole_key_that_is_taken_keeps_its_whole_name() -> None:
+    assert short_names(["x", "a.x"], taken={"x"}) == {"x": "x", "a.x": "a.x"}
+
+
 def test_format_value() -> None:
     assert format_value(0.1 + 0.2) == "0.3"
     assert format_value(1 / 64) == "0.015625"
@@ -116,6 +126,54 @@ def test_run_config_of_an_older_run_is_its_params() -> None:
 
     run = SimpleNamespace(data=SimpleNamespace(tags={}, params={"training.kl_weight": "0.1"}))
     assert run_config(run) == {"training.kl_weight": "0.1"}
+
+
+def test_numpy_scalars_are_formatted_as_python_numbers() -> None:
+    import numpy as np
+
+    assert format_value(np.float32(1 / 3)) == "0.333333"
+    assert format_value(np.int64(3)) == "3"
+    assert format_value((0.9, 0.95)) == "(0.9, 0.95)"
+
+
+def test_log2_kappa_is_rounded_to_six_decimals() -> None:
+    """log2 of 1/64 bit reads -6, not -6.000000000001; a kappa of 1.4e-7 bits above 1 reads 0."""
+    def log2_param(bits: float) -> str:
+        cfg = load_config(overrides={"training.free_bits_bits": bits})
+        return kappa_params(cfg)["log2_free_bits_bits"]
+
+    assert log2_param(0.3) == "-1.73697"
+    assert log2_param(2 ** 1.4e-7) == "0"
+    assert log2_param(1 / 64) == "-6"
+
+
+def test_a_searched_key_the_config_lacks_is_no_param_and_no_name_is_taken_twice() -> None:
+    cfg = load_config()
+    assert run_params(cfg, ("training.nope",)) == run_params(cfg)
+    assert searched_names(("sweep.log2_free_bits_bits", "a.kl_weight")) == {
+        "sweep.log2_free_bits_bits": "sweep.log2_free_bits_bits",
+        "a.kl_weight": "a.kl_weight"}
+
+
+def test_kappa_zero_has_no_log2_param() -> None:
+    cfg = load_config(overrides={"training.free_bits": 0.0})
+    assert kappa_params(cfg) == {"free_bits_bits": "0"}
+    assert kappa_params(load_config(overrides={"training.free_bits_bits": 0.5})) == {
+        "free_bits_bits": "0.5", "log2_free_bits_bits": "-1"}
+
+
+def test_run_config_reads_a_null_as_none() -> None:
+    from types import SimpleNamespace
+
+    tag = json.dumps({"training.max_steps": None, "training.kl_weight": 0.1})
+    run = SimpleNamespace(data=SimpleNamespace(tags={CONFIG_TAG: tag}, params={"x": "1"}))
+    assert run_config(run) == {"training.max_steps": "None", "training.kl_weight": "0.1"}
+
+
+def test_a_config_tag_of_exactly_the_limit_is_whole() -> None:
+    text = config_tag(load_config(), 10 ** 6)
+    assert config_tag(load_config(), len(text)) == text
+    assert json.loads(config_tag(load_config(), len(text) - 1)) != json.loads(text)
 
 
 def test_a_long_config_tag_leaves_out_the_longest_values() -> None:

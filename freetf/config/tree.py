@@ -231,9 +231,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 _fail(path, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "must be a number")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            _fail(path, value, "is too large for a float")
+        if not math.isfinite(number):
             _fail(path, value, "must be finite")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             _fail(path, value, "must be a string")
