@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import shutil
 
 import pytest
@@ -204,3 +205,150 @@ def test_a_checkpoint_from_before_the_file_list_still_loads(tmp_path):
     (path / "config.yaml").unlink()
     with pytest.raises(CheckpointError, match="config.yaml missing"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_makes_its_parents_and_its_temporary_folder_beside_it(tmp_path,
+                                                                         monkeypatch):
+    from freetf.training import checkpoint
+
+    used = []
+
+    def recording(directory, *args):
+        used.append(directory)
+        checkpoint_files.write_files(directory, *args)
+
+    monkeypatch.setattr(checkpoint, "write_files", recording)
+    path = write_checkpoint(tmp_path / "a" / "b" / "c", {"step": 1}, load_config(),
+                            {"step": 1, "loss": 2.5})
+    assert used[0].parent == tmp_path / "a" / "b" and used[0].name.startswith(".c.")
+    meta = json.loads((path / "meta.json").read_text())
+    assert (meta["step"], meta["loss"]) == (1, 2.5)
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["c"]
+
+
+def test_a_checkpoint_under_a_file_is_a_write_error_naming_it(tmp_path):
+    (tmp_path / "f").write_text("not a folder")
+    with pytest.raises(CheckpointWriteError) as info:
+        write_checkpoint(tmp_path / "f" / "c", {"step": 1}, load_config())
+    assert str(info.value) == (f"cannot write the checkpoint {tmp_path / 'f' / 'c'}: "
+                               f"{os.strerror(errno.EEXIST)}; no checkpoint of this run was "
+                               f"saved before")
+
+
+def test_an_interrupt_during_a_failed_write_stays_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C while handling an OSError: the interrupt, not a write error, and no
+    temporary folder left."""
+    def interrupted(*a, **k):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path / "c", {"step": 1}, load_config())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_to_root_keeps_three_and_passes_meta_on(tmp_path):
+    cfg = load_config()
+    for step in range(1, 6):
+        save_to_root(tmp_path, step, {"step": step}, cfg, {"step": step, "loss": 0.25})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [
+        "step_000003", "step_000004", "step_000005"]
+    meta = json.loads((tmp_path / "step_000005" / "meta.json").read_text())
+    assert (meta["step"], meta["loss"]) == (5, 0.25)
+
+
+def test_a_latest_pointer_that_cannot_be_written_is_a_write_error_naming_it(tmp_path):
+    (tmp_path / "latest" / "x").mkdir(parents=True)  # a folder where the pointer goes
+    with pytest.raises(CheckpointWriteError) as info:
+        save_to_root(tmp_path, 2, {"step": 2}, load_config())
+    assert str(info.value) == (f"cannot write the checkpoint {tmp_path / 'latest'}: "
+                               f"{os.strerror(errno.EISDIR)}; no checkpoint of this run was "
+                               f"saved before")
+
+
+def test_the_refusals_of_incomplete_checkpoints_name_what_there_is(tmp_path):
+    cfg = load_config()
+    for step in (2, 4):
+        write_checkpoint(tmp_path / f"step_00000{step}", {"step": step}, cfg)
+        (tmp_path / f"step_00000{step}" / "meta.json").unlink()
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint(tmp_path)
+    assert str(info.value) == (f"{tmp_path} holds no complete checkpoint (its step_000002, "
+                               f"step_000004 are incomplete)")
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint(tmp_path / "step_000004")
+    assert str(info.value) == (f"{tmp_path / 'step_000004'} is incomplete (it has no "
+                               f"meta.json, which is written last: a write or copy that did "
+                               f"not finish); there is no complete checkpoint beside it")
+
+
+def test_load_maps_tensors_to_the_asked_device_and_names_a_bad_config(tmp_path):
+    path = write_checkpoint(tmp_path / "c", {"step": 1, "w": torch.ones(3)}, load_config())
+    assert load_checkpoint(path, map_location="meta")[0]["w"].device.type == "meta"
+    (path / "config.yaml").write_text("model:\n  nope: 1\n")
+    _restamp(path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path / 'config.yaml'}: ")
+    assert "model.nope" in str(info.value)
+
+
+def test_load_model_names_weights_that_do_not_fit_and_moves_to_the_device(tmp_path):
+    cfg = load_config(overrides=["model.vocab_size=32", "model.hidden_dim=32",
+                                 "model.num_layers=2", "model.num_heads=2",
+                                 "model.latent_dim=3", "model.max_seq_len=66"])
+    model = FreeTransformer(cfg.model)
+    path = write_checkpoint(tmp_path / "c", {"model": model.state_dict()}, cfg)
+    rebuilt, _, _ = load_model(path, device="meta")
+    assert {p.device.type for p in rebuilt.parameters()} == {"meta"}
+    bad = write_checkpoint(tmp_path / "bad", {"model": {}}, cfg)
+    with pytest.raises(CheckpointError) as info:
+        load_model(bad)
+    assert str(info.value).startswith(f"{bad}: model weights do not match its config: ")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_checkpoint_loads_its_consolidated_weights_unless_asked_not_to(tmp_path):
+    from freetf.training.sharded_checkpoint import save_sharded
+
+    cfg = load_config(overrides=["model.vocab_size=32", "model.hidden_dim=32",
+                                 "model.num_layers=2", "model.num_heads=2",
+                                 "model.latent_dim=3", "model.max_seq_len=66"])
+    model = FreeTransformer(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = save_sharded(tmp_path / "ckpt", 3, model, optimizer, {"step": 3}, cfg,
+                        {"step": 3}, rank=0)
+    state, _ = load_checkpoint(path)
+    assert state["model"].keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(state["model"][name], value), name
+    assert "model" not in load_checkpoint(path, consolidate=False)[0]
+    (path / "config.yaml").write_text(cfg.replace({"model.hidden_dim": 64}).to_yaml())
+    _restamp(path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read the model shards of {path / 'shards'}: ")
+    assert message.endswith("Size mismatch between saved torch.Size([32]) and current: "
+                            "torch.Size([64]) for model.zeta")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("first line\nsecond line", "first line"),
+    ("", "EOFError"),
+    ("Weights only load failed. WeightsUnpickler error: Unsupported operand 149 "
+     "(WeightsUnpickler error: inner).\n\nCheck the documentation",
+     "the file is damaged or not a freetf checkpoint (Unsupported operand 149 "
+     "(WeightsUnpickler error: inner))"),
+    ("WeightsUnpickler error: Unsupported operand X. Please use something else.",
+     "the file is damaged or not a freetf checkpoint (Unsupported operand X)"),
+    ("WeightsUnpickler error: .Unsupported global_step key.",
+     "the file is damaged or not a freetf checkpoint (.Unsupported global_step key)"),
+])
+def test_why_a_load_failed_in_one_line(text, reason):
+    from freetf.training.checkpoint import _load_failure
+
+    assert _load_failure(EOFError(text) if text else EOFError()) == reason

@@ -180,11 +180,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def _consolidated_weights(path: Path, config: Config) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint import CheckpointException
+
     from freetf.model.transformer import FreeTransformer
 
     try:
         return consolidated_model_state(path, FreeTransformer(config.model))
-    except Exception as err:  # DCP raises many types for missing or mismatched shards
+    # DCP raises many types for missing or mismatched shards; its own CheckpointException
+    # is a BaseException whose text is its ranks and their tracebacks: the error of the
+    # first rank says what went wrong (``failures``: rank -> (error, traceback))
+    except (Exception, CheckpointException) as err:
+        failure = next(iter(getattr(err, "failures", {}).values()), err)
+        err = failure[0] if isinstance(failure, tuple) else failure
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot read the model shards of {path / SHARDS_DIR}: "
                               f"{first}") from None
