@@ -92,7 +92,7 @@ def test_corrupt_and_missing_checkpoints_are_clear_errors(tmp_path):
     assert "weights_only" not in str(info.value) and "likely succeed" not in str(info.value)
 
 
-def test_code_in_a_checkpoint_is_refused(tmp_path):
+def test_code_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     path = write_checkpoint(tmp_path / "c", {"step": 1}, load_config())
 
     class Evil:
@@ -107,6 +107,11 @@ def test_code_in_a_checkpoint_is_refused(tmp_path):
     message = str(info.value)
     assert "weights_only" not in message and "likely succeed" not in message
     assert "add_safe_globals" not in message and "print" in message
+    # refused where torch's own default is data-only too: freetf asks for it, whatever
+    # the torch version (before 2.6 the default ran code) or the environment says
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="never runs code"):
+        load_checkpoint(path)
 
 
 def _restamp(path):
@@ -352,3 +357,29 @@ def test_why_a_load_failed_in_one_line(text, reason):
     from freetf.training.checkpoint import _load_failure
 
     assert _load_failure(EOFError(text) if text else EOFError()) == reason
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_checkpoint_with_full_weights_in_its_state_keeps_them(tmp_path,
+                                                                        monkeypatch):
+    from freetf.training import checkpoint
+    from freetf.training.sharded_checkpoint import save_sharded
+
+    cfg = load_config(overrides=["model.vocab_size=32", "model.hidden_dim=32",
+                                 "model.num_layers=2", "model.num_heads=2",
+                                 "model.latent_dim=3", "model.max_seq_len=66"])
+    model = FreeTransformer(cfg.model)
+    path = save_sharded(tmp_path / "ckpt", 3, model, torch.optim.AdamW(model.parameters()),
+                        {"step": 3}, cfg, {"step": 3}, rank=0)
+    torch.save({"step": 3, "model": {"w": torch.full((2,), 7.0)}}, path / "state.pt")
+    _restamp(path)
+    assert torch.equal(load_checkpoint(path)[0]["model"]["w"], torch.full((2,), 7.0))
+    # errors other than DCP's own: their first line, or their type's name
+    torch.save({"step": 3}, path / "state.pt")
+    _restamp(path)
+    for err, first in [(ValueError(""), "ValueError"), (OSError("gone\ndetail"), "gone")]:
+        monkeypatch.setattr(checkpoint, "consolidated_model_state",
+                            lambda *a, err=err: (_ for _ in ()).throw(err))
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        assert str(info.value) == f"cannot read the model shards of {path / 'shards'}: {first}"
