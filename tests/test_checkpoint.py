@@ -383,3 +383,84 @@ def test_a_sharded_checkpoint_with_full_weights_in_its_state_keeps_them(tmp_path
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(path)
         assert str(info.value) == f"cannot read the model shards of {path / 'shards'}: {first}"
+
+
+def test_rng_states_on_cpu_are_the_cpu_generators_and_restore_by_rank():
+    from freetf.training.checkpoint import restore_rng_states, rng_states
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    first = rng_states(cpu)
+    assert first.keys() == {"cpu", "cuda"} and first["cuda"] is None
+    assert torch.equal(first["cpu"], torch.get_rng_state())
+    torch.manual_seed(2)
+    second = rng_states(cpu)
+    # a CUDA state in the checkpoint is not applied on a CPU device
+    saved = [first, {"cpu": second["cpu"], "cuda": torch.zeros(16, dtype=torch.uint8)}]
+    restore_rng_states(saved, 1, cpu)
+    assert torch.equal(torch.get_rng_state(), second["cpu"])
+    restore_rng_states(saved, 0, cpu)
+    assert torch.equal(torch.get_rng_state(), first["cpu"])
+    restore_rng_states(saved, 2, cpu)  # a rank the checkpoint has no state of keeps its own
+    assert torch.equal(torch.get_rng_state(), first["cpu"])
+    restore_rng_states(second["cpu"], 0, cpu)  # the old format: rank 0's CPU state only
+    assert torch.equal(torch.get_rng_state(), second["cpu"])
+    restore_rng_states(first["cpu"], 1, cpu)
+    assert torch.equal(torch.get_rng_state(), second["cpu"])
+
+
+def test_load_tokenizer_reads_the_checkpoints_own_else_the_configs(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from freetf.data.datasets import ByteTokenizer, CharTokenizer
+    from freetf.data.tokenization import BPETokenizer
+    from freetf.training.checkpoint import load_tokenizer
+
+    cfg = load_config()
+    path = save_to_root(tmp_path / "a", 1, {"step": 1}, cfg)
+    assert isinstance(load_tokenizer(tmp_path / "a", cfg), CharTokenizer)
+    Tokenizer(models.BPE()).save(str(path / "tokenizer.json"))
+    assert isinstance(load_tokenizer(tmp_path / "a", cfg), BPETokenizer)
+    gone = tmp_path / "gone"
+    tokens = cfg.replace({"data.dataset_name": "tokens", "data.path": str(gone),
+                          "model.vocab_size": 256})
+    assert isinstance(load_tokenizer(tmp_path / "a", tokens), BPETokenizer)
+    bare = write_checkpoint(tmp_path / "b", {"step": 1}, tokens)
+    assert isinstance(load_tokenizer(bare, tokens), ByteTokenizer)  # 256 tokens: bytes
+    big = tokens.replace({"model.vocab_size": 257})
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(bare, big)
+    assert str(info.value) == (f"{bare} holds no tokenizer.json and its data.path {gone} is "
+                               f"missing: restore the prepared folder (its tokenizer.json "
+                               f"decodes the model's 257 tokens)")
+    gone.write_bytes(b"raw text")  # a single file of raw text: bytes
+    assert isinstance(load_tokenizer(bare, big), ByteTokenizer)
+    synthetic = cfg.replace({"data.path": str(tmp_path / "nowhere"),
+                             "model.vocab_size": 300})
+    assert isinstance(load_tokenizer(bare, synthetic), CharTokenizer)
+
+
+def test_rng_states_of_a_cuda_device_go_through_its_own_generator(monkeypatch):
+    """The CUDA calls recorded (no GPU needed): the state of ``device``'s generator is
+    saved, and restored into it only on a CUDA device."""
+    from freetf.training.checkpoint import restore_rng_states, rng_states
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: calls.append(("get", device)) or torch.ones(4))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", state, device)))
+    gpu = torch.device("cuda", 1)
+    states = rng_states(gpu)
+    assert calls == [("get", gpu)] and torch.equal(states["cuda"], torch.ones(4))
+    assert torch.equal(states["cpu"], torch.get_rng_state())
+    calls.clear()
+    cuda_state = torch.full((4,), 3, dtype=torch.uint8)
+    restore_rng_states([{"cpu": states["cpu"], "cuda": cuda_state}], 0, gpu)
+    assert len(calls) == 1 and calls[0][0] == "set" and calls[0][2] == gpu
+    assert torch.equal(calls[0][1], cuda_state)
+    calls.clear()
+    restore_rng_states([{"cpu": states["cpu"], "cuda": cuda_state}], 0, torch.device("cpu"))
+    restore_rng_states([{"cpu": states["cpu"], "cuda": None}], 0, gpu)
+    restore_rng_states(states["cpu"], 0, gpu)
+    assert calls == []
