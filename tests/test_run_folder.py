@@ -230,3 +230,27 @@ def test_the_mlflow_run_is_named_after_the_runs_folder(tmp_path, capsys):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               order_by=["attributes.start_time ASC"])
     assert [r.info.run_name for r in runs] == ["ckpt", "ckpt-2", "mine"]
+
+
+def test_a_checkpoints_step_is_its_meta_jsons_else_its_names(tmp_path):
+    from freetf.training.run_folder import checkpoint_step
+
+    folder = tmp_path / "step_000007"
+    folder.mkdir()
+    assert checkpoint_step(folder) == 7  # no meta.json
+    (folder / "meta.json").write_text('{"step": 12}')
+    assert checkpoint_step(folder) == 12
+    (folder / "meta.json").write_text('{"loss": 1.5}')
+    assert checkpoint_step(folder) == 7
+    for name in ("my_run_step_5", "step_x"):
+        (tmp_path / name).mkdir()
+    assert checkpoint_step(tmp_path / "my_run_step_5") == 5
+    assert checkpoint_step(tmp_path / "step_x") == 0
+
+
+def test_the_differences_listed_are_the_first_three_and_how_many_more():
+    from freetf.training.run_folder import _listed
+
+    assert _listed(["a", "b", "c"]) == "a; b; c"
+    assert _listed(["a", "b", "c", "d"]) == "a; b; c; 1 more"
+    assert _listed(["a", "b", "c", "d", "e"]) == "a; b; c; 2 more"
