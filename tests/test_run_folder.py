@@ -10,7 +10,7 @@ import pytest
 from freetf import load_config, tracking
 from freetf.cli import main
 from freetf.training import ray_train
-from freetf.training.checkpoint import save_to_root, write_checkpoint
+from freetf.training.checkpoint import CheckpointError, save_to_root, write_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -254,3 +254,98 @@ def test_the_differences_listed_are_the_first_three_and_how_many_more():
     assert _listed(["a", "b", "c"]) == "a; b; c"
     assert _listed(["a", "b", "c", "d"]) == "a; b; c; 1 more"
     assert _listed(["a", "b", "c", "d", "e"]) == "a; b; c; 2 more"
+
+
+def test_plan_run_by_its_messages_and_fields(tmp_path):
+    from freetf.training.paths import OWN_FOLDER
+    from freetf.training.run_folder import RunFolderError, plan_run
+
+    cfg = _tiny(tmp_path, "training.max_steps=10", "scaling.use_ray=false", *NO_MLFLOW[1::2])
+    with pytest.raises(RunFolderError) as info:
+        plan_run(cfg, OWN_FOLDER, fresh=True)
+    assert str(info.value) == ("--resume continues the run in its folder and --fresh starts "
+                               "one in a new folder: give one of them")
+    with pytest.raises(CheckpointError) as info:
+        plan_run(cfg, str(tmp_path / "nope"))
+    assert str(info.value) == f"--resume: checkpoint not found: {tmp_path / 'nope'}"
+    new = plan_run(cfg)
+    assert (new.folder, new.resume, new.start_step, new.fresh) == (
+        tmp_path / "ckpt", None, 0, False)
+    save_to_root(tmp_path / "ckpt", 4, {"step": 4}, cfg, {"step": 4})
+    plan = plan_run(cfg)  # not fresh by default: the folder's own run goes on
+    assert (plan.folder, plan.resume, plan.start_step, plan.fresh) == (
+        tmp_path / "ckpt", str(tmp_path / "ckpt" / "step_000004"), 4, False)
+    moved = plan_run(cfg, fresh=True)
+    assert (moved.folder, moved.resume, moved.fresh) == (tmp_path / "ckpt-2", None, True)
+    other = tmp_path / "other"
+    save_to_root(other, 10, {"step": 10}, cfg, {"step": 10})
+    fresh_cfg = cfg.replace({"checkpoint.dir": str(tmp_path / "empty")})
+    with pytest.raises(RunFolderError) as info:
+        plan_run(fresh_cfg, str(other))
+    assert str(info.value).startswith(f"--resume {other / 'step_000010'} holds a finished run "
+                                      f"(step 10 of training.max_steps=10)")
+    (tmp_path / "ckpt" / "step_000004" / "config.yaml").write_text("model:\n  nope: 1\n")
+    with pytest.raises(RunFolderError) as info:
+        plan_run(cfg)
+    path = tmp_path / "ckpt" / "step_000004" / "config.yaml"
+    assert str(info.value).startswith(f"{path}: ") and "model.nope" in str(info.value)
+
+
+def test_under_ray_a_fresh_run_and_the_other_model_hint_name_the_run(tmp_path):
+    from freetf.training.run_folder import RunFolderError, plan_run
+
+    cfg = load_config("configs/tiny.yaml", [f"scaling.storage_path={tmp_path / 'rr'}",
+                                            "scaling.run_name=tiny", *NO_MLFLOW[1::2]])
+    _ray_checkpoint(tmp_path / "rr" / "tiny", cfg, 2)
+    assert plan_run(cfg, fresh=True).cfg.scaling.run_name == "tiny-2"
+    with pytest.raises(RunFolderError) as info:
+        plan_run(cfg.replace({"model.hidden_dim": 2 * cfg.model.hidden_dim}))
+    assert str(info.value).endswith("with --set scaling.run_name=NAME")
+    with pytest.raises(RunFolderError) as info:
+        plan_run(cfg.replace({"model.hidden_dim": 2 * cfg.model.hidden_dim,
+                              "scaling.use_ray": False,
+                              "checkpoint.dir": str(tmp_path / "rr" / "tiny")}))
+    assert str(info.value).endswith("with --set checkpoint.dir=DIR")
+
+
+def _token_meta(tokenizer: str) -> str:
+    split = '{"file": "%s.bin", "tokens": 8, "bytes": 8, "documents": 1}'
+    return ('{"format": "freetf-tokens/1", "dtype": "uint16", "vocab_size": 256, '
+            f'"tokenizer": {tokenizer}, "splits": {{"train": {split % "train"}, '
+            f'"val": {split % "val"}}}}}')
+
+
+def test_a_changed_tokenizer_is_another_model_and_none_kept_cannot_tell(tmp_path,
+                                                                        monkeypatch):
+    from freetf.training import run_folder
+    from freetf.training.run_folder import RunFolderError, _tokenizer_changed, plan_run
+
+    # the data's own checks are not under test here: the folder holds no token files
+    monkeypatch.setattr(run_folder, "check_before_training", lambda cfg: None)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(_token_meta('{"kind": "bpe", "file": "tok.json"}'))
+    (data / "tok.json").write_text("first")
+    cfg = load_config("configs/tiny.yaml", [
+        "data.dataset_name=tokens", f"data.path={data}", "model.vocab_size=256",
+        "scaling.use_ray=false", f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "training.max_steps=10", *NO_MLFLOW[1::2]])
+    ckpt = save_to_root(tmp_path / "ckpt", 2, {"step": 2}, cfg, {"step": 2})
+    assert (ckpt / "tokenizer.json").read_text() == "first"
+    assert not _tokenizer_changed(cfg, ckpt)
+    (data / "tok.json").write_text("second")
+    assert _tokenizer_changed(cfg, ckpt)
+    changed = (f"the tokenizer (data.path {data} holds another tokenizer.json)")
+    with pytest.raises(RunFolderError) as info:
+        plan_run(cfg)
+    assert f"holds checkpoints of another model ({changed})" in str(info.value)
+    with pytest.raises(RunFolderError) as info:
+        plan_run(cfg.replace({"checkpoint.dir": str(tmp_path / "new")}), str(ckpt))
+    assert f"holds a checkpoint of another model ({changed})" in str(info.value)
+    for tokenizer in ('{"kind": "bytes", "file": null}', '{"kind": "bpe", "file": "gone.json"}'):
+        (data / "meta.json").write_text(_token_meta(tokenizer))
+        assert _tokenizer_changed(cfg, ckpt), tokenizer
+    synthetic = load_config("configs/tiny.yaml")
+    assert _tokenizer_changed(synthetic, ckpt)  # no prepared folder: not the kept one
+    (ckpt / "tokenizer.json").unlink()
+    assert not _tokenizer_changed(cfg, ckpt)
