@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from freetf import ConfigError, load_config
 from freetf.data import documents
@@ -395,3 +400,76 @@ def test_code_config_trains_on_prepared_data(corpus, tmp_path):
     ratio = metrics["eval/bpb_prior"] / metrics["eval/ce_prior_nats"]
     assert ratio == pytest.approx(1 / math.log(2) / build_data(cfg).bytes_per_token)
     assert cfg.model.vocab_size == BPETokenizer.from_file(out / "tokenizer.json").vocab_size
+
+
+DOC_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                   max_size=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(DOC_TEXT, max_size=30), shard_docs=st.integers(1, 6),
+       val_fraction=st.floats(0.05, 0.95), seed=st.integers(0, 3))
+def test_shards_hold_every_document_once_in_input_order(texts, shard_docs, val_fraction, seed):
+    """Each split's shards are runs of ``shard_docs`` documents (the last one shorter) that
+    together hold that split's documents in input order; assembled, the split's file holds
+    them in the same order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts),
+                                     encoding="utf-8")
+        spec = PrepareSpec((str(tmp / "d.jsonl"),), "byte", val_fraction=val_fraction,
+                           seed=seed, shard_docs=shard_docs)
+        expected = {"train": [], "val": []}
+        for i, text in enumerate(texts):
+            val = prep.is_validation(f"d.jsonl#{i}", val_fraction, seed)
+            expected["val" if val else "train"].append(text)
+        (tmp / "shards").mkdir()
+        jobs = list(prep._shard_jobs(spec, tmp / "shards", "uint16", progress=False))
+        for split in ("train", "val"):
+            mine = [job for job in jobs if job[0].name.startswith(split)]
+            assert [job[0].name for job in mine] == [f"{split}-{k:06d}.bin"
+                                                     for k in range(len(mine))]
+            sizes = [len(job[1]) for job in mine]
+            assert all(size == shard_docs for size in sizes[:-1])
+            assert 0 < (sizes or [1])[-1] <= shard_docs
+            assert [t for job in mine for t in job[1]] == expected[split]
+        if expected["train"] and expected["val"]:
+            meta = prepare(spec, tmp / "out", progress=False)
+            for split in ("train", "val"):
+                assert split_documents(tmp / "out", split, meta) == expected[split]
+                assert meta["splits"][split]["documents"] == len(expected[split])
+
+
+RELATIVE_PATH = st.lists(st.sampled_from(["a", "b", "src", "pkg"]), min_size=0, max_size=2
+                         ).flatmap(lambda parts: st.sampled_from(["x.py", "y.txt", "z.md"]).map(
+                             lambda name: "/".join([*parts, name])))
+
+
+@settings(max_examples=25, deadline=None)
+@given(files=st.lists(RELATIVE_PATH, min_size=1, max_size=12, unique=True),
+       seed=st.integers(0, 3),
+       moved=st.sampled_from(["elsewhere/corpus", "renamed", "a/b/c/d"]))
+def test_the_split_does_not_change_when_the_corpus_moves_or_is_renamed(files, seed, moved):
+    """A file's id is its path under the input folder: moved or renamed, the corpus
+    prepares into the same token files (or fails the same way)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "corpus"
+        for k, name in enumerate(files):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(f"document {k}: {name}\n", encoding="utf-8")
+
+        def outcome(folder, out):
+            spec = PrepareSpec((str(folder),), "byte", val_fraction=0.5, seed=seed,
+                               shard_docs=2)
+            try:
+                meta = prepare(spec, out, progress=False)
+            except PrepareError as err:
+                return str(err)
+            return [(out / f"{split}.bin").read_bytes() for split in ("train", "val")], \
+                meta["splits"]
+
+        before = outcome(root, tmp / "out1")
+        (tmp / moved).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(root, tmp / moved)
+        assert outcome(tmp / moved, tmp / "out2") == before
