@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -473,3 +474,32 @@ def test_the_split_does_not_change_when_the_corpus_moves_or_is_renamed(files, se
         (tmp / moved).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(root, tmp / moved)
         assert outcome(tmp / moved, tmp / "out2") == before
+
+
+def test_each_bad_setting_is_refused_by_name_and_the_edges_are_taken(tmp_path):
+    def refusal(workers=1, **fields) -> str:
+        with pytest.raises(PrepareError) as err:
+            prep._validate(PrepareSpec(("x",), **{"tokenizer": "byte", **fields}), workers)
+        return str(err.value)
+
+    assert refusal(val_fraction=0.0) == "--val-fraction 0.0: must be in (0, 1)"
+    assert refusal(val_fraction=1.0) == "--val-fraction 1.0: must be in (0, 1)"
+    assert refusal(shard_docs=0) == "--shard-docs 0: must be >= 1"
+    assert refusal(encoding_errors="ignore") == ("--encoding-errors 'ignore': expected one of "
+                                                 "strict, replace")
+    assert refusal(workers=0) == "--workers 0: must be >= 1"
+    missing = tmp_path / "tok.json"
+    assert refusal(tokenizer=str(missing)) == (f"--tokenizer {missing}: expected 'byte', 'bpe' "
+                                               f"or the path of a tokenizer.json file")
+    assert refusal(tokenizer="bpe", vocab_size=256) == ("--vocab-size 256: a byte-level BPE "
+                                                        "needs >= 257")
+    prep._validate(PrepareSpec(("x",), "byte", val_fraction=0.999, shard_docs=1,
+                               vocab_size=2), workers=1)
+    prep._validate(PrepareSpec(("x",), "bpe", vocab_size=257), workers=1)
+
+
+def test_a_document_whose_hash_equals_the_fraction_is_in_train():
+    digest = hashlib.blake2b(b"3:doc", digest_size=8).digest()
+    fraction = int.from_bytes(digest, "little") / 2**64
+    assert not prep.is_validation("doc", fraction, 3)
+    assert prep.is_validation("doc", math.nextafter(fraction, 1.0), 3)
