@@ -503,3 +503,19 @@ def test_a_document_whose_hash_equals_the_fraction_is_in_train():
     fraction = int.from_bytes(digest, "little") / 2**64
     assert not prep.is_validation("doc", fraction, 3)
     assert prep.is_validation("doc", math.nextafter(fraction, 1.0), 3)
+
+
+def test_a_shard_is_finished_only_with_its_statistics_and_counts_each_skip(tmp_path):
+    lines = [{"text": "a"}, {"text": "b\u0000"}, {"text": "c\u0000"}, {"text": "d"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = PrepareSpec((str(tmp_path / "d.jsonl"),), "byte", val_fraction=1e-9, shard_docs=8)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-000000.bin").write_bytes(b"")  # written, but not its .json: unfinished
+    [(path, texts, dtype, decoding)] = prep._shard_jobs(spec, shards, "uint16", False)
+    assert (path.name, texts, dtype) == ("train-000000.bin", ["a", "d"], "uint16")
+    assert decoding == {"skipped": 2, "replaced": 0,
+                        "problems": ["d.jsonl#1 (binary: a NUL character at offset 1)",
+                                     "d.jsonl#2 (binary: a NUL character at offset 1)"]}
+    (shards / "train-000000.json").write_text("{}")
+    assert list(prep._shard_jobs(spec, shards, "uint16", False)) == []
