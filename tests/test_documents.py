@@ -4,12 +4,15 @@ refused with file and line, unreadable inputs one clear error."""
 from __future__ import annotations
 
 import os
+import sys
+import sysconfig
+import types
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freetf.data.documents import Loaded, PrepareError, decode_text, iter_documents
+from freetf.data.documents import Loaded, PrepareError, decode_text, iter_documents, stdlib_files
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,9 +45,16 @@ def test_utf8_text_decodes_exactly_without_its_bom(text, bom):
     (LATIN1, "strict", Loaded(None, "not UTF-8: byte 0xe9 at offset 3")),
     (LATIN1, "replace", Loaded("caf\ufffd cr\ufffdme, na\ufffdve fa\ufffdade\n",
                                "not UTF-8: byte 0xe9 at offset 3, replaced by U+FFFD")),
+    (b"\xef\xbb\xbf" + LATIN1, "replace",  # the BOM is dropped from repaired text too
+     Loaded("caf\ufffd cr\ufffdme, na\ufffdve fa\ufffdade\n",
+            "not UTF-8: byte 0xe9 at offset 6, replaced by U+FFFD")),
 ])
 def test_decode_text(data, errors, expected):
     assert decode_text(data, errors) == expected
+
+
+def test_decode_text_is_strict_by_default():
+    assert decode_text(LATIN1) == Loaded(None, "not UTF-8: byte 0xe9 at offset 3")
 
 
 def test_a_folder_names_what_it_skips(tmp_path):
@@ -138,3 +148,116 @@ def test_unreadable_inputs_are_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(type(tmp_path), "read_bytes", read_bytes)
     with pytest.raises(PrepareError, match=r"b.py: cannot read it \(Permission denied\)"):
         documents(tmp_path)
+
+
+
+def one_error(*inputs, **kwargs) -> str:
+    with pytest.raises(PrepareError) as err:
+        documents(*inputs, **kwargs)
+    return str(err.value)
+
+
+def test_jsonl_lines_blank_lines_fields_and_repairs(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", b'{"text": "a"}', b"", b"  ", b'{"text": "b"}')
+    assert documents(path) == {"d.jsonl#0": Loaded("a"), "d.jsonl#3": Loaded("b")}
+    nofield = write_jsonl(tmp_path / "f.jsonl", b'{"text": "a"}', b'{"body": "b"}')
+    assert one_error(nofield) == f"{nofield}:2: no 'text' field (set --text-field)"
+    # a repaired line, its BOM dropped as well; the clean line before it has no problem
+    bad = write_jsonl(tmp_path / "bad.jsonl", b'{"text": "ok"}',
+                      b'\xef\xbb\xbf{"text": "caf\xe9"}')
+    assert documents(bad, encoding_errors="replace") == {
+        "bad.jsonl#0": Loaded("ok"),
+        "bad.jsonl#1": Loaded("caf\ufffd", "not UTF-8: byte 0xe9 at column 17, replaced by "
+                                            "U+FFFD")}
+    lone = write_jsonl(tmp_path / "lone.jsonl", b'{"text": "a\\ud800b\\u0000c\\u0000"}')
+    assert documents(lone, encoding_errors="replace")["lone.jsonl#0"] == Loaded(
+        None, "binary: a NUL character at offset 3")  # the first of two
+    lone.write_bytes(b'{"text": "a\\ud800b"}\n')
+    assert documents(lone, encoding_errors="replace")["lone.jsonl#0"] == Loaded(
+        "a\ufffd\ufffd\ufffdb", "a lone surrogate, replaced by U+FFFD")
+
+    real_open = type(tmp_path).open
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "d.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "open", refuse)
+    assert one_error(path) == f"{path}: cannot read it (Permission denied)"
+
+
+def test_a_parquet_value_of_another_type_is_named_by_its_type(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [b"raw"]}), tmp_path / "b.parquet")
+    assert one_error(tmp_path / "b.parquet") == (f"{tmp_path / 'b.parquet'}: row 0: the text "
+                                                 f"field is a bytes, not a string")
+
+
+def test_no_inputs_and_a_folder_without_text_are_one_error_each(tmp_path):
+    assert one_error() == "no inputs: give folders, files, globs, 'stdlib' or hf:NAME"
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    assert one_error(tmp_path) == (f"{tmp_path}: a folder with no text or code files (.txt, "
+                                   f".md, .rst, .py, .c, .h, ...)")
+
+
+def test_files_and_globs_keep_their_paths_and_skip_what_is_not_utf8(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "deep.py").write_text("deep = 1\n")
+    (tmp_path / "a" / "top.py").write_text("top = 1\n")
+    (tmp_path / "a" / "dir.py").mkdir()  # matches the glob, not a file
+    (tmp_path / "a" / "latin1.py").write_bytes(LATIN1)
+    skipped = Loaded(None, "not UTF-8: byte 0xe9 at offset 3")
+    assert documents(tmp_path / "a" / "latin1.py") == {str(tmp_path / "a" / "latin1.py"): skipped}
+    assert documents(tmp_path / "a" / "**" / "*.py") == {
+        str(tmp_path / "a" / "b" / "deep.py"): Loaded("deep = 1\n"),
+        str(tmp_path / "a" / "latin1.py"): skipped,
+        str(tmp_path / "a" / "top.py"): Loaded("top = 1\n")}
+    assert one_error(tmp_path / "a" / "*.rs") == f"{tmp_path / 'a' / '*.rs'}: no such file, " \
+                                                 f"folder or matching glob"
+
+
+def test_stdlib_is_read_under_its_root_skipping_tests(tmp_path, monkeypatch):
+    """The standard library seen through ``sysconfig``, here pointed at a small tree."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("mod = 1\n")
+    (tmp_path / "tests" / "test_x.py").write_text("x = 1\n")
+    (tmp_path / "latin1.py").write_bytes(LATIN1)
+    real = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: dict(real, stdlib=str(tmp_path)))
+    assert stdlib_files() == [tmp_path / "latin1.py", tmp_path / "pkg" / "mod.py"]
+    assert documents("stdlib") == {"latin1.py": Loaded(None, "not UTF-8: byte 0xe9 at offset 3"),
+                                   os.path.join("pkg", "mod.py"): Loaded("mod = 1\n")}
+
+
+def test_a_hugging_face_dataset_is_read_by_name_split_and_field(monkeypatch):
+    calls = []
+
+    class Dataset:
+        column_names = ["body"]
+
+        def __getitem__(self, field):
+            return ["a", "b\ud800"]
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return Dataset()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert documents("hf:org/set:test", text_field="body", encoding_errors="replace") == {
+        "hf:org/set:test#0": Loaded("a"),
+        "hf:org/set:test#1": Loaded("b\ufffd\ufffd\ufffd", "a lone surrogate, replaced by U+FFFD")}
+    assert calls == [("org/set", "test")]
+    documents("hf:org/set", text_field="body", encoding_errors="replace")
+    assert calls[-1] == ("org/set", "train")
+    assert one_error("hf:org/set:test#0") == ("hf:org/set:test#0: no column 'text' (columns: "
+                                              "['body']; set --text-field)")
+    with pytest.raises(PrepareError, match=r"hf:org/set:test: row 1: the text holds a lone "
+                                           r"surrogate U\+D800"):
+        documents("hf:org/set:test", text_field="body")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert one_error("hf:x") == ("hf:x: Hugging Face datasets need the `datasets` package "
+                                 "(pip install 'freetf[hf]')")

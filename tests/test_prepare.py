@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from freetf import ConfigError, load_config
 from freetf.data import documents
@@ -395,3 +401,121 @@ def test_code_config_trains_on_prepared_data(corpus, tmp_path):
     ratio = metrics["eval/bpb_prior"] / metrics["eval/ce_prior_nats"]
     assert ratio == pytest.approx(1 / math.log(2) / build_data(cfg).bytes_per_token)
     assert cfg.model.vocab_size == BPETokenizer.from_file(out / "tokenizer.json").vocab_size
+
+
+DOC_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                   max_size=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(DOC_TEXT, max_size=30), shard_docs=st.integers(1, 6),
+       val_fraction=st.floats(0.05, 0.95), seed=st.integers(0, 3))
+def test_shards_hold_every_document_once_in_input_order(texts, shard_docs, val_fraction, seed):
+    """Each split's shards are runs of ``shard_docs`` documents (the last one shorter) that
+    together hold that split's documents in input order; assembled, the split's file holds
+    them in the same order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts),
+                                     encoding="utf-8")
+        spec = PrepareSpec((str(tmp / "d.jsonl"),), "byte", val_fraction=val_fraction,
+                           seed=seed, shard_docs=shard_docs)
+        expected = {"train": [], "val": []}
+        for i, text in enumerate(texts):
+            val = prep.is_validation(f"d.jsonl#{i}", val_fraction, seed)
+            expected["val" if val else "train"].append(text)
+        (tmp / "shards").mkdir()
+        jobs = list(prep._shard_jobs(spec, tmp / "shards", "uint16", progress=False))
+        for split in ("train", "val"):
+            mine = [job for job in jobs if job[0].name.startswith(split)]
+            assert [job[0].name for job in mine] == [f"{split}-{k:06d}.bin"
+                                                     for k in range(len(mine))]
+            sizes = [len(job[1]) for job in mine]
+            assert all(size == shard_docs for size in sizes[:-1])
+            assert 0 < (sizes or [1])[-1] <= shard_docs
+            assert [t for job in mine for t in job[1]] == expected[split]
+        if expected["train"] and expected["val"]:
+            meta = prepare(spec, tmp / "out", progress=False)
+            for split in ("train", "val"):
+                assert split_documents(tmp / "out", split, meta) == expected[split]
+                assert meta["splits"][split]["documents"] == len(expected[split])
+
+
+RELATIVE_PATH = st.lists(st.sampled_from(["a", "b", "src", "pkg"]), min_size=0, max_size=2
+                         ).flatmap(lambda parts: st.sampled_from(["x.py", "y.txt", "z.md"]).map(
+                             lambda name: "/".join([*parts, name])))
+
+
+@settings(max_examples=25, deadline=None)
+@given(files=st.lists(RELATIVE_PATH, min_size=1, max_size=12, unique=True),
+       seed=st.integers(0, 3),
+       moved=st.sampled_from(["elsewhere/corpus", "renamed", "a/b/c/d"]))
+def test_the_split_does_not_change_when_the_corpus_moves_or_is_renamed(files, seed, moved):
+    """A file's id is its path under the input folder: moved or renamed, the corpus
+    prepares into the same token files (or fails the same way)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "corpus"
+        for k, name in enumerate(files):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(f"document {k}: {name}\n", encoding="utf-8")
+
+        def outcome(folder, out):
+            spec = PrepareSpec((str(folder),), "byte", val_fraction=0.5, seed=seed,
+                               shard_docs=2)
+            try:
+                meta = prepare(spec, out, progress=False)
+            except PrepareError as err:
+                return str(err)
+            return [(out / f"{split}.bin").read_bytes() for split in ("train", "val")], \
+                meta["splits"]
+
+        before = outcome(root, tmp / "out1")
+        (tmp / moved).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(root, tmp / moved)
+        assert outcome(tmp / moved, tmp / "out2") == before
+
+
+def test_each_bad_setting_is_refused_by_name_and_the_edges_are_taken(tmp_path):
+    def refusal(workers=1, **fields) -> str:
+        with pytest.raises(PrepareError) as err:
+            prep._validate(PrepareSpec(("x",), **{"tokenizer": "byte", **fields}), workers)
+        return str(err.value)
+
+    assert refusal(val_fraction=0.0) == "--val-fraction 0.0: must be in (0, 1)"
+    assert refusal(val_fraction=1.0) == "--val-fraction 1.0: must be in (0, 1)"
+    assert refusal(shard_docs=0) == "--shard-docs 0: must be >= 1"
+    assert refusal(encoding_errors="ignore") == ("--encoding-errors 'ignore': expected one of "
+                                                 "strict, replace")
+    assert refusal(workers=0) == "--workers 0: must be >= 1"
+    missing = tmp_path / "tok.json"
+    assert refusal(tokenizer=str(missing)) == (f"--tokenizer {missing}: expected 'byte', 'bpe' "
+                                               f"or the path of a tokenizer.json file")
+    assert refusal(tokenizer="bpe", vocab_size=256) == ("--vocab-size 256: a byte-level BPE "
+                                                        "needs >= 257")
+    prep._validate(PrepareSpec(("x",), "byte", val_fraction=0.999, shard_docs=1,
+                               vocab_size=2), workers=1)
+    prep._validate(PrepareSpec(("x",), "bpe", vocab_size=257), workers=1)
+
+
+def test_a_document_whose_hash_equals_the_fraction_is_in_train():
+    digest = hashlib.blake2b(b"3:doc", digest_size=8).digest()
+    fraction = int.from_bytes(digest, "little") / 2**64
+    assert not prep.is_validation("doc", fraction, 3)
+    assert prep.is_validation("doc", math.nextafter(fraction, 1.0), 3)
+
+
+def test_a_shard_is_finished_only_with_its_statistics_and_counts_each_skip(tmp_path):
+    lines = [{"text": "a"}, {"text": "b\u0000"}, {"text": "c\u0000"}, {"text": "d"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = PrepareSpec((str(tmp_path / "d.jsonl"),), "byte", val_fraction=1e-9, shard_docs=8)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-000000.bin").write_bytes(b"")  # written, but not its .json: unfinished
+    [(path, texts, dtype, decoding)] = prep._shard_jobs(spec, shards, "uint16", False)
+    assert (path.name, texts, dtype) == ("train-000000.bin", ["a", "d"], "uint16")
+    assert decoding == {"skipped": 2, "replaced": 0,
+                        "problems": ["d.jsonl#1 (binary: a NUL character at offset 1)",
+                                     "d.jsonl#2 (binary: a NUL character at offset 1)"]}
+    (shards / "train-000000.json").write_text("{}")
+    assert list(prep._shard_jobs(spec, shards, "uint16", False)) == []

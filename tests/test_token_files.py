@@ -222,3 +222,80 @@ def test_an_odd_length_token_file_is_refused(tmp_path):
         max_token_id(tmp_path / "odd.bin")
     (tmp_path / "wide.bin").write_bytes(np.array([7, 70_000], "<u4").tobytes())
     assert max_token_id(tmp_path / "wide.bin", "uint32") == 70_000
+
+
+
+def good_meta() -> dict:
+    split = {"file": "train.bin", "tokens": 10, "bytes": 10, "documents": 1, "max_id": 9}
+    return {"format": "freetf-tokens/1", "vocab_size": 256, "dtype": "uint16",
+            "tokenizer": {"file": None},
+            "splits": {"train": split, "val": dict(split, file="val.bin")}}
+
+
+def read_meta_of(tmp_path, meta):
+    (tmp_path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return read_meta(tmp_path)
+
+
+def changed(change):
+    """An edit of a good meta: ``change`` applied to it in place."""
+    return lambda meta: (change(meta), meta)[1]
+
+
+def in_split(split, **values):
+    return changed(lambda m: m["splits"][split].update(values))
+
+
+META_DAMAGE = {  # name -> (the meta.json written, the reason after "data.path {folder}: ")
+    "a number": (lambda m: 7, "meta.json holds a number, not an object"),
+    "null": (lambda m: None, "meta.json holds null, not an object"),
+    "vocab_size an object": (changed(lambda m: m.update(vocab_size={})),
+                             "meta.json's vocab_size is {} (an object), expected an integer"),
+    "vocab_size a boolean": (changed(lambda m: m.update(vocab_size=True)),
+                             "meta.json's vocab_size is True (a boolean), expected an integer"),
+    "vocab_size null": (changed(lambda m: m.update(vocab_size=None)),
+                        "meta.json's vocab_size is None (null), expected an integer"),
+    "vocab_size 0": (changed(lambda m: m.update(vocab_size=0)),
+                     "meta.json's vocab_size is 0, expected >= 1"),
+    "vocab_size past uint16": (changed(lambda m: m.update(vocab_size=65537)),
+                               "meta.json's vocab_size 65537 does not fit its dtype uint16"),
+    "tokenizer a list": (changed(lambda m: m.update(tokenizer=[])),
+                         "meta.json's tokenizer is not an object naming its file (or null)"),
+    "tokenizer file a number": (changed(lambda m: m.update(tokenizer={"file": 3})),
+                                "meta.json's tokenizer is not an object naming its file "
+                                "(or null)"),
+    "splits a list": (changed(lambda m: m.update(splits=[])),
+                      "meta.json has no train split (splits.train)"),
+    "file empty": (in_split("train", file=""), "meta.json's splits.train.file is '', "
+                                               "expected the name of a file in the folder"),
+    "file ..": (in_split("val", file=".."), "meta.json's splits.val.file is '..', expected "
+                                            "the name of a file in the folder"),
+    "bytes -1": (in_split("val", bytes=-1), "meta.json's splits.val.bytes is -1, expected >= 0"),
+    "documents a string": (in_split("train", documents="1"),
+                           "meta.json's splits.train.documents is '1' (a string), expected an "
+                           "integer"),
+    "max_id at vocab_size": (in_split("train", max_id=256),
+                             "meta.json's splits.train.max_id is 256, expected in [0, 256)"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_DAMAGE))
+def test_read_meta_names_each_damage_in_whole(case, tmp_path):
+    edit, reason = META_DAMAGE[case]
+    with pytest.raises(ConfigError) as err:
+        read_meta_of(tmp_path, edit(good_meta()))
+    assert str(err.value) == (f"data.path {tmp_path}: {reason}; the folder is damaged or was "
+                              f"changed after `freetf prepare`: prepare it again")
+
+
+def test_read_meta_takes_the_edges_of_its_ranges(tmp_path):
+    meta = good_meta()
+    meta.update(vocab_size=1)
+    for split in ("train", "val"):
+        meta["splits"][split].update(bytes=0, documents=0, max_id=0)
+    assert read_meta_of(tmp_path, meta) == meta
+    meta.update(vocab_size=65536)
+    meta["splits"]["val"].update(max_id=65535)
+    assert read_meta_of(tmp_path, meta)["vocab_size"] == 65536
+    meta.update(vocab_size=65537, dtype="uint32")
+    assert read_meta_of(tmp_path, meta)["dtype"] == "uint32"

@@ -12,6 +12,7 @@ a string is an error naming the file and line.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -52,6 +53,11 @@ def stdlib_files() -> list[Path]:
                   if not _SKIPPED_STDLIB_DIRS & set(p.relative_to(root).parts[:-1]))
 
 
+def _bom_length(data: bytes) -> int:
+    """The length of the UTF-8 byte-order mark ``data`` starts with, 0 without one."""
+    return len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+
+
 def decode_text(data: bytes, encoding_errors: str = "strict") -> Loaded:
     """A file's bytes as a document: UTF-8 without its byte-order mark; a file with NUL
     bytes is binary (skipped); one that is not UTF-8 is skipped, or kept with U+FFFD in
@@ -60,8 +66,9 @@ def decode_text(data: bytes, encoding_errors: str = "strict") -> Loaded:
         return Loaded(None, f"binary: a NUL byte at offset {data.index(0)}")
     try:
         return Loaded(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        why = f"not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start}"
+    except UnicodeDecodeError as err:  # err.start counts from after the byte-order mark
+        at = err.start + _bom_length(data)
+        why = f"not UTF-8: byte 0x{data[at]:02x} at offset {at}"
     if encoding_errors == "strict":
         return Loaded(None, why)
     return Loaded(data.decode("utf-8-sig", errors="replace"), f"{why}, replaced by U+FFFD")
@@ -140,7 +147,8 @@ def _jsonl_documents(path: Path, field: str, encoding_errors: str
             try:
                 line = raw.decode("utf-8-sig")
             except UnicodeDecodeError as err:
-                replaced = f"not UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}"
+                at = err.start + _bom_length(raw)
+                replaced = f"not UTF-8: byte 0x{raw[at]:02x} at column {at + 1}"
                 if encoding_errors == "strict":
                     raise PrepareError(f"{path}:{i + 1}: {replaced}; JSON Lines are UTF-8 "
                                        f"(--encoding-errors replace decodes it anyway)") from None
