@@ -205,13 +205,14 @@ def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
                         {"inputs": (str(corpus),), "tokenizer": "bpe", "vocab_size": 300})
     data = tmp_path / "data"
     sweep = load_sweep("freetf/configs/compare_code_smoke.yaml", [f"data.path={data}"])
-    assert compare.ensure_prepared(sweep, workers=1)
-    assert f"preparing the corpus: Python's standard library -> {data}" in \
-        capsys.readouterr().out
+    said = []
+    assert compare.ensure_prepared(sweep, workers=1, say=said.append)
+    assert len(said) == 1
+    assert said[0].startswith(f"preparing the corpus: Python's standard library -> {data}")
     meta = json.loads((data / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "bpe" and (data / "tokenizer.json").is_file()
     assert load_sweep("freetf/configs/compare_code_smoke.yaml",  # the vocabulary follows the data
                       [f"data.path={data}"]).base().model.vocab_size == meta["vocab_size"]
     assert meta["vocab_size"] != 256
-    assert not compare.ensure_prepared(sweep, workers=1)
-    assert capsys.readouterr().out == ""
+    assert not compare.ensure_prepared(sweep, workers=1, say=said.append)
+    assert len(said) == 1 and capsys.readouterr().out == ""  # nothing printed by the library

@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     sweep = load_sweep(path, args.set)
     if not args.report_only:
-        if ensure_prepared(sweep):  # model.vocab_size follows the prepared data
-            sweep = load_sweep(path, args.set)
+        if ensure_prepared(sweep, say=lambda text: print(text, flush=True)):
+            sweep = load_sweep(path, args.set)  # model.vocab_size follows the prepared data
         result = run_sweep(sweep, resume=args.resume, verbose=args.verbose)
         trials, parent = result.runs, result.parent_run_id
     else:

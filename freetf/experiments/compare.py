@@ -258,16 +258,17 @@ def write_compare(rows: list[dict[str, Any]], out_dir: str | Path, header: str =
 # ----------------------------------------------------------------------------- the command
 
 
-def ensure_prepared(sweep, workers: int = 2) -> bool:
+def ensure_prepared(sweep, workers: int = 2, say=log.info) -> bool:
     """Prepare the standard library into the sweep's data folder if it is missing
-    (:data:`STDLIB_RECIPE`); True if it did (reload the sweep: the vocabulary follows)."""
+    (:data:`STDLIB_RECIPE`), ``say``-ing so first (the command prints it; a library call
+    logs it); True if it did (reload the sweep: the vocabulary follows)."""
     from freetf.data.prepare import PrepareSpec, prepare
 
     data = sweep.base().data
     folder = Path(data.path or "")
     if data.dataset_name != "tokens" or (folder / "meta.json").is_file():
         return False
-    print(f"preparing the corpus: Python's standard library -> {folder} (BPE "
-          f"{STDLIB_RECIPE['vocab_size']}, about a minute)", flush=True)
+    say(f"preparing the corpus: Python's standard library -> {folder} (BPE "
+        f"{STDLIB_RECIPE['vocab_size']}, about a minute)")
     prepare(PrepareSpec(**STDLIB_RECIPE), folder, workers=workers, progress=True)
     return True
