@@ -26,10 +26,8 @@ driver at once, through Ray's handler.)
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 from ray import tune
 
 from freetf.config import Config
+from freetf.process_env import environment
 from freetf.sweeps.console import SweepConsole
 from freetf.sweeps.lock import sweep_lock
 from freetf.sweeps.runs import (  # noqa: F401 - ended_trials: the public API
@@ -202,20 +201,6 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, verbose: bool = False,
     with sweep_lock(sweep), environment(settings):
         return _run_sweep(sweep, resume, verbose, callbacks)
 
-
-@contextlib.contextmanager
-def environment(settings: dict[str, str]):
-    """``os.environ`` with ``settings`` inside the block, as it was after it."""
-    before = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _run_sweep(sweep: SweepConfig, resume: bool, verbose: bool,

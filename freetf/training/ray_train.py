@@ -32,6 +32,7 @@ import ray.train.torch
 
 from freetf.config import Config, from_dict
 from freetf.logs import setup_logging
+from freetf.process_env import environment
 from freetf.training.checkpoint import CheckpointWriteError
 from freetf.training.console import MlflowProgress, TrainConsole
 from freetf.training.context import TrainContext
@@ -187,17 +188,12 @@ def loopback_only():
     import ray._private.ray_constants as ray_constants
 
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
     ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     try:
-        yield
+        with environment({ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
+            yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
-        else:
-            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def cluster_hosts() -> set[str]:
