@@ -4,7 +4,10 @@ with the couplings of the real measurements and no training.
 - Each seed's baseline draws its free-generation validity once (256 reads): every trial
   of that seed is judged against the same baseline (shared, not independent).
 - Each seed learns a little differently: its use and leak curves are shifted along
-  x = log2(kappa) by a seed effect (verdicts of one seed are correlated).
+  x = log2(kappa) by a seed effect (verdicts of one seed are correlated), and each
+  training run's leak onset by its own draw besides.  The leak's spreads and slope are
+  those fitted to the default job's 30-trial run (``python tools/leak_spread.py``): about
+  1 log2 unit between runs, of which the data cannot tell how much stays with a seed.
 - Use: a trial's true shuffle gain rises through ``x_c``; the reported interval comes
   from row noise of a measured size (``USE_SE``), as latent_use reports it.
 - Leak: the true validity falls through ``x_l``; the reported rate and Wilson interval
@@ -28,8 +31,9 @@ from freetf.evaluation.verdicts import Outcome, Tolerances, classify
 LATENT_KEY, KEY = "model.latent_dim", "training.free_bits_bits"
 DRAWS = 256
 USE_MAX, USE_SLOPE, USE_SE = 0.03, 2.0, 0.002  # nats/token, per log2 unit, row noise
-VALID_BASE, VALID_BROKEN, VALID_SLOPE = 0.93, 0.02, 3.0
-SEED_SD = 0.4  # log2 units: how far one seed's curves sit from the population's
+VALID_BASE, VALID_BROKEN, VALID_SLOPE = 0.93, 0.02, 1.75
+SEED_SD = 0.4  # log2 units: how far one seed's use curve sits from the population's
+LEAK_SEED_SD, LEAK_TRIAL_SD = 0.5, 1.0  # the leak curve's: per seed, and per trial
 UNCONVERGED_P = 0.15  # near x_c, the share of trials still moving at the end
 
 
@@ -38,7 +42,7 @@ def _sigmoid(a):
 
 
 def seed_effects(rng: np.random.Generator, seeds) -> dict[int, tuple[float, float]]:
-    return {s: (rng.normal(0, SEED_SD), rng.normal(0, SEED_SD)) for s in seeds}
+    return {s: (rng.normal(0, SEED_SD), rng.normal(0, LEAK_SEED_SD)) for s in seeds}
 
 
 def baseline_metrics(rng: np.random.Generator) -> dict[str, float]:
@@ -53,8 +57,9 @@ def trial_metrics(rng: np.random.Generator, x: float, x_c: float, x_l: float,
                   effect: tuple[float, float]) -> dict[str, float]:
     use = USE_MAX * float(_sigmoid(USE_SLOPE * (x - x_c - effect[0])))
     use_hat = use + rng.normal(0, USE_SE)
+    own = rng.normal(0, LEAK_TRIAL_SD)  # this training run's own leak onset
     p_valid = VALID_BASE - (VALID_BASE - VALID_BROKEN) * float(
-        _sigmoid(VALID_SLOPE * (x - x_l - effect[1])))
+        _sigmoid(VALID_SLOPE * (x - x_l - effect[1] - own)))
     valid = rng.binomial(DRAWS, p_valid)
     low, high = wilson_interval(valid, DRAWS)
     converged = 0.0 if abs(x - x_c) < 1.0 and rng.random() < UNCONVERGED_P else 1.0
@@ -89,7 +94,8 @@ def true_boundaries(x_c: float, x_l: float, tol: Tolerances | None = None
 
     tol = tol or Tolerances()
     nodes, weights = np.polynomial.hermite_e.hermegauss(24)  # N(0, 1) quadrature
-    effects, weights = nodes * SEED_SD, weights / weights.sum()
+    weights = weights / weights.sum()
+    effects, leak_effects = nodes * SEED_SD, nodes * math.hypot(LEAK_SEED_SD, LEAK_TRIAL_SD)
     counts = np.arange(DRAWS + 1)
     wilson = [wilson_interval(int(k), DRAWS) for k in counts]
     used = Outcome(0.32, use_low_nats=1.0, converged=1.0)
@@ -109,7 +115,7 @@ def true_boundaries(x_c: float, x_l: float, tol: Tolerances | None = None
 
     def p_leaking(x: float) -> float:
         p_valid = VALID_BASE - (VALID_BASE - VALID_BROKEN) * _sigmoid(
-            VALID_SLOPE * (x - x_l - effects))  # (E,)
+            VALID_SLOPE * (x - x_l - leak_effects))  # (E,)
         p_trial = stats.binom.pmf(counts[None, :], DRAWS, p_valid[:, None])  # (E, k)
         return float(weights @ (p_trial @ leaks @ p_base))
 
