@@ -71,7 +71,7 @@ def test_unconverged_probes_are_not_verdicts():
         if c[LATENT_KEY] and i % 2:
             m["eval/converged"] = 0.0
         search.on_trial_complete(f"t{i}", m)
-    xs, labels = search.observations(0)
+    xs, labels, seeds = search.observations(0)
     probes = [c for c in configs if c[LATENT_KEY]]
     assert len(xs) == len([i for i, c in enumerate(configs) if c[LATENT_KEY] and not i % 2])
     assert len(probes) == 9 and "unconverged" not in labels

@@ -125,6 +125,70 @@ def test_no_leak_seen_puts_the_leak_onset_above_the_range():
     assert fit.text().endswith("> 4] (95%, 9 trials)")
 
 
+def _reference_log_lik(kind, x, y, groups, x0, slope, tau):
+    """sum over seeds of log integral prod_i P(y_i | x_i; x0 + e, slope) N(e; 0, tau^2) de,
+    by adaptive quadrature (scipy), written out from the model."""
+    from scipy import integrate, stats
+
+    sign = -1.0 if kind == "collapse" else 1.0
+
+    def p_one(xi, e):
+        p = verdicts.LAPSE + (1 - 2 * verdicts.LAPSE) / (
+            1 + math.exp(-sign * slope * (xi - x0 - e)))
+        return p
+    total = 0.0
+    for g in dict.fromkeys(groups):
+        rows = [i for i, gi in enumerate(groups) if gi == g]
+
+        def seed_lik(e, rows=rows):
+            return math.prod(p_one(x[i], e) if y[i] else 1 - p_one(x[i], e) for i in rows)
+        if tau == 0:
+            total += math.log(seed_lik(0.0))
+        else:
+            value, _ = integrate.quad(lambda e: seed_lik(e) * stats.norm.pdf(e, 0, tau),
+                                      -8 * tau, 8 * tau)
+            total += math.log(value)
+    return total
+
+
+def test_a_seeds_offset_is_shared_by_its_verdicts_and_integrated_out():
+    """The posterior's log ratio between grid points equals the model's, integrated by
+    adaptive quadrature in the test; one seed's verdicts are not independent draws."""
+    x = [-3.0, -2.0, -1.0, -3.0, -2.0, -1.0, -2.5]
+    y = [False, True, True, False, False, True, True]
+    groups = ["a", "a", "a", "b", "b", "b", "c"]
+    x0s, post = verdicts.boundary_posterior("leak", x, y, -4, 0, groups)
+    slopes = np.asarray(verdicts.SLOPES)
+    points = [(int(np.argmin(abs(x0s - a))), s, t) for a, s, t in
+              [(-2.0, 2, 3), (-1.5, 4, 2), (-2.5, 1, 1), (-1.0, 6, 0), (-2.0, 3, 3)]]
+    ref = [_reference_log_lik("leak", x, y, groups, x0s[g], slopes[s], verdicts.SEED_SDS[t])
+           for g, s, t in points]
+    got = [math.log(post[g, s, t]) for g, s, t in points]
+    for r, q in zip(ref[1:], got[1:], strict=True):
+        assert q - got[0] == pytest.approx(r - ref[0], abs=0.02)
+    # the same verdicts, each read as its own seed, weigh the grid otherwise
+    _, alone = verdicts.boundary_posterior("leak", x, y, -4, 0, None)
+    g, s, t = points[0]
+    assert not math.isclose(alone[g, s, t], post[g, s, t], rel_tol=0.05)
+    _, alone_named = verdicts.boundary_posterior("leak", x, y, -4, 0, list(range(len(x))))
+    assert np.allclose(alone, alone_named)
+    with pytest.raises(ValueError, match="groups"):
+        verdicts.boundary_posterior("leak", x, y, -4, 0, groups[:-1])
+
+
+def test_a_seed_that_leaks_at_every_probe_reads_as_a_seed_offset():
+    """One seed leaks at every kappa probed, two at none: the posterior moves its weight
+    to a wide spread of the seeds' onsets (tau = 1), where independent draws would need a
+    curve that is flat over the probes."""
+    x = [-1.0, 0.0, 1.0] * 3
+    y = [True, True, True] + [False] * 6
+    _, post = verdicts.boundary_posterior("leak", x, y, -6, 2, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    tau = post.sum((0, 1))
+    assert verdicts.SEED_SDS[-1] == 1.0 and tau[-1] > 2 * tau[0], tau
+    _, mixed = verdicts.boundary_posterior("leak", x, y, -6, 2, [0, 1, 2] * 3)
+    assert mixed.sum((0, 1))[-1] < tau[-1]  # the same verdicts spread over the seeds
+
+
 def test_probe_information_peaks_between_disagreeing_verdicts():
     x = [-6, -6, 2, 2]
     y = [True, True, False, False]

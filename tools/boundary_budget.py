@@ -3,6 +3,7 @@ simulated sweep of tests/boundary_sim.py (no training; seconds).
 
     python tools/boundary_budget.py                 # the default: 3 seeds x 5 probes
     python tools/boundary_budget.py --seeds 3 --probes 9 --reps 200
+    python tools/boundary_budget.py --probes 9 --independent   # the fit without seed offsets
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=5)
     parser.add_argument("--initial", type=int, default=3)
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--independent", action="store_true",
+                        help="read every verdict as its own draw (no seed offsets)")
     args = parser.parse_args()
+    if args.independent:
+        from freetf.evaluation import verdicts
+
+        verdicts.SEED_SDS = (0.0,)
     offset_c, offset_l = true_boundaries(0.0, 0.0)
     hits = {"collapse": 0, "leak": 0}
     widths: dict[str, list[float]] = {"collapse": [], "leak": []}
@@ -45,7 +52,9 @@ def main() -> None:
         hits["leak"] += fits["leak"].contains(x_l + offset_l)
         for kind, fit in fits.items():
             widths[kind].append(fit.high_log2 - fit.low_log2)
-    print(f"{args.seeds} seeds x {args.probes} probes ({budget} trials), {args.reps} reps")
+    fit = "verdicts as independent draws" if args.independent else "seed offsets"
+    print(f"{args.seeds} seeds x {args.probes} probes ({budget} trials), {args.reps} reps, "
+          f"fit with {fit}")
     for kind in ("collapse", "leak"):
         w = np.asarray(widths[kind])
         print(f"  {kind:8s} coverage {hits[kind] / args.reps:.1%}  median width "

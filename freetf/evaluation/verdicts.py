@@ -21,11 +21,16 @@ and one prior draw's CE pays Jensen's gap, not a leak (docs/sweeps.md).
 
 The boundaries of a sweep are fitted to these verdicts along x = log2(kappa):
 P(collapsed | x) falls and P(leaking | x) rises through a logistic curve
-``lapse + (1 - 2 lapse) sigmoid(+-slope (x - x0))``; a grid posterior over (x0, slope),
-flat in x0 over the searched range widened by :data:`X0_PAD_LOG2` on each side and
-log-uniform in the slope, gives x0's median and an equal-tailed credible interval
-(:func:`fit_boundary`), and how much a new probe at x would tell about x0
-(:func:`probe_information`, the expected information gain of its verdict).
+``lapse + (1 - 2 lapse) sigmoid(+-slope (x - x0 - e_seed))``.  The seed's own offset
+``e_seed ~ N(0, tau^2)`` is shared by every trial of that seed (the probes of a sweep
+reuse its seeds, so their verdicts are not independent: one seed that leaks early leaks
+early at every kappa); it is integrated out by Gauss-Hermite quadrature, and x0 is where
+the curve of the whole population of seeds crosses 1/2.  A grid posterior over
+(x0, slope, tau), flat in x0 over the searched range widened by :data:`X0_PAD_LOG2` on
+each side, log-uniform in the slope and uniform over :data:`SEED_SDS`, gives x0's median
+and an equal-tailed credible interval (:func:`fit_boundary`), and how much a new probe
+at x would tell about x0 (:func:`probe_information`, the expected information gain of
+a new seed's verdict).  Without seeds (``groups=None``) every verdict is its own seed.
 
 numpy and scipy: no Ray, MLflow or torch.
 """
@@ -49,6 +54,9 @@ X0_PAD_LOG2 = 1.0  # the boundary may lie this far (log2 units) outside the prob
 X0_STEP_LOG2 = 0.05  # resolution of the posterior grid over x0
 SLOPES = tuple(np.geomspace(0.5, 16.0, 8))  # per log2 unit of kappa
 LAPSE = 0.02  # a verdict flips against the curve with this probability (outliers)
+SEED_SDS = (0.0, 0.25, 0.5, 1.0)  # tau, log2 units: how far one seed's onset sits from
+# the population's (measured on the default sweep's trials: about 1 for the leak)
+SEED_NODES = 8  # Gauss-Hermite nodes over a seed's offset
 KINDS = ("collapse", "leak")
 
 
@@ -248,33 +256,59 @@ def _grid(low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
     return x0, np.asarray(SLOPES)  # (S,)
 
 
-def _p_one(kind: str, x: np.ndarray, x0: np.ndarray, slope: np.ndarray) -> np.ndarray:
-    """P(verdict | x) on the grid: (len(x), G, S)."""
+def _seed_offsets() -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (T, Q) of a seed's curve (tau x node) and their quadrature weights (Q,)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(SEED_NODES)  # N(0, 1)
+    return np.outer(SEED_SDS, nodes), weights / weights.sum()
+
+
+def _p_one(kind: str, x: np.ndarray, x0: np.ndarray, slope: np.ndarray,
+           offsets: np.ndarray | None = None) -> np.ndarray:
+    """P(verdict | x) on the grid: (len(x), G, S), or (len(x), G, S, T, Q) for a seed
+    whose curve sits ``offsets`` (T, Q) from the population's."""
     sign = -1.0 if kind == "collapse" else 1.0
-    arg = sign * slope[None, None, :] * (x[:, None, None] - x0[None, :, None])
+    shift = x[:, None, None] - x0[None, :, None]  # (N, G, 1)
+    if offsets is not None:
+        shift = shift[..., None, None] - offsets[None, None, None]  # (N, G, 1, T, Q)
+        arg = sign * slope[None, None, :, None, None] * shift
+    else:
+        arg = sign * slope[None, None, :] * shift
     return LAPSE + (1.0 - 2.0 * LAPSE) / (1.0 + np.exp(-arg))
 
 
 def boundary_posterior(kind: str, x: Sequence[float], y: Sequence[bool], low: float,
-                       high: float) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior over (x0, slope) of the ``kind`` boundary: (x0 grid, weights (G, S))."""
+                       high: float, groups: Sequence | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior over (x0, slope, tau) of the ``kind`` boundary: (x0 grid, weights
+    (G, S, T)); ``groups`` names each verdict's seed (None: each its own)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} must be one of {KINDS}")
     x0, slopes = _grid(low, high)
-    log_post = np.zeros((len(x0), len(slopes)))
+    offsets, weights = _seed_offsets()
+    log_post = np.zeros((len(x0), len(slopes), len(SEED_SDS)))
     if len(x):
-        p = _p_one(kind, np.asarray(x, float), x0, slopes)  # (N, G, S)
-        yy = np.asarray(y, bool)[:, None, None]
-        log_post = np.where(yy, np.log(p), np.log1p(-p)).sum(0)
+        if groups is not None and len(groups) != len(x):
+            raise ValueError(f"{len(groups)} groups for {len(x)} verdicts")
+        labels = list(range(len(x))) if groups is None else list(groups)
+        probed, at = np.unique(np.asarray(x, float), return_inverse=True)
+        p = _p_one(kind, probed, x0, slopes, offsets)  # (probes, G, S, T, Q)
+        log_p = (np.log1p(-p), np.log(p))  # [verdict]
+        for label in dict.fromkeys(labels):  # one seed: its verdicts share its offset
+            rows = [i for i, g in enumerate(labels) if g == label]
+            seed_log_p = sum(log_p[bool(y[i])][at[i]] for i in rows)  # (G, S, T, Q)
+            top = seed_log_p.max(-1, keepdims=True)
+            log_post += (top[..., 0]
+                         + np.log((np.exp(seed_log_p - top) * weights).sum(-1)))
     post = np.exp(log_post - log_post.max())
     return x0, post / post.sum()
 
 
 def fit_boundary(kind: str, x: Sequence[float], y: Sequence[bool], low: float, high: float,
-                 confidence: float = 0.9) -> BoundaryFit:
-    """The ``kind`` boundary from verdicts ``y`` (True: collapsed / leaking) at ``x``."""
-    x0, post = boundary_posterior(kind, x, y, low, high)
-    cdf = np.cumsum(post.sum(1))
+                 confidence: float = 0.9, groups: Sequence | None = None) -> BoundaryFit:
+    """The ``kind`` boundary from verdicts ``y`` (True: collapsed / leaking) at ``x``, of
+    the seeds ``groups`` (one label per verdict; None: every verdict its own seed)."""
+    x0, post = boundary_posterior(kind, x, y, low, high, groups)
+    cdf = np.cumsum(post.sum((1, 2)))
     tail = (1.0 - confidence) / 2.0
 
     def quantile(q: float) -> float:
@@ -284,13 +318,23 @@ def fit_boundary(kind: str, x: Sequence[float], y: Sequence[bool], low: float, h
 
 
 def probe_information(kind: str, candidates: Sequence[float], x: Sequence[float],
-                      y: Sequence[bool], low: float, high: float) -> np.ndarray:
-    """Expected information (nats) about the boundary from one verdict at each candidate:
-    H(E[p]) - E[H(p)] under the posterior (BALD); largest where it is most uncertain."""
-    x0, post = boundary_posterior(kind, x, y, low, high)
-    p = _p_one(kind, np.asarray(candidates, float), x0, np.asarray(SLOPES))  # (C, G, S)
-    mean = (p * post[None]).sum((1, 2))
-    return _entropy(mean) - (_entropy(p) * post[None]).sum((1, 2))
+                      y: Sequence[bool], low: float, high: float,
+                      groups: Sequence | None = None) -> np.ndarray:
+    """Expected information (nats) about the boundary from one more verdict, of a seed
+    not seen yet, at each candidate: H(E[p]) - E[H(p)] under the posterior (BALD);
+    largest where it is most uncertain."""
+    x0, post = boundary_posterior(kind, x, y, low, high, groups)
+    # The population's curve: a logistic averaged over N(0, tau^2) offsets is close to a
+    # logistic of slope s / sqrt(1 + pi s^2 tau^2 / 8) (the probit approximation); only
+    # where to probe next rests on it, not the intervals.
+    slopes, taus = np.asarray(SLOPES)[:, None], np.asarray(SEED_SDS)[None, :]
+    flat = slopes / np.sqrt(1.0 + math.pi * (slopes * taus) ** 2 / 8.0)  # (S, T)
+    sign = -1.0 if kind == "collapse" else 1.0
+    shift = np.asarray(candidates, float)[:, None] - x0[None, :]  # (C, G)
+    p = LAPSE + (1.0 - 2.0 * LAPSE) / (1.0 + np.exp(-sign * shift[:, :, None, None]
+                                                    * flat[None, None]))  # (C, G, S, T)
+    mean = (p * post[None]).sum((1, 2, 3))
+    return _entropy(mean) - (_entropy(p) * post[None]).sum((1, 2, 3))
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:

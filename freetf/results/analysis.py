@@ -138,7 +138,7 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
         values = values if isinstance(values, tuple) else (values,)
         gx = list(x_column(group, key))
         fits = {kind: verdicts.fit_boundary(kind, gx, list(group["verdict"] == name),
-                                            low, high, confidence)
+                                            low, high, confidence, groups=list(group["seed"]))
                 for kind, name in (("collapse", "collapsed"), ("leak", "leaking"))}
         setting = {c[len("sampled."):]: v for c, v in zip(settings, values, strict=True)}
         result.boundaries.append(SettingBoundaries(setting, fits["collapse"], fits["leak"]))

@@ -44,7 +44,7 @@ def boundaries_over_training(histories: pd.DataFrame, trials: pd.DataFrame, x: p
     by_run = {run: h.set_index("step") for run, h in histories.groupby("run_id")}
     steps = sorted(histories["step"].unique())
     for step in steps:
-        xs, labels = [], []
+        xs, labels, seeds = [], [], []
         for i, trial in probes.iterrows():
             base_run = base_of_seed.get(trial["seed"])
             if base_run not in by_run or trial["run_id"] not in by_run:
@@ -58,11 +58,12 @@ def boundaries_over_training(histories: pd.DataFrame, trials: pd.DataFrame, x: p
                 continue
             xs.append(float(x.loc[i]))
             labels.append(verdicts.classify(outcome, baseline, tol))
+            seeds.append(trial["seed"])
         if not xs:
             continue
         for kind, name in (("collapse", "collapsed"), ("leak", "leaking")):
             fit = verdicts.fit_boundary(kind, xs, [v == name for v in labels],
-                                        *range_log2, confidence)
+                                        *range_log2, confidence, groups=seeds)
             rows.append([int(step), kind, fit.median_log2, fit.low_log2, fit.high_log2,
                          fit.trials])
     return pd.DataFrame(rows, columns=COLUMNS)

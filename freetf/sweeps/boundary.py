@@ -16,7 +16,8 @@ searched key: ``kl_weight``, the annealing type, ...) it probes x = log2(kappa):
    far, so Tune's concurrency is kept.
 
 The verdicts (collapsed / used / leaking) are those of :mod:`freetf.evaluation.verdicts`,
-against each trial's baseline of the same seed; a probe waits for the baselines.  Each trial's
+against each trial's baseline of the same seed, fitted with the seed's own offset shared
+by its trials (every probe runs the same seeds); a probe waits for the baselines.  Each trial's
 config holds the searched keys plus ``training.seed`` and ``model.latent_dim``
 (:func:`trial_keys`), so every trial has its own key and MLflow run.
 """
@@ -156,11 +157,11 @@ class BoundarySearch(Searcher):
         return all(any(o is not None and spec["role"] == "baseline" and spec["setting"] == b
                        for spec, o in self.done) for b in self._baseline_settings())
 
-    def observations(self, index: int) -> tuple[list[float], list[str]]:
-        """(x, verdict) of the finished probes of setting ``index`` (with a baseline)."""
+    def observations(self, index: int) -> tuple[list[float], list[str], list[int]]:
+        """(x, verdict, seed) of the finished probes of setting ``index`` (with a baseline)."""
         baselines = {spec["seed"]: o for spec, o in self.done if o is not None
                      and spec["role"] == "baseline" and spec["setting"] == self._baseline_of(index)}
-        xs, labels = [], []
+        xs, labels, seeds = [], [], []
         for spec, outcome in self.done:
             if (spec["role"] == "probe" and spec["index"] == index and outcome is not None
                     and spec["seed"] in baselines):
@@ -168,13 +169,14 @@ class BoundarySearch(Searcher):
                 if label != verdicts.UNCONVERGED:
                     xs.append(spec["x"])
                     labels.append(label)
-        return xs, labels
+                    seeds.append(spec["seed"])
+        return xs, labels, seeds
 
     def fits(self, index: int, confidence: float = 0.9) -> dict[str, verdicts.BoundaryFit]:
         """The collapse and leak boundaries of setting ``index`` from the verdicts so far."""
-        xs, labels = self.observations(index)
+        xs, labels, seeds = self.observations(index)
         return {kind: verdicts.fit_boundary(kind, xs, [v == _VERDICT[kind] for v in labels],
-                                            self.low, self.high, confidence)
+                                            self.low, self.high, confidence, groups=seeds)
                 for kind in verdicts.KINDS}
 
     def _plan(self) -> None:
@@ -193,10 +195,10 @@ class BoundarySearch(Searcher):
         free = grid[np.abs(grid[:, None] - taken[None, :]).min(1) >= MIN_SPACING_LOG2 - 1e-9] \
             if taken.size else grid
         candidates = free if free.size else grid
-        xs, labels = self.observations(index)
+        xs, labels, seeds = self.observations(index)
         gain = sum(verdicts.probe_information(kind, candidates, xs,
                                               [v == _VERDICT[kind] for v in labels],
-                                              self.low, self.high)
+                                              self.low, self.high, groups=seeds)
                    for kind in verdicts.KINDS)
         x = float(candidates[int(np.argmax(gain))])
         log.info("boundary search: next probe of setting %s at kappa = %.4g bits",
