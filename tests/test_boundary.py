@@ -173,6 +173,38 @@ def test_analyse_labels_trials_against_their_seed_baselines_and_fits_boundaries(
     assert "kappa_c" in paths["boundaries"].read_text()
 
 
+def test_regime_onsets_locate_where_z_takes_the_position_then_the_noise_then_breaks(
+        tmp_path):
+    """Figure 4 located: Z carries the position from x = -2 on, the noise from 0 on, free
+    generation breaks at 2 (valid 0.1): each onset's interval lies between its probes."""
+    df = _frame()
+    x = np.log2(df["free_bits_bits"])
+    ft = df["model_kind"] == "free_transformer"
+    df["eval/use_position_low_nats"] = np.where(ft, np.where(x >= -2, 0.5, 0.0), np.nan)
+    df["eval/use_noise_low_nats"] = np.where(ft, np.where(x >= 0, 0.5, 0.0), np.nan)
+    found = analysis.analyse(df, KEY, confidence=0.9, range_log2=(-6.0, 2.0))
+    judged = found.trials[found.trials["model_kind"] == "free_transformer"]
+    assert list(judged.sort_values("free_bits_bits").groupby("free_bits_bits")["regime"]
+                .first()) == ["nothing", "nothing", "position", "position+noise", "broken"]
+    (b,) = found.boundaries
+    brackets = {"position": (-4, -2), "noise": (-2, 0), "broken": (0, 2)}
+    assert set(b.regimes) == set(brackets)
+    for name, (lo, hi) in brackets.items():
+        fit = b.regimes[name]
+        assert lo <= fit.low_log2 < fit.median_log2 < fit.high_log2 <= hi, (name, fit)
+        assert fit.trials == 15
+    parent, _ = analysis.mlflow_records(found)
+    assert parent["metrics"]["boundary/kappa_noise_bits"] == pytest.approx(
+        b.regimes["noise"].bits[0])
+    assert any(line.startswith("kappa_pos (Z: position)") for line in found.summary_lines())
+    paths = analysis.write_analysis(found, tmp_path)
+    assert '"kappa_broken"' in paths["boundaries_json"].read_text()
+    # without the per-class measures (not the synthetic task) there is no regime onset
+    plain = analysis.analyse(_frame(), KEY, confidence=0.9, range_log2=(-6.0, 2.0))
+    assert plain.boundaries[0].regimes == {}
+    assert not any("kappa_pos" in k for k in analysis.mlflow_records(plain)[0]["metrics"])
+
+
 def test_unconverged_baselines_mark_the_boundaries_and_unconverged_trials_are_left_out(
         tmp_path):
     df = _frame()

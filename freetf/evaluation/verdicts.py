@@ -141,6 +141,14 @@ def classify(trial: Outcome, baseline: Outcome, tol: Tolerances) -> str:
 
 
 REGIMES = ("nothing", "position", "noise", "position+noise", "broken")
+# The regime boundaries along kappa (Figure 4 located): where the probability that a
+# trial's Z carries the position (kappa_pos), the noise (kappa_noise), or that its free
+# generation breaks (kappa_broken) rises through 1/2; a broken trial counts as carrying
+# both (the paper's 8-bit row: Z encodes everything).
+REGIME_ONSETS = {"position": ("position", "position+noise", "broken"),
+                 "noise": ("noise", "position+noise", "broken"),
+                 "broken": ("broken",)}
+ONSET_NAMES = {"position": "kappa_pos", "noise": "kappa_noise", "broken": "kappa_broken"}
 
 
 def regime(trial: Outcome, tol: Tolerances) -> str:
@@ -204,9 +212,10 @@ def plateau(history: Sequence[Mapping[str, float]], evals: int, ce_nats: float,
 
 @dataclass(frozen=True)
 class BoundaryFit:
-    """Where P(collapsed) falls (or P(leaking) rises) through 1/2, along log2(kappa)."""
+    """Where P(collapsed) falls (or P(leaking), P(regime) rises) through 1/2, along
+    log2(kappa)."""
 
-    kind: str  # "collapse" | "leak"
+    kind: str  # "collapse" | "leak" | a key of REGIME_ONSETS
     median_log2: float
     low_log2: float
     high_log2: float
@@ -281,8 +290,8 @@ def boundary_posterior(kind: str, x: Sequence[float], y: Sequence[bool], low: fl
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior over (x0, slope, tau) of the ``kind`` boundary: (x0 grid, weights
     (G, S, T)); ``groups`` names each verdict's seed (None: each its own)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} must be one of {KINDS}")
+    if kind not in (*KINDS, *REGIME_ONSETS):
+        raise ValueError(f"kind={kind!r} must be one of {(*KINDS, *REGIME_ONSETS)}")
     x0, slopes = _grid(low, high)
     offsets, weights = _seed_offsets()
     log_post = np.zeros((len(x0), len(slopes), len(SEED_SDS)))

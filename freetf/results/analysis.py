@@ -9,7 +9,9 @@ with its baseline trials (``model.latent_dim = 0``, one per seed and baseline se
   :mod:`freetf.evaluation.verdicts`); the per-trial fixed-threshold verdict stays in
   ``verdict_fixed``;
 - per setting of the other searched keys, the collapse onset kappa_c and the leak onset
-  kappa_l with their credible intervals (:func:`freetf.evaluation.verdicts.fit_boundary`);
+  kappa_l with their credible intervals (:func:`freetf.evaluation.verdicts.fit_boundary`),
+  and on the synthetic task the regime onsets of Figure 4 (kappa_pos, kappa_noise,
+  kappa_broken: :func:`regime_fits`) by the same fit;
 - :func:`write_analysis` writes ``boundaries.md``, ``boundaries.json``, ``verdicts.csv``
   and the phase diagram (:mod:`freetf.results.phase`) into the sweep's report folder.
 
@@ -46,6 +48,8 @@ class SettingBoundaries:
     setting: dict[str, Any]  # the other searched keys' values
     collapse: BoundaryFit  # kappa_c: P(collapsed) falls through 1/2
     leak: BoundaryFit  # kappa_l: P(leaking) rises through 1/2
+    # kappa_pos, kappa_noise, kappa_broken (synthetic task: trials with a regime)
+    regimes: dict[str, BoundaryFit] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -75,6 +79,8 @@ class SweepAnalysis:
         for b in self.boundaries:
             lines.append(f"kappa_c (collapse onset) at {b.label}: {b.collapse.text()}{mark}")
             lines.append(f"kappa_l (leak onset)     at {b.label}: {b.leak.text()}{mark}")
+            for name, fit in b.regimes.items():
+                lines.append(f"{REGIME_NAMES[name]:24s} at {b.label}: {fit.text()}{mark}")
         if self.over_training is not None and not self.over_training.empty:
             for label, part in self.over_training.groupby("label"):
                 done = over_training.estimate_converged(part)
@@ -89,6 +95,24 @@ class SweepAnalysis:
         lines.append(f"rule: used = use interval above {t.use_nats:g} nats/token; leaking = "
                      f"valid < {t.broken_valid:g} or {t.leak_valid:g} below the baseline's")
         return lines
+
+
+REGIME_NAMES = {"position": "kappa_pos (Z: position)", "noise": "kappa_noise (Z: noise)",
+                "broken": "kappa_broken (invalid)"}
+
+
+def regime_fits(group: pd.DataFrame, x: pd.Series, low: float, high: float,
+                confidence: float) -> dict[str, BoundaryFit]:
+    """kappa_pos, kappa_noise, kappa_broken from the trials of ``group``
+    (:data:`freetf.evaluation.verdicts.REGIME_ONSETS`); {} unless every trial has a
+    regime (the synthetic task's per-class measures)."""
+    regimes = list(group["regime"].fillna("").astype(str))
+    if not regimes or "" in regimes:
+        return {}
+    seeds = list(group["seed"])
+    return {name: verdicts.fit_boundary(name, list(x), [r in members for r in regimes],
+                                        low, high, confidence, groups=seeds)
+            for name, members in verdicts.REGIME_ONSETS.items()}
 
 
 def _short(value: Any) -> str:
@@ -141,7 +165,9 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
                                             low, high, confidence, groups=list(group["seed"]))
                 for kind, name in (("collapse", "collapsed"), ("leak", "leaking"))}
         setting = {c[len("sampled."):]: v for c, v in zip(settings, values, strict=True)}
-        result.boundaries.append(SettingBoundaries(setting, fits["collapse"], fits["leak"]))
+        result.boundaries.append(SettingBoundaries(
+            setting, fits["collapse"], fits["leak"],
+            regime_fits(group, x_column(group, key), low, high, confidence)))
         if histories is not None and not histories.empty:
             own_values = tuple(v for c, v in zip(settings, values, strict=True) if c in own)
             bases = df[is_base & df[own].apply(tuple, axis=1).eq(own_values)] if own \
@@ -171,7 +197,8 @@ def boundaries_json(analysis: SweepAnalysis) -> list[dict[str, Any]]:
     rows = []
     for b in analysis.boundaries:
         row: dict[str, Any] = {"setting": b.setting, "label": b.label}
-        for name, fit in (("kappa_c", b.collapse), ("kappa_l", b.leak)):
+        for name, fit in (("kappa_c", b.collapse), ("kappa_l", b.leak),
+                          *((verdicts.ONSET_NAMES[k], f) for k, f in b.regimes.items())):
             est, low, high = fit.bits
             row[name] = {"bits": est, "low_bits": low, "high_bits": high,
                          "confidence": fit.confidence, "trials": fit.trials,
@@ -235,6 +262,11 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
             tags[{"kappa_c": KAPPA_C, "kappa_l": KAPPA_L}[name]
                  + ("" if single else f".{b.label}")] = (
                 fit.text() + ("" if analysis.converged else " [unconverged baselines]"))
+        for name, fit in b.regimes.items():
+            est, low, high = fit.bits
+            name = verdicts.ONSET_NAMES[name]
+            metrics.update({f"{prefix}{name}_bits": est, f"{prefix}{name}_low_bits": low,
+                            f"{prefix}{name}_high_bits": high})
     metrics["boundary/converged"] = 1.0 if analysis.converged else 0.0
     steps = []  # kappa(t): the parent's boundary_t/* metrics, one point per evaluation
     if single and analysis.over_training is not None:

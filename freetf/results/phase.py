@@ -4,7 +4,9 @@ Three panels, x = free bits kappa (bits, log2 axis):
 
 1. P(used) over (kappa, kl_weight): one square per probe, coloured by the fraction of
    its seeds whose verdict is ``used``; the collapse onset kappa_c (blue) and the leak
-   onset kappa_l (red) of each kl_weight drawn at their median with their interval;
+   onset kappa_l (red) of each kl_weight drawn at their median with their interval, and
+   on the synthetic task the regime onsets kappa_pos (green), kappa_noise (orange) and
+   kappa_broken (black);
 2. the single-draw cost (honest CE minus the seed's baseline, nats; a diagnostic, not
    the leak rule) against kappa: mean and seed standard deviation per probe, one line
    per setting;
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from freetf.evaluation.verdicts import ONSET_NAMES
 from freetf.results.columns import KL_WEIGHT, save_figure, x_column
 
 
@@ -62,8 +65,11 @@ def plot_phase_diagram(analysis, path: str | Path) -> Path:
     fig.colorbar(points, ax=ax_map, label="P(used) over seeds")
     for b in analysis.boundaries:
         y = b.setting.get("training.kl_weight", float(judged[KL_WEIGHT].iloc[0]))
+        onsets = [(b.regimes[k], color, ONSET_NAMES[k], shift) for k, color, shift in
+                  (("position", "tab:green", 1.35), ("noise", "tab:orange", 1 / 1.35),
+                   ("broken", "black", 1.6)) if k in b.regimes]
         for fit, color, name, shift in ((b.collapse, "tab:blue", "kappa_c", 1.15),
-                                        (b.leak, "tab:red", "kappa_l", 1 / 1.15)):
+                                        (b.leak, "tab:red", "kappa_l", 1 / 1.15), *onsets):
             est, low, high = fit.bits
             ax_map.errorbar([est], [y * shift], xerr=[[est - low], [high - est]], fmt="D",
                             color=color, capsize=5, ms=8, label=f"{name} ({fit.confidence:.0%})")
