@@ -98,6 +98,35 @@ def test_baselines_first_then_every_seed_of_each_probe():
     assert search.done[-1][1] is None
 
 
+def test_the_probes_go_where_the_targets_boundaries_are_uncertain():
+    """Z takes the position from x = -1.5 on, the noise only at 3: placed for kappa_c the
+    next probe lies below -1.5, for kappa_noise above it (the regimes' onset)."""
+    def run(config: dict) -> dict:
+        metrics = fake_trainable(config, np.random.default_rng(0), -3.0, 10.0, slope=50.0)
+        if config[LATENT_KEY]:
+            x = math.log2(config[KEY])
+            metrics |= {"eval/use_low_nats": 0.05 if x > -3 else -0.001,
+                        "eval/use_position_low_nats": 0.5 if x > -3 else 0.0,
+                        "eval/use_noise_low_nats": 0.5 if x > 2 else 0.0}
+        return metrics
+
+    placed = {}
+    for targets in (("collapse",), ("noise",), ("collapse", "position", "noise")):
+        search = BoundarySearch(KEY, -6.0, 3.0, [{"training.kl_weight": 1.0}],
+                                {KEY: 1.0, "training.kl_weight": 1.0}, 8, [0, 1, 2], 4, 3,
+                                targets=targets)
+        configs = [search.suggest(f"t{i}") for i in range(12)]
+        for i, config in enumerate(configs):
+            search.on_trial_complete(f"t{i}", run(config))
+        xs, regimes, _ = search.regimes(0)
+        assert sorted(set(zip(xs, regimes, strict=True))) == [
+            (-6.0, "nothing"), (-1.5, "position"), (3.0, "position+noise")]
+        placed[targets] = search.next_probe(0)
+    assert -6.0 < placed[("collapse",)] < -1.5
+    assert -1.5 < placed[("noise",)] < 3.0
+    assert placed[("collapse", "position", "noise")] < -1.5  # two onsets there, one above
+
+
 def test_save_and_restore_continue_the_same_search(tmp_path):
     rng = np.random.default_rng(3)
     first = _search(probes=5)

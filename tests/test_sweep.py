@@ -90,6 +90,9 @@ def test_resources_take_the_scaling_names_and_the_old_ones_still_work(tmp_path, 
     ("boundary.seeds=1", "boundary.seeds=1 must be >= 2"),
     ("boundary.key=training.kl_weight", "a range of values > 0"),
     ("model.latent_dim=0", "needs a Free Transformer"),
+    ("boundary.targets=[leak, leak]", "boundary.targets=['leak', 'leak']: one or more of"),
+    ("boundary.targets=[position, phase]", "collapse, leak, position, noise, broken"),
+    ("boundary.targets=[]", "each once"),
 ])
 def test_boundary_spec_errors_name_the_key(setting, message):
     with pytest.raises(SweepError, match=message.replace("[", r"\[").replace("(", r"\(")):

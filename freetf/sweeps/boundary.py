@@ -11,9 +11,11 @@ searched key: ``kl_weight``, the annealing type, ...) it probes x = log2(kappa):
    a 1/8-log2 grid where one more verdict tells the most about the two boundaries (the
    sum of the expected information gains of
    :func:`freetf.evaluation.verdicts.probe_information` for the collapse onset kappa_c
-   and the leak onset kappa_l), skipping points within a quarter log2 unit of a probe
-   already placed.  A probe is placed as soon as a slot frees, from the verdicts in so
-   far, so Tune's concurrency is kept.
+   and the leak onset kappa_l, or for the ``boundary.targets`` given, which on the
+   synthetic task may add the regime onsets kappa_pos, kappa_noise and kappa_broken),
+   skipping points within a quarter log2 unit of a probe already placed.  A probe is
+   placed as soon as a slot frees, from the verdicts in so far, so Tune's concurrency is
+   kept.
 
 The verdicts (collapsed / used / leaking) are those of :mod:`freetf.evaluation.verdicts`,
 against each trial's baseline of the same seed, fitted with the seed's own offset shared
@@ -60,7 +62,7 @@ class BoundarySearch(Searcher):
                  settings: list[dict[str, Any]], base_values: dict[str, Any], latent_dim: int,
                  seeds: list[int], probes: int, initial: int,
                  tolerances: verdicts.Tolerances | None = None, metric: str | None = None,
-                 mode: str | None = None):
+                 mode: str | None = None, targets: tuple[str, ...] = verdicts.KINDS):
         super().__init__(metric=metric, mode=mode)
         if not low_log2 < high_log2:
             raise ValueError(f"empty kappa range [2^{low_log2}, 2^{high_log2}]")
@@ -73,6 +75,7 @@ class BoundarySearch(Searcher):
         self.base_values, self.latent_dim = dict(base_values), int(latent_dim)
         self.seeds, self.probes = list(seeds), probes
         self.tolerances = tolerances or verdicts.Tolerances()
+        self.targets = tuple(targets)
         self.queue: list[dict[str, Any]] = []  # trial specs waiting for a slot
         self.live: dict[str, dict[str, Any]] = {}  # trial_id -> spec
         self.done: list[tuple[dict[str, Any], Outcome | None]] = []  # (spec, None: failed)
@@ -179,6 +182,24 @@ class BoundarySearch(Searcher):
                                             self.low, self.high, confidence, groups=seeds)
                 for kind in verdicts.KINDS}
 
+    def _target(self, index: int, kind: str) -> tuple[list[float], list[bool], list[int]]:
+        """(x, y, seed) for the ``kind`` boundary: y is the verdict for kappa_c / kappa_l,
+        whether the trial's regime reaches ``kind`` for a regime onset (trials with one)."""
+        if kind in _VERDICT:
+            xs, labels, seeds = self.observations(index)
+            return xs, [v == _VERDICT[kind] for v in labels], seeds
+        xs, regimes, seeds = self.regimes(index)
+        return xs, [r in verdicts.REGIME_ONSETS[kind] for r in regimes], seeds
+
+    def regimes(self, index: int) -> tuple[list[float], list[str], list[int]]:
+        """(x, regime, seed) of the converged probes of setting ``index`` with a regime."""
+        rows = [(spec["x"], verdicts.regime(outcome, self.tolerances), spec["seed"])
+                for spec, outcome in self.done
+                if spec["role"] == "probe" and spec["index"] == index and outcome is not None
+                and outcome.converged != 0.0]
+        rows = [r for r in rows if r[1]]
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
     def _plan(self) -> None:
         """Place the next probe of the setting with the fewest, once the baselines are in."""
         waiting = [i for i in range(len(self.settings)) if len(self.placed[i]) < self.probes]
@@ -195,11 +216,11 @@ class BoundarySearch(Searcher):
         free = grid[np.abs(grid[:, None] - taken[None, :]).min(1) >= MIN_SPACING_LOG2 - 1e-9] \
             if taken.size else grid
         candidates = free if free.size else grid
-        xs, labels, seeds = self.observations(index)
-        gain = sum(verdicts.probe_information(kind, candidates, xs,
-                                              [v == _VERDICT[kind] for v in labels],
-                                              self.low, self.high, groups=seeds)
-                   for kind in verdicts.KINDS)
+        gain = 0.0
+        for kind in self.targets:
+            xs, ys, seeds = self._target(index, kind)
+            gain = gain + verdicts.probe_information(kind, candidates, xs, ys, self.low,
+                                                     self.high, groups=seeds)
         x = float(candidates[int(np.argmax(gain))])
         log.info("boundary search: next probe of setting %s at kappa = %.4g bits",
                  self.settings[index], kappa_bits(x))
@@ -225,7 +246,7 @@ def from_sweep(sweep, base) -> BoundarySearch:
         spec.key, low, high, sweep.settings, {d.key: flat[d.key] for d in sweep.space},
         base.model.latent_dim, seeds(sweep), spec.probes, spec.initial,
         verdicts.Tolerances.from_config(base.diagnostics),
-        metric=sweep.search.metric, mode=sweep.search.mode)
+        metric=sweep.search.metric, mode=sweep.search.mode, targets=tuple(spec.targets))
 
 
 def seeds(sweep) -> list[int]:

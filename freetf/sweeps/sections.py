@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 
@@ -27,6 +27,9 @@ class BoundarySpec:
     probes: int = 5  # values of the key per setting, initial ones included
     initial: int = 3  # spread evenly over the range first
     confidence: float = 0.95  # of the intervals of kappa_c and kappa_l
+    # the boundaries the adaptive probes are placed for: collapse, leak, and on the
+    # synthetic task the regime onsets position, noise, broken (Figure 4 located)
+    targets: list[str] = field(default_factory=lambda: ["collapse", "leak"])
 
 
 @dataclass(frozen=True)

@@ -402,6 +402,12 @@ def _check_boundary(sweep: SweepConfig, base: Config) -> None:
                          f"{b.probes}]")
     if not 0 < b.confidence < 1:
         raise SweepError(f"boundary.confidence={b.confidence} must be in (0, 1)")
+    from freetf.evaluation.verdicts import KINDS, REGIME_ONSETS
+
+    known = (*KINDS, *REGIME_ONSETS)
+    if not b.targets or len(set(b.targets)) != len(b.targets) or set(b.targets) - set(known):
+        raise SweepError(f"boundary.targets={b.targets}: one or more of {', '.join(known)}, "
+                         f"each once")
     if sweep.asha.enabled:
         raise SweepError("search.method=boundary needs every probe to the end: set "
                          "asha.enabled=false")
