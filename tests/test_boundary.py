@@ -284,3 +284,33 @@ def test_boundaries_over_training_from_the_histories(tmp_path):
     paths = analysis.write_analysis(found, tmp_path)
     assert paths["over_training"].read_bytes().startswith(b"\x89PNG")
     assert len(pd.read_csv(paths["over_training_csv"])) == 8
+
+
+def test_regime_onsets_over_training_are_named_as_themselves(tmp_path):
+    """kappa_pos(t): Z carries the position from step 200 on (x >= -2); at step 100 only
+    the broken trials (x = 2) count; the parent run's steps name each onset, none read
+    as kappa_l."""
+    df = _frame()
+    x = np.log2(df["free_bits_bits"])
+    ft = df["model_kind"] == "free_transformer"
+    df["eval/use_position_low_nats"] = np.where(ft, np.where(x >= -2, 0.5, 0.0), np.nan)
+    df["eval/use_noise_low_nats"] = np.where(ft, 0.0, np.nan)
+    metrics = ["eval/ce_prior_nats", "eval/use_low_nats", "eval/valid_rate",
+               "eval/valid_low", "eval/valid_high", "eval/excess_nats",
+               "eval/use_position_low_nats", "eval/use_noise_low_nats"]
+    early = df[["run_id", *metrics]].assign(step=100)
+    early["eval/use_position_low_nats"] = np.where(ft, 0.0, np.nan)
+    histories = pd.concat([early] + [df[["run_id", *metrics]].assign(step=s)
+                                     for s in (200, 300, 400)], ignore_index=True)
+    found = analysis.analyse(df, KEY, confidence=0.9, range_log2=(-6.0, 2.0),
+                             histories=histories)
+    over = found.over_training
+    pos = over[over["kind"] == "position"].set_index("step")
+    assert pos.loc[100, "low_log2"] >= 0.0  # only the broken trials at x = 2
+    assert -4 <= pos.loc[400, "low_log2"] and pos.loc[400, "high_log2"] <= -2
+    assert set(over["kind"]) == {"collapse", "leak", "position", "noise", "broken"}
+    parent, _ = analysis.mlflow_records(found)
+    names = {k for k, _, _ in parent["steps"]}
+    assert {"boundary_t/kappa_pos_bits", "boundary_t/kappa_noise_high_bits"} <= names
+    assert len(parent["steps"]) == 4 * 5 * 3
+    assert any("kappa_pos settled" in line for line in found.summary_lines())

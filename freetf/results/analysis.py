@@ -85,9 +85,8 @@ class SweepAnalysis:
             for label, part in self.over_training.groupby("label"):
                 done = over_training.estimate_converged(part)
                 lines.append(f"over training at {label}: " + ", ".join(
-                    f"{name} {'settled' if done[kind] else 'still moving'}" for kind, name in
-                    (("collapse", "kappa_c"), ("leak", "kappa_l")))
-                    + " (last 3 evaluations within 0.5 log2)")
+                    f"{BOUNDARY_NAMES[kind]} {'settled' if ok else 'still moving'}"
+                    for kind, ok in done.items()) + " (last 3 evaluations within 0.5 log2)")
         if self.unconverged_baselines:
             lines.append(f"baselines not converged: {', '.join(self.unconverged_baselines)}"
                          " (train longer: training.max_steps)")
@@ -99,6 +98,7 @@ class SweepAnalysis:
 
 REGIME_NAMES = {"position": "kappa_pos (Z: position)", "noise": "kappa_noise (Z: noise)",
                 "broken": "kappa_broken (invalid)"}
+BOUNDARY_NAMES = {"collapse": "kappa_c", "leak": "kappa_l", **verdicts.ONSET_NAMES}
 
 
 def regime_fits(group: pd.DataFrame, x: pd.Series, low: float, high: float,
@@ -271,7 +271,7 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
     steps = []  # kappa(t): the parent's boundary_t/* metrics, one point per evaluation
     if single and analysis.over_training is not None:
         for row in analysis.over_training.itertuples():
-            name = "kappa_c" if row.kind == "collapse" else "kappa_l"
+            name = BOUNDARY_NAMES[row.kind]
             steps += [(f"boundary_t/{name}_bits", 2.0 ** row.median_log2, row.step),
                       (f"boundary_t/{name}_low_bits", 2.0 ** row.low_log2, row.step),
                       (f"boundary_t/{name}_high_bits", 2.0 ** row.high_log2, row.step)]

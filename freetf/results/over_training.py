@@ -1,4 +1,5 @@
-"""The boundaries over training: kappa_c(t) and kappa_l(t) from every evaluation.
+"""The boundaries over training: kappa_c(t) and kappa_l(t) from every evaluation, and on
+the synthetic task the regime onsets kappa_pos(t), kappa_noise(t), kappa_broken(t).
 
 The verdicts of :mod:`freetf.evaluation.verdicts` are taken from each trial's
 measurements at evaluation step t against its baseline's at the same step, and the
@@ -22,7 +23,8 @@ from freetf.evaluation.verdicts import Outcome, Tolerances
 
 HISTORY_METRICS = ("eval/ce_prior_nats", "eval/use_low_nats", "eval/ce_iw_low_nats",
                    "eval/valid_rate", "eval/valid_low", "eval/valid_high",
-                   "eval/excess_nats")
+                   "eval/excess_nats", "eval/use_position_low_nats",
+                   "eval/use_noise_low_nats")
 COLUMNS = ["step", "kind", "median_log2", "low_log2", "high_log2", "trials"]
 
 
@@ -44,7 +46,7 @@ def boundaries_over_training(histories: pd.DataFrame, trials: pd.DataFrame, x: p
     by_run = {run: h.set_index("step") for run, h in histories.groupby("run_id")}
     steps = sorted(histories["step"].unique())
     for step in steps:
-        xs, labels, seeds = [], [], []
+        xs, labels, seeds, regimes = [], [], [], []
         for i, trial in probes.iterrows():
             base_run = base_of_seed.get(trial["seed"])
             if base_run not in by_run or trial["run_id"] not in by_run:
@@ -59,11 +61,16 @@ def boundaries_over_training(histories: pd.DataFrame, trials: pd.DataFrame, x: p
             xs.append(float(x.loc[i]))
             labels.append(verdicts.classify(outcome, baseline, tol))
             seeds.append(trial["seed"])
+            regimes.append(verdicts.regime(outcome, tol))
         if not xs:
             continue
-        for kind, name in (("collapse", "collapsed"), ("leak", "leaking")):
-            fit = verdicts.fit_boundary(kind, xs, [v == name for v in labels],
-                                        *range_log2, confidence, groups=seeds)
+        ys = {"collapse": [v == "collapsed" for v in labels],
+              "leak": [v == "leaking" for v in labels]}
+        if "" not in regimes:  # the synthetic task: every trial has what Z carries
+            ys |= {kind: [r in members for r in regimes]
+                   for kind, members in verdicts.REGIME_ONSETS.items()}
+        for kind, y in ys.items():
+            fit = verdicts.fit_boundary(kind, xs, y, *range_log2, confidence, groups=seeds)
             rows.append([int(step), kind, fit.median_log2, fit.low_log2, fit.high_log2,
                          fit.trials])
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -71,16 +78,19 @@ def boundaries_over_training(histories: pd.DataFrame, trials: pd.DataFrame, x: p
 
 def estimate_converged(over: pd.DataFrame, last: int = 3, tol_log2: float = 0.5
                        ) -> dict[str, bool]:
-    """Per boundary kind: do the medians of the last ``last`` evaluations agree?"""
+    """Per boundary kind (kappa_c, kappa_l, and the regime onsets where fitted): do the
+    medians of the last ``last`` evaluations agree?"""
     out = {}
-    for kind in verdicts.KINDS:
+    for kind in (*verdicts.KINDS, *(k for k in verdicts.REGIME_ONSETS
+                                    if (over["kind"] == k).any())):
         medians = over[over["kind"] == kind].sort_values("step")["median_log2"].tail(last)
         out[kind] = len(medians) == last and float(medians.max() - medians.min()) <= tol_log2
     return out
 
 
 def plot_over_training(over: pd.DataFrame, path: str | Path, label: str = "") -> Path:
-    """kappa_c(t) and kappa_l(t) with their intervals against the training step."""
+    """kappa_c(t) and kappa_l(t) (and the regime onsets where fitted) with their intervals
+    against the training step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -88,7 +98,10 @@ def plot_over_training(over: pd.DataFrame, path: str | Path, label: str = "") ->
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for kind, color, name in (("collapse", "tab:blue", "kappa_c (collapse onset)"),
-                              ("leak", "tab:red", "kappa_l (leak onset)")):
+                              ("leak", "tab:red", "kappa_l (leak onset)"),
+                              ("position", "tab:green", "kappa_pos (Z: position)"),
+                              ("noise", "tab:orange", "kappa_noise (Z: noise)"),
+                              ("broken", "black", "kappa_broken (invalid)")):
         part = over[over["kind"] == kind].sort_values("step")
         if part.empty:
             continue
