@@ -264,6 +264,52 @@ def test_fsdp_shards_each_unit_and_reduces_only_when_asked(two_ranks):
             assert facts["unreduced_after_no_sync"] and facts["reduced_after_sync"]
 
 
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-rank gloo process group in this process (the spawned ranks' code runs where
+    mutation testing cannot see it)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("latent_dim", [0, 4], ids=["baseline", "free"])
+def test_apply_fsdp_shards_each_unit_under_its_precision_policy(tmp_path, one_rank,
+                                                                monkeypatch, latent_dim):
+    """Every unit and the root get the policy of ``mixed_precision`` (on CUDA bf16; here
+    fp64, which a CPU run can compute): the sharded model's logits are the fp64 model's.
+    Only FSDP2's returned-a-view warning is silenced."""
+    import copy
+    import warnings
+
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training import parallel
+
+    cfg = tiny(tmp_path, FSDP, f"model.latent_dim={latent_dim}")
+    model = FreeTransformer(cfg.model)
+    reference = copy.deepcopy(model).double()
+    monkeypatch.setattr(parallel, "mixed_precision",
+                        lambda cfg, device: MixedPrecisionPolicy(param_dtype=torch.float64))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    torch.manual_seed(1)  # the same Z in both
+    expected = reference(ids)[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert apply_fsdp(model, cfg, torch.device("cpu")) is model
+        torch.manual_seed(1)
+        logits = model(ids)[0]
+        warnings.warn("another warning", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in seen]
+    assert "another warning" in messages and not [m for m in messages if "a view" in m]
+    units = [model, *model.blocks] + ([model.encoder, model.mapper] if latent_dim else [])
+    assert [m for m in model.modules() if isinstance(m, FSDPModule)] == units
+    assert logits.dtype == torch.float64
+    assert torch.allclose(logits, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_clip_grad_norm_returns_the_unclipped_norm_when_off():
     model = torch.nn.Linear(3, 2)
     model(torch.ones(1, 3)).sum().backward()
@@ -271,6 +317,16 @@ def test_clip_grad_norm_returns_the_unclipped_norm_when_off():
     grads = [p.grad.clone() for p in model.parameters()]
     assert clip_grad_norm(model.parameters(), 0).item() == pytest.approx(expected.item(), rel=1e-5)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+
+
+def test_clip_grad_norm_scales_the_gradients_to_a_max_norm_below_one():
+    model = torch.nn.Linear(3, 2)
+    model(torch.full((1, 3), 4.0)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = torch.cat([g.flatten() for g in grads]).norm()  # sqrt(2 * 48 + 2) ~ 9.9
+    assert clip_grad_norm(model.parameters(), 0.5).item() == pytest.approx(norm.item())
+    for g, p in zip(grads, model.parameters(), strict=True):
+        assert torch.allclose(p.grad, g * 0.5 / norm, rtol=1e-5)
 
 
 def test_mixed_precision_policy_only_for_amp_on_cuda():

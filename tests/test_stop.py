@@ -4,8 +4,12 @@ that stops at the next step with a checkpoint a resume continues exactly from.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
 import signal
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +20,24 @@ from freetf.training.context import TrainContext
 from freetf.training.loop import train_loop
 from freetf.training.stop import (
     TrainingStopped,
+    request_stop,
     requested_signal,
+    signal_name,
     sigterm_as,
     stop_on_signals,
 )
 
 pytestmark = pytest.mark.timeout(120)
+
+
+# first: with request_stop broken, a signal sent by a later test would end the process
+def test_the_first_request_is_kept_until_the_block_ends():
+    with stop_on_signals():
+        assert requested_signal() is None
+        assert request_stop(signal.SIGINT) is True
+        assert request_stop(signal.SIGTERM) is False
+        assert requested_signal() == signal.SIGINT
+    assert requested_signal() is None
 
 
 def test_the_first_signal_asks_for_a_stop_and_a_second_sigint_stops_at_once():
@@ -90,3 +106,75 @@ def test_sigterm_takes_tunes_stop_while_a_sweep_runs():
     finally:
         signal.signal(signal.SIGUSR1, saved)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_stop_names_its_signal_step_and_checkpoint_and_crosses_processes():
+    """What ``freetf train`` prints and exits with, and what Ray sends to the driver."""
+    saved = TrainingStopped(signal.SIGINT, 7, Path("runs/ckpt/step_000007"))
+    assert str(saved) == "stopped by SIGINT after step 7" and saved.exit_code == 130
+    assert saved.explain() == ("stopped by SIGINT after step 7; checkpoint: "
+                               "runs/ckpt/step_000007 (continue with --resume "
+                               "runs/ckpt/step_000007)")
+    early = TrainingStopped(signal.SIGTERM, 0)
+    assert early.checkpoint is None and early.exit_code == 143
+    assert early.explain() == "stopped by SIGTERM after step 0; no checkpoint was saved"
+    for err in (saved, early):
+        copy = pickle.loads(pickle.dumps(err))
+        assert type(copy) is TrainingStopped and str(copy) == str(err)
+        assert (copy.signum, copy.step, copy.checkpoint) == (err.signum, err.step,
+                                                              err.checkpoint)
+    assert signal_name(signal.SIGTERM) == "SIGTERM" and signal_name(999) == "signal 999"
+
+
+def test_a_second_signal_restores_the_default_handlers():
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def _two_sigterms():
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(0)  # not reached: the second SIGTERM ends the process
+
+
+def test_a_second_sigterm_ends_the_process_by_that_signal_from_its_default_handler(monkeypatch):
+    child = multiprocessing.get_context("fork").Process(target=_two_sigterms)
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGTERM
+    # the same in this process, with the final raise recorded instead of done
+    raised = []
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        with monkeypatch.context() as patch:
+            patch.setattr(signal, "raise_signal", raised.append)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert raised == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_outside_the_main_thread_the_handlers_are_left_alone():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    seen = []
+
+    def run():
+        with stop_on_signals(seen.append):
+            seen.append({s: signal.getsignal(s) for s in before})
+        with sigterm_as(signal.SIGUSR1) as came:
+            seen.append((came, signal.getsignal(signal.SIGTERM)))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert seen == [before, ([], before[signal.SIGTERM])]
+
+
+def test_sigterm_as_sigterm_itself_is_a_keyboard_interrupt():
+    with pytest.raises(KeyboardInterrupt), sigterm_as(signal.SIGTERM) as came:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert came == [signal.SIGTERM]
