@@ -3,8 +3,10 @@ make_tracker's sinks, params and tags, the git commit, and a restarted worker's 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import time
 import types
 from pathlib import Path
 
@@ -282,6 +284,27 @@ def test_git_commit_without_output_is_none(monkeypatch):
     monkeypatch.setattr(tracker_module.subprocess, "run",
                         lambda args, **kwargs: subprocess.CompletedProcess(args, 0, "\n", ""))
     assert tracker_module._git_commit() is None
+
+
+def _fake_git(folder: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    git = folder / "git"
+    git.write_text(f"#!/bin/sh\n{script}\n")
+    git.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_git_that_fails_is_no_commit_even_when_it_prints_one(monkeypatch, tmp_path):
+    """A repository without commits: ``git rev-parse HEAD`` prints HEAD and fails."""
+    _fake_git(tmp_path, "echo HEAD; exit 128", monkeypatch)
+    assert tracker_module._git_commit() is None
+
+
+@pytest.mark.timeout(30)
+def test_git_that_hangs_is_given_up_after_five_seconds(monkeypatch, tmp_path):
+    _fake_git(tmp_path, "sleep 8; echo 0123", monkeypatch)
+    start = time.monotonic()
+    assert tracker_module._git_commit() is None
+    assert time.monotonic() - start < 7
 
 
 def test_a_restarted_worker_logs_only_steps_past_the_last_logged_one():
