@@ -198,7 +198,7 @@ def _strings(data: dict) -> dict[str, str]:
 
 def test_make_tracker_starts_each_backend_with_the_runs_params_and_tags(tmp_path, sinks):
     cfg = _config(tmp_path)
-    searched = ("training.kl_weight",)
+    searched = ("model.num_kv_heads",)
     tracker = make_tracker(cfg, run_name="trial", parent_run_id="p1", searched=searched,
                            tags={"purpose": "x" * 5001, "n": 3})
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -206,7 +206,7 @@ def test_make_tracker_starts_each_backend_with_the_runs_params_and_tags(tmp_path
             "freetf.config": config_tag(cfg, 5000), "git.commit": "c0ffee",
             "mlflow.source.git.commit": "c0ffee", "purpose": "x" * 5000, "n": "3"}
     params = run_params(cfg, searched)
-    assert "kl_weight" in params
+    assert "num_kv_heads" in params  # a searched key that is not compared by default
     assert sinks["server"] == [uri]
     assert sinks["mlflow"] == [(uri, {"run_id": None, "parent_run_id": "p1",
                                       "run_name": "trial", "params": params, "tags": tags})]
