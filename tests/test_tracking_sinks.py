@@ -375,3 +375,18 @@ def test_wandb_gets_the_run_its_config_tags_files_and_exit_code(tmp_path, monkey
                       "resume": "allow", "config": {}}),
         ("finish", (), {"exit_code": 1}),
     ]
+
+
+@pytest.mark.parametrize("module, make, message", [
+    ("torch.utils.tensorboard", lambda tmp_path: _TensorBoardSink(tmp_path),
+     "tracking.tensorboard.enabled=true needs TensorBoard: pip install 'freetf[tensorboard]'"),
+    ("wandb", lambda tmp_path: _WandbSink(_cfg(tmp_path), None, None, {}),
+     "tracking.wandb.enabled=true needs wandb: pip install 'freetf[wandb]'")],
+    ids=["tensorboard", "wandb"])
+def test_a_backend_without_its_package_names_the_extra(module, make, message, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    with pytest.raises(TrackingError) as info:
+        make(tmp_path)
+    assert str(info.value) == message
+    assert isinstance(info.value.__cause__, ImportError)

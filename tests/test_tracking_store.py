@@ -316,3 +316,13 @@ def test_quietly_swallows_and_end_active_run_ends_only_a_run(monkeypatch):
     monkeypatch.setattr(store.mlflow, "active_run", lambda: run)
     store.end_active_run()
     assert ended == [True]
+
+
+def test_a_runs_table_column_is_named_by_its_kind():
+    assert [store.runs_column(kind, "x") for kind in ("attributes", "params", "metrics",
+                                                      "tags")] == [
+        "attributes.`x`", "params.`x`", "metrics.`x`", "tags.`x`"]
+    with pytest.raises(ValueError) as info:
+        store.runs_column("param", "seed")
+    assert str(info.value) == ("a runs-table column is attributes, params, metrics or tags, "
+                               "not 'param'")
