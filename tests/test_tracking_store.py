@@ -4,6 +4,7 @@ the server check, errors in one line, the client's preparation and experiments."
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -326,3 +327,26 @@ def test_a_runs_table_column_is_named_by_its_kind():
         store.runs_column("param", "seed")
     assert str(info.value) == ("a runs-table column is attributes, params, metrics or tags, "
                                "not 'param'")
+
+
+def test_a_runs_page_has_a_filter_or_a_view_and_one_slash_after_the_host():
+    with pytest.raises(ValueError) as info:
+        store.runs_page_url("7", search_filter="x", view="v")
+    assert str(info.value) == "a saved view carries its own filter: give search_filter or view"
+    assert store.runs_page_url("7", "http://boX//", view="v") == (
+        "http://boX/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=v")
+
+
+def test_a_saved_view_is_stamped_in_milliseconds_and_its_state_is_compact_json(monkeypatch):
+    """As the UI writes it (JavaScript's Date.now() and JSON.stringify)."""
+    tags = []
+    client = types.SimpleNamespace(set_experiment_tag=lambda *args: tags.append(args))
+    monkeypatch.setattr(store.time, "time", lambda: 1234.5678)
+    assert store.save_runs_view(client, "7", "v_1", "trials", ["params.`a`"], "x = 1",
+                                "freetf.verdict") == "v_1"
+    assert tags == [("7", "mlflow.sharedViewState.v_1", json.dumps({
+        "name": "trials", "createdAt": 1234567, "updatedAt": 1234567,
+        "state": '{"selectedColumns":["params.`a`"],"searchFilter":"x = 1",'
+                 '"groupBy":"tag.average.freetf.verdict"}'}))]
+    with pytest.raises(ValueError, match=r"^view id 'v 1': letters, digits, '-' and '_' only$"):
+        store.save_runs_view(client, "7", "v 1", "trials", [])
