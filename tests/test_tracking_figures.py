@@ -94,8 +94,8 @@ def test_the_baseline_ce_is_a_line_when_finite():
 
 
 def test_a_figure_is_saved_as_png_in_a_new_folder(tmp_path):
-    path = plot_training_curves([{"step": 1, "train/loss": 1.0}], tmp_path / "a" / "c.png")
-    assert path == tmp_path / "a" / "c.png"
+    path = plot_training_curves([{"step": 1, "train/loss": 1.0}], tmp_path / "a" / "b" / "c.png")
+    assert path == tmp_path / "a" / "b" / "c.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig, _ = new_figure(2, 1, 1, 1)
     small = save_figure(fig, str(tmp_path / "s.png"), dpi=50)

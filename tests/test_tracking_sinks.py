@@ -162,11 +162,15 @@ def test_a_failed_params_or_tags_batch_stays_buffered(kind, clock):
         assert sink._logged_params == {"a": "1"}
 
 
-def test_a_full_buffer_drops_the_oldest_points(clock, monkeypatch):
+def test_a_full_buffer_drops_the_oldest_points(clock, monkeypatch, caplog):
     monkeypatch.setattr(sinks, "MAX_BUFFERED_METRICS", 3)
     client = Client()
     sink = _MlflowSink(client, "r1")
     client.down = [ConnectionError("down")] * 3
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.log_metrics({"a": 0.0, "b": 0.0, "c": 0.0}, step=0)  # full, nothing dropped
+    assert "buffer full" not in caplog.text and sink._dropped == 0
+    sink._pending_metrics.clear()
     sink.log_metrics({"a": 1.0, "b": 1.0}, step=1)
     sink.log_metrics({"a": 2.0, "b": 2.0}, step=2)
     assert [(m.key, m.step) for m in sink._pending_metrics] == [("b", 1), ("a", 2), ("b", 2)]
