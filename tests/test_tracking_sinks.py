@@ -171,12 +171,18 @@ def test_a_full_buffer_drops_the_oldest_points(clock, monkeypatch, caplog):
         sink.log_metrics({"a": 0.0, "b": 0.0, "c": 0.0}, step=0)  # full, nothing dropped
     assert "buffer full" not in caplog.text and sink._dropped == 0
     sink._pending_metrics.clear()
-    sink.log_metrics({"a": 1.0, "b": 1.0}, step=1)
-    sink.log_metrics({"a": 2.0, "b": 2.0}, step=2)
-    assert [(m.key, m.step) for m in sink._pending_metrics] == [("b", 1), ("a", 2), ("b", 2)]
-    sink.log_metrics({"a": 3.0}, step=3)
-    assert sink._dropped == 2 and sink.pending_metrics == 3
-    assert sink._unsent() == ("3 metric points (steps 2 to 3), 2 older points dropped "
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.log_metrics({"a": 1.0, "b": 1.0}, step=1)
+        sink.log_metrics({"a": 2.0, "b": 2.0}, step=2)
+        assert [(m.key, m.step) for m in sink._pending_metrics] == [
+            ("b", 1), ("a", 2), ("b", 2)]
+        sink.log_metrics({"a": 3.0, "b": 3.0}, step=3)
+    assert [r.getMessage() for r in caplog.records if "buffer full" in r.getMessage()] == [
+        "MLflow metric buffer full (3 points): dropped the oldest 1 (and so on, counted at "
+        "the end)"]  # the first drop is said, the later ones counted
+    assert sink._dropped == 3 and sink.pending_metrics == 3
+    assert sink._unsent() == ("3 metric points (steps 2 to 3), 3 older points dropped "
                               "from the full buffer")
 
 
@@ -211,7 +217,7 @@ def test_a_failed_artifact_is_one_warning_then_counted(caplog):
     assert sink._unsent() == "the artifacts curves.png, notes.txt"
 
 
-def test_artifacts_go_to_the_client_with_the_run(tmp_path):
+def test_artifacts_go_to_the_client_with_the_run(tmp_path, caplog):
     client = Client()
     sink = _MlflowSink(client, "r1")
     figure = object()
@@ -221,9 +227,21 @@ def test_artifacts_go_to_the_client_with_the_run(tmp_path):
     assert client.calls == [("log_artifact", ("r1", str(tmp_path / "a.txt"), "extra"), {}),
                             ("log_text", ("r1", "hello", "notes/n.txt"), {}),
                             ("log_figure", ("r1", figure, "curves.png"), {})]
-    sink.finish("FINISHED")
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.finish("FINISHED")
     assert client.calls[-1] == ("set_terminated", ("r1", "FINISHED"), {})
-    assert sink._unsent() == ""
+    assert sink._unsent() == "" and caplog.records == []  # all recorded: nothing to say
+
+
+def test_a_run_with_everything_recorded_that_cannot_be_ended_says_how_to_end_it(caplog):
+    client = Client()
+    client.set_terminated = lambda *a: (_ for _ in ()).throw(OSError("gone"))
+    sink = _MlflowSink(client, "r1", uri="u")
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.finish("KILLED")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MLflow run r1 at u: the run could not be ended (OSError: gone) and shows RUNNING: "
+        "end it with MlflowClient('u').set_terminated('r1', 'KILLED')"]
 
 
 def test_flush_sends_or_says_what_is_lost_once(clock, caplog):
@@ -288,7 +306,8 @@ def test_start_creates_or_resumes_the_run_with_its_tags_params_and_config(tmp_pa
     monkeypatch.setattr(sinks, "mlflow_client", lambda uri: client)
     sink = _MlflowSink.start(cfg, "u", run_id="old1", parent_run_id=None, run_name=None,
                              params={"a": "2", "b": "3"}, tags={"t": "x"})
-    assert sink.run_id == "old1" and sink._logged_params == {"a": "1", "b": "3"}
+    assert (sink.run_id, sink.uri) == ("old1", "u")
+    assert sink._logged_params == {"a": "1", "b": "3"}
     assert client.calls[:2] == [("get_run", ("old1",), {}),
                                 ("update_run", ("old1",), {"status": "RUNNING"})]
     assert client.batches == [{"run_id": "old1", "tags": [("t", "x")]},

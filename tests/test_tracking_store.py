@@ -142,8 +142,9 @@ def test_a_server_that_answers_health_is_reachable(monkeypatch):
     asked = _answering(monkeypatch)
     check_tracking_server("http://h:5000")
     assert asked == [("http://h:5000/health", 10.0)]
+    check_tracking_server("http://boX//")
     check_tracking_server("ftp://h/x")  # not a server freetf checks
-    assert len(asked) == 1
+    assert asked[1:] == [("http://boX/health", 10.0)]
 
 
 @pytest.mark.parametrize("error, reason", [
