@@ -413,3 +413,19 @@ def test_a_backend_without_its_package_names_the_extra(module, make, message, tm
         make(tmp_path)
     assert str(info.value) == message
     assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_a_run_whose_params_cannot_be_logged_does_not_start(tmp_path, monkeypatch):
+    client = StartClient()
+
+    def log_batch(run_id, **entities):
+        if "params" in entities:
+            raise ConnectionError("refused")
+
+    client.log_batch = log_batch
+    monkeypatch.setattr(sinks, "mlflow_client", lambda uri: client)
+    with pytest.raises(TrackingError, match="^cannot start an MLflow run at u: ConnectionError: "
+                                            "refused$"):
+        _MlflowSink.start(_cfg(tmp_path), "u", run_id=None, parent_run_id=None,
+                          run_name=None, params={"a": "1"}, tags={})
+    assert client.calls[-1] == ("set_terminated", ("new1", "FAILED"), {})
