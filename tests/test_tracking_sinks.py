@@ -327,6 +327,13 @@ def test_a_run_that_cannot_start_is_failed_and_named_in_one_line(tmp_path, monke
                                f"ConnectionError: refused")
     assert client.calls[-1] == ("set_terminated", ("new1", "FAILED"), {})
     assert db.read_text() == "tables"  # only an empty file it made is removed
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    client.down = [ConnectionError("refused")]
+    with pytest.raises(TrackingError):
+        _MlflowSink.start(_cfg(tmp_path), f"sqlite:///{empty}", run_id=None,
+                          parent_run_id=None, run_name=None, params={}, tags={"t": "x"})
+    assert empty.is_file()  # empty, but there before
 
 
 def test_tensorboard_writes_params_tags_text_figures_and_closes(tmp_path, monkeypatch):
