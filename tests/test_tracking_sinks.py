@@ -1,10 +1,9 @@
-"""Tests for freetf.tracking.sinks against recording clients and writers: the MLflow sink's
-batches, buffer, retries and end-of-run account, TensorBoard's and W&B's calls."""
+"""Tests for freetf.tracking.sinks against a recording client: the MLflow sink's batches,
+buffer, retries, start and end-of-run account (TensorBoard and W&B: test_tracking_backends.py)."""
 
 from __future__ import annotations
 
 import logging
-import sys
 import types
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from freetf.config import load_config
 from freetf.tracking import sinks
-from freetf.tracking.sinks import _MlflowSink, _TensorBoardSink, _WandbSink
+from freetf.tracking.sinks import _MlflowSink
 from freetf.tracking.store import TrackingError
 
 pytestmark = pytest.mark.timeout(60)
@@ -334,92 +333,6 @@ def test_a_run_that_cannot_start_is_failed_and_named_in_one_line(tmp_path, monke
         _MlflowSink.start(_cfg(tmp_path), f"sqlite:///{empty}", run_id=None,
                           parent_run_id=None, run_name=None, params={}, tags={"t": "x"})
     assert empty.is_file()  # empty, but there before
-
-
-def test_tensorboard_writes_params_tags_text_figures_and_closes(tmp_path, monkeypatch):
-    calls = []
-
-    class Writer:
-        def __init__(self, log_dir):
-            calls.append(("init", log_dir))
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: calls.append((name, args, kwargs))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
-                        types.SimpleNamespace(SummaryWriter=Writer))
-    sink = _TensorBoardSink(tmp_path / "tb")
-    figure = object()
-    sink.log_params({"a": "1", "b": "x"})
-    sink.set_tags({"t": "v", "u": "w"})
-    sink.log_text("hello", "notes.txt")
-    sink.log_figure(figure, "curves.png")
-    sink.log_metrics({"train/lr": 0.5, "x": 1.0}, step=3)
-    sink.finish("FAILED")
-    assert calls == [
-        ("init", str(tmp_path / "tb")),
-        ("add_text", ("params", "| param | value |\n|---|---|\n| a | 1 |\n| b | x |"), {}),
-        ("add_text", ("tags", "t: v  \nu: w  "), {}),
-        ("add_text", ("notes.txt", "hello"), {}),
-        ("add_figure", ("curves.png", figure), {"close": False}),
-        ("add_scalar", ("train/lr", 0.5, 3), {}),
-        ("add_scalar", ("x", 1.0, 3), {}),
-        ("add_scalar", ("Learning_Rate", 0.5, 3), {}),
-        ("close", (), {}),
-    ]
-
-
-def test_wandb_gets_the_run_its_config_tags_files_and_exit_code(tmp_path, monkeypatch):
-    calls = []
-
-    class Run:
-        config = types.SimpleNamespace(
-            update=lambda *args, **kwargs: calls.append(("update", args, kwargs)))
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: calls.append((name, args, kwargs))
-
-    def init(**kwargs):
-        calls.append(("init", (), kwargs))
-        return Run()
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    cfg = _cfg(tmp_path, **{"tracking.wandb.mode": "disabled"})
-    sink = _WandbSink(cfg, "trial", None, {"a": "1"})
-    sink.log_params({"b": "2"})
-    sink.set_tags({"t": "v"})
-    sink.log_metrics({"train/loss": 2.0}, step=5)
-    sink.log_artifact(tmp_path / "out" / "a.txt", "ignored")
-    sink.finish("FINISHED")
-    _WandbSink(cfg, None, "r1", {}).finish("KILLED")
-    assert calls == [
-        ("init", (), {"project": "proj", "mode": "disabled", "name": "trial", "id": None,
-                      "resume": None, "config": {"a": "1"}}),
-        ("update", ({"b": "2"},), {"allow_val_change": True}),
-        ("update", ({"tags.t": "v"},), {"allow_val_change": True}),
-        ("log", ({"train/loss": 2.0, "loss/total": 2.0},), {"step": 5}),
-        ("save", (str(tmp_path / "out" / "a.txt"),),
-         {"base_path": str(tmp_path / "out"), "policy": "now"}),
-        ("finish", (), {"exit_code": 0}),
-        ("init", (), {"project": "proj", "mode": "disabled", "name": None, "id": "r1",
-                      "resume": "allow", "config": {}}),
-        ("finish", (), {"exit_code": 1}),
-    ]
-
-
-@pytest.mark.parametrize("module, make, message", [
-    ("torch.utils.tensorboard", lambda tmp_path: _TensorBoardSink(tmp_path),
-     "tracking.tensorboard.enabled=true needs TensorBoard: pip install 'freetf[tensorboard]'"),
-    ("wandb", lambda tmp_path: _WandbSink(_cfg(tmp_path), None, None, {}),
-     "tracking.wandb.enabled=true needs wandb: pip install 'freetf[wandb]'")],
-    ids=["tensorboard", "wandb"])
-def test_a_backend_without_its_package_names_the_extra(module, make, message, tmp_path,
-                                                       monkeypatch):
-    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
-    with pytest.raises(TrackingError) as info:
-        make(tmp_path)
-    assert str(info.value) == message
-    assert isinstance(info.value.__cause__, ImportError)
 
 
 def test_a_run_whose_params_cannot_be_logged_does_not_start(tmp_path, monkeypatch):
