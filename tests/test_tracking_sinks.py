@@ -86,13 +86,17 @@ def test_a_metric_point_carries_the_time_in_milliseconds(monkeypatch):
         ("a", 1.0, 12345, 2)]
 
 
-def test_a_rejected_batch_is_dropped_and_a_rejected_param_not_taken_as_logged(clock):
+def test_a_rejected_batch_is_dropped_and_a_rejected_param_not_taken_as_logged(clock, caplog):
     client = Client()
     sink = _MlflowSink(client, "r1")
     client.down = [_rejected(), _rejected(), _rejected()]
-    sink.log_params({"a": "1"})
-    sink.set_tags({"t": "x"})
-    sink.log_metrics({"m": 1.0}, step=1)
+    with caplog.at_level(logging.ERROR, logger="freetf.tracking"):
+        sink.log_params({"a": "1", "b": "2"})
+        sink.set_tags({"t": "x"})
+        sink.log_metrics({"m": 1.0}, step=1)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        "MLflow rejected 2 params for run r1", "MLflow rejected 1 tags for run r1",
+        "MLflow rejected 1 metrics for run r1"]
     assert sink._failures == 0 and sink.pending_metrics == 0 and sink._logged_params == {}
     assert sink._pending_params == {} and sink._pending_tags == {}
     sink.log_params({"a": "2"})  # not kept by MLflow: sent again, with the new value

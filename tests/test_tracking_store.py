@@ -298,7 +298,7 @@ def test_an_experiment_another_process_created_meanwhile_is_used():
     client = Experiments(None, _experiment(tags={"mlflow.experimentKind": "k"}),
                          create_error=race)
     assert store._experiment_id(client, "x", "u") == "e1"
-    assert [c[0] for c in client.calls] == ["get", "create", "get"]
+    assert [c[:2] for c in client.calls] == [("get", "x"), ("create", "x"), ("get", "x")]
     client = Experiments(create_error=race)
     with pytest.raises(MlflowException) as info:
         store._experiment_id(client, "x", "u")
