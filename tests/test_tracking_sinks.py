@@ -264,6 +264,17 @@ def test_flush_sends_or_says_what_is_lost_once(clock, caplog):
     assert client.batches == [{"run_id": "r1", "metrics": [("m", 2.0, 2)]}]
 
 
+def test_flush_says_which_buffered_tags_are_lost(clock, caplog):
+    client = Client()
+    sink = _MlflowSink(client, "r1", uri="u")
+    client.down = [ConnectionError("down")] * 2
+    sink.set_tags({"t": "x"})
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.flush()
+    assert caplog.records[-1].getMessage() == (
+        "MLflow run r1 at u: 1 tags not recorded (ConnectionError: down)")
+
+
 def _cfg(tmp_path: Path, **overrides):
     return load_config(overrides={"tracking.mlflow.experiment": "unit",
                                   "tracking.wandb.project": "proj", **overrides})
