@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freetf import ConfigError, load_config
+from freetf import ConfigError, config, load_config
 from freetf.config import (
     flatten,
     from_dict,
@@ -232,3 +232,107 @@ def test_renamed_keys_still_work_say_so_once_and_refuse_both_names(caplog):
                                                        "initial_free_bits": 0.5}}})
     with pytest.raises(ConfigError, match=f"{key}.initial_free_bits_bits"):
         load_config(overrides={f"{key}.initial_free_bits_bits": -1.0})
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+
+def test_the_shipped_configs_are_the_yaml_files_of_the_packages_configs_folder(monkeypatch,
+                                                                             tmp_path):
+    import freetf
+    from freetf.config import shipped
+
+    folder = Path(freetf.__file__).parent / "configs"
+    assert shipped.shipped_dir() == folder
+    assert shipped.shipped_configs() == sorted(p.stem for p in folder.glob("*.yaml"))
+    for name in ("b.yaml", "a.yaml", "c.yml", "d.txt", "e.yaml.bak"):
+        (tmp_path / name).write_text("{}")
+    monkeypatch.setattr(shipped, "shipped_dir", lambda: tmp_path)
+    assert shipped.shipped_configs() == ["a", "b"]
+
+
+def test_shipped_configs_that_are_no_folder_are_named(monkeypatch):
+    from freetf.config import shipped
+
+    class Zipped:
+        def joinpath(self, name):
+            return f"zip:freetf/{name}"
+
+    monkeypatch.setattr(shipped, "files", lambda package: Zipped())
+    with pytest.raises(ConfigError) as info:
+        shipped.shipped_dir()
+    assert str(info.value) == ("freetf's shipped configs are not files on disk "
+                               "(zip:freetf/configs); give --config a path")
+
+
+def test_config_path_is_a_file_then_a_bare_shipped_name_else_the_error_listing_them(
+        monkeypatch, tmp_path):
+    from freetf.config import shipped
+
+    class NotFound(ConfigError):
+        pass
+
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    for name in ("b.yaml", "a.yaml", ".yaml", "...yaml"):  # what "" and ".." would name
+        (folder / name).write_text("{}")
+    (folder / "dir.yaml").mkdir()
+    monkeypatch.setattr(shipped, "shipped_dir", lambda: folder)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert shipped.config_path("a") == shipped.config_path("a.yaml") == folder / "a.yaml"
+    (tmp_path / "b.yaml").write_text("{}")
+    assert shipped.config_path("b.yaml") == Path("b.yaml")
+    assert shipped.config_path("~/b.yaml") == tmp_path / "b.yaml"
+    for missing in ("c", "shipped/x.yaml", "dir", "", ".", "..", "~"):
+        with pytest.raises(NotFound) as info:
+            shipped.config_path(missing, "sweep", NotFound)
+        assert str(info.value) == (f"sweep file not found: {missing} (give a YAML file, or "
+                                   f"the name of a shipped config: .., .yaml, a, b, dir)")
+    with pytest.raises(ConfigError, match=r"^config file not found: c \("):
+        shipped.config_path("c")
+
+
+# ----------------------------------------------------------------------------- the vocabulary
+
+
+def test_the_vocabulary_defaults_to_the_datas(tmp_path, monkeypatch):
+    text = {"data.dataset_name": "text", "data.path": "c.txt"}
+    assert load_config().model.vocab_size == 29
+    assert load_config(overrides=text).model.vocab_size == 256
+    assert load_config(overrides={**text, "model.vocab_size": 300}).model.vocab_size == 300
+    assert load_config(overrides=["model.hidden_dim=64"]).model.vocab_size == 29
+    (tmp_path / "meta.json").write_text('{"vocab_size": 50257}')
+    tokens = {"data.dataset_name": "tokens", "data.path": str(tmp_path)}
+    assert load_config(overrides=tokens).model.vocab_size == 50257  # the prepared folder's
+    assert load_config(overrides={**tokens, "model.vocab_size": 300}).model.vocab_size == 300
+    text_there = {"data.dataset_name": "text", "data.path": str(tmp_path)}
+    assert load_config(overrides=text_there).model.vocab_size == 256
+    for meta in ('{"vocab_size": 0}', '{"vocab_size": true}', '{"vocab_size": 300.0}',
+                 '{"vocab_size": "300"}', '{"size": 300}', "[300]", "{", "\xff"):
+        (tmp_path / "meta.json").write_bytes(meta.encode("latin-1"))
+        assert load_config(overrides=tokens).model.vocab_size == 256, meta
+    (tmp_path / "meta.json").write_text('{"vocab_size": 1}')  # taken, then refused
+    with pytest.raises(ConfigError, match="^model.vocab_size=1 must be >= 256"):
+        load_config(overrides=tokens)
+    (tmp_path / "meta.json").unlink()
+    (tmp_path / "meta.json").mkdir()
+    assert load_config(overrides=tokens).model.vocab_size == 256
+
+
+def test_the_vocabulary_is_left_to_the_checks_where_the_data_says_nothing(tmp_path,
+                                                                        monkeypatch):
+    fill = config._default_vocab_from_data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "meta.json").write_text('{"vocab_size": 300}')  # not a data folder's
+    (tmp_path / "None").mkdir()
+    (tmp_path / "None" / "meta.json").write_text('{"vocab_size": 300}')
+    for data in ([1], {"model": [1]}, {"data": "x"}, {"model": {"vocab_size": 5}},
+                 {"data": {"dataset_name": "nope"}}):
+        assert fill(data) is data
+    assert fill({}) == {"model": {"vocab_size": 29}}
+    assert fill({"data": {}, "model": {"hidden_dim": 8}}) == {
+        "data": {}, "model": {"hidden_dim": 8, "vocab_size": 29}}
+    for path in ("", None):
+        data = {"data": {"dataset_name": "tokens", "path": path}}
+        assert fill(data) == {**data, "model": {"vocab_size": 256}}
