@@ -44,9 +44,11 @@ def _run(run_id: str, *, kl_weight: float, verdict: str, free_bits_bits: float |
 
 @pytest.fixture
 def runs():
+    position = _run("a", kl_weight=1.0, free_bits_bits=0.015625, verdict="collapsed",
+                    kl_nats=0.001, sampled={"training.kl_weight": 1.0, "training.seed": 0})
+    position.data.tags["freetf.regime"] = "position"
     return [
-        _run("a", kl_weight=1.0, free_bits_bits=0.015625, verdict="collapsed", kl_nats=0.001,
-             sampled={"training.kl_weight": 1.0, "training.seed": 0}),
+        position,
         _run("b", kl_weight=0.1, free_bits_bits=4.0, verdict="leaking", kl_nats=5.0,
              sampled={"training.kl_weight": 0.1, "training.seed": 1}),
         _run("c", kl_weight=1.0, free_bits_bits=None, free_bits_nats=math.log(2),
@@ -66,6 +68,8 @@ def test_runs_frame_reads_params_tags_and_metrics(runs):
     assert row["stopped_early"] and row["stop_reason"] == "asha"
     assert df.set_index("run_id").loc["a", "stop_reason"] == ""
     assert df.set_index("run_id").loc["b", "sampled.training.seed"] == 1
+    assert list(df.set_index("run_id")["regime"].sort_index()) == ["position", "", "", "", ""]
+    assert "| position |" in report.collapse_table(df)  # the tag, shown in the table
     assert list(df["kl_annealing"]) == ["constant"] * 4 + ["linear"]  # sorted by panel
     assert {"eval/kl_nats", "eval/ce_gap_nats", "eval/ce_prior_nats", "eval/active_bits",
             "verdict", "status"} <= set(df.columns)

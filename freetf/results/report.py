@@ -106,6 +106,7 @@ def runs_frame(runs: list) -> pd.DataFrame:
             "run_id": run.info.run_id, "run_name": run.info.run_name,
             "sweep": run_tags.get(tags.SWEEP, ""), "trial_key": run_tags.get(tags.TRIAL_KEY, ""),
             "status": run.info.status, "verdict": run_verdict(run_tags),
+            "regime": run_tags.get(tags.REGIME, ""),
             "outcome": run_outcome(run_tags, run.info.status),
             "stopped_early": run_tags.get(tags.STOPPED_EARLY) == "true",
             "stop_reason": run_tags.get(tags.STOP_REASON, "")
@@ -123,7 +124,8 @@ def runs_frame(runs: list) -> pd.DataFrame:
         for key in METRICS:
             row[key] = metrics.get(key, math.nan)
         rows.append(row)
-    columns = ["run_id", "run_name", "sweep", "trial_key", "status", "verdict", "outcome",
+    columns = ["run_id", "run_name", "sweep", "trial_key", "status", "verdict", "regime",
+               "outcome",
                "stopped_early",
                "stop_reason", "stopped_at_step", KL_WEIGHT, FREE_BITS, ANNEALING,
                "free_bits_schedule", "model_kind", "seed", *METRICS]
