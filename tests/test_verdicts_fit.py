@@ -110,3 +110,33 @@ def test_the_probit_curve_is_close_to_the_seeds_averaged_logistic():
                     lambda e, x=x, slope=slope, tau=tau: special.expit(slope * (x - e))
                     * stats.norm.pdf(e, 0, tau), -8 * tau, 8 * tau)
                 assert special.expit(flat * x) == pytest.approx(exact, abs=0.02)
+
+
+def test_the_collapse_posterior_is_the_models_with_the_falling_curve():
+    """As tests/test_verdicts.py's leak posterior, for the collapse boundary."""
+    from test_verdicts import _reference_log_lik
+
+    x = [-3.0, -2.0, -1.0, -3.0, -2.0, -1.0, -2.5]
+    y = [True, True, False, True, False, False, True]
+    groups = ["a", "a", "a", "b", "b", "b", "c"]
+    x0s, post = verdicts.boundary_posterior("collapse", x, y, -4, 0, groups)
+    slopes = np.asarray(verdicts.SLOPES)
+    points = [(int(np.argmin(abs(x0s - a))), s, t) for a, s, t in
+              [(-2.0, 2, 3), (-1.5, 4, 2), (-2.5, 1, 1), (-1.0, 6, 0), (-2.0, 3, 3)]]
+    ref = [_reference_log_lik("collapse", x, y, groups, x0s[g], slopes[s],
+                              verdicts.SEED_SDS[t]) for g, s, t in points]
+    got = [math.log(post[g, s, t]) for g, s, t in points]
+    for r, q in zip(ref[1:], got[1:], strict=True):
+        assert q - got[0] == pytest.approx(r - ref[0], abs=0.02)
+
+
+def test_the_grid_spans_the_range_widened_on_each_side():
+    x0s, post = verdicts.boundary_posterior("leak", [], [], -6, 2)
+    step, pad = verdicts.X0_STEP_LOG2, verdicts.X0_PAD_LOG2
+    np.testing.assert_allclose(x0s, -6 - pad + step * np.arange(round((8 + 2 * pad) / step)
+                                                                + 1), atol=1e-9)
+    assert post.shape == (len(x0s), len(verdicts.SLOPES), len(verdicts.SEED_SDS))
+    np.testing.assert_allclose(post, 1.0 / post.size)  # no verdicts: the flat prior
+    with pytest.raises(ValueError, match=r"kind='drift' must be one of \('collapse', "
+                                         r"'leak', 'position', 'noise', 'broken'\)"):
+        verdicts.boundary_posterior("drift", [], [], -6, 2)
