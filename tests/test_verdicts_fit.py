@@ -140,3 +140,12 @@ def test_the_grid_spans_the_range_widened_on_each_side():
     with pytest.raises(ValueError, match=r"kind='drift' must be one of \('collapse', "
                                          r"'leak', 'position', 'noise', 'broken'\)"):
         verdicts.boundary_posterior("drift", [], [], -6, 2)
+
+
+def test_many_verdicts_leave_the_posterior_finite():
+    """1,200 verdicts of one seed, half each way at one kappa: the log posterior lies far
+    below 0 (about -830), which must not underflow to 0 / 0."""
+    x0s, post = verdicts.boundary_posterior("leak", [0.0] * 1200, [True, False] * 600, -2, 2,
+                                            [0] * 1200)
+    assert np.isfinite(post).all() and post.sum() == pytest.approx(1.0)
+    assert abs(float(x0s[np.argmax(post.sum((1, 2)))])) <= 1.0  # the onset near 0
