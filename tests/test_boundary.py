@@ -314,3 +314,4 @@ def test_regime_onsets_over_training_are_named_as_themselves(tmp_path):
     assert {"boundary_t/kappa_pos_bits", "boundary_t/kappa_noise_high_bits"} <= names
     assert len(parent["steps"]) == 4 * 5 * 3
     assert any("kappa_pos settled" in line for line in found.summary_lines())
+

@@ -211,3 +211,65 @@ def test_probe_information_peaks_between_disagreeing_verdicts():
 def test_regime(pos, noise, valid, expected):
     trial = Outcome(1.0, valid_rate=valid, use_position_low_nats=pos, use_noise_low_nats=noise)
     assert verdicts.regime(trial, Tolerances(regime_nats=0.05)) == expected
+
+
+def test_from_metrics_reads_each_key_into_its_own_field():
+    keys = ["ce_prior_nats", "ce_gap_nats", "mutual_info_nats", "valid_rate", "use_low_nats",
+            "ce_iw_low_nats", "valid_low", "valid_high", "excess_nats", "converged",
+            "use_position_low_nats", "use_noise_low_nats"]
+    metrics = {f"eval/{k}": float(i + 1) for i, k in enumerate(keys)}
+    assert Outcome.from_metrics(metrics) == Outcome(**{k: float(i + 1)
+                                                       for i, k in enumerate(keys)})
+    assert math.isnan(Outcome.from_metrics({"eval/ce_prior_nats": 1.0}).ce_iw_low_nats)
+
+
+def test_the_regime_tolerance_comes_from_the_config():
+    from freetf import load_config
+
+    d = load_config(overrides=["diagnostics.regime_tol_nats=0.25"]).diagnostics
+    assert Tolerances.from_config(d).regime_nats == 0.25
+
+
+@pytest.mark.parametrize("pos, noise, valid, expected", [
+    (0.0, 0.0, 0.2, "nothing"),  # validity on broken_valid: not broken
+    (0.0, 0.05, 0.9, "nothing"),  # noise use on the tolerance: not above it
+    (0.06, math.nan, 0.9, "position"),  # one class measured
+    (math.nan, 0.06, 0.9, "noise"),
+])
+def test_regime_edges_and_one_class_measured(pos, noise, valid, expected):
+    trial = Outcome(1.0, valid_rate=valid, use_position_low_nats=pos, use_noise_low_nats=noise)
+    assert verdicts.regime(trial, Tolerances(regime_nats=0.05, broken_valid=0.2)) == expected
+
+
+def test_plateau_spreads_on_their_tolerances_converge_and_a_baseline_has_no_kl():
+    history = [{"eval/ce_prior_nats": ce, "eval/kl_bits": kl}
+               for ce, kl in [(1.0, 2.0), (1.5, 2.25), (1.25, 2.0)]]
+    got = verdicts.plateau(history, 3, ce_nats=0.5, kl_bits=0.25)
+    assert got == {"eval/plateau_ce_nats": 0.5, "eval/plateau_kl_bits": 0.25,
+                   "eval/converged": 1.0}
+    baseline = [{"eval/ce_prior_nats": ce} for ce in (1.0, 1.25, 1.0)]
+    got = verdicts.plateau(baseline, 3, ce_nats=0.25, kl_bits=0.0)
+    assert got == {"eval/plateau_ce_nats": 0.25, "eval/plateau_kl_bits": 0.0,
+                   "eval/converged": 1.0}
+
+
+def test_run_plateau_takes_the_larger_kl_tolerance_of_bits_and_fraction_of_kappa():
+    from types import SimpleNamespace
+
+    d = SimpleNamespace(converge_evals=2, converge_ce_nats=0.25, converge_kl_bits=0.5,
+                        converge_kl_frac=0.25)
+    history = [{"eval/ce_prior_nats": 1.0, "eval/kl_bits": kl} for kl in (3.0, 2.0, 3.0)]
+    # KL spread 1 bit: within 0.25 * 4 bits of kappa, not within 0.5 bit (kappa 1)
+    assert verdicts.run_plateau(history, d, kappa_bits=4.0)["eval/converged"] == 1.0
+    assert verdicts.run_plateau(history, d, kappa_bits=1.0)["eval/converged"] == 0.0
+    assert verdicts.run_plateau(history, d, kappa_bits=2.0)["eval/converged"] == 0.0
+    d.converge_kl_bits = 1.0
+    assert verdicts.run_plateau(history, d, kappa_bits=1.0)["eval/converged"] == 1.0
+    # the CE's tolerance and the number of evaluations are the config's
+    moving = [*history, {"eval/ce_prior_nats": 1.5, "eval/kl_bits": 3.0}]
+    assert verdicts.run_plateau(moving, d, kappa_bits=4.0)["eval/converged"] == 0.0
+    d.converge_ce_nats = 0.5
+    assert verdicts.run_plateau(moving, d, kappa_bits=4.0) == {
+        "eval/plateau_ce_nats": 0.5, "eval/plateau_kl_bits": 0.0, "eval/converged": 1.0}
+    d.converge_evals = 5
+    assert verdicts.run_plateau(moving, d, kappa_bits=4.0)["eval/converged"] == 0.0

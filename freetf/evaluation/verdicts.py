@@ -272,16 +272,13 @@ def _seed_offsets() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _p_one(kind: str, x: np.ndarray, x0: np.ndarray, slope: np.ndarray,
-           offsets: np.ndarray | None = None) -> np.ndarray:
-    """P(verdict | x) on the grid: (len(x), G, S), or (len(x), G, S, T, Q) for a seed
-    whose curve sits ``offsets`` (T, Q) from the population's."""
+           offsets: np.ndarray) -> np.ndarray:
+    """P(verdict | x) on the grid, (len(x), G, S, T, Q), for a seed whose curve sits
+    ``offsets`` (T, Q) from the population's."""
     sign = -1.0 if kind == "collapse" else 1.0
     shift = x[:, None, None] - x0[None, :, None]  # (N, G, 1)
-    if offsets is not None:
-        shift = shift[..., None, None] - offsets[None, None, None]  # (N, G, 1, T, Q)
-        arg = sign * slope[None, None, :, None, None] * shift
-    else:
-        arg = sign * slope[None, None, :] * shift
+    shift = shift[..., None, None] - offsets[None, None, None]  # (N, G, 1, T, Q)
+    arg = sign * slope[None, None, :, None, None] * shift
     return LAPSE + (1.0 - 2.0 * LAPSE) / (1.0 + np.exp(-arg))
 
 
