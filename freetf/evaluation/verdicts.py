@@ -148,7 +148,11 @@ REGIMES = ("nothing", "position", "noise", "position+noise", "broken")
 REGIME_ONSETS = {"position": ("position", "position+noise", "broken"),
                  "noise": ("noise", "position+noise", "broken"),
                  "broken": ("broken",)}
-ONSET_NAMES = {"position": "kappa_pos", "noise": "kappa_noise", "broken": "kappa_broken"}
+
+
+def reaches(onset: str, regimes: Sequence[str]) -> list[bool]:
+    """For each regime: is it past the ``onset`` (a key of :data:`REGIME_ONSETS`)?"""
+    return [r in REGIME_ONSETS[onset] for r in regimes]
 
 
 def regime(trial: Outcome, tol: Tolerances) -> str:

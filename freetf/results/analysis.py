@@ -34,7 +34,7 @@ import pandas as pd
 from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import BoundaryFit, Outcome, Tolerances
 from freetf.results import over_training
-from freetf.results.columns import log2_range, x_column
+from freetf.results.columns import BOUNDARY_LABELS, BOUNDARY_NAMES, log2_range, x_column
 from freetf.tracking.runs import VERDICT_METRIC, VERDICT_TAG, verdict_code
 from freetf.tracking.tags import BOUNDARY_CONVERGED, KAPPA_C, KAPPA_L, REGIME, VERDICT_FIXED
 
@@ -50,6 +50,10 @@ class SettingBoundaries:
     leak: BoundaryFit  # kappa_l: P(leaking) rises through 1/2
     # kappa_pos, kappa_noise, kappa_broken (synthetic task: trials with a regime)
     regimes: dict[str, BoundaryFit] = field(default_factory=dict)
+
+    def fits(self) -> dict[str, BoundaryFit]:
+        """Every boundary fitted, by kind: collapse, leak, then the regime onsets."""
+        return {"collapse": self.collapse, "leak": self.leak, **self.regimes}
 
     @property
     def label(self) -> str:
@@ -77,10 +81,8 @@ class SweepAnalysis:
         mark = "" if self.converged else " [UNCONVERGED baselines]"
         lines = []
         for b in self.boundaries:
-            lines.append(f"kappa_c (collapse onset) at {b.label}: {b.collapse.text()}{mark}")
-            lines.append(f"kappa_l (leak onset)     at {b.label}: {b.leak.text()}{mark}")
-            for name, fit in b.regimes.items():
-                lines.append(f"{REGIME_NAMES[name]:24s} at {b.label}: {fit.text()}{mark}")
+            for kind, fit in b.fits().items():
+                lines.append(f"{BOUNDARY_LABELS[kind]:24s} at {b.label}: {fit.text()}{mark}")
         if self.over_training is not None and not self.over_training.empty:
             for label, part in self.over_training.groupby("label"):
                 done = over_training.estimate_converged(part)
@@ -96,11 +98,6 @@ class SweepAnalysis:
         return lines
 
 
-REGIME_NAMES = {"position": "kappa_pos (Z: position)", "noise": "kappa_noise (Z: noise)",
-                "broken": "kappa_broken (invalid)"}
-BOUNDARY_NAMES = {"collapse": "kappa_c", "leak": "kappa_l", **verdicts.ONSET_NAMES}
-
-
 def regime_fits(group: pd.DataFrame, x: pd.Series, low: float, high: float,
                 confidence: float) -> dict[str, BoundaryFit]:
     """kappa_pos, kappa_noise, kappa_broken from the trials of ``group``
@@ -110,9 +107,9 @@ def regime_fits(group: pd.DataFrame, x: pd.Series, low: float, high: float,
     if not regimes or "" in regimes:
         return {}
     seeds = list(group["seed"])
-    return {name: verdicts.fit_boundary(name, list(x), [r in members for r in regimes],
+    return {name: verdicts.fit_boundary(name, list(x), verdicts.reaches(name, regimes),
                                         low, high, confidence, groups=seeds)
-            for name, members in verdicts.REGIME_ONSETS.items()}
+            for name in verdicts.REGIME_ONSETS}
 
 
 def _short(value: Any) -> str:
@@ -197,10 +194,9 @@ def boundaries_json(analysis: SweepAnalysis) -> list[dict[str, Any]]:
     rows = []
     for b in analysis.boundaries:
         row: dict[str, Any] = {"setting": b.setting, "label": b.label}
-        for name, fit in (("kappa_c", b.collapse), ("kappa_l", b.leak),
-                          *((verdicts.ONSET_NAMES[k], f) for k, f in b.regimes.items())):
+        for kind, fit in b.fits().items():
             est, low, high = fit.bits
-            row[name] = {"bits": est, "low_bits": low, "high_bits": high,
+            row[BOUNDARY_NAMES[kind]] = {"bits": est, "low_bits": low, "high_bits": high,
                          "confidence": fit.confidence, "trials": fit.trials,
                          "below_range": fit.below_range, "above_range": fit.above_range}
         row["converged"] = analysis.converged
@@ -248,6 +244,9 @@ def analyse_sweep(runs: pd.DataFrame, sweep, base,
                    sweep.boundary.confidence, range_log2, histories)
 
 
+TAGGED = {"collapse": KAPPA_C, "leak": KAPPA_L}  # the boundaries also a parent run's tag
+
+
 def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
     """(parent, children) for :func:`freetf.tracking.log_sweep_analysis`."""
     metrics: dict[str, float] = {}
@@ -255,18 +254,13 @@ def mlflow_records(analysis: SweepAnalysis) -> tuple[dict, dict]:
     single = len(analysis.boundaries) == 1
     for b in analysis.boundaries:
         prefix = "boundary/" if single else f"boundary/{_metric_safe(b.label)}/"
-        for name, fit in (("kappa_c", b.collapse), ("kappa_l", b.leak)):
-            est, low, high = fit.bits
+        for kind, fit in b.fits().items():
+            name, (est, low, high) = BOUNDARY_NAMES[kind], fit.bits
             metrics.update({f"{prefix}{name}_bits": est, f"{prefix}{name}_low_bits": low,
                             f"{prefix}{name}_high_bits": high})
-            tags[{"kappa_c": KAPPA_C, "kappa_l": KAPPA_L}[name]
-                 + ("" if single else f".{b.label}")] = (
-                fit.text() + ("" if analysis.converged else " [unconverged baselines]"))
-        for name, fit in b.regimes.items():
-            est, low, high = fit.bits
-            name = verdicts.ONSET_NAMES[name]
-            metrics.update({f"{prefix}{name}_bits": est, f"{prefix}{name}_low_bits": low,
-                            f"{prefix}{name}_high_bits": high})
+            if kind in TAGGED:
+                tags[TAGGED[kind] + ("" if single else f".{b.label}")] = (
+                    fit.text() + ("" if analysis.converged else " [unconverged baselines]"))
     metrics["boundary/converged"] = 1.0 if analysis.converged else 0.0
     steps = []  # kappa(t): the parent's boundary_t/* metrics, one point per evaluation
     if single and analysis.over_training is not None:

@@ -21,6 +21,17 @@ VERDICT_ORDER = ("collapsed", "active", "used", "leaking", "unconverged", "basel
                  "stopped", "failed", "interrupted", "unknown")
 
 
+# The boundaries of a sweep, by kind (freetf.evaluation.verdicts: KINDS, REGIME_ONSETS):
+# their names (metrics, JSON), the label of the summary and the figures, their colour.
+BOUNDARY_NAMES = {"collapse": "kappa_c", "leak": "kappa_l", "position": "kappa_pos",
+                  "noise": "kappa_noise", "broken": "kappa_broken"}
+BOUNDARY_LABELS = {"collapse": "kappa_c (collapse onset)", "leak": "kappa_l (leak onset)",
+                   "position": "kappa_pos (Z: position)", "noise": "kappa_noise (Z: noise)",
+                   "broken": "kappa_broken (invalid)"}
+BOUNDARY_COLORS = {"collapse": "tab:blue", "leak": "tab:red", "position": "tab:green",
+                   "noise": "tab:orange", "broken": "black"}
+
+
 def shown(row) -> str:
     """What a trial (a row of the runs table) is drawn and counted as: its verdict, else
     how it ended."""

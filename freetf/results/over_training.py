@@ -20,6 +20,7 @@ import pandas as pd
 
 from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import Outcome, Tolerances
+from freetf.results.columns import BOUNDARY_COLORS, BOUNDARY_LABELS
 
 HISTORY_METRICS = ("eval/ce_prior_nats", "eval/use_low_nats", "eval/ce_iw_low_nats",
                    "eval/valid_rate", "eval/valid_low", "eval/valid_high",
@@ -67,8 +68,7 @@ def boundaries_over_training(histories: pd.DataFrame, trials: pd.DataFrame, x: p
         ys = {"collapse": [v == "collapsed" for v in labels],
               "leak": [v == "leaking" for v in labels]}
         if "" not in regimes:  # the synthetic task: every trial has what Z carries
-            ys |= {kind: [r in members for r in regimes]
-                   for kind, members in verdicts.REGIME_ONSETS.items()}
+            ys |= {kind: verdicts.reaches(kind, regimes) for kind in verdicts.REGIME_ONSETS}
         for kind, y in ys.items():
             fit = verdicts.fit_boundary(kind, xs, y, *range_log2, confidence, groups=seeds)
             rows.append([int(step), kind, fit.median_log2, fit.low_log2, fit.high_log2,
@@ -97,11 +97,8 @@ def plot_over_training(over: pd.DataFrame, path: str | Path, label: str = "") ->
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for kind, color, name in (("collapse", "tab:blue", "kappa_c (collapse onset)"),
-                              ("leak", "tab:red", "kappa_l (leak onset)"),
-                              ("position", "tab:green", "kappa_pos (Z: position)"),
-                              ("noise", "tab:orange", "kappa_noise (Z: noise)"),
-                              ("broken", "black", "kappa_broken (invalid)")):
+    for kind, name in BOUNDARY_LABELS.items():
+        color = BOUNDARY_COLORS[kind]
         part = over[over["kind"] == kind].sort_values("step")
         if part.empty:
             continue

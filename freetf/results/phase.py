@@ -21,8 +21,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from freetf.evaluation.verdicts import ONSET_NAMES
-from freetf.results.columns import KL_WEIGHT, save_figure, x_column
+from freetf.results.columns import (
+    BOUNDARY_COLORS,
+    BOUNDARY_NAMES,
+    KL_WEIGHT,
+    save_figure,
+    x_column,
+)
+
+# each boundary drawn a little above or below its kl_weight's row, so none hides another
+_SHIFT = {"collapse": 1.15, "leak": 1 / 1.15, "position": 1.35, "noise": 1 / 1.35,
+          "broken": 1.6}
 
 
 def _probe_stats(df: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -65,14 +74,11 @@ def plot_phase_diagram(analysis, path: str | Path) -> Path:
     fig.colorbar(points, ax=ax_map, label="P(used) over seeds")
     for b in analysis.boundaries:
         y = b.setting.get("training.kl_weight", float(judged[KL_WEIGHT].iloc[0]))
-        onsets = [(b.regimes[k], color, ONSET_NAMES[k], shift) for k, color, shift in
-                  (("position", "tab:green", 1.35), ("noise", "tab:orange", 1 / 1.35),
-                   ("broken", "black", 1.6)) if k in b.regimes]
-        for fit, color, name, shift in ((b.collapse, "tab:blue", "kappa_c", 1.15),
-                                        (b.leak, "tab:red", "kappa_l", 1 / 1.15), *onsets):
+        for kind, fit in b.fits().items():
             est, low, high = fit.bits
-            ax_map.errorbar([est], [y * shift], xerr=[[est - low], [high - est]], fmt="D",
-                            color=color, capsize=5, ms=8, label=f"{name} ({fit.confidence:.0%})")
+            ax_map.errorbar([est], [y * _SHIFT[kind]], xerr=[[est - low], [high - est]],
+                            fmt="D", color=BOUNDARY_COLORS[kind], capsize=5, ms=8,
+                            label=f"{BOUNDARY_NAMES[kind]} ({fit.confidence:.0%})")
     ax_map.set_yscale("log")
     weights = judged[KL_WEIGHT].astype(float)
     ax_map.set_ylim(weights.min() / 2.5, weights.max() * 2.5)  # one weight: still a band

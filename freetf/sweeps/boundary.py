@@ -189,7 +189,7 @@ class BoundarySearch(Searcher):
             xs, labels, seeds = self.observations(index)
             return xs, [v == _VERDICT[kind] for v in labels], seeds
         xs, regimes, seeds = self.regimes(index)
-        return xs, [r in verdicts.REGIME_ONSETS[kind] for r in regimes], seeds
+        return xs, verdicts.reaches(kind, regimes), seeds
 
     def regimes(self, index: int) -> tuple[list[float], list[str], list[int]]:
         """(x, regime, seed) of the converged probes of setting ``index`` with a regime."""
