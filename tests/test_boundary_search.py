@@ -165,3 +165,34 @@ def test_the_next_probe_is_the_free_grid_point_of_most_information(monkeypatch):
     search.placed[0] = grid  # no point free: the whole grid
     search.next_probe(0)
     assert asked[-1][1] == grid
+
+
+def test_boundary_at_places_the_initial_probes_on_the_ladder_given():
+    """The spec's values, in the key's units, every one with every seed; the adaptive
+    probes follow up to ``boundary.probes``."""
+    from freetf.sweeps import boundary
+    from freetf.sweeps.spec import load_sweep
+
+    sweep = load_sweep("search_kl_smoke", ["boundary.at=[0.125, 0.1875, 0.375, 8.0]",
+                                           "boundary.probes=5", "boundary.initial=2",
+                                           "space.training.free_bits_bits={loguniform: "
+                                           "[0.015625, 8.0]}"])
+    search = boundary.from_sweep(sweep, sweep.base())
+    assert search.placed == [[-3.0, pytest.approx(np.log2(0.1875)),
+                              pytest.approx(np.log2(0.375)), 3.0]]
+    kappas = [search.config(s)[KEY] for s in search.queue if s["role"] == "probe"]
+    assert kappas == [0.125, 0.125, 0.1875, 0.1875, 0.375, 0.375, 8.0, 8.0]
+    assert not search._all_placed() and sweep.expected_trials == search.budget == 2 + 5 * 2
+
+
+@pytest.mark.parametrize("at, message", [
+    ("[0.125]", r"boundary.at=\[0.125\]: 2 to boundary.probes=5 distinct values"),
+    ("[0.125, 0.125]", r"2 to boundary.probes=5 distinct"),
+    ("[1, 2, 3, 4, 5, 6]", r"2 to boundary.probes=5 distinct"),
+    ("[0.125, 16.0, 0.001]", r"boundary.at: 16, 0.001 outside the range \[0.015625, 4\] of "
+                             r"space.training.free_bits_bits")])
+def test_boundary_at_outside_the_range_or_too_many_is_refused(at, message):
+    from freetf.sweeps.spec import SweepError, load_sweep
+
+    with pytest.raises(SweepError, match=message):
+        load_sweep("search_kl_smoke", [f"boundary.at={at}", "boundary.probes=5"]).base()

@@ -6,7 +6,8 @@ searched key: ``kl_weight``, the annealing type, ...) it probes x = log2(kappa):
 
 1. the baselines first: one ``model.latent_dim = 0`` trial per seed and per value of the
    searched keys that change a model without latent (not kappa, not ``kl_weight``);
-2. ``boundary.initial`` probes spread evenly over the range, each run with every seed;
+2. ``boundary.initial`` probes spread evenly over the range (or at the values of
+   ``boundary.at``, a ladder), each run with every seed;
 3. then, one probe at a time per setting until ``boundary.probes`` are placed: the x on
    a 1/8-log2 grid where one more verdict tells the most about the two boundaries (the
    sum of the expected information gains of
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import pickle
 from typing import Any
 
@@ -62,10 +64,13 @@ class BoundarySearch(Searcher):
                  settings: list[dict[str, Any]], base_values: dict[str, Any], latent_dim: int,
                  seeds: list[int], probes: int, initial: int,
                  tolerances: verdicts.Tolerances | None = None, metric: str | None = None,
-                 mode: str | None = None, targets: tuple[str, ...] = verdicts.KINDS):
+                 mode: str | None = None, targets: tuple[str, ...] = verdicts.KINDS,
+                 at: tuple[float, ...] = ()):
         super().__init__(metric=metric, mode=mode)
         if not low_log2 < high_log2:
             raise ValueError(f"empty kappa range [2^{low_log2}, 2^{high_log2}]")
+        if at:
+            initial = len(at)
         if not 2 <= initial <= probes:
             raise ValueError(f"need 2 <= initial={initial} <= probes={probes}")
         if len(seeds) < 2:
@@ -86,7 +91,8 @@ class BoundarySearch(Searcher):
         for baseline in self._baseline_settings():
             self.queue += [{"role": "baseline", "setting": baseline, "seed": s}
                            for s in self.seeds]
-        starts = np.linspace(self.low, self.high, initial)
+        starts = ([math.log2(v) for v in at] if at
+                  else np.linspace(self.low, self.high, initial))
         for x, index in itertools.product(starts, range(len(self.settings))):
             self._place(index, float(x))
 
@@ -246,7 +252,8 @@ def from_sweep(sweep, base) -> BoundarySearch:
         spec.key, low, high, sweep.settings, {d.key: flat[d.key] for d in sweep.space},
         base.model.latent_dim, seeds(sweep), spec.probes, spec.initial,
         verdicts.Tolerances.from_config(base.diagnostics),
-        metric=sweep.search.metric, mode=sweep.search.mode, targets=tuple(spec.targets))
+        metric=sweep.search.metric, mode=sweep.search.mode, targets=tuple(spec.targets),
+        at=tuple(float(v) for v in spec.at))
 
 
 def seeds(sweep) -> list[int]:

@@ -26,6 +26,9 @@ class BoundarySpec:
     seeds: int = 3  # training.seed 0..seeds-1 at every probe and baseline
     probes: int = 5  # values of the key per setting, initial ones included
     initial: int = 3  # spread evenly over the range first
+    # the initial probes at these values of the key instead (its units, inside the space's
+    # range; replaces ``initial``): a ladder, e.g. the paper's kappas
+    at: list[float] = field(default_factory=list)
     confidence: float = 0.95  # of the intervals of kappa_c and kappa_l
     # the boundaries the adaptive probes are placed for: collapse, leak, and on the
     # synthetic task the regime onsets position, noise, broken (Figure 4 located)

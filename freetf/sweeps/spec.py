@@ -397,7 +397,9 @@ def _check_boundary(sweep: SweepConfig, base: Config) -> None:
     if b.seeds < 2:
         raise SweepError(f"boundary.seeds={b.seeds} must be >= 2: one seed per probe "
                          f"cannot tell a boundary from a seed's own learning event")
-    if not 2 <= b.initial <= b.probes:
+    if b.at:
+        _check_at(b, dims[b.key].values)
+    elif not 2 <= b.initial <= b.probes:
         raise SweepError(f"boundary.initial={b.initial} must be in [2, boundary.probes="
                          f"{b.probes}]")
     if not 0 < b.confidence < 1:
@@ -414,3 +416,15 @@ def _check_boundary(sweep: SweepConfig, base: Config) -> None:
     if not base.model.has_latent:
         raise SweepError("search.method=boundary needs a Free Transformer: the base config "
                          "has model.latent_dim=0")
+
+
+def _check_at(b, bounds) -> None:
+    """``boundary.at``: >= 2 distinct values inside the key's range, at most ``probes``."""
+    low, high = min(float(v) for v in bounds), max(float(v) for v in bounds)
+    values = [float(v) for v in b.at]
+    if len(set(values)) != len(values) or not 2 <= len(values) <= b.probes:
+        raise SweepError(f"boundary.at={b.at}: 2 to boundary.probes={b.probes} distinct values")
+    outside = [v for v in values if not low <= v <= high]
+    if outside:
+        raise SweepError(f"boundary.at: {', '.join(f'{v:g}' for v in outside)} outside the "
+                         f"range [{low:g}, {high:g}] of space.{b.key}")
