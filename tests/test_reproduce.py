@@ -57,7 +57,7 @@ def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
                                                             (0.5, 1)]
     text = (tmp_path / "m.md").read_text()
     assert "Merged from a.json, b.json" in text and "GPU, 3 processes." in text
-    assert "| 0.5 | – | – | – | – | 0.500 ± 0.141 |" in capsys.readouterr().out
+    assert "| 0.5 | – | – | – | – | – | 0.500 ± 0.141 |" in capsys.readouterr().out
 
 
 def test_merge_names_a_missing_file(tmp_path, capsys):
@@ -98,7 +98,8 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
                               finish=lambda status: None)
     monkeypatch.setattr(freetf.tracking, "make_tracker", lambda cfg, run_id: tracker)
     monkeypatch.setattr(reproduce, "reproduce_with_tune", lambda *a: (
-        _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p")))
+        _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p", analysis=None,
+                                          report={})))
     monkeypatch.setattr(reproduce, "reproduce_in_process", lambda *a, **k: (_fake_rows(), {}))
     argv = ["--smoke"] if mode == "smoke" else ["--in-process", "--config", "tiny"]
     assert main(["reproduce", *argv]) == 0
@@ -125,6 +126,9 @@ def test_summary_counts_reproducing_seeds_and_gives_mean_and_sd():
     rows = [row(1.0, 1, 0.6, True, 4.0), row(None, 0, 0.3, None), row(1.0, 0, 0.4, False, 6.0),
             row(1.0, 2, 0.5, True, float("nan")), row(0.5, 0, 0.45, None),
             row(None, 1, 0.5, None)]
+    regimes = ["position", None, "position+noise", "position", "", None]
+    for r, regime in zip(rows, regimes, strict=True):
+        r["regime"] = regime
     base, half, one = summarise(rows)
     assert base["kappa_bits"] is None and base["seeds"] == 2 and base["reproduced"] is None
     assert base["ce_prior"] == pytest.approx((0.4, 0.1414213562))  # mean, sample sd
@@ -135,7 +139,8 @@ def test_summary_counts_reproducing_seeds_and_gives_mean_and_sd():
     assert one["shared/position_spread"] == pytest.approx((5.0, 1.4142135624))  # NaN skipped
     table = summary_table(rows).splitlines()
     assert table[2].startswith("| baseline | – | – |") and "| 0.400 ± 0.141 |" in table[2]
-    assert table[4].startswith("| 1 | position and noise | 2/3 |")
+    assert table[4].startswith("| 1 | position and noise | 2/3 | position 2, position+noise 1 |")
+    assert table[3].startswith("| 0.5 | – | – | – |")  # a row without a regime
     assert "no baseline" in summary_table(rows[2:4])
 
 
@@ -152,7 +157,7 @@ def test_summary_separates_the_studys_options():
     table = summary_table(rows).splitlines()
     assert table[0].startswith("| options | κ (bits) |")
     assert table[2].startswith("| defaults | 1 |") and table[3].startswith(
-        "| model.mapper=factored | 1 | position and noise | 2/2 |")
+        "| model.mapper=factored | 1 | position and noise | 2/2 | – |")
     assert not summary_table(rows[:2]).startswith("| options")
 
 

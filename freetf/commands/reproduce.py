@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         size = base
         tracker = None
         out = args.out or experiment.DEFAULT_OUT
+        located = ""
     else:
         spec = args.config or (SMOKE if args.smoke else DEFAULT)
         rows, samples, result = experiment.reproduce_with_tune(spec, args.set, args.resume,
@@ -75,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
 
         tracker = make_tracker(size, run_id=result.parent_run_id)
         out = args.out or result.sweep.report_path
+        located = experiment.located_section(result.analysis, result.report, out, args.name)
     wall = time.perf_counter() - start
     paths = experiment.write_outputs(rows, samples, out, args.name,
-                                     _header(size, args, wall, experiment.changed_knobs(size)))
+                                     _header(size, args, wall, experiment.changed_knobs(size)),
+                                     located)
     if tracker is not None:
         for path in paths.values():
             tracker.log_artifact(path, "reproduction")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ COLUMNS = [  # (key, header, format)
     ("kl_bits", "KL (bits/token)", "{:.3f}"),
     ("ce_gap", "CE gap prior−post. (nats)", "{:.3f}"),
     ("ce_prior", "honest CE (nats)", "{:.3f}"),
+    ("excess_iw_nats", "honest bound above floor (nats)", "{:.3f}"),
     ("independent/position_spread", "pos. spread, indep. Z", "{:.1f}"),
     ("shared/position_spread", "pos. spread, shared Z", "{:.1f}"),
     ("independent/noise_overlap", "noise overlap, indep.", "{:.2f}"),
@@ -47,11 +50,21 @@ COLUMNS = [  # (key, header, format)
     ("independent/valid_rate", "valid, indep.", "{:.2f}"),
     ("shared/valid_rate", "valid, shared", "{:.2f}"),
     ("verdict", "verdict", "{}"),
+    ("regime", "Z carries", "{}"),
     ("reproduces", "paper's row", "{}"),
 ]
 # Mean ± sd of these over the seeds of each kappa (the summary table).
 SUMMARY = [key for key, _, _ in COLUMNS if key not in ("kappa_bits", "seed", "verdict",
-                                                         "reproduces")]
+                                                         "regime", "reproduces")]
+# A sweep's judgement of each trial (freetf.results.analysis), kept in its row: the
+# verdict against its seed's baseline, the regime (what Z carries), convergence, and the
+# use of Z per class of tokens; the row's own per-run verdict stays as verdict_fixed.
+JUDGED = {"verdict": "verdict", "regime": "regime", "eval/converged": "converged",
+          "cost_nats": "cost_nats", "eval/excess_nats": "excess_nats",
+          "eval/excess_iw_nats": "excess_iw_nats", "eval/floor_nats": "floor_nats",
+          "eval/use_nats": "use_nats",
+          "eval/use_position_nats": "use_position_nats",
+          "eval/use_noise_nats": "use_noise_nats"}
 
 
 def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
@@ -59,7 +72,7 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
     """Figure 4 metrics, KL and CE gap of one trained checkpoint, and its sample groups."""
     from freetf.training.evaluate import evaluate
 
-    model, cfg, _ = load_model(checkpoint, device)
+    model, cfg, state = load_model(checkpoint, device)
     torch.manual_seed(seed)
     diag = evaluate(model, build_data(cfg), cfg, torch.device(device),
                     cfg.training.free_bits_nats)
@@ -67,6 +80,7 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
     row: dict[str, Any] = {
         "kappa_bits": cfg.training.free_bits_nats / math.log(2) if latent else None,
         "seed": cfg.training.seed, "latent_dim": cfg.model.latent_dim,
+        "steps": state.get("step"),
         "mapper": cfg.model.mapper if latent else None,
         "options": ", ".join(changed_knobs(cfg)) if latent else "",
         "kl_bits": diag.get("eval/kl_bits"), "ce_gap": diag.get("eval/ce_gap_nats"),
@@ -115,7 +129,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         verdicts = [r.get("reproduces") for r in members]
         summary: dict[str, Any] = {
             "options": options, "kappa_bits": kappa, "paper_row": figure4_row(kappa),
-            "seeds": len(members),
+            "seeds": len(members), "regimes": regime_counts(members),
             "reproduced": (sum(v is True for v in verdicts)
                            if figure4_row(kappa) is not None else None)}
         for key in SUMMARY:
@@ -127,6 +141,14 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def regime_counts(rows: list[dict[str, Any]]) -> str:
+    """What Z carries over the seeds, most frequent first: "position 2, nothing 1"; "–"
+    where no row has a regime (in-process runs, baselines)."""
+    counts = Counter(r["regime"] for r in rows if r.get("regime"))
+    return ", ".join(f"{name} {n}" for name, n in sorted(
+        counts.items(), key=lambda item: (-item[1], item[0]))) or "–"
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The summary (:func:`summarise`) as markdown: "mean ± sd" cells."""
     heads = {key: head for key, head, _ in COLUMNS}
@@ -134,15 +156,16 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     summaries = summarise(rows)
     with_options = len({r["options"] for r in summaries if r["kappa_bits"] is not None}) > 1
     first = ["options"] if with_options else []
-    lines = ["| " + " | ".join(first + ["κ (bits)", "paper: Z carries", "seeds reproducing"]
+    lines = ["| " + " | ".join(first + ["κ (bits)", "paper: Z carries", "seeds reproducing",
+                                        "here: Z carries (seeds)"]
                                + [heads[k] for k in SUMMARY]) + " |",
-             "|" + "---|" * (len(first) + 3 + len(SUMMARY))]
+             "|" + "---|" * (len(first) + 4 + len(SUMMARY))]
     for row in summaries:
         kappa = "baseline" if row["kappa_bits"] is None else f"{row['kappa_bits']:.4g}"
         done = ("–" if row["reproduced"] is None
                 else f"{row['reproduced']}/{row['seeds']}")
         cells = ([row["options"] or "defaults"] if with_options else []) + [
-            kappa, row["paper_row"] or "–", done]
+            kappa, row["paper_row"] or "–", done, row["regimes"]]
         for key in SUMMARY:
             mean, sd = row[key]
             cells.append("–" if mean != mean else fmts[key].format(mean) + (
@@ -190,6 +213,7 @@ def reproduce_with_tune(spec: str | Path, overrides: list[str], resume: bool, gr
     result = run_sweep(load_sweep(spec, overrides), resume=resume)
     client = mlflow_client(result.tracking_uri)
     rows, samples = [], {}
+    judged = result.runs.set_index("run_id")
     for run_id in result.runs["run_id"]:
         checkpoint = client.get_run(run_id).data.tags.get(tags.CHECKPOINT)
         if not checkpoint or not Path(checkpoint).exists():
@@ -197,9 +221,24 @@ def reproduce_with_tune(spec: str | Path, overrides: list[str], resume: bool, gr
             continue
         row, text = measure(checkpoint, groups, per_group)
         row["run_id"] = run_id
+        row.update(judgement(judged.loc[run_id], row))
         rows.append(row)
         samples[row_name(row)] = text
     return sort_rows(rows), samples, result
+
+
+def judgement(trial, row: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's judgement of a trial (:data:`JUDGED`, from its row of
+    :attr:`freetf.results.analysis.SweepAnalysis.trials`), its own verdict kept as
+    ``verdict_fixed``; NaN and "" become None (JSON null)."""
+    out: dict[str, Any] = {"verdict_fixed": row.get("verdict")}
+    for column, key in JUDGED.items():
+        value = trial.get(column)
+        if isinstance(value, float) and math.isnan(value) or value == "":
+            value = None
+        out[key] = float(value) if isinstance(value, (int, float)) and not isinstance(
+            value, bool) else value
+    return out
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -260,14 +299,35 @@ def plot(rows: list[dict[str, Any]], samples: dict[str, str], path: Path) -> Pat
     return path
 
 
+def located_section(analysis, report: dict[str, Path], out_dir: Path, name: str) -> str:
+    """The sweep's located boundaries (its summary lines: kappa_c, kappa_l and the regime
+    onsets with their intervals) as markdown, its phase diagram and boundaries over
+    training copied beside the table as ``<name>_phase.png`` / ``<name>_over_training.png``.
+    "" without boundaries (a grid sweep, in-process runs)."""
+    if analysis is None or not analysis.boundaries:
+        return ""
+    text = ("## Where what Z carries changes along kappa\n\n"
+            "The sweep's boundaries, fitted on its converged trials against their baselines "
+            "(95% intervals; docs/phase_diagram.md):\n\n```\n"
+            + "\n".join(analysis.summary_lines()) + "\n```\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key, title in (("phase", "phase diagram"), ("over_training", "boundaries over training")):
+        source = report.get(key)
+        if source is not None and Path(source).is_file():
+            shutil.copyfile(source, out_dir / f"{name}_{key}.png")
+            text += f"\n![{title}]({name}_{key}.png)\n"
+    return text
+
+
 def write_outputs(rows: list[dict[str, Any]], samples: dict[str, str], out_dir: Path,
-                  name: str, header: str) -> dict[str, Path]:
+                  name: str, header: str, located: str = "") -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figure = plot(rows, samples, out_dir / f"{name}.png")
     sample_text = "\n\n".join(f"### {k}\n\n```\n{v}\n```" for k, v in samples.items())
     table = out_dir / f"{name}.md"
     table.write_text(f"{header}\n\n## Per kappa, over seeds (mean ± sd)\n\n"
-                     f"{summary_table(rows)}\n\n## Every run\n\n{markdown_table(rows)}\n\n"
+                     f"{summary_table(rows)}\n\n" + (f"{located}\n" if located else "")
+                     + f"## Every run\n\n{markdown_table(rows)}\n\n"
                      f"![figure]({figure.name})\n\n## Sample groups\n\n{sample_text}\n")
     (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"table": table, "figure": figure, "json": out_dir / f"{name}.json"}
