@@ -175,6 +175,8 @@ def test_the_tune_path_end_to_end(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "reports" / "reproduce_synthetic_smoke" / "r.json").read_text())
     assert [(r["kappa_bits"], r["seed"]) for r in rows] == [
         (None, 0), (None, 1), (0.015625, 0), (0.015625, 1), (1.0, 0), (1.0, 1)]
+    assert [r["verdict"] for r in rows[:2]] == ["baseline", "baseline"]
+    assert all(r["steps"] == 10 and "regime" in r and "verdict_fixed" in r for r in rows)
     client = mlflow_client(uri)
     runs = client.search_runs([client.get_experiment_by_name(
         "freetf-reproduce-smoke").experiment_id])
@@ -184,3 +186,45 @@ def test_the_tune_path_end_to_end(tmp_path, monkeypatch):
         parents[0].info.run_id}
     names = {a.path for a in client.list_artifacts(parents[0].info.run_id, "reproduction")}
     assert {"reproduction/r.md", "reproduction/r.json", "reproduction/r.png"} <= names
+
+
+def test_a_row_keeps_the_sweeps_judgement_of_its_trial():
+    """The analysis' verdict and regime replace the row's per-run verdict (kept as
+    verdict_fixed); NaN and "" become null, numbers floats."""
+    import pandas as pd
+
+    from freetf.experiments.reproduce import judgement
+
+    trial = pd.Series({"verdict": "used", "regime": "position", "eval/converged": 1,
+                       "cost_nats": 0.0125, "eval/excess_nats": 0.004,
+                       "eval/excess_iw_nats": float("nan"), "eval/floor_nats": 0.29,
+                       "eval/use_nats": 0.04, "eval/use_position_nats": 1.1,
+                       "eval/use_noise_nats": -0.002, "eval/kl_bits": 9.0})
+    got = judgement(trial, {"verdict": "active", "kl_bits": 0.12})
+    assert got == {"verdict_fixed": "active", "verdict": "used", "regime": "position",
+                   "converged": 1.0, "cost_nats": 0.0125, "excess_nats": 0.004,
+                   "excess_iw_nats": None, "floor_nats": 0.29, "use_nats": 0.04,
+                   "use_position_nats": 1.1, "use_noise_nats": -0.002}
+    assert isinstance(got["converged"], float)
+    baseline = judgement(pd.Series({"verdict": "baseline", "regime": ""}), {"verdict": None})
+    assert baseline["regime"] is None and baseline["verdict"] == "baseline"
+    assert baseline["use_position_nats"] is None
+
+
+def test_the_located_section_shows_the_boundaries_and_copies_the_figures(tmp_path):
+    from types import SimpleNamespace
+
+    from freetf.experiments.reproduce import located_section
+
+    assert located_section(None, {}, tmp_path, "r") == ""
+    assert located_section(SimpleNamespace(boundaries=[]), {}, tmp_path, "r") == ""
+    phase = tmp_path / "sweep" / "phase_diagram.png"
+    phase.parent.mkdir()
+    phase.write_bytes(b"png")
+    analysis = SimpleNamespace(boundaries=[object()], summary_lines=lambda: [
+        "kappa_pos (Z: position)  at kl_weight=1: 0.0854 bits [0.0254, 0.287] (95%, 20 trials)"])
+    text = located_section(analysis, {"phase": phase, "over_training": tmp_path / "absent.png"},
+                           tmp_path / "out", "r")
+    assert "```\nkappa_pos (Z: position)  at kl_weight=1: 0.0854 bits [0.0254, 0.287]" in text
+    assert "![phase diagram](r_phase.png)" in text and "over_training" not in text
+    assert (tmp_path / "out" / "r_phase.png").read_bytes() == b"png"
