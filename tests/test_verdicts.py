@@ -273,3 +273,37 @@ def test_run_plateau_takes_the_larger_kl_tolerance_of_bits_and_fraction_of_kappa
         "eval/plateau_ce_nats": 0.5, "eval/plateau_kl_bits": 0.0, "eval/converged": 1.0}
     d.converge_evals = 5
     assert verdicts.run_plateau(moving, d, kappa_bits=4.0)["eval/converged"] == 0.0
+
+
+@pytest.mark.parametrize("key, value", [
+    ("training.free_bits_per", "sequence"), ("model.mapper", "factored"),
+    ("model.mapper_impl", "dense"), ("model.mapper_chunk_size", 7),
+    ("model.mapper_score_precision", "autocast"), ("model.post_sampler_init", "zero"),
+    ("model.post_sampler_init_std", 0.5), ("model.readout_init_std", 0.3),
+    ("model.injection_layer", 1), ("optimizer.post_sampler_lr_mult", 10.0),
+    ("model.init_std", 0.05)])  # the control: it changes a baseline
+def test_a_latent_only_key_leaves_a_model_without_latent_as_it_is(key, value):
+    """A baseline (latent_dim = 0) built and optimised with the key changed: the same
+    weights, optimizer groups and logits, exactly when the key is latent-only."""
+    import torch
+
+    from freetf.config import load_config
+    from freetf.model.transformer import FreeTransformer
+    from freetf.training.optim import build_optimizer
+
+    def build(changes):
+        cfg = load_config("tiny", [f"{k}={v}" for k, v in {"model.latent_dim": 0,
+                                                          **changes}.items()])
+        torch.manual_seed(0)
+        model = FreeTransformer(cfg.model)
+        groups = [(g["lr"], g["weight_decay"], [tuple(p.shape) for p in g["params"]])
+                  for g in build_optimizer(model, cfg, torch.device("cpu")).param_groups]
+        tokens = torch.arange(24).reshape(2, 12) % cfg.model.vocab_size
+        with torch.no_grad():
+            return model.state_dict(), groups, model(tokens)[0]
+
+    weights, groups, logits = build({})
+    other_weights, other_groups, other_logits = build({key: value})
+    same = (groups == other_groups and torch.equal(logits, other_logits)
+            and all(torch.equal(weights[k], other_weights[k]) for k in weights))
+    assert same is not verdicts.changes_baseline(key)

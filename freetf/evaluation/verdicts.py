@@ -47,9 +47,12 @@ VERDICTS = ("collapsed", "used", "leaking")
 UNCONVERGED = "unconverged"
 # Keys that do not change a model without latent: a baseline is shared across them.
 LATENT_ONLY_KEYS = ("training.kl_weight", "training.free_bits", "training.free_bits_bits",
-                    "training.kl_annealing.", "training.free_bits_schedule.",
-                    "model.latent_dim", "model.mapper", "model.injection_layer",
-                    "diagnostics.")
+                    "training.free_bits_per", "training.kl_annealing.",
+                    "training.free_bits_schedule.", "model.latent_dim", "model.mapper",
+                    "model.mapper_impl", "model.mapper_chunk_size",
+                    "model.mapper_score_precision", "model.post_sampler_init",
+                    "model.post_sampler_init_std", "model.readout_init_std",
+                    "model.injection_layer", "optimizer.post_sampler_lr_mult", "diagnostics.")
 X0_PAD_LOG2 = 1.0  # the boundary may lie this far (log2 units) outside the probed range
 X0_STEP_LOG2 = 0.05  # resolution of the posterior grid over x0
 SLOPES = tuple(np.geomspace(0.5, 16.0, 8))  # per log2 unit of kappa
