@@ -228,3 +228,13 @@ def test_the_located_section_shows_the_boundaries_and_copies_the_figures(tmp_pat
     assert "```\nkappa_pos (Z: position)  at kl_weight=1: 0.0854 bits [0.0254, 0.287]" in text
     assert "![phase diagram](r_phase.png)" in text and "over_training" not in text
     assert (tmp_path / "out" / "r_phase.png").read_bytes() == b"png"
+
+
+def test_the_options_name_the_knobs_a_study_varies_and_only_those():
+    from freetf.config import load_config
+    from freetf.experiments.reproduce import changed_knobs
+
+    cfg = load_config("tiny", ["training.free_bits_per=sequence", "model.mapper=factored",
+                               "training.learning_rate=0.01"])
+    assert changed_knobs(cfg) == ["model.mapper=factored", "training.free_bits_per=sequence"]
+    assert changed_knobs(load_config("tiny")) == []

@@ -96,7 +96,7 @@ def measure(checkpoint: str | Path, groups: int, per_group: int, seed: int = 0,
 # when they differ from their defaults.
 KNOBS = ("model.mapper", "model.post_sampler_init", "model.post_sampler_init_std",
          "model.readout_init_std", "optimizer.post_sampler_lr_mult", "training.kl_annealing.type",
-         "training.free_bits_schedule.type")
+         "training.free_bits_schedule.type", "training.free_bits_per")
 
 
 def changed_knobs(cfg: Config) -> list[str]:
