@@ -196,3 +196,34 @@ def test_boundary_at_outside_the_range_or_too_many_is_refused(at, message):
 
     with pytest.raises(SweepError, match=message):
         load_sweep("search_kl_smoke", [f"boundary.at={at}", "boundary.probes=5"]).base()
+
+
+def test_the_next_probe_goes_to_the_setting_with_the_fewest():
+    """Two settings: the first adaptive probe goes to the first (a tie), the next to the
+    second, which is then behind."""
+    search = BoundarySearch(KEY, -6.0, 2.0, [{"training.kl_weight": 0.5},
+                                             {"training.kl_weight": 1.0}],
+                            {KEY: 1.0, "training.kl_weight": 1.0}, 8, [0, 1], 4, 2)
+    configs = _start_all(search)
+    assert len(configs) == 2 + 2 * 2 * 2 and [len(p) for p in search.placed] == [2, 2]
+    for t in configs:
+        search.on_trial_complete(t, BASE if configs[t][LATENT_KEY] == 0 else USED)
+    first = search.suggest("a0")
+    assert first["training.kl_weight"] == 0.5 and [len(p) for p in search.placed] == [3, 2]
+    search.suggest("a1")  # the same probe's second seed, from the queue
+    second = search.suggest("a2")
+    assert second["training.kl_weight"] == 1.0 and [len(p) for p in search.placed] == [3, 3]
+
+
+def test_a_seed_without_a_finished_baseline_gives_no_verdicts():
+    """Seed 1's baseline failed: its probes have no reference and are left out; a probe's
+    own outcome never stands in for a baseline."""
+    search = _search(probes=2, initial=2)
+    configs = _start_all(search)
+    for t, c in configs.items():
+        if c[LATENT_KEY] == 0 and c[SEED_KEY] == 1:
+            search.on_trial_complete(t, error=True)
+        else:
+            search.on_trial_complete(t, BASE if c[LATENT_KEY] == 0 else LEAK)
+    xs, labels, seeds = search.observations(0)
+    assert (xs, labels, seeds) == ([-6.0, 2.0], ["leaking", "leaking"], [0, 0])
