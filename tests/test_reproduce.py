@@ -78,7 +78,8 @@ def _fake_rows():
 
 
 @pytest.mark.parametrize("mode", ["smoke", "in_process"])
-def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monkeypatch, mode):
+def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monkeypatch, mode,
+                                                                   capsys):
     """``--smoke`` (as the README suggests) writes the sweep's report folder, an in-process
     run ``reports/``; the committed docs/synthetic_reproduction.* are left as they were."""
     from types import SimpleNamespace
@@ -98,8 +99,10 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
                               finish=lambda status: None)
     monkeypatch.setattr(freetf.tracking, "make_tracker", lambda cfg, run_id: tracker)
     monkeypatch.setattr(reproduce, "reproduce_with_tune", lambda *a: (
-        _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p", analysis=None,
-                                          report={})))
+        _fake_rows(), {}, SimpleNamespace(sweep=sweep, parent_run_id="p", report={},
+                                          analysis=SimpleNamespace(
+                                              boundaries=[object()],
+                                              summary_lines=lambda: ["kappa_pos: 0.1 bits"]))))
     monkeypatch.setattr(reproduce, "reproduce_in_process", lambda *a, **k: (_fake_rows(), {}))
     argv = ["--smoke"] if mode == "smoke" else ["--in-process", "--config", "tiny"]
     assert main(["reproduce", *argv]) == 0
@@ -109,6 +112,11 @@ def test_results_go_to_reports_by_default_and_docs_stay_untouched(tmp_path, monk
                        "synthetic_reproduction.png"]
     assert all(p.read_text() == "the committed result" for p in docs.iterdir())
     assert [p.parent for p in logged] == ([out] * 3 if mode == "smoke" else [])
+    printed = capsys.readouterr().out
+    assert ("\nkappa_pos: 0.1 bits\nwrote " in printed) is (mode == "smoke")
+    located = "## Where what Z carries changes along kappa" in (
+        out / "synthetic_reproduction.md").read_text()
+    assert located is (mode == "smoke")
 
 
 def test_markdown_table_marks_missing_values():

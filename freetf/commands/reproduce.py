@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         size = base
         tracker = None
         out = args.out or experiment.DEFAULT_OUT
-        located = ""
+        located, lines = "", []
     else:
         spec = args.config or (SMOKE if args.smoke else DEFAULT)
         rows, samples, result = experiment.reproduce_with_tune(spec, args.set, args.resume,
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         tracker = make_tracker(size, run_id=result.parent_run_id)
         out = args.out or result.sweep.report_path
         located = experiment.located_section(result.analysis, result.report, out, args.name)
+        lines = result.analysis.summary_lines() if located else []
     wall = time.perf_counter() - start
     paths = experiment.write_outputs(rows, samples, out, args.name,
                                      _header(size, args, wall, experiment.changed_knobs(size)),
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             tracker.log_artifact(path, "reproduction")
         tracker.finish("FINISHED")
     print(experiment.summary_table(rows))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())} in {wall / 60:.1f} min")
+    print("".join(f"\n{line}" for line in lines))
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {wall / 60:.1f} min")
     return 0
 
 
