@@ -50,13 +50,16 @@ def test_merge_rewrites_one_table_from_several_runs(tmp_path, capsys):
 
     (tmp_path / "a.json").write_text(json.dumps([row(None, 1, 0.3), row(0.5, 1, 0.4)]))
     (tmp_path / "b.json").write_text(json.dumps([row(0.5, 0, 0.6), row(None, 0, 0.5)]))
+    (tmp_path / "note.md").write_text("## Reading\n\nThe ladder.\n")
     assert main(["reproduce", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
-                 "--out", str(tmp_path), "--name", "m", "--note", "GPU, 3 processes."]) == 0
+                 "--out", str(tmp_path), "--name", "m", "--note", "GPU, 3 processes.",
+                 "--note-file", str(tmp_path / "note.md")]) == 0
     rows = json.loads((tmp_path / "m.json").read_text())
     assert [(r["kappa_bits"], r["seed"]) for r in rows] == [(None, 0), (None, 1), (0.5, 0),
                                                             (0.5, 1)]
     text = (tmp_path / "m.md").read_text()
-    assert "Merged from a.json, b.json" in text and "GPU, 3 processes." in text
+    assert "Merged from a.json, b.json" in text
+    assert "\n\nGPU, 3 processes.\n\n## Reading\n\nThe ladder.\n\n## Per kappa" in text
     assert "| 0.5 | – | – | – | – | – | 0.500 ± 0.141 |" in capsys.readouterr().out
 
 
@@ -66,6 +69,9 @@ def test_merge_names_a_missing_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"freetf reproduce: error: --merge: no such file: {tmp_path / 'absent.json'}" in err
     assert "Traceback" not in err
+    assert main(["reproduce", "--merge", str(tmp_path / "absent.json"), "--note-file",
+                 str(tmp_path / "none.md")]) == 2
+    assert f"error: --note-file: no such file: {tmp_path / 'none.md'}" in capsys.readouterr().err
 
 
 def _fake_rows():

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="synthetic_reproduction")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--note", default="", help="a paragraph written under the table's header")
+    p.add_argument("--note-file", type=Path, metavar="MD",
+                   help="a markdown file written under the table's header (after --note)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="no training: one table from the rows of earlier runs' JSON files "
                         "(e.g. one process per seed on a GPU box)")
@@ -48,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from freetf.config import load_config
     from freetf.experiments import reproduce as experiment
 
+    if args.note_file is not None:
+        if not args.note_file.is_file():
+            raise FileNotFoundError(f"--note-file: no such file: {args.note_file}")
+        args.note = "\n\n".join(part for part in (args.note, args.note_file.read_text().strip())
+                                if part)
     if args.merge:
         missing = [str(f) for f in args.merge if not f.is_file()]
         if missing:
