@@ -140,22 +140,28 @@ def test_summary_counts_reproducing_seeds_and_gives_mean_and_sd():
     rows = [row(1.0, 1, 0.6, True, 4.0), row(None, 0, 0.3, None), row(1.0, 0, 0.4, False, 6.0),
             row(1.0, 2, 0.5, True, float("nan")), row(0.5, 0, 0.45, None),
             row(None, 1, 0.5, None)]
+    nan = float("nan")
     regimes = ["position", None, "position+noise", "position", "", None]
     for r, regime in zip(rows, regimes, strict=True):
         r["regime"] = regime
+    rows.append({**row(1.0, 3, 0.5, None, nan), "regime": "nothing", "converged": 0.0})
+    rows.append({**row(1.0, 4, 0.5, None, nan), "regime": "position", "converged": 1.0})
     base, half, one = summarise(rows)
     assert base["kappa_bits"] is None and base["seeds"] == 2 and base["reproduced"] is None
     assert base["ce_prior"] == pytest.approx((0.4, 0.1414213562))  # mean, sample sd
     assert half["paper_row"] is None and half["reproduced"] is None
     assert half["ce_prior"][0] == 0.45 and half["ce_prior"][1] != half["ce_prior"][1]
-    assert one["paper_row"] == "position and noise" and (one["seeds"], one["reproduced"]) == (3, 2)
-    assert one["ce_prior"] == pytest.approx((0.5, 0.1))
+    assert one["paper_row"] == "position and noise" and (one["seeds"], one["reproduced"]) == (5, 2)
+    assert one["ce_prior"] == pytest.approx((0.5, 0.0707106781))
     assert one["shared/position_spread"] == pytest.approx((5.0, 1.4142135624))  # NaN skipped
     table = summary_table(rows).splitlines()
     assert table[2].startswith("| baseline | – | – |") and "| 0.400 ± 0.141 |" in table[2]
-    assert table[4].startswith("| 1 | position and noise | 2/3 | position 2, position+noise 1 |")
+    assert table[4].startswith("| 1 | position and noise | 2/5 | position 3, position+noise 1, "
+                               "1 unconverged |")
     assert table[3].startswith("| 0.5 | – | – | – |")  # a row without a regime
     assert "no baseline" in summary_table(rows[2:4])
+    assert summary_table([rows[-2]]).splitlines()[2].startswith("| 1 | position and noise | "
+                                                                "0/1 | 1 unconverged |")
 
 
 def test_summary_separates_the_studys_options():

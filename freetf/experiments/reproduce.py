@@ -142,11 +142,15 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def regime_counts(rows: list[dict[str, Any]]) -> str:
-    """What Z carries over the seeds, most frequent first: "position 2, nothing 1"; "–"
-    where no row has a regime (in-process runs, baselines)."""
-    counts = Counter(r["regime"] for r in rows if r.get("regime"))
-    return ", ".join(f"{name} {n}" for name, n in sorted(
-        counts.items(), key=lambda item: (-item[1], item[0]))) or "–"
+    """What Z carries over the seeds' converged runs, most frequent first, then the runs
+    that had not converged: "position 2, nothing 1, 1 unconverged"; "–" where no row has
+    a regime (in-process runs, baselines)."""
+    regimes = [r for r in rows if r.get("regime")]
+    unconverged = sum(r.get("converged") == 0.0 for r in regimes)
+    counts = Counter(r["regime"] for r in regimes if r.get("converged") != 0.0)
+    parts = [f"{name} {n}" for name, n in sorted(counts.items(),
+                                                  key=lambda item: (-item[1], item[0]))]
+    return ", ".join(parts + ([f"{unconverged} unconverged"] if unconverged else [])) or "–"
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
