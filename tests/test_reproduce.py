@@ -258,3 +258,37 @@ def test_the_options_name_the_knobs_a_study_varies_and_only_those():
                                "training.learning_rate=0.01"])
     assert changed_knobs(cfg) == ["model.mapper=factored", "training.free_bits_per=sequence"]
     assert changed_knobs(load_config("tiny")) == []
+
+
+def test_merged_rows_give_the_boundaries_of_all_their_converged_runs():
+    """The fit of the rows' converged runs with their seeds (the fit itself is
+    test_verdicts'), per option set; baselines, unconverged and unjudged rows left out."""
+    from freetf.evaluation import verdicts
+    from freetf.experiments.reproduce import row_fits
+
+    def row(kappa, seed, regime, verdict="used", converged=1.0, options=""):
+        return {"kappa_bits": kappa, "seed": seed, "regime": regime, "verdict": verdict,
+                "converged": converged, "options": options}
+
+    rows = [row(None, 0, None, "baseline"), row(0.25, 2, "broken", converged=0.0),
+            row(0.5, 3, None, None)]
+    judged = [row(0.015625, 0, "nothing", "collapsed"), row(0.015625, 1, "nothing"),
+              row(0.125, 0, "position"), row(0.125, 1, "nothing"),
+              row(1.0, 0, "position+noise"), row(1.0, 1, "position"),
+              row(8.0, 0, "broken", "leaking"), row(8.0, 1, "position", "leaking")]
+    other = [row(0.125, 0, "position", options="training.free_bits_per=sequence"),
+             row(1.0, 0, "broken", "leaking", options="training.free_bits_per=sequence")]
+    lines = row_fits(rows + judged + other + [row(0.125, 1, "position", options="x=1")])
+    xs, seeds = [-6.0, -6.0, -3.0, -3.0, 0.0, 0.0, 3.0, 3.0], [0, 1] * 4
+    regimes = [r["regime"] for r in judged]
+    expect = {"collapse": [True] + [False] * 7, "leak": [False] * 6 + [True, True],
+              **{k: verdicts.reaches(k, regimes) for k in verdicts.REGIME_ONSETS}}
+    assert len(lines) == 10  # "x=1" has one kappa: no fit
+    for line, (kind, y) in zip(lines[:5], expect.items(), strict=True):
+        fit = verdicts.fit_boundary(kind, xs, y, -6.0, 3.0, 0.95, groups=seeds)
+        assert line.endswith(f"at defaults: {fit.text()}"), (line, fit.text())
+    pooled = verdicts.fit_boundary("broken", [-3.0, 0.0], [False, True], -3.0, 0.0, 0.95,
+                                   groups=[0, 0])
+    assert lines[9] == (f"kappa_broken (invalid)   at training.free_bits_per=sequence: "
+                        f"{pooled.text()}")
+    assert row_fits(rows) == []

@@ -337,12 +337,47 @@ def write_outputs(rows: list[dict[str, Any]], samples: dict[str, str], out_dir: 
     return {"table": table, "figure": figure, "json": out_dir / f"{name}.json"}
 
 
+def row_fits(rows: list[dict[str, Any]], confidence: float = 0.95) -> list[str]:
+    """The five boundaries (kappa_c, kappa_l and the regime onsets) fitted on the rows'
+    converged Free Transformer runs, each seed's offset integrated out, over the range of
+    the rows' kappas; one line per boundary and option set, "" options first.  Rows
+    without a sweep's judgement (no regime) give none."""
+    from freetf.evaluation import verdicts
+    from freetf.results.columns import BOUNDARY_LABELS
+
+    judged = [r for r in rows if r["kappa_bits"] is not None and r.get("regime")
+              and r.get("verdict") and r.get("converged") != 0.0]
+    lines = []
+    for options in sorted({r.get("options", "") for r in judged}):
+        own = [r for r in judged if r.get("options", "") == options]
+        xs = [math.log2(r["kappa_bits"]) for r in own]
+        if len(set(xs)) < 2:
+            continue
+        seeds = [r["seed"] for r in own]
+        ys = {"collapse": [r["verdict"] == "collapsed" for r in own],
+              "leak": [r["verdict"] == "leaking" for r in own],
+              **{kind: verdicts.reaches(kind, [r["regime"] for r in own])
+                 for kind in verdicts.REGIME_ONSETS}}
+        for kind, y in ys.items():
+            fit = verdicts.fit_boundary(kind, xs, y, min(xs), max(xs), confidence,
+                                        groups=seeds)
+            lines.append(f"{BOUNDARY_LABELS[kind]:24s} at {options or 'defaults'}: "
+                         f"{fit.text()}")
+    return lines
+
+
 def merge(files: list[Path], out_dir: Path, name: str, note: str = ""
           ) -> tuple[list[dict], dict[str, Path]]:
-    """Rewrite the table and figure from the rows of earlier runs (their JSON files).
+    """Rewrite the table and figure from the rows of earlier runs (their JSON files), and
+    the boundaries fitted on all their judged rows together (:func:`row_fits`).
     -> (the merged rows, the files written)."""
     rows = sort_rows([row for path in files for row in json.loads(Path(path).read_text())])
     header = ("# Synthetic task (§4.1): what Z carries as free bits grow\n\n"
               f"Merged from {', '.join(Path(f).name for f in files)} (their sample groups "
               "are in their own tables)." + (f"\n\n{note}" if note else ""))
-    return rows, write_outputs(rows, {}, out_dir, name, header)
+    fits = row_fits(rows)
+    located = ("## Where what Z carries changes along kappa, all runs together\n\n"
+               "Fitted on the converged runs of every file, each seed's offset integrated "
+               "out (95% intervals; docs/phase_diagram.md):\n\n```\n" + "\n".join(fits)
+               + "\n```\n") if fits else ""
+    return rows, write_outputs(rows, {}, out_dir, name, header, located)
