@@ -232,8 +232,8 @@ def reproduce_with_tune(spec: str | Path, overrides: list[str], resume: bool, gr
 
 
 def judgement(trial, row: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's judgement of a trial (:data:`JUDGED`, from its row of
-    :attr:`freetf.results.analysis.SweepAnalysis.trials`), its own verdict kept as
+    """The sweep's judgement of a trial (:data:`JUDGED`, from its row of the trials table
+    of :class:`freetf.results.analysis.SweepAnalysis`), its own verdict kept as
     ``verdict_fixed``; NaN and "" become None (JSON null)."""
     out: dict[str, Any] = {"verdict_fixed": row.get("verdict")}
     for column, key in JUDGED.items():
