@@ -17,7 +17,7 @@ from freetf.evaluation.verdicts import BoundaryFit, Tolerances
 from freetf.results import analysis, over_training
 from freetf.results.analysis import SettingBoundaries, SweepAnalysis
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 KEY = "training.free_bits_bits"
 BASE = {"eval/ce_prior_nats": 1.0, "eval/valid_rate": 0.95, "eval/valid_low": 0.92,

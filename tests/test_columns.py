@@ -18,7 +18,7 @@ from freetf.results.columns import (
     x_column,
 )
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.mark.parametrize("row, expected", [
@@ -64,6 +64,7 @@ def test_x_is_log2_of_kappa_in_bits_or_of_the_sampled_key():
     ({"run_name": "s/a", "sweep": None}, "s/a"),
     ({"run_name": "s/a", "sweep": ""}, "s/a"),
     ({"run_name": "s/a"}, "s/a"),
+    ({"run_name": "XXXX/y"}, "XXXX/y"),  # without a sweep any name stays whole
     ({"run_name": 7, "sweep": "s"}, "7"),
 ])
 def test_a_trial_is_named_by_its_run_name_without_the_sweeps_prefix(row, expected):

@@ -14,7 +14,7 @@ from freetf.evaluation.verdicts import BoundaryFit, Tolerances
 from freetf.results import over_training
 from freetf.results.columns import BOUNDARY_COLORS, BOUNDARY_LABELS
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 BASE = {"eval/ce_prior_nats": 0.3, "eval/valid_rate": 0.95, "eval/valid_low": 0.92,
         "eval/valid_high": 0.97}
@@ -174,12 +174,14 @@ def test_the_figure_draws_each_estimate_and_its_interval_against_the_step(
         saved, tmp_path, label, title):
     over = _over({"leak": [(20, 1.0), (10, 2.0)], "collapse": [(10, -2.0), (20, -1.0)],
                   "broken": [(10, 0.0)]})
-    path = over_training.plot_over_training(over, str(tmp_path / "new" / "o.png"), label)
-    assert path == tmp_path / "new" / "o.png" and path.read_bytes()[:4] == b"\x89PNG"
-    ((fig, kwargs),) = saved
+    path = over_training.plot_over_training(over, str(tmp_path / "a" / "b" / "o.png"), label)
+    assert path == tmp_path / "a" / "b" / "o.png" and path.read_bytes()[:4] == b"\x89PNG"
+    assert over_training.plot_over_training(over, path.parent / "p.png").exists()  # again
+    fig, kwargs = saved[0]
     assert kwargs == {"dpi": 110, "bbox_inches": "tight"}
     assert tuple(fig.get_size_inches()) == (7.0, 4.0)
     (ax,) = fig.axes
+    assert ax.get_subplotspec().get_geometry() == (1, 1, 0, 0)
     kinds = ["collapse", "leak", "broken"]  # the labels' order, the kinds present only
     lines = ax.get_lines()
     assert [line.get_label() for line in lines] == [BOUNDARY_LABELS[k] for k in kinds]

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 
 from freetf.results import phase
 from freetf.results.columns import BOUNDARY_COLORS
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 KEY = "training.free_bits_bits"
 
@@ -32,10 +33,10 @@ def _trials() -> pd.DataFrame:
         _row("baseline", 1.0, 1.0, 0, valid=0.9),
         _row("baseline", 1.0, 1.0, 1, valid=0.8),
         _row("baseline", 1.0, 1.0, 2),  # no validity measured
+        _row("leaking", 1.0, 0.5, 0, cost=0.5, valid=0.2),
         _row("collapsed", 0.25, 1.0, 0, cost=0.1, valid=0.9),
         _row("used", 0.25, 1.0, 1, cost=0.3, valid=0.7),
         _row("used", 1.0, 1.0, 0, cost=0.0),
-        _row("leaking", 1.0, 0.5, 0, cost=0.5, valid=0.2),
         _row("unconverged", 4.0, 0.5, 0),  # not judged
     ])
 
@@ -86,6 +87,7 @@ def test_the_map_shows_p_used_per_probe_and_each_boundary_at_its_kl_weight(drawn
     assert path == tmp_path / "p" / "f.png" and path.read_bytes()[:4] == b"\x89PNG"
     (fig,) = drawn
     assert tuple(fig.get_size_inches()) == pytest.approx((17.0, 4.8))
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
     ax_map, ax_cost, ax_valid, bar = fig.axes
     points = ax_map.collections[0]  # then the boundaries' error bars
     order = np.lexsort((points.get_offsets()[:, 1], points.get_offsets()[:, 0]))
@@ -100,12 +102,12 @@ def test_the_map_shows_p_used_per_probe_and_each_boundary_at_its_kl_weight(drawn
          to_rgba(BOUNDARY_COLORS["collapse"]), "D"),
         ("kappa_l (90%)", [2.0], [0.5 / 1.15], [[[1.0, 0.5 / 1.15], [4.0, 0.5 / 1.15]]],
          to_rgba(BOUNDARY_COLORS["leak"]), "D"),
-        # no kl_weight in the setting: the row of the first judged trial
-        ("kappa_pos (95%)", [1.0], [1.35], [[[0.5, 1.35], [1.5, 1.35]]],
+        # no kl_weight in the setting: the row of the first judged trial (0.5)
+        ("kappa_pos (95%)", [1.0], [0.5 * 1.35], [[[0.5, 0.5 * 1.35], [1.5, 0.5 * 1.35]]],
          to_rgba(BOUNDARY_COLORS["position"]), "D"),
-        ("kappa_noise (95%)", [1.0], [1 / 1.35], [[[0.5, 1 / 1.35], [3.0, 1 / 1.35]]],
+        ("kappa_noise (95%)", [1.0], [0.5 / 1.35], [[[0.5, 0.5 / 1.35], [3.0, 0.5 / 1.35]]],
          to_rgba(BOUNDARY_COLORS["noise"]), "D"),
-        ("kappa_broken (95%)", [4.0], [1.6], [[[2.0, 1.6], [8.0, 1.6]]],
+        ("kappa_broken (95%)", [4.0], [0.5 * 1.6], [[[2.0, 0.8], [8.0, 0.8]]],
          to_rgba(BOUNDARY_COLORS["broken"]), "D")]
     for container in ax_map.containers:
         line, caps, _ = container.lines

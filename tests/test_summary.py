@@ -13,7 +13,7 @@ import pytest
 import freetf.tracking
 from freetf.results import summary, sweep_figures
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 
 def test_the_view_filters_the_sweeps_trials_and_shows_the_compared_columns(monkeypatch):

@@ -14,7 +14,7 @@ from matplotlib.colors import to_rgba
 from freetf.results import sweep_figures
 from freetf.results.columns import VERDICT_COLORS
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 GRAY = to_rgba("tab:gray")
 
