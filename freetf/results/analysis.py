@@ -167,8 +167,9 @@ def analyse(df: pd.DataFrame, key: str = "training.free_bits_bits",
             regime_fits(group, x_column(group, key), low, high, confidence)))
         if histories is not None and not histories.empty:
             own_values = tuple(v for c, v in zip(settings, values, strict=True) if c in own)
-            bases = df[is_base & df[own].apply(tuple, axis=1).eq(own_values)] if own \
-                else df[is_base]
+            # (.eq(own_values) would read the tuple as one value per row)
+            bases = df[is_base & df[own].apply(tuple, axis=1).map(own_values.__eq__)] \
+                if own else df[is_base]
             probes = df[df["cost_nats"].notna() & df.index.isin(group.index)]
             members = pd.concat([bases, probes])
             over = over_training.boundaries_over_training(
