@@ -42,6 +42,7 @@ def parts(monkeypatch):
         return {"table": Path(folder) / "t.md"}
 
     def summary_text(df, paths, uri, experiment, experiment_id):
+        seen["summary"] = df is seen["df"]
         return f"summary of {experiment} ({experiment_id}) at {uri}: {sorted(paths)}"
 
     def analyse_sweeps(client, experiment, df, folder):
@@ -65,6 +66,7 @@ def test_report_is_the_summary_then_each_sweeps_verdicts(tmp_path, parts):
         "", "sweep s: verdicts against its baselines", "line 1", "line 2",
         "", "sweep t: verdicts against its baselines", "line 3"])
     assert parts["collect"] == (uri, "exp", None)
+    assert parts["summary"]  # of the runs collected
     assert parts["write"] == (uri, True, tmp_path / "out" / "exp")
     assert parts["analyse"] == (uri, "exp", True, tmp_path / "out" / "exp")
     # one sweep: its own folder, and only its trials
