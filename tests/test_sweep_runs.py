@@ -134,6 +134,9 @@ def test_the_last_result_of_a_trial_is_the_one_read():
     results = [_result(0, step=100, verdict="used"), _result(0, step=60)]
     close_open_runs(client, _context(), results, interrupted=False)
     assert client.calls == [("tag", "r0", "freetf.outcome", "unknown"), ("end", "r0", "KILLED")]
+    client = Client([_run("r0", 0)])  # one step to train, none reported: not trained
+    close_open_runs(client, _context(max_steps=1), [], interrupted=False)
+    assert client.calls == [("tag", "r0", "freetf.outcome", "unknown"), ("end", "r0", "KILLED")]
     client = Client([_run("r0", 0)])
     close_open_runs(client, _context(), None, interrupted=True)
     assert client.calls == [("tag", "r0", "freetf.outcome", "interrupted"),
