@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from freetf.sweeps.console import QUIET_LOGGERS, SweepConsole, setup_console
@@ -200,3 +203,61 @@ def test_boundary_search_lines_show_each_trials_seed_and_baselines_without_kappa
     baseline, ft = [line for line in stream.getvalue().splitlines() if line.startswith("[")]
     assert "seed 0, latent_dim=0: ended" in baseline and "kappa" not in baseline
     assert "kappa 0.25 bits, kl_weight 1, seed 2, latent_dim=8: ended" in ft
+
+
+def test_a_console_pickled_into_tunes_state_comes_back_without_its_trials():
+    """Tune pickles its callbacks into its state (resume): the settings travel, the rows,
+    the stream and the test's clock do not."""
+    console, stream, clock = _console(False, 30.0)
+    trial = _trial("t", 1.0, 0.1)
+    clock.now = 5.0
+    console.on_trial_start(0, [], trial)
+    console.on_trial_complete(0, [], trial)
+    state = console.__getstate__()
+    assert (state["stream"], state["clock"], state["rows"]) == (None, None, {})
+    assert console.stream is stream and console.clock is clock and console.rows  # untouched
+    back = pickle.loads(pickle.dumps(console))
+    assert (back.enabled, back.total, back.keys, back.max_steps, back.status_every_s) == (
+        True, 8, console.keys, 300, 30.0)
+    assert back.base == console.base
+    assert back.clock is time.monotonic and back.stream is None
+    assert (back.rows, back.ended, back._start, back._last_table, back._interval) == (
+        {}, 0, None, None, 30.0)
+
+
+def test_a_retried_trial_is_said_so_unless_verbose():
+    for verbose in (False, True):
+        console, stream, clock = _console(verbose)
+        trial = _trial("t", 0.25, 1.0)
+        console.on_trial_start(0, [], trial)
+        console.on_trial_result(0, [], trial, {"step": 40})
+        console.on_trial_recover(0, [], trial)
+        assert stream.getvalue() == ("" if verbose else
+                                     "retrying kappa 0.25 bits, kl_weight 1, seed 0: ended at "
+                                     "step 40 after an error\n")
+
+
+def test_the_status_table_shows_each_running_trials_cells():
+    sweep = load_sweep(SMOKE_BOUNDARY)
+    stream, clock = io.StringIO(), Clock()
+    console = SweepConsole(sweep, sweep.base(), stream=stream, status_every_s=10.0, clock=clock)
+    trials = [SimpleNamespace(trial_id=f"t{seed}", config={
+        "training.free_bits_bits": np.float64(0.25), "training.kl_weight": 1.0,
+        "training.seed": np.int64(seed), "model.latent_dim": latent})
+        for seed, latent in ((0, 0), (1, 8), (2, 8))]
+    for trial in trials:
+        console.on_trial_start(0, [], trial)
+    console.on_trial_result(0, [], trials[1], {"step": 12, "train/kl_bits": 0.123456,
+                                               "eval/use_nats": 0.5, "eval/valid_rate": 1})
+    console.on_trial_result(0, [], trials[2], {"step": 15, STOP_REASON: "low_kl"})
+    console.on_trial_complete(0, [], trials[0])
+    clock.now = 10.0
+    console.on_trial_result(0, [], trials[2], {"step": 16, "eval/kl_bits": 2.0})
+    table = stream.getvalue().splitlines()[1:]
+    assert table[0].startswith("1/6 trials ended, 10s elapsed")
+    # 1 + 12/20 + 16/20 of 6 trials' steps in 10 s: 15 s more
+    assert table == [
+        "1/6 trials ended, 10s elapsed, about 15s left",
+        "  kappa bits  kl_weight  seed  step   KL bits  use nats  state             point",
+        "  0.25        1          1     12/20  0.123    0.5       -                 latent_dim=8",
+        "  0.25        1          2     16/20  2        -         low_kl (stopped)  latent_dim=8"]

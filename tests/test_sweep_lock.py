@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from mlflow import MlflowClient
 
 from freetf import files
 from freetf.cli import main
+from freetf.sweeps import lock
 from freetf.sweeps import sweep as sweep_mod
 from freetf.sweeps.lock import SweepRunning, lock_path, sweep_lock
 from freetf.sweeps.spec import load_sweep
@@ -141,6 +144,74 @@ def test_a_sweep_of_a_running_name_is_one_line_before_ray_starts(tmp_path, holde
     err = capsys.readouterr().err
     assert re.fullmatch(f"freetf sweep: error: {refused_line(first, tmp_path)}\n", err), err
     assert not (tmp_path / "mlflow.db").exists()  # not even the store was opened
+
+
+def test_the_lock_is_beside_the_sweeps_folder_and_records_only_its_holder(tmp_path):
+    deep = tmp_path / "new" / "deeper"  # a storage folder two levels new
+    sweep = load_sweep("search_kl_smoke", settings(tmp_path, f"storage_path={deep}"))
+    assert lock_path(sweep) == deep / f"{NAME}.lock"
+    deep.mkdir(parents=True)
+    lock_path(sweep).write_text("x" * 500)  # a killed holder's line, longer than ours
+    with sweep_lock(sweep):
+        holder = json.loads(lock_path(sweep).read_text())
+        assert set(holder) == {"pid", "host", "since"}
+        assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", holder["since"])
+    assert lock_path(sweep).read_text() == ""
+
+
+def test_the_lock_makes_a_storage_folder_two_levels_new(tmp_path):
+    deep = tmp_path / "new" / "deeper"
+    sweep = load_sweep("search_kl_smoke", settings(tmp_path, f"storage_path={deep}"))
+    with sweep_lock(sweep):
+        assert lock_path(sweep).is_file()
+        with pytest.raises(SweepRunning):  # locked: not left unguarded
+            with sweep_lock(sweep):
+                pass
+
+
+@pytest.mark.parametrize("line", ["", "{}", "[1]", '{"pid": 1'])
+def test_a_holder_not_recorded_is_waited_for_then_said_so(tmp_path, monkeypatch, line):
+    """A holder that has taken the lock but not written its line (or left a broken one):
+    the refusal waits HOLDER_WAIT_S for it, then says the holder is not recorded."""
+    monkeypatch.setattr(lock, "HOLDER_WAIT_S", 0.2)
+    sweep = load_sweep("search_kl_smoke", settings(tmp_path))
+    path = lock_path(sweep)
+    path.parent.mkdir(parents=True)
+    fd = files.lock_file(path)
+    try:
+        os.write(fd, line.encode())
+        start = time.monotonic()
+        with pytest.raises(SweepRunning, match=(
+                rf"^sweep {NAME} is running \(its holder is not recorded in "
+                rf"{re.escape(str(path))}\): its folder ")):
+            with sweep_lock(sweep):
+                pytest.fail("a second sweep of the name took the lock")
+        waited = time.monotonic() - start
+    finally:
+        os.close(fd)
+    assert 0.2 <= waited < 1.0  # retried every 0.05 s until the wait was over
+
+
+def test_a_holder_that_records_itself_while_the_refusal_waits_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock, "HOLDER_WAIT_S", 30.0)
+    sweep = load_sweep("search_kl_smoke", settings(tmp_path))
+    path = lock_path(sweep)
+    path.parent.mkdir(parents=True)
+    fd = files.lock_file(path)
+    line = json.dumps({"pid": 4242, "host": "elsewhere", "since": "then"}).encode()
+    writer = threading.Timer(0.3, os.pwrite, (fd, line, 0))
+    try:
+        writer.start()
+        start = time.monotonic()
+        with pytest.raises(SweepRunning, match=r"is running \(pid 4242 on host elsewhere, "
+                                               r"since then\): its folder"):
+            with sweep_lock(sweep):
+                pytest.fail("a second sweep of the name took the lock")
+        assert time.monotonic() - start < 10  # named once written, not after the wait
+    finally:
+        writer.join()
+        os.close(fd)
 
 
 @pytest.mark.heavy  # two real sweeps started at once: about a minute on 2 cores
