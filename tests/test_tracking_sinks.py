@@ -120,13 +120,15 @@ def test_a_failing_store_is_retried_at_once_then_after_1_2_4_up_to_60_s(clock, c
     sink = _MlflowSink(client, "r1", uri="sqlite:///m.db")
     attempts = []
     for failures in range(1, 10):
-        client.down = [ConnectionError("down")]
+        client.down = [ConnectionError("down" if failures == 1 else f"down {failures}")]
         sink.log_metrics({"m": float(failures)}, step=failures)
         attempts.append(sink._retry_at - clock[0])
         assert sink._failures == failures
         clock[0] = sink._retry_at  # the next call is the retry
     assert attempts == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
-    assert sink._cause == "ConnectionError: down"
+    assert sink._cause == "ConnectionError: down"  # the first failure's, said once
+    said = [r.getMessage() for r in caplog.records if " failed (" in r.getMessage()]
+    assert len(said) == 1 and " failed (ConnectionError: down); buffering " in said[0]
     sink.log_metrics({"m": 10.0}, step=10)  # recovered: the buffer goes in one batch
     assert sink._failures == 0 and sink.pending_metrics == 0
     assert client.batches == [{"run_id": "r1", "metrics": [
@@ -264,15 +266,19 @@ def test_flush_sends_or_says_what_is_lost_once(clock, caplog):
     assert client.batches == [{"run_id": "r1", "metrics": [("m", 2.0, 2)]}]
 
 
-def test_flush_says_which_buffered_tags_are_lost(clock, caplog):
+@pytest.mark.parametrize("kind", ["params", "tags"])
+def test_flush_says_which_buffered_params_or_tags_are_lost(kind, clock, caplog):
     client = Client()
     sink = _MlflowSink(client, "r1", uri="u")
     client.down = [ConnectionError("down")] * 2
-    sink.set_tags({"t": "x"})
+    if kind == "params":
+        sink.log_params({"p": "1"})
+    else:
+        sink.set_tags({"t": "x"})
     with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
         sink.flush()
     assert caplog.records[-1].getMessage() == (
-        "MLflow run r1 at u: 1 tags not recorded (ConnectionError: down)")
+        f"MLflow run r1 at u: 1 {kind} not recorded (ConnectionError: down)")
 
 
 def _cfg(tmp_path: Path, **overrides):
@@ -363,4 +369,40 @@ def test_a_run_whose_params_cannot_be_logged_does_not_start(tmp_path, monkeypatc
                                             "refused$"):
         _MlflowSink.start(_cfg(tmp_path), "u", run_id=None, parent_run_id=None,
                           run_name=None, params={"a": "1"}, tags={})
+    assert client.calls[-1] == ("set_terminated", ("new1", "FAILED"), {})
+
+
+def test_start_opens_its_uri_and_removes_the_empty_sqlite_file_it_made(tmp_path, monkeypatch):
+    """The store is opened at the run's URI and the experiment looked up with it; a sqlite
+    file that was not there before and that a failed start leaves empty is removed, also
+    when the client itself could not be made."""
+    db = tmp_path / "new.db"
+    uri = f"sqlite:///{db}"
+    opened, looked_up = [], []
+
+    def open_store(at):
+        opened.append(at)
+        db.touch()  # MLflow made the file, then the disk was full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks, "mlflow_client", open_store)
+    with pytest.raises(TrackingError, match=f"^cannot start an MLflow run at {uri}: OSError: "):
+        _MlflowSink.start(_cfg(tmp_path), uri, run_id=None, parent_run_id=None, run_name=None,
+                          params={}, tags={})
+    assert opened == [uri] and not db.exists()
+
+    client = StartClient()
+    client.down = [ConnectionError("refused")]
+
+    def experiment(client_, name, at):
+        looked_up.append((client_, name, at))
+        db.touch()
+        return "7"
+
+    monkeypatch.setattr(sinks, "mlflow_client", lambda at: client)
+    monkeypatch.setattr(sinks, "_experiment_id", experiment)
+    with pytest.raises(TrackingError):
+        _MlflowSink.start(_cfg(tmp_path), uri, run_id=None, parent_run_id=None, run_name=None,
+                          params={}, tags={"t": "x"})
+    assert looked_up == [(client, "unit", uri)] and not db.exists()
     assert client.calls[-1] == ("set_terminated", ("new1", "FAILED"), {})

@@ -231,6 +231,19 @@ def test_a_client_prepares_its_store(tmp_path, monkeypatch):
                     "file:///x/runs", "https://h"]
 
 
+def test_a_client_makes_every_missing_folder_and_sets_http_defaults_for_http_too(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(store.mlflow, "MlflowClient", lambda tracking_uri: tracking_uri)
+    for name in store.HTTP_CLIENT_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    db = tmp_path / "a" / "b" / "m.db"  # two folders new
+    assert mlflow_client(f"sqlite:///{db}") == f"sqlite:///{db}"
+    assert db.parent.is_dir() and (db.parent / "m.db.lock").is_file()
+    assert mlflow_client("http://h:5000") == "http://h:5000"
+    assert {name: os.environ[name] for name in store.HTTP_CLIENT_DEFAULTS} == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 def test_a_file_store_opt_in_already_set_is_kept(monkeypatch):
     monkeypatch.setattr(store.mlflow, "MlflowClient", lambda tracking_uri: tracking_uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "TRUE")
