@@ -188,3 +188,9 @@ def test_wilson_interval_at_another_confidence():
     half = z * math.sqrt(0.3 * 0.7 / 10 + z * z / 400) / (1 + z * z / 10)
     assert wilson_interval(3, 10, confidence=0.9) == (pytest.approx(centre - half, abs=1e-12),
                                                       pytest.approx(centre + half, abs=1e-12))
+
+
+def test_wilson_interval_of_one_trial():
+    z2 = 1.959963984540054 ** 2  # one success in one trial: [1 / (1 + z^2), 1]
+    assert wilson_interval(1, 1) == (pytest.approx(1 / (1 + z2), abs=1e-12),
+                                     pytest.approx(1.0, abs=1e-12))
