@@ -132,3 +132,65 @@ def test_wilson_interval_known_values():
     lo, hi = wilson_interval(256, 256)
     assert hi == pytest.approx(1.0) and lo == pytest.approx(0.9852, abs=1e-4)
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def _bootstrap(values, weights, boot, confidence, seed):
+    """The percentile row bootstrap written out: ``boot`` resamples of the N rows with
+    replacement, each a ratio sum(values) / sum(weights) (resamples without weight
+    skipped), and the equal-tailed ``confidence`` quantiles of those ratios."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    ratios = []
+    for rows in rng.integers(0, n, size=(boot, n)):
+        if weights[rows].sum() > 0:
+            ratios.append(values[rows].sum() / weights[rows].sum())
+    tail = (1 - confidence) / 2
+    return np.quantile(ratios, tail), np.quantile(ratios, 1 - tail)
+
+
+def test_row_interval_is_the_percentile_row_bootstrap_at_its_defaults_and_arguments():
+    values = np.random.default_rng(5).normal(size=40)  # ratios of resamples all distinct
+    got = row_interval(values)  # weights 1, 1000 resamples, 95%, seed 0
+    assert got == (pytest.approx(values.mean()),
+                   *(pytest.approx(q, rel=1e-9) for q in _bootstrap(values, np.ones(40), 1000,
+                                                                    0.95, 0)))
+    assert row_interval([2.0], [1.0]) == (2.0, 2.0, 2.0)  # a total weight of 1 is a weight
+    # weights 0 in most rows: many resamples hold no weight and are left out
+    values, weights = np.array([0.0, 0.0, 0.0, 3.0, 1.0]), np.array([0, 0, 0, 2, 1])
+    got = row_interval(list(values), list(weights), boot=300, confidence=0.6, seed=4)
+    assert got == (pytest.approx(4 / 3),
+                   *(pytest.approx(q, rel=1e-9) for q in _bootstrap(values, weights, 300, 0.6,
+                                                                    4)))
+    assert got[1] < got[2]
+
+
+def test_use_intervals_are_the_row_bootstrap_of_the_per_row_values():
+    sharp = 3.0
+    ids = torch.tensor([[0, 1, 2, 0], [1, 2, 0, 1], [1, 0, 0, 2], [2, 2, 1, 0]])
+    own = nll(True, sharp)
+    per_row = np.array([3 * (nll(c_prev == c, sharp) - own) for c, c_prev in
+                        zip([0, 1, 1, 2], [2, 0, 1, 1], strict=True)])  # 3 scored tokens
+    for kwargs, (boot, confidence, seed) in (({}, (1000, 0.95, 0)),
+                                             ({"boot": 50, "confidence": 0.5, "seed": 3},
+                                              (50, 0.5, 3))):
+        m = latent_use(CodeReader(sharp), [ids], redraws=1, prior_draws=1, **kwargs)
+        est, low, high = row_interval(per_row, np.full(4, 3.0), boot, confidence, seed)
+        assert (m["eval/use_nats"], m["eval/use_low_nats"], m["eval/use_high_nats"]) == \
+            (pytest.approx(est, abs=1e-6), pytest.approx(low, abs=1e-6),
+             pytest.approx(high, abs=1e-6))
+        assert low < high
+
+
+def test_wilson_interval_at_another_confidence():
+    # 3 of 10 at 90% (z = 1.6449): Wilson's centre and half-width written out
+    z = 1.6448536269514722
+    centre = (0.3 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.3 * 0.7 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert wilson_interval(3, 10, confidence=0.9) == (pytest.approx(centre - half, abs=1e-12),
+                                                      pytest.approx(centre + half, abs=1e-12))
+
+
+def test_wilson_interval_of_one_trial():
+    z2 = 1.959963984540054 ** 2  # one success in one trial: [1 / (1 + z^2), 1]
+    assert wilson_interval(1, 1) == (pytest.approx(1 / (1 + z2), abs=1e-12),
+                                     pytest.approx(1.0, abs=1e-12))

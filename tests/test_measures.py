@@ -3,14 +3,19 @@ the use of Z by token class, the honest bound, the validity interval and the pla
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from freetf import load_config
-from freetf.data.datasets import build_data
+from freetf.config import ModelConfig
+from freetf.data.datasets import build_data, synthetic_sequences
 from freetf.data.stream import BatchStream
-from freetf.evaluation.synthetic_bayes import bayes_floor_nats
+from freetf.evaluation.latent_use import latent_use
+from freetf.evaluation.measures import task_measures
+from freetf.evaluation.synthetic_bayes import CLASS_NAMES, bayes_floor_nats, token_classes
 from freetf.model.transformer import FreeTransformer
 from freetf.training.context import TrainContext
 from freetf.training.evaluate import evaluate
@@ -75,3 +80,66 @@ def test_the_kl_tolerance_is_the_larger_of_bits_and_a_share_of_kappa(kl_bits, kl
     last = [h for h in result.history if "eval/ce_prior_nats" in h][-1]
     assert last["eval/plateau_kl_bits"] > 0  # the KL moved between the two evaluations
     assert last["eval/converged"] == converged
+
+
+def _measures_cfg(dataset="synthetic", redraws=3):
+    return SimpleNamespace(data=SimpleNamespace(dataset_name=dataset),
+                           diagnostics=SimpleNamespace(use_redraws=redraws, iw_prior_draws=2),
+                           training=SimpleNamespace(seed=7))
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "text"])
+@pytest.mark.parametrize("metrics, ce_key", [
+    ({"eval/ce_posterior_nats": 3.5, "eval/ce_prior_nats": 3.9}, "eval/ce_posterior_nats"),
+    ({"eval/ce_prior_nats": 3.9}, "eval/ce_prior_nats"),
+    ({}, None)])
+def test_task_measures_are_the_use_of_z_at_its_seed_and_the_floor_of_the_rows(
+        dataset, metrics, ce_key):
+    """Against latent_use and bayes_floor_nats called as the module docstring says, on a
+    model wrapped the way DDP wraps it (``.module``)."""
+    torch.manual_seed(0)
+    model = FreeTransformer(ModelConfig(vocab_size=29, hidden_dim=16, num_layers=2,
+                                        num_heads=2, latent_dim=3, max_seq_len=66,
+                                        init_std=0.3))
+    rows = torch.as_tensor(synthetic_sequences(8, seed=1))
+    batches = [rows[:4], rows[4:].numpy()]
+    classes = ({"token_classes": token_classes, "class_names": CLASS_NAMES}
+               if dataset == "synthetic" else {})
+    expected = latent_use(model, batches, 3, 2, seed=7 + 29, **classes)
+    assert expected != latent_use(model, batches, 3, 2, seed=7 + 30, **classes)
+    got = task_measures(SimpleNamespace(module=model), batches, _measures_cfg(dataset),
+                        dict(metrics))
+    floor = bayes_floor_nats(rows.numpy())
+    if dataset == "synthetic":
+        assert "eval/use_letter_nats" in expected
+        expected["eval/floor_nats"] = floor
+        expected["eval/excess_iw_nats"] = expected["eval/ce_iw_nats"] - floor
+        if ce_key:
+            expected["eval/excess_nats"] = metrics[ce_key] - floor
+    assert got == expected
+
+
+@pytest.mark.parametrize("redraws, latent, use", [(0, 3, False), (1, 3, True),
+                                                   (2, 0, False)])
+def test_task_measures_measure_the_use_of_z_only_with_a_latent_and_redraws(redraws, latent,
+                                                                          use):
+    model = FreeTransformer(ModelConfig(vocab_size=29, hidden_dim=16, num_layers=2,
+                                        num_heads=2, latent_dim=latent, max_seq_len=66))
+    rows = torch.as_tensor(synthetic_sequences(4, seed=1))
+    got = task_measures(model, [rows], _measures_cfg(redraws=redraws),
+                        {"eval/ce_prior_nats": 4.0})
+    floor = bayes_floor_nats(rows.numpy())
+    assert got["eval/floor_nats"] == floor and got["eval/excess_nats"] == 4.0 - floor
+    assert ("eval/use_nats" in got) == use and ("eval/excess_iw_nats" in got) == use
+    assert len(got) == (2 + 3 * 6 + 1 + 1 if use else 2)  # use, ce_iw, 4 classes; rows
+
+
+def test_an_evaluation_leaves_samples_and_free_generations_to_be_asked_for():
+    cfg = load_config("freetf/configs/synthetic.yaml", TINY_SYNTHETIC)
+    data = build_data(cfg)
+    model = FreeTransformer(cfg.model)
+    plain = evaluate(model, data, cfg, torch.device("cpu"), cfg.training.free_bits_nats)
+    assert "eval/samples" not in plain and "eval/valid_rate" not in plain
+    generations = evaluate(model, data, cfg, torch.device("cpu"), cfg.training.free_bits_nats,
+                           generations=True)
+    assert "eval/samples" not in generations and generations["eval/valid_draws"] == 32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from freetf import load_config
-from freetf.training.memory_plan import GIB, count_parameters, memory_plan
+from freetf.training.memory_plan import GIB, MemoryPlan, count_parameters, format_plan, memory_plan
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,3 +78,62 @@ def test_plan_command_prints_both_strategies_and_whether_they_fit(capsys):
     assert rows["fits 0.0016 GiB"] == ["no", "ckpt"]
     assert main(["plan", "--config", "freetf/configs/tiny.yaml", "--strategy", "fsdp"]) == 0
     assert "ddp" not in capsys.readouterr().out
+
+
+def _plans():
+    ddp = MemoryPlan("ddp", 2, 3_000_000_000, {
+        "parameters (fp32)": 1 * GIB, "gradients (fp32)": 2 * GIB,
+        "AdamW state (fp32)": 0.5 * GIB, "activations": 4 * GIB,
+        "activations (checkpointed)": 1 * GIB})
+    fsdp = MemoryPlan("fsdp", 8, 3_000_000_000, {
+        "parameters (fp32)": 0.5 * GIB, "gradients (fp32)": 0.5 * GIB,
+        "AdamW state (fp32)": 1 * GIB, "gathered FSDP units": 0.25 * GIB,
+        "activations": 4 * GIB, "activations (checkpointed)": 1 * GIB})
+    return ddp, fsdp
+
+
+def test_a_plan_totals_its_rows_with_one_kind_of_activations():
+    ddp, fsdp = _plans()
+    assert (ddp.total, ddp.total_checkpointed) == (7.5 * GIB, 4.5 * GIB)
+    assert (fsdp.total, fsdp.total_checkpointed) == (6.25 * GIB, 3.25 * GIB)
+
+
+def test_format_plan_lays_the_plans_side_by_side_in_gib():
+    """The table written out: names in 30 columns, a plan in 12, GiB to 2 decimals, "-"
+    where a plan has no such row; a GPU of 6.25 GiB fits FSDP's 6.25 exactly and DDP only
+    checkpointed (4.5)."""
+    cfg = load_config("freetf/configs/tiny.yaml")
+    ddp, fsdp = _plans()
+    assert format_plan(cfg, [ddp, fsdp], gpu_gib=6.25) == (
+        "3B parameters (2 blocks, D=32, H=4); per worker: batch 8 x 66 tokens,"
+        " activations in bf16\n"
+        "GiB per GPU                         ddp x2     fsdp x8\n"
+        "parameters (fp32)                     1.00        0.50\n"
+        "gradients (fp32)                      2.00        0.50\n"
+        "AdamW state (fp32)                    0.50        1.00\n"
+        "gathered FSDP units                      -        0.25\n"
+        "activations                           4.00        4.00\n"
+        "activations (checkpointed)            1.00        1.00\n"
+        "total                                 7.50        6.25\n"
+        "total, checkpointed                   4.50        3.25\n"
+        "fits 6.25 GiB                         ckpt         yes")
+    fits = format_plan(cfg, [ddp, fsdp], gpu_gib=4.5).splitlines()[-1]
+    assert fits == "fits 4.5 GiB                          ckpt        ckpt"
+    fits = format_plan(cfg, [ddp, fsdp], gpu_gib=3).splitlines()[-1]
+    assert fits == "fits 3 GiB                              no          no"
+    fp32 = format_plan(cfg.replace(["training.amp=off", "model.latent_dim=0"]), [ddp])
+    assert fp32.splitlines()[0].endswith("H=0); per worker: batch 8 x 66 tokens, "
+                                         "activations in fp32")
+    assert "gathered" not in fp32 and fp32.splitlines()[-1].startswith("total, checkpointed")
+
+
+def test_memory_plan_refuses_an_unknown_strategy_or_no_workers():
+    cfg = load_config("freetf/configs/tiny.yaml")
+    with pytest.raises(ValueError) as info:
+        memory_plan(cfg, 1, "zero3")
+    assert str(info.value) == "strategy must be one of ('ddp', 'fsdp'), got 'zero3'"
+    with pytest.raises(ValueError) as info:
+        memory_plan(cfg, 0, "ddp")
+    assert str(info.value) == "num_workers must be >= 1, got 0"
+    one = memory_plan(cfg, 1, "fsdp")
+    assert one.strategy == "fsdp" and one.num_workers == 1 and one.parameters == TOTAL

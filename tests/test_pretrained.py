@@ -128,3 +128,70 @@ def test_missing_and_malformed_folders(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(PretrainedError, match="JSON object"):
         FreeTransformer.from_pretrained(tmp_path)
+
+
+def test_save_makes_a_new_nested_folder_and_marks_the_weights_as_pytorch(tmp_path):
+    model = _model(2)
+    assert model.save_pretrained(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    raw = (tmp_path / "a" / "b" / "model.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    # the metadata transformers' loaders look for in a PyTorch safetensors file (beside
+    # the tied names safetensors records)
+    assert json.loads(raw[8:8 + header_len])["__metadata__"]["format"] == "pt"
+    # config.json as Hugging Face writes one: a key a line, indented by 2, a final newline
+    text = (tmp_path / "a" / "b" / "config.json").read_text()
+    assert text.startswith('{\n  "model_type": "free_transformer",\n  "vocab_size": 32,\n')
+    assert text.endswith('\n}\n')
+
+
+def test_from_pretrained_puts_the_model_on_the_device_asked_for(tmp_path):
+    _model(2).save_pretrained(tmp_path)
+    meta = FreeTransformer.from_pretrained(tmp_path, device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"} and not meta.training
+    cpu = FreeTransformer.from_pretrained(str(tmp_path))
+    assert {p.device.type for p in cpu.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("edit,detail", [
+    (lambda c: {**c, "latent_dim": 0}, 'Unexpected key(s) in state_dict: "encoder'),
+    (lambda c: {**c, "hidden_dim": 64, "num_heads": 4}, "size mismatch for "),
+])
+def test_weights_that_do_not_match_name_the_first_mismatch(tmp_path, edit, detail):
+    _model(4).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(PretrainedError) as info:
+        FreeTransformer.from_pretrained(tmp_path)
+    prefix = f"{tmp_path / 'model.safetensors'} does not match {path}: "
+    assert str(info.value).startswith(prefix + detail), str(info.value)
+
+
+def test_a_one_line_load_error_is_given_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    _model(2).save_pretrained(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("  the one line  ")
+
+    monkeypatch.setattr(safetensors.torch, "load_model", fail)
+    with pytest.raises(PretrainedError) as info:
+        FreeTransformer.from_pretrained(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'model.safetensors'} does not match "
+                               f"{tmp_path / 'config.json'}: the one line")
+
+
+def test_a_config_that_is_no_object_or_has_no_model_type_is_named(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(PretrainedError) as info:
+        FreeTransformer.from_pretrained(tmp_path)
+    assert str(info.value) == f"{path} must hold a JSON object, got list"
+    _model(2).save_pretrained(tmp_path)
+    config = json.loads(path.read_text())
+    del config["model_type"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(PretrainedError) as info:
+        FreeTransformer.from_pretrained(tmp_path)
+    assert str(info.value) == (f"{path}: model_type None is not 'free_transformer': "
+                               f"not a Free Transformer")
