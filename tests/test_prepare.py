@@ -593,7 +593,7 @@ def test_a_shard_holds_its_documents_ids_each_ended_and_its_statistics(tmp_path)
         prep._init_worker(None)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_a_split_of_empty_documents_has_largest_id_zero_and_repairs_add_up(tmp_path):
     """Shards of one document: an empty document is its separator alone (id 0), a
     shard whose document was skipped holds nothing, and the documents repaired on reading
@@ -622,7 +622,7 @@ def test_a_split_of_empty_documents_has_largest_id_zero_and_repairs_add_up(tmp_p
         "d.jsonl#1", "d.jsonl#3", "d.jsonl#4", "d.jsonl#6"]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_an_interrupted_run_records_its_settings_and_resumes_with_its_tokenizer(
         corpus, tmp_path, monkeypatch):
     spec = PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25, shard_docs=8)
@@ -653,12 +653,12 @@ def test_an_interrupted_run_records_its_settings_and_resumes_with_its_tokenizer(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_progress_bars_count_the_documents_read_and_only_when_asked(corpus, tmp_path, capsys):
     spec = PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25)
     prepare(spec, tmp_path / "quiet", progress=False)
     assert capsys.readouterr().err == ""
-    prepare(spec, tmp_path / "shown", progress=True)
+    prepare(spec, tmp_path / "shown")  # shown by default
     err = capsys.readouterr().err
     assert re.search(rf"training BPE: {len(TEXTS)}doc \[[^\]]*doc/s\]", err), err
     assert re.search(rf"encoding: {len(TEXTS)}doc \[[^\]]*doc/s\]", err), err
@@ -684,7 +684,7 @@ class _InlinePool:
         return map(fn, reversed(list(jobs)))
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_workers_encode_in_a_spawned_pool_and_the_order_they_finish_does_not_matter(
         corpus, tmp_path, monkeypatch):
     spec = PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25, shard_docs=3)
@@ -713,7 +713,7 @@ def test_workers_encode_in_a_spawned_pool_and_the_order_they_finish_does_not_mat
         assert (tmp_path / "byte2" / name).read_bytes() == (tmp_path / "byte1" / name).read_bytes()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_the_error_for_an_empty_split_counts_the_documents_and_the_skipped_ones(tmp_path):
     def refusal(lines: list[bytes], name: str) -> str:
         (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")
@@ -732,7 +732,7 @@ def test_the_error_for_an_empty_split_counts_the_documents_and_the_skipped_ones(
         "add documents or change --val-fraction")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_meta_json_names_the_tokenizer_its_file_and_its_end_of_document_id(corpus, tmp_path):
     tk = pytest.importorskip("tokenizers")
     vocab = {"a": 0, "b": 1, "c": 2, "unk": 3, END_OF_DOCUMENT: 4}
@@ -754,7 +754,7 @@ def test_meta_json_names_the_tokenizer_its_file_and_its_end_of_document_id(corpu
     assert json.loads((tmp_path / "b" / "meta.json").read_text()) == meta
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_shards_that_cannot_be_removed_do_not_fail_a_finished_run(corpus, tmp_path,
                                                                    monkeypatch):
     import os
@@ -774,7 +774,7 @@ def test_shards_that_cannot_be_removed_do_not_fail_a_finished_run(corpus, tmp_pa
     assert list((tmp_path / "out" / "shards").glob("*.bin"))  # left behind, not an error
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_bpe_learns_from_the_train_split_read_with_the_field_and_decoding_asked(tmp_path):
     """60 bytes that are not UTF-8, read with --encoding-errors replace: U+FFFD sixty
     times, which a BPE of a few merges learns as one token (a JSON line that is not UTF-8
@@ -792,11 +792,19 @@ def test_bpe_learns_from_the_train_split_read_with_the_field_and_decoding_asked(
         prep._tokenizer(PrepareSpec((str(tmp_path / "d.jsonl"),), "bpe", vocab_size=262,
                                     val_fraction=1e-9, text_field="content"),
                         tmp_path / "strict", progress=False)
-    everything_in_val = PrepareSpec((str(tmp_path / "d.jsonl"),), "bpe", vocab_size=262,
-                                    val_fraction=1 - 1e-9, text_field="content",
-                                    encoding_errors="replace")
-    (tmp_path / "val").mkdir()
-    assert len(prep._tokenizer(everything_in_val, tmp_path / "val", False).encode("\ufffd")) == 3
+    # the same line in the validation split, beside a train line of its own: not learned
+    (tmp_path / "e.jsonl").write_bytes(b'{"content": "' + b"\xff" * 60 + b'"}\n'
+                                       b'{"content": "' + b"xyz " * 30 + b'"}\n')
+
+    def in_val(seed):
+        return [prep.is_validation(f"e.jsonl#{i}", 0.5, seed) for i in (0, 1)]
+
+    seed = next(s for s in range(100) if in_val(s) == [True, False] != in_val(None))
+    spec = PrepareSpec((str(tmp_path / "e.jsonl"),), "bpe", vocab_size=262, val_fraction=0.5,
+                       seed=seed, text_field="content", encoding_errors="replace")
+    (tmp_path / "split").mkdir()
+    tok = prep._tokenizer(spec, tmp_path / "split", False)
+    assert len(tok.encode("\ufffd")) == 3 and len(tok.encode("xyz")) < 3
 
 
 @pytest.mark.timeout(30)
