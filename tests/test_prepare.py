@@ -519,3 +519,301 @@ def test_a_shard_is_finished_only_with_its_statistics_and_counts_each_skip(tmp_p
                                      "d.jsonl#2 (binary: a NUL character at offset 1)"]}
     (shards / "train-000000.json").write_text("{}")
     assert list(prep._shard_jobs(spec, shards, "uint16", False)) == []
+
+
+@pytest.mark.timeout(10)
+def test_the_decoding_summary_counts_names_and_hints_in_one_line():
+    def summary(skipped, replaced, problems, errors="strict", **kw) -> str:
+        return prep.decoding_summary({"errors": errors, "skipped": skipped,
+                                      "replaced": replaced, "problems": problems}, **kw)
+
+    hint = "; --encoding-errors replace keeps text that is not UTF-8"
+    assert summary(1, 0, ["a.py (binary)"]) == \
+        f"skipped 1 document that is not UTF-8 text: a.py (binary){hint}"
+    assert summary(2, 0, ["a", "b"]) == f"skipped 2 documents that are not UTF-8 text: a, b{hint}"
+    assert summary(0, 1, ["c"], "replace") == \
+        "replaced what does not decode as UTF-8 by U+FFFD in 1 document: c"
+    assert summary(0, 2, ["c", "d"], "replace") == \
+        "replaced what does not decode as UTF-8 by U+FFFD in 2 documents: c, d"
+    names = [f"d{i}" for i in range(7)]
+    assert summary(3, 4, names, "replace") == (
+        "skipped 3 documents that are not UTF-8 text and replaced what does not decode as "
+        "UTF-8 by U+FFFD in 4 documents: d0, d1, d2, d3, d4 and 2 more (meta.json: decoding)")
+    assert summary(1, 4, names[:5], "replace") == (
+        "skipped 1 document that is not UTF-8 text and replaced what does not decode as "
+        "UTF-8 by U+FFFD in 4 documents: d0, d1, d2, d3, d4")
+    # meta.json keeps the first MAX_PROBLEMS_KEPT names; the count says how many in all
+    assert summary(150, 0, names, shown=2) == (
+        f"skipped 150 documents that are not UTF-8 text: d0, d1 and 148 more "
+        f"(meta.json: decoding){hint}")
+
+
+@pytest.mark.timeout(10)
+def test_the_settings_recorded_are_the_specs_fields_with_the_vocabulary_only_for_bpe(tmp_path):
+    fields = {"inputs": ["a", "b"], "val_fraction": 0.1, "seed": 3, "text_field": "t",
+              "shard_docs": 7, "encoding_errors": "replace"}
+    for tokenizer in ("byte", str(tmp_path / "tok.json")):
+        spec = PrepareSpec(("a", "b"), tokenizer, vocab_size=500, val_fraction=0.1, seed=3,
+                           text_field="t", shard_docs=7, encoding_errors="replace")
+        assert prep._spec_dict(spec) == {**fields, "tokenizer": tokenizer}
+    spec = PrepareSpec(("a", "b"), "bpe", vocab_size=500, val_fraction=0.1, seed=3,
+                       text_field="t", shard_docs=7, encoding_errors="replace")
+    assert prep._spec_dict(spec) == {**fields, "tokenizer": "bpe", "vocab_size": 500}
+
+
+@pytest.mark.timeout(30)
+def test_a_shard_holds_its_documents_ids_each_ended_and_its_statistics(tmp_path):
+    def shard(name, texts, dtype, decoding):
+        path = prep._encode_shard((tmp_path / name, texts, dtype, decoding))
+        return path.read_bytes(), json.loads(path.with_suffix(".json").read_text())
+
+    clean = {"skipped": 0, "replaced": 0, "problems": []}
+    try:
+        prep._init_worker(None)
+        data, stats = shard("train-000000.bin", ["ab", "é", ""], "uint16",
+                            {"skipped": 1, "replaced": 0, "problems": ["x (binary)"]})
+        assert np.frombuffer(data, "<u2").tolist() == [97, 98, 0, 0xC3, 0xA9, 0, 0]
+        assert stats == {"documents": 3, "tokens": 7, "bytes": 4, "max_id": 0xC3,
+                         "skipped": 1, "replaced": 0, "problems": ["x (binary)"]}
+        # every document of the shard skipped on reading: no tokens, no largest id
+        data, stats = shard("val-000003.bin", [], "uint16",
+                            {"skipped": 2, "replaced": 0, "problems": ["a", "b"]})
+        assert data == b"" and stats == {"documents": 0, "tokens": 0, "bytes": 0,
+                                         "max_id": -1, "skipped": 2, "replaced": 0,
+                                         "problems": ["a", "b"]}
+        tok = train_bpe(iter(TEXTS), vocab_size=300)
+        prep._init_worker(tok.to_str())
+        data, stats = shard("train-000001.bin", ["x = 1", ""], "uint32", clean)
+        eod = tok.end_of_document
+        expected = [*tok.encode("x = 1"), eod, eod]
+        assert np.frombuffer(data, "<u4").tolist() == expected
+        assert stats == {"documents": 2, "tokens": len(expected), "bytes": 5,
+                         "max_id": max(expected), **clean}
+    finally:
+        prep._init_worker(None)
+
+
+@pytest.mark.timeout(120)
+def test_a_split_of_empty_documents_has_largest_id_zero_and_repairs_add_up(tmp_path):
+    """Shards of one document: an empty document is its separator alone (id 0), a
+    shard whose document was skipped holds nothing, and the documents repaired on reading
+    are counted over every shard."""
+    lines = [b'{"text": ""}', b'{"text": "\\u0000"}', b'{"text": ""}',
+             b'{"text": "caf\xe9"}', b'{"text": "na\xefve"}', b'{"text": "ok"}',
+             b'{"text": "\xff"}']
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    in_val = [False, False, False, True, True, True, True]
+    seed = next(s for s in range(5000)
+                if [prep.is_validation(f"d.jsonl#{i}", 0.5, s) for i in range(7)] == in_val)
+    spec = PrepareSpec((str(tmp_path / "d.jsonl"),), "byte", val_fraction=0.5, seed=seed,
+                       shard_docs=1, encoding_errors="replace")
+    meta = prepare(spec, tmp_path / "out", progress=False)
+    assert split_documents(tmp_path / "out", "train", meta) == ["", ""]
+    val = ["caf\ufffd", "na\ufffdve", "ok", "\ufffd"]
+    assert split_documents(tmp_path / "out", "val", meta) == val
+    val_bytes = sum(len(t.encode()) for t in val)
+    assert meta["splits"] == {
+        "train": {"file": "train.bin", "documents": 2, "tokens": 2, "bytes": 0, "max_id": 0},
+        "val": {"file": "val.bin", "documents": 4, "tokens": 4 + val_bytes,
+                "bytes": val_bytes,
+                "max_id": 0xEF}}
+    assert (meta["decoding"]["skipped"], meta["decoding"]["replaced"]) == (1, 3)
+    assert [p.split(" ")[0] for p in meta["decoding"]["problems"]] == [
+        "d.jsonl#1", "d.jsonl#3", "d.jsonl#4", "d.jsonl#6"]
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupted_run_records_its_settings_and_resumes_with_its_tokenizer(
+        corpus, tmp_path, monkeypatch):
+    spec = PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25, shard_docs=8)
+    real = prep._encode_shard
+
+    def interrupted(job):
+        real(job)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_encode_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(spec, tmp_path / "out", progress=False)
+    partial = tmp_path / "out.partial"
+    assert json.loads((partial / "prepare.json").read_text()) == prep._spec_dict(spec)
+    saved = (partial / "tokenizer.json").read_bytes()
+    monkeypatch.setattr(prep, "_encode_shard", real)
+    with pytest.raises(PrepareError, match=f"{partial} holds an unfinished preparation with "
+                                           f"other settings"):
+        prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25,
+                            shard_docs=8, seed=1), tmp_path / "out", progress=False)
+
+    def retrained(*args):
+        raise AssertionError("the saved tokenizer was not reused")
+
+    monkeypatch.setattr(prep, "train_bpe", retrained)
+    prepare(spec, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
+
+
+@pytest.mark.timeout(120)
+def test_progress_bars_count_the_documents_read_and_only_when_asked(corpus, tmp_path, capsys):
+    spec = PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25)
+    prepare(spec, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+    prepare(spec, tmp_path / "shown")  # shown by default
+    err = capsys.readouterr().err
+    assert re.search(rf"training BPE: {len(TEXTS)}doc \[[^\]]*doc/s\]", err), err
+    assert re.search(rf"encoding: {len(TEXTS)}doc \[[^\]]*doc/s\]", err), err
+
+
+class _InlinePool:
+    """multiprocessing's Pool, in this process: the initializer runs once, the shards are
+    encoded last first (a pool returns them in any order)."""
+
+    made: list = []
+
+    def __init__(self, processes, initializer, initargs):
+        self.made.append((processes, initializer, initargs))
+        initializer(*initargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, jobs):
+        return map(fn, reversed(list(jobs)))
+
+
+@pytest.mark.timeout(120)
+def test_workers_encode_in_a_spawned_pool_and_the_order_they_finish_does_not_matter(
+        corpus, tmp_path, monkeypatch):
+    spec = PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.25, shard_docs=3)
+    methods = []
+    monkeypatch.setattr(prep, "get_context", lambda method: (
+        methods.append(method), type("Context", (), {"Pool": _InlinePool}))[1])
+    monkeypatch.setattr(_InlinePool, "made", [])
+    one = prepare(spec, tmp_path / "one", progress=False)  # in this process
+    assert methods == []
+    for workers, out in ((2, "two"), (3, "three")):
+        assert prepare(spec, tmp_path / out, workers=workers, progress=False) == one
+        for name in ("train.bin", "val.bin", "tokenizer.json"):
+            assert (tmp_path / out / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    byte = PrepareSpec((str(corpus),), "byte", val_fraction=0.25, shard_docs=3)
+    assert prepare(byte, tmp_path / "byte2", workers=2, progress=False) == \
+        prepare(byte, tmp_path / "byte1", progress=False)
+    assert methods == ["spawn"] * 3
+    assert [(n, init) for n, init, _ in _InlinePool.made] == [(2, prep._init_worker),
+                                                              (3, prep._init_worker),
+                                                              (2, prep._init_worker)]
+    saved = BPETokenizer.from_file(tmp_path / "one" / "tokenizer.json")
+    for _, _, (tokenizer_json,) in _InlinePool.made[:2]:
+        assert BPETokenizer.from_str(tokenizer_json).encode(TEXTS[7]) == saved.encode(TEXTS[7])
+    assert _InlinePool.made[2][2] == (None,)  # bytes: no tokenizer to load
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "byte2" / name).read_bytes() == (tmp_path / "byte1" / name).read_bytes()
+
+
+@pytest.mark.timeout(120)
+def test_the_error_for_an_empty_split_counts_the_documents_and_the_skipped_ones(tmp_path):
+    def refusal(lines: list[bytes], name: str) -> str:
+        (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")
+        with pytest.raises(PrepareError) as err:
+            prepare(PrepareSpec((str(tmp_path / name),), "byte", val_fraction=1e-9),
+                    tmp_path / "out", progress=False)
+        return str(err.value)
+
+    fine = [b'{"text": "a"}', b'{"text": "b"}', b'{"text": "c"}']
+    assert refusal(fine, "clean.jsonl") == (
+        "no document fell in the val split (3 documents, --val-fraction 1e-09): add "
+        "documents or change --val-fraction")
+    assert refusal([*fine, b'{"text": "\\u0000"}', b'{"text": "\\u0000"}'],
+                   "skips.jsonl") == (
+        "no document fell in the val split (3 documents, 2 skipped, --val-fraction 1e-09): "
+        "add documents or change --val-fraction")
+
+
+@pytest.mark.timeout(120)
+def test_meta_json_names_the_tokenizer_its_file_and_its_end_of_document_id(corpus, tmp_path):
+    tk = pytest.importorskip("tokenizers")
+    vocab = {"a": 0, "b": 1, "c": 2, "unk": 3, END_OF_DOCUMENT: 4}
+    tokenizer = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token="unk"))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([END_OF_DOCUMENT])
+    path = tmp_path / "wordlevel.json"
+    tokenizer.save(str(path))
+    spec = PrepareSpec((str(corpus),), str(path), val_fraction=0.25)
+    meta = prepare(spec, tmp_path / "f", progress=False)
+    assert meta["tokenizer"] == {"kind": "file", "vocab_size": 5, "file": "tokenizer.json",
+                                 "end_of_document": 4}
+    assert (tmp_path / "f" / "tokenizer.json").read_bytes() == path.read_bytes()
+    assert json.loads((tmp_path / "f" / "meta.json").read_text()) == meta
+    meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25), tmp_path / "b",
+                   progress=False)
+    assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256, "file": None,
+                                 "end_of_document": 0}
+    assert json.loads((tmp_path / "b" / "meta.json").read_text()) == meta
+
+
+@pytest.mark.timeout(120)
+def test_shards_that_cannot_be_removed_do_not_fail_a_finished_run(corpus, tmp_path,
+                                                                   monkeypatch):
+    import os
+
+    real = os.unlink
+
+    def unlink(path, *, dir_fd=None):  # shutil.rmtree removes relative to a folder's fd
+        if dir_fd is not None:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25), tmp_path / "out",
+                   progress=False)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    assert (tmp_path / "out" / "meta.json").is_file()
+    assert list((tmp_path / "out" / "shards").glob("*.bin"))  # left behind, not an error
+
+
+@pytest.mark.timeout(120)
+def test_bpe_learns_from_the_train_split_read_with_the_field_and_decoding_asked(tmp_path):
+    """60 bytes that are not UTF-8, read with --encoding-errors replace: U+FFFD sixty
+    times, which a BPE of a few merges learns as one token (a JSON line that is not UTF-8
+    is an error under strict); a document in the validation split is not learned from."""
+    (tmp_path / "d.jsonl").write_bytes(b'{"content": "' + b"\xff" * 60 + b'"}\n'
+                                       b'{"content": "plain text"}\n')
+    spec = PrepareSpec((str(tmp_path / "d.jsonl"),), "bpe", vocab_size=262, val_fraction=1e-9,
+                       text_field="content", encoding_errors="replace")
+    tok = prep._tokenizer(spec, tmp_path, progress=False)
+    assert tok.decode(tok.encode("\ufffd")) == "\ufffd" and len(tok.encode("\ufffd")) == 1
+    assert BPETokenizer.from_file(tmp_path / "tokenizer.json").encode("\ufffd x") == \
+        tok.encode("\ufffd x")
+    (tmp_path / "strict").mkdir()
+    with pytest.raises(PrepareError, match=r"d.jsonl:1: not UTF-8: byte 0xff"):
+        prep._tokenizer(PrepareSpec((str(tmp_path / "d.jsonl"),), "bpe", vocab_size=262,
+                                    val_fraction=1e-9, text_field="content"),
+                        tmp_path / "strict", progress=False)
+    # the same line in the validation split, beside a train line of its own: not learned
+    (tmp_path / "e.jsonl").write_bytes(b'{"content": "' + b"\xff" * 60 + b'"}\n'
+                                       b'{"content": "' + b"xyz " * 30 + b'"}\n')
+
+    def in_val(seed):
+        return [prep.is_validation(f"e.jsonl#{i}", 0.5, seed) for i in (0, 1)]
+
+    seed = next(s for s in range(100) if in_val(s) == [True, False] != in_val(None))
+    spec = PrepareSpec((str(tmp_path / "e.jsonl"),), "bpe", vocab_size=262, val_fraction=0.5,
+                       seed=seed, text_field="content", encoding_errors="replace")
+    (tmp_path / "split").mkdir()
+    tok = prep._tokenizer(spec, tmp_path / "split", False)
+    assert len(tok.encode("\ufffd")) == 3 and len(tok.encode("xyz")) < 3
+
+
+@pytest.mark.timeout(30)
+def test_a_tokenizer_file_that_does_not_load_is_named_with_the_reason(tmp_path):
+    (tmp_path / "tok.json").write_text('{"not": "a tokenizer"}')
+    spec = PrepareSpec(("x",), str(tmp_path / "tok.json"))
+    with pytest.raises(PrepareError) as err:
+        prep._tokenizer(spec, tmp_path, progress=False)
+    assert re.fullmatch(rf"--tokenizer {re.escape(str(tmp_path / 'tok.json'))}: not a "
+                        rf"tokenizer.json that Hugging Face tokenizers reads \(.+\)",
+                        str(err.value)), str(err.value)
+    assert not (tmp_path / "tokenizer.json").exists()
