@@ -203,7 +203,7 @@ def test_unknown_override_keys_fail_with_their_full_path(section, name):
         load_config(overrides=[f"{section}.{name}=1"])
 
 
-def test_renamed_keys_still_work_say_so_once_and_refuse_both_names(caplog):
+def test_renamed_keys_still_work_say_so_once_and_refuse_both_names(caplog, tmp_path):
     """One name for kappa's start per unit: ``initial_free_bits`` (nats, like
     ``training.free_bits``) and ``initial_free_bits_bits`` (bits); ``initial_nats`` was
     its old name."""
@@ -227,6 +227,10 @@ def test_renamed_keys_still_work_say_so_once_and_refuse_both_names(caplog):
     # an old name in an override replaces the file's value under the new name
     assert new.replace({f"{key}.initial_nats": 0.25}).training.free_bits_schedule \
         .initial_free_bits == 0.25
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("training:\n  free_bits_schedule:\n    initial_free_bits: 0.5\n")
+    assert load_config(yaml_file, [f"{key}.initial_nats=0.125"]).training \
+        .free_bits_schedule.initial_free_bits == 0.125  # the file's and the flag's: one key
     with pytest.raises(ConfigError, match=f"give only {key}.initial_free_bits"):
         from_dict({"training": {"free_bits_schedule": {"initial_nats": 0.5,
                                                        "initial_free_bits": 0.5}}})
