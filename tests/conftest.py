@@ -72,3 +72,19 @@ def prepared_code_corpus(root: Path, files: int = 20, repeats: int = 30) -> Path
     prepare(PrepareSpec((str(corpus),), "bpe", vocab_size=300, val_fraction=0.3), data,
             progress=False)
     return data
+
+
+def record_fit_boundary(monkeypatch, result) -> list[tuple]:
+    """Replace ``verdicts.fit_boundary`` by a stand-in recording each call's (kind, x, y,
+    low, high, confidence, groups); ``result(kind, n, x, low, high, confidence)`` gives
+    the n-th call's fit.  -> the list of calls, filled as they come."""
+    from freetf.evaluation import verdicts
+
+    calls: list[tuple] = []
+
+    def fit(kind, x, y, low, high, confidence, groups):
+        calls.append((kind, list(x), list(y), low, high, confidence, list(groups)))
+        return result(kind, len(calls), x, low, high, confidence)
+
+    monkeypatch.setattr(verdicts, "fit_boundary", fit)
+    return calls

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from conftest import record_fit_boundary
 
 from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import BoundaryFit, Tolerances
@@ -62,16 +63,9 @@ def _frame() -> pd.DataFrame:
 @pytest.fixture
 def fits(monkeypatch):
     """verdicts.fit_boundary recorded; each call returns distinct numbers."""
-    calls = []
-
-    def fit(kind, x, y, low, high, confidence, groups):
-        calls.append((kind, list(x), list(y), low, high, confidence, list(groups)))
-        n = len(calls)
-        return BoundaryFit(kind, -0.5 - n / 8, -1.0 - n / 8, n / 8, (low, high), confidence,
-                           len(x))
-
-    monkeypatch.setattr(verdicts, "fit_boundary", fit)
-    return calls
+    return record_fit_boundary(monkeypatch, lambda kind, n, x, low, high, confidence:
+                               BoundaryFit(kind, -0.5 - n / 8, -1.0 - n / 8, n / 8,
+                                           (low, high), confidence, len(x)))
 
 
 def test_trials_are_judged_against_their_own_settings_baseline_of_the_same_seed(fits):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import record_fit_boundary
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
-from freetf.evaluation import verdicts
 from freetf.evaluation.verdicts import BoundaryFit, Tolerances
 from freetf.results import over_training
 from freetf.results.columns import BOUNDARY_COLORS, BOUNDARY_LABELS
@@ -32,16 +32,9 @@ def _classes(position: float, noise: float) -> dict[str, float]:
 @pytest.fixture
 def fits(monkeypatch):
     """verdicts.fit_boundary recorded; each call returns distinct numbers."""
-    calls = []
-
-    def fit(kind, x, y, low, high, confidence, groups):
-        calls.append((kind, list(x), list(y), low, high, confidence, list(groups)))
-        n = len(calls)
-        return BoundaryFit(kind, 0.5 + n, -1.0 - n, 10.0 + n, (low, high), confidence,
-                           100 + n)
-
-    monkeypatch.setattr(verdicts, "fit_boundary", fit)
-    return calls
+    return record_fit_boundary(monkeypatch, lambda kind, n, x, low, high, confidence:
+                               BoundaryFit(kind, 0.5 + n, -1.0 - n, 10.0 + n, (low, high),
+                                           confidence, 100 + n))
 
 
 def _trials() -> tuple[pd.DataFrame, pd.Series]:
