@@ -342,7 +342,10 @@ def row_fits(rows: list[dict[str, Any]], confidence: float = 0.95) -> list[str]:
     converged Free Transformer runs, each seed's offset integrated out, over the range of
     the rows' kappas; one line per boundary and option set, "" options first.  Rows
     without a sweep's judgement (no regime) give none."""
+    import pandas as pd
+
     from freetf.evaluation import verdicts
+    from freetf.results.analysis import regime_fits
     from freetf.results.columns import BOUNDARY_LABELS
 
     judged = [r for r in rows if r["kappa_bits"] is not None and r.get("regime")
@@ -354,15 +357,12 @@ def row_fits(rows: list[dict[str, Any]], confidence: float = 0.95) -> list[str]:
         if len(set(xs)) < 2:
             continue
         seeds = [r["seed"] for r in own]
-        ys = {"collapse": [r["verdict"] == "collapsed" for r in own],
-              "leak": [r["verdict"] == "leaking" for r in own],
-              **{kind: verdicts.reaches(kind, [r["regime"] for r in own])
-                 for kind in verdicts.REGIME_ONSETS}}
-        for kind, y in ys.items():
-            fit = verdicts.fit_boundary(kind, xs, y, min(xs), max(xs), confidence,
-                                        groups=seeds)
-            lines.append(f"{BOUNDARY_LABELS[kind]:24s} at {options or 'defaults'}: "
-                         f"{fit.text()}")
+        fits = {kind: verdicts.fit_boundary(kind, xs, [r["verdict"] == name for r in own],
+                                            min(xs), max(xs), confidence, groups=seeds)
+                for kind, name in (("collapse", "collapsed"), ("leak", "leaking"))}
+        fits |= regime_fits(pd.DataFrame(own), xs, min(xs), max(xs), confidence)
+        lines += [f"{BOUNDARY_LABELS[kind]:24s} at {options or 'defaults'}: {fit.text()}"
+                  for kind, fit in fits.items()]
     return lines
 
 
