@@ -99,3 +99,53 @@ def test_vocabulary_is_checked_before_training(tmp_path, no_training, capsys):
                  "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
                  "--set", "tracking.mlflow.enabled=false"]) == 2
     assert "model.vocab_size=256 does not match" in capsys.readouterr().err
+
+
+def test_each_place_is_checked_as_a_folder_or_a_file(tmp_path, blocker):
+    """Ray's storage, the checkpoint and TensorBoard folders and a file store are
+    folders; a sqlite store is a file: each line names the key and the reason."""
+    store = "(tracking.mlflow.tracking_uri or MLFLOW_TRACKING_URI)"
+    cases = [
+        (["scaling.use_ray=true", f"scaling.storage_path={blocker}"],
+         f"scaling.storage_path={blocker}: {blocker} is a file, not a folder"),
+        (["scaling.use_ray=false", f"checkpoint.dir={blocker}"],
+         f"checkpoint.dir={blocker}: {blocker} is a file, not a folder"),
+        (["tracking.tensorboard.enabled=true", f"tracking.tensorboard.log_dir={blocker}"],
+         f"tracking.tensorboard.log_dir={blocker}: {blocker} is a file, not a folder"),
+        ([f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}"],
+         f"the MLflow store sqlite:///{tmp_path} {store}: {tmp_path} is a folder, not a file"),
+        ([f"tracking.mlflow.tracking_uri=file://{blocker}"],
+         f"the MLflow store file://{blocker} {store}: {blocker} is a file, not a folder"),
+    ]
+    for overrides, problem in cases:
+        assert output_problems(tiny(tmp_path / "ok", *overrides)) == [problem]
+    # the right kind of place passes
+    assert output_problems(tiny(tmp_path / "ok", f"tracking.mlflow.tracking_uri=sqlite:///{blocker}",
+                                "tracking.tensorboard.enabled=true",
+                                f"tracking.tensorboard.log_dir={tmp_path}")) == []
+
+
+def test_two_problems_are_one_message_a_line_each(tmp_path, blocker):
+    cfg = tiny(tmp_path, "scaling.use_ray=false", f"checkpoint.dir={blocker}",
+               "tracking.tensorboard.enabled=true", f"tracking.tensorboard.log_dir={blocker}")
+    with pytest.raises(ConfigError) as raised:
+        check_before_training(cfg)
+    assert str(raised.value) == (
+        "the run cannot write where it would:\n"
+        f"  checkpoint.dir={blocker}: {blocker} is a file, not a folder\n"
+        f"  tracking.tensorboard.log_dir={blocker}: {blocker} is a file, not a folder")
+
+
+def test_what_is_no_local_path_is_not_checked_as_one(tmp_path, monkeypatch):
+    """Remote storage, an in-memory sqlite store and one without a path are no places
+    on this disk: not even where a relative path of their text would be a wrong kind of
+    place (run from a folder holding a file ``s3:`` and folders ``:memory:``, ``.``)."""
+    configs = [tiny(tmp_path / "ok", *overrides) for overrides in (
+        ["scaling.use_ray=true", "scaling.storage_path=s3://bucket/results"],
+        ["tracking.mlflow.tracking_uri='sqlite:///:memory:'"],
+        ["tracking.mlflow.tracking_uri=sqlite:///"])]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s3:").write_text("a file")
+    (tmp_path / ":memory:").mkdir()
+    for cfg in configs:
+        assert output_problems(cfg) == [], cfg.scaling.storage_path
