@@ -39,7 +39,7 @@ class FakeHead:
             def _send(self, code, body):
                 self.send_response(code)
                 self.end_headers()
-                self.wfile.write(body.encode())
+                self.wfile.write(body if isinstance(body, bytes) else body.encode())
 
             def log_message(self, *args):
                 pass
@@ -79,6 +79,9 @@ def test_answers_needs_200_and_the_expected_body(head):
     h = head(agent_body="raylet: failed")
     assert answers(f"{h.url}/api/gcs_healthz", expect="success")
     assert answers(f"{h.url}/api/gcs_healthz")  # any body by default
+    # a body that is not UTF-8 is read with replacement characters, not an error
+    garbled = head(agent_body=b"\xff\xfe raylet: success")
+    assert answers(f"{garbled.url}/api/local_raylet_healthz", expect="success")
     assert not answers(f"{h.url}/api/version")  # 401
     assert not answers(f"{h.url}/missing")  # 404
     assert answers(f"{h.url}/api/local_raylet_healthz", expect="raylet")

@@ -91,3 +91,16 @@ def test_only_this_hosts_folders_of_ended_processes_go(tmp, dead_pid, monkeypatc
     assert sorted(removed) == sorted(orphans)
     assert sorted(tmp.iterdir()) == sorted(stay)
     assert scratch.remove_orphans(PREFIX) == []
+
+
+def test_a_link_named_like_an_orphan_is_not_followed(tmp, dead_pid, tmp_path):
+    """A symbolic link in the temp dir with an orphan's name: the folder it points to
+    keeps its files (rmtree refuses a link) and the removal goes on without an error."""
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "data").write_text("kept")
+    (tmp / f"{PREFIX}{socket.gethostname()}-{dead_pid}-link").symlink_to(target)
+    orphan = tmp / f"{PREFIX}{socket.gethostname()}-{dead_pid}-real"
+    orphan.mkdir()
+    assert orphan in scratch.remove_orphans(PREFIX)
+    assert (target / "data").read_text() == "kept" and not orphan.exists()
