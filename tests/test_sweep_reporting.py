@@ -106,16 +106,19 @@ def analysed(monkeypatch):
     seen: dict = {"calls": [], "texts": {}}
 
     def collect_histories(client, run_ids, keys):
+        assert client == "client"  # the store's client is passed on, each time
         seen["calls"].append(("histories", run_ids, keys))
         return f"histories of {run_ids}"
 
     def find_parent(client, experiment, name):
+        assert client == "client"
         seen["calls"].append(("parent", experiment, name))
         if seen["texts"].get(name) is None:
             return None
         return SimpleNamespace(info=SimpleNamespace(run_id=f"parent-{name}"))
 
     def run_artifact_text(client, run_id, path):
+        assert client == "client"
         seen["calls"].append(("artifact", run_id, path))
         return seen["texts"][run_id.removeprefix("parent-")]
 
@@ -188,3 +191,5 @@ def test_a_sweep_whose_spec_is_gone_or_unusable_is_analysed_with_the_defaults(
     assert ("defaults", ["b1", "b2"], "histories of ['b1', 'b2']") in analysed["calls"]
     assert not [call for call in analysed["calls"] if call[0] == "spec"]
     assert "sweep b: its spec is not usable here" in caplog.text
+    assert ("sweep c: its spec is not usable here (no search_space.yaml on the sweep's "
+            "parent run); analysed with the defaults") in caplog.text
