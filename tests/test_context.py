@@ -20,6 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_the_window_means_count_finite_values_only():
     window = LogWindow()
+    assert (window.keys, window.sums, window.counts) == ([], None, None)
     assert window.means() == {}
     window.add({"loss": torch.tensor(2.0), "kl": torch.tensor(float("nan")),
                 "norm": torch.tensor(float("inf"))})
