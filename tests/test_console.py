@@ -138,6 +138,18 @@ def test_stopped_failed_and_baseline_trials_say_so():
     assert "baseline, kl_weight 1, seed 0, latent_dim=0: ended at step 300" in lines[2]
 
 
+def test_a_trial_ended_early_without_a_reason_says_it_was_stopped():
+    """ASHA stops a trial without a reason of the stopper's: "ended (stopped)", not the
+    table's empty state "-"."""
+    console, stream, clock = _console()
+    trial = _trial("t", 1.0, 0.1)
+    console.on_trial_start(0, [], trial)
+    console.on_trial_result(0, [], trial, {"step": 120, "eval/kl_bits": 0.5})
+    console.on_trial_complete(0, [], trial)
+    assert stream.getvalue().endswith(
+        "] kappa 1 bits, kl_weight 0.1, seed 0: ended (stopped) at step 120, KL 0.5 bits\n")
+
+
 def test_verbose_leaves_the_console_to_ray():
     console, stream, clock = _console(verbose=True)
     _run_grid(console, clock)
