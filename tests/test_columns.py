@@ -76,7 +76,7 @@ def test_a_figure_is_saved_at_100_dpi_into_new_folders(tmp_path):
     from matplotlib.figure import Figure
     from PIL import Image
 
-    fig = Figure(figsize=(2.0, 1.5))
+    fig = Figure(figsize=(2.0, 1.5), dpi=50)  # saved at 100 dpi whatever the figure's own
     FigureCanvasAgg(fig)
     path = save_figure(fig, str(tmp_path / "a" / "b" / "f.png"))
     assert path == tmp_path / "a" / "b" / "f.png"

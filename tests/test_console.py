@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import pickle
 import subprocess
@@ -138,6 +139,18 @@ def test_stopped_failed_and_baseline_trials_say_so():
     assert "baseline, kl_weight 1, seed 0, latent_dim=0: ended at step 300" in lines[2]
 
 
+def test_a_trial_ended_early_without_a_reason_says_it_was_stopped():
+    """ASHA stops a trial without a reason of the stopper's: "ended (stopped)", not the
+    table's empty state "-"."""
+    console, stream, clock = _console()
+    trial = _trial("t", 1.0, 0.1)
+    console.on_trial_start(0, [], trial)
+    console.on_trial_result(0, [], trial, {"step": 120, "eval/kl_bits": 0.5})
+    console.on_trial_complete(0, [], trial)
+    assert stream.getvalue().endswith(
+        "] kappa 1 bits, kl_weight 0.1, seed 0: ended (stopped) at step 120, KL 0.5 bits\n")
+
+
 def test_verbose_leaves_the_console_to_ray():
     console, stream, clock = _console(verbose=True)
     _run_grid(console, clock)
@@ -261,3 +274,88 @@ def test_the_status_table_shows_each_running_trials_cells():
         "  kappa bits  kl_weight  seed  step   KL bits  use nats  state             point",
         "  0.25        1          1     12/20  0.123    0.5       -                 latent_dim=8",
         "  0.25        1          2     16/20  2        -         low_kl (stopped)  latent_dim=8"]
+
+
+def test_a_result_without_a_step_keeps_the_last_step():
+    console, stream, clock = _console()
+    trial = _trial("t", 1.0, 0.1)
+    console.on_trial_start(0, [], trial)
+    console.on_trial_result(0, [], trial, {"step": 300})
+    console.on_trial_result(0, [], trial, {"train/kl_bits": 0.5})  # a report of no step
+    console.on_trial_complete(0, [], trial)
+    assert stream.getvalue().endswith("seed 0: ended at step 300, KL 0.5 bits\n")
+
+
+def test_progress_counts_from_the_first_trials_start_and_estimates_after_a_second():
+    console, stream, clock = _console(False, 1e9)
+    assert console.progress() == "0/8 trials ended, 0s elapsed"  # before any trial
+    clock.now = 100.0
+    trial = _trial("t", 1.0, 0.1)
+    console.on_trial_start(0, [], trial)
+    clock.now = 101.0
+    assert console.progress() == "0/8 trials ended, 1s elapsed"  # no step trained yet
+    console.on_trial_result(0, [], trial, {"step": 150})
+    # half of one of 8 trials in 1 s: 15 s more, said from the first second on
+    assert console.progress() == "0/8 trials ended, 1s elapsed, about 15s left"
+    clock.now = 100.5
+    assert console.progress() == "0/8 trials ended, 0s elapsed"  # too early to say
+
+
+def test_a_sweep_of_unknown_size_counts_its_trials_without_an_estimate():
+    """``total`` 0: the number of trials is not known (the class's contract)."""
+    console, stream, clock = _console(False, 1e9)
+    console.total = 0
+    trial = _trial("t", 1.0, 0.1)
+    console.on_trial_start(0, [], trial)
+    clock.now = 100.0
+    console.on_trial_result(0, [], trial, {"step": 300})
+    console.on_trial_complete(0, [], trial)
+    assert stream.getvalue().startswith("[1/? trials ended, 1m40s elapsed] kappa 1 bits")
+
+
+def test_a_base_without_max_steps_shows_bare_steps_and_no_estimate():
+    sweep = load_sweep(GRID8)
+    stream, clock = io.StringIO(), Clock()
+    console = SweepConsole(sweep, sweep.base().replace({"training.max_steps": None}),
+                           stream=stream, status_every_s=10.0, clock=clock)
+    trial = _trial("t", 1.0, 0.1)
+    console.on_trial_start(0, [], trial)
+    clock.now = 10.0
+    console.on_trial_result(0, [], trial, {"step": 12})
+    console.on_trial_complete(0, [], trial)  # not counted as stopped early
+    assert stream.getvalue().splitlines() == [
+        "0/8 trials ended, 10s elapsed",
+        "  kappa bits  kl_weight  seed  step  KL bits  use nats  state",
+        "  1           0.1        0     12    -        -         -",
+        "[1/8 trials ended, 10s elapsed] kappa 1 bits, kl_weight 0.1, seed 0: ended at step 12"]
+
+
+def test_the_point_names_each_other_key_by_its_last_part():
+    console, stream, clock = _console(False, 10.0,
+                                      "space.training.kl_annealing.warmup_steps=[50, 100]",
+                                      "space.model.latent_dim=[4, 8]")
+    trial = SimpleNamespace(trial_id="t", config={
+        "training.free_bits_bits": 1.0, "training.kl_weight": 0.1,
+        "training.kl_annealing.warmup_steps": 50, "model.latent_dim": 8})
+    console.on_trial_start(0, [], trial)
+    clock.now = 10.0
+    console.on_trial_result(0, [], trial, {"step": 12})
+    assert stream.getvalue().splitlines()[2] == (
+        "  1           0.1        0     12/300  -        -         -      "
+        "warmup_steps=50,latent_dim=8")
+
+
+def test_kappa_in_nats_is_shown_as_kappa_not_as_another_key(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"base_config: {ROOT / 'freetf' / 'configs' / 'synthetic.yaml'}\n"
+                    "overrides: {training.max_steps: 300, training.free_bits_bits: null}\n"
+                    "space: {training.free_bits: [0.5], training.kl_weight: [1.0]}\n")
+    sweep = load_sweep(spec)
+    stream = io.StringIO()
+    console = SweepConsole(sweep, sweep.base(), stream=stream, clock=Clock())
+    trial = SimpleNamespace(trial_id="t", config={"training.free_bits": 2 * math.log(2),
+                                                  "training.kl_weight": 1.0})
+    console.on_trial_start(0, [], trial)
+    console.on_trial_result(0, [], trial, {"step": 300})
+    console.on_trial_complete(0, [], trial)
+    assert stream.getvalue().endswith("] kappa 2 bits, kl_weight 1, seed 0: ended at step 300\n")

@@ -29,7 +29,7 @@ class Ctx:
 
     def __init__(self, root, rank=0, others=(), main=None, latest=None):
         self.root, self.rank, self.others, self.main = root, rank, list(others), main
-        self.latest, self.calls = latest, []
+        self.latest, self.calls, self.roots_asked_for = latest, [], []
 
     @property
     def is_main(self):
@@ -43,6 +43,7 @@ class Ctx:
         return obj if self.rank == 0 else self.main
 
     def checkpoint_root(self, cfg):
+        self.roots_asked_for.append(cfg)
         return self.root
 
     def latest_checkpoint(self):
@@ -172,11 +173,12 @@ def test_under_fsdp_every_rank_writes_its_shards_and_raises_its_own_failure(
             raise CheckpointWriteError(root / "shard", "disk full")
         return root / "sharded"
 
-    monkeypatch.setattr(loop_state, "is_fsdp", lambda m: True)
+    monkeypatch.setattr(loop_state, "is_fsdp", lambda m: m is model)  # this model only
     monkeypatch.setattr(loop_state, "save_sharded", save_sharded)
     ctx = Ctx(tmp_path, rank=1, others=[rng_states(CPU)])
     got = save_state(ctx, cfg, model, optimizer, scheduler, stream, 6, {"a": 1.0}, CPU)
     assert got == tmp_path / "sharded" and ctx.calls == []  # no broadcast: FSDP's agree
+    assert ctx.roots_asked_for == [cfg]  # the root of this run's config
     assert calls == [(tmp_path, 6, model, optimizer, {"scheduler", "step", "data", "rng"}, 6,
                       cfg, {"step": 6, "a": 1.0}, 1, 2)]
     with pytest.raises(CheckpointWriteError) as info:
@@ -202,7 +204,7 @@ def test_a_resume_reads_shards_or_a_full_checkpoint_by_what_it_is(tmp_path, cfg,
                         lambda p, consolidate: calls.append(("load", p, consolidate))
                         or (state, None))
     monkeypatch.setattr(loop_state, "is_sharded", lambda p: sharded)
-    monkeypatch.setattr(loop_state, "is_fsdp", lambda m: fsdp)
+    monkeypatch.setattr(loop_state, "is_fsdp", lambda m: fsdp and m is model)
     for name in ("load_sharded", "load_full_into_sharded"):
         monkeypatch.setattr(loop_state, name,
                             lambda *a, name=name: calls.append((name, *a)))

@@ -13,9 +13,11 @@ from freetf import load_config
 from freetf.config import ModelConfig
 from freetf.data.datasets import build_data, synthetic_sequences
 from freetf.data.stream import BatchStream
+from freetf.evaluation.diagnostics import verdict
 from freetf.evaluation.latent_use import latent_use
 from freetf.evaluation.measures import task_measures
 from freetf.evaluation.synthetic_bayes import CLASS_NAMES, bayes_floor_nats, token_classes
+from freetf.evaluation.synthetic_eval import free_generations, generation_stats
 from freetf.model.transformer import FreeTransformer
 from freetf.training.context import TrainContext
 from freetf.training.evaluate import evaluate
@@ -143,3 +145,55 @@ def test_an_evaluation_leaves_samples_and_free_generations_to_be_asked_for():
     generations = evaluate(model, data, cfg, torch.device("cpu"), cfg.training.free_bits_nats,
                            generations=True)
     assert "eval/samples" not in generations and generations["eval/valid_draws"] == 32
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cfg_kappa, kappa", [(50.0, 0.0), (0.0, 50.0)])
+def test_the_verdict_is_judged_at_the_kappa_given_not_the_configs(cfg_kappa, kappa):
+    """The loop passes the scheduled kappa, which differs from the config's: leaking at
+    one, used at the other (no collapse, no gap test, so only the KL test decides)."""
+    cfg = load_config("freetf/configs/synthetic.yaml", [
+        *TINY_SYNTHETIC, "model.latent_dim=4", f"training.free_bits_bits={cfg_kappa}",
+        "diagnostics.collapsed_kl_nats=0", "diagnostics.leak_gap_nats=1e9"])
+    torch.manual_seed(0)
+    m = evaluate(FreeTransformer(cfg.model), build_data(cfg), cfg, torch.device("cpu"), kappa)
+    assert m["eval/verdict"] == verdict(m, cfg, kappa)
+    assert {verdict(m, cfg, kappa), verdict(m, cfg)} == {"leaking", "used"}  # cfg's kappa
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("asked", [{"generations": True}, {"samples": True}])
+def test_free_generations_are_drawn_at_the_training_seed_plus_17(monkeypatch, asked):
+    """The same draws at every evaluation of a run, and others in a run of another seed."""
+    import freetf.training.evaluate as eval_mod
+
+    cfg = load_config("freetf/configs/synthetic.yaml", [
+        *TINY_SYNTHETIC, "training.seed=3", "diagnostics.free_generations=4"])
+    model = FreeTransformer(cfg.model)
+    drawn = []
+
+    def spied(model, num, seed=0, **kwargs):  # the real draws, their seed recorded
+        drawn.append((num, seed))
+        return free_generations(model, num, seed=seed, **kwargs)
+
+    monkeypatch.setattr(eval_mod, "free_generations", spied)
+    m = evaluate(model, build_data(cfg), cfg, torch.device("cpu"), 0.5, **asked)
+    assert drawn == [(4, 3 + 17)]
+    expected = generation_stats(free_generations(model, 4, seed=3 + 17))
+    assert {k: m[k] for k in expected} == pytest.approx(expected, nan_ok=True)
+
+
+@pytest.mark.timeout(60)
+def test_free_generations_are_left_out_on_data_other_than_the_synthetic_task(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    cfg = load_config(overrides={
+        "data.dataset_name": "text", "data.path": str(tmp_path / "a.txt"),
+        "data.max_seq_len": 16, "model.max_seq_len": 16, "model.hidden_dim": 16,
+        "model.num_layers": 2, "model.num_heads": 2, "model.latent_dim": 2,
+        "training.batch_size": 4, "training.eval_batches": 1,
+        "diagnostics.free_generations": 8})
+    data = build_data(cfg)
+    m = evaluate(FreeTransformer(cfg.model), data, cfg, torch.device("cpu"), 0.5,
+                 samples=True, generations=True)
+    assert m["eval/samples"]  # samples, but no free generations of the synthetic task
+    assert not any(k.startswith(("eval/valid", "eval/gen_")) for k in m)

@@ -160,8 +160,9 @@ class SweepConsole(tune.Callback):
 
     def _cells(self, row: dict[str, Any]) -> list[str]:
         verdict = row["verdict"] or "-"
-        if row["stop"]:
-            verdict = f"{row['stop'] if row['stop'] != 'asha' else verdict} (stopped)"
+        if row["stop"]:  # "asha": ended early by the scheduler, which gives no reason
+            reason = row["stop"] if row["stop"] != "asha" else row["verdict"] or "ended"
+            verdict = f"{reason} (stopped)"
         step = f"{row['step']}/{self.max_steps}" if self.max_steps else str(row["step"])
         cells = [_num(row["kappa_bits"]), _num(row["kl_weight"]), str(row["seed"]), step,
                  _num(row["kl_bits"]), _num(row["use_nats"]), verdict]
