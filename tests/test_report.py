@@ -453,8 +453,8 @@ def test_collapse_table_without_the_optional_columns():
 
 def test_how_a_trial_ended():
     assert report._ended(_table_row(stopped_early=True, stop_reason="asha",
-                                    stopped_at_step=12345.0)) == \
-        "stopped at step 12345 (asha)"
+                                    stopped_at_step=12345678.0)) == \
+        "stopped at step 12345678 (asha)"  # every digit, not 1.23457e+07
     assert report._ended(_table_row(stopped_early=True, stop_reason="asha")) == \
         "stopped at step 77 (asha)"  # no step tagged: the steps it did
     assert report._ended(_table_row(status="RUNNING", outcome="unknown")) == "running"
