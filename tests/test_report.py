@@ -706,3 +706,37 @@ def test_summary_text_is_the_table_counts_files_and_where_to_look():
         "workflowType=machine_learning"
     empty = report.summary_text(df.iloc[:0], paths, "u", "exp")
     assert empty.split("\n")[:3] == ["(no trial runs)", "", "0 trials: none"]
+
+
+def test_runs_frame_without_tags_reads_how_it_ended_from_the_status():
+    runs = [_mlflow_run("f", "f", status="FINISHED"),
+            _mlflow_run("k", "k", status="KILLED", tags={"freetf.stopped_early": "true"})]
+    df = report.runs_frame(runs).set_index("run_id")
+    assert df.loc["f", "outcome"] == "finished" and df.loc["k", "outcome"] == "stopped"
+    assert df.loc["k", "stopped_early"] and df.loc["k", "stop_reason"] == ""  # no reason
+
+
+def test_table_cells_in_exponent_form_and_a_deep_keys_last_part():
+    row = _table_row(**{"sampled.training.free_bits_schedule.type": "linear",
+                        "eval/valid_rate": 1e-5})
+    header, _, line = report.collapse_table(pd.DataFrame([row])).split("\n")
+    assert header.startswith("| trial | annealing | free bits (bits) | kl_weight | type |")
+    assert " | 1e-05 | " in line
+
+
+def test_the_collapse_maps_sizes_legend_and_grid_do_not_follow_the_style(saved, tmp_path):
+    import matplotlib
+
+    df = pd.DataFrame([_table_row(verdict="collapsed", **{"eval/kl_bits": 1.23e-5})])
+    with matplotlib.rc_context({"figure.figsize": (3.0, 2.0), "font.size": 7.0}):
+        report.plot_collapse_map(df, tmp_path / "map.png")
+    fig = saved[-1][0]
+    assert tuple(fig.get_size_inches()) == pytest.approx((6.0, 4.8))
+    assert fig._suptitle.get_fontsize() == 10
+    (ax,) = fig.axes
+    assert [a.get_text() for a in ax.texts] == ["1.2e-05"]
+    for axis in (ax.xaxis, ax.yaxis):  # the minor grid of the log axes too
+        (minor,) = axis.get_minor_ticks(1)
+        assert minor.gridline.get_visible() and minor.gridline.get_alpha() == 0.3
+    (legend,) = fig.legends
+    assert (legend._loc, legend._outside_loc) == (7, "right")  # "outside right center"
