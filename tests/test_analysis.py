@@ -153,6 +153,40 @@ def test_without_other_settings_one_boundary_for_all(fits):
                        [0.0, 1.0, 0.0])
 
 
+def test_the_boundary_key_is_free_bits_in_bits_unless_named(fits):
+    found = analysis.analyse(_frame(), confidence=0.8)
+    assert found.key == KEY
+    named = list(fits)
+    fits.clear()
+    analysis.analyse(_frame(), KEY, confidence=0.8)
+    assert named == fits and len(named) == 9
+
+
+def test_a_trial_whose_setting_has_no_baseline_at_all_is_not_judged(fits):
+    df = pd.concat([_frame(), pd.DataFrame([_row("P8", "free_transformer", 0, 1.0, 1.0, 0.3,
+                                                 1.2, **USED)], index=[200])])
+    t = analysis.analyse(df, KEY).trials.set_index("run_id")
+    assert t.loc["P8", "verdict"] == "active" and math.isnan(t.loc["P8", "cost_nats"])
+    assert t.loc["P2", "verdict"] == "used"  # the others judged as before
+
+
+def test_trials_without_a_value_of_a_setting_are_a_setting_of_their_own(fits):
+    df = _frame()
+    df.loc[df["run_id"] == "P3", "sampled.training.kl_weight"] = math.nan
+    found = analysis.analyse(df, KEY)
+    assert [b.label for b in found.boundaries] == [
+        "kl_weight=1,weight_decay=0.1", "kl_weight=1,weight_decay=0.2",
+        "kl_weight=nan,weight_decay=0.1"]
+    assert [b.collapse.trials for b in found.boundaries] == [2, 1, 1]
+
+
+def test_without_per_run_verdicts_the_fixed_verdict_is_missing(fits):
+    found = analysis.analyse(_frame().drop(columns=["verdict"]), KEY)
+    fixed = list(found.trials["verdict_fixed"])
+    assert len(fixed) == 12 and all(isinstance(v, float) and math.isnan(v) for v in fixed)
+    assert found.trials.set_index("run_id").loc["P2", "verdict"] == "used"
+
+
 @pytest.fixture
 def over_calls(monkeypatch):
     calls = []
@@ -331,6 +365,18 @@ def test_write_analysis_writes_the_table_json_verdicts_and_figures(tmp_path, mon
     assert paths["over_training"].read_bytes()[:4] == b"\x89PNG"
     again = analysis.write_analysis(_analysis(), out)  # the folder exists; no curves
     assert "over_training" not in again and "over_training_csv" not in again
+
+
+def test_write_analysis_writes_a_value_json_does_not_know_as_its_text(tmp_path, monkeypatch):
+    import numpy as np
+
+    import freetf.results.phase as phase
+
+    monkeypatch.setattr(phase, "plot_phase_diagram", lambda found, path: path)
+    found = _analysis(settings=({"model.layers": np.int64(2)},))
+    paths = analysis.write_analysis(found, tmp_path)
+    written = json.loads(paths["boundaries_json"].read_text())
+    assert written["boundaries"][0]["setting"] == {"model.layers": "2"}
 
 
 def test_only_the_first_settings_curve_is_drawn(tmp_path, monkeypatch):

@@ -188,7 +188,7 @@ def _ended(values: dict[str, Any]) -> str:
         step = values["stopped_at_step"]
         if isinstance(step, float) and math.isnan(step):
             step = values["train/steps_done"]
-        return f"stopped at step {_fmt(step, 'g')} ({values['stop_reason']})"
+        return f"stopped at step {_fmt(step, '.0f')} ({values['stop_reason']})"
     if values["status"] == "RUNNING":
         return "running"
     return values.get("outcome") or values["status"].lower()
