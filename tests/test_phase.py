@@ -265,3 +265,11 @@ def test_probe_stats_are_the_mean_sd_and_count_per_setting_and_kappa():
         ["a", 1.0, 2.0, 2], ["a", 2.0, 5.0, 1], ["b", 1.0, 7.0, 1]]
     assert stats["std"].iloc[0] == pytest.approx(math.sqrt(2.0))
     assert stats["std"].iloc[1:].isna().all()
+
+
+def test_every_setting_has_its_cost_line_past_the_seventh_marker(drawn, tmp_path):
+    trials = pd.DataFrame([_row("used", 1.0, float(w), 0, cost=0.1 * w) for w in range(1, 10)])
+    phase.plot_phase_diagram(_analysis(trials), tmp_path / "f.png")
+    containers = drawn[-1].axes[1].containers
+    assert [(c.get_label(), c.lines[0].get_marker()) for c in containers] == [
+        (f"kl_weight={w}", m) for w, m in zip(range(1, 10), "osD^v<>os", strict=True)]
