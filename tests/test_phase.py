@@ -9,8 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib import rc_context
 from matplotlib.colors import to_rgba
 from matplotlib.layout_engine import ConstrainedLayoutEngine
+from matplotlib.markers import MarkerStyle
 
 from freetf.results import phase
 from freetf.results.columns import BOUNDARY_COLORS
@@ -79,7 +81,7 @@ def _errorbars(ax):
 
 
 def test_the_map_shows_p_used_per_probe_and_each_boundary_at_its_kl_weight(drawn, tmp_path):
-    boundaries = [_boundary({"training.kl_weight": 0.5},
+    boundaries = [_boundary({"training.kl_weight": 1.0},
                             {"collapse": _fit(0.5, 0.25, 2.0), "leak": _fit(2.0, 1.0, 4.0, 0.9)}),
                   _boundary({}, {"position": _fit(1.0, 0.5, 1.5), "noise": _fit(1.0, 0.5, 3.0),
                                  "broken": _fit(4.0, 2.0, 8.0)})]
@@ -89,7 +91,12 @@ def test_the_map_shows_p_used_per_probe_and_each_boundary_at_its_kl_weight(drawn
     assert tuple(fig.get_size_inches()) == pytest.approx((17.0, 4.8))
     assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
     ax_map, ax_cost, ax_valid, bar = fig.axes
+    assert [ax.get_subplotspec().get_geometry() for ax in (ax_map, ax_cost, ax_valid)] == [
+        (1, 3, 0, 0), (1, 3, 1, 1), (1, 3, 2, 2)]  # side by side
     points = ax_map.collections[0]  # then the boundaries' error bars
+    square = MarkerStyle("s")
+    np.testing.assert_array_equal(points.get_paths()[0].vertices, square.get_path().transformed(
+        square.get_transform()).vertices)
     order = np.lexsort((points.get_offsets()[:, 1], points.get_offsets()[:, 0]))
     assert points.get_offsets()[order].tolist() == [[0.25, 1.0], [1.0, 0.5], [1.0, 1.0]]
     assert points.get_array()[order].tolist() == [0.5, 0.0, 1.0]  # the seeds' P(used)
@@ -98,9 +105,9 @@ def test_the_map_shows_p_used_per_probe_and_each_boundary_at_its_kl_weight(drawn
     assert bar.get_ylabel() == "P(used) over seeds"
     # each boundary at its median with its interval, shifted off its kl_weight's row
     assert _errorbars(ax_map) == [
-        ("kappa_c (95%)", [0.5], [0.5 * 1.15], [[[0.25, 0.5 * 1.15], [2.0, 0.5 * 1.15]]],
+        ("kappa_c (95%)", [0.5], [1.15], [[[0.25, 1.15], [2.0, 1.15]]],
          to_rgba(BOUNDARY_COLORS["collapse"]), "D"),
-        ("kappa_l (90%)", [2.0], [0.5 / 1.15], [[[1.0, 0.5 / 1.15], [4.0, 0.5 / 1.15]]],
+        ("kappa_l (90%)", [2.0], [1 / 1.15], [[[1.0, 1 / 1.15], [4.0, 1 / 1.15]]],
          to_rgba(BOUNDARY_COLORS["leak"]), "D"),
         # no kl_weight in the setting: the row of the first judged trial (0.5)
         ("kappa_pos (95%)", [1.0], [0.5 * 1.35], [[[0.5, 0.5 * 1.35], [1.5, 0.5 * 1.35]]],
@@ -116,20 +123,26 @@ def test_the_map_shows_p_used_per_probe_and_each_boundary_at_its_kl_weight(drawn
     for ax in (ax_map, ax_cost, ax_valid):
         assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
         assert ax.get_xlabel() == "free bits kappa (bits per token)"
-        assert ax.xaxis._major_tick_kw.get("gridOn") and ax.xaxis._minor_tick_kw.get("gridOn")
+        for axis in (ax.xaxis, ax.yaxis):
+            for kw in (axis._major_tick_kw, axis._minor_tick_kw):
+                assert kw.get("gridOn") and kw.get("grid_alpha") == 0.3
     assert (ax_map.get_ylabel(), ax_map.get_title()) == ("kl_weight (beta)",
                                                          "P(used) and the boundaries")
     legend = ax_map.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == [
         "kappa_c (95%)", "kappa_l (90%)", "kappa_pos (95%)", "kappa_noise (95%)",
         "kappa_broken (95%)"]
+    assert [to_rgba(h.get_color()[0]) for h in legend.legend_handles] == [
+        to_rgba(BOUNDARY_COLORS[kind])
+        for kind in ("collapse", "leak", "position", "noise", "broken")]
     assert legend.get_texts()[0].get_fontsize() == 8 and legend._loc == 2  # upper left
     assert fig._suptitle.get_text() == "Phase diagram (4 trials against their baselines)"
     assert fig._suptitle.get_fontsize() == 10
 
 
 def test_the_cost_and_validity_panels_show_each_settings_mean_and_seed_sd(drawn, tmp_path):
-    phase.plot_phase_diagram(_analysis(_trials()), tmp_path / "f.png")
+    trials = _trials().assign(**{"eval/bits_per_byte": math.nan})  # a metric left empty
+    phase.plot_phase_diagram(_analysis(trials), tmp_path / "f.png")
     (fig,) = drawn
     ax_map, ax_cost, ax_valid, _ = fig.axes
     assert len(ax_map.containers) == 0 and ax_map.get_legend() is None
@@ -180,13 +193,35 @@ def test_settings_are_the_other_sampled_keys_and_all_without_one(drawn, tmp_path
     phase.plot_phase_diagram(_analysis(trials), tmp_path / "f.png")
     labels = [c.get_label() for c in drawn[-1].axes[1].containers]
     assert labels == ["kl_weight=0.5,type=linear", "kl_weight=1,type=linear"]
+    three = pd.concat([_trials(), pd.DataFrame([_row("used", 2.0, 2.0, 0, cost=0.2)])])
+    phase.plot_phase_diagram(_analysis(three), tmp_path / "h.png")
+    containers = drawn[-1].axes[1].containers
+    assert [(c.get_label(), c.lines[0].get_marker()) for c in containers] == [
+        ("kl_weight=0.5", "o"), ("kl_weight=1", "s"), ("kl_weight=2", "D")]
     trials = _trials().drop(columns=["sampled.training.kl_weight"])
     trials = trials[trials["kl_weight"] == 1.0]
     phase.plot_phase_diagram(_analysis(trials), tmp_path / "g.png")
     ax_map, ax_cost, ax_valid, _ = drawn[-1].axes
     assert [c.get_label() for c in ax_cost.containers] == ["all"]
+    points = ax_map.collections[0]
+    assert sorted(points.get_array().tolist()) == [0.5, 1.0]
+    assert points.get_clim() == (0.0, 1.0)  # P(used) on its whole scale, not the data's
     assert ax_map.get_ylim() == pytest.approx((0.4, 2.5))  # one weight: still a band
     assert drawn[-1]._suptitle.get_text() == "Phase diagram (3 trials against their baselines)"
+
+
+def test_p_used_keeps_its_scale_colormap_and_title_size_whatever_the_data_and_style(
+        drawn, tmp_path):
+    trials = _trials()
+    trials = trials[~((trials["verdict"] == "used") & (trials["free_bits_bits"] == 1.0))]
+    with rc_context({"image.cmap": "magma", "font.size": 7.0}):
+        phase.plot_phase_diagram(_analysis(trials), tmp_path / "f.png")
+    (fig,) = drawn
+    points = fig.axes[0].collections[0]
+    assert sorted(points.get_array().tolist()) == [0.0, 0.5]
+    assert points.get_clim() == (0.0, 1.0)
+    assert points.get_cmap().name == "viridis"
+    assert fig._suptitle.get_fontsize() == 10
 
 
 def test_without_validity_the_panel_says_so(drawn, tmp_path):
@@ -230,3 +265,11 @@ def test_probe_stats_are_the_mean_sd_and_count_per_setting_and_kappa():
         ["a", 1.0, 2.0, 2], ["a", 2.0, 5.0, 1], ["b", 1.0, 7.0, 1]]
     assert stats["std"].iloc[0] == pytest.approx(math.sqrt(2.0))
     assert stats["std"].iloc[1:].isna().all()
+
+
+def test_every_setting_has_its_cost_line_past_the_seventh_marker(drawn, tmp_path):
+    trials = pd.DataFrame([_row("used", 1.0, float(w), 0, cost=0.1 * w) for w in range(1, 10)])
+    phase.plot_phase_diagram(_analysis(trials), tmp_path / "f.png")
+    containers = drawn[-1].axes[1].containers
+    assert [(c.get_label(), c.lines[0].get_marker()) for c in containers] == [
+        (f"kl_weight={w}", m) for w, m in zip(range(1, 10), "osD^v<>os", strict=True)]

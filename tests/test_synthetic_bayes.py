@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from freetf.evaluation.synthetic_bayes import (
     CLASS_NOISE,
     CLASS_OTHER,
     CLASS_POSITION,
+    _all_hidden_log_count,
     bayes_floor_nats,
     bayes_token_nll,
     expected_floor_nats,
@@ -163,7 +166,8 @@ def test_token_classes_on_hand_written_rows():
     rows = encode("K>" + put("!KKKKKKK", 5),  # noise on the first target letter
                   "K>" + put("KKKKKKKK", 0),  # starts at body 0: no "_" before it
                   "K>" + put("!KKKKKKKK", 4),  # "!" just before the target
-                  "K>" + put("KKKKKKKK", 5)[:30] + "!" + BODY[31:])  # plain + one noise
+                  "K>" + put("KKKKKKKK", 5)[:30] + "!" + BODY[31:],  # plain + one noise
+                  "K>" + put("!!!!!!!!", 20))  # every target letter hidden: no position
     blank = [o] * 64
 
     def body(at: int, classes: list[int]) -> list[int]:
@@ -172,23 +176,100 @@ def test_token_classes_on_hand_written_rows():
     expected = [body(5, [n, q] + [a] * 6),
                 body(0, [q] + [a] * 7),
                 body(4, [n, q] + [a] * 7),
-                body(4, [q, q] + [a] * 7)]
+                body(4, [q, q] + [a] * 7),
+                body(20, [n] * 8)]
     expected[3][1 + 30] = n
     got = token_classes(rows)
-    assert got.dtype == np.int8 and got.shape == (4, 65)
+    assert got.dtype == np.int8 and got.shape == (5, 65)
     np.testing.assert_array_equal(got, np.array(expected))
 
 
-def test_invalid_input_and_impossible_tokens():
+def test_invalid_input_is_refused_with_its_reason():
     rows = synthetic_sequences(3, seed=0)
-    for bad in (rows[0], rows[:, :65], rows.astype(float), rows[None]):
-        with pytest.raises(ValueError):
-            bayes_token_nll(bad)
-    with pytest.raises(ValueError):
-        token_classes(rows[:, 1:])
-    with pytest.raises(ValueError):
-        bayes_token_nll(rows, noise_prob=1.0)
-    odd = encode("K>" + put("KKKAKKKK", 5), "K>" + put("KKKKKKKK", 5)[:40] + "K" + BODY[41:])
-    nll = bayes_token_nll(odd)
-    assert np.isinf(nll[0, 1 + 8]) and np.isfinite(np.delete(nll[0], 1 + 8)).all()
-    assert np.isinf(nll[1, 1 + 40]) and np.isinf(row_nll(odd)).all()
+
+    def refused(message: str, call, *args, **kwargs) -> None:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call(*args, **kwargs)
+
+    shape = "rows must be a 2-D array of shape (N, 66), got shape "
+    for bad in (rows[0], rows[:, :65], rows[None]):
+        refused(shape + str(bad.shape), bayes_token_nll, bad)
+    refused(shape + "(3, 65)", token_classes, rows[:, 1:])
+    refused(shape + "(3, 65)", row_nll, rows[:, 1:])
+    refused("rows must hold integer token ids, got dtype float64", bayes_token_nll,
+            rows.astype(float))
+    letter = "every row must start with a letter A-Z (the prompt)"
+    for first in (0, 2, 29):  # "_", ">", one past "Z"
+        bad = rows.copy()
+        bad[1, 0] = first
+        for call in (bayes_token_nll, row_nll, token_classes):
+            refused(letter, call, bad)
+    edge = rows.copy()
+    edge[:, 0] = [3, 28, 3]  # "A" and "Z" are letters
+    assert token_classes(edge).shape == (3, 65)
+    for p in (1.0, -0.5, 1.5):
+        for call in (bayes_token_nll, row_nll):
+            refused(f"noise_prob must be in [0, 1), got {p}", call, rows, p)
+        refused(f"noise_prob must be in [0, 1), got {p}", expected_floor_nats, p)
+
+
+def test_impossible_tokens_cost_infinity_without_a_warning():
+    odd = encode("K>" + put("KKKAKKKK", 5), "K>" + put("KKKKKKKK", 5)[:40] + "K" + BODY[41:],
+                 "K_" + put("KKKKKKKK", 5))  # a wrong letter; a letter outside; no ">"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log(0) is +inf, not a RuntimeWarning
+        nll = bayes_token_nll(odd)
+        assert np.isinf(nll[0, 1 + 8]) and np.isfinite(np.delete(nll[0], 1 + 8)).all()
+        assert np.isinf(nll[1, 1 + 40])
+        assert np.isinf(nll[2, 0]) and np.isfinite(nll[2, 1:]).all()
+        assert (row_nll(odd) == np.inf).all()
+        # Without noise a "!" is impossible: +inf at its position and for its row.
+        noisy = encode("K>" + put("KK!KKKKK", 5), "K>" + put("KKKKKKKK", 5))
+        nll = bayes_token_nll(noisy, 0.0)
+        assert np.isinf(nll[0, 1 + 7]) and np.isfinite(np.delete(nll, 1 + 7, axis=1)).all()
+        np.testing.assert_array_equal(row_nll(noisy, 0.0), [np.inf, math.log(57)])
+
+
+def test_row_nll_is_the_same_in_any_chunks():
+    rows, _, _ = generate(5, 0.3, seed=6)
+    whole = bayes_token_nll(rows, 0.3).sum(1)
+    for chunk in (1, 2, 4, 1024):
+        np.testing.assert_allclose(row_nll(rows, 0.3, chunk=chunk), whole, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("start, p", [(0, 0.5), (30, 0.5), (56, 0.5), (0, 0.8), (20, 0.8)])
+def test_all_hidden_log_count_matches_sampled_bodies(start, p):
+    """E[log |C|] given the 8 target chars hidden: |C| counts the all-"!" 8-windows."""
+    noise = np.random.default_rng(start).random((20000, 64)) < p
+    noise[:, start:start + 8] = True
+    windows = np.lib.stride_tricks.sliding_window_view(noise, 8, axis=1).all(-1).sum(1)
+    log_c = np.log(windows)  # (N,), every count >= 1
+    se = log_c.std(ddof=1) / math.sqrt(len(log_c))
+    assert abs(_all_hidden_log_count(start, p) - log_c.mean()) < 4 * se
+    assert _all_hidden_log_count(start, 0.0) == 0.0
+
+
+def expected_floor_reference(p: float) -> float:
+    """(log 57 + 64 H_b(p) - E log|C|) / 65, E log|C| summed over the start, the 2^8 noise
+    masks of the target and the runs of "!" beside it, |C| = 1 + min(k, L) + min(i, R)."""
+    masks = np.array([[(m >> b) & 1 for b in range(8)] for m in range(256)], dtype=bool)
+    e_log_c = 0.0
+    for s in range(57):
+        run_left = np.array([p ** m * (1 - p) for m in range(s)] + [p ** s])  # P(L = m)
+        run_right = np.array([p ** m * (1 - p) for m in range(56 - s)] + [p ** (56 - s)])
+        for mask in masks:
+            prob = p ** mask.sum() * (1 - p) ** (8 - mask.sum())
+            if mask.all():
+                e_log_c += prob * _all_hidden_log_count(s, p)
+                continue
+            i, k = int(np.argmin(mask)), int(np.argmin(mask[::-1]))
+            left = np.minimum(k, np.arange(s + 1))[:, None]  # (L + 1, 1)
+            right = np.minimum(i, np.arange(57 - s))[None, :]  # (1, R + 1)
+            e_log_c += prob * (np.outer(run_left, run_right) * np.log1p(left + right)).sum()
+    return (math.log(57) + 64 * hb(p) - e_log_c / 57) / 65
+
+
+@pytest.mark.parametrize("p", [P, 0.3, 0.5, 0.95])
+def test_expected_floor_equals_the_sum_over_starts_masks_and_runs(p):
+    assert expected_floor_nats(p) == pytest.approx(expected_floor_reference(p), rel=0,
+                                                   abs=1e-12)

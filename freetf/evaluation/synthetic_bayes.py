@@ -115,8 +115,7 @@ def row_nll(rows: np.ndarray, noise_prob: float = SYNTHETIC_NOISE_PROB,
             chunk: int = 1024) -> np.ndarray:
     """``-log P(x_1..x_65 | letter) = -log((1/57) sum_s prod_j P(x_j | s))``, shape (N,)."""
     rows = _check(rows, noise_prob)
-    with np.errstate(divide="ignore"):
-        log_p, log_q = math.log(noise_prob) if noise_prob else -np.inf, math.log1p(-noise_prob)
+    log_p, log_q = math.log(noise_prob) if noise_prob else -np.inf, math.log1p(-noise_prob)
     out = np.empty(len(rows))
     for lo in range(0, len(rows), chunk):
         part = rows[lo:lo + chunk]

@@ -16,6 +16,7 @@ Three panels, x = free bits kappa (bits, log2 axis):
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def plot_phase_diagram(analysis, path: str | Path) -> Path:
         ax_map.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
 
     for (label, group), marker in zip(_probe_stats(judged, "cost_nats").groupby("_label"),
-                                      "osD^v<>", strict=False):
+                                      itertools.cycle("osD^v<>")):  # markers repeat past 7
         ax_cost.errorbar(group["_kappa"], group["mean"], yerr=group["std"].fillna(0),
                          marker=marker, capsize=4, label=label)
     ax_cost.axhline(0.0, color="black", lw=0.8)
