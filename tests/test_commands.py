@@ -111,3 +111,43 @@ def test_the_sweep_alias_runs_the_smoke_sweep(recorded, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(ROOT / "tune" / "search_kl.py"), run_name="__main__")
     assert exit_.value.code == 0 and [c.sweep.name for c in recorded] == ["search_kl_smoke"]
+
+
+def test_the_sweep_prints_its_analysis_then_the_summary_of_its_own_runs(monkeypatch, capsys):
+    """``freetf sweep``'s output, whole: the analysis's lines, then the summary of the
+    sweep's runs and report, asked of the sweep's store and experiment; the console set
+    up as asked; a terminated sweep exits 143 with the resume command."""
+    import freetf.results.report
+    import freetf.sweeps.console
+    import freetf.sweeps.sweep
+    import freetf.tracking
+
+    seen = {}
+    result = SimpleNamespace(
+        tracking_uri="sqlite:///s.db", experiment="exp", runs="the runs", report="the files",
+        runs_view="v2", interrupted=False, terminated=False,
+        analysis=SimpleNamespace(summary_lines=lambda: ["kappa_c: 0.25 bits", "kappa_l: 2"]))
+    monkeypatch.setattr(freetf.sweeps.console, "setup_console",
+                        lambda verbose: seen.setdefault("console", verbose))
+    monkeypatch.setattr(freetf.sweeps.sweep, "run_sweep", lambda sweep, **kw: result)
+
+    def client(uri):
+        assert uri == "sqlite:///s.db"
+        return SimpleNamespace(get_experiment_by_name=lambda name: SimpleNamespace(
+            experiment_id={"exp": "7"}[name]))
+
+    monkeypatch.setattr(freetf.tracking, "mlflow_client", client)
+    monkeypatch.setattr(freetf.results.report, "summary_text",
+                        lambda *args: "summary of " + ", ".join(map(str, args)))
+    assert main(["sweep", "--smoke", "-v"]) == 0
+    assert seen == {"console": True}
+    assert capsys.readouterr().out == (
+        "kappa_c: 0.25 bits\nkappa_l: 2\n"
+        "summary of the runs, the files, sqlite:///s.db, exp, 7, v2\n")
+    result.analysis = None
+    assert main(["sweep", "--smoke"]) == 0
+    assert capsys.readouterr().out == "summary of the runs, the files, sqlite:///s.db, exp, 7, v2\n"
+    result.interrupted = result.terminated = True
+    assert main(["sweep", "--smoke", "--resume"]) == 143
+    assert capsys.readouterr().out.endswith(
+        "\nThe sweep was interrupted; continue it with: freetf sweep --smoke --resume\n")
