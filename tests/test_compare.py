@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -216,3 +217,112 @@ def test_a_missing_corpus_is_prepared_once(tmp_path, monkeypatch, capsys):
     assert meta["vocab_size"] != 256
     assert not compare.ensure_prepared(sweep, workers=1, say=said.append)
     assert len(said) == 1 and capsys.readouterr().out == ""  # nothing printed by the library
+
+
+@pytest.fixture
+def command_parts(monkeypatch):
+    """``freetf compare``'s collaborators, recording: preparing the data (it says so
+    and returns ``prepared``), the sweep, the rows, the files and the parent's logging."""
+    import time
+    from types import SimpleNamespace
+
+    from freetf.commands import compare as command
+    from freetf.experiments import compare as experiment
+    from freetf.sweeps import sweep as sweep_module
+
+    seen = {"calls": [], "prepared": False}
+    clock = iter([100.0, 190.0])  # 1.5 minutes between the start and the rows
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+
+    def ensure_prepared(sweep, say):
+        seen["calls"].append(("prepare", sweep.name))
+        if seen["prepared"]:
+            say("preparing the corpus")
+        return seen["prepared"]
+
+    def run_sweep(sweep, resume, verbose):
+        seen["calls"].append(("sweep", sweep.name, resume, verbose))
+        return SimpleNamespace(runs="the trials", parent_run_id="parent-1")
+
+    def compare_rows(trials):
+        seen["calls"].append(("rows", trials))
+        return [{"seeds": [2, 0]}, {"seeds": [1, 0]}]
+
+    def write_compare(rows, folder, header, meta):
+        seen["calls"].append(("write", folder, header, meta))
+        return {"md": folder / "compare.md", "png": folder / "compare.png"}
+
+    monkeypatch.setattr(experiment, "ensure_prepared", ensure_prepared)
+    monkeypatch.setattr(sweep_module, "run_sweep", run_sweep)
+    monkeypatch.setattr(experiment, "compare_rows", compare_rows)
+    monkeypatch.setattr(experiment, "markdown_table", lambda rows: "| the table |")
+    monkeypatch.setattr(experiment, "write_compare", write_compare)
+    monkeypatch.setattr(command, "_log_to_parent",
+                        lambda sweep, parent, paths: seen["calls"].append(
+                            ("log", sweep.name, parent, sorted(paths))))
+    return seen
+
+
+def test_the_command_runs_the_sweep_then_writes_and_prints_its_table(tmp_path, monkeypatch,
+                                                                    capsys, command_parts):
+    """The whole of ``freetf compare --smoke``: the data prepared (and the spec read again
+    for its vocabulary), the sweep, the rows of its trials, the files with their header
+    and the run's facts, logged to the parent; then the table and where it went."""
+    from freetf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    command_parts["prepared"] = True
+    assert main(["compare", "--smoke", "--resume", "--out", "out"]) == 0
+    calls = command_parts["calls"]
+    assert [c[0] for c in calls] == ["prepare", "sweep", "rows", "write", "log"]
+    assert calls[1] == ("sweep", "compare_code_smoke", True, False)
+    assert calls[2] == ("rows", "the trials")
+    _, folder, header, meta = calls[3]
+    assert folder == Path("out")  # --out as given
+    assert meta == {"command": "freetf compare --smoke --resume --out out", "wall_s": 90.0,
+                    "sweep": "compare_code_smoke", "parent_run_id": "parent-1"}
+    base = load_sweep("compare_code_smoke").base()
+    m, t = base.model, base.training
+    assert header == (
+        "# compare_code_smoke: the baseline against the Free Transformer across free bits\n\n"
+        "`freetf compare --smoke --resume --out out`; wall time 1.5 min. "
+        f"Data {Path(base.data.path).relative_to(tmp_path)}; model d={m.hidden_dim}, "
+        f"{m.num_layers} layers, {m.num_heads} heads, H={m.latent_dim} latent bits; "
+        f"{t.max_steps} steps of "
+        f"{t.batch_size} x {base.data.max_seq_len} tokens, kl_weight {t.kl_weight}; "
+        f"seeds [0, 1, 2]; {t.eval_batches} validation batches, the same for every trial. "
+        "Bits per byte = CE (bits/token) / UTF-8 bytes per token of the validation split. "
+        "Δ: bits/byte minus the same seed's baseline.")
+    assert calls[4] == ("log", "compare_code_smoke", "parent-1", ["md", "png"])
+    assert capsys.readouterr().out == (
+        "preparing the corpus\n| the table |\n\n"
+        "wrote out/compare.md, out/compare.png in 1.5 min\n")
+
+
+def test_report_only_reads_the_finished_sweep_and_times_nothing(tmp_path, monkeypatch, capsys,
+                                                                command_parts):
+    from freetf.cli import main
+    from freetf.commands import compare as command
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command, "_finished_sweep", lambda sweep: ("its trials", None))
+    assert main(["compare", "--smoke", "--report-only"]) == 0
+    calls = command_parts["calls"]
+    assert [c[0] for c in calls] == ["rows", "write", "log"]
+    _, folder, header, meta = calls[1]
+    sweep = load_sweep("compare_code_smoke")
+    assert folder == sweep.report_path
+    assert meta == {"command": "freetf compare --smoke --report-only", "wall_s": None,
+                    "sweep": "compare_code_smoke", "parent_run_id": None}
+    assert "`freetf compare --smoke --report-only`. Data " in header  # no wall time
+    assert calls[2] == ("log", "compare_code_smoke", None, ["md", "png"])
+    assert capsys.readouterr().out.endswith(f"{sweep.report_path / 'compare.png'}\n")
+
+
+def test_a_path_under_the_working_folder_is_shown_relative_to_it(tmp_path, monkeypatch):
+    from freetf.commands.compare import _shown
+
+    monkeypatch.chdir(tmp_path)
+    assert _shown(str(tmp_path / "data" / "stdlib")) == "data/stdlib"
+    assert _shown("/elsewhere/data") == "/elsewhere/data"
+    assert _shown(None) == "None" and _shown("") == ""
