@@ -326,3 +326,50 @@ def test_a_path_under_the_working_folder_is_shown_relative_to_it(tmp_path, monke
     assert _shown(str(tmp_path / "data" / "stdlib")) == "data/stdlib"
     assert _shown("/elsewhere/data") == "/elsewhere/data"
     assert _shown(None) == "None" and _shown("") == ""
+
+
+def test_a_finished_sweep_is_its_trials_and_parent_from_its_own_store(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import freetf.results.report
+    import freetf.tracking
+    from freetf.commands.compare import _finished_sweep
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    sweep = load_sweep("compare_code_smoke", [f"tracking.mlflow.tracking_uri={store}",
+                                              "tracking.mlflow.experiment=exp"])
+    asked = []
+    monkeypatch.setattr(freetf.tracking, "mlflow_client",
+                        lambda uri: asked.append(("client", uri)) or "client")
+    parents = {"compare_code_smoke": SimpleNamespace(info=SimpleNamespace(run_id="p-7"))}
+    monkeypatch.setattr(freetf.tracking, "find_parent",
+                        lambda client, experiment, name: asked.append(
+                            ("parent", client, experiment, name)) or parents.get(name))
+    monkeypatch.setattr(freetf.results.report, "collect_runs",
+                        lambda client, experiment, sweep: asked.append(
+                            ("runs", client, experiment, sweep)) or "the trials")
+    assert _finished_sweep(sweep) == ("the trials", "p-7")
+    assert asked == [("client", f"sqlite:///{tmp_path}/m.db"),
+                     ("parent", "client", "exp", "compare_code_smoke"),
+                     ("runs", "client", "exp", "compare_code_smoke")]
+    parents.clear()  # no parent run: the trials alone
+    assert _finished_sweep(sweep) == ("the trials", None)
+
+
+def test_the_files_go_to_the_parent_run_when_there_is_one(monkeypatch, tmp_path):
+    import freetf.tracking
+    from freetf.commands.compare import _log_to_parent
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    sweep = load_sweep("compare_code_smoke", [f"tracking.mlflow.tracking_uri={store}"])
+    logged = []
+    monkeypatch.setattr(freetf.tracking, "mlflow_client", lambda uri: f"client of {uri}")
+    monkeypatch.setattr(freetf.tracking, "log_files_to_run",
+                        lambda client, run_id, paths, folder: logged.append(
+                            (client, run_id, list(paths), folder)))
+    paths = {"md": tmp_path / "compare.md", "png": tmp_path / "compare.png"}
+    _log_to_parent(sweep, None, paths)
+    assert logged == []
+    _log_to_parent(sweep, "p-7", paths)
+    assert logged == [(f"client of sqlite:///{tmp_path}/m.db", "p-7", list(paths.values()),
+                       "report")]
