@@ -12,6 +12,7 @@ from freetf import FreeTransformer, load_config
 from freetf.cli import main
 from freetf.data.datasets import ByteTokenizer, CharTokenizer
 from freetf.data.tokenization import train_bpe
+from freetf.model.pretrained import PretrainedError
 from freetf.training.checkpoint import write_checkpoint
 from freetf.training.export import (
     export_checkpoint,
@@ -162,6 +163,20 @@ def test_the_checkpoints_tokenizer_travels_with_the_export(tmp_path):
     tokenizer = load_inference_tokenizer(out, cfg)
     assert tokenizer.encode(text) == bpe.encode(text) != list(text.encode())
     assert tokenizer.decode(bpe.encode(text)) == text
+    export = json.loads((out / "freetf.json").read_text())
+    assert export["tokenizer"] == {"kind": "bpe", "file": "tokenizer.json"}
+    (out / "tokenizer.json").rename(out / "other.json")  # the file freetf.json names is read
+    for described, error in (({"kind": "bpe", "file": "other.json"}, None),
+                             ({"kind": "bpe"}, "holds no tokenizer.json, the BPE tokenizer its "
+                                               "freetf.json names")):
+        (out / "freetf.json").write_text(json.dumps({**export, "tokenizer": described}))
+        if error is None:
+            assert load_inference_tokenizer(out, cfg).encode(text) == bpe.encode(text)
+        else:
+            with pytest.raises(PretrainedError, match=f"^{out} {error}$"):
+                load_inference_tokenizer(out, cfg)
+    (out / "other.json").rename(out / "tokenizer.json")  # no "file": tokenizer.json
+    assert load_inference_tokenizer(out, cfg).encode(text) == bpe.encode(text)
 
     for overrides, kind in ((["data.dataset_name=text", "data.path=x.txt"], ByteTokenizer),
                             ([], CharTokenizer)):
@@ -173,3 +188,138 @@ def test_the_checkpoints_tokenizer_travels_with_the_export(tmp_path):
         out = export_checkpoint(ckpt, tmp_path / f"{kind.__name__}_out")
         assert isinstance(load_inference_tokenizer(out, cfg), kind)
         assert not (out / "tokenizer.json").exists()
+
+
+def _small_checkpoint(path, step: int | None = 2, *overrides: str):
+    """A checkpoint of a small untrained model (write_checkpoint: no training)."""
+    cfg = load_config(overrides=["model.vocab_size=29", "model.hidden_dim=32",
+                                 "model.num_layers=2", "model.num_heads=2",
+                                 "model.latent_dim=2", *overrides])
+    model = FreeTransformer(cfg.model)
+    state = {"model": model.state_dict(), **({} if step is None else {"step": step})}
+    return write_checkpoint(path, state, cfg), cfg, model
+
+
+@pytest.mark.timeout(60)
+def test_the_model_card_and_freetf_json_describe_the_export(tmp_path):
+    ckpt, cfg, model = _small_checkpoint(tmp_path / "ckpt")
+    out = export_checkpoint(ckpt, tmp_path / "out")
+    text = (out / "freetf.json").read_text()
+    export = json.loads(text)
+    alphabet = export["tokenizer"]["alphabet"]
+    assert export["tokenizer"] == {"kind": "characters", "alphabet": alphabet} and alphabet
+    assert text.startswith('{\n  "format": 1,\n  "step": 2,\n  "tokenizer": {\n')  # indent 2
+    assert text.endswith("\n}\n")
+    assert "model" not in export["config"]  # config.json is the model's only description
+    assert export["config"]["data"] == cfg.to_dict()["data"]
+    total = model.num_parameters()["total"]
+    assert total > 1000  # printed with a thousands separator
+    assert (out / "README.md").read_text() == f"""---
+library_name: freetf
+tags: [free-transformer]
+---
+
+# Free Transformer
+
+A Free Transformer (Fleuret, arXiv:2510.17558) trained with freetf for 2 steps on
+`synthetic` data: 2 blocks of width 32,
+2 heads, a 2-bit latent Z per token (read after block 1); {total:,} parameters, context
+256, vocabulary 29 (one token per character of {alphabet!r}).
+
+| file | what |
+|---|---|
+| `config.json` | the model's config (freetf's `model` section) |
+| `model.safetensors` | the weights |
+| `freetf.json` | the tokenizer's kind, the run's config (data, training), the step |
+
+```python
+from freetf import FreeTransformer
+model = FreeTransformer.from_pretrained("path/to/this/folder")
+```
+
+```bash
+freetf generate --checkpoint path/to/this/folder --prompt "..."
+freetf eval --checkpoint path/to/this/folder
+```
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_model_card_of_a_baseline_of_unknown_step_and_of_each_tokenizer(tmp_path):
+    from freetf.training.export import model_card
+
+    ckpt, _, _ = _small_checkpoint(tmp_path / "ckpt", None, "model.latent_dim=0")
+    card = (export_checkpoint(ckpt, tmp_path / "out") / "README.md").read_text()
+    assert "trained with freetf for an unknown number of steps on\n" in card
+    assert "2 heads, no latent (the baseline decoder); " in card
+    cfg = load_config(overrides=["model.vocab_size=300"])
+    model = FreeTransformer(cfg.model)
+    card = model_card(model, cfg, 5, {"kind": "bpe", "file": "tokenizer.json"})
+    assert "vocabulary 300 (a byte-level BPE, tokenizer.json).\n" in card
+    assert ("| `freetf.json` | the tokenizer's kind, the run's config (data, training), the "
+            "step |\n| `tokenizer.json` | the tokenizer (Hugging Face `tokenizers`) |\n") in card
+    card = model_card(model, cfg, 5, {"kind": "bytes"})
+    assert "vocabulary 300 (UTF-8 bytes).\n" in card and "tokenizer.json" not in card
+
+
+@pytest.mark.timeout(60)
+def test_export_refuses_or_replaces_what_is_in_its_way(tmp_path, monkeypatch):
+    from freetf.training import export as export_module
+    from freetf.training.export import ExportError
+
+    ckpt, _, _ = _small_checkpoint(tmp_path / "ckpt")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"exists and is not empty \(add --force"):
+        export_checkpoint(ckpt, taken)  # force is off by default
+    (tmp_path / ".nested.partial").mkdir()  # left by an interrupted export
+    (tmp_path / ".nested.partial" / "config.json").write_text("{}")
+    out = export_checkpoint(ckpt, tmp_path / "nested")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "freetf.json", "model.safetensors"]
+    assert not list(tmp_path.glob(".*.partial"))
+    deep = export_checkpoint(ckpt, tmp_path / "a" / "b" / "out")  # parents made
+    assert (deep / "model.safetensors").is_file()
+    monkeypatch.chdir(taken)
+    with pytest.raises(ExportError, match=f"--out {taken} holds the working directory: "
+                                          "--force would delete it; export elsewhere"):
+        export_checkpoint(ckpt, taken, force=True)
+    monkeypatch.setattr(export_module, "load_tokenizer", lambda *args: object())
+    with pytest.raises(TypeError, match="^cannot export a tokenizer of type object$"):
+        export_checkpoint(ckpt, tmp_path / "never")
+    assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".*.partial"))
+
+
+@pytest.mark.timeout(60)
+def test_reading_an_export_refuses_what_freetf_does_not_write(tmp_path):
+    ckpt, _, _ = _small_checkpoint(tmp_path / "ckpt")
+    out = export_checkpoint(ckpt, tmp_path / "out")
+    path = out / "freetf.json"
+    for text, needle in (("{", f"{path} is not valid JSON: "),
+                         ("[1]", f"{path} is not a freetf export of format 1"),
+                         ('{"format": 2}', f"{path} is not a freetf export of format 1"),
+                         ('{"format": 1, "config": {"data": {"bogus": 1}}}',
+                          f"{path}: unknown config key data.bogus")):
+        path.write_text(text)
+        with pytest.raises(PretrainedError) as err:
+            load_inference_model(out)
+        assert str(err.value).startswith(needle), err.value
+    path.write_text('{"format": 1}')  # no config, step or tokenizer: the defaults
+    model, config, step = load_inference_model(out)
+    assert step is None and config.data == load_config().data
+    with pytest.raises(PretrainedError, match="the tokenizer {} is not one freetf writes"):
+        load_inference_tokenizer(out, config)
+
+
+@pytest.mark.timeout(60)
+def test_a_model_loads_on_the_device_asked_for(tmp_path):
+    from freetf.training.export import load_exported
+
+    ckpt, _, _ = _small_checkpoint(tmp_path / "ckpt")
+    out = export_checkpoint(ckpt, tmp_path / "out")
+    for path in (ckpt, out):
+        model, _, step = load_inference_model(path, "meta")
+        assert step == 2 and {p.device.type for p in model.parameters()} == {"meta"}
+    model, _, _ = load_exported(out)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -7,6 +7,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -126,15 +128,20 @@ def test_verbose_leaves_progress_to_the_log():
 class FakeClient:
     """What MlflowProgress reads: the run's latest metrics, params and one history."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: dict | None = None) -> None:
         self.metrics: dict = {}
         self.evals: list[int] = []
+        self.params = {"total_steps": "600"} if params is None else params
+        self.polls = threading.Event()
 
     def get_run(self, run_id):
+        assert run_id == "run"  # (poll swallows the error: the line is missing)
+        self.polls.set()
         return SimpleNamespace(data=SimpleNamespace(metrics=dict(self.metrics),
-                                                    params={"total_steps": "600"}))
+                                                    params=self.params))
 
     def get_metric_history(self, run_id, key):
+        assert (run_id, key) == ("run", "eval/ce_prior_nats")
         return [SimpleNamespace(step=s) for s in self.evals]
 
 
@@ -220,3 +227,152 @@ def test_ray_train_console_is_short_and_free_of_ray_chatter(tmp_path):
     assert lines[0].startswith("training tiny: ") and lines[0].endswith("-> ray_results/tiny")
     assert "step 10/10  loss " in done.stdout
     assert f"checkpoint: {tmp_path / 'ray_results' / 'tiny' / 'step_000010'}" in done.stdout
+
+
+def _first_line(*overrides: str) -> str:
+    _, stream, _ = _console(*overrides)
+    return stream.getvalue()
+
+
+@pytest.mark.timeout(30)
+def test_first_line_for_each_kind_of_run():
+    head = "training tiny: free transformer (H=4 bits), 20 steps of "
+    assert _first_line("scaling.num_workers=0") == (
+        f"{head}8 x 66 tokens on the synthetic task in Ray Train's local mode (this process) "
+        "-> ray_results/tiny\n")
+    assert _first_line("scaling.num_workers=2", "scaling.use_gpu=true") == (
+        f"{head}16 x 66 tokens on the synthetic task on 2 Ray Train workers (GPU) "
+        "-> ray_results/tiny\n")
+    assert _first_line("training.device=cuda") == (
+        f"{head}8 x 66 tokens on the synthetic task on 1 Ray Train worker (GPU) "
+        "-> ray_results/tiny\n")
+    assert _first_line("scaling.use_ray=false", "scaling.num_workers=2",
+                       "training.max_steps=null", "training.num_epochs=1") == (
+        "training tiny: free transformer (H=4 bits), 1 epoch of 8 x 66 tokens on the "
+        "synthetic task in this process -> ray_results/tiny\n")
+    assert _first_line("data.dataset_name=text", "data.path=data/notes.txt",
+                       "model.vocab_size=256") == (
+        f"{head}8 x 66 tokens on text data/notes.txt on 1 Ray Train worker (CPU) "
+        "-> ray_results/tiny\n")
+
+
+@pytest.mark.timeout(30)
+def test_a_console_that_was_not_started_prints_from_step_one(capsys):
+    console = TrainConsole(clock=Clock())  # stdout, not verbose
+    console.report({**_train(1), **EVAL})  # no total: no "/N", no time left
+    assert capsys.readouterr().out.splitlines() == [
+        "step 1  loss 2.5000  KL 0.250 bits  26.2k tokens/s",
+        "eval at step 1: CE 1.5230 nats (prior Z), 1.4980 (encoder Z); KL 0.980 bits; "
+        "use of Z 0.031 nats; valid 0.940"]
+    console.summary(SimpleNamespace(metrics={"step": 1, **EVAL}, wall_s=1.0, checkpoint=None,
+                                    run_id="abc"))  # no config: no MLflow lines
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "         use of Z 0.031 nats [0.012, 0.050]; valid generations 0.940 [0.900, 0.960]"
+
+
+@pytest.mark.timeout(30)
+def test_the_last_step_is_printed_once_and_a_zero_interval_prints_every_report():
+    console, stream, clock = _console("training.max_steps=20")
+    console.report(_train(20), total_steps=20)
+    console.report(_train(20), total_steps=20)  # read again (MlflowProgress on leaving)
+    assert stream.getvalue().splitlines()[1:] == [
+        "step 20/20  loss 2.5000  KL 0.250 bits  26.2k tokens/s"]
+    stream, clock = io.StringIO(), Clock()
+    console = TrainConsole(stream=stream, clock=clock, progress_every_s=0.0)
+    console.report(_train(5), total_steps=20)
+    console.report(_train(10), total_steps=20)  # at the same time: no rate yet
+    clock.now = 5.0
+    console.report(_train(15), total_steps=20)
+    assert stream.getvalue().splitlines() == [
+        "step 5/20  loss 2.5000  KL 0.250 bits  26.2k tokens/s",
+        "step 10/20  loss 2.5000  KL 0.250 bits  26.2k tokens/s",
+        "step 15/20  loss 2.5000  KL 0.250 bits  26.2k tokens/s  about 2s left"]
+
+
+@pytest.mark.timeout(30)
+def test_the_summary_says_what_was_measured_and_nothing_else():
+    metrics = {"eval/ce_prior_nats": 1.5, "eval/kl_bits": 0.98, "eval/active_bits": 3.0,
+               "eval/use_nats": 0.031, "eval/use_low_nats": 0.012}  # no high end: no interval
+    summary = SimpleNamespace(metrics=metrics, wall_s=4.6, checkpoint=None, run_id=None)
+    assert summary_lines(summary, None) == [
+        "finished ? steps in 5 s",
+        "  eval   CE 1.5000 nats; KL 0.980 bits, 3 bits active",
+        "         use of Z 0.031 nats"]
+    console, stream, _ = _console()
+    console.summary(SimpleNamespace(metrics={"step": 20, "eval/kl_bits": 0.5,
+                                             "eval/active_bits": 2.0},
+                                    wall_s=9.0, checkpoint=None, run_id=None))
+    assert stream.getvalue().splitlines()[1:] == [
+        "finished 20 steps in 9 s", "  eval   KL 0.500 bits, 2 of 4 bits active"]
+
+
+@pytest.mark.timeout(30)
+def test_the_summary_names_the_mlflow_run_and_its_page(monkeypatch):
+    import freetf.tracking
+
+    asked = []
+
+    class Client:
+        def __init__(self, uri):
+            asked.append(uri)
+
+        def get_run(self, run_id):
+            asked.append(run_id)
+            return SimpleNamespace(info=SimpleNamespace(experiment_id="7"))
+
+    monkeypatch.setattr(freetf.tracking, "mlflow_client", Client)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["tracking.mlflow.tracking_uri=sqlite:////r/mlflow.db",
+                       "tracking.mlflow.experiment=tiny-runs"])
+    summary = SimpleNamespace(metrics={"step": 3}, wall_s=2.0, checkpoint=Path("/r/step_3"),
+                              run_id="abc123")
+    assert summary_lines(summary, cfg) == [
+        "finished 3 steps in 2 s", "checkpoint: /r/step_3",
+        "MLflow run abc123 in experiment 'tiny-runs'; compare runs with: mlflow ui "
+        "--backend-store-uri sqlite:////r/mlflow.db",
+        "  then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"]
+    assert asked == ["sqlite:////r/mlflow.db", "abc123"]
+
+
+def test_numbers_and_counts_are_printed_short():
+    from freetf.training.console import _count, _num
+
+    assert [_num(v) for v in (None, 3, 0.0, 0.001, 0.0009, 0.0005, 0.1348)] == [
+        "-", "3", "0.000", "0.001", "9.0e-04", "5.0e-04", "0.135"]
+    assert [_count(v) for v in (999.0, 1000.0, 26241.9, 1e6, 2.5e6)] == [
+        "999", "1.0k", "26.2k", "1.0M", "2.5M"]
+
+
+@pytest.mark.timeout(30)
+def test_progress_without_a_total_and_from_the_polling_thread():
+    console, stream, _ = _console()
+    client = FakeClient(params={})  # no total_steps param
+    client.metrics = {"train/steps_done": 5.0, **_train(5)}
+    with MlflowProgress(client, "run", console, interval_s=0.01) as progress:
+        assert client.polls.wait(10)  # the thread polls before the exit's own read
+        thread = next(t for t in threading.enumerate() if t.name == "freetf-progress")
+        assert thread.daemon  # a hung MLflow never keeps the process alive
+        assert progress._thread is thread
+    assert stream.getvalue().splitlines()[1:] == [
+        "step 5  loss 2.5000  KL 0.250 bits  26.2k tokens/s"]
+
+
+@pytest.mark.timeout(30)
+def test_leaving_waits_at_most_ten_intervals_for_a_hung_read():
+    console, stream, _ = _console()
+    entered, release = threading.Event(), threading.Event()
+
+    class Hanging(FakeClient):
+        def get_run(self, run_id):
+            if threading.current_thread().name == "freetf-progress":
+                entered.set()
+                release.wait(3)  # a read that hangs (bounded, for the test's sake)
+            return super().get_run(run_id)
+
+    try:
+        with MlflowProgress(Hanging(), "run", console, interval_s=0.01):
+            assert entered.wait(10)
+            start = time.monotonic()
+        assert time.monotonic() - start < 1.5  # 10 x 0.01 s, not the hung read's 3 s
+    finally:
+        release.set()
