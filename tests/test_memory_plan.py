@@ -137,3 +137,19 @@ def test_memory_plan_refuses_an_unknown_strategy_or_no_workers():
     assert str(info.value) == "num_workers must be >= 1, got 0"
     one = memory_plan(cfg, 1, "fsdp")
     assert one.strategy == "fsdp" and one.num_workers == 1 and one.parameters == TOTAL
+
+
+def test_a_model_without_a_latent_has_no_encoder_block_to_keep():
+    """latent_dim=0: the 2 decoder blocks alone (no encoder block), checkpointed or not."""
+    cfg = load_config("freetf/configs/tiny.yaml", ["model.latent_dim=0"])
+    plan = memory_plan(cfg, 1, "ddp")
+    assert plan.rows["activations"] == TOKENS * (D * E + 2 * PER_BLOCK + V * (E + 8))
+    assert plan.rows["activations (checkpointed)"] == TOKENS * (D * E + 2 * D * E + PER_BLOCK
+                                                                + V * (E + 8))
+
+
+def test_the_parameter_count_is_in_billions_to_three_digits():
+    """1.235e9 parameters read as 1.24B (a divisor a hair over 1e9 would give 1.23B)."""
+    cfg = load_config("freetf/configs/tiny.yaml")
+    plan = MemoryPlan("ddp", 1, 1_235_000_000, {"activations": 0.0})
+    assert format_plan(cfg, [plan]).startswith("1.24B parameters (2 blocks, D=32, H=4);")
