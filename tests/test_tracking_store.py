@@ -364,3 +364,30 @@ def test_a_saved_view_is_stamped_in_milliseconds_and_its_state_is_compact_json(m
                  '"groupBy":"tag.average.freetf.verdict"}'}))]
     with pytest.raises(ValueError, match=r"^view id 'v 1': letters, digits, '-' and '_' only$"):
         store.save_runs_view(client, "7", "v 1", "trials", [])
+
+
+def test_the_default_store_is_mlflow_db_here_and_absolute_paths_are_kept_as_given(
+        tmp_path, monkeypatch):
+    """No URI anywhere: ./mlflow.db made absolute.  An absolute sqlite or file store is
+    left as written (its ``..`` not resolved), only relative ones are resolved."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(load_config()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    for uri in ("sqlite:////abs/../x.db", "file:///abs/../runs"):
+        cfg = load_config(overrides={"tracking.mlflow.tracking_uri": uri})
+        assert resolve_tracking_uri(cfg) == uri
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///x.db", "file:///data/runs", "runs"])
+def test_every_local_store_is_refused_on_two_hosts_and_allowed_on_one(uri):
+    with pytest.raises(TrackingError, match="is a file on this machine"):
+        check_store_shared_by(uri, {"h1", "h2"})
+    check_store_shared_by(uri, {"h1"})
+
+
+def test_a_runs_page_is_on_the_local_ui_by_default_and_carries_its_filter():
+    assert store.runs_page_url("7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert store.runs_page_url("7", search_filter="params.x = '1'") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+        "&searchFilter=params.x+%3D+%271%27")
