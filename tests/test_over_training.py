@@ -110,6 +110,20 @@ def test_a_broken_probe_counts_in_every_onset_and_as_leaking(fits):
     assert list(over["step"]) == [7] * 5
 
 
+def test_a_probe_left_out_at_a_step_leaves_the_probes_after_it_in(fits):
+    """p0 (the first probe) not evaluated at step 1 and absent at step 2: p1 still fitted."""
+    trials, x = _trials()
+    histories = pd.DataFrame([{"run_id": r, "step": s, **m} for r, s, m in (
+        ("b0", 1, BASE), ("b1", 1, BASE), ("p0", 1, {**USED, "eval/ce_prior_nats": float("nan")}),
+        ("p1", 1, USED), ("b0", 2, BASE), ("b1", 2, BASE), ("p1", 2, LEAKING))])
+    over = over_training.boundaries_over_training(histories, trials, x, Tolerances(), 0.9,
+                                                  (-3.0, 2.0))
+    assert [(c[0], c[1], c[2]) for c in fits] == [
+        ("collapse", [1.0], [False]), ("leak", [1.0], [False]),
+        ("collapse", [1.0], [False]), ("leak", [1.0], [True])]
+    assert list(over["step"]) == [1, 1, 2, 2]
+
+
 def test_no_histories_of_the_trials_no_rows(fits):
     trials, x = _trials()
     histories = pd.DataFrame([{"run_id": "other", "step": 1, **USED},
@@ -170,6 +184,7 @@ def test_the_figure_draws_each_estimate_and_its_interval_against_the_step(
     path = over_training.plot_over_training(over, str(tmp_path / "a" / "b" / "o.png"), label)
     assert path == tmp_path / "a" / "b" / "o.png" and path.read_bytes()[:4] == b"\x89PNG"
     assert over_training.plot_over_training(over, path.parent / "p.png").exists()  # again
+    assert saved[1][0].axes[0].get_title() == "Boundaries over training"  # no label given
     fig, kwargs = saved[0]
     assert kwargs == {"dpi": 110, "bbox_inches": "tight"}
     assert tuple(fig.get_size_inches()) == (7.0, 4.0)
