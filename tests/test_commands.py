@@ -151,3 +151,11 @@ def test_the_sweep_prints_its_analysis_then_the_summary_of_its_own_runs(monkeypa
     assert main(["sweep", "--smoke", "--resume"]) == 143
     assert capsys.readouterr().out.endswith(
         "\nThe sweep was interrupted; continue it with: freetf sweep --smoke --resume\n")
+
+
+def test_the_sweeps_help_names_its_default_and_smoke_sweeps(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+    assert "a sweep YAML, or the name of a shipped one (default: search_kl)" in text
+    assert "the pipeline at tiny size, not the result (search_kl_smoke)" in text

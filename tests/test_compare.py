@@ -231,7 +231,7 @@ def command_parts(monkeypatch):
     from freetf.sweeps import sweep as sweep_module
 
     seen = {"calls": [], "prepared": False}
-    clock = iter([100.0, 190.0])  # 1.5 minutes between the start and the rows
+    clock = iter([100.0, 400.0])  # 5 minutes between the start and the rows (4.9 by 61)
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
 
     def ensure_prepared(sweep, say):
@@ -252,6 +252,10 @@ def command_parts(monkeypatch):
         seen["calls"].append(("write", folder, header, meta))
         return {"md": folder / "compare.md", "png": folder / "compare.png"}
 
+    import freetf.sweeps.console
+
+    monkeypatch.setattr(freetf.sweeps.console, "setup_console",
+                        lambda verbose: seen["calls"].append(("console", verbose)))
     monkeypatch.setattr(experiment, "ensure_prepared", ensure_prepared)
     monkeypatch.setattr(sweep_module, "run_sweep", run_sweep)
     monkeypatch.setattr(experiment, "compare_rows", compare_rows)
@@ -272,20 +276,26 @@ def test_the_command_runs_the_sweep_then_writes_and_prints_its_table(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     command_parts["prepared"] = True
-    assert main(["compare", "--smoke", "--resume", "--out", "out"]) == 0
+    argv = ["compare", "--smoke", "--resume", "--out", "out", "--set", "training.max_steps=7",
+            "-v"]
+    assert main(argv) == 0
     calls = command_parts["calls"]
-    assert [c[0] for c in calls] == ["prepare", "sweep", "rows", "write", "log"]
-    assert calls[1] == ("sweep", "compare_code_smoke", True, False)
+    assert [c[0] for c in calls] == ["console", "prepare", "sweep", "rows", "write", "log"]
+    assert calls[0] == ("console", True)
+    calls = calls[1:]
+    assert calls[1] == ("sweep", "compare_code_smoke", True, True)
     assert calls[2] == ("rows", "the trials")
     _, folder, header, meta = calls[3]
     assert folder == Path("out")  # --out as given
-    assert meta == {"command": "freetf compare --smoke --resume --out out", "wall_s": 90.0,
+    command = "freetf compare --smoke --resume --out out --set training.max_steps=7 -v"
+    assert meta == {"command": command, "wall_s": 300.0,
                     "sweep": "compare_code_smoke", "parent_run_id": "parent-1"}
-    base = load_sweep("compare_code_smoke").base()
+    base = load_sweep("compare_code_smoke", ["training.max_steps=7"]).base()
     m, t = base.model, base.training
+    assert t.max_steps == 7  # the --set, also in the spec read again after preparing
     assert header == (
         "# compare_code_smoke: the baseline against the Free Transformer across free bits\n\n"
-        "`freetf compare --smoke --resume --out out`; wall time 1.5 min. "
+        f"`{command}`; wall time 5.0 min. "
         f"Data {Path(base.data.path).relative_to(tmp_path)}; model d={m.hidden_dim}, "
         f"{m.num_layers} layers, {m.num_heads} heads, H={m.latent_dim} latent bits; "
         f"{t.max_steps} steps of "
@@ -296,7 +306,7 @@ def test_the_command_runs_the_sweep_then_writes_and_prints_its_table(tmp_path, m
     assert calls[4] == ("log", "compare_code_smoke", "parent-1", ["md", "png"])
     assert capsys.readouterr().out == (
         "preparing the corpus\n| the table |\n\n"
-        "wrote out/compare.md, out/compare.png in 1.5 min\n")
+        "wrote out/compare.md, out/compare.png in 5.0 min\n")
 
 
 def test_report_only_reads_the_finished_sweep_and_times_nothing(tmp_path, monkeypatch, capsys,
@@ -305,17 +315,22 @@ def test_report_only_reads_the_finished_sweep_and_times_nothing(tmp_path, monkey
     from freetf.commands import compare as command
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(command, "_finished_sweep", lambda sweep: ("its trials", None))
-    assert main(["compare", "--smoke", "--report-only"]) == 0
+    monkeypatch.setattr(command, "_finished_sweep",
+                        lambda sweep: ("its trials", None) if sweep.name == "compare_code"
+                        else pytest.fail(f"read {sweep.name}"))
+    assert main(["compare", "--report-only", "--set", "training.max_steps=9"]) == 0
     calls = command_parts["calls"]
-    assert [c[0] for c in calls] == ["rows", "write", "log"]
-    _, folder, header, meta = calls[1]
-    sweep = load_sweep("compare_code_smoke")
+    assert [c[0] for c in calls] == ["console", "rows", "write", "log"]
+    assert calls[0] == ("console", False) and calls[1] == ("rows", "its trials")
+    _, folder, header, meta = calls[2]
+    sweep = load_sweep("compare_code")
     assert folder == sweep.report_path
-    assert meta == {"command": "freetf compare --smoke --report-only", "wall_s": None,
-                    "sweep": "compare_code_smoke", "parent_run_id": None}
-    assert "`freetf compare --smoke --report-only`. Data " in header  # no wall time
-    assert calls[2] == ("log", "compare_code_smoke", None, ["md", "png"])
+    command = "freetf compare --report-only --set training.max_steps=9"
+    assert meta == {"command": command, "wall_s": None,
+                    "sweep": "compare_code", "parent_run_id": None}
+    assert f"`{command}`. Data " in header  # no wall time
+    assert "; 9 steps of " in header  # the --set
+    assert calls[3] == ("log", "compare_code", None, ["md", "png"])
     assert capsys.readouterr().out.endswith(f"{sweep.report_path / 'compare.png'}\n")
 
 
@@ -373,3 +388,18 @@ def test_the_files_go_to_the_parent_run_when_there_is_one(monkeypatch, tmp_path)
     _log_to_parent(sweep, "p-7", paths)
     assert logged == [(f"client of sqlite:///{tmp_path}/m.db", "p-7", list(paths.values()),
                        "report")]
+
+
+def test_the_help_names_each_options_default(capsys):
+    from freetf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+    for said in ["a sweep YAML, or the name of a shipped one (default: compare_code)",
+                 "the pipeline at tiny size, not the result (compare_code_smoke)",
+                 "--report-only no training: the table and figure of a finished sweep, "
+                 "from MLflow",
+                 "--out OUT folder of compare.{md,csv,json,png} (default: the sweep's report "
+                 "folder, reports/<sweep name>)"]:
+        assert said in text, said
