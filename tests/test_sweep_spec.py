@@ -76,11 +76,18 @@ def test_a_malformed_setting_or_dimension_is_refused_whole(settings, message):
                                 "training.kl_weight?"),
     (["space.seed=[1]"], "space.seed is not a config key; did you mean training.seed, "
                          "data.seed?"),
+    # the hint: the known keys of the same last part, at most three
+    (["space.a.b.kl_weight=[1.0]"], "space.a.b.kl_weight is not a config key; did you mean "
+                                    "training.kl_weight?"),
+    (["space.x.type=[a]"], "space.x.type is not a config key; did you mean "
+                           "training.kl_annealing.type, training.free_bits_schedule.type, "
+                           "optimizer.type?"),
     (["space.training.kl_wieght=[1.0]"], "space.training.kl_wieght is not a config key"),
-    (["space.training.kl_annealing.type=[cosine, none]"],
+    # each value of a grid or a choice is tried on the base config
+    (["space.training.kl_annealing.type=[cosine, linear, none]"],
      "space.training.kl_annealing.type: training.kl_annealing.type='none' must be one of "
      "'constant', 'linear', 'cosine', 'cyclical'"),
-    (["space.training.kl_annealing.type={choice: [cosine, none]}"],
+    (["space.training.kl_annealing.type={choice: [cosine, linear, none]}"],
      "space.training.kl_annealing.type: training.kl_annealing.type='none' must be one of "
      "'constant', 'linear', 'cosine', 'cyclical'"),
     (["space.training.kl_weight={uniform: [-2, -1]}"],
@@ -355,3 +362,40 @@ def test_a_range_yaml_reads_as_strings_is_compared_as_numbers(text, values):
         "space.training.kl_weight.uniform=['2e0', '1e-1'] must be [low, high] with low < high")
     assert _error([*RANDOM, "space.training.kl_weight={loguniform: [0e0, 1e-1]}"]) == (
         "space.training.kl_weight.loguniform=['0e0', '1e-1'] needs low > 0")
+
+
+def test_a_missing_or_malformed_sweep_file_is_a_sweep_error(tmp_path):
+    assert _error([], tmp_path / "nope.yaml").startswith(
+        f"sweep file not found: {tmp_path / 'nope.yaml'} (give a YAML file, or the name of a "
+        f"shipped config: ")
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    assert _error([], path) == f"{path} must hold a mapping at top level, got list"
+    path.write_text("space: [\n")
+    assert _error([], path).startswith(f"{path} is not valid YAML: ")
+
+
+@pytest.mark.parametrize("settings", [
+    ["asha.enabled=true", "asha.grace_period=1"],
+    ["asha.enabled=true", "asha.grace_period=19"],  # training.max_steps=20
+    ["asha.enabled=true", "asha.reduction_factor=1.01"],
+    ["resources.gpus_per_worker=1"],
+    ["resources.gpus_per_worker=0.125"],
+    ["resources.cpus_per_trial=0"],
+    ["resources.trial_runner=in_trial"],
+    ["resources.trial_runner=train", "resources.num_workers=2", "scaling.strategy=fsdp"],
+])
+def test_the_edges_of_each_range_are_accepted(settings):
+    sweep = load_sweep(SMOKE, [*RANDOM, *settings])
+    assert sweep.search.method == "random"
+    assert "training.free_bits_bits" not in sweep.overrides  # not searched in nats
+
+
+def test_optuna_installed_is_accepted(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "optuna" else real(name, *a))
+    sweep = load_sweep(SMOKE, [*RANDOM, "search.method=optuna", "search.num_samples=4"])
+    assert sweep.search.method == "optuna" and sweep.expected_trials == 4
