@@ -62,6 +62,8 @@ def _error(settings: list[str], path: Path | None = SMOKE) -> str:
      "space.training.kl_weight.uniform=[0.1, inf] must be [low, high] with low < high"),
     (["space.training.kl_weight={uniform: [0.1, null]}"],
      "space.training.kl_weight.uniform=[0.1, None] must be [low, high] with low < high"),
+    (["space.training.seed={randint: [5, 1]}"],
+     "space.training.seed.randint=[5, 1] must be [low, high] with low < high"),
     (["space.training.kl_weight={loguniform: [0, 1]}"],
      "space.training.kl_weight.loguniform=[0, 1] needs low > 0"),
     (["space.training.kl_weight={loguniform: [-1, 1]}"],
@@ -252,6 +254,11 @@ def test_a_spec_file_is_read_relative_to_itself_and_set_routes_each_key(tmp_path
     plain = load_sweep(SMOKE)
     assert plain.storage_path == str(tmp_path / "ray_results")
     assert plain.report_dir == str(tmp_path / "reports")
+    # no base_config: the default config (None), a file's folder or not
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("overrides: {training.max_steps: 10}\nspace: {training.kl_weight: [0.5]}\n")
+    assert load_sweep(bare).base_config is None
+    assert load_sweep(bare).base().training.max_steps == 10
     # an absolute base_config is kept as it is
     path.write_text(path.read_text().replace("base.yaml", str(CONFIGS / "tiny.yaml")))
     assert load_sweep(path).base_config == str(CONFIGS / "tiny.yaml")
@@ -391,7 +398,7 @@ def test_the_edges_of_each_range_are_accepted(settings):
     assert "training.free_bits_bits" not in sweep.overrides  # not searched in nats
 
 
-def test_optuna_installed_is_accepted(monkeypatch):
+def test_optuna_is_needed_only_when_searched_with(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
@@ -399,3 +406,8 @@ def test_optuna_installed_is_accepted(monkeypatch):
                         lambda name, *a: object() if name == "optuna" else real(name, *a))
     sweep = load_sweep(SMOKE, [*RANDOM, "search.method=optuna", "search.num_samples=4"])
     assert sweep.search.method == "optuna" and sweep.expected_trials == 4
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "optuna" else real(name, *a))
+    assert _error([*RANDOM, "search.method=optuna"]) == (
+        "search.method=optuna needs Optuna, which is not installed: pip install "
+        "'freetf[optuna]' (grid and random need no extras)")
