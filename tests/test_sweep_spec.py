@@ -365,6 +365,9 @@ def test_a_range_yaml_reads_as_strings_is_compared_as_numbers(text, values):
     """YAML 1.1 reads ``1e-3`` (no dot) as a string; the range is still a range."""
     sweep = load_sweep(SMOKE, [*RANDOM, f"space.training.kl_weight={{loguniform: {text}}}"])
     assert sweep.space[-1] == Dimension("training.kl_weight", "loguniform", values)
+    # only strings are converted: a randint range stays whole numbers
+    seeds = load_sweep(SMOKE, [*RANDOM, "space.training.seed={randint: [0, 4]}"]).space[-1]
+    assert [type(v) for v in seeds.values] == [int, int] and seeds.values == (0, 4)
     assert _error([*RANDOM, "space.training.kl_weight={uniform: [2e0, 1e-1]}"]) == (
         "space.training.kl_weight.uniform=['2e0', '1e-1'] must be [low, high] with low < high")
     assert _error([*RANDOM, "space.training.kl_weight={loguniform: [0e0, 1e-1]}"]) == (
