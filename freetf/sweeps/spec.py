@@ -284,11 +284,15 @@ def _dimension(key: str, spec: Any) -> Dimension:
     if not isinstance(values, list) or not values:
         raise SweepError(f"{where}.{kind}={values!r} must be a non-empty list")
     if kind in ("uniform", "loguniform", "randint"):
-        if len(values) != 2 or not all(_is_number(v) for v in values) or values[0] >= values[1]:
+        if len(values) != 2 or not all(_is_number(v) for v in values):
             raise SweepError(f"{where}.{kind}={values!r} must be [low, high] with low < high")
-        if kind == "loguniform" and values[0] <= 0:
+        # YAML reads 1e-3 (no dot) as a string: compare the numbers, not the strings
+        low, high = (float(v) if isinstance(v, str) else v for v in values)
+        if low >= high:
+            raise SweepError(f"{where}.{kind}={values!r} must be [low, high] with low < high")
+        if kind == "loguniform" and low <= 0:
             raise SweepError(f"{where}.loguniform={values!r} needs low > 0")
-        values = [float(v) if isinstance(v, str) else v for v in values]
+        values = [low, high]
     return Dimension(key, kind, tuple(values))
 
 
