@@ -159,3 +159,35 @@ def test_the_sweeps_help_names_its_default_and_smoke_sweeps(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
     assert "a sweep YAML, or the name of a shipped one (default: search_kl)" in text
     assert "the pipeline at tiny size, not the result (search_kl_smoke)" in text
+
+
+def test_a_sweeps_options_parse_and_are_explained_in_its_help(capsys):
+    """add_sweep_arguments: each option's value and default, and its help, whole."""
+    from freetf.cli import build_parser
+    from freetf.commands import command_line, sweep_spec
+
+    parse = build_parser().parse_args
+    args = parse(["sweep"])
+    assert (args.config, args.smoke, args.set, args.resume) == (None, False, [], False)
+    assert sweep_spec(args, "d", "s") == "d"
+    args = parse(["sweep", "--config", "a.yaml", "--smoke", "--set", "x=1", "--set", "y=2",
+                  "--resume", "-v"])
+    assert args.config == Path("a.yaml") and args.set == ["x=1", "y=2"]
+    assert args.smoke and args.resume and args.verbose
+    assert sweep_spec(args, "d", "s") == Path("a.yaml")
+    assert sweep_spec(parse(["sweep", "--smoke"]), "d", "s") == "s"
+    args.argv = ["sweep", "--resume", "--set", "a b=1"]
+    assert command_line(args) == "freetf sweep --resume --set 'a b=1'"
+    assert command_line(args, drop=("--resume",)) == "freetf sweep --set 'a b=1'"
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+    for said in ["--config CONFIG a sweep YAML, or the name of a shipped one (default: "
+                 "search_kl)",
+                 "--smoke the pipeline at tiny size, not the result (search_kl_smoke)",
+                 "--set KEY=VALUE override: space.<key>={grid: [...]}, search.num_samples=4, "
+                 "mlflow.sweep_name=NAME, or a base-config key such as training.max_steps=50 "
+                 "(repeatable)",
+                 "--resume continue an interrupted sweep of the same name",
+                 "-v, --verbose Ray's and Tune's own output too (status tables, trial logs)"]:
+        assert said in text, said
