@@ -52,6 +52,9 @@ BOUNDARY = (KAPPA, SEED)  # the boundary search's named keys (a kl_weight of one
     ({KAPPA: 1.0, LATENT: 16}, (KAPPA, LATENT), "kappa=1 latent_dim=16"),
     ({KAPPA: 1.0, LATENT: 0}, (KAPPA, LATENT), "baseline"),
     ({"training.free_bits": 0.0108}, None, "free_bits_nats=0.0108"),
+    # by param name, not by dotted key; a float to 3 significant digits; kappa past 1
+    ({KAPPA: 1.5, KL: 0.123456, "optimizer.weight_decay": 0.01}, None,
+     "kappa=1.5 kl_weight=0.123 weight_decay=0.01"),
 ])
 def test_run_names_start_with_what_tells_the_trials_apart(sampled, shown, name):
     from freetf.sweeps.trainable import trial_run_name

@@ -58,6 +58,8 @@ def test_a_trials_key_is_pinned_and_does_not_depend_on_order_or_number_types():
     assert trial_key({**SAMPLED, SEED: 2}) != KEY
     # a value JSON cannot write is keyed by its text
     assert trial_key({"data.path": Path("a/b")}) == trial_key({"data.path": "a/b"})
+    # nor on the order of a value's own keys
+    assert trial_key({"x": {"b": 1, "a": 2}}) == trial_key({"x": {"a": 2, "b": 1}})
 
 
 def test_a_trials_config_is_the_base_with_its_values_and_names(base):
@@ -191,6 +193,7 @@ def _loop(trial: Trial, fail: BaseException | None = None):
     """A stand-in train_loop: a plain report, a checkpointed one, then the final one."""
     def train_loop(cfg, ctx, tracker):
         assert tracker is trial.tracker and ctx.report_interval_s == 0.5
+        assert cfg.scaling.run_name == f"trial-{KEY}"  # the trial's own config
         trial.ctx, trial.scratch_out = ctx, ctx.checkpoint_root(cfg)
         ctx.latest_checkpoint()
         ctx.report({"step": 1, "train/loss": 3.0}, essential=False)
@@ -492,7 +495,7 @@ def test_a_context_resumes_from_tunes_checkpoint_in_its_scratch_folder(tune_worl
 
     ctx = TuneTrialContext()
     assert ctx.marks == {"process_start": psutil.Process().create_time()}
-    assert ctx.latest_checkpoint() is None and not ctx.resumed
+    assert ctx.latest_checkpoint() is None and ctx.resumed is False
     saved = tmp_path / "trial" / "checkpoint_000001"
     saved.mkdir(parents=True)
     (saved / "state.pt").write_bytes(b"x" * 100)
@@ -521,6 +524,15 @@ def test_a_trials_run_is_its_oldest_child_run_of_its_key():
                                 "tags.`freetf.trial_key` = 'k1'", 10_000)]
     client.found = []
     assert trainable.find_trial_run(client, "parent", "k1") is None
+
+
+@pytest.mark.parametrize("found, warned", [(1, False), (2, True), (3, True)])
+def test_several_runs_of_one_trial_are_told(caplog, found, warned):
+    client = FakeClient([_run(f"r{i}", start_time=i) for i in range(found)])
+    with caplog.at_level("WARNING", logger="freetf.sweeps.trainable"):
+        assert trainable.find_trial_run(client, "parent", "k1").info.run_id == "r0"
+    assert [r.getMessage() for r in caplog.records] == (
+        [f"{found} MLflow runs for trial k1; using the oldest"] if warned else [])
 
 
 def test_a_sweeps_child_runs_are_every_run_under_its_parent():
