@@ -483,6 +483,7 @@ class FakeClient:
         self.runs, self.fail, self.writes, self.searches = list(runs), fail, [], []
 
     def get_run(self, run_id):
+        assert run_id == "p", run_id  # the parent run's, in experiment 7
         return SimpleNamespace(info=SimpleNamespace(experiment_id="7"))
 
     def search_runs(self, ids, filter_string, max_results):
@@ -501,13 +502,13 @@ class FakeClient:
         self.writes.append(("terminated", run_id, status))
 
 
-def _recorder(monkeypatch, client):
+def _recorder(monkeypatch, client, max_steps=100):
     import freetf.tracking
 
     opened = []
     monkeypatch.setattr(freetf.tracking, "mlflow_client",
                         lambda uri: opened.append(uri) or client)
-    return driver.EarlyStopRecorder(_trial_context()), opened
+    return driver.EarlyStopRecorder(_trial_context(max_steps)), opened
 
 
 def _run(run_id):
@@ -542,6 +543,10 @@ def test_a_trial_stopped_early_has_its_run_closed_as_stopped(monkeypatch):
     client.writes.clear()
     recorder.on_trial_result(5, [], trial, {"done": True})  # stopped before any step
     assert client.writes[2] == ("tag", "r1", "freetf.stopped_at_step", "None")
+    one_step, _ = _recorder(monkeypatch, client, max_steps=1)  # step 0 is before the end
+    client.writes.clear()
+    one_step.on_trial_result(6, [], trial, {"done": True})
+    assert client.writes[-1] == ("terminated", "r1", "KILLED")
     assert opened == ["sqlite:///x"]
     state = recorder.__getstate__()
     assert state == {"context": recorder.context, "_client": None}  # no client in Tune's state
