@@ -8,12 +8,14 @@ import math
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tqdm import tqdm
 
 from freetf import ConfigError, load_config
 from freetf.data import documents
@@ -23,6 +25,14 @@ from freetf.data.prepare import PrepareError, PrepareSpec, prepare, token_dtype
 from freetf.data.tokenization import END_OF_DOCUMENT, BPETokenizer, train_bpe
 
 pytestmark = pytest.mark.timeout(120)
+
+# prepare's progress bars take tqdm's lock, by default one shared by forked processes (a
+# multiprocessing RLock) beside a thread lock that tqdm's monitor thread takes every 10 s.
+# A process forked from this one (mutmut forks one a mutant) while that thread holds it
+# waits forever, and one killed holding the shared lock stops every later one: no monitor
+# thread, and a lock of this process's own.
+tqdm.monitor_interval = 0
+tqdm.set_lock(threading.RLock())
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # é{'ü' * (i % 3)}\n" * (1 + i % 4)
          for i in range(40)]
