@@ -8,12 +8,14 @@ import math
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tqdm import tqdm
 
 from freetf import ConfigError, load_config
 from freetf.data import documents
@@ -23,6 +25,14 @@ from freetf.data.prepare import PrepareError, PrepareSpec, prepare, token_dtype
 from freetf.data.tokenization import END_OF_DOCUMENT, BPETokenizer, train_bpe
 
 pytestmark = pytest.mark.timeout(120)
+
+# prepare's progress bars take tqdm's lock, by default one shared by forked processes (a
+# multiprocessing RLock) beside a thread lock that tqdm's monitor thread takes every 10 s.
+# A process forked from this one (mutmut forks one a mutant) while that thread holds it
+# waits forever, and one killed holding the shared lock stops every later one: no monitor
+# thread, and a lock of this process's own.
+tqdm.monitor_interval = 0
+tqdm.set_lock(threading.RLock())
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # é{'ü' * (i % 3)}\n" * (1 + i % 4)
          for i in range(40)]
@@ -817,3 +827,50 @@ def test_a_tokenizer_file_that_does_not_load_is_named_with_the_reason(tmp_path):
                         rf"tokenizer.json that Hugging Face tokenizers reads \(.+\)",
                         str(err.value)), str(err.value)
     assert not (tmp_path / "tokenizer.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_input_is_reported_even_when_its_folder_cannot_be_removed(tmp_path,
+                                                                            monkeypatch):
+    """The input's error (no document in the val split) is what the user reads, not the
+    failure to remove the unfinished folder after it."""
+    import os
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    real = os.unlink
+
+    def unlink(path, *, dir_fd=None):  # shutil.rmtree removes relative to a folder's fd
+        if dir_fd is not None:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(PrepareError, match=r"^no document fell in the val split \(2 documents"):
+        prepare(PrepareSpec((str(tmp_path / "d.jsonl"),), "byte", val_fraction=1e-9),
+                tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(30)
+def test_a_system_error_names_its_file_and_whether_shards_are_kept(tmp_path, monkeypatch):
+    """An OSError from the work is one line: its file when it has one, its reason (or the
+    error itself without one), and the kept shards only when there are some."""
+    def message(err: OSError, shards: bool, out: str) -> str:
+        def fail(folder, spec, workers, progress):
+            if shards:
+                (folder / "shards").mkdir(parents=True)
+            raise err
+
+        monkeypatch.setattr(prep, "_prepare_into", fail)
+        with pytest.raises(PrepareError) as exc:
+            prepare(PrepareSpec(("x",), "byte"), tmp_path / out, progress=False)
+        assert exc.value.__cause__ is err
+        return str(exc.value)
+
+    assert message(OSError(28, "No space left on device"), False, "a") == \
+        "No space left on device"
+    assert message(OSError("no reason given"), False, "b") == "no reason given"
+    partial = tmp_path / "c.partial"
+    assert message(OSError(28, "No space left on device", "/d/train-000003.bin"), True,
+                   "c") == (f"/d/train-000003.bin: No space left on device; the finished "
+                            f"shards are kept in {partial}: the same command resumes from them")
