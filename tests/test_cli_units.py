@@ -779,6 +779,7 @@ def test_eval_with_overrides_and_samples_as_json(evaluating, capsys):
 
 @pytest.fixture
 def preparing(monkeypatch):
+    """prepare replaced: what it got; its splits: one without tokens, one of one token."""
     import freetf.data.prepare
 
     calls = SimpleNamespace(seen=[], raises=None)
@@ -789,7 +790,8 @@ def preparing(monkeypatch):
             raise calls.raises
         return {"vocab_size": 300, "tokenizer": {"kind": "bpe"}, "dtype": "uint16",
                 "splits": {"train": {"documents": 95, "tokens": 12345, "bytes": 45678},
-                           "val": {"documents": 0, "tokens": 0, "bytes": 0}}}
+                           "val": {"documents": 0, "tokens": 0, "bytes": 0},
+                           "test": {"documents": 1, "tokens": 1, "bytes": 3}}}
 
     monkeypatch.setattr(freetf.data.prepare, "prepare", prepare)
     return calls
@@ -799,6 +801,7 @@ PREPARED = """\
 prepared out: vocabulary 300 (bpe), uint16
   train      95 documents       12345 tokens       45678 bytes (3.70 bytes/token)
   val         0 documents           0 tokens           0 bytes (0.00 bytes/token)
+  test        1 documents           1 tokens           3 bytes (3.00 bytes/token)
 train on it with: --set data.dataset_name=tokens --set data.path=out --set model.vocab_size=300
 """
 
