@@ -225,7 +225,8 @@ def _wait_ray(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="freetf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="freetf",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging (train: also Ray's and the workers' output)")
     sub = parser.add_subparsers(dest="command", required=True)
