@@ -289,6 +289,53 @@ def test_generation_stats_against_hand_counts():
     assert got["eval/gen_start_mean"] == pytest.approx(27.0)
     assert got["eval/gen_start_sd"] == pytest.approx(23.0)  # population sd of 4 and 50
     assert got["eval/gen_noise_rate"] == pytest.approx(2 / 128)
+    # Wilson 95% of 2 valid in 3 draws, by hand: centre (p + z^2/2n) / (1 + z^2/n),
+    # half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n) with z = 1.96
+    assert got["eval/valid_draws"] == 3.0
+    assert got["eval/valid_low"] == pytest.approx(0.20766, abs=1e-4)
+    assert got["eval/valid_high"] == pytest.approx(0.93851, abs=1e-4)
     assert TASK_START_SD == pytest.approx(16.4520, abs=1e-4)
     empty = generation_stats([read_sequence(texts[2])])
     assert empty["eval/valid_rate"] == 0 and math.isnan(empty["eval/gen_noise_rate"])
+    assert empty["eval/valid_draws"] == 1.0 and empty["eval/valid_low"] == 0.0
+    assert empty["eval/valid_high"] == pytest.approx(0.79345, abs=1e-4)
+    assert set(got) == set(empty) == {
+        "eval/valid_rate", "eval/valid_low", "eval/valid_high", "eval/valid_draws",
+        "eval/gen_start_mean", "eval/gen_start_sd", "eval/gen_noise_rate"}
+
+
+class LetterModel(ScriptedModel):
+    """Valid rows for the prompts' letters A to M only; records each call's temperature."""
+
+    def generate(self, prompt, max_new_tokens, temperature=1.0, z=None):
+        self.calls.append(temperature)
+        tok = CharTokenizer()
+        rows = []
+        for ids in prompt.tolist():
+            letter = tok.decode(ids)[0]
+            body = letter * (8 if letter <= "M" else 9)  # nine in a row: not valid
+            rows.append(tok.encode(f"{letter}>" + put(body, 3)))
+        return torch.tensor(rows)
+
+
+@pytest.mark.timeout(10)
+def test_free_generation_validity_draws_at_seed_0_and_temperature_1_unless_told():
+    def rate(seed):  # the letters free_generations draws first at this seed, read by hand
+        letters = torch.randint(0, 26, (40,),
+                                generator=torch.Generator().manual_seed(seed)).tolist()
+        return sum(i < 13 for i in letters) / 40
+
+    assert rate(0) != rate(1)
+    model = LetterModel(2)
+    assert free_generation_validity(model, 40) == rate(0)
+    assert free_generation_validity(model, 40, seed=1, temperature=0.5) == rate(1)
+    assert model.calls == [1.0, 0.5]
+
+
+@pytest.mark.timeout(10)
+def test_generation_stats_of_no_readings_are_nan_over_0_draws():
+    from freetf.evaluation.synthetic_eval import generation_stats
+
+    got = generation_stats([])
+    assert got["eval/valid_draws"] == 0.0
+    assert all(math.isnan(v) for k, v in got.items() if k != "eval/valid_draws")
