@@ -579,3 +579,21 @@ def test_the_tune_path_measures_each_checkpointed_trial_with_its_judgement(monke
          **judged}]
     assert samples == {"0.5 bits, seed 1": "text of r1.pt", "baseline, seed 0": "text of r4.pt"}
     assert list(samples) == ["0.5 bits, seed 1", "baseline, seed 0"]  # in the sweep's order
+
+
+def test_the_fits_go_through_every_option_set_with_two_kappas_or_more():
+    """A set with one kappa is passed over, not the end; rows without options are the
+    defaults' (the fits themselves: test_reproduce.py, test_verdicts)."""
+    def row(kappa, seed, regime, verdict="used", **options):
+        return {"kappa_bits": kappa, "seed": seed, "regime": regime, "verdict": verdict,
+                "converged": 1.0, **options}
+
+    defaults = [row(0.125, 0, "nothing", "collapsed"), row(0.125, 1, "position"),
+                row(1.0, 0, "position"), row(1.0, 1, "broken", "leaking")]  # no "options"
+    one_kappa = [row(0.5, 0, "position", options="a=1"), row(0.5, 1, "nothing", options="a=1")]
+    other = [row(0.125, 0, "position", options="b=2"), row(1.0, 0, "nothing", options="b=2")]
+    lines = reproduce.row_fits(defaults + one_kappa + other)
+    assert lines == reproduce.row_fits(defaults) + reproduce.row_fits(other)
+    assert len(lines) == 10
+    assert all(" at defaults: " in line for line in lines[:5])
+    assert all(" at b=2: " in line for line in lines[5:])
