@@ -292,3 +292,14 @@ def test_merged_rows_give_the_boundaries_of_all_their_converged_runs():
     assert lines[9] == (f"kappa_broken (invalid)   at training.free_bits_per=sequence: "
                         f"{pooled.text()}")
     assert row_fits(rows) == []
+
+
+def test_merge_of_baselines_alone_draws_their_levels(tmp_path):
+    """No Free Transformer row: no kappa axis to log-scale (it raised in tight_layout)."""
+    row = {"kappa_bits": None, "seed": 0, "ce_prior": 0.5, "independent/position_spread": 5.0,
+           "independent/noise_overlap": 0.2, "independent/valid_rate": 0.9}
+    (tmp_path / "b.json").write_text(json.dumps([row]))
+    assert main(["reproduce", "--merge", str(tmp_path / "b.json"), "--out", str(tmp_path),
+                 "--name", "m"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text()) == [row]
+    assert (tmp_path / "m.png").stat().st_size > 10_000

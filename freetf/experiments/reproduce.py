@@ -284,9 +284,9 @@ def plot(rows: list[dict[str, Any]], samples: dict[str, str], path: Path) -> Pat
             level = r[f"independent/{key}"] if r["kappa_bits"] is None else math.nan
             if level == level:
                 ax.axhline(level, color="grey", lw=0.8, ls=":")
-        if kappas:
+        if kappas:  # baselines alone (a merge of their files): no kappa axis to log-scale
             ax.set_xlim(min(kappas) / 2, max(kappas) * 2)
-        ax.set_xscale("log", base=2)
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("free bits κ (bits per token)")
         ax.set_title(title)
         ax.legend()
