@@ -283,6 +283,19 @@ def test_head_inputs_honour_another_ignore_index():
     assert lazy.item() == pytest.approx(ref.item(), rel=1e-12)
 
 
+def test_chunked_cross_entropy_of_a_one_token_vocabulary_is_zero():
+    """V = 1: every kept target is certain (loss 0, no gradient); an ignored position's
+    placeholder index must exist in the one-row head too."""
+    from freetf.model.losses import chunked_linear_cross_entropy
+
+    h = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    loss = chunked_linear_cross_entropy(h, w, torch.tensor([[0, -100, 0]]), chunk_tokens=2)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
 def test_bf16_logits_are_scored_in_fp32():
     gen = torch.Generator().manual_seed(8)
     logits = (4 * torch.randn(2, 6, 50, generator=gen)).bfloat16()
