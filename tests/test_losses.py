@@ -78,6 +78,7 @@ def test_compute_loss_components_and_raw_kl():
     total2, parts2 = compute_loss(logits, z_logits, targets, kl_weight=0.3, free_bits_nats=0.0)
     assert total2.item() == pytest.approx(parts2["reconstruction"].item() + 0.3 * raw.item(),
                                           rel=1e-5)
+    assert parts2["total"].item() == total2.item() and not parts2["total"].requires_grad
 
 
 def test_ignore_index_excluded_from_ce_and_kl():
@@ -96,7 +97,7 @@ def test_baseline_loss_has_no_kl():
     logits = torch.randn(1, 3, 5)
     total, parts = compute_loss(logits, None, torch.tensor([[0, 1, 2]]))
     assert set(parts) == {"reconstruction", "total"}
-    assert total.item() == parts["reconstruction"].item()
+    assert total.item() == parts["reconstruction"].item() == parts["total"].item()
 
 
 # ---------------------------------------------------------------- chunked cross-entropy
@@ -129,8 +130,8 @@ def test_chunked_cross_entropy_equals_plain(chunk):
     loss = chunked_linear_cross_entropy(h, w, targets, chunk_tokens=chunk)
     (3.0 * loss).backward()  # the incoming gradient scales both
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
-    assert torch.allclose(h.grad, 3.0 * ref_dh, atol=1e-12)
-    assert torch.allclose(w.grad, 3.0 * ref_dw, atol=1e-12)
+    assert torch.allclose(h.grad, 3.0 * ref_dh, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(w.grad, 3.0 * ref_dw, rtol=1e-12, atol=1e-12)  # fp64 accumulation
     assert h.grad[0, 2].abs().max() == 0  # an ignored position sends no gradient
 
 
@@ -185,6 +186,126 @@ def test_compute_loss_takes_head_inputs_like_logits():
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)
     assert torch.allclose(results[1][2], results[0][2], atol=1e-12)
     assert results[1][2][:, -1].abs().max() == 0  # the last position predicts nothing
+
+def test_chunked_cross_entropy_in_fp32_without_autocast_stays_fp32():
+    """Outside autocast an fp32 loss is computed in fp32 (no bf16 from an autocast the
+    function would turn on): within fp32 rounding of the fp64 reference."""
+    from freetf.model.losses import chunked_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 8, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(40, 16, generator=gen, dtype=torch.float64) / 2
+    targets = torch.randint(0, 40, (3, 8), generator=gen)
+    ref_loss, ref_dh, ref_dw = _plain_ce_and_grads(hidden, weight, targets)
+    h = hidden.float().requires_grad_(True)
+    w = weight.float().requires_grad_(True)
+    loss = chunked_linear_cross_entropy(h, w, targets, chunk_tokens=5)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)  # bf16 logits: ~1e-3
+    assert torch.allclose(h.grad.double(), ref_dh, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(w.grad.double(), ref_dw, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_cross_entropy_with_a_frozen_hidden_or_a_frozen_head():
+    """Only the inputs that want a gradient get one; the other may be frozen."""
+    from freetf.model.losses import chunked_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 9, (2, 4), generator=gen)
+    _, ref_dh, ref_dw = _plain_ce_and_grads(hidden, weight, targets)
+    w = weight.clone().requires_grad_(True)
+    chunked_linear_cross_entropy(hidden, w, targets, chunk_tokens=3).backward()
+    assert torch.allclose(w.grad, ref_dw, rtol=1e-12, atol=1e-12)
+    h = hidden.clone().requires_grad_(True)
+    chunked_linear_cross_entropy(h, weight, targets, chunk_tokens=3).backward()
+    assert torch.allclose(h.grad, ref_dh, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_cross_entropy_computes_on_its_inputs_device_not_the_default_device():
+    """CPU inputs under another default device ("meta"): every buffer follows the inputs
+    (a tensor made without their device would land on "meta" and fail or read nothing)."""
+    from freetf.model.losses import chunked_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 5), generator=gen)
+    ref_loss, _, ref_dw = _plain_ce_and_grads(hidden, weight, targets)
+    w = weight.clone().requires_grad_(True)
+    with torch.device("meta"):
+        loss = chunked_linear_cross_entropy(hidden, w, targets, chunk_tokens=4)
+    loss.backward()
+    assert loss.device.type == "cpu"
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert torch.allclose(w.grad, ref_dw, rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_size_given_kept_or_sized_from_the_byte_budget(monkeypatch):
+    """The chunk size reaching the kernel: a given one (1 included), HeadInputs' own
+    through slicing and compute_loss, else the budget over 4 V bytes (at least 1)."""
+    from freetf.model import losses
+
+    seen = []
+
+    def spy(hidden, weight, targets, chunk_tokens, ignore_index, compute_dtype):
+        seen.append((chunk_tokens, ignore_index))
+        return hidden.sum() * 0.0
+
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", spy)
+    hidden, weight = torch.zeros(2, 3, 4), torch.zeros(10, 4)  # V = 10, D = 4
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    monkeypatch.setitem(losses._CE_CHUNK_BYTES, "cpu", 4 * 10 * 7 + 39)  # 7 tokens
+    losses.chunked_linear_cross_entropy(hidden, weight, targets)
+    losses.chunked_linear_cross_entropy(hidden, weight, targets, chunk_tokens=1)
+    losses.chunked_linear_cross_entropy(hidden, weight, targets, chunk_tokens=5)
+    losses.compute_loss(losses.HeadInputs(hidden, weight, 3)[:, :-1], None,
+                        targets[:, 1:], ignore_index=-7)
+    monkeypatch.setitem(losses._CE_CHUNK_BYTES, "cpu", 4 * 10 + 39)  # 1 token
+    losses.chunked_linear_cross_entropy(hidden, weight, targets)
+    monkeypatch.setitem(losses._CE_CHUNK_BYTES, "cpu", 39)  # not one token: still 1
+    losses.chunked_linear_cross_entropy(hidden, weight, targets)
+    assert seen == [(7, -100), (1, -100), (5, -100), (3, -7), (1, -100), (1, -100)]
+
+
+def test_head_inputs_honour_another_ignore_index():
+    from freetf.model.losses import HeadInputs
+
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(1, 5, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([[2, -1, 5, -1, 0]])
+    lazy, _ = compute_loss(HeadInputs(hidden, weight, 2), None, targets, ignore_index=-1)
+    keep = targets[0] != -1
+    ref = torch.nn.functional.cross_entropy(hidden[0, keep] @ weight.T, targets[0, keep])
+    assert lazy.item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_chunked_cross_entropy_of_a_one_token_vocabulary_is_zero():
+    """V = 1: every kept target is certain (loss 0, no gradient); an ignored position's
+    placeholder index must exist in the one-row head too."""
+    from freetf.model.losses import chunked_linear_cross_entropy
+
+    h = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    loss = chunked_linear_cross_entropy(h, w, torch.tensor([[0, -100, 0]]), chunk_tokens=2)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+def test_bf16_logits_are_scored_in_fp32():
+    gen = torch.Generator().manual_seed(8)
+    logits = (4 * torch.randn(2, 6, 50, generator=gen)).bfloat16()
+    targets = torch.randint(0, 50, (2, 6), generator=gen)
+    loss, _ = compute_loss(logits, None, targets)
+    ref = torch.nn.functional.cross_entropy(logits.double().reshape(-1, 50),
+                                            targets.reshape(-1))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)  # a bf16 loss is off ~1e-3
+
 
 # ----------------------------------------------------------------------------- properties
 

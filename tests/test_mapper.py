@@ -456,3 +456,19 @@ def test_chunked_backward_builds_its_tables_on_the_inputs_device():
     with torch.device("meta"):  # tensors made without a device would land on "meta"
         grad_logits = _ChunkedMapper.backward(ctx, grad_out)[0]
     assert grad_logits.device.type == "cpu" and torch.equal(grad_logits, logits.grad)
+
+
+def test_factored_bf16_mapper_takes_the_sigmoid_gradient_in_fp32():
+    """A bf16 factored mapper computes p = sigmoid(logits) in fp32: the logit gradient is
+    the fp64 one of the same bf16 values, dL/dlogits = (dL/dr W^T) p (1 - p), rounded once
+    to bf16 (a bf16 sigmoid would round several times: errors of ~8% seen)."""
+    torch.manual_seed(0)
+    mapper = BinaryMapper(6, 16, kind="factored").to(torch.bfloat16)
+    logits = (2 * torch.randn(4, 8, 6)).bfloat16().requires_grad_()
+    grad_out = torch.randn(4, 8, 16).bfloat16()  # r is bf16: its gradient too
+    r, _ = mapper(logits, torch.rand(4, 8, 6))
+    (r.float() * grad_out.float()).sum().backward()
+    p = torch.sigmoid(logits.detach().double())
+    ref = (grad_out.double() @ mapper.weight.detach().double().T) * p * (1 - p)
+    assert logits.grad.dtype == torch.bfloat16
+    assert ((logits.grad.double() - ref).abs() <= 1e-2 * ref.abs()).all()
