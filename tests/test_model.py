@@ -772,3 +772,26 @@ def test_initialisation_scales(tiny_model_cfg):
     assert torch.equal(params["encoder_readout.bias"], torch.zeros(cfg.latent_dim))
     assert torch.equal(params["norm.weight"], torch.ones(cfg.hidden_dim))
     assert params["mapper.weight"].std().item() == pytest.approx(0.02, rel=0.15)  # its own
+
+
+@pytest.mark.timeout(10)
+def test_readout_init_std_scales_the_encoder_readout_alone(tiny_model_cfg):
+    """``readout_init_std`` redraws encoder_readout.weight at its own std and nothing
+    else: from one seed, every other parameter equals the default model's, and the
+    readout is the default's draw scaled by readout_init_std / init_std (0 gives zeros)."""
+    def build(readout_init_std):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(tiny_model_cfg, readout_init_std=readout_init_std)
+        return dict(FreeTransformer(cfg).named_parameters())
+
+    default = build(None)
+    for readout_std in (0.0, 0.3):
+        params = build(readout_std)
+        assert params.keys() == default.keys()
+        for name, p in params.items():
+            if name != "encoder_readout.weight":
+                assert torch.equal(p, default[name]), name
+        scale = readout_std / tiny_model_cfg.init_std
+        torch.testing.assert_close(params["encoder_readout.weight"],
+                                   default["encoder_readout.weight"] * scale)
+    assert build(0.0)["encoder_readout.weight"].abs().max() == 0
