@@ -266,6 +266,25 @@ def test_flush_sends_or_says_what_is_lost_once(clock, caplog):
     assert client.batches == [{"run_id": "r1", "metrics": [("m", 2.0, 2)]}]
 
 
+def test_a_flush_that_sends_everything_says_nothing_but_a_recovery(clock, caplog):
+    client = Client()
+    sink = _MlflowSink(client, "r1", uri="u")
+    sink.log_metrics({"m": 1.0}, step=1)
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.flush()
+    assert caplog.records == []
+    client.down = [ConnectionError("down")]
+    sink.log_metrics({"m": 2.0}, step=2)  # fails once, kept for the retry
+    assert sink.pending_metrics == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "MLflow logging for run r1 recovered; buffered data sent"]
+    assert client.batches == [{"run_id": "r1", "metrics": [("m", 1.0, 1)]},
+                              {"run_id": "r1", "metrics": [("m", 2.0, 2)]}]
+
+
 @pytest.mark.parametrize("kind", ["params", "tags"])
 def test_flush_says_which_buffered_params_or_tags_are_lost(kind, clock, caplog):
     client = Client()
