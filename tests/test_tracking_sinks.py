@@ -209,6 +209,33 @@ def test_the_end_says_what_was_not_recorded(clock, caplog):
     assert ("set_terminated", ("r1", "FAILED"), {}) in client.calls
 
 
+def test_the_end_sends_what_waits_for_its_retry_time(clock, caplog):
+    client = Client()
+    sink = _MlflowSink(client, "r1", uri="u")
+    client.down = [ConnectionError("down")] * 2
+    sink.log_metrics({"m": 1.0}, step=1)
+    sink.log_metrics({"m": 2.0}, step=2)  # the second failure: the next try in 1 s
+    clock[0] = 100.5
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.finish("FINISHED")
+    assert client.batches == [{"run_id": "r1", "metrics": [("m", 1.0, 1), ("m", 2.0, 2)]}]
+    assert [r.getMessage() for r in caplog.records] == [
+        "MLflow logging for run r1 recovered; buffered data sent"]
+    assert client.calls == [("set_terminated", ("r1", "FINISHED"), {})]
+
+
+def test_a_resumed_run_keeps_its_params_and_warns_only_of_a_changed_one(caplog):
+    client = Client()
+    sink = _MlflowSink(client, "r1", {"a": "1", "b": "2"}, uri="u")
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.log_params({"a": "1", "b": "3", "c": "4"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "param b='3' differs from the run's '2'; MLflow params are immutable, keeping '2'"]
+    assert client.batches == [{"run_id": "r1", "params": [("c", "4")]}]
+    assert sink._logged_params == {"a": "1", "b": "2", "c": "4"}
+
+
 def test_a_failed_artifact_is_one_warning_then_counted(caplog):
     client = Client()
     sink = _MlflowSink(client, "r1", uri="u")
@@ -264,6 +291,25 @@ def test_flush_sends_or_says_what_is_lost_once(clock, caplog):
     sink.log_metrics({"m": 2.0}, step=2)
     sink.flush()
     assert client.batches == [{"run_id": "r1", "metrics": [("m", 2.0, 2)]}]
+
+
+def test_a_flush_that_sends_everything_says_nothing_but_a_recovery(clock, caplog):
+    client = Client()
+    sink = _MlflowSink(client, "r1", uri="u")
+    sink.log_metrics({"m": 1.0}, step=1)
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.flush()
+    assert caplog.records == []
+    client.down = [ConnectionError("down")]
+    sink.log_metrics({"m": 2.0}, step=2)  # fails once, kept for the retry
+    assert sink.pending_metrics == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freetf.tracking"):
+        sink.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "MLflow logging for run r1 recovered; buffered data sent"]
+    assert client.batches == [{"run_id": "r1", "metrics": [("m", 1.0, 1)]},
+                              {"run_id": "r1", "metrics": [("m", 2.0, 2)]}]
 
 
 @pytest.mark.parametrize("kind", ["params", "tags"])
