@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import losses, tiny
+from train_helpers import losses, nan_losses_at, tiny
 
 from freetf.training.checkpoint import load_checkpoint
 from freetf.training.context import TrainContext
-from freetf.training.loop import train_loop
+from freetf.training.loop import NonFiniteLossError, train_loop
 from freetf.training.stop import (
     TrainingStopped,
     request_stop,
@@ -178,3 +178,97 @@ def test_sigterm_as_sigterm_itself_is_a_keyboard_interrupt():
     with pytest.raises(KeyboardInterrupt), sigterm_as(signal.SIGTERM) as came:
         os.kill(os.getpid(), signal.SIGTERM)
     assert came == [signal.SIGTERM]
+
+
+# no evaluation at the saves, no free generations at the last step's
+_QUICK = ("checkpoint.metric=train/loss", "diagnostics.free_generations=0")
+
+
+class _StopAt(TrainContext):
+    """A context that asks for a stop after ``stop_after`` steps (None: never) and keeps
+    each ``sync_point`` the loop passes."""
+
+    def __init__(self, stop_after=None, **kwargs):
+        super().__init__(**kwargs)
+        self.stop_after, self.sync_points = stop_after, []
+
+    def requested_stop(self, sync_point):
+        self.sync_points.append(sync_point)
+        done = len(self.sync_points)
+        return signal.SIGTERM if self.stop_after is not None and done >= self.stop_after else None
+
+
+def _closes(monkeypatch):
+    """The streams closed (the loop closes its training stream; nothing else does)."""
+    from freetf.data.stream import BatchStream
+
+    closed, real = [], BatchStream.close
+
+    def close(self):
+        closed.append(self)
+        real(self)
+
+    monkeypatch.setattr(BatchStream, "close", close)
+    return closed
+
+
+def test_the_loop_asks_for_a_stop_after_each_step_ranks_agree_at_log_steps_and_the_last(
+        tmp_path, monkeypatch):
+    """sync_point is true at the log steps and the last (where several ranks agree); the
+    listener hears the run's total steps with each report; the stream is closed once."""
+    closed = _closes(monkeypatch)
+    heard = []
+    ctx = _StopAt(listener=lambda metrics, total: heard.append((metrics["step"], total)))
+    cfg = tiny(tmp_path, "training.max_steps=7", "training.log_every=3",
+               "training.eval_every=0", "checkpoint.every_steps=0", *_QUICK)
+    result = train_loop(cfg, ctx)
+    assert ctx.sync_points == [False, False, True, False, False, True, True]
+    assert ctx.total_steps == 7 and heard == [(3, 7), (6, 7), (7, 7)]
+    assert len(closed) == 1 and result.checkpoint == tmp_path / "ckpt" / "step_000007"
+
+
+def test_a_stop_at_the_last_step_finishes_the_run_and_a_stop_closes_the_stream(
+        tmp_path, monkeypatch):
+    closed = _closes(monkeypatch)
+    cfg = tiny(tmp_path, "training.max_steps=4", "training.log_every=10",
+               "training.eval_every=0", "checkpoint.every_steps=0", *_QUICK)
+    result = train_loop(cfg, _StopAt(stop_after=4))  # asked after the last step: no stop
+    assert result.checkpoint == tmp_path / "ckpt" / "step_000004"
+    assert len(closed) == 1
+    closed.clear()
+    with pytest.raises(TrainingStopped) as info:
+        train_loop(cfg.replace(["training.max_steps=6"]), _StopAt(stop_after=2))
+    assert (info.value.step, info.value.checkpoint) == (2, tmp_path / "ckpt" / "step_000002")
+    assert len(closed) == 1  # the stream's DataLoader workers shut down
+
+
+def test_each_save_names_the_runs_last_good_checkpoint_the_resumed_one_first(
+        tmp_path, monkeypatch):
+    """save_state's last_good (what a failed write names to continue from): None on a fresh
+    run's first save, then this run's previous checkpoint; after a resume the checkpoint
+    resumed from, until this run saved one.  The same for a non-finite stop's save."""
+    import freetf.training.loop as loop
+
+    last_goods, real = [], loop.save_state
+
+    def save_state(*args, **kwargs):
+        last_goods.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_state", save_state)
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny(tmp_path, "training.max_steps=4", "checkpoint.every_steps=2",
+               "training.eval_every=0", *_QUICK)
+    train_loop(cfg)
+    assert last_goods == [None, ckpt / "step_000002"]
+    last_goods.clear()
+    more = cfg.replace(["training.max_steps=6"])
+    train_loop(more, TrainContext(resume_from=str(ckpt / "step_000002")))
+    assert last_goods == [ckpt / "step_000002", ckpt / "step_000004"]
+    last_goods.clear()
+    nan_losses_at(monkeypatch, lambda n: True)
+    with pytest.raises(NonFiniteLossError):
+        train_loop(more.replace(["training.max_consecutive_nonfinite=1"]),
+                   TrainContext(resume_from=str(ckpt / "step_000004"),
+                                checkpoint_at_nonfinite_stop=True))
+    assert last_goods == [ckpt / "step_000004"]
