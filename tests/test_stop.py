@@ -272,3 +272,20 @@ def test_each_save_names_the_runs_last_good_checkpoint_the_resumed_one_first(
                    TrainContext(resume_from=str(ckpt / "step_000004"),
                                 checkpoint_at_nonfinite_stop=True))
     assert last_goods == [ckpt / "step_000004"]
+
+
+@pytest.mark.timeout(120)
+def test_the_plateau_at_each_evaluation_is_judged_at_kappa_in_bits(tmp_path, monkeypatch):
+    """run_plateau's KL tolerance is a fraction of kappa in bits: the loop hands it the
+    scheduled free bits (0.5 bits in tiny.yaml) converted from nats, at each evaluation."""
+    import freetf.training.loop as loop
+
+    kappas, real = [], loop.run_plateau
+
+    def run_plateau(history, diagnostics, kappa_bits):
+        kappas.append(kappa_bits)
+        return real(history, diagnostics, kappa_bits)
+
+    monkeypatch.setattr(loop, "run_plateau", run_plateau)
+    train_loop(tiny(tmp_path, "training.max_steps=4", "training.eval_every=2", *_QUICK))
+    assert kappas == [pytest.approx(0.5, abs=1e-12)] * 2
