@@ -7,8 +7,9 @@
 #   tools/mutation.sh --rerun 'freetf.training.loop*'   # forget cached results first
 #
 # The modules and test files are in [tool.mutmut] of pyproject.toml.  Results are cached
-# in mutants/ (git-ignored): a later run tries only the mutants without a result, and the
-# mutants of functions whose source changed.  New tests do not re-open a cached result:
+# in mutants/ (git-ignored): a later run without names tries only the mutants without a
+# result, and the mutants of functions whose source changed; a run given globs re-runs every
+# mutant they match (to finish a run, name the mutants whose result is still null).  New tests do not re-open a cached result:
 # --rerun forgets the results of the named mutants (all of them, survivors included) so
 # that they run against the current tests.  `mutmut results` lists the survivors,
 # `mutmut show NAME` prints one as a diff.  Set MUTMUT_JOBS to the number of parallel
