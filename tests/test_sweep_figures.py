@@ -211,3 +211,61 @@ def test_plotting_writes_the_figures_pngs(tmp_path):
                                                  max_trials=1)):
         assert path.read_bytes()[:4] == b"\x89PNG"
     assert client.asked[0] == ("t1", sweep_figures.CURVE_METRICS[0])
+
+
+def test_kl_vs_kappa_is_one_row_of_two_panels_and_labels_the_filled_markers():
+    """Two axes, no more; a verdict's legend entry is its filled marker when it has trials
+    run to the end, its hollow one only when all of them stopped early."""
+    runs = _runs([
+        {"verdict": "used", "free_bits_bits": 2.0},
+        {"verdict": "used", "free_bits_bits": 1.0, "stopped_early": True},
+        {"verdict": "collapsed", "free_bits_bits": 0.5, "stopped_early": True},
+    ])
+    fig = sweep_figures.kl_vs_kappa_figure(runs)
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        labelled = [(c.get_label(), c.get_facecolor()[0][3] if len(c.get_facecolor()) else 0)
+                    for c in ax.collections if not c.get_label().startswith("_")]
+        # (label, face alpha): collapsed twice (its empty filled one and its hollow one),
+        # used once, by its filled marker
+        assert labelled == [("collapsed", 1.0), ("collapsed", 0), ("used", 1.0)]
+
+
+def test_a_trial_with_a_kappa_is_drawn_whatever_else_it_lacks():
+    """Only a missing kappa keeps a trial off the figure: a NaN CE gap does not."""
+    runs = _runs([{"verdict": "used", "free_bits_bits": 1.0, "eval/kl_bits": 1.5,
+                   "eval/ce_gap_nats": math.nan}])
+    ax_kl, _ = sweep_figures.kl_vs_kappa_figure(runs).axes
+    assert [s[0] for s in _scatters(ax_kl)] == [[(1.0, 1.5)], []]
+    assert len(ax_kl.texts) == 0
+
+
+def test_sweep_curves_draw_a_verdict_without_a_colour_in_gray_and_keep_their_title_size():
+    """A verdict outside VERDICT_COLORS is gray; the suptitle is 10 points whatever the
+    style's font size."""
+    import matplotlib
+
+    runs = _runs([{"run_id": "t1", "run_name": "t1", "verdict": "odd"}])
+    client = _Client({"t1": {"train/kl_bits": [(1, 0.5)]}})
+    with matplotlib.rc_context({"font.size": 7}):
+        fig = sweep_figures.sweep_curves_figure(client, runs)
+    ax_kl = fig.axes[0]
+    assert ax_kl.get_title(loc="left") == "t1: odd"
+    assert to_rgba(ax_kl._left_title.get_color()) == GRAY
+    assert to_rgba(_line(ax_kl, "raw KL").get_color()) == GRAY
+    assert fig._suptitle.get_fontsize() == 10
+
+
+def test_plotting_the_curves_shows_sixteen_trials_unless_told(tmp_path, monkeypatch):
+    asked = []
+
+    def figure(client, runs, max_trials):
+        asked.append(max_trials)
+        return "fig"
+
+    monkeypatch.setattr(sweep_figures, "sweep_curves_figure", figure)
+    monkeypatch.setattr(sweep_figures, "save_figure", lambda fig, path: (fig, path))
+    assert sweep_figures.plot_sweep_curves(None, None, tmp_path / "c.png") == (
+        "fig", tmp_path / "c.png")
+    sweep_figures.plot_sweep_curves(None, None, tmp_path / "c.png", max_trials=3)
+    assert asked == [16, 3]
