@@ -764,19 +764,24 @@ def test_meta_json_names_the_tokenizer_its_file_and_its_end_of_document_id(corpu
     assert json.loads((tmp_path / "b" / "meta.json").read_text()) == meta
 
 
-@pytest.mark.timeout(120)
-def test_shards_that_cannot_be_removed_do_not_fail_a_finished_run(corpus, tmp_path,
-                                                                   monkeypatch):
+@pytest.fixture
+def rmtree_cannot_unlink(monkeypatch):
+    """Files removed relative to a folder's descriptor (as shutil.rmtree does) are refused."""
     import os
 
     real = os.unlink
 
-    def unlink(path, *, dir_fd=None):  # shutil.rmtree removes relative to a folder's fd
+    def unlink(path, *, dir_fd=None):
         if dir_fd is not None:
             raise PermissionError(13, "Permission denied", path)
         return real(path)
 
     monkeypatch.setattr(os, "unlink", unlink)
+
+
+@pytest.mark.timeout(120)
+def test_shards_that_cannot_be_removed_do_not_fail_a_finished_run(corpus, tmp_path,
+                                                                   rmtree_cannot_unlink):
     meta = prepare(PrepareSpec((str(corpus),), "byte", val_fraction=0.25), tmp_path / "out",
                    progress=False)
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
@@ -831,20 +836,10 @@ def test_a_tokenizer_file_that_does_not_load_is_named_with_the_reason(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_refused_input_is_reported_even_when_its_folder_cannot_be_removed(tmp_path,
-                                                                            monkeypatch):
+                                                                            rmtree_cannot_unlink):
     """The input's error (no document in the val split) is what the user reads, not the
     failure to remove the unfinished folder after it."""
-    import os
-
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
-    real = os.unlink
-
-    def unlink(path, *, dir_fd=None):  # shutil.rmtree removes relative to a folder's fd
-        if dir_fd is not None:
-            raise PermissionError(13, "Permission denied", path)
-        return real(path)
-
-    monkeypatch.setattr(os, "unlink", unlink)
     with pytest.raises(PrepareError, match=r"^no document fell in the val split \(2 documents"):
         prepare(PrepareSpec((str(tmp_path / "d.jsonl"),), "byte", val_fraction=1e-9),
                 tmp_path / "out", progress=False)
